@@ -1,0 +1,36 @@
+# moestream: `make demo` runs the pipeline on embedded defaults; `make test` installs, starts what the
+# tests need (a real Kafka broker, a local Ray instance) and runs them.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# uv keeps every wheel it downloads here, so the multi-GB torch wheels are fetched once per machine.
+export UV_CACHE_DIR ?= $(HOME)/.cache/uv
+export UV_LINK_MODE ?= copy
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-unit test-integration clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"moestream needs Python 3.11, found {sys.version}"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet --disable-pip-version-check uv
+	$(BIN)/uv pip install --python $(BIN)/python -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/moestream demo
+
+test: install
+	$(BIN)/python -m pytest
+
+test-unit: install
+	$(BIN)/python -m pytest -m "not integration"
+
+test-integration: install
+	$(BIN)/python -m pytest -m integration
+
+clean:
+	rm -rf .moestream .pytest_cache .hypothesis

@@ -1,0 +1,240 @@
+"""Batched building blocks shared by every family.
+
+All experts of a pool (and all gates, and all task towers) are stored as stacked weights
+``(n, d_in, d_out)`` and run as one einsum, instead of a Python loop over ``nn.Linear``
+modules as torch-rechub / DeepCTR-Torch / PaddleRec do. ``forward_member`` runs a single
+member on a subset of rows, which is what the sparse (SMES) dispatch needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# An activation whose magnitude is at most this is counted as "zero" by `zero_frac`. ReLU gives
+# exact zeros; Swish never does, so a small tolerance is what makes the two comparable.
+ZERO_EPS = 1e-6
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "swish": F.silu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "tanh": torch.tanh,
+    "identity": _identity,
+}
+
+
+def get_activation(name: str) -> Callable[[Tensor], Tensor]:
+    """Registry lookup, as timm's ``get_act_layer``: layer choices are strings in configs."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(_ACTIVATIONS)}") from None
+
+
+class StackedLinear(nn.Module):
+    """``n`` independent Linear layers held as one ``(n, d_in, d_out)`` weight.
+
+    The input is either shared by all members, ``(B, d_in)``, or one slice per member,
+    ``(B, n, d_in)``; the output is always ``(B, n, d_out)``. Initialised like ``nn.Linear``
+    (uniform in ``±1/sqrt(d_in)``) so a stacked layer and ``n`` plain layers start alike.
+    """
+
+    def __init__(self, n: int, d_in: int, d_out: int, bias: bool = True) -> None:
+        super().__init__()
+        self.n, self.d_in, self.d_out = n, d_in, d_out
+        bound = 1.0 / math.sqrt(d_in)
+        self.weight = nn.Parameter(torch.empty(n, d_in, d_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, d_out).uniform_(-bound, bound)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            y = torch.einsum("bi,nio->bno", x, self.weight)  # one GEMM for all members
+        else:
+            y = torch.einsum("bni,nio->bno", x, self.weight)  # one batched GEMM over members
+        return y if self.bias is None else y + self.bias
+
+    def forward_member(self, i: int, x: Tensor) -> Tensor:
+        """Member ``i`` alone on rows ``x`` of shape ``(R, d_in)`` -> ``(R, d_out)``."""
+        y = x @ self.weight[i]
+        return y if self.bias is None else y + self.bias[i]
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, d_in={self.d_in}, d_out={self.d_out}, bias={self.bias is not None}"
+
+
+class BatchedMLP(nn.Module):
+    """``n`` MLPs of identical shape run together: ``(B, d_in) | (B, n, d_in) -> (B, n, dims[-1])``.
+
+    ``last_activation=False`` leaves the final layer linear (task towers emit raw logits).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        d_in: int,
+        dims: Sequence[int],
+        activation: str = "relu",
+        last_activation: bool = True,
+    ) -> None:
+        super().__init__()
+        if not dims:
+            raise ValueError("an MLP needs at least one layer size")
+        sizes = [d_in, *dims]
+        self.layers = nn.ModuleList(StackedLinear(n, a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.activation = activation
+        self.last_activation = last_activation
+        self._act = get_activation(activation)
+        self.n, self.d_out = n, dims[-1]
+
+    def _activate(self, depth: int, x: Tensor) -> Tensor:
+        if depth < len(self.layers) - 1 or self.last_activation:
+            return self._act(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        for depth, layer in enumerate(self.layers):
+            x = self._activate(depth, layer(x))  # (B, n, d_layer)
+        return x
+
+    def forward_member(self, i: int, x: Tensor) -> Tensor:
+        for depth, layer in enumerate(self.layers):
+            x = self._activate(depth, cast(StackedLinear, layer).forward_member(i, x))  # (R, d_layer)
+        return x
+
+
+class FeatureGate(nn.Module):
+    """HoME's per-expert LoRA-style input gate: ``2 · sigmoid(v · A_e · B_e)``, elementwise on ``v``.
+
+    ``B`` starts at zero (as LoRA's up-projection does), so every gate starts at exactly 1 and the
+    model starts as if the gate were absent; the factor 2 lets a gate amplify as well as damp.
+    """
+
+    def __init__(self, n: int, d: int, rank: int) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(d)
+        self.down = nn.Parameter(torch.empty(n, d, rank).uniform_(-bound, bound))  # A
+        self.up = nn.Parameter(torch.zeros(n, rank, d))  # B
+
+    def forward(self, v: Tensor) -> Tensor:
+        if v.dim() == 2:
+            z = torch.einsum("bd,ndr->bnr", v, self.down)  # (B, n, r)
+        else:
+            z = torch.einsum("bnd,ndr->bnr", v, self.down)  # (B, n, r)
+        return 2.0 * torch.sigmoid(torch.einsum("bnr,nrd->bnd", z, self.up))  # (B, n, d)
+
+
+class ExpertBank(nn.Module):
+    """A pool of ``n`` dense experts run as one batched MLP.
+
+    ``member_input[e]`` names which input path expert ``e`` reads when the input is a stack of
+    paths ``(B, P, d_in)`` (PLE/HoME upper levels); with a plain ``(B, d_in)`` input all experts
+    read the same row. ``norm=True`` is HoME's expert normalisation: the last layer is linear,
+    then BatchNorm per expert and feature, then Swish.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        d_in: int,
+        dims: Sequence[int],
+        activation: str = "relu",
+        *,
+        norm: bool = False,
+        feature_gate_rank: int = 0,
+        member_input: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.mlp = BatchedMLP(n, d_in, dims, activation, last_activation=not norm)
+        self.norm = nn.BatchNorm1d(n * dims[-1]) if norm else None
+        self.feature_gate = FeatureGate(n, d_in, feature_gate_rank) if feature_gate_rank > 0 else None
+        if member_input is not None:
+            if len(member_input) != n:
+                raise ValueError(f"member_input names {len(member_input)} paths for {n} experts")
+            self.register_buffer("member_input", torch.tensor(list(member_input)), persistent=False)
+        else:
+            self.member_input = None
+        self.n, self.d_out = n, dims[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.member_input is not None:
+            x = x[:, self.member_input]  # (B, E, d_in)
+        if self.feature_gate is not None:
+            gate = self.feature_gate(x)  # (B, E, d_in)
+            x = (x.unsqueeze(1) if x.dim() == 2 else x) * gate  # (B, E, d_in)
+        h = self.mlp(x)  # (B, E, H)
+        if self.norm is not None:
+            h = F.silu(self.norm(h.flatten(1)).view_as(h))  # (B, E, H)
+        return h
+
+
+class GateBank(nn.Module):
+    """Softmax gates, one per row of ``visible``, each over its own subset of ``n_experts``.
+
+    All gates of a bank come from one stacked projection. The weights are scattered back onto all
+    ``n_experts`` experts, so an expert a gate cannot see gets exactly 0 (no masking with -inf,
+    hence no dead parameters). ``gate_input[g]`` picks gate ``g``'s input path, as in
+    ``ExpertBank``. A gate that sees a single expert uses a sigmoid instead of a (constant) softmax,
+    as HoME's self-gate does.
+    """
+
+    index: Tensor
+
+    def __init__(
+        self,
+        n_experts: int,
+        d_in: int,
+        visible: Sequence[Sequence[int]],
+        gate_input: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        widths = {len(v) for v in visible}
+        if len(widths) != 1:
+            raise ValueError("all gates of one bank must see the same number of experts")
+        (k,) = widths
+        self.n_gates, self.k, self.n_experts = len(visible), k, n_experts
+        self.proj = StackedLinear(self.n_gates, d_in, k)
+        self.register_buffer("index", torch.tensor([list(v) for v in visible]), persistent=False)
+        if gate_input is not None:
+            self.register_buffer("gate_input", torch.tensor(list(gate_input)), persistent=False)
+        else:
+            self.gate_input = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate_input is not None:
+            x = x[:, self.gate_input]  # (B, G, d_in)
+        logits = self.proj(x)  # (B, G, k)
+        w = torch.softmax(logits, dim=-1) if self.k > 1 else torch.sigmoid(logits)
+        full = w.new_zeros(w.shape[0], self.n_gates, self.n_experts)
+        return full.scatter(2, self.index.expand(w.shape[0], -1, -1), w)  # (B, G, E)
+
+
+class TaskTowers(nn.Module):
+    """One MLP tower per task, batched: ``(B, T, d_in) -> (B, T)`` raw logits."""
+
+    def __init__(self, n_tasks: int, d_in: int, dims: Sequence[int], activation: str = "relu") -> None:
+        super().__init__()
+        self.mlp = BatchedMLP(n_tasks, d_in, [*dims, 1], activation, last_activation=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(x).squeeze(-1)  # (B, T)
+
+
+def mix(weights: Tensor, experts: Tensor) -> Tensor:
+    """Gate-weighted sum of expert outputs: ``(B, G, E) x (B, E, H) -> (B, G, H)``."""
+    return torch.einsum("bge,beh->bgh", weights, experts)
+
+
+def zero_frac(h: Tensor) -> Tensor:
+    """Fraction of (near-)zero activations per expert over the batch: ``(B, E, H) -> (E,)``."""
+    return (h.detach().abs() <= ZERO_EPS).float().mean(dim=(0, 2))

@@ -1,0 +1,88 @@
+"""The deployable unit: feature encoder + a multi-task model, rebuildable from a JSON config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .encoder import FeatureEncoder
+from .output import ModelOutput
+from .registry import build, default_hparams
+
+_CONFIG_KEYS = ("family", "tasks", "id_fields", "n_dense", "task_types", "n_buckets", "emb_dim", "hparams")
+
+
+def _jsonable(value: Any, path: str) -> Any:
+    """Tuples become lists; anything JSON cannot hold is an error naming where it sits."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{path}.{k}") for k, v in value.items()}
+    raise TypeError(f"{path}: {type(value).__name__} is not JSON-serialisable")
+
+
+class MultiTaskRanker(nn.Module):
+    """``FeatureEncoder`` followed by ``build(family, ...)``.
+
+    ``config`` is a plain JSON-serialisable dict (hparams with defaults filled in, so a snapshot
+    does not change meaning if a default changes later); ``from_config(config)`` rebuilds the
+    same architecture, ready for ``load_state_dict``.
+    """
+
+    def __init__(
+        self,
+        family: str,
+        tasks: Sequence[str],
+        id_fields: Sequence[str],
+        n_dense: int,
+        task_types: Mapping[str, str] | None = None,
+        n_buckets: int = 2**18,
+        emb_dim: int = 16,
+        **hparams: Any,
+    ) -> None:
+        super().__init__()
+        self.encoder = FeatureEncoder(id_fields, n_dense, n_buckets=n_buckets, emb_dim=emb_dim)
+        self.model = build(family, n_inputs=self.encoder.n_outputs, tasks=tasks, task_types=task_types, **hparams)
+        self.config = _jsonable(
+            {
+                "family": family,
+                "tasks": list(self.model.tasks),
+                "id_fields": list(self.encoder.id_fields),
+                "n_dense": n_dense,
+                "task_types": dict(self.model.task_types),
+                "n_buckets": n_buckets,
+                "emb_dim": emb_dim,
+                "hparams": {**default_hparams(family), **hparams},
+            },
+            "config",
+        )
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> MultiTaskRanker:
+        unknown = sorted(set(config) - set(_CONFIG_KEYS))
+        missing = [k for k in ("family", "tasks", "id_fields", "n_dense") if k not in config]
+        if unknown or missing:
+            raise ValueError(f"ranker config: unknown keys {unknown}, missing keys {missing}")
+        kwargs = {k: config[k] for k in _CONFIG_KEYS if k in config and k != "hparams"}
+        return cls(**kwargs, **dict(config.get("hparams") or {}))
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.model.tasks
+
+    def forward(self, ids: Mapping[str, Tensor], dense: Tensor) -> ModelOutput:
+        x = self.encoder(ids, dense)  # (B, n_inputs)
+        return self.model(x)
+
+    @torch.no_grad()
+    def predict_proba(self, ids: Mapping[str, Tensor], dense: Tensor) -> dict[str, Tensor]:
+        """Per task ``(B,)``: a probability for binary tasks, the predicted value for regression.
+        Runs without autograd; the caller picks train/eval mode (serving uses eval)."""
+        logits = self(ids, dense).logits
+        types = self.model.task_types
+        return {t: torch.sigmoid(v) if types[t] == "binary" else v for t, v in logits.items()}

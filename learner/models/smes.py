@@ -1,0 +1,156 @@
+"""SMES: sparse experts with progressive routing (Zhang et al., "SMES: Towards Scalable Multi-Task
+Recommendation via Expert Sparsity", arXiv 2602.09386).
+
+Only the abstract is public. What it fixes: per instance, a task-shared expert subset is selected
+jointly across tasks, each task adds task-adaptive private experts, per-instance execution is
+bounded, and a global multi-gate load-balancing regulariser acts on expert utilisation aggregated
+over all tasks. Every other choice is ours, made as follows:
+
+1. Router: one stacked projection gives logits ``(B, T, E)``; ``p_t = softmax`` over all ``E``
+   experts per task. No routing noise: routing is deterministic, so train and eval route alike.
+2. Shared subset ``S``: the ``k_shared`` experts with the largest task-aggregated score, the
+   *mean of the task probabilities* ``mean_t p_t`` (probabilities, not logits, so no task
+   dominates by logit scale).
+3. Private experts ``P_t``: the ``k_private`` largest ``p_t`` among experts not in ``S``. Two
+   tasks may pick the same private expert; it then runs once.
+4. Mixing: task ``t`` mixes ``S ∪ P_t`` with ``p_t`` renormalised over that set (exact zeros
+   elsewhere in ``gates``). The gate learns through these weights and the regulariser; top-k
+   itself passes no gradient.
+5. Bound: the executed set is ``S ∪ (∪_t P_t)``, at most ``k_shared + T·k_private`` experts per
+   instance, and only those run: rows are dispatched to experts and ``index_add_``-ed back
+   (transformers' Mixtral ``expert_hit`` loop). No capacity factor, so no row is ever dropped and
+   a row's output never depends on the rest of the batch; balance comes from the regulariser.
+6. Regulariser: Switch-style ``N · Σ_i f_i · P_i``, with ``f_i`` the fraction of all routing
+   choices (instance × task × selected expert) that went to expert ``i`` and ``P_i`` the mean of
+   ``p_{t,i}`` over (instance, task) slots; times ``lb_coef``. Both are ratios of sums, so
+   ``lb_stats = (counts, prob_sums, n_slots)`` can be all-reduced across workers and
+   ``load_balance_loss`` on the sums is exactly the regulariser on the union of their batches.
+   It equals 1 whenever the router is uniform and grows as load concentrates.
+7. ``k_shared=0`` gives independent per-task top-k routing (the baseline the paper improves on);
+   ``k_private=0`` makes all tasks share one subset.
+
+``extras``: ``executed_per_instance`` ``(B,)`` experts run per row; ``rows_per_expert`` ``(E,)``;
+``shared_experts`` ``(B, k_shared)``; ``router_probs`` ``(B, T, E)``. ``expert_zero_frac`` is
+measured over the rows each expert processed (0 for an expert that got none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .layers import ZERO_EPS, BatchedMLP, StackedLinear, TaskTowers
+from .output import ModelOutput
+from .registry import MultiTaskModel, check_dims, check_positive, register
+
+
+def load_balance_loss(counts: Tensor, prob_sums: Tensor, n_slots: Tensor | float, n_experts: int) -> Tensor:
+    """``N · Σ_i f_i · P_i`` from summable statistics (see the module docstring, point 6).
+
+    ``counts``: routing choices per expert ``(E,)``; ``prob_sums``: router probability summed over
+    (instance, task) slots ``(E,)``; ``n_slots``: number of such slots. Sum each across workers
+    first to get the global regulariser.
+    """
+    f = counts / counts.sum().clamp_min(1.0)  # (E,)
+    p = prob_sums / torch.as_tensor(n_slots, dtype=prob_sums.dtype, device=prob_sums.device).clamp_min(1.0)
+    return n_experts * (f * p).sum()
+
+
+@register("smes")
+class SMES(MultiTaskModel):
+    """Sparse multi-task MoE with progressive routing. hparams: ``n_experts`` (total), ``k_shared``,
+    ``k_private``, ``expert_dims``, ``tower_dims``, ``activation``, ``lb_coef``."""
+
+    def __init__(
+        self,
+        *,
+        n_inputs: int,
+        tasks: Sequence[str],
+        task_types: Mapping[str, str] | None = None,
+        n_experts: int = 16,
+        k_shared: int = 2,
+        k_private: int = 1,
+        expert_dims: Sequence[int] = (64, 32),
+        tower_dims: Sequence[int] = (32,),
+        activation: str = "relu",
+        lb_coef: float = 0.01,
+    ) -> None:
+        super().__init__(n_inputs, tasks, task_types)
+        check_positive(n_experts=n_experts)
+        for name, k in (("k_shared", k_shared), ("k_private", k_private)):
+            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {k!r}")
+        if not 1 <= k_shared + k_private <= n_experts:
+            raise ValueError(
+                f"need 1 <= k_shared + k_private <= n_experts, got {k_shared} + {k_private} vs {n_experts}"
+            )
+        if not lb_coef >= 0:
+            raise ValueError(f"lb_coef must be >= 0, got {lb_coef!r}")
+        expert_dims = check_dims("expert_dims", expert_dims)
+        tower_dims = check_dims("tower_dims", tower_dims, allow_empty=True)
+        n_tasks = len(self.tasks)
+        self.n_gate_experts = n_experts
+        self.k_shared, self.k_private, self.lb_coef = k_shared, k_private, float(lb_coef)
+        self.max_executed = min(n_experts, k_shared + n_tasks * k_private)
+        self.experts = BatchedMLP(n_experts, n_inputs, expert_dims, activation)
+        self.router = StackedLinear(n_tasks, n_inputs, n_experts)
+        self.towers = TaskTowers(n_tasks, expert_dims[-1], tower_dims, activation)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Progressive routing: router probabilities ``(B, T, E)``, each task's selected experts
+        ``(B, T, E)`` (bool) and the shared subset ``(B, k_shared)``."""
+        probs = torch.softmax(self.router(x), dim=-1)  # (B, T, E)
+        n_rows, n_tasks, n_experts = probs.shape
+        shared = probs.mean(dim=1).topk(self.k_shared, dim=-1).indices  # (B, k_shared)
+        in_shared = probs.new_zeros(n_rows, n_experts, dtype=torch.bool).scatter(1, shared, True)  # (B, E)
+        selected = in_shared.unsqueeze(1).expand(-1, n_tasks, -1)  # (B, T, E)
+        if self.k_private:
+            rest = probs.detach().masked_fill(in_shared.unsqueeze(1), -1.0)  # probabilities are >= 0
+            private = rest.topk(self.k_private, dim=-1).indices  # (B, T, k_private)
+            selected = selected.scatter(2, private, True)
+        return probs, selected, shared
+
+    def dispatch(self, x: Tensor, weights: Tensor, executed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Run each expert on the rows routed to it only and combine back.
+
+        ``weights (B, T, E)`` per-task mixing weights, ``executed (B, E)`` which experts run for
+        which rows. Returns mixed expert output ``(B, T, H)``, zero fraction ``(E,)`` and rows
+        per expert ``(E,)``.
+        """
+        n_experts = executed.shape[1]
+        rows, experts = executed.nonzero(as_tuple=True)  # (R_total,) each, sorted by row
+        rows = rows[torch.argsort(experts, stable=True)]  # grouped by expert
+        rows_per_expert = torch.bincount(experts, minlength=n_experts)  # (E,)
+        mixed = x.new_zeros(x.shape[0], weights.shape[1], self.experts.d_out)  # (B, T, H)
+        zero_frac = x.new_zeros(n_experts)
+        for e, expert_rows in enumerate(rows.split(rows_per_expert.tolist())):
+            if expert_rows.numel() == 0:
+                continue
+            h = self.experts.forward_member(e, x[expert_rows])  # (R, H)
+            mixed.index_add_(0, expert_rows, weights[expert_rows, :, e, None] * h[:, None, :])  # (R, T, H)
+            zero_frac[e] = (h.detach().abs() <= ZERO_EPS).float().mean()
+        return mixed, zero_frac, rows_per_expert
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        self.check_input(x)
+        probs, selected, shared = self.route(x)  # (B, T, E)
+        weights = probs * selected
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        executed = selected.any(dim=1)  # (B, E)
+        mixed, zero_frac, rows_per_expert = self.dispatch(x, weights, executed)  # (B, T, H)
+        logits = self.towers(mixed)  # (B, T)
+        lb_stats = (
+            selected.sum(dim=(0, 1)).to(probs.dtype),  # routing choices per expert
+            probs.sum(dim=(0, 1)),  # router probability mass per expert
+            probs.new_tensor(float(probs.shape[0] * probs.shape[1])),  # (instance, task) slots
+        )
+        aux = self.lb_coef * load_balance_loss(*lb_stats, self.n_gate_experts)
+        extras = {
+            "executed_per_instance": executed.sum(dim=1),
+            "rows_per_expert": rows_per_expert,
+            "shared_experts": shared,
+            "router_probs": probs,
+        }
+        return self.output(logits, weights, zero_frac, aux_loss=aux, lb_stats=lb_stats, extras=extras)

@@ -1,0 +1,157 @@
+"""The continuous trainer: Kafka source -> label joiner -> online learner, with commits after each step.
+
+``TrainerWorker`` is a plain class so it can be tested and run in-process; infra wraps it in a Ray actor
+(threaded, so ``stats`` and ``stop`` answer while ``run`` loops). Offsets are committed only up to what has
+been trained on: examples still pending in the joiner or waiting in the training buffer hold the commit
+of their partition back, so a crash re-delivers them instead of losing them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from features.store import FeatureStoreConfig, OnlineFeatures
+from learner.online import LearnerConfig, OnlineLearner
+from learner.snapshots import SnapshotStore
+from learner.telemetry import Telemetry, TelemetryConfig
+from stream.joiner import JoinerConfig, LabelJoiner
+from stream.kafka_io import EventSource, KafkaConfig, ensure_topics
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    joiner: JoinerConfig = field(default_factory=JoinerConfig)
+    features: FeatureStoreConfig = field(default_factory=FeatureStoreConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    snapshot_dir: Path = Path(".moestream/snapshots")
+    batch_size: int = 512
+    """Joined examples per training step."""
+    device: str = "auto"
+    """"auto": CUDA when this process was given a GPU, else CPU."""
+
+
+def _device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+class TrainerWorker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        ensure_topics(config.kafka)
+        self.source = EventSource(config.kafka)
+        self.joiner = LabelJoiner(config.joiner)
+        self.snapshots = SnapshotStore(config.snapshot_dir)
+        self.telemetry = Telemetry(config.telemetry, run_config=_plain(asdict(config)))
+        self.learner = OnlineLearner(
+            config.learner,
+            OnlineFeatures(config.features),
+            self.snapshots,
+            self.telemetry,
+            device=_device(config.device),
+        )
+        self._buffer: list[pa.Table] = []
+        self._consumed: dict[int, int] = {}
+        self._committed: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._running = threading.Event()
+        self.started_at = time.time()
+
+    def run(self, max_seconds: float | None = None) -> dict:
+        """Train until :meth:`stop` (or ``max_seconds``); on the way out, train on everything pending."""
+        self._running.set()
+        deadline = time.monotonic() + max_seconds if max_seconds else None
+        try:
+            while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                batch = self.source.next_batch()
+                self.joiner.add(batch.decoded)
+                self._consumed.update(batch.next_offsets)
+                self._take(self.joiner.emit())
+                while self._buffered() >= self.config.batch_size:
+                    self._train(self.config.batch_size)
+                if batch.n_messages:
+                    self._commit()  # never past what is trained: see _committed_after_train
+            self._take(self.joiner.flush())
+            while self._buffered():
+                self._train(self.config.batch_size)
+            self.learner.publish(self._committed_after_train())
+            self._commit()
+        finally:
+            self._running.clear()
+        return self.stats()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def is_running(self) -> bool:
+        return self._running.is_set()
+
+    def _take(self, examples: pa.Table) -> None:
+        if examples.num_rows:
+            self._buffer.append(examples)
+
+    def _buffered(self) -> int:
+        return sum(t.num_rows for t in self._buffer)
+
+    def _train(self, n: int) -> None:
+        table = pa.concat_tables(self._buffer)
+        batch, rest = table.slice(0, n), table.slice(n)
+        self._buffer = [rest] if rest.num_rows else []
+        self.learner.learn(batch, offsets=self._committed_after_train())
+        self._commit()
+
+    def _committed_after_train(self) -> dict[int, int]:
+        """What may be committed now: consumed, held back by pending and buffered examples."""
+        safe = self.joiner.safe_offsets(self._consumed)
+        if self._buffer:
+            held = pa.concat_tables(self._buffer).group_by("partition").aggregate([("offset", "min")])
+            for part, off in zip(held["partition"].to_pylist(), held["offset_min"].to_pylist()):
+                if part in safe:
+                    safe[part] = min(safe[part], off)
+        return safe
+
+    def _commit(self) -> None:
+        offsets = {p: o for p, o in self._committed_after_train().items() if self._committed.get(p) != o}
+        if offsets:
+            self.source.ack(offsets)
+            self._committed.update(offsets)
+
+    def stats(self) -> dict:
+        return {
+            "consumed": self.source.consumed,
+            "dead_lettered": dict(self.source.dead_letters.by_reason),
+            "joiner": asdict(self.joiner.stats),
+            "pending": self.joiner.n_pending,
+            "steps": self.learner.step,
+            "examples_trained": self.learner.examples,
+            "snapshots": list(self.learner.published),
+            "metrics": self.learner.metrics.summary(),
+            "committed": dict(self._committed),
+            "wandb_dir": self.telemetry.run_dir,
+            "uptime_s": time.time() - self.started_at,
+        }
+
+    def close(self) -> None:
+        self.telemetry.finish()
+        self.source.close()
+
+
+def _plain(obj):
+    """A JSON-friendly copy of a nested config (paths as strings)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return str(obj) if isinstance(obj, Path) else obj
+
+
+__all__ = ["TrainerWorker", "WorkerConfig"]

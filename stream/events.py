@@ -1,0 +1,205 @@
+"""The event contract: what travels on Kafka, and how a batch of raw messages is decoded.
+
+Two kinds of events share one topic, keyed by ``user_id`` so that a user's impressions and the feedback on
+them land in the same partition (the joiner relies on it):
+
+``impression``  ``{"type": "impression", "request_id": str, "user_id": int, "item_id": int, "ts_ms": int}``
+                one item shown to one user in one ranking request.
+``feedback``    ``{"type": "feedback", "request_id": str, "user_id": int, "item_id": int, "ts_ms": int,
+                "labels": {"click": 1, "play_time": 8300.0, ...}}``
+                one or more behaviours observed on an impression, usually seconds after it.
+
+Binary labels (``TASKS``) are 0 or 1; ``play_time`` is milliseconds, >= 0. Decoding happens on whole batches:
+every message either becomes a row of one of two Arrow tables or a :class:`Reject` with a reason, so a
+malformed message can be dead-lettered and never stops the consumer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import orjson
+import pyarrow as pa
+
+TASKS: tuple[str, ...] = ("click", "long_view", "like", "comment", "follow", "forward")
+"""Binary behaviours, in the order models and metrics use."""
+PLAY_TIME = "play_time"
+LABELS: tuple[str, ...] = (*TASKS, PLAY_TIME)
+
+IMPRESSION = "impression"
+FEEDBACK = "feedback"
+
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_ID = 2**62
+
+IMPRESSION_SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("ts_ms", pa.int64()),
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+    ]
+)
+FEEDBACK_SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("ts_ms", pa.int64()),
+        *[(name, pa.float32()) for name in LABELS],  # NaN where the event does not carry that label
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+    ]
+)
+EXAMPLE_SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("ts_ms", pa.int64()),
+        *[(name, pa.float32()) for name in LABELS],  # joined labels; binary tasks default to 0 (negative)
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+    ]
+)
+"""A joined training example: an impression with the feedback that arrived inside the attribution window."""
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A message that failed validation: its position in the batch and why."""
+
+    index: int
+    reason: str
+
+
+@dataclass
+class DecodedBatch:
+    impressions: pa.Table
+    feedback: pa.Table
+    rejects: list[Reject] = field(default_factory=list)
+
+    @property
+    def n_valid(self) -> int:
+        return self.impressions.num_rows + self.feedback.num_rows
+
+
+class _Invalid(Exception):
+    pass
+
+
+_COMMON = ("request_id", "user_id", "item_id", "ts_ms")
+
+
+def _id(value: object, name: str) -> int:
+    # bool is an int subclass: a JSON true must not pass as user 1.
+    if type(value) is not int or not 0 <= value < MAX_ID:
+        raise _Invalid(f"{name} must be a non-negative integer, got {value!r:.40}")
+    return value
+
+
+def _check(obj: object, now_ms: int | None, max_skew_ms: int) -> tuple[str, tuple]:
+    if type(obj) is not dict:
+        raise _Invalid("not a JSON object")
+    kind = obj.get("type")
+    if kind not in (IMPRESSION, FEEDBACK):
+        raise _Invalid(f"type must be 'impression' or 'feedback', got {kind!r:.40}")
+    missing = [k for k in _COMMON if k not in obj]
+    if missing:
+        raise _Invalid(f"missing field {missing[0]}")
+    request_id = obj["request_id"]
+    if type(request_id) is not str or not 0 < len(request_id) <= 128:
+        raise _Invalid("request_id must be a non-empty string of at most 128 characters")
+    user_id = _id(obj["user_id"], "user_id")
+    item_id = _id(obj["item_id"], "item_id")
+    ts_ms = _id(obj["ts_ms"], "ts_ms")
+    if now_ms is not None and ts_ms > now_ms + max_skew_ms:
+        raise _Invalid(f"ts_ms {ts_ms} is more than {max_skew_ms} ms in the future")
+    if kind == IMPRESSION:
+        return kind, (request_id, user_id, item_id, ts_ms)
+    labels = obj.get("labels")
+    if type(labels) is not dict or not labels:
+        raise _Invalid("feedback needs a non-empty labels object")
+    values = dict.fromkeys(LABELS, math.nan)
+    for name, value in labels.items():
+        if name not in values:
+            raise _Invalid(f"unknown label {name!r:.40}")
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise _Invalid(f"label {name} must be a finite number, got {value!r:.40}")
+        if name == PLAY_TIME:
+            if value < 0:
+                raise _Invalid("label play_time must be >= 0")
+        elif value not in (0, 1):
+            raise _Invalid(f"label {name} must be 0 or 1, got {value!r:.40}")
+        values[name] = float(value)
+    return kind, (request_id, user_id, item_id, ts_ms, *values.values())
+
+
+def decode_batch(
+    values: Sequence[bytes],
+    partitions: Sequence[int] | None = None,
+    offsets: Sequence[int] | None = None,
+    *,
+    now_ms: int | None = None,
+    max_skew_ms: int = 5 * 60 * 1000,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> DecodedBatch:
+    """Decode raw Kafka message values into impression and feedback tables plus rejects.
+
+    ``partitions``/``offsets`` are carried into the tables so that downstream stages know which source
+    positions a row covers. ``now_ms`` enables the clock-skew check (events stamped too far in the future).
+    Never raises on message content.
+    """
+    n = len(values)
+    partitions = partitions if partitions is not None else [0] * n
+    offsets = offsets if offsets is not None else range(n)
+    rows: dict[str, list[tuple]] = {IMPRESSION: [], FEEDBACK: []}
+    rejects: list[Reject] = []
+    for i, raw in enumerate(values):
+        try:
+            if raw is None:
+                raise _Invalid("empty message")
+            if len(raw) > max_bytes:
+                raise _Invalid(f"message of {len(raw)} bytes exceeds {max_bytes}")
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise _Invalid(f"not JSON: {exc}") from None
+            kind, row = _check(obj, now_ms, max_skew_ms)
+        except _Invalid as exc:
+            rejects.append(Reject(i, str(exc)))
+            continue
+        rows[kind].append((*row, partitions[i], offsets[i]))
+    return DecodedBatch(
+        impressions=_table(rows[IMPRESSION], IMPRESSION_SCHEMA),
+        feedback=_table(rows[FEEDBACK], FEEDBACK_SCHEMA),
+        rejects=rejects,
+    )
+
+
+def _table(rows: list[tuple], schema: pa.Schema) -> pa.Table:
+    columns = list(zip(*rows)) if rows else [[] for _ in schema]
+    return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, schema)], schema=schema)
+
+
+def impression(request_id: str, user_id: int, item_id: int, ts_ms: int) -> dict:
+    return {"type": IMPRESSION, "request_id": request_id, "user_id": user_id, "item_id": item_id, "ts_ms": ts_ms}
+
+
+def feedback(request_id: str, user_id: int, item_id: int, ts_ms: int, labels: dict[str, float]) -> dict:
+    return {
+        "type": FEEDBACK,
+        "request_id": request_id,
+        "user_id": user_id,
+        "item_id": item_id,
+        "ts_ms": ts_ms,
+        "labels": labels,
+    }
+
+
+def encode(event: dict) -> bytes:
+    return orjson.dumps(event)

@@ -1,0 +1,223 @@
+"""Batched fast paths against a plain reference: one ``nn.Linear`` per expert, gate and tower, and
+Python loops over experts, tasks and pools, written from the papers' block diagrams."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from learner.models import BatchedMLP, ExpertBank, GateBank, StackedLinear, TaskTowers
+from learner.models.layers import get_activation
+
+from .zoo_testkit import TASKS, assert_close, make_batch, make_model
+
+# ---------------------------------------------------------------- plain building blocks
+
+
+def plain_linear(stacked: StackedLinear, i: int) -> nn.Linear:
+    layer = nn.Linear(stacked.d_in, stacked.d_out)
+    with torch.no_grad():
+        layer.weight.copy_(stacked.weight[i].T)
+        layer.bias.copy_(stacked.bias[i])
+    return layer
+
+
+def plain_mlp(mlp: BatchedMLP, i: int):
+    layers = [plain_linear(layer, i) for layer in mlp.layers]
+    act = get_activation(mlp.activation)
+
+    def run(x):
+        for depth, layer in enumerate(layers):
+            x = layer(x)
+            if depth < len(layers) - 1 or mlp.last_activation:
+                x = act(x)
+        return x
+
+    return run
+
+
+def plain_expert(bank: ExpertBank, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert ``e`` of an eval-mode bank on its own input ``x (B, d_in)``."""
+    if bank.feature_gate is not None:
+        a, b = bank.feature_gate.down[e], bank.feature_gate.up[e]
+        x = x * 2 * torch.sigmoid(x @ a @ b)
+    h = plain_mlp(bank.mlp, e)(x)
+    if bank.norm is not None:
+        width = h.shape[1]
+        part = slice(e * width, (e + 1) * width)
+        bn = bank.norm
+        h = (h - bn.running_mean[part]) / torch.sqrt(bn.running_var[part] + bn.eps) * bn.weight[part] + bn.bias[part]
+        h = F.silu(h)
+    return h
+
+
+def plain_gate(bank: GateBank, g: int, x: torch.Tensor) -> torch.Tensor:
+    """Gate ``g`` over all experts, 0 where it cannot see."""
+    logits = plain_linear(bank.proj, g)(x)
+    w = torch.softmax(logits, dim=-1) if logits.shape[1] > 1 else torch.sigmoid(logits)
+    full = torch.zeros(x.shape[0], bank.n_experts)
+    for slot, expert in enumerate(bank.index[g].tolist()):
+        full[:, expert] = w[:, slot]
+    return full
+
+
+def plain_mix(gate: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
+    return sum(gate[:, e : e + 1] * h for e, h in enumerate(experts))
+
+
+def plain_towers(towers: TaskTowers, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [plain_mlp(towers.mlp, t)(v).squeeze(-1) for t, v in enumerate(inputs)]
+
+
+# ---------------------------------------------------------------- blocks
+
+
+def test_stacked_linear_equals_one_linear_per_member():
+    torch.manual_seed(0)
+    stacked = StackedLinear(4, 5, 3)
+    shared, per_member = torch.randn(6, 5), torch.randn(6, 4, 5)
+    y_shared, y_member = stacked(shared), stacked(per_member)
+    for i in range(4):
+        layer = plain_linear(stacked, i)
+        assert_close(y_shared[:, i], layer(shared))
+        assert_close(y_member[:, i], layer(per_member[:, i]))
+        assert_close(stacked.forward_member(i, shared), layer(shared))
+
+
+@pytest.mark.parametrize("last_activation", [True, False])
+def test_batched_mlp_equals_one_mlp_per_member(last_activation):
+    torch.manual_seed(0)
+    mlp = BatchedMLP(3, 5, [7, 4], activation="gelu", last_activation=last_activation)
+    x = torch.randn(6, 5)
+    y = mlp(x)
+    for i in range(3):
+        assert_close(y[:, i], plain_mlp(mlp, i)(x))
+        assert_close(mlp.forward_member(i, x), plain_mlp(mlp, i)(x))
+
+
+def test_expert_bank_with_norm_and_feature_gate_equals_plain_experts():
+    torch.manual_seed(0)
+    bank = ExpertBank(3, 5, [6], norm=True, feature_gate_rank=2, member_input=[0, 1, 1])
+    with torch.no_grad():
+        bank.feature_gate.up.normal_()  # leave the identity start so the gate matters
+    paths = torch.randn(8, 2, 5)
+    bank(paths)  # train-mode pass updates the running statistics
+    bank.eval()
+    h = bank(paths)
+    for e, path in enumerate([0, 1, 1]):
+        assert_close(h[:, e], plain_expert(bank, e, paths[:, path]), atol=1e-5)
+
+
+def test_gate_bank_equals_one_gate_per_task():
+    torch.manual_seed(0)
+    bank = GateBank(5, 4, [[0, 1, 4], [2, 3, 4]])
+    x = torch.randn(6, 4)
+    g = bank(x)
+    for i in range(2):
+        assert_close(g[:, i], plain_gate(bank, i, x))
+
+
+# ---------------------------------------------------------------- whole families
+
+
+def reference_forward(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """Per-task logits of an eval-mode model, computed the plain way."""
+    family, n_tasks = model.family, len(model.tasks)
+    if family == "shared_bottom":
+        h = plain_expert(model.bottom, 0, x)
+        return plain_towers(model.towers, [h] * n_tasks)
+    if family in ("omoe", "mmoe"):
+        hs = [plain_expert(model.experts, e, x) for e in range(model.n_gate_experts)]
+        gates = [plain_gate(model.gates, 0 if family == "omoe" else t, x) for t in range(n_tasks)]
+        return plain_towers(model.towers, [plain_mix(g, hs) for g in gates])
+    if family == "ple":
+        return reference_ple(model, x)
+    if family == "home":
+        return reference_home(model, x)
+    if family == "smes":
+        raise AssertionError("SMES is compared with its dense reference below")
+    raise AssertionError(family)
+
+
+def reference_ple(model, x):
+    n_tasks = len(model.tasks)
+    n = model.n_gate_experts // (n_tasks + 1)
+    paths = [x] * (n_tasks + 1)  # task paths, then the shared path
+    for level in model.levels:
+        hs = [plain_expert(level.experts, e, paths[e // n]) for e in range(model.n_gate_experts)]
+        new = [plain_mix(plain_gate(level.task_gates, t, paths[t]), hs) for t in range(n_tasks)]
+        for t in range(n_tasks):  # a task gate sees its own pool and the shared pool only
+            visible = set(range(t * n, (t + 1) * n)) | set(range(n_tasks * n, (n_tasks + 1) * n))
+            assert set(level.task_gates.index[t].tolist()) == visible
+        if level.shared_gate is not None:
+            new.append(plain_mix(plain_gate(level.shared_gate, 0, paths[n_tasks]), hs))
+        paths = new
+    return plain_towers(model.towers, paths)
+
+
+def reference_home(model, x):
+    groups = list(model.groups)
+    group_of = {t: next(i for i, g in enumerate(groups) if t in model.groups[g]) for t in model.tasks}
+    if model.hierarchy:
+        meta = model.meta
+        hs = [plain_expert(meta.experts, e, x) for e in range(meta.experts.n)]
+        group_paths = [plain_mix(plain_gate(meta.group_gates, g, x), hs) for g in range(len(groups))]
+        global_path = plain_mix(plain_gate(meta.global_gate, 0, x), hs)
+        pool_input = {"global": global_path}
+        pool_input |= {f"group:{g}": group_paths[i] for i, g in enumerate(groups)}
+        pool_input |= {f"task:{t}": group_paths[group_of[t]] for t in model.tasks}
+        gate_input = [group_paths[group_of[t]] for t in model.tasks]
+    else:
+        pool_input = {name: x for name in model.pools}
+        gate_input = [x] * len(model.tasks)
+    expert_input = {e: pool_input[name] for name, pool in model.pools.items() for e in pool}
+    hs = [plain_expert(model.task_experts, e, expert_input[e]) for e in range(model.n_gate_experts)]
+    mixed = []
+    for t, task in enumerate(model.tasks):
+        weights = plain_gate(model.task_gates, t, gate_input[t])
+        if model.self_gates is not None:
+            weights = weights + plain_gate(model.self_gates, t, gate_input[t])
+        mixed.append(plain_mix(weights, hs))
+    return plain_towers(model.towers, mixed)
+
+
+HOME_VARIANTS = [
+    {},
+    {"hierarchy": False},
+    {"expert_norm": False, "feature_gate": False, "self_gate": False},
+    {"n_experts": 1},
+]
+
+
+@pytest.mark.parametrize(
+    "family, overrides",
+    [("shared_bottom", {}), ("omoe", {}), ("mmoe", {}), ("ple", {}), ("ple", {"n_levels": 3}), ("ple", {"n_levels": 1})]
+    + [("home", v) for v in HOME_VARIANTS],
+)
+def test_family_equals_its_plain_reference(family, overrides):
+    model = make_model(family, **overrides)
+    if family == "home" and model.task_experts.feature_gate is not None:
+        with torch.no_grad():  # move the feature gates off their identity start
+            banks = [model.task_experts] + ([model.meta.experts] if model.meta is not None else [])
+            for bank in banks:
+                bank.feature_gate.up.normal_(std=0.5)
+    x, _, _ = make_batch(10)
+    model(x)  # train-mode pass for BatchNorm statistics
+    model.eval()
+    out = model(x)
+    for task, expected in zip(TASKS, reference_forward(model, x)):
+        assert_close(out.logits[task], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("k_shared, k_private", [(1, 1), (2, 0), (0, 2), (2, 1)])
+def test_smes_sparse_dispatch_equals_dense_reference(k_shared, k_private):
+    """Running only the routed experts equals running every expert and mixing with the gates."""
+    model = make_model("smes", n_experts=6, k_shared=k_shared, k_private=k_private).eval()
+    x, _, _ = make_batch(20)
+    out = model(x)
+    hs = [plain_mlp(model.experts, e)(x) for e in range(6)]
+    expected = plain_towers(model.towers, [plain_mix(out.gates[t], hs) for t in TASKS])
+    for task, value in zip(TASKS, expected):
+        assert_close(out.logits[task], value, atol=1e-5)
