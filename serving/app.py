@@ -7,6 +7,7 @@ snapshots are picked up without redeploying (redeploying would restart replicas)
 """
 
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -53,7 +54,13 @@ class RankerDeployment:
     @app.get("/healthz")
     def healthz(self) -> dict:
         current = self.weights.current
-        return {"ok": True, "model_version": current.version if current else None}
+        return {
+            "ok": True,
+            "model_version": current.version if current else None,
+            "swaps": self.weights.swaps,
+            "rejected_versions": sorted(self.weights.rejected),
+            "pid": os.getpid(),
+        }
 
     @app.post("/predict", response_model=PredictResponse)
     def predict(self, request: PredictRequest) -> PredictResponse:

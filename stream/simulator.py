@@ -123,7 +123,7 @@ class Simulator:
         t_s = now_ms / 1000.0
         self._drift(t_s)
         user = int(rng.choice(c.n_users, p=self.user_p))
-        items = rng.integers(0, self.n_active_items, c.items_per_request)
+        items = rng.choice(self.n_active_items, size=c.items_per_request, replace=False)  # distinct, as in a feed
         request_id = f"r{next(self.requests)}-{c.seed}"
         probs = 1 / (1 + np.exp(-(self._scores(np.full(len(items), user), items, t_s) + self.task_bias)))
         labels = rng.random(probs.shape) < probs  # (k, T)

@@ -45,12 +45,22 @@ def test_events_flow_from_kafka_to_a_served_prediction(kafka_bootstrap, ray_sess
     url = start_serving(config, free_port())
 
     sink = EventSink(config.kafka)
-    events = list(Simulator(SimulatorConfig(seed=11, max_delay_s=1.5)).events(int(time.time() * 1000), 500))
+    events = list(Simulator(SimulatorConfig(seed=11, max_delay_s=1.5)).events(int(time.time() * 1000), 1500))
     impressions = sum(e["type"] == "impression" for e in events)
-    for i, event in enumerate(events):
-        sink.send(event)
-        if i in (10, 1500, 3000):  # malformed messages in the middle of the stream, not at its end
-            sink.send_raw(MALFORMED[[10, 1500, 3000].index(i)], key=b"bad")
+    half = len(events) // 2
+    bad_at = {10: MALFORMED[0], 1500: MALFORMED[1], half + 500: MALFORMED[2]}  # mid-stream, not at its end
+
+    def send(chunk: range) -> None:
+        for i in chunk:
+            sink.send(events[i])
+            if i in bad_at:
+                sink.send_raw(bad_at[i], key=b"bad")
+        sink.flush()
+
+    send(range(half))
+    wait_for(lambda: httpx.get(f"{url}/healthz").json()["model_version"] is not None, 180, "a first snapshot served")
+    first = httpx.get(f"{url}/healthz").json()
+    send(range(half, len(events)))
     sink.close()
     produced = sink.sent
     assert produced == len(events) + len(MALFORMED)
@@ -63,7 +73,7 @@ def test_events_flow_from_kafka_to_a_served_prediction(kafka_bootstrap, ray_sess
     assert stats["consumed"] == produced
     assert sum(stats["dead_lettered"].values()) == len(MALFORMED)
     assert stats["examples_trained"] == impressions  # every impression became exactly one example
-    assert stats["joiner"]["orphan_feedback"] == 0
+    assert stats["joiner"]["orphan_feedback"] == 0 and stats["joiner"]["duplicate_impressions"] == 0
     assert len(stats["snapshots"]) >= 2
     assert Path(stats["wandb_dir"]).exists()
 
@@ -77,6 +87,9 @@ def test_events_flow_from_kafka_to_a_served_prediction(kafka_bootstrap, ray_sess
 
     newest = stats["snapshots"][-1]
     wait_for(lambda: httpx.get(f"{url}/healthz").json()["model_version"] == newest, 60, f"serving v{newest}")
+    health = httpx.get(f"{url}/healthz").json()
+    assert health["pid"] == first["pid"], "the replica was restarted instead of swapping weights"
+    assert health["swaps"] > first["swaps"] and newest > first["model_version"]
     response = httpx.post(f"{url}/predict", json={"user_id": 3, "item_ids": [1, 2, 3, 999_999]}, timeout=10)
     assert response.status_code == 200, response.text
     body = response.json()

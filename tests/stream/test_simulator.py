@@ -29,3 +29,12 @@ def test_event_time_order_and_label_sparsity_near_targets() -> None:
     assert 0.12 < rates[1] < 0.30  # long view
     assert 0.005 < rates[2] < 0.05  # like
     assert (rates[3:] < 0.01).all()  # comment, follow, forward
+
+
+def test_a_request_shows_distinct_items() -> None:
+    events = list(Simulator(SimulatorConfig(seed=5, n_items=40, items_per_request=8)).events(0, 200))
+    shown: dict[str, list[int]] = {}
+    for e in events:
+        if e["type"] == "impression":
+            shown.setdefault(e["request_id"], []).append(e["item_id"])
+    assert all(len(items) == len(set(items)) for items in shown.values())
