@@ -14,12 +14,12 @@ import pandas as pd
 import pyarrow as pa
 
 from features.definitions import ITEM_FEATURES, USER_FEATURES
-from stream.events import PLAY_TIME, TASKS
+from stream.events import PLAY_TIME, TASKS, TYPICAL_POSITIVE_RATES
 
 
 @dataclass(frozen=True)
 class AggregateConfig:
-    prior_rates: tuple[float, ...] = (0.35, 0.20, 0.02, 0.004, 0.003, 0.002)
+    prior_rates: tuple[float, ...] = tuple(TYPICAL_POSITIVE_RATES[t] for t in TASKS)
     prior_strength: float = 10.0
     prior_play_s: float = 6.0
 

@@ -99,8 +99,8 @@ def serve(
 
 @app.command()
 def demo(
-    seconds: Annotated[float, typer.Option(help="How long the simulator produces.")] = 30.0,
-    rate: Annotated[float, typer.Option(help="Simulated requests per second.")] = 150.0,
+    seconds: Annotated[float, typer.Option(help="How long the simulator produces.")] = 40.0,
+    rate: Annotated[float, typer.Option(help="Simulated requests per second (4 impressions each).")] = 300.0,
     model: str = "mmoe",
     port: int = 18000,
     data_root: DataRoot = Path(".moestream"),
@@ -138,11 +138,12 @@ def _print_summary(s) -> None:
     table.add_row("wall time", f"{s.wall_s:.1f} s")
     console.print(table)
     metrics = Table(title="progressive validation (scored before learning)")
-    for col in ("task", "AUC", "logloss", "calibration", "positive rate", "examples"):
+    for col in ("task", "AUC", "AUC, last 20k", "logloss", "calibration", "positive rate", "examples"):
         metrics.add_column(col)
     for task, m in s.metrics.items():
         metrics.add_row(
-            task, f"{m['auc']:.4f}", f"{m['logloss']:.4f}", f"{m['calibration']:.3f}",
+            task, f"{m['auc']:.4f}", f"{m.get('window_auc', float('nan')):.4f}", f"{m['logloss']:.4f}",
+            f"{m['calibration']:.3f}",
             f"{m['positive_rate']:.2%}", f"{m['n']:.0f}",
         )
     console.print(metrics)

@@ -78,7 +78,7 @@ def start_trainer(config: WorkerConfig):
 
 
 def start_serving(config: WorkerConfig, port: int) -> str:
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     serve.run(build_app(config.snapshot_dir, config.features), name="moestream", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
@@ -121,9 +121,13 @@ class DemoSummary:
     joiner: dict = field(default_factory=dict)
 
 
+DEMO_SIMULATOR = SimulatorConfig(seed=7, n_users=2_000, n_items=5_000)
+"""A catalog small enough that ~1 minute of traffic shows users and items often enough to learn from."""
+
+
 def run_demo(
-    seconds: float = 30.0,
-    rate: float = 150.0,
+    seconds: float = 40.0,
+    rate: float = 300.0,
     family: str = "mmoe",
     port: int = 18000,
     data_root: Path = Path(".moestream"),
@@ -139,13 +143,13 @@ def run_demo(
     ensure_topics(config.kafka)
     OnlineFeatures(config.features).apply()
     log("starting Ray, the trainer actor and the Serve app ...")
-    init_ray()
+    init_ray(quiet=True)
     trainer, run_ref = start_trainer(config)
     url = start_serving(config, port)
 
     log(f"producing simulator traffic for {seconds:.0f}s at {rate:.0f} requests/s ...")
     sink = EventSink(config.kafka)
-    produced = produce(sink, Simulator(SimulatorConfig(seed=7)), seconds, rate, malformed_every=2000)
+    produced = produce(sink, Simulator(DEMO_SIMULATOR), seconds, rate, malformed_every=2000)
     sink.close()
 
     wait_for(lambda: ray.get(trainer.stats.remote())["consumed"] >= produced, 120, "the trainer to consume all")

@@ -27,7 +27,9 @@ def has_token() -> bool:
     return bool(os.environ.get("RAY_AUTH_TOKEN")) or token_path().is_file()
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, namespace: str = "moestream") -> None:
+def init_ray(
+    address: str | None = None, num_cpus: int | None = None, namespace: str = "moestream", quiet: bool = False
+) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local instance."""
     if ray.is_initialized():
         return
@@ -38,7 +40,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, namespace:
             f"or RAY_AUTH_TOKEN_PATH, or copy the head node's {token_path()} (`ray get-auth-token` prints it). "
             "Set RAY_AUTH_MODE=disabled only for clusters started with authentication off."
         )
-    kwargs: dict = {"namespace": namespace, "logging_level": "WARNING", "log_to_driver": True}
+    kwargs: dict = {"namespace": namespace, "logging_level": "WARNING", "log_to_driver": not quiet}
     if address:
         kwargs["address"] = address
     else:

@@ -26,7 +26,7 @@ from learner.metrics import ProgressiveValidation
 from learner.models import MultiTaskRanker, loss_terms
 from learner.snapshots import Manifest, SnapshotError, SnapshotStore
 from learner.telemetry import Telemetry
-from stream.events import TASKS
+from stream.events import TASKS, TYPICAL_POSITIVE_RATES
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,9 @@ class LearnerConfig:
     """Family hyper-parameters passed to ``learner.models.build`` (n_experts, expert_dims, ...)."""
     n_buckets: int = 2**18
     emb_dim: int = 16
-    lr: float = 2e-3
+    lr: float = 1e-2
+    base_rates: Mapping[str, float] = field(default_factory=lambda: dict(TYPICAL_POSITIVE_RATES))
+    """Each binary task's output starts at its base rate (see ``MultiTaskModel.init_output_bias``)."""
     seed: int = 0
     snapshot_every_steps: int = 20
     metric_window: int = 20_000
@@ -72,6 +74,7 @@ class OnlineLearner:
             emb_dim=config.emb_dim,
             **dict(config.hparams),
         ).to(self.device)
+        self.model.init_output_bias(config.base_rates)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.metrics = ProgressiveValidation(config.tasks, window=config.metric_window)
         self.aggregator = StreamAggregator()
@@ -114,7 +117,7 @@ class OnlineLearner:
         self._log(output, total)
         if self.step % self.config.snapshot_every_steps == 0:
             self.publish(offsets or {})
-        return {"loss": float(total), **{f"loss/{t}": v for t, v in self.last_losses.items()}}
+        return {"loss": total.item(), **{f"loss/{t}": v for t, v in self.last_losses.items()}}
 
     def publish(self, offsets: dict[int, int]) -> Manifest | None:
         """Publish the current weights if they are finite; a refused snapshot is logged, not fatal."""
@@ -129,7 +132,11 @@ class OnlineLearner:
                     "offsets": {str(p): o for p, o in offsets.items()},
                     "event_time_hwm_ms": self.event_time_hwm_ms,
                     "metrics": self.metrics.summary(),
-                    "learner_config": {**asdict(self.config), "hparams": dict(self.config.hparams)},
+                    "learner_config": {
+                        **asdict(self.config),
+                        "hparams": dict(self.config.hparams),
+                        "base_rates": dict(self.config.base_rates),
+                    },
                 },
             )
         except SnapshotError as exc:
@@ -145,7 +152,7 @@ class OnlineLearner:
     def _log(self, output, total: torch.Tensor) -> None:
         if self.telemetry is None:
             return
-        record = {"loss/total": float(total), **{f"loss/{t}": v for t, v in self.last_losses.items()}}
+        record = {"loss/total": total.item(), **{f"loss/{t}": v for t, v in self.last_losses.items()}}
         for task, gate in output.gates.items():
             mean = gate.detach().float().mean(dim=0).cpu().numpy()  # (E,)
             record.update({f"gate/{task}/expert_{e}": float(w) for e, w in enumerate(mean)})

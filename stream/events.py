@@ -25,6 +25,10 @@ import pyarrow as pa
 
 TASKS: tuple[str, ...] = ("click", "long_view", "like", "comment", "follow", "forward")
 """Binary behaviours, in the order models and metrics use."""
+TYPICAL_POSITIVE_RATES: dict[str, float] = {
+    "click": 0.35, "long_view": 0.20, "like": 0.02, "comment": 0.004, "follow": 0.003, "forward": 0.002
+}
+"""Base rates of a short-video feed: the simulator's targets, the aggregates' priors, the models' start."""
 PLAY_TIME = "play_time"
 LABELS: tuple[str, ...] = (*TASKS, PLAY_TIME)
 

@@ -1,6 +1,6 @@
 """A seeded simulator of short-video feed traffic: impressions now, feedback a little later.
 
-Users and items have latent vectors. Each behaviour has its own view of the user-item affinity (a shared
+Users and items have latent vectors, users an engagement level and items a quality. Each behaviour has its own view of the user-item affinity (a shared
 component plus a task-specific one, so tasks are correlated but not identical, which is what multi-task
 models exploit), and a bias calibrated at start-up so the label rates match a short-video feed: click
 ~35%, long view ~20%, like ~2%, comment / follow / forward well under 0.5%.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stream.events import PLAY_TIME, TASKS, feedback, impression
+from stream.events import PLAY_TIME, TASKS, TYPICAL_POSITIVE_RATES, feedback, impression
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class SimulatorConfig:
     n_items: int = 20_000
     dim: int = 8
     items_per_request: int = 4
-    target_rates: tuple[float, ...] = (0.35, 0.20, 0.02, 0.004, 0.003, 0.002)
+    target_rates: tuple[float, ...] = tuple(TYPICAL_POSITIVE_RATES[t] for t in TASKS)
     """Mean positive rate per task in ``TASKS`` order."""
     popularity_period_s: float = 600.0
     """Item popularity cycles with this period (seconds of event time)."""
@@ -38,6 +38,9 @@ class SimulatorConfig:
     new_items_per_s: float = 2.0
     interest_drift: float = 0.01
     """Standard deviation of the per-request random walk step of a user's interest vector."""
+    user_activity_std: float = 0.7
+    """Spread of per-user engagement: some users act on much of what they see, others on little."""
+    item_quality_std: float = 0.7
     max_delay_s: float = 8.0
     """Feedback arrives up to this long after its impression (keep it inside the joiner window)."""
 
@@ -52,7 +55,8 @@ class Simulator:
         self.user_vec = self.rng.normal(0, 1, (c.n_users, c.dim)) / np.sqrt(c.dim)
         self.item_vec = self.rng.normal(0, 1, (c.n_items, c.dim)) / np.sqrt(c.dim)
         self.item_phase = self.rng.uniform(0, 2 * np.pi, c.n_items)
-        self.item_quality = self.rng.normal(0, 0.5, c.n_items)
+        self.item_quality = self.rng.normal(0, c.item_quality_std, c.n_items)
+        self.user_activity = self.rng.normal(0, c.user_activity_std, c.n_users)
         # Each task mixes the shared affinity with a task-specific projection of it.
         self.task_mix = self.rng.normal(0, 1, (len(TASKS), c.dim, c.dim)) / np.sqrt(c.dim)
         self.task_bias = self._calibrate()
@@ -71,7 +75,8 @@ class Simulator:
         popularity = self.config.popularity_amplitude * np.sin(
             2 * np.pi * t_s / self.config.popularity_period_s + self.item_phase[items]
         )
-        return 3.0 * shared[:, None] + 2.0 * specific + (self.item_quality[items] + popularity)[:, None]
+        base = self.item_quality[items] + self.user_activity[users] + popularity
+        return 3.0 * shared[:, None] + 2.0 * specific + base[:, None]
 
     def _calibrate(self) -> np.ndarray:
         """Bisect each task's bias so the mean label rate matches its target."""

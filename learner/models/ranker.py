@@ -62,6 +62,10 @@ class MultiTaskRanker(nn.Module):
             "config",
         )
 
+    def init_output_bias(self, base_rates: Mapping[str, float]) -> None:
+        """See :meth:`MultiTaskModel.init_output_bias`."""
+        self.model.init_output_bias(base_rates)
+
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> MultiTaskRanker:
         unknown = sorted(set(config) - set(_CONFIG_KEYS))
