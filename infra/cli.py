@@ -151,6 +151,26 @@ def _print_summary(s) -> None:
     console.print_json(data=s.prediction["response"])
 
 
+@app.command()
+def bench(
+    name: Annotated[str, typer.Argument(help="Which benchmark (models, ...).")],
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller sizes and fewer repeats.")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
+) -> None:
+    """Run a benchmark: a table on the terminal and, with --json, the figures as JSON."""
+    import benchmarks
+
+    try:
+        report = benchmarks.run(name, quick=quick)
+    except KeyError as exc:
+        console.print(f"[red]{exc.args[0]}[/]")
+        raise typer.Exit(2) from None
+    report.print(console)
+    if json_path:
+        report.write_json(json_path)
+        console.print(f"wrote {json_path}")
+
+
 @snapshots_app.command("list")
 def snapshots_list(directory: Annotated[Path, typer.Argument(help="A snapshot directory.")]) -> None:
     """List the snapshots in a directory."""

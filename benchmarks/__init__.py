@@ -1,0 +1,19 @@
+"""Benchmarks: ``moestream bench NAME [--quick] [--json PATH]``.
+
+Each benchmark module exposes ``run(quick: bool) -> Report``; ``BENCHMARKS`` maps a name to its module.
+Every figure is measured beside the anchor it is compared with, in the same process and run.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHMARKS: dict[str, str] = {
+    "models": "benchmarks.models",
+}
+
+
+def run(name: str, quick: bool = False):
+    if name not in BENCHMARKS:
+        raise KeyError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
+    return importlib.import_module(BENCHMARKS[name]).run(quick=quick)
