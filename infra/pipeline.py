@@ -144,8 +144,8 @@ def run_demo(
     OnlineFeatures(config.features).apply()
     log("starting Ray, the trainer actor and the Serve app ...")
     init_ray(quiet=True)
-    trainer, run_ref = start_trainer(config)
     url = start_serving(config, port)
+    trainer, run_ref = start_trainer(config)
 
     log(f"producing simulator traffic for {seconds:.0f}s at {rate:.0f} requests/s ...")
     sink = EventSink(config.kafka)

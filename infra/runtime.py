@@ -14,6 +14,13 @@ from pathlib import Path
 
 import ray
 
+SMALL_MACHINE_SERVE_ENV = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+}
+"""Serve's proxy must answer its readiness check within 5 s by default; on a loaded 2-core machine starting
+a trainer beside it, it sometimes cannot, and the controller kills it. Local instances get more slack."""
+
 
 def token_path() -> Path:
     return Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
@@ -45,6 +52,8 @@ def init_ray(
         kwargs["address"] = address
     else:
         kwargs.update(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+        for name, value in SMALL_MACHINE_SERVE_ENV.items():
+            os.environ.setdefault(name, value)  # inherited by the Serve controller and proxy
     try:
         ray.init(**kwargs)
     except ray.exceptions.AuthenticationError as exc:

@@ -6,7 +6,8 @@ Order matters and is deliberate:
 2. score the batch with the current weights and update the progressive metrics (unseen data);
 3. take one optimizer step on the same forward pass;
 4. fold the examples' labels into the streaming aggregates and push them to Feast;
-5. every ``snapshot_every_steps`` steps, publish a guarded snapshot.
+5. every ``snapshot_every_steps`` steps the caller publishes a guarded snapshot (``snapshot_due``), once it
+   knows which source offsets the weights cover.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class OnlineLearner:
         self.published: list[int] = []
         self.last_losses: dict[str, float] = {}
 
-    def learn(self, examples: pa.Table, offsets: dict[int, int] | None = None) -> dict[str, float]:
+    def learn(self, examples: pa.Table) -> dict[str, float]:
         cols = examples.to_pydict()
         user_ids = np.asarray(cols["user_id"], dtype=np.int64)
         item_ids = np.asarray(cols["item_id"], dtype=np.int64)
@@ -115,9 +116,11 @@ class OnlineLearner:
         self.event_time_hwm_ms = max(self.event_time_hwm_ms, int(max(cols["ts_ms"])))
         self.last_losses = {t: v.item() for t, v in per_task.items()}
         self._log(output, total)
-        if self.step % self.config.snapshot_every_steps == 0:
-            self.publish(offsets or {})
         return {"loss": total.item(), **{f"loss/{t}": v for t, v in self.last_losses.items()}}
+
+    @property
+    def snapshot_due(self) -> bool:
+        return self.step > 0 and self.step % self.config.snapshot_every_steps == 0
 
     def publish(self, offsets: dict[int, int]) -> Manifest | None:
         """Publish the current weights if they are finite; a refused snapshot is logged, not fatal."""

@@ -1,9 +1,10 @@
-"""The continuous trainer: Kafka source -> label joiner -> online learner, with commits after each step.
+"""The continuous trainer: joined examples from Kafka -> online learner, acknowledging what it trained.
 
 ``TrainerWorker`` is a plain class so it can be tested and run in-process; infra wraps it in a Ray actor
-(threaded, so ``stats`` and ``stop`` answer while ``run`` loops). Offsets are committed only up to what has
-been trained on: examples still pending in the joiner or waiting in the training buffer hold the commit
-of their partition back, so a crash re-delivers them instead of losing them.
+(threaded, so ``stats`` and ``stop`` answer while ``run`` loops). Each training batch is acknowledged to
+the :class:`~stream.joined.JoinedStream` after its step, which commits offsets only up to what has been
+trained on: examples still pending in the joiner or waiting in the training buffer hold their partition
+back, so a crash re-delivers them instead of losing them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from features.store import FeatureStoreConfig, OnlineFeatures
 from learner.online import LearnerConfig, OnlineLearner
 from learner.snapshots import SnapshotStore
 from learner.telemetry import Telemetry, TelemetryConfig
-from stream.joiner import JoinerConfig, LabelJoiner
-from stream.kafka_io import EventSource, KafkaConfig, ensure_topics
+from stream.joined import JoinedStream
+from stream.joiner import JoinerConfig
+from stream.kafka_io import KafkaConfig, ensure_topics
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,7 @@ class TrainerWorker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         ensure_topics(config.kafka)
-        self.source = EventSource(config.kafka)
-        self.joiner = LabelJoiner(config.joiner)
+        self.stream = JoinedStream(config.kafka, config.joiner)
         self.snapshots = SnapshotStore(config.snapshot_dir)
         self.telemetry = Telemetry(config.telemetry, run_config=_plain(asdict(config)))
         self.learner = OnlineLearner(
@@ -60,8 +61,6 @@ class TrainerWorker:
             device=_device(config.device),
         )
         self._buffer: list[pa.Table] = []
-        self._consumed: dict[int, int] = {}
-        self._committed: dict[int, int] = {}
         self._stop = threading.Event()
         self._running = threading.Event()
         self.started_at = time.time()
@@ -72,19 +71,13 @@ class TrainerWorker:
         deadline = time.monotonic() + max_seconds if max_seconds else None
         try:
             while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
-                batch = self.source.next_batch()
-                self.joiner.add(batch.decoded)
-                self._consumed.update(batch.next_offsets)
-                self._take(self.joiner.emit())
+                self._take(self.stream.poll())
                 while self._buffered() >= self.config.batch_size:
                     self._train(self.config.batch_size)
-                if batch.n_messages:
-                    self._commit()  # never past what is trained: see _committed_after_train
-            self._take(self.joiner.flush())
+            self._take(self.stream.flush())
             while self._buffered():
                 self._train(self.config.batch_size)
-            self.learner.publish(self._committed_after_train())
-            self._commit()
+            self.learner.publish(self.stream.safe_offsets())
         finally:
             self._running.clear()
         return self.stats()
@@ -106,43 +99,31 @@ class TrainerWorker:
         table = pa.concat_tables(self._buffer)
         batch, rest = table.slice(0, n), table.slice(n)
         self._buffer = [rest] if rest.num_rows else []
-        self.learner.learn(batch, offsets=self._committed_after_train())
-        self._commit()
-
-    def _committed_after_train(self) -> dict[int, int]:
-        """What may be committed now: consumed, held back by pending and buffered examples."""
-        safe = self.joiner.safe_offsets(self._consumed)
-        if self._buffer:
-            held = pa.concat_tables(self._buffer).group_by("partition").aggregate([("offset", "min")])
-            for part, off in zip(held["partition"].to_pylist(), held["offset_min"].to_pylist()):
-                if part in safe:
-                    safe[part] = min(safe[part], off)
-        return safe
-
-    def _commit(self) -> None:
-        offsets = {p: o for p, o in self._committed_after_train().items() if self._committed.get(p) != o}
-        if offsets:
-            self.source.ack(offsets)
-            self._committed.update(offsets)
+        self.learner.learn(batch)
+        self.stream.ack(batch)
+        if self.learner.snapshot_due:
+            self.learner.publish(self.stream.safe_offsets())
 
     def stats(self) -> dict:
+        s = self.stream.stats
         return {
-            "consumed": self.source.consumed,
-            "dead_lettered": dict(self.source.dead_letters.by_reason),
-            "joiner": asdict(self.joiner.stats),
-            "pending": self.joiner.n_pending,
+            "consumed": s.consumed,
+            "dead_lettered": dict(self.stream.source.dead_letters.by_reason),
+            "joiner": asdict(self.stream.joiner.stats),
+            "pending": self.stream.joiner.n_pending,
+            "rebalances": s.rebalances,
             "steps": self.learner.step,
             "examples_trained": self.learner.examples,
             "snapshots": list(self.learner.published),
             "metrics": self.learner.metrics.summary(),
-            "committed": dict(self._committed),
+            "committed": self.stream.committed,
             "wandb_dir": self.telemetry.run_dir,
             "uptime_s": time.time() - self.started_at,
         }
 
     def close(self) -> None:
         self.telemetry.finish()
-        self.source.close()
+        self.stream.close()
 
 
 def _plain(obj):
@@ -152,6 +133,3 @@ def _plain(obj):
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return str(obj) if isinstance(obj, Path) else obj
-
-
-__all__ = ["TrainerWorker", "WorkerConfig"]

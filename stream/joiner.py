@@ -169,6 +169,17 @@ class LabelJoiner:
                 safe[part] = min(safe[part], queue[0][0])
         return safe
 
+    def drop_partitions(self, partitions: set[int]) -> int:
+        """Forget everything pending from ``partitions`` (revoked: their new owner re-reads it). Returns the count."""
+        doomed = [key for key, p in self._pending.items() if p.row[4] in partitions]
+        for key in doomed:
+            del self._pending[key]
+        for part in partitions:
+            self._by_time.pop(part, None)
+            self._by_offset.pop(part, None)
+            self._watermarks.pop(part, None)
+        return len(doomed)
+
     def _take(self, keys: list[tuple[str, int]]) -> pa.Table:
         pendings = [self._pending.pop(key) for key in keys]
         for key, p in zip(keys, pendings):

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
@@ -137,7 +137,12 @@ class SourceBatch:
 class EventSource:
     """A consumer-group member that decodes batches and commits only what it is told is durable."""
 
-    def __init__(self, config: KafkaConfig, dead_letters: DeadLetterSink | None = None) -> None:
+    def __init__(
+        self,
+        config: KafkaConfig,
+        dead_letters: DeadLetterSink | None = None,
+        listener: ConsumerRebalanceListener | None = None,
+    ) -> None:
         self.config = config
         self.dead_letters = dead_letters or DeadLetterSink(config)
         self.consumed = 0
@@ -151,12 +156,20 @@ class EventSource:
             session_timeout_ms=30_000,
             max_poll_interval_ms=600_000,
         )
-        self._consumer.subscribe([config.topic])
+        self._consumer.subscribe([config.topic], listener=listener)
 
     def next_batch(self) -> SourceBatch:
-        """Up to ``max_batch`` messages or whatever arrived within ``max_wait_ms``; may be empty."""
-        polled = self._consumer.poll(timeout_ms=self.config.max_wait_ms, max_records=self.config.max_batch)
-        records = [r for batch in polled.values() for r in batch]
+        """Up to ``max_batch`` messages, or whatever arrived within ``max_wait_ms``; may be empty."""
+        deadline = time.monotonic() + self.config.max_wait_ms / 1000
+        records: list = []
+        while len(records) < self.config.max_batch:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 and records:
+                break
+            polled = self._consumer.poll(timeout_ms=max(left_ms, 0), max_records=self.config.max_batch - len(records))
+            records += [r for batch in polled.values() for r in batch]
+            if left_ms <= 0:
+                break
         values = [r.value for r in records]
         decoded = decode_batch(
             values,
@@ -168,7 +181,9 @@ class EventSource:
         for reject in decoded.rejects:
             r = records[reject.index]
             self.dead_letters.send(r.value, reject.reason, r.topic, r.partition, r.offset)
-        next_offsets = {tp.partition: batch[-1].offset + 1 for tp, batch in polled.items() if batch}
+        next_offsets: dict[int, int] = {}
+        for r in records:
+            next_offsets[r.partition] = max(next_offsets.get(r.partition, 0), r.offset + 1)
         self.consumed += len(records)
         return SourceBatch(decoded, next_offsets, len(records))
 

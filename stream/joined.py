@@ -1,0 +1,194 @@
+"""Joined examples from Kafka, committed only when the caller acknowledges them.
+
+``JoinedStream`` owns an :class:`~stream.kafka_io.EventSource` and a :class:`~stream.joiner.LabelJoiner`.
+``poll`` hands out newly joined examples; ``ack(examples)`` says they are durable downstream (trained and,
+later, checkpointed), and commits every partition up to its *safe* offset: the lowest offset that is still
+pending in the joiner or handed out but not yet acknowledged. A crash therefore re-delivers exactly what
+was not acknowledged (and, with it, at most one attribution window of examples that were).
+
+Rebalances: acknowledgements commit synchronously, so when partitions are revoked everything acknowledged is
+already committed. The revocation listener only records the revoked partitions; on the next ``poll`` their
+in-flight state (pending impressions, unacknowledged examples) is dropped, because the new owner re-reads
+it from the committed offset. Acks for partitions this member no longer owns are ignored.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from kafka import ConsumerRebalanceListener
+from kafka.errors import CommitFailedError, RebalanceInProgressError
+
+from stream.events import DecodedBatch
+from stream.joiner import JoinerConfig, LabelJoiner
+from stream.kafka_io import EventSource, KafkaConfig
+
+
+@dataclass
+class StreamStats:
+    consumed: int = 0
+    handed_out: int = 0
+    acked: int = 0
+    dropped_on_revoke: int = 0
+    rebalances: int = 0
+    commit_retries: int = 0
+    assigned: list[int] = field(default_factory=list)
+
+
+class _Outstanding:
+    """Per partition, the impression offsets handed out and not yet acknowledged (min-heap, lazy delete)."""
+
+    def __init__(self) -> None:
+        self._heaps: dict[int, list[int]] = {}
+        self._acked: dict[int, set[int]] = {}
+
+    def add(self, partitions: list[int], offsets: list[int]) -> None:
+        for part, off in zip(partitions, offsets):
+            heapq.heappush(self._heaps.setdefault(part, []), off)
+
+    def ack(self, partitions: list[int], offsets: list[int]) -> None:
+        for part, off in zip(partitions, offsets):
+            if part in self._heaps:
+                self._acked.setdefault(part, set()).add(off)
+
+    def minimum(self, part: int) -> int | None:
+        heap, acked = self._heaps.get(part), self._acked.get(part, set())
+        while heap and heap[0] in acked:
+            acked.discard(heapq.heappop(heap))
+        return heap[0] if heap else None
+
+    def drop(self, parts: set[int]) -> None:
+        for part in parts:
+            self._heaps.pop(part, None)
+            self._acked.pop(part, None)
+
+
+class _Revocations(ConsumerRebalanceListener):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.revoked: set[int] = set()
+        self.assigned: set[int] = set()
+        self.events = 0
+
+    def on_partitions_revoked(self, revoked) -> None:
+        with self._lock:
+            self.revoked |= {tp.partition for tp in revoked}
+            self.events += 1
+
+    def on_partitions_assigned(self, assigned) -> None:
+        with self._lock:
+            self.assigned = {tp.partition for tp in assigned}
+
+    def take(self) -> tuple[set[int], set[int]]:
+        with self._lock:
+            revoked, self.revoked = self.revoked, set()
+            return revoked, set(self.assigned)
+
+
+class JoinedStream:
+    def __init__(self, kafka: KafkaConfig, joiner: JoinerConfig = JoinerConfig()) -> None:
+        self._listener = _Revocations()
+        self.source = EventSource(kafka, listener=self._listener)
+        self.joiner = LabelJoiner(joiner)
+        self.stats = StreamStats()
+        self._outstanding = _Outstanding()
+        self._consumed: dict[int, int] = {}
+        self._committed: dict[int, int] = {}
+
+    def poll(self) -> pa.Table:
+        """Read one batch from Kafka and return the examples whose attribution window closed (may be empty)."""
+        batch = self.source.next_batch()
+        owned = self._apply_revocations()
+        decoded, next_offsets = batch.decoded, batch.next_offsets
+        if not set(next_offsets) <= owned:  # records fetched before a revocation in the same batch
+            decoded = _only(decoded, owned)
+            next_offsets = {p: o for p, o in next_offsets.items() if p in owned}
+        self.joiner.add(decoded)
+        self._consumed.update(next_offsets)
+        self.stats.consumed += batch.n_messages
+        examples = self.joiner.emit()
+        self._hand_out(examples)
+        self._commit()  # progress that needs no acknowledgement (dead letters, a retried commit)
+        return examples
+
+    def flush(self) -> pa.Table:
+        """Every impression still pending, emitted now (end of a bounded run)."""
+        examples = self.joiner.flush()
+        self._hand_out(examples)
+        return examples
+
+    def ack(self, examples: pa.Table) -> None:
+        """``examples`` (as handed out) are durable downstream: commit what that makes safe."""
+        parts, offs = examples.column("partition").to_pylist(), examples.column("offset").to_pylist()
+        self._outstanding.ack(parts, offs)
+        self.stats.acked += examples.num_rows
+        self._commit()
+
+    def safe_offsets(self) -> dict[int, int]:
+        """Per owned partition, the offset up to which everything is acknowledged."""
+        safe = self.joiner.safe_offsets(self._consumed)
+        for part in safe:
+            held = self._outstanding.minimum(part)
+            if held is not None:
+                safe[part] = min(safe[part], held)
+        return safe
+
+    @property
+    def committed(self) -> dict[int, int]:
+        """What this member has committed so far, per partition it owns."""
+        return dict(self._committed)
+
+    def lag(self) -> dict[int, int]:
+        return self.source.lag()
+
+    def close(self) -> None:
+        self.source.close()
+
+    def _hand_out(self, examples: pa.Table) -> None:
+        if examples.num_rows:
+            self._outstanding.add(examples.column("partition").to_pylist(), examples.column("offset").to_pylist())
+            self.stats.handed_out += examples.num_rows
+
+    def _commit(self) -> None:
+        offsets = {p: o for p, o in self.safe_offsets().items() if self._committed.get(p) != o}
+        if not offsets:
+            return
+        try:
+            self.source.ack(offsets)
+        except (CommitFailedError, RebalanceInProgressError):
+            # The group is rebalancing: keep the offsets uncommitted and retry after the next poll. If the
+            # partition moves, its new owner re-reads from the last commit (re-delivery, never loss).
+            self.stats.commit_retries += 1
+            return
+        self._committed.update(offsets)
+
+    def _apply_revocations(self) -> set[int]:
+        """Drop the in-flight state of partitions taken away; return the partitions owned now."""
+        revoked, assigned = self._listener.take()
+        self.stats.assigned = sorted(assigned)
+        if not revoked:
+            return assigned
+        self.stats.rebalances += 1
+        gone = revoked - assigned
+        self.stats.dropped_on_revoke += self.joiner.drop_partitions(gone)
+        self._outstanding.drop(gone)
+        for part in gone:
+            self._consumed.pop(part, None)
+            self._committed.pop(part, None)
+        return assigned
+
+
+def _only(decoded: DecodedBatch, partitions: set[int]) -> DecodedBatch:
+    keep = pa.array(sorted(partitions), type=pa.int32())
+    return DecodedBatch(
+        impressions=decoded.impressions.filter(pc.is_in(decoded.impressions["partition"], keep)),
+        feedback=decoded.feedback.filter(pc.is_in(decoded.feedback["partition"], keep)),
+        rejects=decoded.rejects,
+    )
+
+
+__all__ = ["JoinedStream", "StreamStats"]
