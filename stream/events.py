@@ -68,17 +68,26 @@ EXAMPLE_SCHEMA = pa.schema(
         *[(name, pa.float32()) for name in LABELS],  # joined labels; binary tasks default to 0 (negative)
         ("partition", pa.int32()),
         ("offset", pa.int64()),
+        ("is_correction", pa.bool_()),  # re-emitted with labels that arrived after the window closed
     ]
 )
 """A joined training example: an impression with the feedback that arrived inside the attribution window."""
 
 
+REJECT_CODES = (
+    "empty", "oversized", "not_json", "not_object", "unknown_type", "missing_field", "wrong_type",
+    "unknown_label", "bad_label", "clock_skew",
+)
+"""Short, stable categories of rejection: counters and dead-letter headers group by these."""
+
+
 @dataclass(frozen=True)
 class Reject:
-    """A message that failed validation: its position in the batch and why."""
+    """A message that failed validation: its position in the batch, a category and a readable reason."""
 
     index: int
     reason: str
+    code: str = "invalid"
 
 
 @dataclass
@@ -93,7 +102,9 @@ class DecodedBatch:
 
 
 class _Invalid(Exception):
-    pass
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
 
 
 _COMMON = ("request_id", "user_id", "item_id", "ts_ms")
@@ -102,43 +113,43 @@ _COMMON = ("request_id", "user_id", "item_id", "ts_ms")
 def _id(value: object, name: str) -> int:
     # bool is an int subclass: a JSON true must not pass as user 1.
     if type(value) is not int or not 0 <= value < MAX_ID:
-        raise _Invalid(f"{name} must be a non-negative integer, got {value!r:.40}")
+        raise _Invalid("wrong_type", f"{name} must be a non-negative integer, got {value!r:.40}")
     return value
 
 
 def _check(obj: object, now_ms: int | None, max_skew_ms: int) -> tuple[str, tuple]:
     if type(obj) is not dict:
-        raise _Invalid("not a JSON object")
+        raise _Invalid("not_object", "not a JSON object")
     kind = obj.get("type")
     if kind not in (IMPRESSION, FEEDBACK):
-        raise _Invalid(f"type must be 'impression' or 'feedback', got {kind!r:.40}")
+        raise _Invalid("unknown_type", f"type must be 'impression' or 'feedback', got {kind!r:.40}")
     missing = [k for k in _COMMON if k not in obj]
     if missing:
-        raise _Invalid(f"missing field {missing[0]}")
+        raise _Invalid("missing_field", f"missing field {missing[0]}")
     request_id = obj["request_id"]
     if type(request_id) is not str or not 0 < len(request_id) <= 128:
-        raise _Invalid("request_id must be a non-empty string of at most 128 characters")
+        raise _Invalid("wrong_type", "request_id must be a non-empty string of at most 128 characters")
     user_id = _id(obj["user_id"], "user_id")
     item_id = _id(obj["item_id"], "item_id")
     ts_ms = _id(obj["ts_ms"], "ts_ms")
     if now_ms is not None and ts_ms > now_ms + max_skew_ms:
-        raise _Invalid(f"ts_ms {ts_ms} is more than {max_skew_ms} ms in the future")
+        raise _Invalid("clock_skew", f"ts_ms {ts_ms} is more than {max_skew_ms} ms in the future")
     if kind == IMPRESSION:
         return kind, (request_id, user_id, item_id, ts_ms)
     labels = obj.get("labels")
     if type(labels) is not dict or not labels:
-        raise _Invalid("feedback needs a non-empty labels object")
+        raise _Invalid("missing_field", "feedback needs a non-empty labels object")
     values = dict.fromkeys(LABELS, math.nan)
     for name, value in labels.items():
         if name not in values:
-            raise _Invalid(f"unknown label {name!r:.40}")
+            raise _Invalid("unknown_label", f"unknown label {name!r:.40}")
         if type(value) not in (int, float) or not math.isfinite(value):
-            raise _Invalid(f"label {name} must be a finite number, got {value!r:.40}")
+            raise _Invalid("bad_label", f"label {name} must be a finite number, got {value!r:.40}")
         if name == PLAY_TIME:
             if value < 0:
-                raise _Invalid("label play_time must be >= 0")
+                raise _Invalid("bad_label", "label play_time must be >= 0")
         elif value not in (0, 1):
-            raise _Invalid(f"label {name} must be 0 or 1, got {value!r:.40}")
+            raise _Invalid("bad_label", f"label {name} must be 0 or 1, got {value!r:.40}")
         values[name] = float(value)
     return kind, (request_id, user_id, item_id, ts_ms, *values.values())
 
@@ -166,16 +177,16 @@ def decode_batch(
     for i, raw in enumerate(values):
         try:
             if raw is None:
-                raise _Invalid("empty message")
+                raise _Invalid("empty", "empty message")
             if len(raw) > max_bytes:
-                raise _Invalid(f"message of {len(raw)} bytes exceeds {max_bytes}")
+                raise _Invalid("oversized", f"message of {len(raw)} bytes exceeds {max_bytes}")
             try:
                 obj = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
-                raise _Invalid(f"not JSON: {exc}") from None
+                raise _Invalid("not_json", f"not JSON: {exc}") from None
             kind, row = _check(obj, now_ms, max_skew_ms)
         except _Invalid as exc:
-            rejects.append(Reject(i, str(exc)))
+            rejects.append(Reject(i, str(exc), exc.code))
             continue
         rows[kind].append((*row, partitions[i], offsets[i]))
     return DecodedBatch(

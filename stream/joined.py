@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -44,7 +45,7 @@ class _Outstanding:
 
     def __init__(self) -> None:
         self._heaps: dict[int, list[int]] = {}
-        self._acked: dict[int, set[int]] = {}
+        self._acked: dict[int, Counter[int]] = {}  # a multiset: a correction hands an offset out again
 
     def add(self, partitions: list[int], offsets: list[int]) -> None:
         for part, off in zip(partitions, offsets):
@@ -53,12 +54,15 @@ class _Outstanding:
     def ack(self, partitions: list[int], offsets: list[int]) -> None:
         for part, off in zip(partitions, offsets):
             if part in self._heaps:
-                self._acked.setdefault(part, set()).add(off)
+                self._acked.setdefault(part, Counter())[off] += 1
 
     def minimum(self, part: int) -> int | None:
-        heap, acked = self._heaps.get(part), self._acked.get(part, set())
-        while heap and heap[0] in acked:
-            acked.discard(heapq.heappop(heap))
+        heap, acked = self._heaps.get(part), self._acked.get(part, Counter())
+        while heap and acked[heap[0]] > 0:
+            off = heapq.heappop(heap)
+            acked[off] -= 1
+            if not acked[off]:
+                del acked[off]
         return heap[0] if heap else None
 
     def drop(self, parts: set[int]) -> None:

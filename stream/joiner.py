@@ -8,6 +8,11 @@ unread in the slower one. When its partition's watermark passes ``ts + window`` 
 negative. Feedback for an impression already emitted is late; feedback for one never seen is an orphan.
 Both are counted, not silently lost.
 
+Late feedback is counted and, with ``late_policy="correct"``, the impression is emitted once more with its
+completed labels and ``is_correction`` set (the "fake negative" correction of delayed-feedback learning:
+the trainer learns the positive it first saw as a negative). Emitted impressions are remembered for two
+windows for that, then forgotten.
+
 Pending state is capped: past ``max_pending`` the oldest impressions are emitted early and counted as
 evicted. Because pending impressions are not yet trained on, the offset that may be committed for a
 partition is the offset of its oldest pending impression (``safe_offsets``): a crash then re-delivers
@@ -19,15 +24,17 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
+import orjson
 import pyarrow as pa
 
-from stream.events import EXAMPLE_SCHEMA, LABELS, PLAY_TIME, TASKS, DecodedBatch
+from stream.events import EXAMPLE_SCHEMA, LABELS, TASKS, DecodedBatch
 
 _N_LABELS = len(LABELS)
-_PLAY = LABELS.index(PLAY_TIME)
+_STATE_SCHEMA = pa.schema([pa.field("emitted", pa.bool_()), *EXAMPLE_SCHEMA.remove(EXAMPLE_SCHEMA.get_field_index("is_correction"))])
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,14 @@ class JoinerConfig:
     """Attribution window: feedback later than this after the impression is not joined."""
     max_pending: int = 500_000
     """Cap on impressions held in memory; the oldest are emitted early beyond it."""
+    late_policy: Literal["drop", "correct"] = "drop"
+    """What late feedback on an emitted impression does: only counted, or re-emitted as a correction."""
+
+    def __post_init__(self) -> None:
+        if self.late_policy not in ("drop", "correct"):
+            raise ValueError(f"joiner.late_policy must be 'drop' or 'correct', got {self.late_policy!r}")
+        if self.window_ms < 0 or self.max_pending < 1:
+            raise ValueError("joiner.window_ms must be >= 0 and joiner.max_pending >= 1")
 
 
 @dataclass
@@ -49,6 +64,7 @@ class JoinerStats:
     orphan_feedback: int = 0
     duplicate_impressions: int = 0
     evicted: int = 0
+    corrections: int = 0
 
 
 class _Pending:
@@ -67,7 +83,8 @@ class LabelJoiner:
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._by_time: dict[int, list[tuple[int, int, tuple[str, int]]]] = {}  # partition -> heap (ts, seq, key)
         self._by_offset: dict[int, deque[tuple[int, tuple[str, int]]]] = {}  # per partition, arrival order
-        self._emitted: set[tuple[str, int]] = set()
+        self._emitted: dict[tuple[str, int], _Pending] = {}  # recently emitted, for late/duplicate/correction
+        self._corrections: list[_Pending] = []
         self._emitted_order: deque[tuple[int, int, tuple[str, int]]] = deque()  # (partition, ts, key)
         self._seq = 0
 
@@ -110,24 +127,29 @@ class LabelJoiner:
             self.stats.feedback += 1
             self._advance(part, ts)
             key = (rid, item)
-            pending = self._pending.get(key)
-            if pending is None:
-                if key in self._emitted:
-                    self.stats.late_feedback += 1
-                else:
-                    self.stats.orphan_feedback += 1
-                continue
-            if ts > pending.row[3] + self.config.window_ms:
-                self.stats.late_feedback += 1
-                continue
             incoming = label_cols[j]
-            present = ~np.isnan(incoming)
-            merged = np.maximum(pending.labels, np.where(present, incoming, 0.0))
+            pending = self._pending.get(key)
+            if pending is None or ts > pending.row[3] + self.config.window_ms:
+                self._late(key, incoming, pending)
+                continue
+            merged = _merge(pending.labels, incoming)
             if np.array_equal(merged, pending.labels):
                 self.stats.duplicate_feedback += 1
             else:
                 self.stats.joined_feedback += 1
             pending.labels = merged
+
+    def _late(self, key: tuple[str, int], incoming: np.ndarray, pending: _Pending | None) -> None:
+        emitted = self._emitted.get(key)
+        if pending is None and emitted is None:
+            self.stats.orphan_feedback += 1
+            return
+        self.stats.late_feedback += 1
+        if self.config.late_policy == "correct" and emitted is not None:
+            merged = _merge(emitted.labels, incoming)
+            if not np.array_equal(merged, emitted.labels):
+                emitted.labels = merged
+                self._corrections.append(_Pending(emitted.row, merged.copy()))
 
     def emit(self) -> pa.Table:
         """Examples whose attribution window has closed at the current watermark, plus any evictions."""
@@ -169,6 +191,48 @@ class LabelJoiner:
                 safe[part] = min(safe[part], queue[0][0])
         return safe
 
+    def state(self) -> bytes:
+        """Everything needed to resume exactly: pending and recently emitted impressions, watermarks, stats.
+
+        Arrow IPC with JSON metadata: no pickle, safe to read back from disk.
+        """
+        pending = list(self._pending.values())
+        emitted = [self._emitted[key] for _, _, key in self._emitted_order if key in self._emitted]
+        table = pa.Table.from_pydict(
+            {"emitted": [False] * len(pending) + [True] * len(emitted), **_columns(pending + emitted)},
+            schema=_STATE_SCHEMA,
+        )
+        meta = {"watermarks": {str(k): v for k, v in self._watermarks.items()}, "stats": asdict(self.stats)}
+        table = table.replace_schema_metadata({"moestream.joiner": orjson.dumps(meta)})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return sink.getvalue().to_pybytes()
+
+    @classmethod
+    def from_state(cls, config: JoinerConfig, data: bytes) -> LabelJoiner:
+        table = pa.ipc.open_stream(data).read_all()
+        meta = orjson.loads(table.schema.metadata[b"moestream.joiner"])
+        joiner = cls(config)
+        joiner.stats = JoinerStats(**meta["stats"])
+        joiner._watermarks = {int(k): v for k, v in meta["watermarks"].items()}
+        cols = table.to_pydict()
+        labels = np.column_stack([np.asarray(cols[n], dtype=np.float32) for n in LABELS]) if table.num_rows else []
+        fields = zip(cols["emitted"], cols["request_id"], cols["user_id"], cols["item_id"], cols["ts_ms"],
+                     cols["partition"], cols["offset"])
+        for i, (was_emitted, rid, user, item, ts, part, off) in enumerate(fields):
+            entry, key = _Pending((rid, user, item, ts, part, off), labels[i].copy()), (rid, item)
+            if was_emitted:
+                joiner._emitted[key] = entry
+                joiner._emitted_order.append((part, ts, key))
+            else:
+                joiner._pending[key] = entry
+                heapq.heappush(joiner._by_time.setdefault(part, []), (ts, joiner._seq, key))
+                joiner._seq += 1
+        for key, entry in sorted(joiner._pending.items(), key=lambda kv: kv[1].row[5]):
+            joiner._by_offset.setdefault(entry.row[4], deque()).append((entry.row[5], key))
+        return joiner
+
     def drop_partitions(self, partitions: set[int]) -> int:
         """Forget everything pending from ``partitions`` (revoked: their new owner re-reads it). Returns the count."""
         doomed = [key for key, p in self._pending.items() if p.row[4] in partitions]
@@ -183,7 +247,7 @@ class LabelJoiner:
     def _take(self, keys: list[tuple[str, int]]) -> pa.Table:
         pendings = [self._pending.pop(key) for key in keys]
         for key, p in zip(keys, pendings):
-            self._emitted.add(key)
+            self._emitted[key] = p
             self._emitted_order.append((p.row[4], p.row[3], key))
         # Remember emitted keys long enough to tell late feedback from orphans, then forget them.
         horizon = 2 * self.config.window_ms
@@ -191,24 +255,40 @@ class LabelJoiner:
             part, ts, key = self._emitted_order[0]
             if ts >= self._watermarks.get(part, -math.inf) - horizon:
                 break
-            self._emitted.discard(key)
+            self._emitted.pop(key, None)
             self._emitted_order.popleft()
         self.stats.emitted += len(pendings)
-        if not pendings:
-            return EXAMPLE_SCHEMA.empty_table()
-        rows = list(zip(*(p.row for p in pendings)))
-        labels = np.stack([p.labels for p in pendings])
-        labels[:, _PLAY] = np.where(labels[:, _PLAY] > 0, labels[:, _PLAY], 0.0)
-        columns = {
-            "request_id": rows[0],
-            "user_id": rows[1],
-            "item_id": rows[2],
-            "ts_ms": rows[3],
-            **{name: labels[:, i] for i, name in enumerate(LABELS)},
-            "partition": rows[4],
-            "offset": rows[5],
-        }
-        return pa.Table.from_pydict(columns, schema=EXAMPLE_SCHEMA)
+        corrections, self._corrections = self._corrections, []
+        self.stats.corrections += len(corrections)
+        return _examples(pendings, corrections)
+
+
+def _merge(labels: np.ndarray, incoming: np.ndarray) -> np.ndarray:
+    """Max-merge: a label once seen stays; NaN (absent) changes nothing."""
+    return np.maximum(labels, np.where(np.isnan(incoming), 0.0, incoming))
+
+
+def _examples(pendings: list[_Pending], corrections: list[_Pending]) -> pa.Table:
+    everything = pendings + corrections
+    if not everything:
+        return EXAMPLE_SCHEMA.empty_table()
+    columns = _columns(everything)
+    columns["is_correction"] = [False] * len(pendings) + [True] * len(corrections)
+    return pa.Table.from_pydict(columns, schema=EXAMPLE_SCHEMA)
+
+
+def _columns(pendings: list[_Pending]) -> dict[str, object]:
+    rows = list(zip(*(p.row for p in pendings))) if pendings else [[] for _ in range(6)]
+    labels = np.stack([p.labels for p in pendings]) if pendings else np.zeros((0, _N_LABELS), np.float32)
+    return {
+        "request_id": rows[0],
+        "user_id": rows[1],
+        "item_id": rows[2],
+        "ts_ms": rows[3],
+        **{name: labels[:, i] for i, name in enumerate(LABELS)},
+        "partition": rows[4],
+        "offset": rows[5],
+    }
 
 
 __all__ = ["JoinerConfig", "JoinerStats", "LabelJoiner", "TASKS"]

@@ -104,15 +104,18 @@ class DeadLetterSink:
         self.by_reason: Counter[str] = Counter()
         self._producer = KafkaProducer(bootstrap_servers=config.bootstrap_servers, acks="all", retries=10)
 
-    def send(self, value: bytes | None, reason: str, source_topic: str, partition: int, offset: int) -> None:
+    def send(
+        self, value: bytes | None, reason: str, source_topic: str, partition: int, offset: int, code: str = "invalid"
+    ) -> None:
         headers = [
             ("reason", reason.encode()),
+            ("reason_code", code.encode()),
             ("source_topic", source_topic.encode()),
             ("source_partition", str(partition).encode()),
             ("source_offset", str(offset).encode()),
         ]
         self._producer.send(self.topic, value=value, headers=headers)
-        self.by_reason[reason.split(":")[0]] += 1
+        self.by_reason[code] += 1
 
     @property
     def total(self) -> int:
@@ -180,7 +183,7 @@ class EventSource:
         )
         for reject in decoded.rejects:
             r = records[reject.index]
-            self.dead_letters.send(r.value, reject.reason, r.topic, r.partition, r.offset)
+            self.dead_letters.send(r.value, reject.reason, r.topic, r.partition, r.offset, reject.code)
         next_offsets: dict[int, int] = {}
         for r in records:
             next_offsets[r.partition] = max(next_offsets.get(r.partition, 0), r.offset + 1)

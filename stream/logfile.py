@@ -369,8 +369,9 @@ def _log_batch(events: list[dict]) -> pa.RecordBatch:
         columns = {name: [e[name] for e in events] for name in ("request_id", "user_id", "item_id", "ts_ms")}
     except KeyError as exc:
         raise ValueError(f"an event lacks the field {exc.args[0]!r}") from None
-    columns |= {name: [d.get(name) for d in labels] for name in LABELS}
-    return pa.RecordBatch.from_pydict({"type": kinds, **columns}, schema=LOG_SCHEMA)
+    columns |= {"type": kinds} | {name: [d.get(name) for d in labels] for name in LABELS}
+    # from_arrays: from_pydict(schema=...) is ~100x slower on small batches.
+    return pa.RecordBatch.from_arrays([pa.array(columns[f.name], f.type) for f in LOG_SCHEMA], schema=LOG_SCHEMA)
 
 
 def write_log(events: Iterable[dict], path: Path | str, format: str | None = None, chunk_rows: int = 100_000) -> int:

@@ -326,6 +326,8 @@ class ReplaySource:
                     progress.advance(due.num_rows)
             if left >= 0:
                 left -= table.num_rows
+                if left == 0:
+                    break  # now, not after reading another chunk
         progress.done()
 
     @staticmethod

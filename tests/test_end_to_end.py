@@ -84,6 +84,7 @@ def test_events_flow_from_kafka_to_a_served_prediction(kafka_bootstrap, ray_sess
     assert any("user_id must be" in r for r in reasons)
     assert any("unknown label 'share'" in r for r in reasons)
     assert all(dict(r.headers)["source_topic"].decode() == unique_topic for r in letters)
+    assert stats["dead_lettered"] == {"not_json": 1, "wrong_type": 1, "unknown_label": 1}
 
     newest = stats["snapshots"][-1]
     wait_for(lambda: httpx.get(f"{url}/healthz").json()["model_version"] == newest, 60, f"serving v{newest}")

@@ -25,6 +25,7 @@ def _examples(users: list[int], items: list[int], clicks: list[int]) -> pa.Table
         **{name: [0.0] * n for name in LABELS},
         "partition": [0] * n,
         "offset": list(range(n)),
+        "is_correction": [False] * n,
     }
     cols["click"] = [float(c) for c in clicks]
     return pa.Table.from_pydict(cols, schema=EXAMPLE_SCHEMA)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stream.events import LABELS, TASKS, decode_batch, encode, feedback, impression
+from stream.events import LABELS, REJECT_CODES, TASKS, decode_batch, encode, feedback, impression
 
 GOOD_IMP = impression("r1", 5, 9, 1_000)
 GOOD_FB = feedback("r1", 5, 9, 1_500, {"click": 1, "play_time": 3200.0})
@@ -51,6 +51,7 @@ def test_malformed_messages_are_rejected_with_a_reason(raw: bytes | None, reason
     out = decode_batch([encode(GOOD_IMP), raw, encode(GOOD_FB)])
     assert [r.index for r in out.rejects] == [1]
     assert reason in out.rejects[0].reason
+    assert out.rejects[0].code in REJECT_CODES
     assert out.n_valid == 2
 
 

@@ -96,3 +96,57 @@ def test_a_partition_running_ahead_does_not_close_windows_of_a_slower_one() -> N
     j.add(decode_batch([encode(feedback("a", 1, 10, 800, {"click": 1}))], [0], [1]))
     assert j.stats.joined_feedback == 1 and j.stats.orphan_feedback == 0
     assert j.watermark_ms == 800
+
+
+def test_late_feedback_becomes_a_correction_when_configured() -> None:
+    j = LabelJoiner(JoinerConfig(window_ms=1_000, late_policy="correct"))
+    j.add(_batch([impression("a", 1, 10, 0), impression("b", 1, 11, 1_500)]))
+    first = j.emit().to_pylist()
+    assert [(r["request_id"], r["click"], r["is_correction"]) for r in first] == [("a", 0.0, False)]
+    j.add(_batch([feedback("a", 1, 10, 1_600, {"click": 1})], 2))
+    j.add(_batch([feedback("a", 1, 10, 1_700, {"click": 1})], 3))  # a duplicate of the late label: no new correction
+    again = j.emit().to_pylist()
+    assert [(r["request_id"], r["click"], r["is_correction"], r["offset"]) for r in again] == [("a", 1.0, True, 0)]
+    assert (j.stats.late_feedback, j.stats.corrections) == (2, 1)
+
+
+def test_drop_policy_counts_late_feedback_and_emits_nothing() -> None:
+    j = LabelJoiner(JoinerConfig(window_ms=1_000))
+    j.add(_batch([impression("a", 1, 10, 0), impression("b", 1, 11, 1_500)]))
+    j.emit()
+    j.add(_batch([feedback("a", 1, 10, 1_600, {"click": 1})], 2))
+    assert j.emit().num_rows == 0 and j.stats.late_feedback == 1
+
+
+def test_bad_policy_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="late_policy"):
+        JoinerConfig(late_policy="keep")
+
+
+@pytest.mark.parametrize("cut", [5, 15, 40])  # on batch boundaries: emission timing depends on them
+def test_state_round_trip_resumes_exactly(cut: int) -> None:
+    """Stopping after `cut` events and restoring from the state gives the same examples as never stopping."""
+    rng = random.Random(cut)
+    events = []
+    for i in range(30):
+        events.append(impression(f"r{i}", i % 3, i, i * 100))
+        events.append(feedback(f"r{i}", i % 3, i, i * 100 + rng.randint(0, 1_400), {rng.choice(TASKS): 1}))
+    events.sort(key=lambda e: e["ts_ms"])
+    config = JoinerConfig(window_ms=1_000, late_policy="correct")
+
+    def run(joiner: LabelJoiner, chunk: list[dict], first: int) -> list[dict]:
+        out = []
+        for k in range(0, len(chunk), 5):
+            joiner.add(_batch(chunk[k : k + 5], first + k))
+            out += joiner.emit().to_pylist()
+        return out
+
+    straight = LabelJoiner(config)
+    expected = run(straight, events, 0) + straight.flush().to_pylist()
+    before = LabelJoiner(config)
+    got = run(before, events[:cut], 0)
+    restored = LabelJoiner.from_state(config, before.state())
+    got += run(restored, events[cut:], cut) + restored.flush().to_pylist()
+    key = lambda r: (r["request_id"], r["is_correction"])  # noqa: E731
+    assert sorted(got, key=key) == sorted(expected, key=key)
+    assert restored.stats.late_feedback == straight.stats.late_feedback
