@@ -28,19 +28,70 @@ def simulate(
     seconds: Annotated[float, typer.Option(help="How long to produce.")] = 10.0,
     topic: Topic = "moestream.events",
     seed: int = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Write a log file (.parquet or .csv) instead of producing.")] = None,
 ) -> None:
-    """Produce simulated impressions and feedback to Kafka."""
+    """Produce simulated impressions and feedback to Kafka (or write them to a log file)."""
     from infra.kafka.broker import bootstrap_servers
     from infra.pipeline import produce
     from stream.kafka_io import EventSink, KafkaConfig, ensure_topics
     from stream.simulator import Simulator, SimulatorConfig
 
+    if out is not None:
+        from stream.logfile import write_log
+
+        sim = Simulator(SimulatorConfig(seed=seed))
+        n = write_log(sim.events(int(time.time() * 1000), int(seconds * rate)), out)
+        console.print(f"wrote {n} events to {out}")
+        return
     config = KafkaConfig(bootstrap_servers=bootstrap_servers(), topic=topic)
     ensure_topics(config)
     sink = EventSink(config)
     n = produce(sink, Simulator(SimulatorConfig(seed=seed)), seconds, rate)
     sink.close()
     console.print(f"produced {n} events to {topic} at {config.bootstrap_servers}")
+
+
+@app.command()
+def replay(
+    path: Annotated[Path, typer.Argument(help="A Parquet or CSV log: KuaiRand-1K's schema or moestream's own.")],
+    direct: Annotated[bool, typer.Option("--direct", help="Train in this process instead of producing to Kafka.")] = False,
+    speed: Annotated[float, typer.Option(help="0: as fast as possible; 60: sixty times real time.")] = 0.0,
+    start: Annotated[int, typer.Option(help="Skip this many events of the sorted sequence (resume).")] = 0,
+    limit: Annotated[Optional[int], typer.Option(help="Stop after this many events.")] = None,
+    restamp: Annotated[bool, typer.Option("--restamp", help="Shift timestamps so the first event is now.")] = False,
+    topic: Topic = "moestream.events",
+    model: Annotated[str, typer.Option(help="Model family for --direct.")] = "mmoe",
+    data_root: DataRoot = Path(".moestream"),
+) -> None:
+    """Replay a historical log in event-time order to Kafka, or straight into the trainer with --direct."""
+    from stream.replay import ReplayConfig
+    from stream.replay import replay as run_replay
+
+    config = ReplayConfig(path=path, speed=speed, start=start, limit=limit, restamp=restamp)
+    if direct:
+        from infra.pipeline import RunLayout, worker_config
+        from learner.worker import DirectTrainer
+
+        layout = RunLayout(data_root.absolute() / "runs" / f"replay-{time.strftime('%Y%m%d-%H%M%S')}")
+        trainer = DirectTrainer(worker_config(layout, bootstrap="unused", topic="replay", family=model))
+        result = run_replay(config, trainer.learn_events)
+        stats = trainer.finish()
+        console.print(f"replayed {result.emitted} events ({result.schema}) in {result.seconds:.1f}s; "
+                      f"trained {stats['examples_trained']} examples in {stats['steps']} steps; "
+                      f"snapshots {stats['snapshots']} under {layout.snapshots}")
+        for task, m in stats["metrics"].items():
+            console.print(f"  {task:10s} progressive AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}")
+    else:
+        from infra.kafka.broker import bootstrap_servers
+        from stream.kafka_io import EventSink, KafkaConfig, ensure_topics
+
+        kafka = KafkaConfig(bootstrap_servers=bootstrap_servers(), topic=topic)
+        ensure_topics(kafka)
+        sink = EventSink(kafka)
+        result = run_replay(config, sink.send_all)
+        sink.close()
+        console.print(f"replayed {result.emitted} events ({result.schema}) to {topic} in {result.seconds:.1f}s")
+    console.print(f"resume with --start {result.position.emitted}")
 
 
 @app.command()
