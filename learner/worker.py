@@ -104,6 +104,13 @@ class TrainerWorker:
         self.stream.ack(batch)
         if self.learner.snapshot_due:
             self.learner.publish(self.stream.safe_offsets())
+        if self.learner.step % 10 == 0:
+            lag = self.stream.lag()
+            self.telemetry.log(
+                {"kafka/lag": float(sum(lag.values())), "kafka/consumed": float(self.stream.stats.consumed),
+                 "joiner/pending": float(self.stream.joiner.n_pending)},
+                step=self.learner.step,
+            )
 
     def stats(self) -> dict:
         s = self.stream.stats
@@ -113,6 +120,7 @@ class TrainerWorker:
             "joiner": asdict(self.stream.joiner.stats),
             "pending": self.stream.joiner.n_pending,
             "rebalances": s.rebalances,
+            "lag": self.stream.lag(),
             "steps": self.learner.step,
             "examples_trained": self.learner.examples,
             "snapshots": list(self.learner.published),

@@ -19,7 +19,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 
+import numpy as np
 import orjson
 import pyarrow as pa
 
@@ -37,6 +39,8 @@ FEEDBACK = "feedback"
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_ID = 2**62
+MAX_PLAY_MS = 7 * 24 * 3600 * 1000
+"""A play time above a week is not a view."""
 
 IMPRESSION_SCHEMA = pa.schema(
     [
@@ -143,11 +147,11 @@ def _check(obj: object, now_ms: int | None, max_skew_ms: int) -> tuple[str, tupl
     for name, value in labels.items():
         if name not in values:
             raise _Invalid("unknown_label", f"unknown label {name!r:.40}")
-        if type(value) not in (int, float) or not math.isfinite(value):
+        if type(value) not in (int, float) or (type(value) is float and not math.isfinite(value)):
             raise _Invalid("bad_label", f"label {name} must be a finite number, got {value!r:.40}")
         if name == PLAY_TIME:
-            if value < 0:
-                raise _Invalid("bad_label", "label play_time must be >= 0")
+            if not 0 <= value <= MAX_PLAY_MS:
+                raise _Invalid("bad_label", f"label play_time must be in [0, {MAX_PLAY_MS}] ms")
         elif value not in (0, 1):
             raise _Invalid("bad_label", f"label {name} must be 0 or 1, got {value!r:.40}")
         values[name] = float(value)
@@ -172,6 +176,14 @@ def decode_batch(
     n = len(values)
     partitions = partitions if partitions is not None else [0] * n
     offsets = offsets if offsets is not None else range(n)
+    fast = _decode_columnar(values, partitions, offsets, now_ms, max_skew_ms, max_bytes)
+    if fast is not None:
+        return fast
+    return _decode_rows(values, partitions, offsets, now_ms, max_skew_ms, max_bytes)
+
+
+def _decode_rows(values, partitions, offsets, now_ms, max_skew_ms, max_bytes) -> DecodedBatch:
+    """Message by message, with a reason for each reject: the path for batches holding bad messages."""
     rows: dict[str, list[tuple]] = {IMPRESSION: [], FEEDBACK: []}
     rejects: list[Reject] = []
     for i, raw in enumerate(values):
@@ -194,6 +206,87 @@ def decode_batch(
         feedback=_table(rows[FEEDBACK], FEEDBACK_SCHEMA),
         rejects=rejects,
     )
+
+
+class _Dirty(Exception):
+    """The batch holds at least one bad message: decode it row by row instead."""
+
+
+def _column(objs: list[dict], key: str) -> list:
+    return list(map(dict.get, objs, repeat(key)))
+
+
+def _only(column: list, *types: type) -> list:
+    if set(map(type, column)) - set(types):
+        raise _Dirty
+    return column
+
+
+def _ints(column: list) -> np.ndarray:
+    try:
+        arr = np.fromiter(_only(column, int), dtype=np.int64, count=len(column))
+    except OverflowError:
+        raise _Dirty from None
+    if len(arr) and (arr.min() < 0 or arr.max() >= MAX_ID):
+        raise _Dirty
+    return arr
+
+
+def _decode_columnar(values, partitions, offsets, now_ms, max_skew_ms, max_bytes) -> DecodedBatch | None:
+    """The whole batch column by column (C-level map, numpy checks); None if any message is bad.
+
+    Accepts exactly what :func:`_check` accepts (a property test holds the two paths together), but costs a
+    fraction of it on the clean batches that make up nearly all traffic.
+    """
+    try:
+        if max(map(len, values), default=0) > max_bytes:
+            return None
+        objs = _only(list(map(orjson.loads, values)), dict)
+        kinds = _only(_column(objs, "type"), str)
+        request_ids = _only(_column(objs, "request_id"), str)
+        lengths = list(map(len, request_ids))
+        if lengths and (min(lengths) < 1 or max(lengths) > 128):
+            return None
+        users, items, ts = (_ints(_column(objs, k)) for k in ("user_id", "item_id", "ts_ms"))
+        if now_ms is not None and len(ts) and ts.max() > now_ms + max_skew_ms:
+            return None
+        kind = np.array(kinds)
+        is_imp, is_fb = kind == IMPRESSION, kind == FEEDBACK
+        if not (is_imp | is_fb).all():
+            return None
+        fb = np.flatnonzero(is_fb)
+        labels = _only([objs[i].get("labels") for i in fb], dict)
+        if labels and min(map(len, labels)) < 1:
+            return None
+        if set().union(*map(dict.keys, labels)) - set(LABELS):
+            return None
+        _only(list(chain.from_iterable(map(dict.values, labels))), int, float)
+        label_columns = {}
+        for name in LABELS:
+            col = np.array(_column(labels, name), dtype=np.float64)  # absent -> nan
+            present = ~np.isnan(col)
+            if name == PLAY_TIME:
+                bad = present & ~((col >= 0) & (col <= MAX_PLAY_MS))
+            else:
+                bad = present & (col != 0) & (col != 1)
+            if bad.any() or np.isinf(col).any():
+                return None
+            label_columns[name] = col.astype(np.float32)
+    except (TypeError, ValueError, OverflowError, orjson.JSONDecodeError, _Dirty):
+        return None
+    parts = np.asarray(partitions, dtype=np.int32)
+    offs = np.asarray(offsets, dtype=np.int64)
+    rid = np.array(request_ids, dtype=object)
+    imp = np.flatnonzero(is_imp)
+    impressions = pa.Table.from_arrays(
+        [pa.array(rid[imp], pa.string()), users[imp], items[imp], ts[imp], parts[imp], offs[imp]],
+        schema=IMPRESSION_SCHEMA,
+    )
+    feedback_table = pa.Table.from_arrays(
+        [pa.array(rid[fb], pa.string()), users[fb], items[fb], ts[fb], *label_columns.values(), parts[fb], offs[fb]],
+        schema=FEEDBACK_SCHEMA,
+    )
+    return DecodedBatch(impressions, feedback_table, [])
 
 
 def _table(rows: list[tuple], schema: pa.Schema) -> pa.Table:

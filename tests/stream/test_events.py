@@ -37,7 +37,7 @@ def test_valid_events_land_in_their_tables_with_positions() -> None:
         (orjson.dumps({**GOOD_IMP, "request_id": ""}), "request_id"),
         (orjson.dumps({**GOOD_FB, "labels": {"share": 1}}), "unknown label 'share'"),
         (orjson.dumps({**GOOD_FB, "labels": {"click": 2}}), "label click must be 0 or 1"),
-        (orjson.dumps({**GOOD_FB, "labels": {"play_time": -3}}), "play_time must be >= 0"),
+        (orjson.dumps({**GOOD_FB, "labels": {"play_time": -3}}), "play_time must be in [0,"),
         (orjson.dumps({**GOOD_FB, "labels": {}}), "non-empty labels"),
         (b'{"type": "feedback", "request_id": "r", "user_id": 1, "item_id": 2, "ts_ms": 3, "labels": {"click": NaN}}',
          "not JSON"),
@@ -80,3 +80,44 @@ def test_valid_events_round_trip(request_id: str, user: int, item: int, ts: int,
     imp, fb = out.impressions.to_pylist()[0], out.feedback.to_pylist()[0]
     assert (imp["request_id"], imp["user_id"], imp["item_id"], imp["ts_ms"]) == (request_id, user, item, ts)
     assert {k: fb[k] for k in labels} == {k: float(v) for k, v in labels.items()}
+
+
+def test_huge_numbers_are_rejected_not_raised() -> None:
+    big = orjson.dumps({**GOOD_FB, "labels": {"play_time": 2**64 - 1}})
+    out = decode_batch([big, encode(GOOD_IMP)])
+    assert [r.code for r in out.rejects] == ["bad_label"] and out.n_valid == 1
+    out = decode_batch([orjson.dumps({**GOOD_IMP, "user_id": 2**63 + 1})])
+    assert out.rejects[0].code == "wrong_type"
+    out = decode_batch([b'{"type":"impression","request_id":"r","user_id":' + b"9" * 400 + b',"item_id":1,"ts_ms":1}'])
+    assert out.rejects[0].code == "not_json"  # orjson refuses integers beyond 64 bits
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 2**63 + 5) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=6,
+)
+near_valid = st.builds(
+    lambda base, field, value: orjson.dumps({**base, field: value}) if field != "drop" else orjson.dumps(base),
+    st.sampled_from([GOOD_IMP, GOOD_FB]),
+    st.sampled_from(["type", "request_id", "user_id", "item_id", "ts_ms", "labels", "extra", "drop"]),
+    json_values,
+) | st.builds(
+    lambda name, value: orjson.dumps({**GOOD_FB, "labels": {name: value}}),
+    st.sampled_from([*LABELS, "share"]),
+    json_values,
+)
+
+
+@given(st.lists(near_valid | st.binary(max_size=40), max_size=12))
+def test_the_columnar_fast_path_accepts_exactly_what_the_row_path_accepts(values: list[bytes]) -> None:
+    from stream.events import _decode_columnar, _decode_rows
+
+    args = (values, [0] * len(values), list(range(len(values))), None, 300_000, 64 * 1024)
+    rows = _decode_rows(*args)
+    fast = _decode_columnar(*args)
+    if rows.rejects:
+        assert fast is None
+    else:
+        assert fast is not None
+        assert fast.impressions.equals(rows.impressions) and fast.feedback.equals(rows.feedback)
