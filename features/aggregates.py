@@ -58,6 +58,17 @@ class _EntityStats:
         frame["event_timestamp"] = ts
         return frame
 
+    def state(self, prefix: str) -> dict[str, np.ndarray]:
+        ids = np.fromiter(self._row.keys(), dtype=np.int64, count=len(self._row))
+        rows = np.fromiter(self._row.values(), dtype=np.int64, count=len(self._row))
+        return {f"{prefix}.ids": ids, f"{prefix}.sums": self._sums[rows]}
+
+    def load_state(self, prefix: str, arrays: dict[str, np.ndarray]) -> None:
+        ids, sums = arrays[f"{prefix}.ids"], arrays[f"{prefix}.sums"]
+        self._row = {int(i): r for r, i in enumerate(ids.tolist())}
+        self._sums = np.zeros((max(1024, 2 * len(ids)), len(_SUMS)))
+        self._sums[: len(ids)] = sums
+
     def defaults(self) -> np.ndarray:
         """The feature values of an entity never seen: no impressions, prior rates."""
         c = self.config
@@ -88,3 +99,11 @@ class StreamAggregator:
 
     def defaults(self) -> np.ndarray:
         return np.concatenate([self.users.defaults(), self.items.defaults()])
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Running sums as plain arrays (for a checkpoint)."""
+        return {**self.users.state("users"), **self.items.state("items")}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.users.load_state("users", arrays)
+        self.items.load_state("items", arrays)

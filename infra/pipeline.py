@@ -45,6 +45,10 @@ class RunLayout:
     def wandb(self) -> Path:
         return self.root / "wandb"
 
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
 
 def worker_config(
     layout: RunLayout,
@@ -64,6 +68,7 @@ def worker_config(
         learner=LearnerConfig(family=family, snapshot_every_steps=snapshot_every_steps),
         telemetry=TelemetryConfig(mode=wandb_mode, directory=layout.wandb),  # type: ignore[arg-type]
         snapshot_dir=layout.snapshots,
+        checkpoint_dir=layout.checkpoints,
         batch_size=batch_size,
     )
 

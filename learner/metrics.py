@@ -51,6 +51,16 @@ class TaskMetric:
         while self._recent_n - len(self._recent[0][0]) >= self.window:
             self._recent_n -= len(self._recent.popleft()[0])
 
+    def state(self, prefix: str) -> dict[str, np.ndarray]:
+        """The cumulative figures (the sliding window is not kept: it refills within one window)."""
+        sums = np.array([self._sum_p, self._sum_y, self._sum_ll, self.n], dtype=np.float64)
+        return {f"{prefix}.pos": self._pos, f"{prefix}.neg": self._neg, f"{prefix}.sums": sums}
+
+    def load_state(self, prefix: str, arrays: dict[str, np.ndarray]) -> None:
+        self._pos, self._neg = arrays[f"{prefix}.pos"].copy(), arrays[f"{prefix}.neg"].copy()
+        self._sum_p, self._sum_y, self._sum_ll, n = arrays[f"{prefix}.sums"].tolist()
+        self.n = int(n)
+
     def summary(self) -> dict[str, float]:
         out = {
             "auc": _histogram_auc(self._pos, self._neg),
@@ -79,3 +89,10 @@ class ProgressiveValidation:
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {task: metric.summary() for task, metric in self.tasks.items()}
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {k: v for task, m in self.tasks.items() for k, v in m.state(f"metrics.{task}").items()}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        for task, metric in self.tasks.items():
+            metric.load_state(f"metrics.{task}", arrays)

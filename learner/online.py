@@ -118,6 +118,26 @@ class OnlineLearner:
         self._log(output, total)
         return {"loss": total.item(), **{f"loss/{t}": v for t, v in self.last_losses.items()}}
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict, dict[str, np.ndarray], dict]:
+        """Model, optimizer, numpy state and counters: what a checkpoint must hold to resume exactly."""
+        arrays = {**{f"agg.{k}": v for k, v in self.aggregator.state().items()}, **self.metrics.state()}
+        counters = {
+            "step": self.step,
+            "examples": self.examples,
+            "event_time_hwm_ms": self.event_time_hwm_ms,
+            "published": self.published,
+        }
+        return self.model.state_dict(), self.optimizer.state_dict(), arrays, counters
+
+    def restore(self, model: dict[str, torch.Tensor], optimizer: dict, arrays: dict[str, np.ndarray], counters: dict) -> None:
+        self.model.load_state_dict(model)
+        self.optimizer.load_state_dict(optimizer)
+        self.aggregator.load_state({k[4:]: v for k, v in arrays.items() if k.startswith("agg.")})
+        self.metrics.load_state(arrays)
+        self.step, self.examples = counters["step"], counters["examples"]
+        self.event_time_hwm_ms = counters["event_time_hwm_ms"]
+        self.published = list(counters["published"])
+
     @property
     def snapshot_due(self) -> bool:
         return self.step > 0 and self.step % self.config.snapshot_every_steps == 0

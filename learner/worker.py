@@ -9,6 +9,7 @@ back, so a crash re-delivers them instead of losing them.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,10 +19,11 @@ import pyarrow as pa
 import torch
 
 from features.store import FeatureStoreConfig, OnlineFeatures
+from learner.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from learner.online import LearnerConfig, OnlineLearner
 from learner.snapshots import SnapshotStore
 from learner.telemetry import Telemetry, TelemetryConfig
-from stream.events import decode_batch, encode
+from stream.events import EXAMPLE_SCHEMA, decode_batch, encode
 from stream.joined import JoinedStream
 from stream.joiner import JoinerConfig, LabelJoiner
 from stream.kafka_io import KafkaConfig, ensure_topics
@@ -35,8 +37,13 @@ class WorkerConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     snapshot_dir: Path = Path(".moestream/snapshots")
+    checkpoint_dir: Path = Path(".moestream/checkpoints")
+    checkpoint_every_steps: int = 10
+    """Kafka offsets are committed only after a checkpoint is durable, so this bounds re-training after a crash."""
     batch_size: int = 512
     """Joined examples per training step."""
+    audit_path: Path | None = None
+    """Append ``partition,offset`` of every trained example here (delivery audits; off by default)."""
     device: str = "auto"
     """"auto": CUDA when this process was given a GPU, else CPU."""
 
@@ -51,7 +58,6 @@ class TrainerWorker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         ensure_topics(config.kafka)
-        self.stream = JoinedStream(config.kafka, config.joiner)
         self.snapshots = SnapshotStore(config.snapshot_dir)
         self.telemetry = Telemetry(config.telemetry, run_config=_plain(asdict(config)))
         self.learner = OnlineLearner(
@@ -61,7 +67,21 @@ class TrainerWorker:
             self.telemetry,
             device=_device(config.device),
         )
+        self.checkpoints = CheckpointStore(config.checkpoint_dir)
+        self.checkpoint_failures = 0
+        self.last_checkpoint_error: str | None = None
         self._buffer: list[pa.Table] = []
+        restored = self.checkpoints.latest()
+        joiner = None
+        if restored is not None:
+            self.learner.restore(restored.model, restored.optimizer, restored.arrays, restored.meta["counters"])
+            joiner = LabelJoiner.from_state(config.joiner, restored.joiner)
+            self._take(restored.buffer)
+        self.restored_step = restored.step if restored else None
+        self.stream = JoinedStream(config.kafka, config.joiner, restored=joiner)
+        self.stream.auto_commit = False  # commits follow checkpoints
+        for table in self._buffer:
+            self.stream.adopt(table)
         self._stop = threading.Event()
         self._running = threading.Event()
         self.started_at = time.time()
@@ -78,6 +98,7 @@ class TrainerWorker:
             self._take(self.stream.flush())
             while self._buffered():
                 self._train(self.config.batch_size)
+            self.checkpoint()
             self.learner.publish(self.stream.safe_offsets())
         finally:
             self._running.clear()
@@ -101,7 +122,10 @@ class TrainerWorker:
         batch, rest = table.slice(0, n), table.slice(n)
         self._buffer = [rest] if rest.num_rows else []
         self.learner.learn(batch)
-        self.stream.ack(batch)
+        self._audit(batch)
+        self.stream.ack(batch, commit=False)
+        if self.learner.step % self.config.checkpoint_every_steps == 0:
+            self.checkpoint()
         if self.learner.snapshot_due:
             self.learner.publish(self.stream.safe_offsets())
         if self.learner.step % 10 == 0:
@@ -111,6 +135,35 @@ class TrainerWorker:
                  "joiner/pending": float(self.stream.joiner.n_pending)},
                 step=self.learner.step,
             )
+
+    def _audit(self, batch: pa.Table) -> None:
+        if self.config.audit_path is None:
+            return
+        lines = "".join(f"{p},{o}\n" for p, o in zip(batch["partition"].to_pylist(), batch["offset"].to_pylist()))
+        fd = os.open(self.config.audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, lines.encode())  # in the page cache as soon as this returns: survives SIGKILL
+        finally:
+            os.close(fd)
+
+    def checkpoint(self) -> bool:
+        """Write a checkpoint; only when it is durable, commit the offsets it covers. False if it failed."""
+        model, optimizer, arrays, counters = self.learner.state()
+        buffer = pa.concat_tables(self._buffer) if self._buffer else EXAMPLE_SCHEMA.empty_table()
+        offsets = self.stream.safe_offsets()
+        try:
+            self.checkpoints.write(
+                Checkpoint(self.learner.step, model, optimizer, arrays, self.stream.joiner.state(), buffer,
+                           {"counters": counters, "offsets": {str(p): o for p, o in offsets.items()}})
+            )
+        except CheckpointError as exc:
+            # Training goes on; nothing past the last durable checkpoint is committed, so nothing is lost.
+            self.checkpoint_failures += 1
+            self.last_checkpoint_error = str(exc)
+            print(f"moestream: {exc}; offsets stay at the last durable checkpoint")
+            return False
+        self.stream.commit()
+        return True
 
     def stats(self) -> dict:
         s = self.stream.stats
@@ -126,6 +179,9 @@ class TrainerWorker:
             "snapshots": list(self.learner.published),
             "metrics": self.learner.metrics.summary(),
             "committed": self.stream.committed,
+            "restored_step": self.restored_step,
+            "checkpoint_failures": self.checkpoint_failures,
+            "last_checkpoint_error": self.last_checkpoint_error,
             "wandb_dir": self.telemetry.run_dir,
             "uptime_s": time.time() - self.started_at,
         }

@@ -94,14 +94,18 @@ class _Revocations(ConsumerRebalanceListener):
 
 
 class JoinedStream:
-    def __init__(self, kafka: KafkaConfig, joiner: JoinerConfig = JoinerConfig()) -> None:
+    def __init__(
+        self, kafka: KafkaConfig, joiner: JoinerConfig = JoinerConfig(), restored: LabelJoiner | None = None
+    ) -> None:
         self._listener = _Revocations()
         self.source = EventSource(kafka, listener=self._listener)
-        self.joiner = LabelJoiner(joiner)
+        self.joiner = restored if restored is not None else LabelJoiner(joiner)
         self.stats = StreamStats()
         self._outstanding = _Outstanding()
         self._consumed: dict[int, int] = {}
         self._committed: dict[int, int] = {}
+        self.auto_commit = True
+        """False: nothing is committed except by :meth:`commit` (a caller that checkpoints first)."""
 
     def poll(self) -> pa.Table:
         """Read one batch from Kafka and return the examples whose attribution window closed (may be empty)."""
@@ -116,7 +120,8 @@ class JoinedStream:
         self.stats.consumed += batch.n_messages
         examples = self.joiner.emit()
         self._hand_out(examples)
-        self._commit()  # progress that needs no acknowledgement (dead letters, a retried commit)
+        if self.auto_commit:
+            self._commit()  # progress that needs no acknowledgement (dead letters, a retried commit)
         return examples
 
     def flush(self) -> pa.Table:
@@ -125,11 +130,21 @@ class JoinedStream:
         self._hand_out(examples)
         return examples
 
-    def ack(self, examples: pa.Table) -> None:
-        """``examples`` (as handed out) are durable downstream: commit what that makes safe."""
+    def adopt(self, examples: pa.Table) -> None:
+        """Examples handed out before a restart (restored from a checkpoint): they hold commits back again."""
+        self._hand_out(examples)
+
+    def ack(self, examples: pa.Table, commit: bool = True) -> None:
+        """``examples`` (as handed out) are done downstream. With ``commit``, commit what that makes safe now;
+        without, the caller commits later (after its checkpoint is durable) with :meth:`commit`."""
         parts, offs = examples.column("partition").to_pylist(), examples.column("offset").to_pylist()
         self._outstanding.ack(parts, offs)
         self.stats.acked += examples.num_rows
+        if commit and self.auto_commit:
+            self._commit()
+
+    def commit(self) -> None:
+        """Commit every owned partition up to its safe offset."""
         self._commit()
 
     def safe_offsets(self) -> dict[int, int]:

@@ -162,6 +162,8 @@ def _rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]
 
 @dataclass(frozen=True)
 class LogSchema:
+    """What a log schema reads and how its rows become events."""
+
     name: str
     columns: dict[str, pa.DataType]
     """The columns replay reads; a file has this schema when it has all of them."""
@@ -174,15 +176,11 @@ class LogSchema:
     """(chunk of ``time_columns``, max_delay_ms) -> ``ts_ms`` of its events in file order."""
 
 
-def _first(mask: pa.Array | pa.ChunkedArray | np.ndarray) -> int | None:
-    bad = np.flatnonzero(np.asarray(pc.fill_null(mask, True) if not isinstance(mask, np.ndarray) else mask))
-    return int(bad[0]) if len(bad) else None
-
-
-def _check(mask, first_row: int, reason: str) -> None:
-    at = _first(mask)
-    if at is not None:
-        raise _RowError(first_row + at, reason)
+def _check(bad: pa.ChunkedArray, first_row: int, reason: str) -> None:
+    """Raise for the first row where ``bad`` is true or null (a null id or time fails every comparison)."""
+    rows = np.flatnonzero(np.asarray(pc.fill_null(bad, True)))
+    if len(rows):
+        raise _RowError(first_row + int(rows[0]), reason)
 
 
 def _check_ids(table: pa.Table, names: Iterable[str], first_row: int) -> None:
@@ -221,8 +219,8 @@ def _kuairand_delay(play_time: pa.ChunkedArray, max_delay_ms: int) -> np.ndarray
 
 
 def _kuairand_times(chunk: pa.Table, max_delay_ms: int) -> np.ndarray:
-    t = chunk["time_ms"].to_numpy(zero_copy_only=False)
-    out = np.empty(2 * len(t), dtype=np.float64 if chunk["time_ms"].null_count else np.int64)
+    t = chunk["time_ms"].to_numpy(zero_copy_only=False)  # float64 with NaN where null
+    out = np.empty(2 * len(t), dtype=t.dtype)
     out[0::2] = t
     out[1::2] = t + _kuairand_delay(chunk["play_time_ms"], max_delay_ms)
     return out
@@ -231,6 +229,8 @@ def _kuairand_times(chunk: pa.Table, max_delay_ms: int) -> np.ndarray:
 def _kuairand_events(chunk: pa.Table, first_row: int, max_delay_ms: int) -> pa.Table:
     n = chunk.num_rows
     _check_ids(chunk, ("user_id", "video_id", "time_ms"), first_row)
+    _check(pc.greater_equal(chunk["time_ms"], MAX_ID - max_delay_ms), first_row,
+           "time_ms plus the feedback delay must stay below 2**62")
     any_label = _check_labels(chunk, KUAIRAND_LABELS, first_row)
     _check(pc.invert(any_label), first_row, "a view needs at least one label")
     user, video, t = chunk["user_id"], chunk["video_id"], chunk["time_ms"]

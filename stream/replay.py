@@ -4,7 +4,7 @@ A log file (KuaiRand-1K or moestream's own, Parquet or CSV; ``stream.logfile``) 
 ``chunk_rows`` rows and handed out as batches of event dicts in event-time order, ties broken by position in
 the file (so a KuaiRand row's impression precedes its feedback). Files are rarely sorted by event time,
 and a KuaiRand view's feedback lands among later views, so the order comes from an external sort: each
-chunk is sorted and spilled to a temporary Parquet run, and the runs are merged a batch at a time. A file
+chunk is sorted and spilled to a temporary run file, and the runs are merged a batch at a time. A file
 already in order (checked first by reading only its time columns, stopping at the first event out of order)
 is streamed as it is, without spilling.
 
@@ -15,18 +15,21 @@ event is "now". See ``docs/replay.md``.
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskID, TextColumn, TimeRemainingColumn,
+)
 from rich.text import Text
 
 from stream.logfile import SCHEMAS, count_rows, detect_schema, read_event_times, read_events, sort_events, to_dicts
@@ -88,9 +91,8 @@ class ReplayConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
-        if isinstance(self.start, int) and not isinstance(self.start, bool):
-            object.__setattr__(self, "start", ReplayPosition(emitted=self.start))
-        if not isinstance(self.start, ReplayPosition) or self.start.emitted < 0:
+        start_ok = isinstance(self.start, ReplayPosition | int) and not isinstance(self.start, bool)
+        if not start_ok or self.resume_from.emitted < 0:
             raise ValueError(f"start must be a count >= 0 or a ReplayPosition, got {self.start!r}")
         if not self.speed >= 0:
             raise ValueError(f"speed must be >= 0, got {self.speed}")
@@ -101,6 +103,10 @@ class ReplayConfig:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
         if self.max_feedback_delay_ms < 0:
             raise ValueError(f"max_feedback_delay_ms must be >= 0, got {self.max_feedback_delay_ms}")
+
+    @property
+    def resume_from(self) -> ReplayPosition:
+        return self.start if isinstance(self.start, ReplayPosition) else ReplayPosition(emitted=self.start)
 
 
 @dataclass(frozen=True)
@@ -191,7 +197,7 @@ class ReplaySource:
         self.config = config
         self.schema = detect_schema(config.path)
         self._schema = SCHEMAS[self.schema]
-        self.position: ReplayPosition = config.start
+        self.position: ReplayPosition = config.resume_from
         self.spilled_runs = 0
         self._rows: int | None = None
         self._skipped = 0  # events dropped for lying at or before the key of ``config.start``
@@ -206,7 +212,7 @@ class ReplaySource:
     @property
     def total(self) -> int:
         """Events this run will emit (an estimate for CSV files with quoted newlines)."""
-        left = max(self.rows * self._schema.events_per_row - self.config.start.emitted, 0)
+        left = max(self.rows * self._schema.events_per_row - self.config.resume_from.emitted, 0)
         return left if self.config.limit is None else min(left, self.config.limit)
 
     def batches(self) -> Iterator[list[dict]]:
@@ -217,7 +223,7 @@ class ReplaySource:
     # -- order
 
     def _sorted(self, stack: ExitStack, progress: _Phase) -> Iterator[pa.Table]:
-        c, start = self.config, self.config.start
+        c, start = self.config, self.config.resume_from
         in_order = c.assume_sorted if c.assume_sorted is not None else self._in_order(progress)
         tables = read_events(c.path, self._schema, c.chunk_rows, c.max_feedback_delay_ms)
         if in_order:
@@ -289,13 +295,13 @@ class ReplaySource:
     # -- emission
 
     def _emit(self, tables: Iterator[pa.Table], progress: _Phase) -> Iterator[list[dict]]:
-        c, start = self.config, self.config.start
+        c, start = self.config, self.config.resume_from
         skip = 0 if start.has_key else start.emitted
         left = c.limit if c.limit is not None else -1
         checked = not start.has_key
         clock: tuple[float, int] | None = None  # (wall time, event time) of the first event emitted
         shift = 0
-        for table in self._with_end(tables):
+        for table in itertools.chain(tables, [None]):  # None: the end
             if table is not None and table.num_rows == 0:
                 continue
             if not checked:  # the first events after the key, or the end: all events before it have been read
@@ -306,7 +312,7 @@ class ReplaySource:
                         "key; the log, or the settings that order it, changed since")
             if table is None or left == 0:
                 break
-            if progress.phase_name != "replaying":
+            if progress.name != "replaying":
                 progress.phase("replaying", self.total if c.progress else None)
             if skip:
                 cut = min(skip, table.num_rows)
@@ -329,11 +335,6 @@ class ReplaySource:
                 if left == 0:
                     break  # now, not after reading another chunk
         progress.done()
-
-    @staticmethod
-    def _with_end(tables: Iterator[pa.Table]) -> Iterator[pa.Table | None]:
-        yield from tables
-        yield None
 
     def _moved(self, events: pa.Table) -> ReplayPosition:
         """The position after ``events``, which follow the current position."""
@@ -359,12 +360,9 @@ class ReplaySource:
             i = j
 
     def _progress(self, stack: ExitStack) -> _Phase:
-        if not self.config.progress:
-            return _Phase(None)
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                       TimeRemainingColumn(), console=Console(stderr=True))
-        stack.enter_context(bar)
-        return _Phase(bar)
+                       TimeRemainingColumn(), console=Console(stderr=True), disable=not self.config.progress)
+        return _Phase(stack.enter_context(bar))
 
 
 def _write_run(run: pa.Table, path: Path, batch_rows: int) -> None:
@@ -383,31 +381,27 @@ def _read_run(path: Path) -> Iterator[pa.RecordBatch]:
             yield reader.get_batch(i)
 
 
-@dataclass
 class _Phase:
-    """One progress line whose description and total change with the phase (check, sort, replay)."""
+    """One progress line whose description and total follow the phase (checking order, sorting, replaying)."""
 
-    bar: Progress | None
-    phase_name: str = ""
-    task: int | None = field(default=None)
+    def __init__(self, bar: Progress) -> None:
+        self.bar, self.name = bar, ""
+        self.task: TaskID | None = None
 
     def phase(self, name: str, total: int | None) -> None:
-        self.phase_name = name
-        if self.bar is None:
-            return
+        self.name = name
         if self.task is None:
             self.task = self.bar.add_task(name, total=total)
         else:
             self.bar.reset(self.task, total=total, description=name)
 
     def advance(self, n: int) -> None:
-        if self.bar is not None and self.task is not None:
+        if self.task is not None:
             self.bar.advance(self.task, n)
 
     def done(self) -> None:
-        if self.bar is not None and self.task is not None:
-            task = self.bar.tasks[self.task]
-            self.bar.update(self.task, total=task.completed)
+        if self.task is not None:  # a CSV row count is an estimate: end the bar at what was done
+            self.bar.update(self.task, total=self.bar.tasks[self.task].completed)
 
 
 # ---------------------------------------------------------------------------------------------- API

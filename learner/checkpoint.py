@@ -1,0 +1,144 @@
+"""Trainer checkpoints: everything needed to resume a worker exactly, written atomically, never pickled.
+
+One checkpoint is a directory ``ckpt-<step>/`` with
+
+``model.safetensors``       model weights
+``optimizer.safetensors``   optimizer tensors (Adam moments, steps), flattened as ``state.<param>.<name>``
+``arrays.safetensors``      numpy state: the streaming aggregates' running sums, the metrics' histograms
+``joiner.arrow``            the label joiner's state (pending and recently emitted impressions)
+``buffer.arrow``            joined examples emitted but not yet trained on
+``meta.json``               step, counters, optimizer hyper-parameters, the offsets the state covers
+
+It is written into a temporary directory, every file fsynced, then renamed into place and ``LATEST`` updated:
+a reader sees a whole checkpoint or the previous one. Only after that may the offsets be committed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (e.g. the directory is not writable) or read."""
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    arrays: dict[str, np.ndarray]
+    joiner: bytes
+    buffer: pa.Table
+    meta: dict
+
+
+def optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and JSON (hyper-parameters)."""
+    tensors = {}
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            tensors[f"state.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups}
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_arrow(path: Path, table: pa.Table) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+class CheckpointStore:
+    def __init__(self, directory: Path, keep: int = 2) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def write(self, ckpt: Checkpoint) -> Path:
+        """Write atomically; raises :class:`CheckpointError` (never a half-written checkpoint)."""
+        final = self.directory / f"ckpt-{ckpt.step:09d}"
+        tmp = self.directory / f".tmp-ckpt-{ckpt.step:09d}-{os.getpid()}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            opt_tensors, opt_meta = optimizer_tensors(ckpt.optimizer)
+            save_file({k: v.detach().cpu().contiguous() for k, v in ckpt.model.items()}, str(tmp / "model.safetensors"))
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            save_numpy({k: np.ascontiguousarray(v) for k, v in ckpt.arrays.items()}, str(tmp / "arrays.safetensors"))
+            (tmp / "joiner.arrow").write_bytes(ckpt.joiner)
+            _write_arrow(tmp / "buffer.arrow", ckpt.buffer)
+            (tmp / "meta.json").write_bytes(orjson.dumps({**ckpt.meta, "step": ckpt.step, "optimizer": opt_meta}))
+            for f in tmp.iterdir():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+            _fsync_dir(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            latest_tmp = self.directory / f".LATEST.tmp-{os.getpid()}"
+            with open(latest_tmp, "w") as handle:
+                handle.write(final.name)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(latest_tmp, self.directory / "LATEST")
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"cannot write checkpoint to {self.directory}: {exc}") from exc
+        self._prune(final.name)
+        return final
+
+    def latest(self) -> Checkpoint | None:
+        try:
+            name = (self.directory / "LATEST").read_text().strip()
+        except FileNotFoundError:
+            return None
+        path = self.directory / name
+        try:
+            meta = orjson.loads((path / "meta.json").read_bytes())
+            with pa.OSFile(str(path / "buffer.arrow"), "rb") as source:
+                buffer = pa.ipc.open_stream(source).read_all()
+            return Checkpoint(
+                step=meta["step"],
+                model=load_file(str(path / "model.safetensors")),
+                optimizer=optimizer_state(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]),
+                arrays=load_numpy(str(path / "arrays.safetensors")),
+                joiner=(path / "joiner.arrow").read_bytes(),
+                buffer=buffer,
+                meta=meta,
+            )
+        except (OSError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from exc
+
+    def _prune(self, newest: str) -> None:
+        done = sorted(p for p in self.directory.glob("ckpt-*") if p.is_dir())
+        for path in done[: -self.keep]:
+            if path.name != newest:
+                shutil.rmtree(path, ignore_errors=True)
