@@ -42,36 +42,18 @@ MAX_ID = 2**62
 MAX_PLAY_MS = 7 * 24 * 3600 * 1000
 """A play time above a week is not a view."""
 
-IMPRESSION_SCHEMA = pa.schema(
-    [
-        ("request_id", pa.string()),
-        ("user_id", pa.int64()),
-        ("item_id", pa.int64()),
-        ("ts_ms", pa.int64()),
-        ("partition", pa.int32()),
-        ("offset", pa.int64()),
-    ]
-)
-FEEDBACK_SCHEMA = pa.schema(
-    [
-        ("request_id", pa.string()),
-        ("user_id", pa.int64()),
-        ("item_id", pa.int64()),
-        ("ts_ms", pa.int64()),
-        *[(name, pa.float32()) for name in LABELS],  # NaN where the event does not carry that label
-        ("partition", pa.int32()),
-        ("offset", pa.int64()),
-    ]
-)
+_KEY_FIELDS = [("request_id", pa.string()), ("user_id", pa.int64()), ("item_id", pa.int64()), ("ts_ms", pa.int64())]
+_LABEL_FIELDS = [(name, pa.float32()) for name in LABELS]
+_POSITION_FIELDS = [("partition", pa.int32()), ("offset", pa.int64())]  # where in Kafka the row came from
+
+IMPRESSION_SCHEMA = pa.schema([*_KEY_FIELDS, *_POSITION_FIELDS])
+FEEDBACK_SCHEMA = pa.schema([*_KEY_FIELDS, *_LABEL_FIELDS, *_POSITION_FIELDS])
+"""Feedback labels are NaN where the event does not carry that label."""
 EXAMPLE_SCHEMA = pa.schema(
     [
-        ("request_id", pa.string()),
-        ("user_id", pa.int64()),
-        ("item_id", pa.int64()),
-        ("ts_ms", pa.int64()),
-        *[(name, pa.float32()) for name in LABELS],  # joined labels; binary tasks default to 0 (negative)
-        ("partition", pa.int32()),
-        ("offset", pa.int64()),
+        *_KEY_FIELDS,
+        *_LABEL_FIELDS,  # joined labels; a binary task never seen is 0 (negative)
+        *_POSITION_FIELDS,
         ("is_correction", pa.bool_()),  # re-emitted with labels that arrived after the window closed
     ]
 )
