@@ -10,6 +10,7 @@ import importlib
 
 BENCHMARKS: dict[str, str] = {
     "models": "benchmarks.models",
+    "synthetic": "benchmarks.synthetic",
     "stream": "benchmarks.stream",
 }
 

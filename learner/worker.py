@@ -76,12 +76,11 @@ class TrainerWorker:
         if restored is not None:
             self.learner.restore(restored.model, restored.optimizer, restored.arrays, restored.meta["counters"])
             joiner = LabelJoiner.from_state(config.joiner, restored.joiner)
-            self._take(restored.buffer)
+            if restored.buffer.num_rows:
+                self._buffer.append(restored.buffer)  # acknowledged before the crash; trained first
         self.restored_step = restored.step if restored else None
         self.stream = JoinedStream(config.kafka, config.joiner, restored=joiner)
         self.stream.auto_commit = False  # commits follow checkpoints
-        for table in self._buffer:
-            self.stream.adopt(table)
         self._stop = threading.Event()
         self._running = threading.Event()
         self.started_at = time.time()
@@ -111,8 +110,12 @@ class TrainerWorker:
         return self._running.is_set()
 
     def _take(self, examples: pa.Table) -> None:
+        """Buffer joined examples until a full batch. They are acknowledged at once (not committed): the
+        buffer is part of every checkpoint, so once a checkpoint is durable they survive a crash without
+        Kafka re-delivering them, which would train them twice."""
         if examples.num_rows:
             self._buffer.append(examples)
+            self.stream.ack(examples, commit=False)
 
     def _buffered(self) -> int:
         return sum(t.num_rows for t in self._buffer)
@@ -123,7 +126,6 @@ class TrainerWorker:
         self._buffer = [rest] if rest.num_rows else []
         self.learner.learn(batch)
         self._audit(batch)
-        self.stream.ack(batch, commit=False)
         if self.learner.step % self.config.checkpoint_every_steps == 0:
             self.checkpoint()
         if self.learner.snapshot_due:

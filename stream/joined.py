@@ -130,10 +130,6 @@ class JoinedStream:
         self._hand_out(examples)
         return examples
 
-    def adopt(self, examples: pa.Table) -> None:
-        """Examples handed out before a restart (restored from a checkpoint): they hold commits back again."""
-        self._hand_out(examples)
-
     def ack(self, examples: pa.Table, commit: bool = True) -> None:
         """``examples`` (as handed out) are done downstream. With ``commit``, commit what that makes safe now;
         without, the caller commits later (after its checkpoint is durable) with :meth:`commit`."""

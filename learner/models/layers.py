@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# Activations of a group of members run together stay under this many bytes (see BatchedMLP.chunk_size).
+CHUNK_BYTES = 4 * 1024 * 1024
+
 # An activation whose magnitude is at most this is counted as "zero" by `zero_frac`. ReLU gives
 # exact zeros; Swish never does, so a small tolerance is what makes the two comparable.
 ZERO_EPS = 1e-6
@@ -42,6 +45,21 @@ def get_activation(name: str) -> Callable[[Tensor], Tensor]:
         raise ValueError(f"unknown activation {name!r}; choose from {sorted(_ACTIVATIONS)}") from None
 
 
+def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``n`` Linear layers at once: ``x`` ``(B, d_in)`` shared or ``(B, n, d_in)`` per member, ``weight``
+    ``(n, d_in, d_out)``, ``bias`` ``(n, d_out)`` -> ``(B, n, d_out)``."""
+    n, d_in, d_out = weight.shape
+    if x.dim() == 2:  # one GEMM for all members, bias fused
+        w = weight.permute(1, 0, 2).reshape(d_in, n * d_out)  # (d_in, n·d_out)
+        y = x @ w if bias is None else torch.addmm(bias.reshape(-1), x, w)
+        return y.view(x.shape[0], n, d_out)
+    # One batched GEMM over members, member-major inside: (n, B, d_out) viewed as (B, n, d_out), so a
+    # chain of stacked layers hands each the member-major layout its GEMM reads without a copy.
+    xt = x.transpose(0, 1)  # (n, B, d_in)
+    y = torch.bmm(xt, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), xt, weight)
+    return y.transpose(0, 1)
+
+
 class StackedLinear(nn.Module):
     """``n`` independent Linear layers held as one ``(n, d_in, d_out)`` weight.
 
@@ -58,16 +76,35 @@ class StackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(n, d_out).uniform_(-bound, bound)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 2:
-            y = torch.einsum("bi,nio->bno", x, self.weight)  # one GEMM for all members
-        else:
-            y = torch.einsum("bni,nio->bno", x, self.weight)  # one batched GEMM over members
-        return y if self.bias is None else y + self.bias
+        return stacked_linear(x, self.weight, self.bias)
+
+    def chunks(self, size: int) -> list[tuple[Tensor, Tensor | None]]:
+        """The members in consecutive groups of ``size``, as ``(weight, bias)`` views from one ``split``
+        (whose backward is a single concatenation)."""
+        weights = self.weight.split(size)
+        biases = self.bias.split(size) if self.bias is not None else (None,) * len(weights)
+        return list(zip(weights, biases))
 
     def forward_member(self, i: int, x: Tensor) -> Tensor:
         """Member ``i`` alone on rows ``x`` of shape ``(R, d_in)`` -> ``(R, d_out)``."""
         y = x @ self.weight[i]
         return y if self.bias is None else y + self.bias[i]
+
+    def forward_groups(self, groups: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """Member ``i`` on its own rows ``groups[i]`` ``(R_i, d_in)`` -> ``(R_i, d_out)``; ``None`` skips it.
+
+        The members come from one ``unbind``, whose backward is a single stack. Indexing the stacked
+        weight once per member instead would zero-fill a full-size gradient for every member.
+        """
+        weights = self.weight.unbind(0)
+        biases = self.bias.unbind(0) if self.bias is not None else (None,) * self.n
+        out: list[Tensor | None] = []
+        for x, w, b in zip(groups, weights, biases):
+            if x is None:
+                out.append(None)
+            else:
+                out.append(torch.addmm(b, x, w) if b is not None else x @ w)
+        return out
 
     def extra_repr(self) -> str:
         return f"n={self.n}, d_in={self.d_in}, d_out={self.d_out}, bias={self.bias is not None}"
@@ -98,19 +135,49 @@ class BatchedMLP(nn.Module):
         self.n, self.d_out = n, dims[-1]
 
     def _activate(self, depth: int, x: Tensor) -> Tensor:
+        """``x`` is always a fresh layer output that nothing else holds, so ReLU may overwrite it (its
+        backward needs only its own output); other activations need their input and allocate."""
         if depth < len(self.layers) - 1 or self.last_activation:
-            return self._act(x)
+            return F.relu(x, inplace=True) if self.activation == "relu" else self._act(x)
         return x
 
     def forward(self, x: Tensor) -> Tensor:
-        for depth, layer in enumerate(self.layers):
-            x = self._activate(depth, layer(x))  # (B, n, d_layer)
-        return x
+        size = self.chunk_size(x.shape[0], x.element_size())
+        if size >= self.n:
+            for depth, layer in enumerate(self.layers):
+                x = self._activate(depth, layer(x))  # (B, n, d_layer)
+            return x
+        # Members in cache-sized groups, each group through every layer before the next starts; only
+        # the narrow final outputs are concatenated.
+        pieces = [cast(StackedLinear, layer).chunks(size) for layer in self.layers]
+        outputs = []
+        for g in range(len(pieces[0])):
+            h = x if x.dim() == 2 else x[:, g * size:(g + 1) * size]
+            for depth, layer_pieces in enumerate(pieces):
+                h = self._activate(depth, stacked_linear(h, *layer_pieces[g]))  # (B, size, d_layer)
+            outputs.append(h)
+        return torch.cat(outputs, dim=1)  # (B, n, d_out)
+
+    def chunk_size(self, batch: int, element_bytes: int = 4) -> int:
+        """How many members run together: as many as keep the widest layer's activations within
+        ``CHUNK_BYTES``, so the GEMM output and the activation after it stay in cache. Small layers run
+        all members at once; wide ones in groups (on a 2-core EPYC a 2048 x 256 x 4096 GEMM ran at 138
+        GFLOP/s, the same work as 16 GEMMs of 256 columns at 185)."""
+        widest = max(cast(StackedLinear, layer).d_out for layer in self.layers)
+        return max(1, CHUNK_BYTES // max(1, batch * widest * element_bytes))
 
     def forward_member(self, i: int, x: Tensor) -> Tensor:
         for depth, layer in enumerate(self.layers):
             x = self._activate(depth, cast(StackedLinear, layer).forward_member(i, x))  # (R, d_layer)
         return x
+
+    def forward_groups(self, groups: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """Each member on its own rows (``None``: member not run); see ``StackedLinear.forward_groups``."""
+        hs = list(groups)
+        for depth, layer in enumerate(self.layers):
+            hs = [None if h is None else self._activate(depth, h)
+                  for h in cast(StackedLinear, layer).forward_groups(hs)]  # (R_i, d_layer)
+        return hs
 
 
 class FeatureGate(nn.Module):

@@ -18,7 +18,8 @@ over all tasks. Every other choice is ours, made as follows:
    itself passes no gradient.
 5. Bound: the executed set is ``S ∪ (∪_t P_t)``, at most ``k_shared + T·k_private`` experts per
    instance, and only those run: rows are dispatched to experts and ``index_add_``-ed back
-   (transformers' Mixtral ``expert_hit`` loop). No capacity factor, so no row is ever dropped and
+   (transformers' Mixtral ``expert_hit`` loop; expert weights are unbound once per layer, see
+   ``StackedLinear.forward_groups``). No capacity factor, so no row is ever dropped and
    a row's output never depends on the rest of the batch; balance comes from the regulariser.
 6. Regulariser: Switch-style ``N · Σ_i f_i · P_i``, with ``f_i`` the fraction of all routing
    choices (instance × task × selected expert) that went to expert ``i`` and ``P_i`` the mean of
@@ -120,17 +121,20 @@ class SMES(MultiTaskModel):
         per expert ``(E,)``.
         """
         n_experts = executed.shape[1]
-        rows, experts = executed.nonzero(as_tuple=True)  # (R_total,) each, sorted by row
-        rows = rows[torch.argsort(experts, stable=True)]  # grouped by expert
+        rows, experts = executed.nonzero(as_tuple=True)  # (R,) (row, expert) pairs, sorted by row
+        order = torch.argsort(experts, stable=True)
+        rows, experts = rows[order], experts[order]  # grouped by expert
         rows_per_expert = torch.bincount(experts, minlength=n_experts)  # (E,)
-        mixed = x.new_zeros(x.shape[0], weights.shape[1], self.experts.d_out)  # (B, T, H)
-        zero_frac = x.new_zeros(n_experts)
-        for e, expert_rows in enumerate(rows.split(rows_per_expert.tolist())):
-            if expert_rows.numel() == 0:
-                continue
-            h = self.experts.forward_member(e, x[expert_rows])  # (R, H)
-            mixed.index_add_(0, expert_rows, weights[expert_rows, :, e, None] * h[:, None, :])  # (R, T, H)
-            zero_frac[e] = (h.detach().abs() <= ZERO_EPS).float().mean()
+        groups = x[rows].split(rows_per_expert.tolist())  # one (R_e, d_in) block per expert
+        outputs = self.experts.forward_groups([g if g.shape[0] else None for g in groups])
+        ran = [o for o in outputs if o is not None]
+        h = torch.cat(ran) if ran else x.new_zeros(0, self.experts.d_out)  # (R, H), in pair order
+        contributions = weights[rows, :, experts].unsqueeze(-1) * h.unsqueeze(1)  # (R, T, H)
+        mixed = contributions.new_zeros(x.shape[0], weights.shape[1], h.shape[1])  # (B, T, H)
+        mixed = mixed.index_add(0, rows, contributions)
+        zeros_per_pair = (h.detach().abs() <= ZERO_EPS).float().mean(dim=1)  # (R,)
+        zero_frac = zeros_per_pair.new_zeros(n_experts).index_add(0, experts, zeros_per_pair)
+        zero_frac = zero_frac / rows_per_expert.clamp_min(1)  # (E,) over the rows each expert ran on
         return mixed, zero_frac, rows_per_expert
 
     def forward(self, x: Tensor) -> ModelOutput:

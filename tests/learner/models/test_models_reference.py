@@ -97,6 +97,27 @@ def test_batched_mlp_equals_one_mlp_per_member(last_activation):
         assert_close(mlp.forward_member(i, x), plain_mlp(mlp, i)(x))
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("per_member_input", [False, True])
+def test_cache_sized_member_groups_give_the_same_outputs_and_gradients(monkeypatch, activation, per_member_input):
+    torch.manual_seed(0)
+    mlp = BatchedMLP(5, 4, [6, 3], activation=activation)
+    x = torch.randn(8, 5, 4) if per_member_input else torch.randn(8, 4)
+    whole = mlp(x)
+    whole.square().sum().backward()
+    grads = [p.grad.clone() for p in mlp.parameters()]
+    mlp.zero_grad()
+    monkeypatch.setattr("learner.models.layers.CHUNK_BYTES", 8 * 6 * 4 * 2)  # two members per group
+    assert mlp.chunk_size(8) == 2
+    grouped = mlp(x)
+    grouped.square().sum().backward()
+    assert_close(grouped, whole)
+    for p, g in zip(mlp.parameters(), grads):
+        assert_close(p.grad, g)
+    for i in range(5):
+        assert_close(grouped[:, i], plain_mlp(mlp, i)(x[:, i] if per_member_input else x))
+
+
 def test_expert_bank_with_norm_and_feature_gate_equals_plain_experts():
     torch.manual_seed(0)
     bank = ExpertBank(3, 5, [6], norm=True, feature_gate_rank=2, member_input=[0, 1, 1])

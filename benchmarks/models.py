@@ -1,0 +1,247 @@
+"""``moestream bench models``: training throughput of our model zoo against the peer libraries.
+
+Three comparisons, every figure measured beside its anchor in the same process (see
+docs/benchmarks-models.md for how to read the table):
+
+1. Streaming-sized MMoE (batch 256, input 128, 32 experts [64, 32], towers [16], 2 tasks) against
+   torch-rechub's and DeepCTR-Torch's MMOE: forward + backward + Adam, examples/s. Goal >= 2.5x both.
+2. Large MMoE (batch 2048, input 256, 16 experts [256, 128], towers [64]): FLOP-bound, so also
+   achieved GFLOP/s against a GEMM peak measured in the same run; bf16 autocast where the CPU does
+   bf16 natively (goal >= 1.5x both peers, progressive AUC within 0.002 of fp32).
+3. SMES with 64 experts (k_shared 4, k_private 1, 6 tasks) against our dense MMoE with the same 64
+   experts: goal >= 4x, plus how many experts each instance actually executed.
+
+All contenders run with 2 intra-op threads, alternating A, B, C, A, B, C after a warm-up; each row is
+the median over rounds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from benchmarks.harness import Report, Row
+from benchmarks.peers import MMoESize, contenders, ours, parameter_count, structure
+from benchmarks.precision import ClickStream, auc_gap, progressive_auc
+from benchmarks.timing import (
+    TrainingRun,
+    bf16_support,
+    gemm_peak,
+    interleave,
+    load_average,
+    random_batches,
+    threads,
+)
+
+THREADS = 2
+STREAMING = MMoESize(n_inputs=128, n_experts=32, expert_dims=(64, 32), tower_dims=(16,))
+STREAMING_BATCH = 256
+LARGE = MMoESize(n_inputs=256, n_experts=16, expert_dims=(256, 128), tower_dims=(64,))
+LARGE_BATCH = 2048
+SPARSE = MMoESize(n_inputs=256, n_experts=64, expert_dims=(256, 128), tower_dims=(64,), n_tasks=6)
+SPARSE_BATCH = 1024
+SMES_HPARAMS = {"k_shared": 4, "k_private": 1}
+AUC_TOLERANCE = 0.002
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """How long each comparison runs: ``warmup`` untimed steps, then ``rounds`` x ``steps`` timed."""
+
+    warmup: int
+    rounds: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    streaming: Repeats
+    large: Repeats
+    sparse: Repeats  # ``steps`` are SMES's; a dense 64-expert step is several SMES steps long, so it
+    sparse_dense_steps: int  # takes this many per round instead
+    auc_batches: int  # stream length of the bf16-vs-fp32 AUC check (only where bf16 is native)
+
+
+FULL = Plan(Repeats(5, 21, 10), Repeats(2, 11, 2), Repeats(1, 9, 2), sparse_dense_steps=1, auc_batches=60)
+QUICK = Plan(Repeats(1, 3, 2), Repeats(1, 2, 1), Repeats(1, 2, 1), sparse_dense_steps=1, auc_batches=15)
+
+
+def run(quick: bool = False) -> Report:
+    plan = QUICK if quick else FULL
+    report = Report(benchmark="models")
+    report.notes.append(
+        f"{'QUICK mode: fewer rounds, same sizes' if quick else 'full mode'}; {THREADS} intra-op threads for "
+        f"every contender; load average at start {load_average()} (a shared machine: contenders alternate "
+        "so a busy neighbour slows all of them alike)."
+    )
+    started = time.perf_counter()
+    seconds = {}
+    with threads(THREADS), _progress() as progress:
+        for section, measure in (
+            ("streaming", lambda: versus_peers(report, STREAMING, STREAMING_BATCH, plan.streaming, "streaming",
+                                               progress, goal=2.5)),
+            ("large", lambda: large(report, plan, progress)),
+            ("sparse", lambda: sparse(report, plan, progress)),
+        ):
+            t0 = time.perf_counter()
+            measure()
+            seconds[section] = time.perf_counter() - t0
+    spent = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+    report.notes.append(
+        f"load average at end {load_average()}; wall time {time.perf_counter() - started:.0f} s ({spent})."
+    )
+    return report
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
+    )
+
+
+def _describe(size: MMoESize, batch: int) -> str:
+    experts = ", ".join(map(str, size.expert_dims))
+    towers = ", ".join(map(str, size.tower_dims))
+    return f"B={batch}, in={size.n_inputs}, {size.n_experts}x[{experts}], towers [{towers}], {size.n_tasks} tasks"
+
+
+def versus_peers(
+    report: Report,
+    size: MMoESize,
+    batch: int,
+    repeats: Repeats,
+    regime: str,
+    progress: Progress | None = None,
+    *,
+    goal: float | None = None,
+    autocast: torch.dtype | None = None,
+) -> list[TrainingRun]:
+    """Our MMoE against both peers at one size; adds one row per peer (examples/s, ratio ours/peer)."""
+    runs = [TrainingRun(c, random_batches(size.n_inputs, size.n_tasks, batch), autocast=autocast)
+            for c in contenders(size)]
+    task = None
+    if progress is not None:
+        task = progress.add_task(f"{regime}: ours vs peers", total=len(runs) * (1 + repeats.rounds))
+    interleave(runs, rounds=repeats.rounds, steps=repeats.steps, warmup=repeats.warmup, progress=progress, task=task)
+    mine, *peers = runs
+    for peer in peers:
+        ratio = mine.median() / peer.median()
+        report.add(Row(
+            name=f"{regime}: ours MMoE train ex/s ({_describe(size, batch)})",
+            value=mine.median(), unit="ex/s", anchor=peer.name, anchor_value=peer.median(),
+            goal=None if goal is None else f">= {goal}x", met=None if goal is None else ratio >= goal,
+        ))
+    counts = ", ".join(
+        f"{r.name} {parameter_count(r.contender.model):,} in {len(list(r.contender.model.parameters()))} tensors"
+        for r in runs
+    )
+    shapes = "; ".join(f"{r.name} {structure(r.contender)}" for r in runs)
+    report.notes.append(f"{regime}: parameters {counts}; layout {shapes}.")
+    return runs
+
+
+def large(report: Report, plan: Plan, progress: Progress | None = None) -> None:
+    """The FLOP-bound size in fp32 (and bf16 where native), read against the GEMM peak."""
+    peak_fp32, n32 = gemm_peak(torch.float32, budget_s=20.0)
+    peak_bf16, n16 = gemm_peak(torch.bfloat16, budget_s=3.0)
+    support = bf16_support()
+    report.add(Row(name=f"GEMM peak fp32 (torch.mm {n32}x{n32}, best of 5)", value=peak_fp32, unit="GFLOP/s"))
+    report.add(Row(name=f"GEMM bf16 (torch.mm {n16}x{n16}, best of 5)", value=peak_bf16, unit="GFLOP/s",
+                   anchor="GEMM peak fp32", anchor_value=peak_fp32))
+    report.notes.append(f"bf16: {support.describe()}.")
+
+    runs = versus_peers(report, LARGE, LARGE_BATCH, plan.large, "large fp32", progress)
+    flops = LARGE.train_flops()
+    for run in runs:
+        report.add(Row(name=f"large fp32: {run.name} achieved", value=run.median() * flops / 1e9, unit="GFLOP/s",
+                       anchor="GEMM peak fp32", anchor_value=peak_fp32))
+    report.notes.append(
+        f"large: {flops / 1e6:.2f} MFLOP per example (matmuls of experts, gates, mix, towers; forward x3 for "
+        "forward + backward), the same count for all three contenders."
+    )
+    if not support.native:
+        report.add(Row(
+            name="large bf16 autocast: ours vs both peers, AUC vs fp32", value=0.0, unit="(not run)",
+            goal=">= 1.5x both peers in bf16 and AUC within 0.002: not applicable, no native bf16 on this CPU",
+            met=None,
+        ))
+        report.notes.append(
+            f"bf16 not run: this CPU lacks AVX512-BF16 and AMX; a bf16 GEMM runs at {peak_bf16:.2f} GFLOP/s here "
+            f"against {peak_fp32:.1f} in fp32, so autocast would only slow training down."
+        )
+        return
+    mine, *_ = versus_peers(report, LARGE, LARGE_BATCH, plan.large, "large bf16", progress, goal=1.5,
+                            autocast=torch.bfloat16)
+    report.add(Row(name="large bf16: ours achieved", value=mine.median() * flops / 1e9, unit="GFLOP/s",
+                   anchor="GEMM bf16", anchor_value=peak_bf16))
+    bf16_auc(report, plan, progress)
+
+
+def bf16_auc(report: Report, plan: Plan, progress: Progress | None = None) -> None:
+    """Progressive AUC of our large MMoE trained in fp32 and under bf16 autocast on one stream."""
+    stream = ClickStream(n_inputs=LARGE.n_inputs, n_tasks=LARGE.n_tasks)
+    task = progress.add_task("bf16 vs fp32 AUC", total=2 * plan.auc_batches) if progress is not None else None
+
+    def tick() -> None:
+        if progress is not None and task is not None:
+            progress.advance(task)
+
+    aucs = {
+        dtype: progressive_auc(lambda: ours(LARGE), stream, batch=LARGE_BATCH, n_batches=plan.auc_batches,
+                               autocast=dtype, tick=tick)
+        for dtype in (None, torch.bfloat16)
+    }
+    gap = auc_gap(aucs[None], aucs[torch.bfloat16])
+    report.add(Row(name="large bf16: progressive AUC gap to fp32 (max over tasks)", value=gap, unit="AUC",
+                   goal=f"<= {AUC_TOLERANCE}", met=gap <= AUC_TOLERANCE))
+    report.notes.append(
+        f"progressive AUC over {plan.auc_batches} x {LARGE_BATCH} examples: fp32 {aucs[None]}, "
+        f"bf16 {aucs[torch.bfloat16]}."
+    )
+
+
+def sparse(report: Report, plan: Plan, progress: Progress | None = None) -> None:
+    """SMES (64 experts, k_shared 4, k_private 1, 6 tasks) against our dense MMoE with the same experts."""
+    batches = random_batches(SPARSE.n_inputs, SPARSE.n_tasks, SPARSE_BATCH)
+    torch.manual_seed(0)
+    dense = TrainingRun(ours(SPARSE), batches)
+    torch.manual_seed(0)
+    smes = TrainingRun(ours(SPARSE, "smes", **SMES_HPARAMS), batches)
+    task = progress.add_task("smes vs dense mmoe", total=2 * (1 + plan.sparse.rounds)) if progress else None
+    interleave([dense, smes], rounds=plan.sparse.rounds, steps=(plan.sparse_dense_steps, plan.sparse.steps),
+               warmup=plan.sparse.warmup, progress=progress, task=task)
+    ratio = smes.median() / dense.median()
+    report.add(Row(
+        name=f"smes train ex/s (k_shared 4, k_private 1; {_describe(SPARSE, SPARSE_BATCH)})",
+        value=smes.median(), unit="ex/s", anchor="ours dense MMoE, same 64 experts", anchor_value=dense.median(),
+        goal=">= 4x", met=ratio >= 4.0,
+    ))
+    executed = executed_experts(smes)
+    bound = int(smes.contender.model.max_executed)  # type: ignore[arg-type]
+    report.add(Row(name="smes executed experts per instance, mean", value=executed["mean"], unit="experts",
+                   anchor="dense MMoE (all experts)", anchor_value=float(SPARSE.n_experts)))
+    report.add(Row(name="smes executed experts per instance, max", value=executed["max"], unit="experts",
+                   anchor="bound k_shared + T*k_private", anchor_value=float(bound),
+                   goal=f"<= {bound}", met=executed["max"] <= bound))
+    ideal = SPARSE.n_experts / executed["mean"]
+    report.notes.append(
+        f"sparse: expert FLOPs alone would allow {ideal:.1f}x ({SPARSE.n_experts} / {executed['mean']:.2f} experts "
+        f"per row); measured {ratio:.2f}x. Executed-experts figures are over the timing batches after "
+        f"{plan.sparse.rounds * plan.sparse.steps + plan.sparse.warmup} training steps. Parameters: "
+        f"dense {parameter_count(dense.contender.model):,}, smes {parameter_count(smes.contender.model):,}."
+    )
+
+
+def executed_experts(run: TrainingRun) -> dict[str, float]:
+    """Experts SMES ran per instance on the run's batches (routing as trained so far)."""
+    model = run.contender.model
+    counts = []
+    with torch.no_grad():
+        for x, _ in run.batches:
+            counts.append(model(x).extras["executed_per_instance"].float())
+    every = torch.cat(counts)
+    return {"mean": float(every.mean()), "max": float(every.max()), "median": statistics.median(every.tolist())}
