@@ -48,16 +48,20 @@ def get_activation(name: str) -> Callable[[Tensor], Tensor]:
 def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``n`` Linear layers at once: ``x`` ``(B, d_in)`` shared or ``(B, n, d_in)`` per member, ``weight``
     ``(n, d_in, d_out)``, ``bias`` ``(n, d_out)`` -> ``(B, n, d_out)``."""
-    n, d_in, d_out = weight.shape
-    if x.dim() == 2:  # one GEMM for all members, bias fused
-        w = weight.permute(1, 0, 2).reshape(d_in, n * d_out)  # (d_in, n·d_out)
-        y = x @ w if bias is None else torch.addmm(bias.reshape(-1), x, w)
-        return y.view(x.shape[0], n, d_out)
-    # One batched GEMM over members, member-major inside: (n, B, d_out) viewed as (B, n, d_out), so a
-    # chain of stacked layers hands each the member-major layout its GEMM reads without a copy.
-    xt = x.transpose(0, 1)  # (n, B, d_in)
-    y = torch.bmm(xt, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), xt, weight)
-    return y.transpose(0, 1)
+    return member_major_linear(x if x.dim() == 2 else x.transpose(0, 1), weight, bias).transpose(0, 1)
+
+
+def member_major_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The batched GEMM behind every stacked layer: ``x`` ``(B, d_in)`` shared by all members or
+    ``(n, B, d_in)`` one block per member -> contiguous ``(n, B, d_out)``, bias fused.
+
+    Member-major is the layout a batched GEMM reads and writes without copies, so a chain of stacked
+    layers stays in it and is transposed to ``(B, n, d)`` once at the end. A shared input is broadcast
+    (``expand``, no copy) rather than run as one wide GEMM: the per-member outputs stay cache-sized.
+    """
+    if x.dim() == 2:
+        x = x.expand(weight.shape[0], *x.shape)  # (n, B, d_in)
+    return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight)
 
 
 class StackedLinear(nn.Module):
@@ -142,21 +146,22 @@ class BatchedMLP(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
+        h = x if x.dim() == 2 else x.transpose(0, 1)  # shared (B, d_in) or member-major (n, B, d_in)
         size = self.chunk_size(x.shape[0], x.element_size())
         if size >= self.n:
             for depth, layer in enumerate(self.layers):
-                x = self._activate(depth, layer(x))  # (B, n, d_layer)
-            return x
+                h = self._activate(depth, member_major_linear(h, layer.weight, layer.bias))  # (n, B, d_layer)
+            return h.transpose(0, 1)  # (B, n, d_out)
         # Members in cache-sized groups, each group through every layer before the next starts; only
         # the narrow final outputs are concatenated.
         pieces = [cast(StackedLinear, layer).chunks(size) for layer in self.layers]
         outputs = []
         for g in range(len(pieces[0])):
-            h = x if x.dim() == 2 else x[:, g * size:(g + 1) * size]
+            hg = h if h.dim() == 2 else h[g * size:(g + 1) * size]
             for depth, layer_pieces in enumerate(pieces):
-                h = self._activate(depth, stacked_linear(h, *layer_pieces[g]))  # (B, size, d_layer)
-            outputs.append(h)
-        return torch.cat(outputs, dim=1)  # (B, n, d_out)
+                hg = self._activate(depth, member_major_linear(hg, *layer_pieces[g]))  # (size, B, d_layer)
+            outputs.append(hg)
+        return torch.cat(outputs).transpose(0, 1)  # (B, n, d_out)
 
     def chunk_size(self, batch: int, element_bytes: int = 4) -> int:
         """How many members run together: as many as keep the widest layer's activations within

@@ -119,21 +119,32 @@ class SMES(MultiTaskModel):
         ``weights (B, T, E)`` per-task mixing weights, ``executed (B, E)`` which experts run for
         which rows. Returns mixed expert output ``(B, T, H)``, zero fraction ``(E,)`` and rows
         per expert ``(E,)``.
+
+        Each row has at most ``max_executed`` slots; an expert's output for a row lands in that row's
+        slot, so the mix is one batched ``(T, K) @ (K, H)`` product per row instead of a ``(pairs, T, H)``
+        temporary.
         """
-        n_experts = executed.shape[1]
+        n_rows, n_experts = executed.shape
+        n_slots = self.max_executed
         rows, experts = executed.nonzero(as_tuple=True)  # (R,) (row, expert) pairs, sorted by row
-        order = torch.argsort(experts, stable=True)
-        rows, experts = rows[order], experts[order]  # grouped by expert
+        per_row = executed.sum(dim=1)  # (B,)
+        slot = torch.arange(rows.shape[0], device=x.device) - (torch.cumsum(per_row, 0) - per_row)[rows]
+        position = rows * n_slots + slot  # (R,) where each pair's output goes in the (B·K) slot table
+        expert_at = torch.zeros(n_rows * n_slots, dtype=torch.long, device=x.device).index_copy(0, position, experts)
+        filled = torch.zeros(n_rows * n_slots, dtype=torch.bool, device=x.device).index_fill(0, position, True)
+
+        order = torch.argsort(experts, stable=True)  # pairs grouped by expert
         rows_per_expert = torch.bincount(experts, minlength=n_experts)  # (E,)
-        groups = x[rows].split(rows_per_expert.tolist())  # one (R_e, d_in) block per expert
-        outputs = self.experts.forward_groups([g if g.shape[0] else None for g in groups])
-        ran = [o for o in outputs if o is not None]
-        h = torch.cat(ran) if ran else x.new_zeros(0, self.experts.d_out)  # (R, H), in pair order
-        contributions = weights[rows, :, experts].unsqueeze(-1) * h.unsqueeze(1)  # (R, T, H)
-        mixed = contributions.new_zeros(x.shape[0], weights.shape[1], h.shape[1])  # (B, T, H)
-        mixed = mixed.index_add(0, rows, contributions)
+        groups = x[rows[order]].split(rows_per_expert.tolist())  # one (R_e, d_in) block per expert
+        ran = [o for o in self.experts.forward_groups([g if g.shape[0] else None for g in groups]) if o is not None]
+        h = torch.cat(ran) if ran else x.new_zeros(0, self.experts.d_out)  # (R, H), grouped by expert
+        slots = h.new_zeros(n_rows * n_slots, h.shape[1]).index_copy(0, position[order], h)  # (B·K, H)
+        slot_weights = weights.gather(2, expert_at.view(n_rows, 1, n_slots).expand(-1, weights.shape[1], -1))
+        slot_weights = slot_weights * filled.view(n_rows, 1, n_slots)  # (B, T, K)
+        mixed = torch.bmm(slot_weights.to(h.dtype), slots.view(n_rows, n_slots, -1))  # (B, T, H)
+
         zeros_per_pair = (h.detach().abs() <= ZERO_EPS).float().mean(dim=1)  # (R,)
-        zero_frac = zeros_per_pair.new_zeros(n_experts).index_add(0, experts, zeros_per_pair)
+        zero_frac = zeros_per_pair.new_zeros(n_experts).index_add(0, experts[order], zeros_per_pair)
         zero_frac = zero_frac / rows_per_expert.clamp_min(1)  # (E,) over the rows each expert ran on
         return mixed, zero_frac, rows_per_expert
 
