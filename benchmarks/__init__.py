@@ -12,6 +12,8 @@ BENCHMARKS: dict[str, str] = {
     "models": "benchmarks.models",
     "synthetic": "benchmarks.synthetic",
     "stream": "benchmarks.stream",
+    "learner": "benchmarks.learner",
+    "features": "benchmarks.features",
 }
 
 

@@ -1,8 +1,15 @@
-"""Streaming per-user and per-item statistics computed from joined examples.
+"""Streaming per-user and per-item statistics over sliding windows, computed from joined examples.
+
+Each window of length ``L`` keeps, per entity, the sums of two tumbling buckets: the current one and the one
+before. At time ``t`` (in bucket ``B = t // L``) the sliding-window sum is estimated as
+``cur + prev * (1 - (t - B*L) / L)``, the sliding-window counter of rate limiters: exact when events are
+spread evenly over the previous bucket, O(1) memory per entity and window, and fully vectorized.
 
 Rates are smoothed towards a prior (``(positives + prior_rate * strength) / (n + strength)``) so that a user
-with two impressions does not get a click rate of 0 or 1. The aggregator returns, per batch, one row per
-touched entity, ready to push to Feast in one call.
+with two impressions does not get a click rate of 0 or 1. Per batch, ``update`` returns one row per touched
+entity, ready to push to Feast in one call. Rows are stamped one millisecond after the newest event they
+count (and strictly later than the previous stamp), so a point-in-time join at an event's own time never
+sees that event's label, and a store that drops same-instant rewrites (Feast's Redis store) drops none.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from features.definitions import ITEM_FEATURES, USER_FEATURES
+from features.definitions import ITEM_STREAM, USER_STREAM, WINDOWS
 from stream.events import PLAY_TIME, TASKS, TYPICAL_POSITIVE_RATES
 
 
@@ -25,85 +32,135 @@ class AggregateConfig:
 
 
 _SUMS = ("n", *TASKS, "play_s")
+_WINDOW_MS = {w: int(d.total_seconds() * 1000) for w, d in WINDOWS.items()}
 
 
-class _EntityStats:
-    """Running sums for one entity type, in a growable array indexed through a dict."""
+def window_features(sums: np.ndarray, config: AggregateConfig) -> np.ndarray:
+    """``(N, len(WINDOW_STATS))`` statistics from ``(N, len(_SUMS))`` window sums."""
+    k, n = config.prior_strength, sums[:, 0]
+    positives = sums[:, 1 : 1 + len(TASKS)]
+    rates = (positives + np.asarray(config.prior_rates) * k) / (n[:, None] + k)
+    play = (sums[:, -1] + config.prior_play_s * k) / (n + k)
+    return np.column_stack([np.log1p(n), rates, np.log1p(positives), play]).astype(np.float32)
+
+
+class _EntityWindows:
+    """Bucketed window sums for one entity type, in growable arrays indexed through a dict."""
 
     def __init__(self, key: str, names: tuple[str, ...], config: AggregateConfig) -> None:
         self.key, self.names, self.config = key, names, config
         self._row: dict[int, int] = {}
-        self._sums = np.zeros((1024, len(_SUMS)), dtype=np.float64)
+        self._alloc(1024)
 
-    def update(self, ids: np.ndarray, values: np.ndarray, ts: pd.Timestamp) -> pd.DataFrame:
+    def _alloc(self, capacity: int) -> None:
+        self._cur = {w: np.zeros((capacity, len(_SUMS))) for w in WINDOWS}
+        self._prev = {w: np.zeros((capacity, len(_SUMS))) for w in WINDOWS}
+        self._bucket = {w: np.full(capacity, -(2**62), dtype=np.int64) for w in WINDOWS}
+
+    def _grow(self) -> None:
+        old = len(self._bucket[next(iter(WINDOWS))])
+        if len(self._row) <= old:
+            return
+        cur, prev, bucket = self._cur, self._prev, self._bucket
+        self._alloc(2 * len(self._row))
+        for w in WINDOWS:
+            self._cur[w][:old], self._prev[w][:old], self._bucket[w][:old] = cur[w], prev[w], bucket[w]
+
+    def update(self, ids: np.ndarray, ts_ms: np.ndarray, values: np.ndarray, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
+        """Fold events in; return the touched entities and their window statistics as of ``now_ms``."""
         uniq, inverse = np.unique(ids, return_inverse=True)
         rows = np.fromiter((self._row.setdefault(int(u), len(self._row)) for u in uniq), np.int64, len(uniq))
-        if len(self._row) > len(self._sums):
-            grown = np.zeros((2 * len(self._row), len(_SUMS)))
-            grown[: len(self._sums)] = self._sums
-            self._sums = grown
-        np.add.at(self._sums, rows[inverse], values)
-        return self._features(uniq, self._sums[rows], ts)
+        self._grow()
+        blocks = []
+        for w, length in _WINDOW_MS.items():
+            cur, prev, bucket = self._cur[w], self._prev[w], self._bucket[w]
+            now_bucket = now_ms // length
+            shift = (now_bucket - bucket[rows])[:, None]  # >= 0: now_ms never goes back
+            prev[rows] = np.where(shift == 0, prev[rows], np.where(shift == 1, cur[rows], 0.0))
+            cur[rows] = np.where(shift == 0, cur[rows], 0.0)
+            bucket[rows] = now_bucket
+            age = now_bucket - ts_ms // length  # 0: current bucket, 1: previous, more: out of the window
+            event_rows = rows[inverse]
+            np.add.at(cur, event_rows[age == 0], values[age == 0])
+            np.add.at(prev, event_rows[age == 1], values[age == 1])
+            elapsed = (now_ms - now_bucket * length) / length
+            blocks.append(window_features(cur[rows] + prev[rows] * (1.0 - elapsed), self.config))
+        return uniq, np.concatenate(blocks, axis=1)
 
-    def _features(self, ids: np.ndarray, sums: np.ndarray, ts: pd.Timestamp) -> pd.DataFrame:
-        c = self.config
-        n = sums[:, 0]
-        rates = (sums[:, 1 : 1 + len(TASKS)] + np.asarray(c.prior_rates) * c.prior_strength) / (
-            n[:, None] + c.prior_strength
-        )
-        play = (sums[:, -1] + c.prior_play_s * c.prior_strength) / (n + c.prior_strength)
-        matrix = np.column_stack([np.log1p(n), rates, play]).astype(np.float32)
+    def frame(self, ids: np.ndarray, matrix: np.ndarray, stamp_ms: int) -> pd.DataFrame:
         frame = pd.DataFrame(matrix, columns=list(self.names))
         frame.insert(0, self.key, ids.astype(np.int64))
-        frame["event_timestamp"] = ts
+        frame["event_timestamp"] = pd.Timestamp(stamp_ms, unit="ms", tz="UTC")
         return frame
 
     def state(self, prefix: str) -> dict[str, np.ndarray]:
         ids = np.fromiter(self._row.keys(), dtype=np.int64, count=len(self._row))
         rows = np.fromiter(self._row.values(), dtype=np.int64, count=len(self._row))
-        return {f"{prefix}.ids": ids, f"{prefix}.sums": self._sums[rows]}
+        arrays = {f"{prefix}.ids": ids}
+        for w in WINDOWS:
+            arrays |= {f"{prefix}.{w}.cur": self._cur[w][rows], f"{prefix}.{w}.prev": self._prev[w][rows],
+                       f"{prefix}.{w}.bucket": self._bucket[w][rows]}
+        return arrays
 
     def load_state(self, prefix: str, arrays: dict[str, np.ndarray]) -> None:
-        ids, sums = arrays[f"{prefix}.ids"], arrays[f"{prefix}.sums"]
+        missing = [f"{prefix}.{w}.{part}" for w in WINDOWS for part in ("cur", "prev", "bucket")
+                   if f"{prefix}.{w}.{part}" not in arrays]
+        if missing:
+            raise ValueError(f"aggregator state lacks {missing[0]} (saved by an older version without windows)")
+        ids = arrays[f"{prefix}.ids"]
         self._row = {int(i): r for r, i in enumerate(ids.tolist())}
-        self._sums = np.zeros((max(1024, 2 * len(ids)), len(_SUMS)))
-        self._sums[: len(ids)] = sums
+        self._alloc(max(1024, 2 * len(ids)))
+        for w in WINDOWS:
+            self._cur[w][: len(ids)] = arrays[f"{prefix}.{w}.cur"]
+            self._prev[w][: len(ids)] = arrays[f"{prefix}.{w}.prev"]
+            self._bucket[w][: len(ids)] = arrays[f"{prefix}.{w}.bucket"]
 
     def defaults(self) -> np.ndarray:
-        """The feature values of an entity never seen: no impressions, prior rates."""
-        c = self.config
-        return np.array([0.0, *c.prior_rates, c.prior_play_s], dtype=np.float32)
+        """The statistics of an entity with no events in a window: zero counts, the prior rates."""
+        block = window_features(np.zeros((1, len(_SUMS))), self.config)[0]
+        return np.tile(block, len(WINDOWS))
 
 
 class StreamAggregator:
     def __init__(self, config: AggregateConfig = AggregateConfig()) -> None:
         if len(config.prior_rates) != len(TASKS):
             raise ValueError(f"prior_rates needs {len(TASKS)} values, one per task {TASKS}")
-        self.users = _EntityStats("user_id", USER_FEATURES, config)
-        self.items = _EntityStats("item_id", ITEM_FEATURES, config)
+        self.config = config
+        self.users = _EntityWindows("user_id", USER_STREAM, config)
+        self.items = _EntityWindows("item_id", ITEM_STREAM, config)
+        self.stamp_ms = 0
+        """The stamp of the last rows returned: strictly increasing, one ms past the newest event counted."""
 
     def update(self, examples: pa.Table) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Fold joined examples in; return the new feature rows of the users and items they touched."""
-        cols = examples.to_pydict() if examples.num_rows else None
-        ts = pd.Timestamp(max(cols["ts_ms"]) if cols else 0, unit="ms", tz="UTC")
-        if cols is None:
-            empty = np.zeros(0, dtype=np.int64), np.zeros((0, len(_SUMS)))
-            return self.users.update(*empty, ts), self.items.update(*empty, ts)
-        values = np.column_stack(
-            [np.ones(examples.num_rows), *(np.asarray(cols[t]) for t in TASKS), np.asarray(cols[PLAY_TIME]) / 1000]
-        )
-        return (
-            self.users.update(np.asarray(cols["user_id"]), values, ts),
-            self.items.update(np.asarray(cols["item_id"]), values, ts),
-        )
+        if examples.num_rows == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            matrix = np.zeros((0, len(USER_STREAM)), dtype=np.float32)
+            return self.users.frame(empty, matrix, self.stamp_ms), self.items.frame(empty, matrix, self.stamp_ms)
+        cols = {name: examples.column(name).to_numpy(zero_copy_only=False)
+                for name in ("user_id", "item_id", "ts_ms", *TASKS, PLAY_TIME)}
+        ts_ms = cols["ts_ms"].astype(np.int64)
+        self.stamp_ms = max(int(ts_ms.max()) + 1, self.stamp_ms + 1)
+        now_ms = self.stamp_ms - 1
+        values = np.column_stack([
+            np.ones(examples.num_rows),
+            *(np.nan_to_num(cols[t].astype(np.float64)) for t in TASKS),
+            np.nan_to_num(cols[PLAY_TIME].astype(np.float64)) / 1000,
+        ])
+        users = self.users.update(cols["user_id"].astype(np.int64), ts_ms, values, now_ms)
+        items = self.items.update(cols["item_id"].astype(np.int64), ts_ms, values, now_ms)
+        return self.users.frame(*users, self.stamp_ms), self.items.frame(*items, self.stamp_ms)
 
     def defaults(self) -> np.ndarray:
+        """Stream statistics of an unknown user followed by those of an unknown item."""
         return np.concatenate([self.users.defaults(), self.items.defaults()])
 
     def state(self) -> dict[str, np.ndarray]:
-        """Running sums as plain arrays (for a checkpoint)."""
-        return {**self.users.state("users"), **self.items.state("items")}
+        """Window sums, buckets and the stamp as plain arrays (for a checkpoint)."""
+        return {**self.users.state("users"), **self.items.state("items"),
+                "stamp_ms": np.array([self.stamp_ms], dtype=np.int64)}
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         self.users.load_state("users", arrays)
         self.items.load_state("items", arrays)
+        self.stamp_ms = int(arrays["stamp_ms"][0]) if "stamp_ms" in arrays else 0

@@ -1,7 +1,16 @@
-"""Feast objects of the moestream feature repo, declared in code (no ``feast apply`` by hand).
+"""Feast objects of the moestream feature repo, declared in code and registered by ``OnlineFeatures.apply``.
 
-Two entities, ``user`` and ``item``, each with a feature view of streaming aggregates fed by a push source.
-The push sources are backed by Parquet batch sources so that pushes can also land offline.
+Two entities, ``user`` and ``item``. Each has two feature views:
+
+- ``{entity}_stream``: streaming aggregates over sliding windows (``WINDOWS``), pushed from the learner through
+  a push source backed by a Parquet file (pushes land online and offline). The view's TTL is the longest
+  window; a shorter window's values are valid for that window's length after ``updated_ms``.
+- ``{entity}_static``: attributes loaded from files (KuaiRand-1K's ``user_features_1k.csv`` /
+  ``video_features_basic_1k.csv`` or the simulator's own; ``features.static``), no TTL.
+
+Each view stores its values packed in one array feature (``stats``, ``dense``, ``cats``) whose element order is
+the column order below. Reading one array per entity instead of one value per feature is what makes a
+1024-pair lookup take milliseconds (see docs/features.md); the names live here, in one place.
 """
 
 from __future__ import annotations
@@ -9,43 +18,98 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import pyarrow as pa
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
-from feast.types import Float32, Int64
+from feast.types import Array, Float32, Int64
 
 from stream.events import TASKS
 
-STAT_NAMES: tuple[str, ...] = ("log_impressions", *(f"{t}_rate" for t in TASKS), "mean_play_s")
-"""Per-entity streaming statistics, in a fixed order."""
+WINDOWS: dict[str, timedelta] = {"1h": timedelta(hours=1), "1d": timedelta(days=1)}
+"""Sliding windows of the streaming aggregates, shortest first."""
 
-USER_FEATURES: tuple[str, ...] = tuple(f"u_{s}" for s in STAT_NAMES)
-ITEM_FEATURES: tuple[str, ...] = tuple(f"i_{s}" for s in STAT_NAMES)
+WINDOW_STATS: tuple[str, ...] = (
+    "log_n",  # log1p(impressions in the window)
+    *(f"{t}_rate" for t in TASKS),  # positives / impressions, smoothed towards the task's base rate
+    *(f"log_{t}" for t in TASKS),  # log1p(positives in the window)
+    "mean_play_s",  # mean watch time, smoothed towards a prior
+)
+"""Statistics computed over each window, in a fixed order."""
+
+
+def _stream(prefix: str) -> tuple[str, ...]:
+    return tuple(f"{prefix}_{s}_{w}" for w in WINDOWS for s in WINDOW_STATS)
+
+
+USER_STREAM: tuple[str, ...] = _stream("u")
+ITEM_STREAM: tuple[str, ...] = _stream("i")
+
+USER_STATIC: tuple[str, ...] = (
+    "u_is_lowactive_period", "u_is_live_streamer", "u_is_video_author", "u_log_follow_user_num",
+    "u_log_fans_user_num", "u_log_friend_user_num", "u_log_register_days",  # KuaiRand-1K
+    "u_sim_activity",  # the simulator's engagement level
+)
+ITEM_STATIC: tuple[str, ...] = (
+    "i_log_duration_s", "i_is_ad", "i_visible_status", "i_aspect_ratio", "i_n_tags",  # KuaiRand-1K
+    "i_sim_quality",  # the simulator's item quality
+)
+"""Numeric static features; an entity without a static row gets 0 in all of them."""
+
+USER_CATEGORICAL: tuple[str, ...] = (
+    "u_active_degree", "u_follow_user_num_range", "u_fans_user_num_range", "u_friend_user_num_range",
+    "u_register_days_range", *(f"u_onehot_feat{i}" for i in range(18)),
+)
+ITEM_CATEGORICAL: tuple[str, ...] = (
+    "i_author_id", "i_music_id", "i_music_type", "i_video_type", "i_upload_type", "i_first_tag",
+)
+CATEGORICAL_COLUMNS: tuple[str, ...] = (*USER_CATEGORICAL, *ITEM_CATEGORICAL)
+"""Integer codes a model may embed beside the IDs; ``MISSING_CODE`` where unknown."""
+MISSING_CODE = -1
+
+USER_FEATURES: tuple[str, ...] = (*USER_STREAM, *USER_STATIC)
+ITEM_FEATURES: tuple[str, ...] = (*ITEM_STREAM, *ITEM_STATIC)
 FEATURE_COLUMNS: tuple[str, ...] = (*USER_FEATURES, *ITEM_FEATURES)
 """Column order of the dense matrix handed to models."""
 
 ID_FIELDS: tuple[str, ...] = ("user_id", "item_id")
 """ID columns the model embeds (hashed)."""
 
-USER_VIEW = "user_stream_stats"
-ITEM_VIEW = "item_stream_stats"
-USER_PUSH = "user_stats_push"
-ITEM_PUSH = "item_stats_push"
+USER_VIEW, ITEM_VIEW = "user_stream", "item_stream"
+USER_PUSH, ITEM_PUSH = "user_stream_push", "item_stream_push"
+USER_STATIC_VIEW, ITEM_STATIC_VIEW = "user_static", "item_static"
+USER_STATIC_PUSH, ITEM_STATIC_PUSH = "user_static_push", "item_static_push"
+
+ENTITY_KEYS = {"user": "user_id", "item": "item_id"}
+STREAM_VIEWS = {"user": USER_VIEW, "item": ITEM_VIEW}
+STATIC_VIEWS = {"user": USER_STATIC_VIEW, "item": ITEM_STATIC_VIEW}
+PUSH_SOURCES = {USER_VIEW: USER_PUSH, ITEM_VIEW: ITEM_PUSH, USER_STATIC_VIEW: USER_STATIC_PUSH,
+                ITEM_STATIC_VIEW: ITEM_STATIC_PUSH}
 
 
-def build_definitions(offline_dir: Path, ttl: timedelta) -> list:
+def offline_schema(view: str) -> pa.Schema:
+    """Arrow schema of a view's Parquet offline file, which is also what a push to it must carry."""
+    key = "user_id" if view.startswith("user") else "item_id"
+    if view in STREAM_VIEWS.values():
+        values = [("stats", pa.list_(pa.float32())), ("updated_ms", pa.int64())]
+    else:
+        values = [("dense", pa.list_(pa.float32())), ("cats", pa.list_(pa.int64()))]
+    return pa.schema([(key, pa.int64()), *values, ("event_timestamp", pa.timestamp("ns", tz="UTC"))])
+
+
+def build_definitions(offline_dir: Path) -> list:
     """Every Feast object of the repo, ready for ``FeatureStore.apply``."""
-    user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="A viewer.")
-    item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="A video.")
-    objects: list = [user, item]
-    for entity, key, view, push, names in (
-        (user, "user_id", USER_VIEW, USER_PUSH, USER_FEATURES),
-        (item, "item_id", ITEM_VIEW, ITEM_PUSH, ITEM_FEATURES),
-    ):
-        batch = FileSource(
-            name=f"{view}_offline",
-            path=str(offline_dir / f"{view}.parquet"),
-            timestamp_field="event_timestamp",
-        )
-        source = PushSource(name=push, batch_source=batch)
-        schema = [Field(name=key, dtype=Int64), *(Field(name=n, dtype=Float32) for n in names)]
-        objects += [batch, source, FeatureView(name=view, entities=[entity], ttl=ttl, schema=schema, source=source)]
+    objects: list = []
+    for kind, key in ENTITY_KEYS.items():
+        entity = Entity(name=kind, join_keys=[key], value_type=ValueType.INT64,
+                        description="A viewer." if kind == "user" else "A video.")
+        objects.append(entity)
+        for view, ttl in ((STREAM_VIEWS[kind], max(WINDOWS.values())), (STATIC_VIEWS[kind], timedelta(0))):
+            batch = FileSource(name=f"{view}_offline", path=str(offline_dir / f"{view}.parquet"),
+                               timestamp_field="event_timestamp")
+            source = PushSource(name=PUSH_SOURCES[view], batch_source=batch)
+            if view in STREAM_VIEWS.values():
+                fields = [Field(name="stats", dtype=Array(Float32)), Field(name="updated_ms", dtype=Int64)]
+            else:
+                fields = [Field(name="dense", dtype=Array(Float32)), Field(name="cats", dtype=Array(Int64))]
+            schema = [Field(name=key, dtype=Int64), *fields]
+            objects += [batch, source, FeatureView(name=view, entities=[entity], ttl=ttl, schema=schema, source=source)]
     return objects

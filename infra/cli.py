@@ -98,33 +98,36 @@ def replay(
 def train(
     model: Annotated[str, typer.Option(help="Model family (learner.models.FAMILIES).")] = "mmoe",
     seconds: Annotated[Optional[float], typer.Option(help="Stop after this long (default: run until Ctrl-C).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Data-parallel trainer actors in one consumer group.")] = 1,
     topic: Topic = "moestream.events",
     data_root: DataRoot = Path(".moestream"),
 ) -> None:
-    """Train continuously from the event topic in a Ray actor, publishing snapshots."""
+    """Train continuously from the event topic in Ray actors (one GPU each when the cluster has GPUs),
+    averaging gradients across them every step, publishing snapshots."""
     import ray
 
     from infra.kafka.broker import bootstrap_servers
-    from infra.pipeline import RunLayout, start_trainer, worker_config
+    from infra.pipeline import RunLayout, start_trainers, worker_config
     from infra.runtime import init_ray
 
     config = worker_config(RunLayout(data_root.absolute() / "live"), bootstrap=bootstrap_servers(), topic=topic, family=model)
     init_ray()
-    trainer, run_ref = start_trainer(config)
+    group = start_trainers(config, workers)
     deadline = time.monotonic() + seconds if seconds else None
     try:
         while deadline is None or time.monotonic() < deadline:
-            ready, _ = ray.wait([run_ref], timeout=5)
-            if ready:
+            ready, _ = ray.wait(group.runs, num_returns=len(group.runs), timeout=5)
+            if len(ready) == len(group.runs):
                 break
-            s = ray.get(trainer.stats.remote())
-            console.print(f"consumed {s['consumed']}  steps {s['steps']}  snapshots {s['snapshots'][-1:]}")
+            for s in group.stats():
+                console.print(f"worker {s['rank']}: consumed {s['consumed']}  steps {s['steps']}  "
+                              f"snapshots {s['snapshots'][-1:]}  id collisions {s['id_collision_rate']:.2%} "
+                              f"of {s['id_keys']:,} ids in {s['id_buckets']:,} buckets")
     except KeyboardInterrupt:
         pass
-    trainer.stop.remote()
-    stats = ray.get(run_ref)
-    ray.get(trainer.close.remote())
-    console.print(f"trained {stats['examples_trained']} examples in {stats['steps']} steps; snapshots {stats['snapshots']}")
+    for stats in group.stop():
+        console.print(f"worker {stats['rank']}: trained {stats['examples_trained']} examples in {stats['steps']} steps; "
+                      f"snapshots {stats['snapshots']}")
 
 
 @app.command()
@@ -222,22 +225,104 @@ def bench(
         console.print(f"wrote {json_path}")
 
 
+SnapshotDir = Annotated[Path, typer.Argument(help="A snapshot directory (default: the live run's).")]
+LIVE_SNAPSHOTS = Path(".moestream/live/snapshots")
+
+
 @snapshots_app.command("list")
-def snapshots_list(directory: Annotated[Path, typer.Argument(help="A snapshot directory.")]) -> None:
-    """List the snapshots in a directory."""
+def snapshots_list(directory: SnapshotDir = LIVE_SNAPSHOTS) -> None:
+    """List the snapshots in a directory (* marks the one LATEST names)."""
     from learner.snapshots import SnapshotStore
 
+    if not directory.is_dir():
+        console.print(f"[red]no snapshot directory at {directory}[/]")
+        raise typer.Exit(1)
     store = SnapshotStore(directory)
     table = Table()
-    for col in ("version", "family", "step", "examples", "sha256", "created"):
+    for col in ("version", "family", "step", "examples", "sha256", "created", "note"):
         table.add_column(col)
     latest = store.latest_version()
     for m in store.list():
         mark = " *" if m.version == latest else ""
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created_at))
+        note = f"rollback of v{m.data['rollback_of']}" if "rollback_of" in m.data else ""
         table.add_row(f"v{m.version}{mark}", m.data.get("family", "?"), str(m.data.get("step")),
-                      str(m.data.get("examples")), m.sha256[:12], created)
+                      str(m.data.get("examples")), m.sha256[:12], created, note)
     console.print(table)
+
+
+@snapshots_app.command("rollback")
+def snapshots_rollback(
+    version: Annotated[str, typer.Argument(help="A kept version to serve again (3 or v3).")],
+    directory: SnapshotDir = LIVE_SNAPSHOTS,
+) -> None:
+    """Serve a kept version again: verified, then republished as the newest version (followers pick it up)."""
+    from learner.snapshots import SnapshotError, SnapshotStore
+
+    raw = version.lower().removeprefix("v")
+    if not raw.isdigit():
+        console.print(f"[red]VERSION must be a number like 3 or v3, got {version!r}[/]")
+        raise typer.Exit(2)
+    if not directory.is_dir():
+        console.print(f"[red]no snapshot directory at {directory}[/]")
+        raise typer.Exit(1)
+    try:
+        manifest = SnapshotStore(directory).rollback(int(raw))
+    except SnapshotError as exc:
+        console.print(f"[red]rollback refused: {exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"v{int(raw)} is live again as v{manifest.version} (LATEST -> v{manifest.version}, sha256 {manifest.sha256[:12]})")
+
+
+@app.command()
+def experts(
+    run: Annotated[Path, typer.Argument(help="A run directory (or its health/experts.json).")] = Path(".moestream/live"),
+) -> None:
+    """Latest expert utilisation per task, drift and anomalies, as the trainer last wrote them."""
+    import orjson
+
+    path = run if run.suffix == ".json" else run / "experts.json" if run.name == "health" else run / "health" / "experts.json"
+    try:
+        report = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        console.print(f"[red]no expert-health report at {path} (the trainer writes one every health.every_steps steps)[/]")
+        raise typer.Exit(1) from None
+    except orjson.JSONDecodeError as exc:
+        console.print(f"[red]{path} is not valid JSON: {exc}[/]")
+        raise typer.Exit(1) from None
+    _print_experts(report)
+
+
+def _print_experts(r: dict) -> None:
+    snap = r.get("snapshot") or {}
+    staleness = snap.get("staleness_s")
+    console.print(
+        f"[bold]{r.get('family', '?')}[/] step {r['step']}  "
+        f"snapshot v{snap.get('version')} ({'-' if staleness is None else f'{staleness:.0f} s'} old)  "
+        f"load balance {r['load_balance']:.3f} (1 = even)"
+    )
+    table = Table(title="routing share per task (% of the task's gate mass or routing choices)")
+    table.add_column("expert", no_wrap=True)
+    for task in r["tasks"]:
+        table.add_column(task, justify="right")
+    table.add_column("zero act.", justify="right")
+    table.add_column("out scale", justify="right")
+    scale = r.get("output_scale")
+    for e, name in enumerate(r["experts"]):
+        cells = [f"{100 * r['routing_share'][t][e]:.1f}" if r["mean_gate"][t][e] > 0 else "·" for t in range(len(r["tasks"]))]
+        table.add_row(name, *cells, f"{100 * r['zero_frac'][e]:.0f}%", "-" if scale is None else f"{scale[e]:.3g}")
+    console.print(table)
+    for kind in ("published", "reference"):
+        drift = r.get(f"drift_vs_{kind}") or {}
+        if drift:
+            figures = "  ".join(f"{t} {v:.3f}" for t, v in drift.items())
+            console.print(f"Jensen-Shannon drift vs the {kind} {'snapshot' if kind == 'published' else 'window'}: {figures}")
+    for a in r["anomalies"]:
+        console.print(f"[yellow]{a['kind']}[/]: {a['subject']}: {a['detail']}")
+    if not r["anomalies"]:
+        console.print("[green]no anomalies[/]")
+    for check, why in (r.get("skipped") or {}).items():
+        console.print(f"[dim]{check} check skipped: {why}[/]")
 
 
 if __name__ == "__main__":

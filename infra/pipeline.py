@@ -5,10 +5,12 @@ This is the composition root: the only place that knows every stage and starts p
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -17,7 +19,8 @@ from ray import serve
 
 from features.store import FeatureStoreConfig, OnlineFeatures
 from infra.kafka.broker import bootstrap_servers
-from infra.runtime import init_ray
+from infra.runtime import cluster_has_gpus, init_ray
+from learner.distributed import GroupConfig, PeerLost, host_store
 from learner.online import LearnerConfig
 from learner.telemetry import TelemetryConfig
 from learner.worker import TrainerWorker, WorkerConfig
@@ -73,13 +76,80 @@ def worker_config(
     )
 
 
-def start_trainer(config: WorkerConfig):
-    """The trainer as a threaded Ray actor (``stats``/``stop`` answer while ``run`` loops)."""
-    options: dict = {"max_concurrency": 4, "num_cpus": 1}
-    if ray.cluster_resources().get("GPU", 0) > 0:
+class TrainerActor(TrainerWorker):
+    """The trainer worker as run by Ray. If a peer of its data-parallel group dies, its collectives fail;
+    it then exits its process so that Ray restarts it too and the whole group re-forms from its
+    checkpoints (``learner.distributed``), instead of hanging or training alone."""
+
+    def run(self, max_seconds: float | None = None) -> dict:
+        try:
+            return super().run(max_seconds)
+        except PeerLost as exc:
+            print(f"moestream: {exc}; exiting so that Ray restarts this worker", flush=True)
+            os._exit(75)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _actor_options(max_restarts: int) -> dict:
+    """Threaded (``stats``/``stop`` answer while ``run`` loops); restarted by Ray after a crash, its ``run``
+    retried on the new process, which resumes from the last checkpoint and the committed offsets."""
+    options: dict = {"max_concurrency": 4, "num_cpus": 1, "max_restarts": max_restarts,
+                     "max_task_retries": max_restarts}
+    if cluster_has_gpus():
         options["num_gpus"] = 1
-    actor = ray.remote(TrainerWorker).options(**options).remote(config)
+    return options
+
+
+def start_trainer(config: WorkerConfig, max_restarts: int = 3):
+    """One trainer actor and the reference of its ``run``."""
+    actor = ray.remote(TrainerActor).options(**_actor_options(max_restarts)).remote(config)
     return actor, actor.run.remote()
+
+
+@dataclass
+class TrainerGroup:
+    """N trainer actors of one consumer group training one model data-parallel."""
+
+    actors: list
+    runs: list
+    store: object | None = None
+    """The rendezvous store (hosted here, in the driver; it must outlive worker restarts)."""
+
+    def stats(self) -> list[dict]:
+        return ray.get([a.stats.remote() for a in self.actors])
+
+    def stop(self) -> list[dict]:
+        for actor in self.actors:
+            actor.stop.remote()
+        results = ray.get(self.runs)
+        ray.get([a.close.remote() for a in self.actors])
+        return results
+
+
+def start_trainers(config: WorkerConfig, workers: int = 1, max_restarts: int = 3) -> TrainerGroup:
+    """``workers`` trainer actors in one consumer group (Kafka splits the partitions among them), each on a
+    GPU when the cluster has one; with more than one, gradients are averaged every step (``learner.distributed``)."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers > config.kafka.partitions:
+        raise ValueError(f"workers ({workers}) must not exceed the topic's partitions (kafka.partitions = "
+                         f"{config.kafka.partitions}): a worker without partitions would never join the group")
+    if workers == 1:
+        actor, run = start_trainer(config, max_restarts)
+        return TrainerGroup([actor], [run])
+    host = ray.util.get_node_ip_address()
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+    store = host_store(host, port, workers)
+    options = _actor_options(max_restarts)
+    actors = [
+        ray.remote(TrainerActor).options(**options).remote(replace(config, group=GroupConfig(host, port, workers, rank)))
+        for rank in range(workers)
+    ]
+    return TrainerGroup(actors, [a.run.remote() for a in actors], store)
 
 
 def start_serving(config: WorkerConfig, port: int) -> str:
@@ -188,4 +258,5 @@ def shutdown() -> None:
         ray.shutdown()
 
 
-__all__ = ["DemoSummary", "RunLayout", "run_demo", "start_serving", "start_trainer", "worker_config"]
+__all__ = ["DemoSummary", "RunLayout", "TrainerGroup", "run_demo", "start_serving", "start_trainer", "start_trainers",
+           "worker_config"]

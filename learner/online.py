@@ -4,17 +4,24 @@ Order matters and is deliberate:
 
 1. read the examples' features from the online store (as they stand *before* these labels are counted);
 2. score the batch with the current weights and update the progressive metrics (unseen data);
-3. take one optimizer step on the same forward pass;
+3. take one optimizer step on the same forward pass: per-task BCE/MSE over the rows labelled for that task,
+   weighted by ``task_weights``, plus the family's aux loss; with several workers the loss is each worker's
+   share of the union batch's loss and the gradients are summed (``learner.distributed``);
 4. fold the examples' labels into the streaming aggregates and push them to Feast;
-5. every ``snapshot_every_steps`` steps the caller publishes a guarded snapshot (``snapshot_due``), once it
-   knows which source offsets the weights cover.
+5. every ``snapshot_every_steps`` steps or ``snapshot_every_s`` seconds the caller publishes a guarded
+   snapshot (``snapshot_due``), once it knows which source offsets the weights cover;
+6. every ``health.every_steps`` steps, an expert-health report (``learner.health``) goes to W&B and to
+   ``<run>/health/experts.json`` (read by ``moestream experts``), with a utilisation heatmap beside it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
+
+import orjson
 
 import numpy as np
 import pandas as pd
@@ -23,10 +30,12 @@ import torch
 
 from features.aggregates import StreamAggregator
 from features.definitions import FEATURE_COLUMNS, ID_FIELDS
+from learner.distributed import LocalReducer, Reducer
 from learner.metrics import ProgressiveValidation
-from learner.models import MultiTaskRanker, loss_terms
-from learner.snapshots import Manifest, SnapshotError, SnapshotStore
-from learner.telemetry import Telemetry
+from learner.models import ModelOutput, MultiTaskRanker, load_balance_loss, loss_terms
+from learner.health import HealthConfig, HealthMonitor, report_metrics
+from learner.snapshots import Manifest, PublishGuard, SnapshotError, SnapshotRefused, SnapshotStore, write_atomic
+from learner.telemetry import Telemetry, plot_utilisation
 from stream.events import TASKS, TYPICAL_POSITIVE_RATES
 
 
@@ -44,6 +53,21 @@ class LearnerConfig:
     seed: int = 0
     snapshot_every_steps: int = 20
     metric_window: int = 20_000
+    task_weights: Mapping[str, float] = field(default_factory=dict)
+    """Weight of each task's loss in the total (a task left out weighs 1)."""
+    snapshot_every_s: float | None = None
+    """Also publish when this many seconds passed since the last attempt (None: steps only)."""
+    guard: PublishGuard = field(default_factory=PublishGuard)
+    """When a snapshot is refused for a drop in progressive AUC (non-finite weights always are)."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+
+    def __post_init__(self) -> None:
+        stray = sorted(set(self.task_weights) - set(self.tasks))
+        if stray:
+            raise ValueError(f"learner.task_weights names unknown task(s) {stray}; tasks are {list(self.tasks)}")
+        for task, w in self.task_weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
+                raise ValueError(f"learner.task_weights.{task} must be a finite number >= 0, got {w!r}")
 
 
 class FeatureReader(Protocol):
@@ -59,8 +83,10 @@ class OnlineLearner:
         snapshots: SnapshotStore,
         telemetry: Telemetry | None = None,
         device: str = "cpu",
+        reducer: Reducer | None = None,
     ) -> None:
         torch.manual_seed(config.seed)
+        self.reducer: Reducer = reducer or LocalReducer()
         self.config = config
         self.features = features
         self.snapshots = snapshots
@@ -77,15 +103,29 @@ class OnlineLearner:
         ).to(self.device)
         self.model.init_output_bias(config.base_rates)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self._lb_experts = self._probe_lb_experts()
         self.metrics = ProgressiveValidation(config.tasks, window=config.metric_window)
         self.aggregator = StreamAggregator()
         self.step = 0
         self.examples = 0
         self.event_time_hwm_ms = 0
         self.published: list[int] = []
+        self.refused: dict[str, int] = {}
+        """Refused publishes by reason (``non-finite``, ``auc-drop``)."""
+        self._last_publish_attempt = time.monotonic()
         self.last_losses: dict[str, float] = {}
+        latest = snapshots.latest_manifest()
+        self.health = HealthMonitor(
+            config.health, config.tasks, self.model.model, latest.data.get("experts") if latest else None
+        )
+        self.health_dir = snapshots.directory.parent / "health"
 
     def learn(self, examples: pa.Table) -> dict[str, float]:
+        """One step on ``examples``; with none (a worker whose partitions are idle), a zero-weight step."""
+        if examples.num_rows == 0:
+            self._optimize(None, {})
+            self.step += 1
+            return {"loss": 0.0}
         cols = examples.to_pydict()
         user_ids = np.asarray(cols["user_id"], dtype=np.int64)
         item_ids = np.asarray(cols["item_id"], dtype=np.int64)
@@ -95,18 +135,19 @@ class OnlineLearner:
             "item_id": torch.from_numpy(item_ids).to(self.device),
         }
         x_dense = torch.from_numpy(dense).to(self.device)
-        labels = {t: torch.as_tensor(np.asarray(cols[t], dtype=np.float32), device=self.device) for t in self.config.tasks}
+        labels = {  # a missing label (null) becomes NaN and is masked out of its task's loss
+            t: torch.as_tensor(np.asarray(cols[t], dtype=np.float32), device=self.device) for t in self.config.tasks
+        }
 
         self.model.train()
-        output = self.model(ids, x_dense)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            output = self.model(ids, x_dense)
+        self.health.observe(output)
         with torch.no_grad():  # progressive validation: these weights have not seen this batch yet
             probs = {t: torch.sigmoid(output.logits[t]).float().cpu().numpy() for t in self.config.tasks}
-        self.metrics.update(probs, {t: labels[t].cpu().numpy() for t in self.config.tasks})
+        self.metrics.update(probs, {t: labels[t].cpu().numpy() for t in self.config.tasks}, user_ids)
 
-        total, per_task = loss_terms(output, labels, None)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        total, per_task = self._optimize(output, labels)
 
         users, items = self.aggregator.update(examples)
         self.features.push(users, items)
@@ -117,6 +158,56 @@ class OnlineLearner:
         self.last_losses = {t: v.item() for t, v in per_task.items()}
         self._log(output, total)
         return {"loss": total.item(), **{f"loss/{t}": v for t, v in self.last_losses.items()}}
+
+    def _optimize(
+        self, output: ModelOutput | None, labels: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Backward and one optimizer step on this worker's share of the global loss (see
+        ``learner.distributed``); ``output`` None is a zero-weight step. Returns the share and the
+        local per-task losses."""
+        tasks = self.config.tasks
+        weights = torch.tensor([float(self.config.task_weights.get(t, 1.0)) for t in tasks], device=self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        if output is None:
+            counts = torch.zeros(len(tasks) + 1, device=self.device)  # (T + 1,): labelled rows per task, rows
+            lb_stats = None
+            if self._lb_experts is not None:
+                zeros = torch.zeros(self._lb_experts, device=self.device)
+                lb_stats = (zeros, zeros.clone(), torch.zeros((), device=self.device))
+            self.reducer.reduce_batch(counts, lb_stats)
+            total, per_task = torch.zeros((), device=self.device), {}
+        else:
+            mask = {t: ~torch.isnan(labels[t]) for t in tasks}
+            rows = float(next(iter(labels.values())).shape[0])
+            counts = torch.stack([*(mask[t].sum().float() for t in tasks), torch.tensor(rows, device=self.device)])
+            lb_local = None if output.lb_stats is None else tuple(s.float() for s in output.lb_stats)
+            counts_all, lb_all = self.reducer.reduce_batch(counts, lb_local)
+            logits = {t: v.float() for t, v in output.logits.items()}
+            _, per_task = loss_terms(ModelOutput(logits, output.aux_loss, {}, output.expert_zero_frac, output.task_types),
+                                     labels, mask)
+            share = counts[:-1] / counts_all[:-1].clamp_min(1.0)  # (T,): this worker's part of each task's mean
+            total = (weights * share * torch.stack([per_task[t] for t in tasks])).sum()
+            if lb_all is not None:  # the regulariser on the union's statistics
+                total = total + self.model.model.lb_coef * load_balance_loss(*lb_all, self._lb_experts)
+            else:
+                total = total + output.aux_loss.float() * (counts[-1] / counts_all[-1].clamp_min(1.0))
+            total.backward()
+        self.reducer.reduce_grads(self.model.parameters())
+        self.optimizer.step()
+        return total, per_task
+
+    def _probe_lb_experts(self) -> int | None:
+        """Experts in the family's load-balancing statistics (None: it has none), from a one-row forward, so
+        that a worker with no data can still contribute statistics of the right shape."""
+        ids = {f: torch.zeros(1, dtype=torch.int64, device=self.device) for f in ID_FIELDS}
+        was_training = self.model.training
+        self.model.eval()  # BatchNorm (HoME) neither needs more than one row nor updates its statistics
+        try:
+            with torch.no_grad():
+                stats = self.model(ids, torch.zeros(1, len(FEATURE_COLUMNS), device=self.device)).lb_stats
+        finally:
+            self.model.train(was_training)
+        return None if stats is None else int(stats[0].numel())
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict, dict[str, np.ndarray], dict]:
         """Model, optimizer, numpy state and counters: what a checkpoint must hold to resume exactly."""
@@ -140,10 +231,17 @@ class OnlineLearner:
 
     @property
     def snapshot_due(self) -> bool:
-        return self.step > 0 and self.step % self.config.snapshot_every_steps == 0
+        if self.step == 0:
+            return False
+        every_s = self.config.snapshot_every_s
+        late = every_s is not None and time.monotonic() - self._last_publish_attempt >= every_s
+        return late or self.step % self.config.snapshot_every_steps == 0
 
     def publish(self, offsets: dict[int, int]) -> Manifest | None:
-        """Publish the current weights if they are finite; a refused snapshot is logged, not fatal."""
+        """Publish the current weights unless the guard refuses (non-finite weights, or the recent progressive
+        AUC fell more than ``guard.max_auc_drop`` below the last published): a refusal is counted and logged
+        with its reason, not fatal."""
+        self._last_publish_attempt = time.monotonic()
         try:
             manifest = self.snapshots.publish(
                 self.model.state_dict(),
@@ -155,31 +253,68 @@ class OnlineLearner:
                     "offsets": {str(p): o for p, o in offsets.items()},
                     "event_time_hwm_ms": self.event_time_hwm_ms,
                     "metrics": self.metrics.summary(),
+                    "experts": self.health.record(),
                     "learner_config": {
                         **asdict(self.config),
                         "hparams": dict(self.config.hparams),
                         "base_rates": dict(self.config.base_rates),
                     },
                 },
+                guard=self.config.guard,
             )
         except SnapshotError as exc:
+            reason = exc.reason if isinstance(exc, SnapshotRefused) else "error"
+            self.refused[reason] = self.refused.get(reason, 0) + 1
             if self.telemetry:
-                self.telemetry.log({"snapshot/refused": 1.0}, step=self.step)
-            print(f"moestream: snapshot refused at step {self.step}: {exc}")
+                self.telemetry.log({f"snapshot/refused/{reason}": float(self.refused[reason])}, step=self.step)
+                self.telemetry.summarise({"snapshot/last_refusal": f"step {self.step}: {exc}"})
+            print(f"moestream: snapshot refused at step {self.step} ({reason}): {exc}")
             return None
         self.published.append(manifest.version)
+        self.health.published(manifest.data.get("experts"))
         if self.telemetry:
             self.telemetry.log({"snapshot/version": float(manifest.version)}, step=self.step)
         return manifest
 
     def _log(self, output, total: torch.Tensor) -> None:
-        if self.telemetry is None:
-            return
         record = {"loss/total": total.item(), **{f"loss/{t}": v for t, v in self.last_losses.items()}}
-        for task, gate in output.gates.items():
-            mean = gate.detach().float().mean(dim=0).cpu().numpy()  # (E,)
-            record.update({f"gate/{task}/expert_{e}": float(w) for e, w in enumerate(mean)})
-        if self.step % 10 == 0:
-            for task, m in self.metrics.summary().items():
-                record.update({f"progressive/{task}/{k}": v for k, v in m.items() if np.isfinite(v)})
-        self.telemetry.log(record, step=self.step)
+        if self.health.due(self.step):  # progressive metrics and expert health share one cadence
+            if self.telemetry is not None:
+                for task, m in self.metrics.summary().items():
+                    record.update({f"progressive/{task}/{k}": v for k, v in m.items() if np.isfinite(v)})
+            record.update(self._health_report())
+        if self.telemetry is not None:
+            self.telemetry.log(record, step=self.step)
+
+    def _health_report(self) -> dict[str, float]:
+        """Expert health (``learner.health``): JSON for ``moestream experts``, W&B metrics and alerts, heatmap."""
+        now = time.time()
+        report = self.health.report(self.step, self.metrics.positive_rates(), now)
+        if report is None:
+            return {}
+        latest = self.snapshots.latest_manifest()
+        report["snapshot"] = {
+            "version": latest.version if latest else None,
+            "staleness_s": now - latest.created_at if latest else None,
+            "staleness_steps": self.step - latest.data.get("step", 0) if latest else None,
+            "refused": dict(self.refused),
+        }
+        report["family"] = self.config.family
+        self.health_dir.mkdir(parents=True, exist_ok=True)
+        if (self.health.reports - 1) % self.config.health.heatmap_every_reports == 0:  # the first, then every N
+            steps = [s for s, _ in self.health.history]
+            shares = np.stack([share for _, share in self.health.history])  # (R, T, E)
+            png = plot_utilisation(steps, shares, report["tasks"], report["experts"], self.health_dir / "utilisation.png")
+            report["heatmap"] = str(png)
+            if self.telemetry is not None:
+                self.telemetry.log_image("health/utilisation", png, step=self.step)
+        write_atomic(self.health_dir / "experts.json", orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        record = report_metrics(report)
+        if latest:
+            record.update({"snapshot/version": float(latest.version), "snapshot/staleness_s": now - latest.created_at})
+        if self.telemetry is not None:
+            for a in report["alerts"]:
+                self.telemetry.alert(f"expert {a['kind']}", f"step {self.step}: {a['subject']}: {a['detail']}")
+            self.telemetry.summarise({"health/anomalies": [f"{a['kind']}: {a['subject']}: {a['detail']}"
+                                                           for a in report["anomalies"]]})
+        return record

@@ -7,8 +7,13 @@ Layout of a snapshot directory (the long-lived weight store serving follows)::
     LATEST                the newest published version, written last
 
 Every file is written to a temporary name, fsynced and renamed, so a reader sees a whole snapshot or none.
-A snapshot whose weights are not all finite is refused at publish time; a reader verifies the sha256
-before it trusts the bytes.
+A reader verifies the sha256 before it trusts the bytes.
+
+Publishing is guarded: a snapshot is refused (:class:`SnapshotRefused`, with the reason) when any weight is
+not finite, or, given a :class:`PublishGuard`, when a task's recent progressive AUC fell more than
+``max_auc_drop`` below the one recorded in the manifest ``LATEST`` points at. Versions only grow: a
+:meth:`SnapshotStore.rollback` republishes a kept version's verified bytes under a new number (its manifest
+says ``rollback_of``), so every follower of ``LATEST`` picks it up like any other new version.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import hashlib
 import os
 import re
 import time
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +37,53 @@ _NAME = re.compile(r"^v(\d{6,})\.json$")
 
 class SnapshotError(RuntimeError):
     """A snapshot that must not be published or loaded (non-finite, corrupt, missing)."""
+
+
+class SnapshotRefused(SnapshotError):
+    """The publish guard said no; ``reason`` says why (``non-finite`` or ``auc-drop``)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PublishGuard:
+    """Refuse a snapshot whose recent progressive AUC fell too far below the last published one.
+
+    Per task, ``metric`` (a key of ``ProgressiveValidation.summary()``; default the sliding-window AUC)
+    of the candidate is compared with the same figure in the manifest of the version ``LATEST`` names.
+    A task is compared only when both windows hold at least ``min_class_examples`` positives and as many
+    negatives: a window AUC over a few dozen positives moves by more than any useful threshold by chance.
+    """
+
+    max_auc_drop: float = 0.02
+    min_class_examples: int = 500
+    metric: str = "window_auc"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_auc_drop <= 1:
+            raise ValueError(f"guard.max_auc_drop must be in [0, 1], got {self.max_auc_drop!r}")
+        if self.min_class_examples < 1:
+            raise ValueError(f"guard.min_class_examples must be >= 1, got {self.min_class_examples!r}")
+
+    def _comparable(self, m: Mapping[str, float]) -> float | None:
+        # Manifests store an undefined metric (NaN) as JSON null: both mean "not comparable".
+        value = m.get(self.metric)
+        positives = m.get("window_positives") or 0.0
+        negatives = (m.get("window_n") or 0.0) - positives
+        if value is None or not math.isfinite(value) or min(positives, negatives) < self.min_class_examples:
+            return None
+        return value
+
+    def check(self, metrics: Mapping[str, Mapping[str, float]], reference: Mapping[str, Mapping[str, float]]) -> str | None:
+        """Why ``metrics`` must not replace the snapshot that recorded ``reference``; None if it may."""
+        drops = []
+        for task, m in metrics.items():
+            now, before = self._comparable(m), self._comparable(reference.get(task, {}))
+            if now is not None and before is not None and before - now > self.max_auc_drop:
+                drops.append(f"{task} {self.metric} {now:.4f} < {before:.4f} - {self.max_auc_drop}")
+        return "; ".join(drops) or None
 
 
 @dataclass(frozen=True)
@@ -53,7 +107,8 @@ class Manifest:
         return cls(version=version, sha256=sha, created_at=created, data=obj)
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write to a temporary name, fsync, rename, fsync the directory: readers see all of it or none."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(payload)
@@ -99,18 +154,54 @@ class SnapshotStore:
     def list(self) -> list[Manifest]:
         return [self.manifest(v) for v in self.versions()]
 
-    def publish(self, state_dict: dict[str, torch.Tensor], data: dict) -> Manifest:
-        """Write a new version; refuse non-finite weights. Returns its manifest."""
+    def latest_manifest(self) -> Manifest | None:
+        """The manifest ``LATEST`` names, or None when nothing is published (or it was pruned by hand)."""
+        version = self.latest_version()
+        if version is None:
+            return None
+        try:
+            return self.manifest(version)
+        except SnapshotError:
+            return None
+
+    def publish(self, state_dict: dict[str, torch.Tensor], data: dict, guard: PublishGuard | None = None) -> Manifest:
+        """Write a new version and point ``LATEST`` at it. Returns its manifest.
+
+        Raises :class:`SnapshotRefused` (nothing written) for non-finite weights, or, with a ``guard``,
+        when ``data["metrics"]`` fails :meth:`PublishGuard.check` against the latest manifest's metrics.
+        """
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
-            raise SnapshotError(f"refusing to publish non-finite weights: {bad[:5]}")
-        payload = save_safetensors(tensors)
+            raise SnapshotRefused("non-finite", f"refusing to publish non-finite weights: {bad[:5]}")
+        if guard is not None and (latest := self.latest_manifest()) is not None:
+            why = guard.check(data.get("metrics", {}), latest.data.get("metrics", {}))
+            if why:
+                raise SnapshotRefused("auc-drop", f"progressive AUC fell below v{latest.version}'s: {why}")
+        return self._write(save_safetensors(tensors), data)
+
+    def rollback(self, version: int) -> Manifest:
+        """Serve a kept version again: verify it, then republish its bytes as a new version.
+
+        The new manifest carries the old one's data plus ``rollback_of``; ``LATEST`` names the new
+        version, so followers that only move forward pick it up.
+        """
+        kept = self.versions()
+        if version not in kept:
+            have = ", ".join(f"v{v}" for v in kept) or "none"
+            raise SnapshotError(f"no snapshot v{version} in {self.directory} (kept: {have})")
+        manifest, _ = self.load(version)  # sha256 and finiteness checked
+        payload = self._weights(version).read_bytes()
+        if hashlib.sha256(payload).hexdigest() != manifest.sha256:
+            raise SnapshotError(f"v{version} changed on disk while rolling back")
+        return self._write(payload, {**manifest.data, "rollback_of": version})
+
+    def _write(self, payload: bytes, data: dict) -> Manifest:
         version = max([*self.versions(), self.latest_version() or 0], default=0) + 1
         manifest = Manifest(version, hashlib.sha256(payload).hexdigest(), time.time(), data)
-        _write_atomic(self._weights(version), payload)
-        _write_atomic(self._manifest(version), manifest.to_json())
-        _write_atomic(self.directory / "LATEST", str(version).encode())
+        write_atomic(self._weights(version), payload)
+        write_atomic(self._manifest(version), manifest.to_json())
+        write_atomic(self.directory / "LATEST", str(version).encode())
         self._prune()
         return manifest
 

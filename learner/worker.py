@@ -1,10 +1,19 @@
 """The continuous trainer: joined examples from Kafka -> online learner, acknowledging what it trained.
 
 ``TrainerWorker`` is a plain class so it can be tested and run in-process; infra wraps it in a Ray actor
-(threaded, so ``stats`` and ``stop`` answer while ``run`` loops). Each training batch is acknowledged to
-the :class:`~stream.joined.JoinedStream` after its step, which commits offsets only up to what has been
-trained on: examples still pending in the joiner or waiting in the training buffer hold their partition
-back, so a crash re-delivers them instead of losing them.
+(threaded, so ``stats`` and ``stop`` answer while ``run`` loops). Joined examples are acknowledged to the
+:class:`~stream.joined.JoinedStream` as they enter the training buffer, and offsets are committed only after
+a checkpoint holding the model, the joiner state and that buffer is durable: impressions still pending in
+the joiner hold their partition back, so a crash re-delivers them (the joiner drops the duplicates) instead
+of losing them, and at most one checkpoint interval is trained twice.
+
+Several workers (``WorkerConfig.group``) train one model data-parallel, in lockstep (see
+``learner.distributed``): each reads its own partitions, a static share (rank, rank + N, ...) so that no
+consumer-group rebalance can wait on a worker blocked in a collective, then all agree whether anyone has a full batch
+or wants to stop, and step together, an idle worker taking a zero-weight step. Each keeps its own
+checkpoints (``checkpoint_dir/rank-R``: its joiner, buffer and offsets); weights, optimizer and step are
+restored by every worker from rank 0's latest checkpoint, so the group resumes with identical weights.
+Only rank 0 publishes snapshots.
 """
 
 from __future__ import annotations
@@ -12,14 +21,17 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 
 from features.store import FeatureStoreConfig, OnlineFeatures
 from learner.checkpoint import Checkpoint, CheckpointError, CheckpointStore
+from learner.distributed import GroupConfig, GroupReducer, LocalReducer
+from learner.models import FeatureEncoder
 from learner.online import LearnerConfig, OnlineLearner
 from learner.snapshots import SnapshotStore
 from learner.telemetry import Telemetry, TelemetryConfig
@@ -46,6 +58,8 @@ class WorkerConfig:
     """Append ``partition,offset`` of every trained example here (delivery audits; off by default)."""
     device: str = "auto"
     """"auto": CUDA when this process was given a GPU, else CPU."""
+    group: GroupConfig | None = None
+    """Data-parallel group this worker belongs to (None: it trains alone)."""
 
 
 def _device(choice: str) -> str:
@@ -59,15 +73,26 @@ class TrainerWorker:
         self.config = config
         ensure_topics(config.kafka)
         self.snapshots = SnapshotStore(config.snapshot_dir)
+        self.rank = config.group.rank if config.group else 0
         self.telemetry = Telemetry(config.telemetry, run_config=_plain(asdict(config)))
+        device = _device(config.device)
+        reducer = GroupReducer(config.group, torch.device(device)) if config.group else LocalReducer()
+        features = config.features
+        if config.group is not None and config.group.world_size > 1:
+            # Feast's file offline store rewrites one Parquet file per push: several writers corrupt it.
+            # A group pushes online only; offline history for point-in-time replay comes from replaying
+            # the log (``moestream replay --direct``), one writer.
+            features = replace(features, push_offline=False)
         self.learner = OnlineLearner(
             config.learner,
-            OnlineFeatures(config.features),
+            OnlineFeatures(features),
             self.snapshots,
             self.telemetry,
-            device=_device(config.device),
+            device=device,
+            reducer=reducer,
         )
-        self.checkpoints = CheckpointStore(config.checkpoint_dir)
+        grouped = config.group is not None
+        self.checkpoints = CheckpointStore(config.checkpoint_dir / f"rank-{self.rank}" if grouped else config.checkpoint_dir)
         self.checkpoint_failures = 0
         self.last_checkpoint_error: str | None = None
         self._buffer: list[pa.Table] = []
@@ -76,29 +101,46 @@ class TrainerWorker:
         if restored is not None:
             self.learner.restore(restored.model, restored.optimizer, restored.arrays, restored.meta["counters"])
             joiner = LabelJoiner.from_state(config.joiner, restored.joiner)
+        leader = CheckpointStore(config.checkpoint_dir / "rank-0").latest() if grouped and self.rank else None
+        if leader is not None:  # the group's weights, optimizer and step are rank 0's
+            self.learner.model.load_state_dict(leader.model)
+            self.learner.optimizer.load_state_dict(leader.optimizer)
+            self.learner.step = leader.meta["counters"]["step"]
+        self.learner.reducer.broadcast_parameters(self.learner.model)
+        if restored is not None:
             if restored.buffer.num_rows:
                 self._buffer.append(restored.buffer)  # acknowledged before the crash; trained first
         self.restored_step = restored.step if restored else None
-        self.stream = JoinedStream(config.kafka, config.joiner, restored=joiner)
+        kafka = config.kafka
+        if config.group is not None:  # each rank reads its own partitions: no rebalance to wait on mid-step
+            kafka = replace(kafka, assign=rank_partitions(kafka.partitions, config.group.world_size, self.rank))
+        self.stream = JoinedStream(kafka, config.joiner, restored=joiner)
         self.stream.auto_commit = False  # commits follow checkpoints
         self._stop = threading.Event()
         self._running = threading.Event()
         self.started_at = time.time()
+        self.collisions = self.id_collisions()
+        print(f"moestream: worker {self.rank}: {self.collisions}", flush=True)
 
     def run(self, max_seconds: float | None = None) -> dict:
         """Train until :meth:`stop` (or ``max_seconds``); on the way out, train on everything pending."""
         self._running.set()
         deadline = time.monotonic() + max_seconds if max_seconds else None
         try:
-            while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            agree = self.learner.reducer.agree
+            while True:
+                stop = self._stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
+                if agree([stop])[0]:  # any worker stopping stops the group at the same step
+                    break
                 self._take(self.stream.poll())
-                while self._buffered() >= self.config.batch_size:
+                while agree([self._buffered() >= self.config.batch_size])[0]:
                     self._train(self.config.batch_size)
             self._take(self.stream.flush())
-            while self._buffered():
+            while agree([self._buffered() > 0])[0]:
                 self._train(self.config.batch_size)
             self.checkpoint()
-            self.learner.publish(self.stream.safe_offsets())
+            if self.rank == 0:
+                self.learner.publish(self.stream.safe_offsets())
         finally:
             self._running.clear()
         return self.stats()
@@ -121,15 +163,18 @@ class TrainerWorker:
         return sum(t.num_rows for t in self._buffer)
 
     def _train(self, n: int) -> None:
-        table = pa.concat_tables(self._buffer)
+        """One (group) step on up to ``n`` buffered examples: fewer, or none, when this worker has fewer."""
+        table = pa.concat_tables(self._buffer) if self._buffer else EXAMPLE_SCHEMA.empty_table()
         batch, rest = table.slice(0, n), table.slice(n)
         self._buffer = [rest] if rest.num_rows else []
         self.learner.learn(batch)
         self._audit(batch)
         if self.learner.step % self.config.checkpoint_every_steps == 0:
             self.checkpoint()
-        if self.learner.snapshot_due:
+        if self.learner.snapshot_due and self.rank == 0:
             self.learner.publish(self.stream.safe_offsets())
+        if self.learner.step % 100 == 0:
+            self.collisions = self.id_collisions()
         if self.learner.step % 10 == 0:
             lag = self.stream.lag()
             self.telemetry.log(
@@ -138,8 +183,13 @@ class TrainerWorker:
                 step=self.learner.step,
             )
 
+    def id_collisions(self) -> IdCollisions:
+        """Hash collisions among the user and item ids this worker has seen (the aggregates hold them)."""
+        agg = self.learner.aggregator.state()
+        return id_collisions(self.learner.model.encoder, {"user_id": agg["users.ids"], "item_id": agg["items.ids"]})
+
     def _audit(self, batch: pa.Table) -> None:
-        if self.config.audit_path is None:
+        if self.config.audit_path is None or not batch.num_rows:
             return
         lines = "".join(f"{p},{o}\n" for p, o in zip(batch["partition"].to_pylist(), batch["offset"].to_pylist()))
         fd = os.open(self.config.audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -169,6 +219,7 @@ class TrainerWorker:
 
     def stats(self) -> dict:
         s = self.stream.stats
+        self.collisions = self.id_collisions()
         return {
             "consumed": s.consumed,
             "dead_lettered": dict(self.stream.source.dead_letters.by_reason),
@@ -183,6 +234,11 @@ class TrainerWorker:
             "committed": self.stream.committed,
             "restored_step": self.restored_step,
             "checkpoint_failures": self.checkpoint_failures,
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "id_buckets": self.collisions.n_buckets,
+            "id_collision_rate": self.collisions.rate,
+            "id_keys": self.collisions.n_keys,
             "last_checkpoint_error": self.last_checkpoint_error,
             "wandb_dir": self.telemetry.run_dir,
             "uptime_s": time.time() - self.started_at,
@@ -191,6 +247,49 @@ class TrainerWorker:
     def close(self) -> None:
         self.telemetry.finish()
         self.stream.close()
+        self.learner.reducer.close()
+
+
+@dataclass(frozen=True)
+class IdCollisions:
+    n_keys: int
+    """Distinct (field, id) keys seen."""
+    n_buckets: int
+    occupied: int
+    rate: float
+    """Fraction of keys that share their bucket with at least one other key."""
+    expected_rate: float
+    """``1 - exp(-n_keys / n_buckets)``: the rate a uniform hash gives (``learner/models/encoder.py``)."""
+
+    def __str__(self) -> str:
+        return (f"hashed ids: {self.n_keys:,} keys in {self.n_buckets:,} buckets, collision rate {self.rate:.2%} "
+                f"(uniform hashing: {self.expected_rate:.2%})")
+
+
+def id_collisions(encoder: FeatureEncoder, ids: dict[str, np.ndarray]) -> IdCollisions:
+    """Collision rate of the hashed embedding table over the given ids per field (e.g. all ids seen)."""
+    n = max((len(v) for v in ids.values()), default=0)
+    if n == 0:
+        return IdCollisions(0, encoder.n_buckets, 0, 0.0, 0.0)
+    device = encoder.salts.device
+    buckets = []
+    for field_name, values in ids.items():  # one field at a time: the others are padded with a fixed id
+        column = {f: torch.zeros(len(values), dtype=torch.int64, device=device) for f in encoder.id_fields}
+        column[field_name] = torch.as_tensor(np.asarray(values, dtype=np.int64), device=device)
+        buckets.append(encoder.buckets(column)[:, encoder.id_fields.index(field_name)])
+    all_buckets = torch.cat(buckets)
+    _, inverse, counts = torch.unique(all_buckets, return_inverse=True, return_counts=True)
+    n_keys = int(all_buckets.numel())
+    rate = float((counts[inverse] > 1).float().mean())
+    expected = 1.0 - float(np.exp(-n_keys / encoder.n_buckets))
+    return IdCollisions(n_keys, encoder.n_buckets, int(counts.numel()), rate, expected)
+
+
+def rank_partitions(n_partitions: int, world_size: int, rank: int) -> tuple[int, ...]:
+    """The partitions rank ``rank`` of ``world_size`` reads: every ``world_size``-th, starting at its rank."""
+    if world_size > n_partitions:
+        raise ValueError(f"kafka.partitions ({n_partitions}) must be at least the number of workers ({world_size})")
+    return tuple(range(rank, n_partitions, world_size))
 
 
 def _plain(obj):

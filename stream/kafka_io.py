@@ -33,6 +33,10 @@ class KafkaConfig:
     """Longest a batch waits to fill up."""
     max_skew_ms: int = 5 * 60 * 1000
     """Events stamped further than this in the future are dead-lettered."""
+    assign: tuple[int, ...] | None = None
+    """Read exactly these partitions (static assignment, no group rebalancing; offsets are still committed
+    under ``group_id``). Data-parallel trainer ranks use it: a rank blocked in a collective can then never
+    hold up a rebalance that the other ranks wait on. None: join the consumer group."""
 
     @property
     def dlq_topic(self) -> str:
@@ -159,7 +163,13 @@ class EventSource:
             session_timeout_ms=30_000,
             max_poll_interval_ms=600_000,
         )
-        self._consumer.subscribe([config.topic], listener=listener)
+        if config.assign is None:
+            self._consumer.subscribe([config.topic], listener=listener)
+        else:
+            owned = [TopicPartition(config.topic, p) for p in config.assign]
+            self._consumer.assign(owned)
+            if listener is not None:
+                listener.on_partitions_assigned(owned)
 
     def next_batch(self) -> SourceBatch:
         """Up to ``max_batch`` messages, or whatever arrived within ``max_wait_ms``; may be empty."""

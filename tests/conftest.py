@@ -63,3 +63,14 @@ def unique_topic(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def data_root(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real redis-server on a free loopback port (installed from Debian's packages if missing), as
+    ``host:port``; stopped at the end of the session."""
+    from infra.redis_server import RedisServerConfig, running
+
+    config = RedisServerConfig(port=free_port(), data_dir=tmp_path_factory.mktemp("redis"))
+    with running(config) as server:
+        yield server.connection_string

@@ -1,5 +1,9 @@
+"""The Feast feature repo against real stores: SQLite (default) and a real redis-server, Parquet offline."""
+
 from __future__ import annotations
 
+import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -8,20 +12,26 @@ import pyarrow as pa
 import pytest
 
 from features.aggregates import StreamAggregator
-from features.definitions import FEATURE_COLUMNS, ITEM_FEATURES, USER_FEATURES
-from features.store import FeatureStoreConfig, OnlineFeatures
+from features.definitions import (
+    CATEGORICAL_COLUMNS, FEATURE_COLUMNS, ITEM_STATIC, MISSING_CODE, USER_STATIC, USER_STREAM,
+)
+from features.static import KUAIRAND_USER_COLUMNS, KUAIRAND_VIDEO_COLUMNS
+from features.store import FeatureStoreConfig, OnlineFeatures, defaults
 from stream.events import EXAMPLE_SCHEMA, LABELS
 
 pytestmark = pytest.mark.integration
 
+T0 = 1_700_000_000_000
+HOUR_MS = 3_600_000
 
-def _examples(users: list[int], items: list[int], clicks: list[int]) -> pa.Table:
+
+def examples(users: list[int], items: list[int], clicks: list[int], ts: list[int] | None = None) -> pa.Table:
     n = len(users)
     cols = {
         "request_id": [f"r{i}" for i in range(n)],
         "user_id": users,
         "item_id": items,
-        "ts_ms": [1_700_000_000_000 + i for i in range(n)],
+        "ts_ms": ts if ts is not None else [T0 + i for i in range(n)],
         **{name: [0.0] * n for name in LABELS},
         "partition": [0] * n,
         "offset": list(range(n)),
@@ -31,28 +41,190 @@ def _examples(users: list[int], items: list[int], clicks: list[int]) -> pa.Table
     return pa.Table.from_pydict(cols, schema=EXAMPLE_SCHEMA)
 
 
-def test_pushed_aggregates_come_back_in_column_order_and_unknowns_get_defaults(tmp_path: Path) -> None:
-    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path))
+@pytest.fixture(params=["sqlite", "redis"])
+def config(request: pytest.FixtureRequest, tmp_path: Path) -> FeatureStoreConfig:
+    if request.param == "sqlite":
+        return FeatureStoreConfig(data_dir=tmp_path)
+    connection = request.getfixturevalue("redis_server")
+    # One Feast project per test: the Redis keys are prefixed by it, so tests sharing the server stay apart.
+    return FeatureStoreConfig(data_dir=tmp_path, online_store="redis", redis_connection=connection,
+                              project=f"t{uuid.uuid4().hex[:12]}")
+
+
+def frame(matrix: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame(matrix, columns=FEATURE_COLUMNS)
+
+
+def test_pushed_aggregates_come_back_in_column_order_and_unknowns_get_defaults(config: FeatureStoreConfig) -> None:
+    store = OnlineFeatures(config)
     store.apply()  # a second apply is harmless
     agg = StreamAggregator()
-    users, items = agg.update(_examples([1, 1, 2], [10, 11, 10], [1, 1, 0]))
+    users, items = agg.update(examples([1, 1, 2], [10, 11, 10], [1, 1, 0]))
     store.push(users, items)
 
-    matrix = store.lookup(np.array([1, 2, 999, 1]), np.array([10, 10, 10, 777]))
-    assert matrix.shape == (4, len(FEATURE_COLUMNS)) and matrix.dtype == np.float32
-    frame = pd.DataFrame(matrix, columns=FEATURE_COLUMNS)
-    prior = agg.defaults()
-    assert frame.loc[0, "u_log_impressions"] == pytest.approx(np.log1p(2))
-    assert frame.loc[0, "u_click_rate"] > prior[1]  # two clicks out of two pulls the rate above the prior
-    assert frame.loc[1, "u_click_rate"] < prior[1]
-    assert frame.loc[2, list(USER_FEATURES)].to_numpy() == pytest.approx(prior[: len(USER_FEATURES)])  # unknown user
-    assert frame.loc[3, list(ITEM_FEATURES)].to_numpy() == pytest.approx(prior[len(USER_FEATURES):])  # unknown item
-    assert frame.loc[0, "i_log_impressions"] == pytest.approx(np.log1p(2))  # item 10 was seen twice
+    got = frame(store.lookup(np.array([1, 2, 999, 1]), np.array([10, 10, 10, 777])))
+    assert got.shape == (4, len(FEATURE_COLUMNS)) and got.dtypes.eq(np.float32).all()
+    prior = frame(defaults()[None, :]).iloc[0]
+    for window in ("1h", "1d"):
+        assert got.loc[0, f"u_log_n_{window}"] == pytest.approx(np.log1p(2))
+        assert got.loc[0, f"u_click_rate_{window}"] > prior[f"u_click_rate_{window}"]  # 2 clicks of 2
+        assert got.loc[0, f"u_log_click_{window}"] == pytest.approx(np.log1p(2))
+        assert got.loc[1, f"u_click_rate_{window}"] < prior[f"u_click_rate_{window}"]  # 0 of 1
+        assert got.loc[0, f"i_log_n_{window}"] == pytest.approx(np.log1p(2))  # item 10 was seen twice
+    user_cols = [c for c in FEATURE_COLUMNS if c.startswith("u_")]
+    item_cols = [c for c in FEATURE_COLUMNS if c.startswith("i_")]
+    assert got.loc[2, user_cols].to_numpy() == pytest.approx(prior[user_cols].to_numpy())  # unknown user
+    assert got.loc[3, item_cols].to_numpy() == pytest.approx(prior[item_cols].to_numpy())  # unknown item
+    assert (got.loc[0] == got.loc[3]).loc[user_cols].all()  # the same user twice in a batch: the same row
 
 
-def test_a_second_store_on_the_same_directory_reads_what_the_first_pushed(tmp_path: Path) -> None:
-    writer = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path))
-    users, items = StreamAggregator().update(_examples([5], [50], [1]))
+def test_lookup_batch_returns_ids_and_categoricals_with_defaults(config: FeatureStoreConfig) -> None:
+    store = OnlineFeatures(config)
+    batch = store.lookup_batch(np.array([3, 4]), np.array([30, 40]))
+    assert batch.dense.shape == (2, len(FEATURE_COLUMNS))
+    assert list(batch.ids) == ["user_id", "item_id", *CATEGORICAL_COLUMNS]
+    assert batch.ids["user_id"].tolist() == [3, 4] and batch.ids["item_id"].tolist() == [30, 40]
+    assert all((batch.ids[c] == MISSING_CODE).all() for c in CATEGORICAL_COLUMNS)
+    assert store.lookup_batch(np.array([], dtype=np.int64), np.array([], dtype=np.int64)).dense.shape == (0, len(FEATURE_COLUMNS))
+    with pytest.raises(ValueError, match="equal length"):
+        store.lookup(np.array([1, 2]), np.array([1]))
+
+
+def test_windows_expire_after_their_length(config: FeatureStoreConfig) -> None:
+    store = OnlineFeatures(config)
+    users, items = StreamAggregator().update(examples([1], [10], [1]))
+    store.push(users, items)
+    stamp = int(users["event_timestamp"].iloc[0].value // 1_000_000)
+    fresh = frame(store.lookup_batch(np.array([1]), np.array([10]), as_of_ms=stamp + 1000).dense)
+    later = frame(store.lookup_batch(np.array([1]), np.array([10]), as_of_ms=stamp + 2 * HOUR_MS).dense)
+    gone = frame(store.lookup_batch(np.array([1]), np.array([10]), as_of_ms=stamp + 25 * HOUR_MS).dense)
+    prior = frame(defaults()[None, :])
+    assert fresh.loc[0, "u_log_n_1h"] == pytest.approx(np.log1p(1))
+    assert later.loc[0, "u_log_n_1h"] == 0 and later.loc[0, "u_click_rate_1h"] == pytest.approx(prior.loc[0, "u_click_rate_1h"])
+    assert later.loc[0, "u_log_n_1d"] == pytest.approx(np.log1p(1))  # the day window still holds
+    assert gone.loc[0, "u_log_n_1d"] == 0
+
+
+def test_a_second_store_on_the_same_repo_reads_what_the_first_pushed(config: FeatureStoreConfig) -> None:
+    writer = OnlineFeatures(config)
+    users, items = StreamAggregator().update(examples([5], [50], [1]))
     writer.push(users, items)
-    reader = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path), apply=False)
-    assert reader.lookup(np.array([5]), np.array([50]))[0, 0] == pytest.approx(np.log1p(1))
+    reader = OnlineFeatures(config, apply=False)
+    stamp = int(users["event_timestamp"].iloc[0].value // 1_000_000)
+    assert reader.lookup_batch(np.array([5]), np.array([50]), as_of_ms=stamp).dense[0, 0] == pytest.approx(np.log1p(1))
+
+
+def test_static_files_in_kuairand_and_simulator_formats_load_and_read_back(config: FeatureStoreConfig, tmp_path: Path) -> None:
+    users = pd.DataFrame({c: [0, 0] for c in KUAIRAND_USER_COLUMNS})
+    users["user_id"] = [1, 2]
+    users["user_active_degree"] = ["full_active", "UNKNOWN"]
+    users["follow_user_num_range"] = ["(0,10]", "0"]
+    users["fans_user_num"] = [312, 0]
+    users["register_days"] = [3624, 20]
+    users["onehot_feat3"] = [1153, 7]
+    users.to_csv(tmp_path / "user_features_1k.csv", index=False)
+    videos = pd.DataFrame({c: [None, None] for c in KUAIRAND_VIDEO_COLUMNS})
+    videos["video_id"], videos["author_id"], videos["video_type"] = [10, 11], [441, 9], ["NORMAL", "AD"]
+    videos["upload_type"], videos["video_duration"] = ["ShortImport", "Web"], [17200.0, None]
+    videos["server_width"], videos["server_height"], videos["tag"] = [720, 0], [1280, 0], ["12,65", None]
+    videos.to_csv(tmp_path / "video_features_basic_1k.csv", index=False)
+    pd.DataFrame({"item_id": [12], "quality": [0.5]}).to_csv(tmp_path / "sim_items.csv", index=False)
+
+    store = OnlineFeatures(config)
+    assert store.load_static(tmp_path / "user_features_1k.csv", tmp_path / "video_features_basic_1k.csv") == {"user": 2, "item": 2}
+    assert store.load_static(items=tmp_path / "sim_items.csv") == {"item": 1}
+    batch = store.lookup_batch(np.array([1, 2, 3]), np.array([10, 11, 12]))
+    got = batch.frame()
+    assert got.loc[0, "u_log_fans_user_num"] == pytest.approx(np.log1p(312))
+    assert got.loc[0, "u_log_register_days"] == pytest.approx(np.log1p(3624))
+    assert got.loc[0, "u_active_degree"] == 1 and got.loc[1, "u_active_degree"] == 3
+    assert got.loc[0, "u_onehot_feat3"] == 1153 and got.loc[0, "u_follow_user_num_range"] == 1
+    assert got.loc[2, list(USER_STATIC)].eq(0).all() and got.loc[2, "u_onehot_feat3"] == MISSING_CODE  # unknown user
+    assert got.loc[0, "i_log_duration_s"] == pytest.approx(np.log1p(17.2))
+    assert got.loc[0, "i_aspect_ratio"] == pytest.approx(1280 / 720) and got.loc[0, "i_n_tags"] == 2
+    assert got.loc[0, "i_first_tag"] == 12 and got.loc[0, "i_author_id"] == 441
+    assert got.loc[1, "i_is_ad"] == 1 and got.loc[1, "i_first_tag"] == MISSING_CODE
+    assert got.loc[2, "i_sim_quality"] == pytest.approx(0.5) and got.loc[2, list(ITEM_STATIC[:-1])].eq(0).all()
+
+
+def test_a_file_in_neither_format_is_refused_with_its_columns(tmp_path: Path) -> None:
+    pd.DataFrame({"uid": [1], "age": [3]}).to_csv(tmp_path / "users.csv", index=False)
+    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "repo"))
+    with pytest.raises(ValueError, match=r"users.csv: columns \['uid', 'age'\] match no known format"):
+        store.load_static(users=tmp_path / "users.csv")
+
+
+def test_recreating_the_repo_is_idempotent(tmp_path: Path) -> None:
+    config = FeatureStoreConfig(data_dir=tmp_path)
+    store = OnlineFeatures(config)
+    store.push(*StreamAggregator().update(examples([1], [10], [1])))
+    before = sorted(v.name for v in store.store.list_feature_views())
+    for _ in range(2):
+        OnlineFeatures(config).apply()
+    again = OnlineFeatures(config)
+    assert sorted(v.name for v in again.store.list_feature_views()) == before
+    assert sorted(s.name for s in again.store.list_data_sources()) == sorted(s.name for s in store.store.list_data_sources())
+    assert again.lookup_batch(np.array([1]), np.array([10]), as_of_ms=T0 + 10).dense[0, 0] == pytest.approx(np.log1p(1))
+
+
+def test_lookups_never_touch_the_registry_after_start(tmp_path: Path) -> None:
+    """The registry is cached forever: with its file gone, lookups and pushes still work."""
+    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path))
+    shutil.move(tmp_path / "registry.db", tmp_path / "registry.moved")
+    store.push(*StreamAggregator().update(examples([1], [10], [1])))
+    assert store.lookup(np.array([1]), np.array([10]))[0, 0] == pytest.approx(np.log1p(1))
+    assert not (tmp_path / "registry.db").exists()
+
+
+def test_bad_config_names_the_key() -> None:
+    with pytest.raises(ValueError, match="features.online_store"):
+        FeatureStoreConfig(online_store="cassandra")  # type: ignore[arg-type]
+
+
+def test_push_lands_offline_too(tmp_path: Path) -> None:
+    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path))
+    store.push(*StreamAggregator().update(examples([1, 2], [10, 10], [1, 0])))
+    offline = pd.read_parquet(tmp_path / "offline" / "user_stream.parquet")
+    assert sorted(offline["user_id"]) == [1, 2] and len(offline["stats"].iloc[0]) == len(USER_STREAM)
+
+
+@pytest.mark.parametrize("later_click", [0, 1])
+def test_point_in_time_a_later_label_never_reaches_an_earlier_example(tmp_path: Path, later_click: int) -> None:
+    """Replay: user 1 sees item 10 at T0 (no click), then item 11 at T0+1s and T0+2s, each batch pushed
+    online and offline. Each event's historical features count only the events before it; flipping the
+    label of a later event changes nothing for the earlier ones."""
+    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path))
+    agg = StreamAggregator()
+    stamps = [T0, T0 + 1000, T0 + 2000]
+    for ts, item, click in zip(stamps, [10, 11, 11], [0, later_click, 1]):
+        store.push(*agg.update(examples([1], [item], [click], ts=[ts])))
+    events = pd.DataFrame({"user_id": [1, 1, 1, 1], "item_id": [10, 11, 11, 11],
+                           "event_timestamp": pd.to_datetime([*stamps, T0 + 2000], unit="ms", utc=True)})
+    got = store.historical(events).frame()
+    prior = frame(defaults()[None, :]).iloc[0]
+    user_cols = [c for c in got.columns if c.startswith("u_") and c in FEATURE_COLUMNS]
+    assert got.loc[0, user_cols].to_numpy() == pytest.approx(prior[user_cols].to_numpy())  # nothing before T0
+    assert got.loc[1, "u_log_n_1h"] == pytest.approx(np.log1p(1)) and got.loc[1, "u_log_click_1h"] == 0
+    # The event at T0+2s sees the two before it: its own label and later ones stay out.
+    assert got.loc[2, "u_log_n_1h"] == pytest.approx(np.log1p(2))
+    assert got.loc[2, "u_log_click_1h"] == pytest.approx(np.log1p(later_click))
+    assert got.loc[3].equals(got.loc[2])  # two rows with the same key and time both come back
+    assert got.loc[1, "i_log_n_1h"] == 0  # item 11 had no event before T0+1s
+
+
+def test_point_in_time_features_match_what_was_online_at_the_time(tmp_path: Path) -> None:
+    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path))
+    agg = StreamAggregator()
+    online = []
+    rng = np.random.default_rng(0)
+    for step in range(4):
+        users, items = rng.integers(0, 5, 8).tolist(), rng.integers(0, 5, 8).tolist()
+        ts = [T0 + step * 60_000 + i for i in range(8)]
+        batch = examples(users, items, rng.integers(0, 2, 8).tolist(), ts=ts)
+        online.append(store.lookup_batch(np.array(users), np.array(items), as_of_ms=ts[0]).dense)
+        store.push(*agg.update(batch))
+    events = pd.DataFrame({"user_id": np.arange(5), "item_id": np.arange(5),
+                           "event_timestamp": pd.Timestamp(T0 + 4 * 60_000, unit="ms", tz="UTC")})
+    history = store.historical(events).dense
+    now = store.lookup_batch(np.arange(5), np.arange(5), as_of_ms=T0 + 4 * 60_000).dense
+    np.testing.assert_allclose(history, now, rtol=1e-6)

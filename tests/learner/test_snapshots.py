@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from learner.snapshots import SnapshotError, SnapshotStore
+from features.memory import InMemoryFeatures
+from infra.cli import app
+from learner.models import MultiTaskRanker
+from learner.online import LearnerConfig, OnlineLearner
+from learner.snapshots import PublishGuard, SnapshotError, SnapshotRefused, SnapshotStore
+from serving.weights import WeightFollower
 
 
 def _weights(scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -49,3 +56,114 @@ def test_keeps_only_the_last_k(tmp_path: Path) -> None:
         store.publish(_weights(i + 1), {})
     assert store.versions() == [3, 4, 5]
     assert store.publish(_weights(), {}).version == 6
+
+
+def _metrics(auc: float, positives: float = 1_000, n: float = 10_000) -> dict:
+    return {"window_auc": auc, "window_positives": positives, "window_n": n}
+
+
+def test_the_guard_refuses_an_auc_drop_and_accepts_a_small_dip(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    guard = PublishGuard(max_auc_drop=0.02)
+    store.publish(_weights(), {"metrics": {"click": _metrics(0.75), "like": _metrics(0.70)}}, guard=guard)
+    with pytest.raises(SnapshotRefused, match=r"like window_auc 0\.6700 < 0\.7000") as refused:
+        store.publish(_weights(2), {"metrics": {"click": _metrics(0.76), "like": _metrics(0.67)}}, guard=guard)
+    assert refused.value.reason == "auc-drop"
+    assert store.versions() == [1] and store.latest_version() == 1  # nothing written
+    dip = store.publish(_weights(3), {"metrics": {"click": _metrics(0.735), "like": _metrics(0.69)}}, guard=guard)
+    assert dip.version == 2
+    # The reference is the latest published: v2's 0.735, so 0.72 is a dip of 0.015, accepted.
+    assert store.publish(_weights(4), {"metrics": {"click": _metrics(0.72), "like": _metrics(0.69)}}, guard=guard).version == 3
+
+
+def test_the_guard_ignores_windows_with_too_few_examples_of_a_class() -> None:
+    guard = PublishGuard(max_auc_drop=0.02, min_class_examples=500)
+    before = {"follow": _metrics(0.80, positives=40)}
+    assert guard.check({"follow": _metrics(0.60, positives=40)}, before) is None  # 40 positives: noise
+    assert guard.check({"follow": _metrics(0.60, positives=600)}, {"follow": _metrics(0.80, positives=600)})
+    assert guard.check({"click": _metrics(float("nan"))}, {"click": _metrics(0.8)}) is None
+    with pytest.raises(ValueError, match="guard.max_auc_drop"):
+        PublishGuard(max_auc_drop=-0.1)
+
+
+def test_the_learner_counts_refusals_by_reason(tmp_path: Path) -> None:
+    config = LearnerConfig(family="mmoe", hparams={"n_experts": 2, "expert_dims": (4,), "tower_dims": ()},
+                           n_buckets=64, emb_dim=2)
+    learner = OnlineLearner(config, InMemoryFeatures(), SnapshotStore(tmp_path / "snapshots"))
+    assert learner.publish({0: 0}).version == 1
+    with torch.no_grad():
+        next(learner.model.parameters())[0] = float("nan")
+    assert learner.publish({0: 0}) is None
+    assert learner.refused == {"non-finite": 1}
+    assert SnapshotStore(tmp_path / "snapshots").versions() == [1]
+
+
+def _ranker_snapshot(store: SnapshotStore, seed: int) -> int:
+    torch.manual_seed(seed)
+    model = MultiTaskRanker("mmoe", tasks=["click"], id_fields=["user_id"], n_dense=2, n_buckets=16, emb_dim=2,
+                            n_experts=2, expert_dims=[4], tower_dims=[])
+    return store.publish(model.state_dict(), {"family": "mmoe", "model_config": model.config, "step": seed}).version
+
+
+def test_rollback_through_the_cli_is_picked_up_by_the_weight_follower(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path, keep=3)
+    for seed in range(4):
+        _ranker_snapshot(store, seed)  # v1 is pruned; v2..v4 kept
+    follower = WeightFollower(tmp_path, poll_s=0.05)
+    try:
+        assert follower.current.version == 4
+        runner = CliRunner()
+        result = runner.invoke(app, ["snapshots", "rollback", "v2", str(tmp_path)])
+        assert result.exit_code == 0, result.output
+        assert store.latest_version() == 5
+        rolled = store.manifest(5)
+        assert rolled.data["rollback_of"] == 2 and rolled.sha256 == store.manifest(2).sha256
+        deadline = time.monotonic() + 30
+        while follower.current.version != 5:
+            assert time.monotonic() < deadline, "the follower never picked up the rollback"
+            time.sleep(0.05)
+        _, v2 = store.load(2)
+        assert all(torch.equal(follower.current.model.state_dict()[k], v) for k, v in v2.items())
+
+        for bad in ("1", "v9"):  # pruned, never existed
+            refused = runner.invoke(app, ["snapshots", "rollback", bad, str(tmp_path)])
+            assert refused.exit_code == 1 and "no snapshot" in refused.output and "kept: v2" in refused.output
+        assert runner.invoke(app, ["snapshots", "rollback", "latest", str(tmp_path)]).exit_code == 2
+        listing = runner.invoke(app, ["snapshots", "list", str(tmp_path)], env={"COLUMNS": "200"})
+        assert "rollback of v2" in listing.output and "v5 *" in listing.output
+    finally:
+        follower.close()
+    assert store.latest_version() == 5  # refused rollbacks changed nothing
+
+
+def test_rollback_refuses_a_corrupted_version(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    store.publish(_weights(), {})
+    store.publish(_weights(2), {})
+    path = tmp_path / "v000001.safetensors"
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(SnapshotError, match="sha256"):
+        store.rollback(1)
+    assert store.latest_version() == 2
+
+
+def test_a_snapshot_is_due_every_k_steps_or_every_s_seconds(tmp_path: Path) -> None:
+    def learner(**kw) -> OnlineLearner:
+        config = LearnerConfig(family="mmoe", hparams={"n_experts": 2, "expert_dims": (4,), "tower_dims": ()},
+                               n_buckets=64, emb_dim=2, snapshot_every_steps=5, **kw)
+        return OnlineLearner(config, InMemoryFeatures(), SnapshotStore(tmp_path / "snapshots"))
+
+    by_steps, by_time, not_yet = learner(), learner(snapshot_every_s=0.0), learner(snapshot_every_s=3600.0)
+    for lr in (by_steps, by_time, not_yet):
+        lr.step = 1
+    assert (by_steps.snapshot_due, by_time.snapshot_due, not_yet.snapshot_due) == (False, True, False)
+    by_steps.step = not_yet.step = 5
+    assert by_steps.snapshot_due and not_yet.snapshot_due
+
+
+def test_the_guard_treats_a_null_metric_from_a_manifest_as_not_comparable() -> None:
+    guard = PublishGuard(max_auc_drop=0.02, min_class_examples=1)
+    undefined = {"click": {"window_auc": None, "window_positives": None, "window_n": 10.0}}
+    defined = {"click": {"window_auc": 0.7, "window_positives": 5.0, "window_n": 10.0}}
+    assert guard.check(defined, undefined) is None
+    assert guard.check(undefined, defined) is None

@@ -1,0 +1,64 @@
+"""Kill the trainer actor's process under Ray: Ray restarts it, it resumes from its checkpoint and the
+committed offsets, its ``run`` is retried, and every produced impression is trained at least once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from features.store import FeatureStoreConfig, OnlineFeatures
+from infra.pipeline import RunLayout, start_trainer, wait_for, worker_config
+from stream.kafka_io import EventSink, KafkaConfig, ensure_topics
+from stream.simulator import Simulator, SimulatorConfig
+from tests.learner.test_crash_recovery import _impression_offsets, _Progress, _trained
+
+pytestmark = pytest.mark.integration
+EVERY, BATCH = 3, 128
+
+
+def test_killed_actor_is_restarted_by_ray_and_resumes_from_its_checkpoint(
+    ray_session, kafka_bootstrap, unique_topic, tmp_path: Path
+) -> None:
+    ray = ray_session
+    config = worker_config(RunLayout(tmp_path), bootstrap=kafka_bootstrap, topic=unique_topic, window_ms=1_500,
+                           snapshot_every_steps=1_000, batch_size=BATCH, wandb_mode="disabled")
+    config = replace(config, checkpoint_every_steps=EVERY, audit_path=tmp_path / "trained.csv")
+    ensure_topics(KafkaConfig(bootstrap_servers=kafka_bootstrap, topic=unique_topic))
+    OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "features")).apply()
+    events = list(Simulator(SimulatorConfig(seed=11, max_delay_s=1.0)).events(int(time.time() * 1000), 1_200))
+    sink = EventSink(config.kafka)
+    sink.send_all(events)
+    sink.close()
+    impressions = _impression_offsets(kafka_bootstrap, unique_topic, len(events))
+
+    actor, run_ref = start_trainer(config, max_restarts=2)
+    first_pid = ray.get(actor.pid.remote(), timeout=120)
+    ckpts = tmp_path / "checkpoints"
+    wait_for(lambda: (ckpts / "LATEST").exists() and sum(_trained(tmp_path).values()) >= 5 * EVERY * BATCH // 2,
+             240, "a checkpoint and some training")
+    os.kill(first_pid, signal.SIGKILL)
+    before = sum(_trained(tmp_path).values())
+
+    stats = ray.get(actor.stats.remote(), timeout=180)  # answered by the restarted process
+    assert stats["pid"] != first_pid
+    assert stats["restored_step"] is not None and stats["restored_step"] > 0
+    progress = _Progress(tmp_path, after=before, most=int(0.9 * len(impressions)))
+    wait_for(progress.settled, 300, "the restarted actor to train past the crash and go idle", every_s=0.5)
+    ray.get(actor.stop.remote())
+    final = ray.get(run_ref, timeout=120)  # the retried run, on the new process
+    ray.get(actor.close.remote())
+    assert final["pid"] == stats["pid"]
+
+    trained = _trained(tmp_path)
+    lost = impressions - set(trained)
+    duplicates = sum(trained.values()) - len(set(trained))
+    print(f"\nray restart: {len(impressions)} impressions, trained before kill {before}, restored step "
+          f"{stats['restored_step']}, lost {len(lost)}, duplicates {duplicates}")
+    assert not lost
+    assert duplicates <= EVERY * BATCH
+    ray.kill(actor)
