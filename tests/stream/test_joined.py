@@ -64,12 +64,14 @@ def test_a_second_member_joining_mid_stream_loses_nothing(kafka_bootstrap, uniqu
     first.start()
     deadline = time.monotonic() + 120
     while first.stream.stats.consumed < produced // 2:
-        assert time.monotonic() < deadline, "the first member made no progress"
+        assert first.error is None, first.error
+        assert time.monotonic() < deadline, f"the first member made no progress: {first.stream.stats}"
         time.sleep(0.05)
     second = Member(config, done)
     second.start()
     while not second.stream.stats.assigned:  # the rebalance happened while the stream is still flowing
-        assert time.monotonic() < deadline, "the second member was never assigned partitions"
+        assert first.error is None and second.error is None, (first.error, second.error)
+        assert time.monotonic() < deadline, f"the second member was never assigned partitions: {second.stream.stats}"
         time.sleep(0.05)
     more, more_impressions = _produce(config, 800, seed=22)
     produced, impressions = produced + more, impressions | more_impressions

@@ -4,12 +4,10 @@ synchronisation, and on a busy machine they oversubscribe the cores (10x slower 
 from __future__ import annotations
 
 import pytest
-import torch
+from benchmarks.timing import threads
 
 
 @pytest.fixture(autouse=True, scope="package")
 def _one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with threads(1):
+        yield
