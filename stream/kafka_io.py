@@ -164,12 +164,22 @@ class EventSource:
             max_poll_interval_ms=600_000,
         )
         if config.assign is None:
+            self._await_topic_metadata(config.topic)
             self._consumer.subscribe([config.topic], listener=listener)
         else:
             owned = [TopicPartition(config.topic, p) for p in config.assign]
             self._consumer.assign(owned)
             if listener is not None:
                 listener.on_partitions_assigned(owned)
+
+    def _await_topic_metadata(self, topic: str, timeout_s: float = 30.0) -> None:
+        """Know the topic's partitions before joining the group. The group leader assigns from its own
+        metadata, and a leader that has none for the topic yet hands out an empty assignment that
+        kafka-python did not revisit (seen as a member idle for minutes with ``assigned=[]``). A topic
+        that does not exist yet is waited for up to ``timeout_s``, then joined anyway."""
+        deadline = time.monotonic() + timeout_s
+        while not self._consumer.partitions_for_topic(topic) and time.monotonic() < deadline:
+            time.sleep(0.2)  # between metadata requests to the broker
 
     def next_batch(self) -> SourceBatch:
         """Up to ``max_batch`` messages, or whatever arrived within ``max_wait_ms``; may be empty."""
