@@ -130,9 +130,12 @@ def encode_items(frame: pd.DataFrame, source: str = "<frame>") -> pd.DataFrame:
 
 
 def _rows(key: str, ids: pd.Series, dense: np.ndarray, cats: np.ndarray) -> pd.DataFrame:
-    ids = pd.to_numeric(ids, errors="coerce")
-    keep = ids.notna().to_numpy()
-    return pd.DataFrame({key: ids[keep].to_numpy(np.int64), "dense": list(dense[keep]), "cats": list(cats[keep])})
+    numeric = pd.to_numeric(ids, errors="coerce")
+    bad = numeric.isna() | (numeric != numeric.round())
+    if bad.any():
+        examples = ids[bad].head(3).tolist()
+        raise ValueError(f"{key}: {int(bad.sum())} row(s) without an integer id, e.g. {examples}")
+    return pd.DataFrame({key: numeric.to_numpy(np.int64), "dense": list(dense), "cats": list(cats)})
 
 
 def read_static(path: Path, kind: str) -> pd.DataFrame:

@@ -111,6 +111,10 @@ def train(
     from infra.runtime import init_ray
 
     config = worker_config(RunLayout(data_root.absolute() / "live"), bootstrap=bootstrap_servers(), topic=topic, family=model)
+    if workers > config.kafka.partitions:
+        console.print(f"[red]--workers {workers} exceeds the topic's {config.kafka.partitions} partitions "
+                      "(kafka.partitions): each worker reads its own share of them[/]")
+        raise typer.Exit(2)
     init_ray()
     group = start_trainers(config, workers)
     deadline = time.monotonic() + seconds if seconds else None
@@ -260,7 +264,7 @@ def snapshots_rollback(
     from learner.snapshots import SnapshotError, SnapshotStore
 
     raw = version.lower().removeprefix("v")
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdecimal()):
         console.print(f"[red]VERSION must be a number like 3 or v3, got {version!r}[/]")
         raise typer.Exit(2)
     if not directory.is_dir():
@@ -290,7 +294,11 @@ def experts(
     except orjson.JSONDecodeError as exc:
         console.print(f"[red]{path} is not valid JSON: {exc}[/]")
         raise typer.Exit(1) from None
-    _print_experts(report)
+    try:
+        _print_experts(report)
+    except (KeyError, TypeError, AttributeError) as exc:
+        console.print(f"[red]{path} is not an expert-health report (missing or malformed {exc})[/]")
+        raise typer.Exit(1) from None
 
 
 def _print_experts(r: dict) -> None:

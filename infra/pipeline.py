@@ -129,13 +129,14 @@ class TrainerGroup:
 
 
 def start_trainers(config: WorkerConfig, workers: int = 1, max_restarts: int = 3) -> TrainerGroup:
-    """``workers`` trainer actors in one consumer group (Kafka splits the partitions among them), each on a
-    GPU when the cluster has one; with more than one, gradients are averaged every step (``learner.distributed``)."""
+    """``workers`` trainer actors sharing one consumer group id (each reads a static share of the partitions,
+    see ``learner.worker``), each on a GPU when the cluster has one; with more than one, gradients are
+    averaged every step (``learner.distributed``)."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if workers > config.kafka.partitions:
         raise ValueError(f"workers ({workers}) must not exceed the topic's partitions (kafka.partitions = "
-                         f"{config.kafka.partitions}): a worker without partitions would never join the group")
+                         f"{config.kafka.partitions}): each worker reads its own share of them")
     if workers == 1:
         actor, run = start_trainer(config, max_restarts)
         return TrainerGroup([actor], [run])

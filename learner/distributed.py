@@ -76,9 +76,6 @@ class LocalReducer:
     def reduce_batch(self, task_counts: Tensor, lb_stats: LbStats | None) -> tuple[Tensor, LbStats | None]:
         return task_counts, lb_stats
 
-    def reduce_lb_stats(self, lb_stats: LbStats) -> LbStats:
-        return lb_stats
-
     def reduce_grads(self, parameters: Iterable[nn.Parameter]) -> None:
         return None
 
@@ -147,11 +144,6 @@ class GroupReducer:
             for local, total in zip(lb_stats, pieces[1:])
         )
         return counts, summed  # type: ignore[return-value]
-
-    def reduce_lb_stats(self, lb_stats: LbStats) -> LbStats:
-        """Load-balancing statistics summed over workers; the gradient flows through the local share."""
-        counts = torch.zeros(0, device=self.device)
-        return self.reduce_batch(counts, lb_stats)[1]  # type: ignore[return-value]
 
     def reduce_grads(self, parameters: Iterable[nn.Parameter]) -> None:
         """Sum every gradient over workers, in one flat buffer (a missing gradient counts as zero)."""

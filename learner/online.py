@@ -62,6 +62,10 @@ class LearnerConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
 
     def __post_init__(self) -> None:
+        every_s = self.snapshot_every_s
+        if every_s is not None and (isinstance(every_s, bool) or not isinstance(every_s, (int, float))
+                                    or not np.isfinite(every_s) or every_s < 0):
+            raise ValueError(f"learner.snapshot_every_s must be a number of seconds >= 0 or None, got {every_s!r}")
         stray = sorted(set(self.task_weights) - set(self.tasks))
         if stray:
             raise ValueError(f"learner.task_weights names unknown task(s) {stray}; tasks are {list(self.tasks)}")
@@ -282,7 +286,8 @@ class OnlineLearner:
             if self.telemetry is not None:
                 for task, m in self.metrics.summary().items():
                     record.update({f"progressive/{task}/{k}": v for k, v in m.items() if np.isfinite(v)})
-            record.update(self._health_report())
+            if self.reducer.rank == 0:  # one writer of <run>/health (each rank sees only its own gates)
+                record.update(self._health_report())
         if self.telemetry is not None:
             self.telemetry.log(record, step=self.step)
 

@@ -219,7 +219,6 @@ class TrainerWorker:
 
     def stats(self) -> dict:
         s = self.stream.stats
-        self.collisions = self.id_collisions()
         return {
             "consumed": s.consumed,
             "dead_lettered": dict(self.stream.source.dead_letters.by_reason),

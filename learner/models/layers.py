@@ -1,9 +1,9 @@
 """Batched building blocks shared by every family.
 
 All experts of a pool (and all gates, and all task towers) are stored as stacked weights
-``(n, d_in, d_out)`` and run as one einsum, instead of a Python loop over ``nn.Linear``
-modules as torch-rechub / DeepCTR-Torch / PaddleRec do. ``forward_member`` runs a single
-member on a subset of rows, which is what the sparse (SMES) dispatch needs.
+``(n, d_in, d_out)`` and run as one batched GEMM, instead of a Python loop over ``nn.Linear``
+modules as torch-rechub / DeepCTR-Torch / PaddleRec do. ``forward_groups`` runs each member on
+its own subset of rows, which is what the sparse (SMES) dispatch needs.
 """
 
 from __future__ import annotations
@@ -89,11 +89,6 @@ class StackedLinear(nn.Module):
         biases = self.bias.split(size) if self.bias is not None else (None,) * len(weights)
         return list(zip(weights, biases))
 
-    def forward_member(self, i: int, x: Tensor) -> Tensor:
-        """Member ``i`` alone on rows ``x`` of shape ``(R, d_in)`` -> ``(R, d_out)``."""
-        y = x @ self.weight[i]
-        return y if self.bias is None else y + self.bias[i]
-
     def forward_groups(self, groups: Sequence[Tensor | None]) -> list[Tensor | None]:
         """Member ``i`` on its own rows ``groups[i]`` ``(R_i, d_in)`` -> ``(R_i, d_out)``; ``None`` skips it.
 
@@ -170,11 +165,6 @@ class BatchedMLP(nn.Module):
         GFLOP/s, the same work as 16 GEMMs of 256 columns at 185)."""
         widest = max(cast(StackedLinear, layer).d_out for layer in self.layers)
         return max(1, CHUNK_BYTES // max(1, batch * widest * element_bytes))
-
-    def forward_member(self, i: int, x: Tensor) -> Tensor:
-        for depth, layer in enumerate(self.layers):
-            x = self._activate(depth, cast(StackedLinear, layer).forward_member(i, x))  # (R, d_layer)
-        return x
 
     def forward_groups(self, groups: Sequence[Tensor | None]) -> list[Tensor | None]:
         """Each member on its own rows (``None``: member not run); see ``StackedLinear.forward_groups``."""

@@ -17,9 +17,10 @@ over all tasks. Every other choice is ours, made as follows:
    elsewhere in ``gates``). The gate learns through these weights and the regulariser; top-k
    itself passes no gradient.
 5. Bound: the executed set is ``S ∪ (∪_t P_t)``, at most ``k_shared + T·k_private`` experts per
-   instance, and only those run: rows are dispatched to experts and ``index_add_``-ed back
-   (transformers' Mixtral ``expert_hit`` loop; expert weights are unbound once per layer, see
-   ``StackedLinear.forward_groups``). No capacity factor, so no row is ever dropped and
+   instance, and only those run: rows are dispatched to experts (transformers' Mixtral
+   ``expert_hit`` loop; expert weights are unbound once per layer, see
+   ``StackedLinear.forward_groups``), and each output lands in one of its row's ``max_executed``
+   slots, which the task weights then mix in one batched product. No capacity factor, so no row is ever dropped and
    a row's output never depends on the rest of the batch; balance comes from the regulariser.
 6. Regulariser: Switch-style ``N · Σ_i f_i · P_i``, with ``f_i`` the fraction of all routing
    choices (instance × task × selected expert) that went to expert ``i`` and ``P_i`` the mean of

@@ -154,6 +154,13 @@ def test_a_file_in_neither_format_is_refused_with_its_columns(tmp_path: Path) ->
         store.load_static(users=tmp_path / "users.csv")
 
 
+def test_a_static_row_without_an_integer_id_is_refused_not_dropped(tmp_path: Path) -> None:
+    pd.DataFrame({"user_id": [1, "x", 2.5], "activity": [0.1, 0.2, 0.3]}).to_csv(tmp_path / "users.csv", index=False)
+    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "repo"))
+    with pytest.raises(ValueError, match=r"user_id: 2 row\(s\) without an integer id"):
+        store.load_static(users=tmp_path / "users.csv")
+
+
 def test_recreating_the_repo_is_idempotent(tmp_path: Path) -> None:
     config = FeatureStoreConfig(data_dir=tmp_path)
     store = OnlineFeatures(config)

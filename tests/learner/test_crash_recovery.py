@@ -43,6 +43,12 @@ def _trained(root: Path) -> Counter:
     return Counter(tuple(map(int, line.split(","))) for line in path.read_text().splitlines() if line)
 
 
+def _delivery(root: Path, impressions: set[tuple[int, int]]) -> tuple[set[tuple[int, int]], int]:
+    """Impressions never trained, and how many trainings were repeats, from the worker's audit file."""
+    trained = _trained(root)
+    return impressions - set(trained), sum(trained.values()) - len(trained)
+
+
 def _start(root: Path, bootstrap: str, topic: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.learner.worker_process", str(root), bootstrap, topic, str(EVERY), str(BATCH)],
@@ -87,9 +93,7 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_stay_within_a_checkpoin
     assert second.returncode == 0, output[-3000:]
     assert "restored_step=None" not in output  # it resumed from the checkpoint
 
-    trained = _trained(tmp_path)
-    lost = impressions - set(trained)
-    duplicates = sum(trained.values()) - len(set(trained))
+    lost, duplicates = _delivery(tmp_path, impressions)
     print(f"\ncrash recovery: {len(impressions)} impressions, trained before kill {sum(before.values())}, "
           f"lost {len(lost)}, duplicates {duplicates} (bound {EVERY * BATCH})")
     assert not lost

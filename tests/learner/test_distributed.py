@@ -23,6 +23,7 @@ from learner.distributed import GroupConfig, GroupReducer, LocalReducer, host_st
 from learner.models import load_balance_loss
 from learner.online import LearnerConfig, OnlineLearner
 from learner.snapshots import SnapshotStore
+from learner.worker import rank_partitions
 from stream.events import EXAMPLE_SCHEMA, TASKS
 from tests.conftest import free_port
 
@@ -201,3 +202,10 @@ def test_id_collision_rate_counts_keys_that_share_a_bucket() -> None:
     assert report.rate == pytest.approx(float(counts[counts > 1].sum()) / 80)
     assert 0 < report.rate < 1 and report.expected_rate == pytest.approx(1 - math.exp(-80 / 64))
     assert id_collisions(FeatureEncoder(["user_id"], 0, n_buckets=2**20), {"user_id": np.arange(100)}).rate == 0
+
+
+def test_ranks_split_the_partitions_and_more_ranks_than_partitions_is_refused() -> None:
+    shares = [rank_partitions(5, 2, r) for r in range(2)]
+    assert shares == [(0, 2, 4), (1, 3)]
+    with pytest.raises(ValueError, match="kafka.partitions"):
+        rank_partitions(2, 3, 0)

@@ -15,7 +15,7 @@ from features.store import FeatureStoreConfig, OnlineFeatures
 from infra.pipeline import RunLayout, start_trainer, wait_for, worker_config
 from stream.kafka_io import EventSink, KafkaConfig, ensure_topics
 from stream.simulator import Simulator, SimulatorConfig
-from tests.learner.test_crash_recovery import _impression_offsets, _Progress, _trained
+from tests.learner.test_crash_recovery import _delivery, _impression_offsets, _Progress, _trained
 
 pytestmark = pytest.mark.integration
 EVERY, BATCH = 3, 128
@@ -54,9 +54,7 @@ def test_killed_actor_is_restarted_by_ray_and_resumes_from_its_checkpoint(
     ray.get(actor.close.remote())
     assert final["pid"] == stats["pid"]
 
-    trained = _trained(tmp_path)
-    lost = impressions - set(trained)
-    duplicates = sum(trained.values()) - len(set(trained))
+    lost, duplicates = _delivery(tmp_path, impressions)
     print(f"\nray restart: {len(impressions)} impressions, trained before kill {before}, restored step "
           f"{stats['restored_step']}, lost {len(lost)}, duplicates {duplicates}")
     assert not lost

@@ -167,3 +167,24 @@ def test_the_guard_treats_a_null_metric_from_a_manifest_as_not_comparable() -> N
     defined = {"click": {"window_auc": 0.7, "window_positives": 5.0, "window_n": 10.0}}
     assert guard.check(defined, undefined) is None
     assert guard.check(undefined, defined) is None
+
+
+@pytest.mark.parametrize("version", ["²", "v-1", "three"])
+def test_rollback_refuses_a_version_that_is_not_a_number(tmp_path: Path, version: str) -> None:
+    result = CliRunner().invoke(app, ["snapshots", "rollback", version, str(tmp_path)])
+    assert result.exit_code == 2
+    assert "VERSION must be a number" in result.output
+
+
+def test_experts_refuses_json_that_is_not_a_report(tmp_path: Path) -> None:
+    path = tmp_path / "experts.json"
+    path.write_text('{"hello": 1}')
+    result = CliRunner().invoke(app, ["experts", str(path)])
+    assert result.exit_code == 1
+    assert "not an expert-health report" in result.output
+
+
+@pytest.mark.parametrize("every_s", [-1.0, float("nan"), float("inf"), "10", True])
+def test_snapshot_every_s_must_be_a_number_of_seconds(every_s) -> None:
+    with pytest.raises(ValueError, match="learner.snapshot_every_s"):
+        LearnerConfig(snapshot_every_s=every_s)

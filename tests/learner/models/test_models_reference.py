@@ -83,7 +83,11 @@ def test_stacked_linear_equals_one_linear_per_member():
         layer = plain_linear(stacked, i)
         assert_close(y_shared[:, i], layer(shared))
         assert_close(y_member[:, i], layer(per_member[:, i]))
-        assert_close(stacked.forward_member(i, shared), layer(shared))
+    rows = [shared[: i + 1] if i != 2 else None for i in range(4)]  # member 2 runs on no rows
+    grouped = stacked.forward_groups(rows)
+    assert grouped[2] is None
+    for i in (0, 1, 3):
+        assert_close(grouped[i], plain_linear(stacked, i)(rows[i]))
 
 
 @pytest.mark.parametrize("last_activation", [True, False])
@@ -94,7 +98,8 @@ def test_batched_mlp_equals_one_mlp_per_member(last_activation):
     y = mlp(x)
     for i in range(3):
         assert_close(y[:, i], plain_mlp(mlp, i)(x))
-        assert_close(mlp.forward_member(i, x), plain_mlp(mlp, i)(x))
+    for i, y in enumerate(mlp.forward_groups([x[: 2 * i + 1] for i in range(3)])):
+        assert_close(y, plain_mlp(mlp, i)(x[: 2 * i + 1]))
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
