@@ -135,6 +135,9 @@ def _rows(key: str, ids: pd.Series, dense: np.ndarray, cats: np.ndarray) -> pd.D
     if bad.any():
         examples = ids[bad].head(3).tolist()
         raise ValueError(f"{key}: {int(bad.sum())} row(s) without an integer id, e.g. {examples}")
+    repeated = numeric.duplicated(keep=False)
+    if repeated.any():  # which one wins would depend on the store (Redis keeps the first, SQLite the last)
+        raise ValueError(f"{key}: ids appear more than once, e.g. {sorted(set(numeric[repeated].astype(int)))[:3]}")
     return pd.DataFrame({key: numeric.to_numpy(np.int64), "dense": list(dense), "cats": list(cats)})
 
 

@@ -36,8 +36,12 @@ from features.definitions import (
 )
 from features.static import read_static
 
-STATIC_AS_OF = pd.Timestamp(0, tz="UTC")
-"""Static rows are valid from the epoch on, so every replayed event sees them."""
+def static_as_of() -> pd.Timestamp:
+    """When a static load counts as written: in January 1970, so every replayed event sees it, yet later
+    for every later load (the wall clock's milliseconds read as microseconds after the epoch: 21 days in
+    2026). Feast's Redis store ignores a write not newer than the stored one, so a constant stamp would
+    silently keep the first load forever (SQLite would overwrite)."""
+    return pd.Timestamp(0, tz="UTC") + pd.Timedelta(microseconds=time.time_ns() // 1_000_000)
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,7 @@ class OnlineFeatures:
         """Push encoded static rows (``features.static``) of ``kind`` ("user" or "item") in chunks."""
         if kind not in ENTITY_KEYS:
             raise ValueError(f"kind must be 'user' or 'item', got {kind!r}")
-        rows = rows.assign(event_timestamp=STATIC_AS_OF)
+        rows = rows.assign(event_timestamp=static_as_of())
         for start in range(0, len(rows), chunk_rows):
             self.store.push(PUSH_SOURCES[STATIC_VIEWS[kind]], rows.iloc[start : start + chunk_rows],
                             to=self.push_mode)

@@ -154,6 +154,21 @@ def test_a_file_in_neither_format_is_refused_with_its_columns(tmp_path: Path) ->
         store.load_static(users=tmp_path / "users.csv")
 
 
+def test_reloading_static_files_replaces_the_values_on_every_store(config: FeatureStoreConfig, tmp_path: Path) -> None:
+    store = OnlineFeatures(config)
+    for quality in (0.25, 0.75):
+        pd.DataFrame({"item_id": [12], "quality": [quality]}).to_csv(tmp_path / "items.csv", index=False)
+        store.load_static(items=tmp_path / "items.csv")
+        assert store.lookup_batch(np.array([1]), np.array([12])).frame().loc[0, "i_sim_quality"] == pytest.approx(quality)
+
+
+def test_a_static_file_with_a_repeated_id_is_refused(tmp_path: Path) -> None:
+    pd.DataFrame({"item_id": [5, 5], "quality": [0.1, 0.9]}).to_csv(tmp_path / "items.csv", index=False)
+    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "repo"))
+    with pytest.raises(ValueError, match="item_id: ids appear more than once"):
+        store.load_static(items=tmp_path / "items.csv")
+
+
 def test_a_static_row_without_an_integer_id_is_refused_not_dropped(tmp_path: Path) -> None:
     pd.DataFrame({"user_id": [1, "x", 2.5], "activity": [0.1, 0.2, 0.3]}).to_csv(tmp_path / "users.csv", index=False)
     store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "repo"))
