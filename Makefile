@@ -9,7 +9,7 @@ export UV_CACHE_DIR ?= $(HOME)/.cache/uv
 export UV_LINK_MODE ?= copy
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration clean
+.PHONY: install demo test test-unit test-integration test-reliability clean
 
 install: $(STAMP)
 
@@ -31,6 +31,9 @@ test-unit: install
 
 test-integration: install
 	$(BIN)/python -m pytest -m integration
+
+test-reliability: install  # the fault-injection scenarios of issue 9, with their figures (-s)
+	$(BIN)/python -m pytest -m reliability -s
 
 clean:
 	rm -rf .moestream .pytest_cache .hypothesis

@@ -14,6 +14,8 @@ BENCHMARKS: dict[str, str] = {
     "stream": "benchmarks.stream",
     "learner": "benchmarks.learner",
     "features": "benchmarks.features",
+    "serving": "benchmarks.serving",
+    "freshness": "benchmarks.freshness",
 }
 
 

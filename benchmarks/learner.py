@@ -28,7 +28,8 @@ from benchmarks.harness import Report, Row
 from benchmarks.stream import _recent_events, broker
 from features.definitions import FEATURE_COLUMNS, ID_FIELDS
 from learner.models import MultiTaskRanker, loss_terms
-from learner.online import LearnerConfig
+from learner.allocator import retain_freed_memory
+from learner.online import LearnerConfig, build_optimizer
 from stream.events import TASKS, encode
 from stream.kafka_io import EventSink, ensure_topics
 
@@ -46,7 +47,7 @@ def bare_examples_per_s(family: str, hparams: dict, steps: int) -> float:
     config = LearnerConfig(family=family, hparams=hparams)
     model = MultiTaskRanker(family, tasks=list(TASKS), id_fields=list(ID_FIELDS), n_dense=len(FEATURE_COLUMNS),
                             n_buckets=config.n_buckets, emb_dim=config.emb_dim, **hparams)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = build_optimizer(model.parameters(), config.lr)  # the trainer's own
     gen = torch.Generator().manual_seed(0)
     ids = {f: torch.randint(0, 10**6, (BATCH,), generator=gen) for f in ID_FIELDS}
     dense = torch.rand(BATCH, len(FEATURE_COLUMNS), generator=gen) * 10
@@ -116,6 +117,7 @@ def run(quick: bool = False) -> Report:
     from infra.runtime import init_ray
 
     report = Report("learner")
+    retain_freed_memory()  # as the trainer process does (learner.worker): the ceiling is measured alike
     n_requests = 6_000 if quick else 30_000  # about 8 events per request
     families = {"MMoE-8": FAMILIES["MMoE-8"]} if quick else FAMILIES
     worker_counts = (1,) if quick else (1, 2)

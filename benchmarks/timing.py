@@ -29,11 +29,13 @@ class TrainingRun:
     batches: Sequence[tuple[Tensor, Tensor]]
     autocast: torch.dtype | None = None
     lr: float = 1e-3
+    fused_adam: bool = False
+    """torch's default Adam (per-tensor, as the peers' trainers build it) or the fused one our learner uses."""
     samples: list[float] = field(default_factory=list)  # examples/s, one per timed round
     _next: int = 0
 
     def __post_init__(self) -> None:
-        self.optimizer = torch.optim.Adam(self.contender.model.parameters(), lr=self.lr)
+        self.optimizer = torch.optim.Adam(self.contender.model.parameters(), lr=self.lr, fused=self.fused_adam or None)
         self.contender.model.train()
 
     @property

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from features.definitions import ITEM_STREAM, USER_STREAM, WINDOWS
+from features.definitions import ITEM_STREAM, USER_STREAM, WINDOW_STATS, WINDOWS
 from stream.events import PLAY_TIME, TASKS, TYPICAL_POSITIVE_RATES
 
 
@@ -33,6 +33,18 @@ class AggregateConfig:
 
 _SUMS = ("n", *TASKS, "play_s")
 _WINDOW_MS = {w: int(d.total_seconds() * 1000) for w, d in WINDOWS.items()}
+_COLUMN_WINDOW_MS = np.repeat(list(_WINDOW_MS.values()), len(WINDOW_STATS))  # the window of each stream column
+
+NEVER_MS = np.iinfo(np.int64).min // 2
+"""``updated_ms`` of an entity without a row: older than any window."""
+
+
+def expire(stats: np.ndarray, updated_ms: np.ndarray, now_ms: int | np.ndarray, defaults: np.ndarray) -> np.ndarray:
+    """Stream statistics as of ``now_ms`` (one time, or one per row): a window's values hold for that window's
+    length after their row was written (``updated_ms``), then they are that window's ``defaults`` (as if no
+    event fell in it)."""
+    age_ms = now_ms - np.asarray(updated_ms, np.int64)  # (N,)
+    return np.where(age_ms[:, None] <= _COLUMN_WINDOW_MS[None, :], stats, defaults).astype(np.float32)
 
 
 def window_features(sums: np.ndarray, config: AggregateConfig) -> np.ndarray:

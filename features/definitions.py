@@ -3,8 +3,9 @@
 Two entities, ``user`` and ``item``. Each has two feature views:
 
 - ``{entity}_stream``: streaming aggregates over sliding windows (``WINDOWS``), pushed from the learner through
-  a push source backed by a Parquet file (pushes land online and offline). The view's TTL is the longest
-  window; a shorter window's values are valid for that window's length after ``updated_ms``.
+  a push source backed by a directory of Parquet parts (pushes land online and offline; ``features.offline``).
+  The view's TTL is the longest window; a shorter window's values are valid for that window's length after
+  ``updated_ms``.
 - ``{entity}_static``: attributes loaded from files (KuaiRand-1K's ``user_features_1k.csv`` /
   ``video_features_basic_1k.csv`` or the simulator's own; ``features.static``), no TTL.
 
@@ -86,7 +87,7 @@ PUSH_SOURCES = {USER_VIEW: USER_PUSH, ITEM_VIEW: ITEM_PUSH, USER_STATIC_VIEW: US
 
 
 def offline_schema(view: str) -> pa.Schema:
-    """Arrow schema of a view's Parquet offline file, which is also what a push to it must carry."""
+    """Arrow schema of a view's Parquet offline parts, which is also what a push to it must carry."""
     key = "user_id" if view.startswith("user") else "item_id"
     if view in STREAM_VIEWS.values():
         values = [("stats", pa.list_(pa.float32())), ("updated_ms", pa.int64())]
@@ -95,16 +96,18 @@ def offline_schema(view: str) -> pa.Schema:
     return pa.schema([(key, pa.int64()), *values, ("event_timestamp", pa.timestamp("ns", tz="UTC"))])
 
 
-def build_definitions(offline_dir: Path) -> list:
-    """Every Feast object of the repo, ready for ``FeatureStore.apply``."""
+def build_definitions(offline_dir: Path, parts: bool = True) -> list:
+    """Every Feast object of the repo, ready for ``FeatureStore.apply``. Each view's offline source is a
+    directory of Parquet parts (``features.offline``); ``parts=False`` makes it one Parquet file, the layout
+    Feast's own ``push`` can append to (the benchmark's anchor)."""
     objects: list = []
     for kind, key in ENTITY_KEYS.items():
         entity = Entity(name=kind, join_keys=[key], value_type=ValueType.INT64,
                         description="A viewer." if kind == "user" else "A video.")
         objects.append(entity)
         for view, ttl in ((STREAM_VIEWS[kind], max(WINDOWS.values())), (STATIC_VIEWS[kind], timedelta(0))):
-            batch = FileSource(name=f"{view}_offline", path=str(offline_dir / f"{view}.parquet"),
-                               timestamp_field="event_timestamp")
+            path = offline_dir / (view if parts else f"{view}.parquet")
+            batch = FileSource(name=f"{view}_offline", path=str(path), timestamp_field="event_timestamp")
             source = PushSource(name=PUSH_SOURCES[view], batch_source=batch)
             if view in STREAM_VIEWS.values():
                 fields = [Field(name="stats", dtype=Array(Float32)), Field(name="updated_ms", dtype=Int64)]

@@ -1,14 +1,19 @@
 """The online feature store: a Feast ``FeatureStore`` configured in code, with batch push and batch lookup.
 
 SQLite (online) and Parquet (offline) under ``data_dir`` by default; Redis as the online store when
-configured. The registry is cached forever (``cache_ttl_seconds=0``) and the feature views are read from it
-once per instance, so a lookup never touches, let alone waits for, the registry; :meth:`OnlineFeatures.apply`
-is idempotent and recreates the repo from code.
+configured. The registry is cached forever (``cache_ttl_seconds=0``) and a push or lookup of stream features
+never reads it; :meth:`OnlineFeatures.apply` is idempotent and recreates the repo from code.
 
-A lookup reads each distinct user and item of a batch once, through the Feast provider's batched
-``online_read`` (one round trip per view), and fills what the store lacks or has expired with the defaults
-of :func:`defaults`. :meth:`OnlineFeatures.historical` is the point-in-time counterpart for replay and
-backfill: Feast's ``get_historical_features`` over the Parquet files that pushes append to.
+A push lands online and offline (what Feast's ``PushMode.ONLINE_AND_OFFLINE`` does), written here rather than
+through ``FeatureStore.push``: Feast converts a push row by row and rewrites the view's whole Parquet file
+for each one, which made pushing most of a training step. Online, the rows go in Feast's own layout, one
+round trip per push (``features.backends``); offline, they are one new Parquet part of the view's directory
+(``features.offline``). Feast reads both exactly as it reads its own writes.
+
+A lookup reads each distinct user and item of a batch once, every view of both kinds in one round trip, and
+fills what the store lacks or has expired with the defaults of :func:`defaults`.
+:meth:`OnlineFeatures.historical` is the point-in-time counterpart for replay and backfill: Feast's
+``get_historical_features`` over the Parquet parts that pushes append.
 """
 
 from __future__ import annotations
@@ -20,21 +25,25 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
+import pyarrow as pa
 from feast import FeatureStore
-from feast.data_source import PushMode
 from feast.infra.provider import get_provider
-from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.repo_config import RegistryConfig, RepoConfig
 
-from features.aggregates import AggregateConfig, StreamAggregator
+from features.aggregates import NEVER_MS, expire
+from features.backends import ReadRequest, RedisRows, SqliteRows
+from features.codec import ENTITY_KEY_SERIALIZATION_VERSION
 from features.definitions import (
-    CATEGORICAL_COLUMNS, ENTITY_KEYS, FEATURE_COLUMNS, ID_FIELDS, ITEM_CATEGORICAL, ITEM_STATIC, ITEM_STREAM,
-    MISSING_CODE, PUSH_SOURCES, STATIC_VIEWS, STREAM_VIEWS, USER_CATEGORICAL, USER_STATIC, USER_STREAM,
-    WINDOW_STATS, WINDOWS, build_definitions, offline_schema,
+    CATEGORICAL_COLUMNS, ENTITY_KEYS, FEATURE_COLUMNS, ID_FIELDS, MISSING_CODE, PUSH_SOURCES, STATIC_VIEWS,
+    STREAM_VIEWS, build_definitions, offline_schema,
+)
+from features.offline import OfflineLog
+from features.rows import (
+    CATEGORICAL_BY_KIND, STATIC_WIDTH, STREAM_DEFAULTS, decode_rows, defaults, feast_push_frame,
+    offline_table, online_rows, pair_ids, read_fields, stream_columns,
 )
 from features.static import read_static
+
 
 def static_as_of() -> pd.Timestamp:
     """When a static load counts as written: in January 1970, so every replayed event sees it, yet later
@@ -52,15 +61,21 @@ class FeatureStoreConfig:
     """Feast's Redis connection string, e.g. ``host:port,password=...``."""
     project: str = "moestream"
     push_offline: bool = True
-    """Push with ``PushMode.ONLINE_AND_OFFLINE`` (pushed rows also append to the Parquet offline store, for
-    point-in-time replay); ``False`` pushes online only."""
+    """Pushed rows land online and offline (Feast's ``PushMode.ONLINE_AND_OFFLINE``; the offline rows are what
+    point-in-time replay reads); ``False`` pushes online only."""
+    offline_fanout: int = 32
+    """Offline parts of one level merged into one part of the next (``features.offline``)."""
     clock: Literal["event", "wall"] = "event"
-    """What "now" is for window TTLs: the newest event time this instance pushed (falling back to the wall
-    clock before its first push), or always the wall clock."""
+    """What "now" is for window expiry. ``"event"``: the stream's event time, which is the clock the newest
+    push to this project published with its rows (the newest row stamp it wrote); every reader, the trainer
+    that pushed as well as a serving replica that never pushes, reads it with the rows and judges expiry
+    alike. The wall clock only before anything was pushed. ``"wall"``: always the wall clock."""
 
     def __post_init__(self) -> None:
         if self.online_store not in ("sqlite", "redis"):
             raise ValueError(f"features.online_store must be 'sqlite' or 'redis', got {self.online_store!r}")
+        if isinstance(self.offline_fanout, bool) or not isinstance(self.offline_fanout, int) or self.offline_fanout < 2:
+            raise ValueError(f"features.offline_fanout must be an integer >= 2, got {self.offline_fanout!r}")
         if self.clock not in ("event", "wall"):
             raise ValueError(f"features.clock must be 'event' or 'wall', got {self.clock!r}")
 
@@ -81,18 +96,22 @@ class FeatureBatch:
         return frame
 
 
-_AGG = StreamAggregator(AggregateConfig())
-_STREAM_DEFAULTS = {"user": _AGG.users.defaults(), "item": _AGG.items.defaults()}
-_STATIC_WIDTH = {"user": len(USER_STATIC), "item": len(ITEM_STATIC)}
-_CATEGORICAL = {"user": USER_CATEGORICAL, "item": ITEM_CATEGORICAL}
-_WINDOW_MS = np.repeat([int(d.total_seconds() * 1000) for d in WINDOWS.values()], len(WINDOW_STATS))
-
-
-def defaults() -> np.ndarray:
-    """Dense features of an unknown user and item (``FEATURE_COLUMNS`` order): no events in any window (zero
-    counts, the tasks' base rates, the prior watch time) and 0 for every static feature."""
-    return np.concatenate([_STREAM_DEFAULTS["user"], np.zeros(len(USER_STATIC), np.float32),
-                           _STREAM_DEFAULTS["item"], np.zeros(len(ITEM_STATIC), np.float32)])
+def repo_config(config: FeatureStoreConfig, data_dir: Path) -> RepoConfig:
+    """Feast's configuration of the repo under ``data_dir``: the registry cached forever, the online store
+    chosen by ``config``, the file offline store."""
+    if config.online_store == "redis":
+        online = {"type": "redis", "connection_string": config.redis_connection}
+    else:
+        online = {"type": "sqlite", "path": str(data_dir / "online.db")}
+    return RepoConfig(
+        project=config.project,
+        provider="local",
+        registry=RegistryConfig(path=str(data_dir / "registry.db"), cache_ttl_seconds=0),
+        online_store=online,
+        offline_store={"type": "file"},
+        entity_key_serialization_version=ENTITY_KEY_SERIALIZATION_VERSION,
+        repo_path=data_dir,
+    )
 
 
 class OnlineFeatures:
@@ -103,71 +122,59 @@ class OnlineFeatures:
         data_dir = Path(config.data_dir).absolute()
         data_dir.mkdir(parents=True, exist_ok=True)
         self._offline_dir = data_dir / "offline"
-        self._offline_dir.mkdir(exist_ok=True)
-        self.repo_config = self._repo_config(data_dir)
+        self.offline = OfflineLog(self._offline_dir, config.offline_fanout)
+        self.repo_config = repo_config(config, data_dir)
         self.store = FeatureStore(config=self.repo_config)
         self._provider = get_provider(self.repo_config)
-        self._views: dict = {}
+        if config.online_store == "redis":  # Feast's own client: both connect with the same settings
+            client = self._provider.online_store._get_client(self.repo_config.online_store)
+            self.rows = RedisRows(client, config.project)
+        else:
+            self.rows = SqliteRows(data_dir / "online.db", config.project)
         self.clock_ms = 0
         """Newest row stamp this instance pushed (event time)."""
         if apply:
             self.apply()
 
-    def _repo_config(self, data_dir: Path) -> RepoConfig:
-        c = self.config
-        if c.online_store == "redis":
-            online = {"type": "redis", "connection_string": c.redis_connection}
-        else:
-            online = {"type": "sqlite", "path": str(data_dir / "online.db")}
-        return RepoConfig(
-            project=c.project,
-            provider="local",
-            registry=RegistryConfig(path=str(data_dir / "registry.db"), cache_ttl_seconds=0),
-            online_store=online,
-            offline_store={"type": "file"},
-            entity_key_serialization_version=3,
-            repo_path=data_dir,
-        )
-
     def apply(self) -> None:
-        """Register entities, sources and views (idempotent), creating empty offline files if needed."""
+        """Register entities, sources and views (idempotent), creating the offline directories if needed."""
         for view in PUSH_SOURCES:
-            path = self._offline_dir / f"{view}.parquet"
-            if not path.exists():
-                pq.write_table(offline_schema(view).empty_table(), path)
+            self.offline.ensure(view, offline_schema(view))
         self.store.apply(build_definitions(self._offline_dir))
         self.store.refresh_registry()
-        self._views = {}
-        self._load_views()
-
-    def _load_views(self) -> None:
-        """Read the feature views from the registry once; lookups use these and never the registry."""
-        if not self._views:
-            names = [*STREAM_VIEWS.values(), *STATIC_VIEWS.values()]
-            self._views = {name: self.store.get_feature_view(name) for name in names}
 
     # ---- writes ----------------------------------------------------------------------------------
 
-    @property
-    def push_mode(self) -> PushMode:
-        return PushMode.ONLINE_AND_OFFLINE if self.config.push_offline else PushMode.ONLINE
-
     def push(self, users: pd.DataFrame, items: pd.DataFrame) -> None:
-        """One push per entity type for a whole batch of updated rows (``StreamAggregator.update`` output)."""
-        for kind, frame, names in (("user", users, USER_STREAM), ("item", items, ITEM_STREAM)):
-            if len(frame):
-                self.store.push(PUSH_SOURCES[STREAM_VIEWS[kind]], _pack_stream(frame, ENTITY_KEYS[kind], names),
-                                to=self.push_mode)
-                self.clock_ms = max(self.clock_ms, int(frame["event_timestamp"].max().value // 1_000_000))
+        """Write a batch of updated stream rows (``StreamAggregator.update`` output) online and offline.
+
+        Online, each entity gets its newest row (the last of equals), users and items in one round trip,
+        which also publishes this push's newest stamp as the event-time clock; offline, every row is kept.
+        """
+        pushed = [(kind, *stream_columns(kind, frame)) for kind, frame in (("user", users), ("item", items))]
+        pushed = [p for p in pushed if len(p[1])]
+        if not pushed:
+            return
+        clock_ms = max(int(stamps.max()) for _, _, _, stamps in pushed)
+        self.rows.write([online_rows(kind, ids, stats, stamps) for kind, ids, stats, stamps in pushed], clock_ms)
+        if self.config.push_offline:
+            for kind, ids, stats, stamps in pushed:
+                self.offline.append(STREAM_VIEWS[kind], offline_table(kind, ids, stats, stamps))
+        self.clock_ms = max(self.clock_ms, clock_ms)
 
     def push_static(self, kind: str, rows: pd.DataFrame, chunk_rows: int = 50_000) -> int:
-        """Push encoded static rows (``features.static``) of ``kind`` ("user" or "item") in chunks."""
+        """Push encoded static rows (``features.static``) of ``kind`` ("user" or "item") in chunks, through
+        Feast's own online writer (loads are rare) and, with ``push_offline``, as offline parts."""
         if kind not in ENTITY_KEYS:
             raise ValueError(f"kind must be 'user' or 'item', got {kind!r}")
+        view = STATIC_VIEWS[kind]
         rows = rows.assign(event_timestamp=static_as_of())
         for start in range(0, len(rows), chunk_rows):
-            self.store.push(PUSH_SOURCES[STATIC_VIEWS[kind]], rows.iloc[start : start + chunk_rows],
-                            to=self.push_mode)
+            chunk = rows.iloc[start : start + chunk_rows]
+            self.store.write_to_online_store(view, chunk)
+            if self.config.push_offline:
+                table = pa.Table.from_pandas(chunk, schema=offline_schema(view), preserve_index=False)
+                self.offline.append(view, table.replace_schema_metadata(None))  # as pushed parts: no pandas index
         return len(rows)
 
     def load_static(self, users: Path | None = None, items: Path | None = None) -> dict[str, int]:
@@ -189,59 +196,28 @@ class OnlineFeatures:
         return self.lookup_batch(user_ids, item_ids).dense
 
     def lookup_batch(self, user_ids: np.ndarray, item_ids: np.ndarray, as_of_ms: int | None = None) -> FeatureBatch:
-        """Dense matrix plus the ID and categorical columns; ``as_of_ms`` is "now" for the window TTLs."""
-        user_ids = np.asarray(user_ids, dtype=np.int64)
-        item_ids = np.asarray(item_ids, dtype=np.int64)
-        if user_ids.shape != item_ids.shape or user_ids.ndim != 1:
-            raise ValueError(f"user_ids and item_ids must be 1-d and of equal length, got {user_ids.shape} "
-                             f"and {item_ids.shape}")
-        self._load_views()
-        now_ms = as_of_ms if as_of_ms is not None else self._now_ms()
-        u_dense, u_cats = self._read("user", user_ids, now_ms)
-        i_dense, i_cats = self._read("item", item_ids, now_ms)
+        """Dense matrix plus the ID and categorical columns; ``as_of_ms`` is "now" for window expiry
+        (``None``: the configured clock)."""
+        user_ids, item_ids = pair_ids(user_ids, item_ids)
+        users, u_inverse = np.unique(user_ids, return_inverse=True)
+        items, i_inverse = np.unique(item_ids, return_inverse=True)
+        got, published_ms = self.rows.read([ReadRequest(ENTITY_KEYS["user"], users, read_fields("user")),
+                                            ReadRequest(ENTITY_KEYS["item"], items, read_fields("item"))])
+        now_ms = as_of_ms if as_of_ms is not None else self.now_ms(published_ms)
+        u_dense, u_cats = decode_rows("user", got[0], now_ms)
+        i_dense, i_cats = decode_rows("item", got[1], now_ms)
         ids = {"user_id": user_ids, "item_id": item_ids}
-        ids |= dict(zip(CATEGORICAL_COLUMNS, np.concatenate([u_cats, i_cats], axis=1).T))
-        return FeatureBatch(np.concatenate([u_dense, i_dense], axis=1), ids)
+        ids |= dict(zip(CATEGORICAL_COLUMNS, np.concatenate([u_cats[u_inverse], i_cats[i_inverse]], axis=1).T))
+        return FeatureBatch(np.concatenate([u_dense[u_inverse], i_dense[i_inverse]], axis=1), ids)
 
-    def _now_ms(self) -> int:
-        if self.config.clock == "event" and self.clock_ms:
-            return self.clock_ms
+    def now_ms(self, published_ms: int | None = None) -> int:
+        """What "now" is for window expiry under the configured clock, given the clock the store published."""
+        if self.config.clock == "event":
+            if published_ms is not None:
+                return published_ms
+            if self.clock_ms:
+                return self.clock_ms
         return int(time.time() * 1000)
-
-    def _read(self, kind: str, ids: np.ndarray, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
-        uniq, inverse = np.unique(ids, return_inverse=True)
-        key = ENTITY_KEYS[kind]
-        keys = [EntityKeyProto(join_keys=[key], entity_values=[ValueProto(int64_val=v)]) for v in uniq.tolist()]
-        stream = self._stream_rows(kind, keys, now_ms)
-        dense, cats = self._static_rows(kind, keys)
-        return np.concatenate([stream, dense], axis=1)[inverse], cats[inverse]
-
-    def _stream_rows(self, kind: str, keys: list, now_ms: int) -> np.ndarray:
-        default = _STREAM_DEFAULTS[kind]
-        rows = self._provider.online_read(self.repo_config, self._views[STREAM_VIEWS[kind]], keys, ["stats"])
-        matrix = np.tile(default, (len(keys), 1))
-        age_ms = np.full(len(keys), np.iinfo(np.int64).max)
-        found = [(i, ts, values["stats"].float_list_val.val) for i, (ts, values) in enumerate(rows)
-                 if ts is not None and values]
-        found = [(i, ts, v) for i, ts, v in found if len(v) == len(default)]
-        if found:
-            index = np.fromiter((f[0] for f in found), np.int64, len(found))
-            matrix[index] = np.array([f[2] for f in found], dtype=np.float32)
-            age_ms[index] = now_ms - np.fromiter((f[1].timestamp() * 1000 for f in found), np.float64, len(found))
-        # A window's values hold for that window's length after the row was written; then they expire.
-        return np.where(age_ms[:, None] <= _WINDOW_MS[None, :], matrix, default).astype(np.float32)
-
-    def _static_rows(self, kind: str, keys: list) -> tuple[np.ndarray, np.ndarray]:
-        n_dense, n_cats = _STATIC_WIDTH[kind], len(_CATEGORICAL[kind])
-        rows = self._provider.online_read(self.repo_config, self._views[STATIC_VIEWS[kind]], keys, ["dense", "cats"])
-        dense = np.zeros((len(keys), n_dense), dtype=np.float32)
-        cats = np.full((len(keys), n_cats), MISSING_CODE, dtype=np.int64)
-        for i, (ts, values) in enumerate(rows):
-            if ts is not None and values:
-                d, c = values["dense"].float_list_val.val, values["cats"].int64_list_val.val
-                if len(d) == n_dense and len(c) == n_cats:
-                    dense[i], cats[i] = d, c
-        return dense, cats
 
     # ---- point-in-time reads ---------------------------------------------------------------------
 
@@ -267,13 +243,13 @@ class OnlineFeatures:
             stream, static = STREAM_VIEWS[kind], STATIC_VIEWS[kind]
             rows = entity_df[[key, "event_timestamp", "row_"]]
             got = self._view_history(rows, stream, ("stats", "updated_ms"))
-            stats = _unpack(got[f"{stream}__stats"], _STREAM_DEFAULTS[kind])
-            updated = pd.to_numeric(got[f"{stream}__updated_ms"]).fillna(np.iinfo(np.int64).min // 2)
-            age_ms = event_ms - updated.to_numpy(np.int64)
-            blocks.append(np.where(age_ms[:, None] <= _WINDOW_MS[None, :], stats, _STREAM_DEFAULTS[kind]))
+            stats = _unpack(got[f"{stream}__stats"], STREAM_DEFAULTS[kind])
+            updated = pd.to_numeric(got[f"{stream}__updated_ms"]).fillna(NEVER_MS).to_numpy(np.int64)
+            blocks.append(expire(stats, updated, event_ms, STREAM_DEFAULTS[kind]))
             got = self._view_history(rows, static, ("dense", "cats"))
-            blocks.append(_unpack(got[f"{static}__dense"], np.zeros(_STATIC_WIDTH[kind], np.float32)))
-            cats.append(_unpack(got[f"{static}__cats"], np.full(len(_CATEGORICAL[kind]), MISSING_CODE), np.int64))
+            blocks.append(_unpack(got[f"{static}__dense"], np.zeros(STATIC_WIDTH[kind], np.float32)))
+            no_codes = np.full(len(CATEGORICAL_BY_KIND[kind]), MISSING_CODE)
+            cats.append(_unpack(got[f"{static}__cats"], no_codes, np.int64))
         frame = entity_df
         ids = {"user_id": frame["user_id"].to_numpy(np.int64), "item_id": frame["item_id"].to_numpy(np.int64)}
         ids |= dict(zip(CATEGORICAL_COLUMNS, np.concatenate(cats, axis=1).T))
@@ -298,16 +274,6 @@ class OnlineFeatures:
         return got[[f"{view}__{f}" for f in fields]].iloc[codes].reset_index(drop=True)
 
 
-def _pack_stream(frame: pd.DataFrame, key: str, names: tuple[str, ...]) -> pd.DataFrame:
-    stamp = pd.to_datetime(frame["event_timestamp"], utc=True)
-    return pd.DataFrame({
-        key: frame[key].to_numpy(np.int64),
-        "stats": list(frame[list(names)].to_numpy(np.float32)),
-        "updated_ms": stamp.to_numpy("datetime64[ms]").astype(np.int64),
-        "event_timestamp": stamp,
-    })
-
-
 def _unpack(column: pd.Series, default: np.ndarray, dtype=np.float32) -> np.ndarray:
     """Rows of a list column as a matrix; missing (no row as of that time) or malformed rows get ``default``."""
     width = len(default)
@@ -318,4 +284,5 @@ def _unpack(column: pd.Series, default: np.ndarray, dtype=np.float32) -> np.ndar
     return out
 
 
-__all__ = ["FEATURE_COLUMNS", "ID_FIELDS", "FeatureBatch", "FeatureStoreConfig", "OnlineFeatures", "defaults"]
+__all__ = ["FEATURE_COLUMNS", "ID_FIELDS", "FeatureBatch", "FeatureStoreConfig", "OnlineFeatures", "defaults",
+           "feast_push_frame"]

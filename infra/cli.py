@@ -1,10 +1,17 @@
-"""The ``moestream`` command line."""
+"""The ``moestream`` command line.
+
+Every command that runs part of the pipeline reads the configuration (``--config moestream.yaml`` or
+``$MOESTREAM_CONFIG``, then ``MOESTREAM_<SECTION>__<KEY>`` variables, see ``infra.config``); its flags override
+single keys of it for one run.
+"""
 
 from __future__ import annotations
 
+import signal
 import time
+import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -12,43 +19,83 @@ from rich.table import Table
 
 from infra.kafka.cli import app as kafka_app
 
+if TYPE_CHECKING:
+    from infra.config import MoestreamConfig
+
 app = typer.Typer(help="Streaming online learning of multi-task MoE rankers.", no_args_is_help=True)
 app.add_typer(kafka_app, name="kafka")
 snapshots_app = typer.Typer(help="Published weight snapshots.", no_args_is_help=True)
 app.add_typer(snapshots_app, name="snapshots")
+config_app = typer.Typer(help="The effective configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 console = Console()
 
-DataRoot = Annotated[Path, typer.Option(help="Where runs keep Feast stores, snapshots and W&B files.")]
-Topic = Annotated[str, typer.Option(help="Kafka topic of the event stream.")]
+ConfigFile = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", dir_okay=False,
+    help="moestream.yaml (default: $MOESTREAM_CONFIG; without either, built-in defaults and MOESTREAM_* variables).",
+)]
+DataRoot = Annotated[Optional[Path], typer.Option(help="Where runs keep Feast stores, snapshots and W&B files "
+                                                       "(paths.data_root).")]
+Topic = Annotated[Optional[str], typer.Option(help="Kafka topic of the event stream (kafka.topic).")]
+Model = Annotated[Optional[str], typer.Option(help="Model family, one of learner.models.FAMILIES (learner.family).")]
+
+
+def load(path: Path | None, **overrides: Any) -> MoestreamConfig:
+    """The effective configuration, with the flags given (dotted key -> value; None: not given) on top;
+    an invalid one ends the command with its message and exit status 2."""
+    with warnings.catch_warnings():
+        # Ray Serve's models (imported with the config's sections) use pydantic features deprecated in
+        # pydantic 2: not ours to fix, and not worth a warning on every command. Feast's import puts its own
+        # filters first, so ours goes in after it.
+        import features.store  # noqa: F401 - imported for its side effect on warning filters
+
+        warnings.filterwarnings("ignore", message=r"Using extra keyword arguments on `Field` is deprecated")
+        from infra.config import ConfigError, config_path, load_config
+
+    try:
+        return load_config(config_path(path), overrides={k.replace("__", "."): v for k, v in overrides.items()})
+    except ConfigError as exc:
+        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _stop_on_sigterm() -> None:
+    """``docker stop``, ``kubectl delete`` and ``ray job stop`` send SIGTERM: end as Ctrl-C does, cleanly.
+
+    Installed after joining Ray, whose core installs a handler that dumps a stack and aborts on SIGTERM."""
+    def interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @app.command()
 def simulate(
     rate: Annotated[float, typer.Option(help="Requests per second (each shows several items).")] = 100.0,
     seconds: Annotated[float, typer.Option(help="How long to produce.")] = 10.0,
-    topic: Topic = "moestream.events",
-    seed: int = 0,
+    topic: Topic = None,
+    seed: Annotated[Optional[int], typer.Option(help="Simulator seed (simulator.seed).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write a log file (.parquet or .csv) instead of producing.")] = None,
+    config: ConfigFile = None,
 ) -> None:
     """Produce simulated impressions and feedback to Kafka (or write them to a log file)."""
-    from infra.kafka.broker import bootstrap_servers
+    cfg = load(config, kafka__topic=topic, simulator__seed=seed)
     from infra.pipeline import produce
-    from stream.kafka_io import EventSink, KafkaConfig, ensure_topics
-    from stream.simulator import Simulator, SimulatorConfig
+    from stream.kafka_io import EventSink, ensure_topics
+    from stream.simulator import Simulator
 
     if out is not None:
         from stream.logfile import write_log
 
-        sim = Simulator(SimulatorConfig(seed=seed))
+        sim = Simulator(cfg.simulator)
         n = write_log(sim.events(int(time.time() * 1000), int(seconds * rate)), out)
         console.print(f"wrote {n} events to {out}")
         return
-    config = KafkaConfig(bootstrap_servers=bootstrap_servers(), topic=topic)
-    ensure_topics(config)
-    sink = EventSink(config)
-    n = produce(sink, Simulator(SimulatorConfig(seed=seed)), seconds, rate)
+    ensure_topics(cfg.kafka)
+    sink = EventSink(cfg.kafka)
+    n = produce(sink, Simulator(cfg.simulator), seconds, rate)
     sink.close()
-    console.print(f"produced {n} events to {topic} at {config.bootstrap_servers}")
+    console.print(f"produced {n} events to {cfg.kafka.topic} at {cfg.kafka.bootstrap_servers}")
 
 
 @app.command()
@@ -59,22 +106,27 @@ def replay(
     start: Annotated[int, typer.Option(help="Skip this many events of the sorted sequence (resume).")] = 0,
     limit: Annotated[Optional[int], typer.Option(help="Stop after this many events.")] = None,
     restamp: Annotated[bool, typer.Option("--restamp", help="Shift timestamps so the first event is now.")] = False,
-    topic: Topic = "moestream.events",
-    model: Annotated[str, typer.Option(help="Model family for --direct.")] = "mmoe",
-    data_root: DataRoot = Path(".moestream"),
+    topic: Topic = None,
+    model: Model = None,
+    data_root: DataRoot = None,
+    config: ConfigFile = None,
 ) -> None:
-    """Replay a historical log in event-time order to Kafka, or straight into the trainer with --direct."""
+    """Replay a historical log in event-time order to Kafka, or straight into the trainer with --direct.
+
+    With --direct the run gets a directory of its own, paths.data_root/runs/replay-<time>.
+    """
     from stream.replay import ReplayConfig
     from stream.replay import replay as run_replay
 
-    config = ReplayConfig(path=path, speed=speed, start=start, limit=limit, restamp=restamp)
+    replay_config = ReplayConfig(path=path, speed=speed, start=start, limit=limit, restamp=restamp)
     if direct:
-        from infra.pipeline import RunLayout, worker_config
         from learner.worker import DirectTrainer
 
-        layout = RunLayout(data_root.absolute() / "runs" / f"replay-{time.strftime('%Y%m%d-%H%M%S')}")
-        trainer = DirectTrainer(worker_config(layout, bootstrap="unused", topic="replay", family=model))
-        result = run_replay(config, trainer.learn_events)
+        cfg = load(config, learner__family=model, paths__data_root=data_root,
+                   paths__run=f"runs/replay-{time.strftime('%Y%m%d-%H%M%S')}")
+        layout = cfg.layout()
+        trainer = DirectTrainer(cfg.worker_config())
+        result = run_replay(replay_config, trainer.learn_events)
         stats = trainer.finish()
         console.print(f"replayed {result.emitted} events ({result.schema}) in {result.seconds:.1f}s; "
                       f"trained {stats['examples_trained']} examples in {stats['steps']} steps; "
@@ -82,51 +134,60 @@ def replay(
         for task, m in stats["metrics"].items():
             console.print(f"  {task:10s} progressive AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}")
     else:
-        from infra.kafka.broker import bootstrap_servers
-        from stream.kafka_io import EventSink, KafkaConfig, ensure_topics
+        from stream.kafka_io import EventSink, ensure_topics
 
-        kafka = KafkaConfig(bootstrap_servers=bootstrap_servers(), topic=topic)
-        ensure_topics(kafka)
-        sink = EventSink(kafka)
-        result = run_replay(config, sink.send_all)
+        cfg = load(config, kafka__topic=topic)
+        ensure_topics(cfg.kafka)
+        sink = EventSink(cfg.kafka)
+        result = run_replay(replay_config, sink.send_all)
         sink.close()
-        console.print(f"replayed {result.emitted} events ({result.schema}) to {topic} in {result.seconds:.1f}s")
+        console.print(f"replayed {result.emitted} events ({result.schema}) to {cfg.kafka.topic} in {result.seconds:.1f}s")
     console.print(f"resume with --start {result.position.emitted}")
 
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Option(help="Model family (learner.models.FAMILIES).")] = "mmoe",
+    model: Model = None,
     seconds: Annotated[Optional[float], typer.Option(help="Stop after this long (default: run until Ctrl-C).")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Data-parallel trainer actors in one consumer group.")] = 1,
-    topic: Topic = "moestream.events",
-    data_root: DataRoot = Path(".moestream"),
+    max_events: Annotated[Optional[int], typer.Option(
+        min=1, help="Stop once the workers consumed this many events in all (a bounded run).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        min=1, help="Data-parallel trainer actors in one consumer group (trainer.workers).")] = None,
+    topic: Topic = None,
+    data_root: DataRoot = None,
+    config: ConfigFile = None,
 ) -> None:
-    """Train continuously from the event topic in Ray actors (one GPU each when the cluster has GPUs),
-    averaging gradients across them every step, publishing snapshots."""
+    """Train continuously from the event topic in Ray actors, publishing snapshots.
+
+    One GPU per actor when the cluster has GPUs; with several workers, gradients are averaged every step. On
+    a cluster the actors go to the nodes that offer ray.trainer_resources; submit the command as a Ray job:
+    `ray job submit -- moestream train --config moestream.yaml`.
+    """
+    cfg = load(config, learner__family=model, trainer__workers=workers, kafka__topic=topic, paths__data_root=data_root)
     import ray
 
-    from infra.kafka.broker import bootstrap_servers
-    from infra.pipeline import RunLayout, start_trainers, worker_config
-    from infra.runtime import init_ray
+    from infra.deploy import connect, start_training
 
-    config = worker_config(RunLayout(data_root.absolute() / "live"), bootstrap=bootstrap_servers(), topic=topic, family=model)
-    if workers > config.kafka.partitions:
-        console.print(f"[red]--workers {workers} exceeds the topic's {config.kafka.partitions} partitions "
-                      "(kafka.partitions): each worker reads its own share of them[/]")
-        raise typer.Exit(2)
-    init_ray()
-    group = start_trainers(config, workers)
+    connect(cfg)
+    _stop_on_sigterm()
+    group = start_training(cfg)
+    console.print(f"training {cfg.learner.family} from {cfg.kafka.topic} at {cfg.kafka.bootstrap_servers} with "
+                  f"{cfg.trainer.workers} worker(s); snapshots in {cfg.layout().snapshots}")
     deadline = time.monotonic() + seconds if seconds else None
     try:
-        while deadline is None or time.monotonic() < deadline:
+        while True:
             ready, _ = ray.wait(group.runs, num_returns=len(group.runs), timeout=5)
             if len(ready) == len(group.runs):
                 break
-            for s in group.stats():
+            stats = group.stats()
+            for s in stats:
                 console.print(f"worker {s['rank']}: consumed {s['consumed']}  steps {s['steps']}  "
                               f"snapshots {s['snapshots'][-1:]}  id collisions {s['id_collision_rate']:.2%} "
                               f"of {s['id_keys']:,} ids in {s['id_buckets']:,} buckets")
+            if max_events is not None and sum(s["consumed"] for s in stats) >= max_events:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
     except KeyboardInterrupt:
         pass
     for stats in group.stop():
@@ -136,49 +197,105 @@ def train(
 
 @app.command()
 def serve(
-    port: int = 8000,
-    data_root: DataRoot = Path(".moestream"),
+    port: Annotated[Optional[int], typer.Option(help="HTTP port of Serve's proxy (http.port).")] = None,
+    data_root: DataRoot = None,
+    detach: Annotated[bool, typer.Option(
+        "--detach", help="Deploy and return, leaving the app running (default: serve until Ctrl-C, then remove it).",
+    )] = False,
+    config: ConfigFile = None,
 ) -> None:
-    """Serve the latest snapshots of the live run over HTTP until Ctrl-C."""
-    from infra.kafka.broker import bootstrap_servers
-    from infra.pipeline import RunLayout, start_serving, worker_config
-    from infra.runtime import init_ray
+    """Serve the latest snapshots of the run over HTTP.
 
-    config = worker_config(RunLayout(data_root.absolute() / "live"), bootstrap=bootstrap_servers(), topic="unused")
-    init_ray()
-    url = start_serving(config, port)
-    console.print(f"serving at {url}/predict (Ctrl-C stops)")
+    Deploys the Serve config that `moestream serve-config` prints, on the cluster at ray.address (or
+    RAY_ADDRESS), else on a local Ray instance.
+    """
+    cfg = load(config, http__port=port, paths__data_root=data_root)
+    from infra.deploy import connect, deploy_ranking, undeploy_ranking
+
+    connect(cfg)
+    _stop_on_sigterm()
+    url = deploy_ranking(cfg)
+    console.print(f"serving {cfg.layout().snapshots} at {url}/predict" + ("" if detach else " (Ctrl-C stops)"))
+    if detach:
+        return
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
+    finally:
+        undeploy_ranking()
+
+
+@app.command("serve-config")
+def serve_config_command(
+    out: Annotated[Optional[Path], typer.Option(help="Write it here instead of printing it.")] = None,
+    config: ConfigFile = None,
+) -> None:
+    """Print the Ray Serve config of the ranking app, generated from the configuration.
+
+    A ServeDeploySchema document: KubeRay's serveConfigV2, or the file for `serve deploy` / `serve run`.
+    """
+    cfg = load(config)
+    import yaml
+
+    from infra.config import ConfigError
+    from infra.deploy import serve_config
+
+    try:
+        text = yaml.safe_dump(serve_config(cfg), sort_keys=False, default_flow_style=False)
+    except ConfigError as exc:
+        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        console.print(f"wrote {out}")
+
+
+@config_app.command("show")
+def config_show(config: ConfigFile = None) -> None:
+    """Print the effective configuration (file, then MOESTREAM_* variables) as YAML.
+
+    Credentials are never printed, only whether the environment provides them.
+    """
+    cfg = load(config)
+    from infra.config import render
+
+    typer.echo(render(cfg), nl=False)
 
 
 @app.command()
 def demo(
     seconds: Annotated[float, typer.Option(help="How long the simulator produces.")] = 40.0,
     rate: Annotated[float, typer.Option(help="Simulated requests per second (4 impressions each).")] = 300.0,
-    model: str = "mmoe",
+    model: Model = None,
     port: int = 18000,
-    data_root: DataRoot = Path(".moestream"),
+    data_root: DataRoot = None,
+    config: ConfigFile = None,
 ) -> None:
     """Run the whole pipeline on embedded defaults for a bounded time and print a summary.
 
-    Without ``KAFKA_BOOTSTRAP_SERVERS`` a local broker is started for the demo and stopped after it (one
-    that was already running is left running).
+    Of the configuration, the demo takes kafka.bootstrap_servers, learner.family and paths.data_root; the rest
+    are its own small settings. With the local broker's address a local broker is started for the demo and
+    stopped after it (one that was already running is left running).
     """
+    cfg = load(config, learner__family=model, paths__data_root=data_root)
     import os
 
     from infra.kafka import broker
     from infra.pipeline import run_demo, shutdown
 
-    started_broker = not os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and not broker.status().running
+    os.environ["KAFKA_BOOTSTRAP_SERVERS"] = cfg.kafka.bootstrap_servers  # what run_demo connects to
+    local = cfg.kafka.bootstrap_servers == broker.BrokerConfig().bootstrap
+    started_broker = local and not broker.status().running
     if started_broker:
         console.print("[dim]starting a local Kafka broker (first run downloads its jars from Maven Central) ...[/]")
         broker.up()
     try:
-        summary = run_demo(seconds, rate, model, port, data_root, log=lambda m: console.print(f"[dim]{m}[/]"))
+        summary = run_demo(seconds, rate, cfg.learner.family, port, cfg.paths.data_root,
+                           log=lambda m: console.print(f"[dim]{m}[/]"))
     finally:
         shutdown()
         if started_broker:
@@ -229,14 +346,16 @@ def bench(
         console.print(f"wrote {json_path}")
 
 
-SnapshotDir = Annotated[Path, typer.Argument(help="A snapshot directory (default: the live run's).")]
-LIVE_SNAPSHOTS = Path(".moestream/live/snapshots")
+SnapshotDir = Annotated[Optional[Path], typer.Argument(
+    help="A snapshot directory (default: the configured run's, paths.data_root/paths.run/snapshots).")]
 
 
 @snapshots_app.command("list")
-def snapshots_list(directory: SnapshotDir = LIVE_SNAPSHOTS) -> None:
+def snapshots_list(directory: SnapshotDir = None, config: ConfigFile = None) -> None:
     """List the snapshots in a directory (* marks the one LATEST names)."""
     from learner.snapshots import SnapshotStore
+
+    directory = directory or load(config).layout().snapshots
 
     if not directory.is_dir():
         console.print(f"[red]no snapshot directory at {directory}[/]")
@@ -258,10 +377,13 @@ def snapshots_list(directory: SnapshotDir = LIVE_SNAPSHOTS) -> None:
 @snapshots_app.command("rollback")
 def snapshots_rollback(
     version: Annotated[str, typer.Argument(help="A kept version to serve again (3 or v3).")],
-    directory: SnapshotDir = LIVE_SNAPSHOTS,
+    directory: SnapshotDir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Serve a kept version again: verified, then republished as the newest version (followers pick it up)."""
     from learner.snapshots import SnapshotError, SnapshotStore
+
+    directory = directory or load(config).layout().snapshots
 
     raw = version.lower().removeprefix("v")
     if not (raw.isascii() and raw.isdecimal()):
@@ -280,10 +402,14 @@ def snapshots_rollback(
 
 @app.command()
 def experts(
-    run: Annotated[Path, typer.Argument(help="A run directory (or its health/experts.json).")] = Path(".moestream/live"),
+    run: Annotated[Optional[Path], typer.Argument(
+        help="A run directory or its health/experts.json (default: the configured run).")] = None,
+    config: ConfigFile = None,
 ) -> None:
     """Latest expert utilisation per task, drift and anomalies, as the trainer last wrote them."""
     import orjson
+
+    run = run or load(config).layout().root
 
     path = run if run.suffix == ".json" else run / "experts.json" if run.name == "health" else run / "health" / "experts.json"
     try:

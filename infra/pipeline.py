@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import socket
 import time
+import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from learner.online import LearnerConfig
 from learner.telemetry import TelemetryConfig
 from learner.worker import TrainerWorker, WorkerConfig
 from serving.app import build_app
+from serving.config import ServingConfig
 from stream.joiner import JoinerConfig
 from stream.kafka_io import EventSink, KafkaConfig, ensure_topics
 from stream.simulator import Simulator, SimulatorConfig
@@ -86,25 +88,33 @@ class TrainerActor(TrainerWorker):
             return super().run(max_seconds)
         except PeerLost as exc:
             print(f"moestream: {exc}; exiting so that Ray restarts this worker", flush=True)
-            os._exit(75)
+        except Exception:  # noqa: BLE001 - any failure: restart from the checkpoint rather than stay up idle
+            # An actor whose run raised would stay alive doing nothing, and in a group its peers would
+            # wait on it until their collectives time out; a restart resumes every worker from the last
+            # group checkpoint instead (bounded by max_restarts).
+            print(f"moestream: worker failed; exiting so that Ray restarts it:\n{traceback.format_exc()}", flush=True)
+        os._exit(75)
 
     def pid(self) -> int:
         return os.getpid()
 
 
-def _actor_options(max_restarts: int) -> dict:
+def _actor_options(max_restarts: int, resources: Mapping[str, float] | None = None) -> dict:
     """Threaded (``stats``/``stop`` answer while ``run`` loops); restarted by Ray after a crash, its ``run``
-    retried on the new process, which resumes from the last checkpoint and the committed offsets."""
+    retried on the new process, which resumes from the last checkpoint and the committed offsets.
+    ``resources``: custom Ray resources the actor requires, which places it on the nodes that offer them."""
     options: dict = {"max_concurrency": 4, "num_cpus": 1, "max_restarts": max_restarts,
                      "max_task_retries": max_restarts}
+    if resources:
+        options["resources"] = dict(resources)
     if cluster_has_gpus():
         options["num_gpus"] = 1
     return options
 
 
-def start_trainer(config: WorkerConfig, max_restarts: int = 3):
+def start_trainer(config: WorkerConfig, max_restarts: int = 3, resources: Mapping[str, float] | None = None):
     """One trainer actor and the reference of its ``run``."""
-    actor = ray.remote(TrainerActor).options(**_actor_options(max_restarts)).remote(config)
+    actor = ray.remote(TrainerActor).options(**_actor_options(max_restarts, resources)).remote(config)
     return actor, actor.run.remote()
 
 
@@ -128,7 +138,9 @@ class TrainerGroup:
         return results
 
 
-def start_trainers(config: WorkerConfig, workers: int = 1, max_restarts: int = 3) -> TrainerGroup:
+def start_trainers(
+    config: WorkerConfig, workers: int = 1, max_restarts: int = 3, resources: Mapping[str, float] | None = None
+) -> TrainerGroup:
     """``workers`` trainer actors sharing one consumer group id (each reads a static share of the partitions,
     see ``learner.worker``), each on a GPU when the cluster has one; with more than one, gradients are
     averaged every step (``learner.distributed``)."""
@@ -138,14 +150,14 @@ def start_trainers(config: WorkerConfig, workers: int = 1, max_restarts: int = 3
         raise ValueError(f"workers ({workers}) must not exceed the topic's partitions (kafka.partitions = "
                          f"{config.kafka.partitions}): each worker reads its own share of them")
     if workers == 1:
-        actor, run = start_trainer(config, max_restarts)
+        actor, run = start_trainer(config, max_restarts, resources)
         return TrainerGroup([actor], [run])
     host = ray.util.get_node_ip_address()
     with socket.socket() as sock:
         sock.bind((host, 0))
         port = sock.getsockname()[1]
     store = host_store(host, port, workers)
-    options = _actor_options(max_restarts)
+    options = _actor_options(max_restarts, resources)
     actors = [
         ray.remote(TrainerActor).options(**options).remote(replace(config, group=GroupConfig(host, port, workers, rank)))
         for rank in range(workers)
@@ -153,9 +165,10 @@ def start_trainers(config: WorkerConfig, workers: int = 1, max_restarts: int = 3
     return TrainerGroup(actors, [a.run.remote() for a in actors], store)
 
 
-def start_serving(config: WorkerConfig, port: int) -> str:
+def start_serving(config: WorkerConfig, port: int, serving: ServingConfig | None = None) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-    serve.run(build_app(config.snapshot_dir, config.features), name="moestream", route_prefix="/")
+    serve.run(build_app(config.snapshot_dir, config.features, serving or ServingConfig()), name="moestream",
+              route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 

@@ -10,6 +10,8 @@ before joining, and turn Ray's cryptic failure into a message that says what to 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -20,6 +22,31 @@ SMALL_MACHINE_SERVE_ENV = {
 }
 """Serve's proxy must answer its readiness check within 5 s by default; on a loaded 2-core machine starting
 a trainer beside it, it sometimes cannot, and the controller kills it. Local instances get more slack."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Which Ray to run on, and where on it the trainers and the ranking replicas go."""
+
+    address: str | None = None
+    """A running cluster's GCS address (``host:6379``); None: ``RAY_ADDRESS``, else a local instance."""
+    namespace: str = "moestream"
+    num_cpus: int | None = None
+    """CPUs of a local instance (None: at least 4, so the trainer and Serve fit on a small machine)."""
+    trainer_resources: Mapping[str, float] = field(default_factory=dict)
+    """Custom resources each trainer actor requires, e.g. ``{"trainer_node": 1}``: trainers run only on the
+    nodes started with them (``ray start --resources``)."""
+    ranker_resources: Mapping[str, float] = field(default_factory=dict)
+    """The same for each ranking replica (written into the Serve config's ``ray_actor_options``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("trainer_resources", "ranker_resources"):
+            for key, amount in getattr(self, name).items():
+                if key in ("CPU", "GPU", "memory", "object_store_memory"):
+                    raise ValueError(f"ray.{name}.{key}: name only custom resources here; CPUs and GPUs are "
+                                     "set by trainer.device and serving.num_cpus")
+                if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
+                    raise ValueError(f"ray.{name}.{key} must be a number > 0, got {amount!r}")
 
 
 def token_path() -> Path:
@@ -58,6 +85,15 @@ def init_ray(
         ray.init(**kwargs)
     except ray.exceptions.AuthenticationError as exc:
         raise RuntimeError(f"Ray refused our token for {address}: {exc}") from exc
+    except ConnectionError as exc:
+        if not (address and auth_enabled()):
+            raise
+        # A GCS that rejects the token only logs "InvalidAuthToken" and the driver gives up as unreachable.
+        raise RuntimeError(
+            f"could not join the Ray cluster at {address}: {exc}. It is either unreachable or it refused our "
+            f"token (from {'RAY_AUTH_TOKEN' if os.environ.get('RAY_AUTH_TOKEN') else token_path()}); "
+            "`ray get-auth-token` on the head node prints the one it expects."
+        ) from exc
 
 
 def cluster_has_gpus() -> bool:

@@ -80,6 +80,8 @@ class CheckpointStore:
     def __init__(self, directory: Path, keep: int = 2) -> None:
         self.directory = Path(directory)
         self.keep = keep
+        self.pinned: int | None = None
+        """A step never pruned: a group's last agreed checkpoint (newer ones may not exist on every worker)."""
 
     def write(self, ckpt: Checkpoint) -> Path:
         """Write atomically; raises :class:`CheckpointError` (never a half-written checkpoint)."""
@@ -111,6 +113,8 @@ class CheckpointStore:
             _fsync_dir(self.directory)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if self.directory.exists() and not self.directory.is_dir():  # else the error reads "File exists"
+                raise CheckpointError(f"cannot write checkpoint to {self.directory}: it is not a directory") from exc
             raise CheckpointError(f"cannot write checkpoint to {self.directory}: {exc}") from exc
         self._prune(final.name)
         return final
@@ -120,7 +124,14 @@ class CheckpointStore:
             name = (self.directory / "LATEST").read_text().strip()
         except FileNotFoundError:
             return None
-        path = self.directory / name
+        return self._read(self.directory / name)
+
+    def load(self, step: int) -> Checkpoint:
+        """The checkpoint of ``step`` (a group restores the step every worker made durable, see
+        ``learner.worker``); :class:`CheckpointError` if it is missing or unreadable."""
+        return self._read(self.directory / f"ckpt-{step:09d}")
+
+    def _read(self, path: Path) -> Checkpoint:
         try:
             meta = orjson.loads((path / "meta.json").read_bytes())
             with pa.OSFile(str(path / "buffer.arrow"), "rb") as source:
@@ -139,6 +150,7 @@ class CheckpointStore:
 
     def _prune(self, newest: str) -> None:
         done = sorted(p for p in self.directory.glob("ckpt-*") if p.is_dir())
+        pinned = None if self.pinned is None else f"ckpt-{self.pinned:09d}"
         for path in done[: -self.keep]:
-            if path.name != newest:
+            if path.name not in (newest, pinned):
                 shutil.rmtree(path, ignore_errors=True)

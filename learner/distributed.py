@@ -19,6 +19,8 @@ an approximation of one. Per step, :class:`OnlineLearner` makes two collectives 
    Because each worker's loss already is its share of the global loss, the *sum* of the workers'
    gradients is the gradient of the union batch's loss; the same optimizer step then runs
    everywhere on the same gradient, so the weights stay identical.
+3. **Buffers, after the step**, for families that have them (HoME's BatchNorm running statistics):
+   one all-reduce averaging them, so the workers' models stay identical buffer for buffer too.
 
 Lockstep when data is uneven: before each step the workers agree (an all-reduce MAX of a few
 flags: "I have a full batch", "stop") on whether to step. If any worker has a full batch, all step;
@@ -61,6 +63,7 @@ class Reducer(Protocol):
     def agree(self, flags: Sequence[bool]) -> list[bool]: ...
     def reduce_batch(self, task_counts: Tensor, lb_stats: LbStats | None) -> tuple[Tensor, LbStats | None]: ...
     def reduce_grads(self, parameters: Iterable[nn.Parameter]) -> None: ...
+    def average_buffers(self, module: nn.Module) -> None: ...
     def broadcast_parameters(self, module: nn.Module) -> None: ...
     def close(self) -> None: ...
 
@@ -77,6 +80,9 @@ class LocalReducer:
         return task_counts, lb_stats
 
     def reduce_grads(self, parameters: Iterable[nn.Parameter]) -> None:
+        return None
+
+    def average_buffers(self, module: nn.Module) -> None:
         return None
 
     def broadcast_parameters(self, module: nn.Module) -> None:
@@ -113,6 +119,7 @@ class GroupReducer:
         if not 0 <= config.rank < config.world_size:
             raise ValueError(f"rank {config.rank} outside world_size {config.world_size}")
         self.rank, self.world_size, self.device = config.rank, config.world_size, device
+        self._flats: dict[str, Tensor] = {}
         backend = config.backend if config.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         timeout = timedelta(seconds=config.timeout_s)
         store = dist.TCPStore(config.store_host, config.store_port, is_master=False, timeout=timeout)
@@ -146,13 +153,52 @@ class GroupReducer:
         return counts, summed  # type: ignore[return-value]
 
     def reduce_grads(self, parameters: Iterable[nn.Parameter]) -> None:
-        """Sum every gradient over workers, in one flat buffer (a missing gradient counts as zero)."""
+        """Sum every gradient over workers, in one flat buffer kept across steps (a missing gradient counts
+        as zero)."""
         params = [p for p in parameters if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self._flat("grads", sum(p.numel() for p in params), params[0].dtype if params else torch.float32)
+        pieces = [piece.view_as(p) for p, piece in zip(params, flat.split([p.numel() for p in params]))]
+        for p, piece in zip(params, pieces):
+            piece.copy_(p.grad) if p.grad is not None else piece.zero_()
         self._all_reduce(flat, dist.ReduceOp.SUM)
-        for p, piece in zip(params, flat.split([g.numel() for g in grads])):
-            p.grad = piece.view_as(p).clone() if p.grad is None else p.grad.copy_(piece.view_as(p))
+        for p, piece in zip(params, pieces):
+            if p.grad is None:
+                p.grad = piece.clone()
+            else:
+                p.grad.copy_(piece)
+
+    def average_buffers(self, module: nn.Module) -> None:
+        """Average BatchNorm running statistics over workers after a step, so that every worker keeps
+        identical buffers as well as identical weights: each worker's BatchNorm normalises its own batch,
+        and the running statistics become the mean of the workers'. The number of batches seen takes the
+        largest (a worker that took a zero-weight step ran no forward pass and counted nothing). Other
+        buffers are constants set at construction and broadcast at the start."""
+        norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if not norms:
+            return
+        for kind, op in (("stats", dist.ReduceOp.SUM), ("counts", dist.ReduceOp.MAX)):
+            if kind == "stats":
+                buffers = [b for m in norms for b in (m.running_mean, m.running_var)]
+                dtype = buffers[0].dtype
+            else:
+                buffers = [m.num_batches_tracked for m in norms]
+                dtype = torch.float64  # counts < 2**53 stay exact
+            flat = self._flat(kind, sum(b.numel() for b in buffers), dtype)
+            pieces = [piece.view_as(b) for b, piece in zip(buffers, flat.split([b.numel() for b in buffers]))]
+            for b, piece in zip(buffers, pieces):
+                piece.copy_(b)
+            self._all_reduce(flat, op)
+            if kind == "stats":
+                flat.div_(self.world_size)
+            for b, piece in zip(buffers, pieces):
+                b.copy_(piece)
+
+    def _flat(self, name: str, numel: int, dtype: torch.dtype) -> Tensor:
+        """A flat buffer of ``numel`` elements reused from step to step (no allocation per collective)."""
+        flat = self._flats.get(name)
+        if flat is None or flat.numel() != numel or flat.dtype != dtype:
+            flat = self._flats[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return flat
 
     def broadcast_parameters(self, module: nn.Module) -> None:
         """Rank 0's parameters and buffers everywhere (start of a group: identical weights by construction)."""

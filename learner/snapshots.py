@@ -18,12 +18,14 @@ says ``rollback_of``), so every follower of ``LATEST`` picks it up like any othe
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import math
 import os
 import re
 import time
-import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,11 +176,13 @@ class SnapshotStore:
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise SnapshotRefused("non-finite", f"refusing to publish non-finite weights: {bad[:5]}")
-        if guard is not None and (latest := self.latest_manifest()) is not None:
-            why = guard.check(data.get("metrics", {}), latest.data.get("metrics", {}))
-            if why:
-                raise SnapshotRefused("auc-drop", f"progressive AUC fell below v{latest.version}'s: {why}")
-        return self._write(save_safetensors(tensors), data)
+        payload = save_safetensors(tensors)
+        with self._exclusive():  # the guard reads the latest manifest: no other writer may slip in between
+            if guard is not None and (latest := self.latest_manifest()) is not None:
+                why = guard.check(data.get("metrics", {}), latest.data.get("metrics", {}))
+                if why:
+                    raise SnapshotRefused("auc-drop", f"progressive AUC fell below v{latest.version}'s: {why}")
+            return self._write(payload, data)
 
     def rollback(self, version: int) -> Manifest:
         """Serve a kept version again: verify it, then republish its bytes as a new version.
@@ -186,15 +190,28 @@ class SnapshotStore:
         The new manifest carries the old one's data plus ``rollback_of``; ``LATEST`` names the new
         version, so followers that only move forward pick it up.
         """
-        kept = self.versions()
-        if version not in kept:
-            have = ", ".join(f"v{v}" for v in kept) or "none"
-            raise SnapshotError(f"no snapshot v{version} in {self.directory} (kept: {have})")
-        manifest, _ = self.load(version)  # sha256 and finiteness checked
-        payload = self._weights(version).read_bytes()
-        if hashlib.sha256(payload).hexdigest() != manifest.sha256:
-            raise SnapshotError(f"v{version} changed on disk while rolling back")
-        return self._write(payload, {**manifest.data, "rollback_of": version})
+        with self._exclusive():  # a publish racing this one could prune the version or take its number
+            kept = self.versions()
+            if version not in kept:
+                have = ", ".join(f"v{v}" for v in kept) or "none"
+                raise SnapshotError(f"no snapshot v{version} in {self.directory} (kept: {have})")
+            manifest, _ = self.load(version)  # sha256 and finiteness checked
+            payload = self._weights(version).read_bytes()
+            if hashlib.sha256(payload).hexdigest() != manifest.sha256:
+                raise SnapshotError(f"v{version} changed on disk while rolling back")
+            return self._write(payload, {**manifest.data, "rollback_of": version})
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Writers of this directory (the trainer publishing, ``moestream snapshots rollback``) take turns:
+        each numbers its version from what is on disk, so two at once could pick the same number.
+        Readers (serving) need no lock: every file is replaced atomically."""
+        with open(self.directory / ".lock", "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def _write(self, payload: bytes, data: dict) -> Manifest:
         version = max([*self.versions(), self.latest_version() or 0], default=0) + 1

@@ -11,31 +11,37 @@ Several workers (``WorkerConfig.group``) train one model data-parallel, in locks
 ``learner.distributed``): each reads its own partitions, a static share (rank, rank + N, ...) so that no
 consumer-group rebalance can wait on a worker blocked in a collective, then all agree whether anyone has a full batch
 or wants to stop, and step together, an idle worker taking a zero-weight step. Each keeps its own
-checkpoints (``checkpoint_dir/rank-R``: its joiner, buffer and offsets); weights, optimizer and step are
-restored by every worker from rank 0's latest checkpoint, so the group resumes with identical weights.
-Only rank 0 publishes snapshots.
+checkpoints (``checkpoint_dir/rank-R``: weights, optimizer, its joiner, buffer and offsets), all at the same
+steps. A group commits offsets only once every worker's checkpoint of a step is durable and rank 0 has
+recorded that step in ``checkpoint_dir/GROUP``; a restarted group restores that step on every worker, so
+the workers resume with identical weights and none from offsets past what its peers can restore. Only
+rank 0 publishes snapshots.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import torch
 
 from features.store import FeatureStoreConfig, OnlineFeatures
+from learner.allocator import retain_freed_memory
 from learner.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from learner.distributed import GroupConfig, GroupReducer, LocalReducer
+from learner.intake import Intake
 from learner.models import FeatureEncoder
 from learner.online import LearnerConfig, OnlineLearner
-from learner.snapshots import SnapshotStore
+from learner.snapshots import SnapshotStore, write_atomic
 from learner.telemetry import Telemetry, TelemetryConfig
-from stream.events import EXAMPLE_SCHEMA, decode_batch, encode
+from stream.events import decode_batch, encode
 from stream.joined import JoinedStream
 from stream.joiner import JoinerConfig, LabelJoiner
 from stream.kafka_io import KafkaConfig, ensure_topics
@@ -54,10 +60,16 @@ class WorkerConfig:
     """Kafka offsets are committed only after a checkpoint is durable, so this bounds re-training after a crash."""
     batch_size: int = 512
     """Joined examples per training step."""
+    read_ahead_batches: int = 4
+    """How many batches the intake thread may buffer ahead of training (``learner.intake``)."""
     audit_path: Path | None = None
     """Append ``partition,offset`` of every trained example here (delivery audits; off by default)."""
     device: str = "auto"
     """"auto": CUDA when this process was given a GPU, else CPU."""
+    torch_threads: int = 0
+    """Intra-op threads for training; 0: every core this process may run on. Ray starts an actor with
+    ``OMP_NUM_THREADS`` set to its CPU reservation (1 for the trainer), which would leave the other cores of a
+    small machine idle while the model steps."""
     group: GroupConfig | None = None
     """Data-parallel group this worker belongs to (None: it trains alone)."""
 
@@ -71,6 +83,8 @@ def _device(choice: str) -> str:
 class TrainerWorker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
+        retain_freed_memory()  # a step re-allocates the same buffers: keep them instead of page-faulting
+        torch.set_num_threads(config.torch_threads or len(os.sched_getaffinity(0)))
         ensure_topics(config.kafka)
         self.snapshots = SnapshotStore(config.snapshot_dir)
         self.rank = config.group.rank if config.group else 0
@@ -95,27 +109,21 @@ class TrainerWorker:
         self.checkpoints = CheckpointStore(config.checkpoint_dir / f"rank-{self.rank}" if grouped else config.checkpoint_dir)
         self.checkpoint_failures = 0
         self.last_checkpoint_error: str | None = None
-        self._buffer: list[pa.Table] = []
-        restored = self.checkpoints.latest()
+        restored = self._restore_point()
         joiner = None
         if restored is not None:
             self.learner.restore(restored.model, restored.optimizer, restored.arrays, restored.meta["counters"])
             joiner = LabelJoiner.from_state(config.joiner, restored.joiner)
-        leader = CheckpointStore(config.checkpoint_dir / "rank-0").latest() if grouped and self.rank else None
-        if leader is not None:  # the group's weights, optimizer and step are rank 0's
-            self.learner.model.load_state_dict(leader.model)
-            self.learner.optimizer.load_state_dict(leader.optimizer)
-            self.learner.step = leader.meta["counters"]["step"]
         self.learner.reducer.broadcast_parameters(self.learner.model)
-        if restored is not None:
-            if restored.buffer.num_rows:
-                self._buffer.append(restored.buffer)  # acknowledged before the crash; trained first
         self.restored_step = restored.step if restored else None
         kafka = config.kafka
         if config.group is not None:  # each rank reads its own partitions: no rebalance to wait on mid-step
             kafka = replace(kafka, assign=rank_partitions(kafka.partitions, config.group.world_size, self.rank))
         self.stream = JoinedStream(kafka, config.joiner, restored=joiner)
         self.stream.auto_commit = False  # commits follow checkpoints
+        self.intake = Intake(self.stream, max_buffered=config.read_ahead_batches * config.batch_size)
+        if restored is not None:
+            self.intake.restore(restored.buffer)  # acknowledged before the crash; trained first
         self._stop = threading.Event()
         self._running = threading.Event()
         self.started_at = time.time()
@@ -123,25 +131,35 @@ class TrainerWorker:
         print(f"moestream: worker {self.rank}: {self.collisions}", flush=True)
 
     def run(self, max_seconds: float | None = None) -> dict:
-        """Train until :meth:`stop` (or ``max_seconds``); on the way out, train on everything pending."""
+        """Train until :meth:`stop` (or ``max_seconds``); on the way out, train on everything pending.
+
+        Kafka is read ahead on the intake thread (``learner.intake``) while this thread trains."""
         self._running.set()
         deadline = time.monotonic() + max_seconds if max_seconds else None
+        batch = self.config.batch_size
+        wait_s = self.config.kafka.max_wait_ms / 1000
         try:
             agree = self.learner.reducer.agree
+            self.intake.start()
             while True:
+                self.intake.check()
                 stop = self._stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
                 if agree([stop])[0]:  # any worker stopping stops the group at the same step
                     break
-                self._take(self.stream.poll())
-                while agree([self._buffered() >= self.config.batch_size])[0]:
-                    self._train(self.config.batch_size)
-            self._take(self.stream.flush())
-            while agree([self._buffered() > 0])[0]:
-                self._train(self.config.batch_size)
+                self.intake.wait(batch, wait_s)
+                while agree([self.intake.buffered() >= batch])[0]:
+                    self._train(batch)
+            self.intake.stop()
+            self.intake.check()
+            self.intake.flush()
+            while agree([self.intake.buffered() > 0])[0]:
+                self._train(batch)
             self.checkpoint()
             if self.rank == 0:
-                self.learner.publish(self.stream.safe_offsets())
+                self.learner.publish(self.intake.trained_offsets())
+            self.collisions = self.id_collisions()
         finally:
+            self.intake.stop()
             self._running.clear()
         return self.stats()
 
@@ -151,34 +169,20 @@ class TrainerWorker:
     def is_running(self) -> bool:
         return self._running.is_set()
 
-    def _take(self, examples: pa.Table) -> None:
-        """Buffer joined examples until a full batch. They are acknowledged at once (not committed): the
-        buffer is part of every checkpoint, so once a checkpoint is durable they survive a crash without
-        Kafka re-delivering them, which would train them twice."""
-        if examples.num_rows:
-            self._buffer.append(examples)
-            self.stream.ack(examples, commit=False)
-
-    def _buffered(self) -> int:
-        return sum(t.num_rows for t in self._buffer)
-
     def _train(self, n: int) -> None:
         """One (group) step on up to ``n`` buffered examples: fewer, or none, when this worker has fewer."""
-        table = pa.concat_tables(self._buffer) if self._buffer else EXAMPLE_SCHEMA.empty_table()
-        batch, rest = table.slice(0, n), table.slice(n)
-        self._buffer = [rest] if rest.num_rows else []
+        batch = self.intake.take(n)
         self.learner.learn(batch)
         self._audit(batch)
         if self.learner.step % self.config.checkpoint_every_steps == 0:
             self.checkpoint()
         if self.learner.snapshot_due and self.rank == 0:
-            self.learner.publish(self.stream.safe_offsets())
+            self.learner.publish(self.intake.trained_offsets())
         if self.learner.step % 100 == 0:
             self.collisions = self.id_collisions()
         if self.learner.step % 10 == 0:
-            lag = self.stream.lag()
             self.telemetry.log(
-                {"kafka/lag": float(sum(lag.values())), "kafka/consumed": float(self.stream.stats.consumed),
+                {"kafka/lag": float(sum(self.intake.lag().values())), "kafka/consumed": float(self.stream.stats.consumed),
                  "joiner/pending": float(self.stream.joiner.n_pending)},
                 step=self.learner.step,
             )
@@ -198,24 +202,65 @@ class TrainerWorker:
         finally:
             os.close(fd)
 
+    def _restore_point(self) -> Checkpoint | None:
+        """Alone: the latest checkpoint. In a group: this worker's checkpoint of the last step that every
+        worker made durable (``GROUP``), so that all restore the same step: the same weights, and offsets
+        no worker committed past (a worker may hold a newer checkpoint that a peer never finished)."""
+        if self.config.group is None:
+            return self.checkpoints.latest()
+        step = group_step(self.config.checkpoint_dir, self.config.group.world_size)
+        if step is None:
+            return None
+        self.checkpoints.pinned = step
+        return self.checkpoints.load(step)
+
     def checkpoint(self) -> bool:
-        """Write a checkpoint; only when it is durable, commit the offsets it covers. False if it failed."""
+        """Write a checkpoint; only when it is durable, commit the offsets it covers. False if it failed.
+
+        In a group every worker checkpoints at the same step, and none commits until all of them have:
+        the workers agree that every checkpoint is durable, rank 0 records the step in ``GROUP`` (the
+        step a restart restores), they agree that this record is durable, and only then commit."""
+        covered = self._write_checkpoint()
+        durable = covered is not None
+        if self.config.group is None:
+            if covered is not None:
+                self.intake.commit(covered)
+            return durable
+        agree = self.learner.reducer.agree
+        if agree([not durable])[0]:
+            return False
+        recorded = True
+        if self.rank == 0:
+            try:
+                write_group_step(self.config.checkpoint_dir, self.learner.step, self.config.group.world_size)
+            except OSError as exc:
+                recorded = self._checkpoint_failed(f"cannot record the group's checkpoint step: {exc}")
+        if agree([not recorded])[0]:
+            return False
+        self.checkpoints.pinned = self.learner.step
+        self.intake.commit(covered)
+        return True
+
+    def _checkpoint_failed(self, error: str) -> bool:
+        # Training goes on; nothing past the last durable checkpoint is committed, so nothing is lost.
+        self.checkpoint_failures += 1
+        self.last_checkpoint_error = error
+        print(f"moestream: {error}; offsets stay at the last durable checkpoint", flush=True)
+        return False
+
+    def _write_checkpoint(self) -> dict[int, int] | None:
+        """Write a checkpoint; the offsets it covers once it is durable, None if it failed."""
         model, optimizer, arrays, counters = self.learner.state()
-        buffer = pa.concat_tables(self._buffer) if self._buffer else EXAMPLE_SCHEMA.empty_table()
-        offsets = self.stream.safe_offsets()
+        buffer, joiner, offsets = self.intake.capture()
         try:
             self.checkpoints.write(
-                Checkpoint(self.learner.step, model, optimizer, arrays, self.stream.joiner.state(), buffer,
+                Checkpoint(self.learner.step, model, optimizer, arrays, joiner, buffer,
                            {"counters": counters, "offsets": {str(p): o for p, o in offsets.items()}})
             )
         except CheckpointError as exc:
-            # Training goes on; nothing past the last durable checkpoint is committed, so nothing is lost.
-            self.checkpoint_failures += 1
-            self.last_checkpoint_error = str(exc)
-            print(f"moestream: {exc}; offsets stay at the last durable checkpoint")
-            return False
-        self.stream.commit()
-        return True
+            self._checkpoint_failed(str(exc))
+            return None
+        return offsets
 
     def stats(self) -> dict:
         s = self.stream.stats
@@ -225,9 +270,11 @@ class TrainerWorker:
             "joiner": asdict(self.stream.joiner.stats),
             "pending": self.stream.joiner.n_pending,
             "rebalances": s.rebalances,
-            "lag": self.stream.lag(),
+            "lag": self.intake.lag(),
             "steps": self.learner.step,
             "examples_trained": self.learner.examples,
+            "skipped_steps": self.learner.skipped_steps,
+            "nonfinite_features": self.learner.nonfinite_features,
             "snapshots": list(self.learner.published),
             "metrics": self.learner.metrics.summary(),
             "committed": self.stream.committed,
@@ -246,6 +293,7 @@ class TrainerWorker:
     def close(self) -> None:
         self.telemetry.finish()
         self.stream.close()
+        self.learner.close()
         self.learner.reducer.close()
 
 
@@ -284,6 +332,33 @@ def id_collisions(encoder: FeatureEncoder, ids: dict[str, np.ndarray]) -> IdColl
     return IdCollisions(n_keys, encoder.n_buckets, int(counts.numel()), rate, expected)
 
 
+GROUP_FILE = "GROUP"
+
+
+def group_step(checkpoint_dir: Path, world_size: int) -> int | None:
+    """The last step whose checkpoint every worker of a group of ``world_size`` made durable (None: none
+    yet). A group of another size cannot resume it: its workers read other partitions."""
+    path = Path(checkpoint_dir) / GROUP_FILE
+    try:
+        record = orjson.loads(path.read_bytes())
+        step, recorded = int(record["step"]), int(record["world_size"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is unreadable: {exc}") from exc
+    if recorded != world_size:
+        raise CheckpointError(
+            f"{path}: the checkpoints were written by {recorded} workers and cannot be resumed by {world_size} "
+            "(each worker's state covers its own partitions); start with a new checkpoint directory or "
+            f"--workers {recorded}"
+        )
+    return step
+
+
+def write_group_step(checkpoint_dir: Path, step: int, world_size: int) -> None:
+    write_atomic(Path(checkpoint_dir) / GROUP_FILE, orjson.dumps({"step": step, "world_size": world_size}))
+
+
 def rank_partitions(n_partitions: int, world_size: int, rank: int) -> tuple[int, ...]:
     """The partitions rank ``rank`` of ``world_size`` reads: every ``world_size``-th, starting at its rank."""
     if world_size > n_partitions:
@@ -291,10 +366,15 @@ def rank_partitions(n_partitions: int, world_size: int, rank: int) -> tuple[int,
     return tuple(range(rank, n_partitions, world_size))
 
 
+_REDIS_PASSWORD = re.compile(r"(password=)[^,]*")
+
+
 def _plain(obj):
-    """A JSON-friendly copy of a nested config (paths as strings)."""
+    """A JSON-friendly copy of a nested config (paths as strings) for the W&B run config, with a Redis
+    password (given through the environment in ``features.redis_connection``) masked."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: _REDIS_PASSWORD.sub(r"\1***", v) if k == "redis_connection" and isinstance(v, str) else _plain(v)
+                for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return str(obj) if isinstance(obj, Path) else obj
@@ -330,6 +410,7 @@ class DirectTrainer:
     def finish(self) -> dict:
         self._train(self.joiner.flush(), final=True)
         self.learner.publish({0: self._position})
+        self.learner.close()  # the last push lands before the replay reports
         self.telemetry.finish()
         return {
             "events": self._position,

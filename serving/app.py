@@ -1,87 +1,78 @@
-"""The ranking service: a Ray Serve deployment with a FastAPI ingress.
+"""The ranking service as a Ray Serve deployment: replicas from ``ServingConfig``, batching across callers.
 
-``POST /predict {"user_id": 7, "item_ids": [1, 2, 3]}`` returns, for every item, each task's probability and
-the version of the model that produced them. Features come from the online store in one lookup per
-request; weights come from the snapshot directory through :class:`serving.weights.WeightFollower`, so new
-snapshots are picked up without redeploying (redeploying would restart replicas).
+Each replica builds its FastAPI app (``serving.api``) around a ``@serve.batch`` method that gathers
+concurrent requests until their candidates would exceed ``max_batch_candidates`` (or
+``batch_wait_timeout_s`` passes) and scores them together on one worker thread, so the event loop keeps
+accepting requests while a batch runs. Weights come from the snapshot directory through
+:class:`serving.weights.WeightFollower`: new snapshots are swapped in without redeploying (redeploying would
+restart replicas).
 """
 
+from __future__ import annotations
 
-import os
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated
 
-import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from ray import serve
 
-from features.store import FeatureStoreConfig, OnlineFeatures
-from serving.weights import WeightFollower
-
-EntityId = Annotated[StrictInt, Field(ge=0, lt=2**62)]
-
-
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    user_id: EntityId
-    item_ids: list[EntityId] = Field(min_length=1, max_length=1000)
+from features.store import FeatureStoreConfig
+from learner.allocator import retain_freed_memory
+from serving.api import build_api
+from serving.config import ServingConfig
+from serving.ranker import Ranking, RankingService, RankQuery, candidates_of
 
 
-class ItemPrediction(BaseModel):
-    item_id: int
-    probabilities: dict[str, float]
+def set_threads(n: int) -> None:
+    """Intra-op threads for this replica's CPUs; one inter-op thread (a batch is one forward pass)."""
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before the first parallel op; then it stays as it was
+        pass
 
 
-class PredictResponse(BaseModel):
-    model_version: int
-    family: str
-    items: list[ItemPrediction]
+class _CandidatesAreNotRequests(logging.Filter):
+    """``@serve.batch`` warns when ``max_batch_size`` exceeds ``max_ongoing_requests``; our batches are sized in
+    candidates (``batch_size_fn``), not requests, so the comparison does not apply and the warning misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is larger than `max_ongoing_requests`" not in record.getMessage()
 
 
-app = FastAPI(title="moestream ranking", version="0.1.0")
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
-@serve.ingress(app)
+@serve.deployment
+@serve.ingress()
 class RankerDeployment:
-    def __init__(self, snapshot_dir: str, features: FeatureStoreConfig, torch_threads: int = 1) -> None:
-        torch.set_num_threads(torch_threads)
-        self.weights = WeightFollower(Path(snapshot_dir))
-        self.features = OnlineFeatures(features, apply=False)
+    def __init__(self, snapshot_dir: str, features: FeatureStoreConfig, config: ServingConfig) -> None:
+        set_threads(config.torch_threads)
+        retain_freed_memory()  # every batch re-allocates the same activations: keep them instead of page-faulting
+        logging.getLogger("ray.serve").addFilter(_CandidatesAreNotRequests())
+        self.service = RankingService(Path(snapshot_dir), features, config)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self._scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank")  # Feast + torch, one batch at a time
+        self.rank_batch.set_max_batch_size(config.max_batch_candidates)
+        self.rank_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
-    @app.get("/healthz")
-    def healthz(self) -> dict:
-        current = self.weights.current
-        return {
-            "ok": True,
-            "model_version": current.version if current else None,
-            "swaps": self.weights.swaps,
-            "rejected_versions": sorted(self.weights.rejected),
-            "pid": os.getpid(),
-        }
+    def __serve_build_asgi_app__(self):
+        return build_api(self.service, self.rank_batch, self.replica)
 
-    @app.post("/predict", response_model=PredictResponse)
-    def predict(self, request: PredictRequest) -> PredictResponse:
-        current = self.weights.current  # read once: a swap mid-request cannot mix two models
-        if current is None:
-            raise HTTPException(status_code=503, detail="no model snapshot has been published yet")
-        items = np.asarray(request.item_ids, dtype=np.int64)
-        users = np.full(len(items), request.user_id, dtype=np.int64)
-        dense = torch.from_numpy(self.features.lookup(users, items))
-        ids = {"user_id": torch.from_numpy(users), "item_id": torch.from_numpy(items)}
-        with torch.inference_mode():
-            probs = {t: p.tolist() for t, p in current.model.predict_proba(ids, dense).items()}
-        return PredictResponse(
-            model_version=current.version,
-            family=current.manifest.data.get("family", "unknown"),
-            items=[
-                ItemPrediction(item_id=int(item), probabilities={t: v[i] for t, v in probs.items()})
-                for i, item in enumerate(items)
-            ],
-        )
+    @serve.batch(max_batch_size=ServingConfig.max_batch_candidates, batch_wait_timeout_s=ServingConfig.batch_wait_timeout_s,
+                 batch_size_fn=candidates_of)
+    async def rank_batch(self, queries: list[RankQuery]) -> list[Ranking]:
+        return await asyncio.get_running_loop().run_in_executor(self._scorer, self.service.score, queries)
+
+    def __del__(self) -> None:
+        if hasattr(self, "service"):
+            self.service.close()
+            self._scorer.shutdown(wait=False)
 
 
-def build_app(snapshot_dir: Path, features: FeatureStoreConfig):
-    return RankerDeployment.bind(str(Path(snapshot_dir).absolute()), features)
+def build_app(snapshot_dir: Path, features: FeatureStoreConfig, config: ServingConfig = ServingConfig()):
+    return RankerDeployment.options(**config.deployment_options()).bind(
+        str(Path(snapshot_dir).absolute()), features, config
+    )
+
+
+__all__ = ["RankerDeployment", "build_app", "set_threads"]

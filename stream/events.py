@@ -170,7 +170,7 @@ def _decode_rows(values, partitions, offsets, now_ms, max_skew_ms, max_bytes) ->
     rejects: list[Reject] = []
     for i, raw in enumerate(values):
         try:
-            if raw is None:
+            if not raw:  # a tombstone (None) or a zero-byte value
                 raise _Invalid("empty", "empty message")
             if len(raw) > max_bytes:
                 raise _Invalid("oversized", f"message of {len(raw)} bytes exceeds {max_bytes}")

@@ -26,7 +26,7 @@ from kafka.errors import CommitFailedError, RebalanceInProgressError
 
 from stream.events import DecodedBatch
 from stream.joiner import JoinerConfig, LabelJoiner
-from stream.kafka_io import EventSource, KafkaConfig
+from stream.kafka_io import EventSource, KafkaConfig, SourceBatch
 
 
 @dataclass
@@ -109,7 +109,15 @@ class JoinedStream:
 
     def poll(self) -> pa.Table:
         """Read one batch from Kafka and return the examples whose attribution window closed (may be empty)."""
-        batch = self.source.next_batch()
+        examples = self.absorb(self.source.next_batch())
+        if self.auto_commit:
+            self._commit()  # progress that needs no acknowledgement (dead letters, a retried commit)
+        return examples
+
+    def absorb(self, batch: SourceBatch) -> pa.Table:
+        """The half of :meth:`poll` after the fetch: join a batch from ``source.next_batch()`` and hand out
+        what it completes. It makes no Kafka call, so one thread may fetch the next batch while another
+        works on joined examples (the caller serialises this with the stream's other methods)."""
         owned = self._apply_revocations()
         decoded, next_offsets = batch.decoded, batch.next_offsets
         if not set(next_offsets) <= owned:  # records fetched before a revocation in the same batch
@@ -120,8 +128,6 @@ class JoinedStream:
         self.stats.consumed += batch.n_messages
         examples = self.joiner.emit()
         self._hand_out(examples)
-        if self.auto_commit:
-            self._commit()  # progress that needs no acknowledgement (dead letters, a retried commit)
         return examples
 
     def flush(self) -> pa.Table:
@@ -139,9 +145,10 @@ class JoinedStream:
         if commit and self.auto_commit:
             self._commit()
 
-    def commit(self) -> None:
-        """Commit every owned partition up to its safe offset."""
-        self._commit()
+    def commit(self, offsets: dict[int, int] | None = None) -> None:
+        """Commit every owned partition up to its safe offset, or up to ``offsets``: the safe offsets a
+        checkpoint recorded, when more may have been acknowledged since (those are not durable yet)."""
+        self._commit(offsets)
 
     def safe_offsets(self) -> dict[int, int]:
         """Per owned partition, the offset up to which everything is acknowledged."""
@@ -168,8 +175,11 @@ class JoinedStream:
             self._outstanding.add(examples.column("partition").to_pylist(), examples.column("offset").to_pylist())
             self.stats.handed_out += examples.num_rows
 
-    def _commit(self) -> None:
-        offsets = {p: o for p, o in self.safe_offsets().items() if self._committed.get(p) != o}
+    def _commit(self, upto: dict[int, int] | None = None) -> None:
+        safe = self.safe_offsets()
+        if upto is not None:  # only partitions still owned, never past what is safe now
+            safe = {p: min(o, safe[p]) for p, o in upto.items() if p in safe}
+        offsets = {p: o for p, o in safe.items() if self._committed.get(p) != o}
         if not offsets:
             return
         try:

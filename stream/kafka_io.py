@@ -4,14 +4,20 @@ The source never commits on its own (auto-commit off). It hands out decoded batc
 offsets they reach; the downstream stage calls :meth:`EventSource.ack` once what those offsets cover is
 durable, and only then are they committed. Malformed messages are written to ``<topic>.dlq`` with the
 reason and their source position in headers, and the DLQ is flushed before any commit that passes them.
+
+Every client connects with :func:`client_options`: the broker address and the security settings of
+:class:`KafkaConfig` (TLS, SASL) with the credentials read from the environment at that moment. Credentials
+never sit in a config object, so they cannot reach a log, a W&B run config or a printed configuration.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
@@ -37,15 +43,74 @@ class KafkaConfig:
     """Read exactly these partitions (static assignment, no group rebalancing; offsets are still committed
     under ``group_id``). Data-parallel trainer ranks use it: a rank blocked in a collective can then never
     hold up a rebalance that the other ranks wait on. None: join the consumer group."""
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    """With a SASL protocol; the user name and password come from the environment (``SASL_USERNAME_ENV``,
+    ``SASL_PASSWORD_ENV``), never from here."""
+    ssl_cafile: str | None = None
+    """CA bundle that signed the brokers' certificates (None: the system's trust store)."""
+    ssl_certfile: str | None = None
+    """Client certificate, for brokers that authenticate clients by TLS."""
+    ssl_keyfile: str | None = None
+    """Its private key; a password protecting it comes from ``SSL_KEY_PASSWORD_ENV``."""
+    ssl_check_hostname: bool = True
+
+    def __post_init__(self) -> None:
+        protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+        if self.security_protocol not in protocols:
+            raise ValueError(f"kafka.security_protocol must be one of {protocols}, got {self.security_protocol!r}")
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and self.sasl_mechanism is None:
+            raise ValueError(f"kafka.security_protocol {self.security_protocol} needs kafka.sasl_mechanism "
+                             "(PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
+        if not sasl and self.sasl_mechanism is not None:
+            raise ValueError(f"kafka.sasl_mechanism is set but kafka.security_protocol is {self.security_protocol}; "
+                             "use SASL_SSL (or SASL_PLAINTEXT)")
 
     @property
     def dlq_topic(self) -> str:
         return f"{self.topic}.dlq"
 
 
+SASL_USERNAME_ENV = "MOESTREAM_KAFKA_SASL_USERNAME"
+SASL_PASSWORD_ENV = "MOESTREAM_KAFKA_SASL_PASSWORD"
+SSL_KEY_PASSWORD_ENV = "MOESTREAM_KAFKA_SSL_KEY_PASSWORD"
+SECRET_ENV = (SASL_USERNAME_ENV, SASL_PASSWORD_ENV, SSL_KEY_PASSWORD_ENV)
+"""The environment variables Kafka credentials are read from (and only from)."""
+
+
+def client_options(config: KafkaConfig) -> dict[str, Any]:
+    """Connection keyword arguments shared by kafka-python's producer, consumer and admin client.
+
+    Credentials are read from the environment here, when a client is built, so that no config object holds
+    them; a SASL protocol without them is an error that names the variables to set.
+    """
+    options: dict[str, Any] = {
+        "bootstrap_servers": config.bootstrap_servers,
+        "security_protocol": config.security_protocol,
+    }
+    if config.security_protocol in ("SSL", "SASL_SSL"):
+        options.update(
+            ssl_cafile=config.ssl_cafile,
+            ssl_certfile=config.ssl_certfile,
+            ssl_keyfile=config.ssl_keyfile,
+            ssl_password=os.environ.get(SSL_KEY_PASSWORD_ENV) or None,
+            ssl_check_hostname=config.ssl_check_hostname,
+        )
+    if config.security_protocol.startswith("SASL_"):
+        username, password = os.environ.get(SASL_USERNAME_ENV), os.environ.get(SASL_PASSWORD_ENV)
+        missing = [name for name, value in ((SASL_USERNAME_ENV, username), (SASL_PASSWORD_ENV, password)) if not value]
+        if missing:
+            raise ValueError(f"kafka.security_protocol is {config.security_protocol} but {' and '.join(missing)} "
+                             "is not set: SASL credentials come from the environment only")
+        options.update(sasl_mechanism=config.sasl_mechanism, sasl_plain_username=username,
+                       sasl_plain_password=password)
+    return options
+
+
 def ensure_topics(config: KafkaConfig, timeout_s: float = 30.0) -> None:
     """Create the event topic and its DLQ if they do not exist (idempotent)."""
-    admin = KafkaAdminClient(bootstrap_servers=config.bootstrap_servers, client_id="moestream-admin")
+    admin = KafkaAdminClient(**client_options(config), client_id="moestream-admin")
     try:
         wanted = [NewTopic(config.topic, config.partitions, 1), NewTopic(config.dlq_topic, 1, 1)]
         missing = [t for t in wanted if t.name not in set(admin.list_topics())]
@@ -70,7 +135,7 @@ class EventSink:
         self.config = config
         self.sent = 0
         self._producer = KafkaProducer(
-            bootstrap_servers=config.bootstrap_servers,
+            **client_options(config),
             acks="all",
             linger_ms=5,
             batch_size=256 * 1024,
@@ -106,7 +171,7 @@ class DeadLetterSink:
     def __init__(self, config: KafkaConfig) -> None:
         self.topic = config.dlq_topic
         self.by_reason: Counter[str] = Counter()
-        self._producer = KafkaProducer(bootstrap_servers=config.bootstrap_servers, acks="all", retries=10)
+        self._producer = KafkaProducer(**client_options(config), acks="all", retries=10)
 
     def send(
         self, value: bytes | None, reason: str, source_topic: str, partition: int, offset: int, code: str = "invalid"
@@ -154,7 +219,7 @@ class EventSource:
         self.dead_letters = dead_letters or DeadLetterSink(config)
         self.consumed = 0
         self._consumer = KafkaConsumer(
-            bootstrap_servers=config.bootstrap_servers,
+            **client_options(config),
             group_id=config.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

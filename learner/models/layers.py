@@ -142,7 +142,10 @@ class BatchedMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = x if x.dim() == 2 else x.transpose(0, 1)  # shared (B, d_in) or member-major (n, B, d_in)
-        size = self.chunk_size(x.shape[0], x.element_size())
+        # Groups pay off when every member reads the same input; with one input per member (SMES's padded
+        # blocks) there is nothing to keep in cache across members, and regrouping cost a 64-expert SMES
+        # step 4.5 ms of 73 in concatenations.
+        size = self.chunk_size(x.shape[0], x.element_size()) if x.dim() == 2 else self.n
         if size >= self.n:
             for depth, layer in enumerate(self.layers):
                 h = self._activate(depth, member_major_linear(h, layer.weight, layer.bias))  # (n, B, d_layer)
@@ -152,7 +155,7 @@ class BatchedMLP(nn.Module):
         pieces = [cast(StackedLinear, layer).chunks(size) for layer in self.layers]
         outputs = []
         for g in range(len(pieces[0])):
-            hg = h if h.dim() == 2 else h[g * size:(g + 1) * size]
+            hg = h  # a shared (B, d_in) input: only those are grouped
             for depth, layer_pieces in enumerate(pieces):
                 hg = self._activate(depth, member_major_linear(hg, *layer_pieces[g]))  # (size, B, d_layer)
             outputs.append(hg)
@@ -236,8 +239,16 @@ class ExpertBank(nn.Module):
             x = (x.unsqueeze(1) if x.dim() == 2 else x) * gate  # (B, E, d_in)
         h = self.mlp(x)  # (B, E, H)
         if self.norm is not None:
-            h = F.silu(self.norm(h.flatten(1)).view_as(h))  # (B, E, H)
+            h = F.silu(self._normalise(h.flatten(1)).view_as(h))  # (B, E, H)
         return h
+
+    def _normalise(self, h: Tensor) -> Tensor:
+        """BatchNorm; a training batch of one row has no variance to normalise by (BatchNorm raises), so
+        it is normalised with the running statistics, as in eval, and leaves them unchanged."""
+        norm = cast(nn.BatchNorm1d, self.norm)
+        if not (self.training and h.shape[0] == 1):
+            return norm(h)
+        return F.batch_norm(h, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
 
 
 class GateBank(nn.Module):
@@ -298,5 +309,10 @@ def mix(weights: Tensor, experts: Tensor) -> Tensor:
 
 
 def zero_frac(h: Tensor) -> Tensor:
-    """Fraction of (near-)zero activations per expert over the batch: ``(B, E, H) -> (E,)``."""
-    return (h.detach().abs() <= ZERO_EPS).float().mean(dim=(0, 2))
+    """Fraction of (near-)zero activations per expert over the batch: ``(B, E, H) -> (E,)``.
+
+    Reduced member-major, ``(E, B·H)``: expert banks compute in that layout and hand out ``(B, E, H)``
+    as a transposed view, so this reads memory in order (a reduction over dims 0 and 2 of the view
+    strides across it and ran several times slower)."""
+    per_expert = h.detach().transpose(0, 1).flatten(1)  # (E, B·H), a view when h is member-major
+    return (per_expert.abs() <= ZERO_EPS).float().mean(dim=1)

@@ -19,7 +19,9 @@ over all tasks. Every other choice is ours, made as follows:
 5. Bound: the executed set is ``S ∪ (∪_t P_t)``, at most ``k_shared + T·k_private`` experts per
    instance, and only those run: rows are dispatched to experts (transformers' Mixtral
    ``expert_hit`` loop; expert weights are unbound once per layer, see
-   ``StackedLinear.forward_groups``), and each output lands in one of its row's ``max_executed``
+   ``StackedLinear.forward_groups``) or, while the load is even, padded to the busiest expert's row
+   count and run as one batched GEMM per layer (``SMES.run_experts``, at most ``PAD_LIMIT`` times
+   the routed rows), and each output lands in one of its row's ``max_executed``
    slots, which the task weights then mix in one batched product. No capacity factor, so no row is ever dropped and
    a row's output never depends on the rest of the batch; balance comes from the regulariser.
 6. Regulariser: Switch-style ``N · Σ_i f_i · P_i``, with ``f_i`` the fraction of all routing
@@ -46,6 +48,11 @@ from torch import Tensor
 from .layers import ZERO_EPS, BatchedMLP, StackedLinear, TaskTowers
 from .output import ModelOutput
 from .registry import MultiTaskModel, check_dims, check_positive, register
+
+
+PAD_LIMIT = 1.5
+"""Padded dispatch while the padded table is at most this many times the routed rows (see
+``SMES.run_experts``); with 64 experts and 10 of them per row, balanced routing pads about 1.2x."""
 
 
 def load_balance_loss(counts: Tensor, prob_sums: Tensor, n_slots: Tensor | float, n_experts: int) -> Tensor:
@@ -96,6 +103,7 @@ class SMES(MultiTaskModel):
         self.n_gate_experts = n_experts
         self.k_shared, self.k_private, self.lb_coef = k_shared, k_private, float(lb_coef)
         self.max_executed = min(n_experts, k_shared + n_tasks * k_private)
+        self.pad_limit = PAD_LIMIT
         self.experts = BatchedMLP(n_experts, n_inputs, expert_dims, activation)
         self.router = StackedLinear(n_tasks, n_inputs, n_experts)
         self.towers = TaskTowers(n_tasks, expert_dims[-1], tower_dims, activation)
@@ -136,9 +144,7 @@ class SMES(MultiTaskModel):
 
         order = torch.argsort(experts, stable=True)  # pairs grouped by expert
         rows_per_expert = torch.bincount(experts, minlength=n_experts)  # (E,)
-        groups = x[rows[order]].split(rows_per_expert.tolist())  # one (R_e, d_in) block per expert
-        ran = [o for o in self.experts.forward_groups([g if g.shape[0] else None for g in groups]) if o is not None]
-        h = torch.cat(ran) if ran else x.new_zeros(0, self.experts.d_out)  # (R, H), grouped by expert
+        h = self.run_experts(x[rows[order]], experts[order], rows_per_expert)  # (R, H), grouped by expert
         slots = h.new_zeros(n_rows * n_slots, h.shape[1]).index_copy(0, position[order], h)  # (B·K, H)
         slot_weights = weights.gather(2, expert_at.view(n_rows, 1, n_slots).expand(-1, weights.shape[1], -1))
         slot_weights = slot_weights * filled.view(n_rows, 1, n_slots)  # (B, T, K)
@@ -148,6 +154,31 @@ class SMES(MultiTaskModel):
         zero_frac = zeros_per_pair.new_zeros(n_experts).index_add(0, experts[order], zeros_per_pair)
         zero_frac = zero_frac / rows_per_expert.clamp_min(1)  # (E,) over the rows each expert ran on
         return mixed, zero_frac, rows_per_expert
+
+    def run_experts(self, routed: Tensor, expert_of: Tensor, rows_per_expert: Tensor) -> Tensor:
+        """Each expert on its own rows: ``routed (R, d_in)`` grouped by expert, ``expert_of (R,)`` ->
+        ``(R, H)`` in the same order.
+
+        Padded when the load is even enough: every expert's rows are laid into a block of ``capacity``
+        rows (the busiest expert's count; padding is zeros whose outputs are never read, so they get no
+        gradient) and each layer is one batched GEMM over all experts' blocks. Otherwise (the busiest
+        expert would make the padded table more than ``pad_limit`` times the routed rows) one GEMM per
+        expert that received rows. Both compute every routed row and nothing of an unrouted pair; the
+        padded one trades at most ``pad_limit - 1`` of the routed work in padding for a few large GEMMs
+        instead of ``2 x E x layers`` small ones and their autograd nodes.
+        """
+        n_routed, n_experts = routed.shape[0], self.n_gate_experts
+        capacity = int(rows_per_expert.max()) if n_routed else 0
+        if n_routed and n_experts * capacity <= self.pad_limit * n_routed:
+            start = torch.cumsum(rows_per_expert, 0) - rows_per_expert  # (E,) first row of each expert
+            padded_at = expert_of * capacity + (torch.arange(n_routed, device=routed.device) - start[expert_of])
+            table = routed.new_zeros(n_experts * capacity, routed.shape[1]).index_copy(0, padded_at, routed)
+            blocks = table.view(n_experts, capacity, -1).transpose(0, 1)  # (C, E, d_in), member-major underneath
+            out = self.experts(blocks).transpose(0, 1).reshape(n_experts * capacity, -1)  # (E·C, H)
+            return out[padded_at]  # (R, H)
+        groups = routed.split(rows_per_expert.tolist())  # one (R_e, d_in) block per expert
+        ran = [o for o in self.experts.forward_groups([g if g.shape[0] else None for g in groups]) if o is not None]
+        return torch.cat(ran) if ran else routed.new_zeros(0, self.experts.d_out)
 
     def forward(self, x: Tensor) -> ModelOutput:
         self.check_input(x)

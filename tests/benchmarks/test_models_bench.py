@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import BENCHMARKS
 from benchmarks.harness import Report
-from benchmarks.models import Repeats, executed_experts, versus_peers
+from benchmarks.models import Repeats, bf16_versus_peers, executed_experts, versus_peers
 from benchmarks.peers import MMoESize, contenders, ours, parameter_count, rechub, structure
 from benchmarks.precision import ClickStream, auc_gap, progressive_auc
 from benchmarks.synthetic import (
@@ -211,3 +211,15 @@ def test_paired_wins_and_markdown() -> None:
 
 def test_synthetic_is_registered() -> None:
     assert BENCHMARKS["synthetic"] == "benchmarks.synthetic"
+
+
+def test_bf16_rows_hold_the_goal_against_the_peers_as_shipped() -> None:
+    report = Report(benchmark="models")
+    mine = bf16_versus_peers(report, TINY, 8, Repeats(warmup=1, rounds=2, steps=1))
+    assert mine.autocast is torch.bfloat16 and len(mine.samples) == 2
+    anchors = [row.anchor for row in report.rows]
+    assert anchors == ["torch-rechub MMOE, fp32 as shipped", "DeepCTR-Torch MMOE, fp32 as shipped",
+                       "torch-rechub MMOE, bf16 autocast", "DeepCTR-Torch MMOE, bf16 autocast"]
+    shipped, in_bf16 = report.rows[:2], report.rows[2:]
+    assert all(r.goal == ">= 1.5x" and r.met == (r.ratio >= 1.5) for r in shipped)
+    assert all(r.goal is None and r.met is None for r in in_bf16)

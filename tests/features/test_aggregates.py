@@ -9,6 +9,7 @@ import pytest
 from features.aggregates import StreamAggregator
 from features.definitions import FEATURE_COLUMNS, USER_STREAM
 from features.memory import InMemoryFeatures
+from features.store import defaults
 from tests.features.test_store import HOUR_MS, T0, examples
 
 
@@ -50,3 +51,23 @@ def test_in_memory_features_match_the_store_contract() -> None:
     got = mem.lookup(np.array([1, 2]), np.array([10, 10]))
     assert got.shape == (2, len(FEATURE_COLUMNS)) and got.dtype == np.float32
     assert got[0, : len(USER_STREAM)] == pytest.approx(users[list(USER_STREAM)].to_numpy()[0])
+    assert got[1, : len(USER_STREAM)] == pytest.approx(defaults()[: len(USER_STREAM)])  # never pushed
+    with pytest.raises(ValueError, match="equal length"):
+        mem.lookup(np.array([1, 2]), np.array([1]))
+
+
+def test_in_memory_windows_expire_by_the_event_clock_or_the_wall_clock() -> None:
+    agg = StreamAggregator()
+    event, wall = InMemoryFeatures(), InMemoryFeatures(clock="wall")
+    for batch in (examples([1], [10], [1], ts=[T0]), examples([2], [20], [0], ts=[T0 + 2 * HOUR_MS])):
+        rows = agg.update(batch)
+        event.push(*rows)
+        wall.push(*rows)
+    got = pd.DataFrame(event.lookup(np.array([1, 2]), np.array([10, 20])), columns=FEATURE_COLUMNS)
+    assert got.loc[0, "u_log_n_1h"] == 0 and got.loc[0, "u_log_n_1d"] == pytest.approx(np.log1p(1))  # 2 h later
+    assert got.loc[1, "u_log_n_1h"] == pytest.approx(np.log1p(1))
+    assert (wall.lookup(np.array([2]), np.array([20]))[0, : len(USER_STREAM)] == defaults()[: len(USER_STREAM)]).all()
+    as_of = pd.DataFrame(wall.lookup_batch(np.array([1]), np.array([10]), as_of_ms=T0 + 10).dense, columns=FEATURE_COLUMNS)
+    assert as_of.loc[0, "u_log_n_1h"] == pytest.approx(np.log1p(1))
+    with pytest.raises(ValueError, match="clock"):
+        InMemoryFeatures(clock="local")  # type: ignore[arg-type]

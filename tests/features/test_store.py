@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from features.aggregates import StreamAggregator
 from features.definitions import (
     CATEGORICAL_COLUMNS, FEATURE_COLUMNS, ITEM_STATIC, MISSING_CODE, USER_STATIC, USER_STREAM,
 )
+from features.memory import InMemoryFeatures
 from features.static import KUAIRAND_USER_COLUMNS, KUAIRAND_VIDEO_COLUMNS
 from features.store import FeatureStoreConfig, OnlineFeatures, defaults
 from stream.events import EXAMPLE_SCHEMA, LABELS
@@ -39,16 +40,6 @@ def examples(users: list[int], items: list[int], clicks: list[int], ts: list[int
     }
     cols["click"] = [float(c) for c in clicks]
     return pa.Table.from_pydict(cols, schema=EXAMPLE_SCHEMA)
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def config(request: pytest.FixtureRequest, tmp_path: Path) -> FeatureStoreConfig:
-    if request.param == "sqlite":
-        return FeatureStoreConfig(data_dir=tmp_path)
-    connection = request.getfixturevalue("redis_server")
-    # One Feast project per test: the Redis keys are prefixed by it, so tests sharing the server stay apart.
-    return FeatureStoreConfig(data_dir=tmp_path, online_store="redis", redis_connection=connection,
-                              project=f"t{uuid.uuid4().hex[:12]}")
 
 
 def frame(matrix: np.ndarray) -> pd.DataFrame:
@@ -206,7 +197,7 @@ def test_bad_config_names_the_key() -> None:
 def test_push_lands_offline_too(tmp_path: Path) -> None:
     store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path))
     store.push(*StreamAggregator().update(examples([1, 2], [10, 10], [1, 0])))
-    offline = pd.read_parquet(tmp_path / "offline" / "user_stream.parquet")
+    offline = pd.read_parquet(tmp_path / "offline" / "user_stream")
     assert sorted(offline["user_id"]) == [1, 2] and len(offline["stats"].iloc[0]) == len(USER_STREAM)
 
 
@@ -234,19 +225,82 @@ def test_point_in_time_a_later_label_never_reaches_an_earlier_example(tmp_path: 
     assert got.loc[1, "i_log_n_1h"] == 0  # item 11 had no event before T0+1s
 
 
-def test_point_in_time_features_match_what_was_online_at_the_time(tmp_path: Path) -> None:
-    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path))
+@pytest.mark.parametrize("fanout", [2, 32])
+def test_point_in_time_features_match_what_was_online_at_the_time(tmp_path: Path, fanout: int) -> None:
+    """Also across merged offline parts (fanout 2 merges after every second push)."""
+    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path, offline_fanout=fanout))
     agg = StreamAggregator()
     online = []
     rng = np.random.default_rng(0)
-    for step in range(4):
+    for step in range(5):
         users, items = rng.integers(0, 5, 8).tolist(), rng.integers(0, 5, 8).tolist()
         ts = [T0 + step * 60_000 + i for i in range(8)]
         batch = examples(users, items, rng.integers(0, 2, 8).tolist(), ts=ts)
         online.append(store.lookup_batch(np.array(users), np.array(items), as_of_ms=ts[0]).dense)
         store.push(*agg.update(batch))
     events = pd.DataFrame({"user_id": np.arange(5), "item_id": np.arange(5),
-                           "event_timestamp": pd.Timestamp(T0 + 4 * 60_000, unit="ms", tz="UTC")})
+                           "event_timestamp": pd.Timestamp(T0 + 5 * 60_000, unit="ms", tz="UTC")})
     history = store.historical(events).dense
-    now = store.lookup_batch(np.arange(5), np.arange(5), as_of_ms=T0 + 4 * 60_000).dense
+    now = store.lookup_batch(np.arange(5), np.arange(5), as_of_ms=T0 + 5 * 60_000).dense
     np.testing.assert_allclose(history, now, rtol=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: f.drop(columns=["u_log_n_1h"]), r"lack column\(s\) \['u_log_n_1h'\]"),
+    (lambda f: f.drop(columns=["event_timestamp"]), "lack column"),
+    (lambda f: f.assign(user_id=f["user_id"] + 0.5), "push: user_id must hold integer ids"),
+    (lambda f: f.assign(user_id=["a"] * len(f)), "push: user_id must hold integer ids"),
+    (lambda f: f.assign(u_click_rate_1d=np.nan), r"non-finite values in \['u_click_rate_1d'\]"),
+    (lambda f: f.assign(u_log_n_1h=np.inf), "non-finite"),
+    (lambda f: f.assign(event_timestamp=pd.NaT), "missing event_timestamp"),
+])
+def test_bad_pushed_rows_are_refused_before_anything_is_written(tmp_path: Path, change, message: str) -> None:
+    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path))
+    users, items = StreamAggregator().update(examples([1, 2], [10, 10], [1, 0]))
+    with pytest.raises(ValueError, match=message):
+        store.push(change(users), items)
+    got = frame(store.lookup_batch(np.array([1]), np.array([10]), as_of_ms=T0).dense)
+    assert got.loc[0, "u_log_n_1h"] == 0 and got.loc[0, "i_log_n_1h"] == 0  # neither kind was written
+    assert pq.read_table(tmp_path / "offline" / "item_stream").num_rows == 0
+
+
+def test_an_entity_pushed_twice_in_one_batch_keeps_its_newest_row_online_and_both_offline(config: FeatureStoreConfig) -> None:
+    store = OnlineFeatures(config)
+    agg = StreamAggregator()
+    older, _ = agg.update(examples([1], [10], [0], ts=[T0]))
+    newer, items = agg.update(examples([1, 1], [10, 10], [1, 1], ts=[T0 + 1, T0 + 2]))
+    users = pd.concat([newer, older], ignore_index=True)  # newest first: position must not decide
+    store.push(users, items)
+    got = frame(store.lookup_batch(np.array([1]), np.array([10]), as_of_ms=T0 + 10).dense)
+    assert got.loc[0, "u_log_n_1h"] == pytest.approx(np.log1p(3))
+    assert pq.read_table(Path(config.data_dir) / "offline" / "user_stream").num_rows == 2
+
+
+@pytest.mark.parametrize("users, items, message", [
+    (np.array([1.5]), np.array([1]), "user_ids must hold integer ids"),
+    (np.array(["x"]), np.array([1]), "user_ids must hold integer ids"),
+    (np.array([1]), np.array([np.nan]), "item_ids must hold integer ids"),
+    (np.array([[1]]), np.array([[1]]), "must be 1-d"),
+])
+def test_lookups_refuse_ids_that_are_not_whole_numbers(tmp_path: Path, users, items, message: str) -> None:
+    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path))
+    with pytest.raises(ValueError, match=message):
+        store.lookup(users, items)
+    assert store.lookup(np.array([2.0]), np.array([3.0])).shape == (1, len(FEATURE_COLUMNS))  # whole floats are ids
+
+
+def test_the_in_memory_store_reads_what_the_real_one_reads(config: FeatureStoreConfig) -> None:
+    """``InMemoryFeatures`` is the real store's stand-in in unit tests: same rows, same expiry, same clock."""
+    store, memory = OnlineFeatures(config), InMemoryFeatures()
+    agg = StreamAggregator()
+    rng = np.random.default_rng(1)
+    users, items = np.arange(8), np.arange(8)[::-1]  # 6 and 7 are never pushed
+    for hours in (0, 0.5, 2, 30):  # the last step is more than a day after the others
+        ts = [T0 + int(hours * HOUR_MS) + i for i in range(10)]
+        rows = agg.update(examples(rng.integers(0, 6, 10).tolist(), rng.integers(0, 6, 10).tolist(),
+                                   rng.integers(0, 2, 10).tolist(), ts=ts))
+        store.push(*rows)
+        memory.push(*rows)
+        for as_of in (None, ts[0] + HOUR_MS // 2, ts[0] + 3 * HOUR_MS):
+            np.testing.assert_array_equal(store.lookup_batch(users, items, as_of_ms=as_of).dense,
+                                          memory.lookup_batch(users, items, as_of_ms=as_of).dense)

@@ -65,6 +65,7 @@ def _wait(predicate, timeout_s: float, what: str, proc: subprocess.Popen) -> Non
         time.sleep(0.2)
 
 
+@pytest.mark.reliability
 def test_sigkill_mid_stream_loses_nothing_and_duplicates_stay_within_a_checkpoint(
     kafka_bootstrap, unique_topic, tmp_path: Path
 ) -> None:

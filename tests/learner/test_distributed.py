@@ -160,6 +160,39 @@ def test_k_distributed_steps_match_k_single_process_steps_on_the_unions(two_work
         torch.testing.assert_close(first[f"w.{key}"], value, rtol=1e-4, atol=1e-5)
 
 
+HOME = LearnerConfig(family="home", hparams={"n_experts": 2, "expert_dims": (8,), "tower_dims": (4,)},
+                     n_buckets=512, emb_dim=4)
+HOME_SIZES = [(24, 40), (1, 0), (0, 9), (30, 1)]
+"""HoME (BatchNorm in every expert) with a one-row step, zero-weight steps on either side."""
+
+
+def _home_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    reducer = GroupReducer(GroupConfig("127.0.0.1", port, world_size=2, rank=rank, timeout_s=60), torch.device("cpu"))
+    learner = OnlineLearner(HOME, _Features(), SnapshotStore(Path(out) / f"snapshots{rank}"), reducer=reducer)
+    reducer.broadcast_parameters(learner.model)
+    for step, sizes in enumerate(HOME_SIZES):
+        learner.learn(_batch(step, rank, sizes[rank]))
+    save_file({k: v.detach().contiguous() for k, v in learner.model.state_dict().items()},
+              f"{out}/home{rank}.safetensors")
+    reducer.close()
+
+
+def test_batchnorm_statistics_stay_identical_across_workers(tmp_path) -> None:
+    port = free_port()
+    store = host_store("127.0.0.1", port, world_size=2)
+    mp.start_processes(_home_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    del store
+    first, second = (load_file(str(tmp_path / f"home{r}.safetensors")) for r in range(2))
+    stats = [k for k in first if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats and first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    counts = {int(first[k]) for k in stats if k.endswith("num_batches_tracked")}
+    assert counts == {3}  # steps 0 and 3 on both, the one-row step 1 leaves them, step 2 on worker 1 only
+    assert any(not torch.equal(first[k], torch.zeros_like(first[k])) for k in stats if k.endswith("running_mean"))
+
+
 def test_task_weights_are_validated_naming_the_key() -> None:
     with pytest.raises(ValueError, match=r"learner.task_weights names unknown task\(s\) \['clik'\]"):
         LearnerConfig(task_weights={"clik": 1.0})

@@ -17,7 +17,7 @@ from stream.kafka_io import EventSink, KafkaConfig, ensure_topics
 from stream.simulator import Simulator, SimulatorConfig
 from tests.learner.test_crash_recovery import _delivery, _impression_offsets, _Progress, _trained
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 EVERY, BATCH = 3, 128
 
 

@@ -188,3 +188,27 @@ def test_experts_refuses_json_that_is_not_a_report(tmp_path: Path) -> None:
 def test_snapshot_every_s_must_be_a_number_of_seconds(every_s) -> None:
     with pytest.raises(ValueError, match="learner.snapshot_every_s"):
         LearnerConfig(snapshot_every_s=every_s)
+
+
+def test_concurrent_publishes_and_rollbacks_take_distinct_versions(tmp_path: Path) -> None:
+    """The trainer publishing while `moestream snapshots rollback` runs: each writer numbers its version
+    from the directory, so without the store's lock two could write the same number (and one manifest
+    would describe the other's weights)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = SnapshotStore(tmp_path, keep=100)
+    store.publish(_weights(0.0), {"step": 0})
+
+    def publish(i: int) -> int:
+        return SnapshotStore(tmp_path, keep=100).publish(_weights(float(i)), {"step": i}).version
+
+    def rollback(_: int) -> int:
+        return SnapshotStore(tmp_path, keep=100).rollback(1).version
+
+    with ThreadPoolExecutor(8) as pool:
+        versions = list(pool.map(lambda i: publish(i) if i % 2 else rollback(i), range(1, 41)))
+    assert sorted(versions) == list(range(2, 42))
+    for version in versions:
+        manifest, tensors = store.load(version)  # the sha256 of every manifest matches its own weights
+        expected = 0.0 if "rollback_of" in manifest.data else float(manifest.data["step"])
+        assert torch.equal(tensors["w"], _weights(expected)["w"])

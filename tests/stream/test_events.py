@@ -45,6 +45,7 @@ def test_valid_events_land_in_their_tables_with_positions() -> None:
          "infinity"),
         (b"x" * 70_000, "exceeds"),
         (None, "empty message"),
+        (b"", "empty message"),
     ],
 )
 def test_malformed_messages_are_rejected_with_a_reason(raw: bytes | None, reason: str) -> None:

@@ -117,3 +117,22 @@ def test_single_expert_pools_use_a_sigmoid_self_gate():
     out = model(make_batch(8)[0])
     own = out.extras["self_gates"].sum(dim=2)  # one non-zero entry per task
     assert ((own > 0) & (own < 1)).all()
+
+
+def test_a_one_row_training_batch_uses_the_running_statistics() -> None:
+    """BatchNorm cannot normalise one row by its own variance: HoME trains on it with the running
+    statistics (as in eval) instead of failing, and leaves them as they were."""
+    model = make_model("home")
+    model.train()
+    model(torch.randn(16, model.n_inputs))  # running statistics move off their initial values
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    before = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    row = torch.randn(1, model.n_inputs)
+    out = model(row)
+    sum(out.logits.values()).sum().backward()
+    assert all(torch.isfinite(v).all() for v in out.logits.values())
+    assert all(torch.equal(m.running_mean, a) and torch.equal(m.running_var, b) for m, (a, b) in zip(norms, before))
+    model.eval()
+    expected = model(row)
+    for task, logit in out.logits.items():
+        torch.testing.assert_close(logit, expected.logits[task])

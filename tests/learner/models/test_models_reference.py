@@ -3,6 +3,8 @@ Python loops over experts, tasks and pools, written from the papers' block diagr
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -237,10 +239,13 @@ def test_family_equals_its_plain_reference(family, overrides):
         assert_close(out.logits[task], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("pad_limit", [0.0, math.inf], ids=["per-expert", "padded"])
 @pytest.mark.parametrize("k_shared, k_private", [(1, 1), (2, 0), (0, 2), (2, 1)])
-def test_smes_sparse_dispatch_equals_dense_reference(k_shared, k_private):
-    """Running only the routed experts equals running every expert and mixing with the gates."""
+def test_smes_sparse_dispatch_equals_dense_reference(k_shared, k_private, pad_limit):
+    """Running only the routed experts (one GEMM per expert, or padded blocks in one batched GEMM)
+    equals running every expert and mixing with the gates."""
     model = make_model("smes", n_experts=6, k_shared=k_shared, k_private=k_private).eval()
+    model.pad_limit = pad_limit
     x, _, _ = make_batch(20)
     out = model(x)
     hs = [plain_mlp(model.experts, e)(x) for e in range(6)]

@@ -3,6 +3,8 @@ load-balancing regulariser."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -42,8 +44,10 @@ def test_only_routed_rows_are_computed():
     assert rows.sum() <= 64 * model.max_executed < 64 * 8  # a dense pass would be 64 x 8
 
 
-def test_an_expert_that_receives_no_rows_gets_no_gradient():
+@pytest.mark.parametrize("pad_limit", [0.0, math.inf], ids=["per-expert", "padded"])
+def test_an_expert_that_receives_no_rows_gets_no_gradient(pad_limit):
     model = make_model("smes", n_experts=6, k_shared=1, k_private=1)
+    model.pad_limit = pad_limit
     with torch.no_grad():
         model.router.bias[:, 5] = -1e4  # nobody routes to expert 5
     x, labels, mask = make_batch(64)
@@ -97,3 +101,31 @@ def test_lb_stats_summed_over_shards_equal_the_union():
 def test_invalid_routing_hparams_are_rejected(hparams):
     with pytest.raises(ValueError):
         build("smes", n_inputs=N_INPUTS, tasks=list(TASKS), **hparams)
+
+
+def test_padded_and_per_expert_dispatch_give_the_same_gradients():
+    """The padded blocks add rows whose outputs are never read: the loss and every gradient match the
+    one-GEMM-per-expert path."""
+    x, labels, mask = make_batch(48)
+    grads = []
+    for pad_limit in (0.0, math.inf):
+        torch.manual_seed(0)
+        model = make_model("smes", n_experts=6, k_shared=1, k_private=1)
+        model.pad_limit = pad_limit
+        loss(model(x), labels, mask).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_dispatch_pads_only_while_the_load_is_even():
+    model = make_model("smes", n_experts=4, k_shared=1, k_private=0)
+    routed = torch.randn(8, N_INPUTS)
+    seen = []
+    model.experts.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    even = torch.tensor([2, 2, 2, 2])
+    model.run_experts(routed, torch.repeat_interleave(torch.arange(4), even), even)
+    skewed = torch.tensor([5, 1, 1, 1])  # padded table 4 x 5 = 20 rows > 1.5 x 8
+    model.run_experts(routed, torch.repeat_interleave(torch.arange(4), skewed), skewed)
+    assert seen == [(2, 4, N_INPUTS)]  # the padded call; the skewed batch ran one GEMM per expert

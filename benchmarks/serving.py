@@ -1,0 +1,251 @@
+"""``moestream bench serving``: ranking latency and throughput over HTTP, beside Ray Serve's own overhead.
+
+The ranking app (``serving.app``, one replica, default ``ServingConfig``) serves a snapshot of the
+learner's default model (MMoE, 2^18 hashed-ID buckets) with features from a real Feast SQLite store that
+holds streaming aggregates of simulator traffic, so candidates are a mix of known and unknown items. A
+closed-loop client (aiohttp, in this process) keeps ``concurrency`` requests in flight, each ranking
+``candidates`` distinct items of a 20k-item catalog for a Zipf-drawn user, and records every latency.
+
+Anchor: an echo deployment behind the same Serve proxy, sent the same bodies at the same concurrency, that
+returns the body it got (no parsing): what Ray Serve's HTTP path costs by itself on this machine. The two
+alternate in short rounds so a busy neighbour hits both alike. With ``RAY_SERVE_ENABLE_HA_PROXY=1`` Serve puts
+HAProxy in front instead of its Python proxy; that mode is measured the same way in a fresh Ray instance.
+
+The client shares the machine's CPUs with the proxy and the replicas: on a 2-core box it is part of what
+is measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+from rich.progress import Progress
+
+from benchmarks.harness import Report, Row
+from benchmarks.timing import load_average
+
+GOAL_P99_MS = 25.0
+GOAL_AT = (100, 8)
+"""The goal's cell: 100 candidates at concurrency 8."""
+REPLICAS = 2
+"""One replica per core of the 2-core machine these figures are for; the echo anchor gets as many."""
+CANDIDATES = (100, 1000)
+CONCURRENCY = (1, 8, 32)
+N_USERS, N_ITEMS = 5_000, 20_000
+MODES = {"serve proxy": {}, "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}}
+
+
+@dataclass
+class Sample:
+    latencies_s: list[float]
+    seconds: float
+    errors: int
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies_s) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bodies(n_candidates: int, count: int, seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, N_USERS + 1) ** 0.8
+    users = rng.choice(N_USERS, count, p=weights / weights.sum())
+    return [orjson.dumps({"user_id": int(u), "candidates": rng.choice(N_ITEMS, n_candidates, replace=False).tolist()})
+            for u in users]
+
+
+async def closed_loop(url: str, payloads: list[bytes], concurrency: int, seconds: float, warmup_s: float) -> Sample:
+    """``concurrency`` workers each send one request after the other for ``seconds`` (after a warm-up)."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        start = time.perf_counter()
+        measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
+
+        async def worker(k: int) -> None:
+            nonlocal errors
+            i = k
+            while (now := time.perf_counter()) < stop_at:
+                body = payloads[i % len(payloads)]
+                i += concurrency
+                try:
+                    async with session.post(url, data=body, headers=headers) as response:
+                        await response.read()
+                        ok = response.status == 200
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    ok = False
+                done = time.perf_counter()
+                if now >= measure_from:
+                    if ok:
+                        latencies.append(done - now)
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    return Sample(latencies, stop_at - measure_from, errors)
+
+
+@dataclass
+class Cell:
+    ranker: list[Sample]
+    echo: list[Sample]
+
+
+def _pct(samples: list[Sample], q: float) -> float:
+    pooled = np.concatenate([s.latencies_s for s in samples]) if samples else np.zeros(0)
+    return float(np.percentile(pooled, q) * 1000) if len(pooled) else float("nan")
+
+
+def _rate(samples: list[Sample]) -> float:
+    return statistics.median(s.rate for s in samples)
+
+
+def prepare(root: Path):
+    """A Feast store with aggregates of simulator traffic stamped now, and a snapshot of the default model."""
+    from benchmarks.features import _traffic
+    from features.aggregates import StreamAggregator
+    from features.definitions import FEATURE_COLUMNS, ID_FIELDS
+    from features.store import FeatureStoreConfig, OnlineFeatures
+    from learner.models import MultiTaskRanker
+    from learner.online import LearnerConfig
+    from learner.snapshots import SnapshotStore
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    features = FeatureStoreConfig(data_dir=root / "features", push_offline=False, clock="wall")
+    store = OnlineFeatures(features)
+    traffic = _traffic(40_000)
+    ts = traffic.column("ts_ms")
+    shift = int(time.time() * 1000) - 1000 - pc.max(ts).as_py()
+    traffic = traffic.set_column(traffic.schema.get_field_index("ts_ms"), "ts_ms",
+                                 pc.add(ts, pa.scalar(shift, pa.int64())))
+    aggregator = StreamAggregator()
+    for start in range(0, traffic.num_rows, 4096):
+        store.push(*aggregator.update(traffic.slice(start, 4096)))
+    learner = LearnerConfig()
+    model = MultiTaskRanker(learner.family, tasks=list(learner.tasks), id_fields=list(ID_FIELDS),
+                            n_dense=len(FEATURE_COLUMNS), n_buckets=learner.n_buckets, emb_dim=learner.emb_dim)
+    model.init_output_bias(learner.base_rates)
+    SnapshotStore(root / "snapshots").publish(model.state_dict(), {"family": learner.family,
+                                                                   "model_config": model.config})
+    return features, root / "snapshots"
+
+
+def measure_mode(env: dict[str, str], features, snapshots: Path, quick: bool, progress: Progress) -> dict:
+    """Start Ray (with ``env``), deploy the ranker and the echo anchor, run every cell; shut everything down."""
+    import ray
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from infra.runtime import init_ray
+    from serving.app import build_app
+    from serving.config import ServingConfig
+
+    @serve.deployment(num_replicas=REPLICAS, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
+                      logging_config={"log_level": "WARNING", "enable_access_log": False})
+    class EchoDeployment:
+        async def __call__(self, request: Request) -> Response:
+            return Response(await request.body(), media_type="application/json")
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    port = free_port()
+    try:
+        init_ray(num_cpus=4, quiet=True)
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+        serve.run(build_app(snapshots, features, ServingConfig(num_replicas=REPLICAS)), name="ranker", route_prefix="/")
+        serve.run(EchoDeployment.bind(), name="echo", route_prefix="/echo")
+        base = f"http://127.0.0.1:{port}"
+        rounds, seconds, warmup = (1, 2.0, 0.5) if quick else (3, 5.0, 1.0)
+        cells: dict[tuple[int, int], Cell] = {}
+        task = progress.add_task(f"serving ({','.join(env) or 'serve proxy'})",
+                                 total=len(CANDIDATES) * len(CONCURRENCY) * rounds)
+        for n in CANDIDATES:
+            payloads = bodies(n, 256, seed=n)
+            for c in CONCURRENCY:
+                cell = cells[(n, c)] = Cell([], [])
+                for _ in range(rounds):
+                    cell.echo.append(asyncio.run(closed_loop(f"{base}/echo", payloads, c, seconds, warmup)))
+                    cell.ranker.append(asyncio.run(closed_loop(f"{base}/v1/rank", payloads, c, seconds, warmup)))
+                    progress.advance(task)
+        return {"cells": cells, "rounds": rounds, "seconds": seconds}
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def add_rows(report: Report, mode: str, cells: dict) -> None:
+    for (n, c), cell in cells.items():
+        errors = sum(s.errors for s in cell.ranker)
+        echo_errors = sum(s.errors for s in cell.echo)
+        if errors or echo_errors:
+            report.notes.append(f"{mode}, {n} candidates, concurrency {c}: {errors} failed ranking requests, "
+                                f"{echo_errors} failed echo requests")
+        label = f"{mode}: {n} candidates, concurrency {c}"
+        goal = (n, c) == GOAL_AT
+        report.add(Row(f"{label}: p50", _pct(cell.ranker, 50), "ms", anchor="echo, same proxy",
+                       anchor_value=_pct(cell.echo, 50)))
+        p99 = _pct(cell.ranker, 99)
+        report.add(Row(f"{label}: p99", p99, "ms", anchor="echo, same proxy", anchor_value=_pct(cell.echo, 99),
+                       goal=f"<= {GOAL_P99_MS:g} ms" if goal else None, met=p99 <= GOAL_P99_MS if goal else None))
+        report.add(Row(f"{label}: throughput", _rate(cell.ranker), "req/s", anchor="echo, same proxy",
+                       anchor_value=_rate(cell.echo)))
+
+
+def run(quick: bool = False) -> Report:
+    from serving.config import ServingConfig
+
+    report = Report("serving")
+    with tempfile.TemporaryDirectory() as tmp, Progress(transient=True) as progress:
+        features, snapshots = prepare(Path(tmp))
+        for mode, env in MODES.items():
+            try:
+                result = measure_mode(env, features, snapshots, quick, progress)
+            except Exception as exc:  # a mode that cannot run here is reported, the other still counts
+                report.notes.append(f"{mode}: could not be measured: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            add_rows(report, mode, result["cells"])
+            report.notes.append(f"{mode}: {result['rounds']} round(s) of {result['seconds']:g} s per cell, ranker and "
+                                "echo alternating; p50/p99 pooled over rounds, throughput the median round")
+    defaults = ServingConfig()
+    report.notes.append(f"{REPLICAS} ranking replicas (num_cpus {defaults.num_cpus:g}, torch threads "
+                        f"{defaults.torch_threads} each), otherwise the default ServingConfig (batches of up to "
+                        f"{defaults.max_batch_candidates} candidates, batch wait {defaults.batch_wait_timeout_s * 1000:g} ms); "
+                        f"echo: {REPLICAS} replicas; MMoE of the learner's defaults; {N_USERS:,} users, "
+                        f"{N_ITEMS:,} items; client in the same process (aiohttp); load average at the end "
+                        f"{load_average()}")
+    return report
+
+
+if __name__ == "__main__":
+    run(quick=True).print()
+
+
+__all__ = ["bodies", "closed_loop", "run"]

@@ -1,0 +1,229 @@
+"""The online store read and written a batch at a time, in Feast's own layout: one round trip per batch.
+
+Feast's SQLite store keeps one table per feature view, ``{project}_{view}``, with a row per (entity key,
+feature); its Redis store keeps one hash per entity key (``serialized key + project``), with a field per
+feature (the murmur3 hash of ``"{view}:{feature}"``) and one ``_ts:{view}`` timestamp per view, so that all
+views of an entity come back in one ``HMGET`` (feast-dev/feast ``docs/specs/online_store_format.md``). Rows written here are exactly what Feast's own writers would
+write (``get_online_features`` reads them), and rows Feast wrote read back here
+(``tests/features/test_backends.py``).
+
+Beside the rows, each write publishes the writer's event-time clock (the newest row stamp it wrote) under a
+key of its own, read back with the rows: it is how a reader that never writes, the serving replica, knows
+"now" in event time (see ``FeatureStoreConfig.clock``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from feast.infra.online_stores.helpers import _mmh3
+from feast.utils import to_naive_utc
+from google.protobuf.timestamp_pb2 import Timestamp
+from redis.exceptions import NoScriptError
+
+from features.codec import entity_keys
+
+Blobs = list[bytes | None]
+
+
+@dataclass(frozen=True)
+class ViewRows:
+    """Serialized values of one feature view for distinct entities, to write."""
+
+    view: str
+    join_key: str
+    ids: np.ndarray  # (N,) int64, distinct
+    values: dict[str, list[bytes]]  # feature -> one serialized Value per id
+    stamps_ms: np.ndarray  # (N,) event time of each row
+    texts: dict[str, list[str]] = field(default_factory=dict)
+    """Feast's SQLite ``value_text`` of scalar features (``str(value)``); lists have none."""
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """Features of one entity kind to read for distinct ids: ``(view, feature)`` pairs."""
+
+    join_key: str
+    ids: np.ndarray  # (N,) int64, distinct
+    fields: tuple[tuple[str, str], ...]
+
+
+def _distinct_stamps(stamps_ms: np.ndarray) -> tuple[list[datetime], np.ndarray]:
+    """Each distinct stamp once, as an aware datetime, and the index of each row's stamp."""
+    uniq, inverse = np.unique(np.asarray(stamps_ms, np.int64), return_inverse=True)
+    return [datetime.fromtimestamp(ms / 1000, tz=timezone.utc) for ms in uniq.tolist()], inverse
+
+
+class SqliteRows:
+    """Feast's SQLite online tables through one connection of our own (WAL: readers never block the writer)."""
+
+    CHUNK = 10_000  # bound parameters per statement, well under SQLite's limit
+
+    def __init__(self, path: Path, project: str) -> None:
+        self.project = project
+        self._lock = threading.Lock()  # one connection, shared by a replica's request threads
+        self._conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")  # online rows are re-derivable: no fsync per push
+        self._conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: pushes touch pages all over the key order
+        # Checkpoint every 64 MiB of WAL rather than 4: a page rewritten by many pushes is copied back once.
+        self._conn.execute("PRAGMA wal_autocheckpoint=16384")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS moestream_clock (project TEXT PRIMARY KEY, ms INTEGER NOT NULL)")
+
+    def _table(self, view: str) -> str:
+        return '"' + f"{self.project}_{view}".replace('"', '""') + '"'
+
+    def write(self, batches: Sequence[ViewRows], clock_ms: int) -> None:
+        statements = []
+        for rows in batches:
+            keys = entity_keys(rows.join_key, rows.ids)
+            stamps, inverse = _distinct_stamps(rows.stamps_ms)
+            # Feast stores event_ts through its sqlite3 adapter: whole seconds of the naive UTC time.
+            seconds = np.array([int(to_naive_utc(s).timestamp()) for s in stamps], np.int64)[inverse].tolist()
+            params = []
+            for feature, blobs in rows.values.items():
+                texts = rows.texts.get(feature, [None] * len(keys))
+                params += zip(keys, [feature] * len(keys), blobs, texts, seconds)
+            statements.append((
+                f"INSERT INTO {self._table(rows.view)} (entity_key, feature_name, value, value_text, event_ts, "
+                "created_ts) VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
+                "value = excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, "
+                "created_ts = excluded.created_ts",
+                params,
+            ))
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    self._conn.executemany(sql, params)
+                self._conn.execute("INSERT INTO moestream_clock (project, ms) VALUES (?, ?) ON CONFLICT(project) "
+                                   "DO UPDATE SET ms = excluded.ms", (self.project, int(clock_ms)))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def read(self, requests: Sequence[ReadRequest]) -> tuple[list[dict[tuple[str, str], Blobs]], int | None]:
+        out = []
+        with self._lock:
+            self._conn.execute("BEGIN")  # one snapshot for every view and the clock
+            try:
+                for request in requests:
+                    out.append(self._read_one(request))
+                clock = self._conn.execute("SELECT ms FROM moestream_clock WHERE project = ?",
+                                           (self.project,)).fetchone()
+            finally:
+                self._conn.execute("COMMIT")
+        return out, None if clock is None else int(clock[0])
+
+    def _read_one(self, request: ReadRequest) -> dict[tuple[str, str], Blobs]:
+        keys = entity_keys(request.join_key, request.ids)
+        views = dict.fromkeys(view for view, _ in request.fields)
+        # A view nothing was written to (the static ones, when no files were loaded) costs no lookups.
+        written = {v: self._conn.execute(f"SELECT 1 FROM {self._table(v)} LIMIT 1").fetchone() is not None
+                   for v in views}
+        got = {}
+        for view, feature in request.fields:
+            if not written[view]:
+                got[(view, feature)] = [None] * len(keys)
+                continue
+            found: dict[bytes, bytes] = {}
+            for start in range(0, len(keys), self.CHUNK):  # one query per feature: dict() of its rows runs in C
+                chunk = keys[start : start + self.CHUNK]
+                found.update(self._conn.execute(
+                    f"SELECT entity_key, value FROM {self._table(view)} "
+                    f"WHERE feature_name = ? AND entity_key IN ({','.join('?' * len(chunk))})", (feature, *chunk)))
+            got[(view, feature)] = [found.get(key) for key in keys]
+        return got
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+_HMGET_ALL = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HMGET', key, unpack(ARGV)) end
+return out
+"""
+"""One ``HMGET`` of the same fields (``ARGV``) per key, run by the server: one command for a batch."""
+
+_HSET_ALL = """
+local n = tonumber(ARGV[1])
+local fv = {}
+for i, key in ipairs(KEYS) do
+  local base = 1 + n + (i - 1) * n
+  for j = 1, n do fv[2 * j - 1] = ARGV[1 + j]; fv[2 * j] = ARGV[base + j] end
+  redis.call('HSET', key, unpack(fv))
+end
+return #KEYS
+"""
+"""One ``HSET`` per key of the same ``n`` fields (``ARGV[2 .. n+1]``), each key with its ``n`` values after them."""
+
+
+class RedisRows:
+    """Feast's Redis hashes through Feast's own client, one round trip per read and per write.
+
+    Each kind's keys go to the server in one command, a script that runs the ``HMGET`` or ``HSET`` of every
+    key there (``EVALSHA``): a pipeline of one command per entity spends more time in redis-py than in Redis. Scripts touching many keys need a single Redis
+    server, not a cluster (which is also all ``FeatureStoreConfig.redis_connection`` configures).
+    """
+
+    def __init__(self, client, project: str) -> None:
+        self.client = client
+        self.project = project
+        self._suffix = project.encode("utf-8")
+        self._clock_key = f"moestream:clock:{project}"
+        self._sha: dict[str, str] = {}
+
+    def write(self, batches: Sequence[ViewRows], clock_ms: int) -> None:
+        commands = []
+        for rows in batches:
+            keys = entity_keys(rows.join_key, rows.ids, self._suffix)
+            stamps, inverse = _distinct_stamps(rows.stamps_ms)
+            encoded = []
+            for stamp in stamps:
+                ts = Timestamp()
+                ts.FromDatetime(stamp)
+                encoded.append(ts.SerializeToString())
+            fields = [f"_ts:{rows.view}", *(_mmh3(f"{rows.view}:{feature}") for feature in rows.values)]
+            values = zip([encoded[i] for i in inverse.tolist()], *rows.values.values())  # one tuple per key
+            commands.append((_HSET_ALL, keys, [len(fields), *fields, *(v for row in values for v in row)]))
+        self._execute(commands, ("SET", self._clock_key, int(clock_ms)))
+
+    def read(self, requests: Sequence[ReadRequest]) -> tuple[list[dict[tuple[str, str], Blobs]], int | None]:
+        commands = []
+        for request in requests:
+            keys = entity_keys(request.join_key, request.ids, self._suffix)
+            commands.append((_HMGET_ALL, keys, [_mmh3(f"{view}:{feature}") for view, feature in request.fields]))
+        *replies, clock = self._execute(commands, ("GET", self._clock_key))
+        out = []
+        for request, rows in zip(requests, replies):
+            out.append({f: [row[j] for row in rows] for j, f in enumerate(request.fields)})
+        return out, None if clock is None else int(clock)
+
+    def _execute(self, scripts: list[tuple[str, list[bytes], list]], last: tuple) -> list:
+        """Run the scripts and then ``last`` in one pipeline: one round trip."""
+        try:
+            return self._pipeline(scripts, last)
+        except NoScriptError:  # the server lost its scripts (a restart, SCRIPT FLUSH): load them, run again
+            self._sha = {}
+            return self._pipeline(scripts, last)
+
+    def _pipeline(self, scripts: list[tuple[str, list[bytes], list]], last: tuple) -> list:
+        if not self._sha:
+            self._sha = {body: self.client.script_load(body) for body in (_HMGET_ALL, _HSET_ALL)}
+        with self.client.pipeline(transaction=False) as pipe:
+            for body, keys, args in scripts:
+                pipe.evalsha(self._sha[body], len(keys), *keys, *args)
+            pipe.execute_command(*last)
+            return pipe.execute()
+
+    def close(self) -> None:
+        pass

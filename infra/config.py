@@ -1,0 +1,438 @@
+"""The one configuration of a moestream deployment: ``moestream.yaml``, typed, strict, overridable from the environment.
+
+Each stage owns its section's type beside its code (``stream.kafka_io.KafkaConfig``, ``learner.online.LearnerConfig``,
+``serving.config.ServingConfig``, ...); :class:`MoestreamConfig` only composes them, with the few sections that
+belong to the composition root itself (paths, the trainer processes, the HTTP proxy, Ray). Pydantic validates
+the whole tree against those types.
+
+Layers, later wins: the types' defaults, the YAML file, ``MOESTREAM_<SECTION>__<KEY>`` environment variables
+(``MOESTREAM_LEARNER__GUARD__MAX_AUC_DROP=0.05``; ``KAFKA_BOOTSTRAP_SERVERS`` and ``RAY_ADDRESS`` keep working as
+aliases), then command-line flags. Loading is strict: an unknown key anywhere is an error naming its path
+(``learner.lr_typo``) and where it came from; so is a value of the wrong type or range.
+
+Secrets never live here. Kafka SASL/TLS credentials are read by ``stream.kafka_io.client_options`` from
+``SECRET_ENV`` when a client connects, the W&B key by wandb from ``WANDB_API_KEY``; a credential written into the
+file is refused with the variable to use instead. ``moestream config show`` prints which of them are set, never
+their values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from features.store import FeatureStoreConfig
+from infra.pipeline import RunLayout
+from infra.runtime import RayConfig
+from learner.online import LearnerConfig
+from learner.telemetry import TelemetryConfig
+from learner.worker import WorkerConfig
+from serving.config import ServingConfig
+from stream.joiner import JoinerConfig
+from stream.kafka_io import SASL_PASSWORD_ENV, SASL_USERNAME_ENV, SSL_KEY_PASSWORD_ENV, KafkaConfig
+from stream.simulator import SimulatorConfig
+
+ENV_PREFIX = "MOESTREAM_"
+ENV_SEPARATOR = "__"
+CONFIG_ENV = "MOESTREAM_CONFIG"
+"""Path of the YAML file when ``--config`` is not given."""
+ENV_ALIASES = {"KAFKA_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers"), "RAY_ADDRESS": ("ray", "address")}
+"""Older or Ray's own names for a config key; the ``MOESTREAM_`` form wins when both are set."""
+WANDB_KEY_ENV = "WANDB_API_KEY"
+SECRETS: dict[str, str] = {
+    SASL_USERNAME_ENV: "Kafka SASL user name",
+    SASL_PASSWORD_ENV: "Kafka SASL password",
+    SSL_KEY_PASSWORD_ENV: "password of the Kafka client's TLS key",
+    WANDB_KEY_ENV: "W&B API key (telemetry.mode: online)",
+}
+"""Every credential moestream uses, by the only place it is read from: the environment."""
+_SECRET_KEYS = {
+    "sasl_username": SASL_USERNAME_ENV, "sasl_plain_username": SASL_USERNAME_ENV, "username": SASL_USERNAME_ENV,
+    "sasl_password": SASL_PASSWORD_ENV, "sasl_plain_password": SASL_PASSWORD_ENV, "password": SASL_PASSWORD_ENV,
+    "ssl_password": SSL_KEY_PASSWORD_ENV, "ssl_key_password": SSL_KEY_PASSWORD_ENV,
+    "api_key": WANDB_KEY_ENV, "wandb_api_key": WANDB_KEY_ENV,
+}
+REDIS_PASSWORD = re.compile(r"(password=)[^,]*")
+DERIVED = {("features", "data_dir"): "features", ("telemetry", "directory"): "wandb"}
+"""Keys set from ``paths`` (the run layout), not by hand: ``RunLayout`` attribute of each."""
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names every offending key and where it was set."""
+
+
+def _default(cls: type, name: str) -> Any:
+    field = next(f for f in fields(cls) if f.name == name)
+    return field.default
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    data_root: Path = Path(".moestream")
+    """Everything a run writes lives under ``data_root/run``: Feast stores, snapshots, checkpoints, W&B files.
+    Use an absolute path on a cluster: every node and replica resolves it alike (a shared volume)."""
+    run: str = "live"
+    """The run directory that ``train`` writes and ``serve`` follows."""
+
+    def __post_init__(self) -> None:
+        run = Path(self.run)
+        if not self.run or run.is_absolute() or ".." in run.parts:
+            raise ValueError(f"paths.run must be a relative directory inside paths.data_root, got {self.run!r}")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """How ``moestream train`` runs the trainer workers (``learner.worker.WorkerConfig`` holds the rest)."""
+
+    workers: int = 1
+    """Data-parallel trainer actors in one consumer group (at most ``kafka.partitions``)."""
+    batch_size: int = _default(WorkerConfig, "batch_size")
+    checkpoint_every_steps: int = _default(WorkerConfig, "checkpoint_every_steps")
+    device: str = _default(WorkerConfig, "device")
+    """"auto": CUDA when Ray gave the actor a GPU, else CPU."""
+    max_restarts: int = 3
+    """Ray restarts a crashed trainer actor this many times; it resumes from its last checkpoint."""
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "batch_size", "checkpoint_every_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_restarts < 0:
+            raise ValueError(f"trainer.max_restarts must be >= 0, got {self.max_restarts!r}")
+        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """Ray Serve's HTTP proxy, which fronts the ranking app (``http_options`` and ``proxy_location``)."""
+
+    host: str = "127.0.0.1"
+    """0.0.0.0 in a container or pod, so that other hosts reach it."""
+    port: int = 8000
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = "EveryNode"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"http.port must be in 1..65535, got {self.port!r}")
+
+
+class MoestreamConfig(BaseModel):
+    """The whole configuration; each field is one section of ``moestream.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    paths: PathsConfig = PathsConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    joiner: JoinerConfig = JoinerConfig()
+    features: FeatureStoreConfig = FeatureStoreConfig()
+    learner: LearnerConfig = LearnerConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    serving: ServingConfig = ServingConfig()
+    http: HttpConfig = HttpConfig()
+    ray: RayConfig = RayConfig()
+    simulator: SimulatorConfig = SimulatorConfig()
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> MoestreamConfig:
+        # The run layout decides where Feast and W&B write; the sections then hold those paths, so that
+        # whoever reads ``config.features`` gets the store the trainer and the replicas really share.
+        layout = self.layout()
+        object.__setattr__(self, "features", replace(self.features, data_dir=layout.features))
+        object.__setattr__(self, "telemetry", replace(self.telemetry, directory=layout.wandb))
+        if self.trainer.workers > self.kafka.partitions:
+            raise ValueError(f"trainer.workers ({self.trainer.workers}) exceeds kafka.partitions "
+                             f"({self.kafka.partitions}): each worker reads its own share of the partitions")
+        return self
+
+    def layout(self) -> RunLayout:
+        return RunLayout(Path(self.paths.data_root).absolute() / self.paths.run)
+
+    def worker_config(self) -> WorkerConfig:
+        """What each trainer worker runs with."""
+        layout = self.layout()
+        return WorkerConfig(
+            kafka=self.kafka,
+            joiner=self.joiner,
+            features=self.features,
+            learner=self.learner,
+            telemetry=self.telemetry,
+            snapshot_dir=layout.snapshots,
+            checkpoint_dir=layout.checkpoints,
+            checkpoint_every_steps=self.trainer.checkpoint_every_steps,
+            batch_size=self.trainer.batch_size,
+            device=self.trainer.device,
+        )
+
+    def to_data(self, sections: tuple[str, ...] | None = None, changed_only: bool = False) -> dict[str, Any]:
+        """Plain data that :func:`load_config` reads back to an equal config (derived paths left out);
+        ``changed_only``: just the keys whose values differ from the defaults."""
+        data = self.model_dump(mode="json")
+        for section, key in DERIVED:
+            data[section].pop(key, None)
+        if changed_only:
+            data = _changed(data, MoestreamConfig().to_data())
+        if sections is not None:
+            data = {name: data.get(name, {}) for name in sections}
+        return data
+
+
+def _changed(data: dict[str, Any], defaults: dict[str, Any], keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The entries of ``data`` that differ from ``defaults``. Sections and their sub-sections are compared key
+    by key; a free-form mapping (``learner.task_weights``) is one value, as it replaces its default whole."""
+    out = {}
+    for key, value in data.items():
+        default = defaults.get(key)
+        if value == default:
+            continue
+        here = (*keys, key)
+        if isinstance(value, dict) and isinstance(default, dict) and _fields_of(_type_at(here)):
+            out[key] = _changed(value, default, here)
+        else:
+            out[key] = value
+    return out
+
+
+SECTIONS = tuple(MoestreamConfig.model_fields)
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def load_config(
+    path: Path | str | None = None,
+    *,
+    data: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> MoestreamConfig:
+    """The effective configuration: defaults, then the YAML file at ``path`` (or ``data``), then the
+    environment (``os.environ`` unless given), then ``overrides`` (dotted key -> value, from CLI flags)."""
+    environ = os.environ if environ is None else environ
+    sources: dict[tuple[str, ...], str] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+        origin = str(path)
+    else:
+        raw = dict(data or {})
+        origin = "config data"
+    _refuse_secrets(raw, origin)
+    _record(raw, (), origin, sources)
+    for keys, value, source in _env_overrides(environ):
+        _set(raw, keys, value, source)
+        sources[keys] = source
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        keys = tuple(dotted.split("."))
+        _set(raw, keys, value, f"--{keys[-1].replace('_', '-')}")
+        sources[keys] = f"command line ({dotted})"
+    for (section, key) in DERIVED:
+        if isinstance(raw.get(section), Mapping) and key in raw[section]:
+            where = sources.get((section, key), origin)
+            raise ConfigError(f"{section}.{key} (from {where}) is derived from paths.data_root and paths.run "
+                              f"(<data_root>/<run>/{DERIVED[(section, key)]}); set those instead")
+    try:
+        return MoestreamConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, sources, origin)) from None
+
+
+def config_path(option: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The file to load: ``--config``, else ``$MOESTREAM_CONFIG``, else none (defaults and environment)."""
+    environ = os.environ if environ is None else environ
+    if option is not None:
+        return option
+    return Path(environ[CONFIG_ENV]) if environ.get(CONFIG_ENV) else None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
+    return raw
+
+
+def _refuse_secrets(raw: Mapping[str, Any], origin: str, prefix: tuple[str, ...] = ()) -> None:
+    for key, value in raw.items():
+        keys = (*prefix, str(key))
+        if str(key).lower() in _SECRET_KEYS:
+            raise ConfigError(f"{'.'.join(keys)} (in {origin}): credentials are read from the environment only; "
+                              f"set {_SECRET_KEYS[str(key).lower()]} instead")
+        if keys == ("features", "redis_connection") and isinstance(value, str) and REDIS_PASSWORD.search(value):
+            raise ConfigError(f"features.redis_connection (in {origin}) carries a password; put the whole "
+                              "connection string in MOESTREAM_FEATURES__REDIS_CONNECTION instead")
+        if isinstance(value, Mapping):
+            _refuse_secrets(value, origin, keys)
+
+
+def _record(raw: Mapping[str, Any], prefix: tuple[str, ...], origin: str, sources: dict) -> None:
+    for key, value in raw.items():
+        sources[(*prefix, str(key))] = origin
+        if isinstance(value, Mapping):
+            _record(value, (*prefix, str(key)), origin, sources)
+
+
+def env_key(name: str) -> tuple[str, ...] | None:
+    """The config key an environment variable overrides, or None if it is not an override.
+
+    ``MOESTREAM_LEARNER__GUARD__MAX_AUC_DROP`` -> ``("learner", "guard", "max_auc_drop")``; names without the
+    ``__`` separator (``MOESTREAM_KAFKA_HOME``, the secrets) are not overrides.
+    """
+    if not name.startswith(ENV_PREFIX) or ENV_SEPARATOR not in name:
+        return None
+    return tuple(part.lower() for part in name[len(ENV_PREFIX):].split(ENV_SEPARATOR))
+
+
+def _env_overrides(environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], Any, str]]:
+    found: dict[tuple[str, ...], tuple[Any, str]] = {}
+    for alias, keys in ENV_ALIASES.items():
+        if environ.get(alias):
+            found[keys] = (environ[alias], alias)
+    for name in sorted(environ):
+        keys = env_key(name)
+        if keys is None:
+            continue
+        if any(not k for k in keys):
+            raise ConfigError(f"{name}: empty key between '__' separators")
+        if keys[-1] in _SECRET_KEYS:
+            raise ConfigError(f"{name}: credentials are not config keys; set {_SECRET_KEYS[keys[-1]]} instead")
+        found[keys] = (_env_value(environ[name]), name)
+    return [(keys, value, source) for keys, (value, source) in found.items()]
+
+
+def _env_value(text: str) -> Any:
+    """An environment value as config data: ``null`` is None, ``[...]`` and ``{...}`` are YAML flow
+    collections; anything else stays a string for the section's type to parse (``"4"`` -> 4)."""
+    stripped = text.strip()
+    if stripped in ("null", "~"):
+        return None
+    if stripped[:1] in ("[", "{"):
+        try:
+            return yaml.safe_load(stripped)
+        except yaml.YAMLError:
+            return text  # reported by validation as the wrong type, with its key
+    return text
+
+
+def _set(raw: dict, keys: tuple[str, ...], value: Any, source: str) -> None:
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys)} (from {source}): {'.'.join(keys[:i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+# -- error messages -----------------------------------------------------------------------------------
+
+
+def _explain(exc: ValidationError, sources: Mapping[tuple[str, ...], str], origin: str) -> str:
+    lines = []
+    for error in exc.errors():
+        keys = tuple(str(k) for k in error["loc"])
+        where = _source_of(keys, sources, origin)
+        if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            known = _known_keys(keys[:-1])
+            hint = difflib.get_close_matches(keys[-1], known, n=1)
+            detail = f"unknown key{f' (did you mean {hint[0]}?)' if hint else ''}; known: {', '.join(known)}"
+        else:
+            detail = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{'.'.join(keys)} (from {where}): {detail}" if keys else detail)
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _source_of(keys: tuple[str, ...], sources: Mapping[tuple[str, ...], str], origin: str) -> str:
+    """Where the value at ``keys`` was set: its own source, else those of the keys set below it (a section's
+    own check names a key inside it), else its nearest parent's."""
+    if keys in sources:
+        return sources[keys]
+    below = sorted({source for k, source in sources.items() if k[:len(keys)] == keys and len(k) > len(keys)})
+    if below:
+        return ", ".join(below)
+    for n in range(len(keys) - 1, 0, -1):
+        if keys[:n] in sources:
+            return sources[keys[:n]]
+    return f"defaults and {origin}"
+
+
+def _known_keys(keys: tuple[str, ...]) -> list[str]:
+    """The keys the section at ``keys`` accepts (none known for a free-form mapping)."""
+    cls = _type_at(keys)
+    return sorted(_fields_of(cls)) if cls is not None else []
+
+
+def _fields_of(cls: Any) -> list[str]:
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return list(cls.model_fields)
+    if isinstance(cls, type) and is_dataclass(cls):
+        return [f.name for f in fields(cls)]
+    return []
+
+
+def _type_at(keys: tuple[str, ...]) -> Any:
+    """The config type at ``keys`` (``("learner", "guard")`` -> ``PublishGuard``), or None."""
+    cls: Any = MoestreamConfig
+    for key in keys:
+        if not _fields_of(cls):
+            return None
+        hint = get_type_hints(cls).get(key)
+        if hint is None:
+            return None
+        if get_origin(hint) is not None:  # ``X | None`` -> X; a generic mapping -> None
+            sections = [a for a in get_args(hint) if _fields_of(a)]
+            hint = sections[0] if sections else None
+        cls = hint
+    return cls
+
+
+# -- showing ------------------------------------------------------------------------------------------
+
+
+def masked(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with what could hold a secret masked (a Redis password given in the environment)."""
+    data = {section: dict(values) if isinstance(values, dict) else values for section, values in data.items()}
+    features = data.get("features")
+    if isinstance(features, dict) and isinstance(features.get("redis_connection"), str):
+        features["redis_connection"] = REDIS_PASSWORD.sub(r"\1***", features["redis_connection"])
+    return data
+
+
+def render(config: MoestreamConfig, environ: Mapping[str, str] | None = None) -> str:
+    """The effective configuration as YAML (loadable again), secrets masked, with the credentials the
+    environment provides and the paths the run layout derives as comments."""
+    environ = os.environ if environ is None else environ
+    body = yaml.safe_dump(masked(config.to_data()), sort_keys=False, default_flow_style=False)
+    layout = config.layout()
+    lines = ["# derived from paths:"]
+    lines += [f"#   {name}: {getattr(layout, name)}" for name in ("features", "snapshots", "checkpoints", "wandb")]
+    lines.append("# credentials (environment only, never shown):")
+    lines += [f"#   {name}: {'set' if environ.get(name) else 'not set'}  ({what})" for name, what in SECRETS.items()]
+    return body + "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "CONFIG_ENV", "ConfigError", "HttpConfig", "MoestreamConfig", "PathsConfig", "SECRETS", "TrainerConfig",
+    "config_path", "env_key", "load_config", "render",
+]

@@ -1,0 +1,115 @@
+"""Running moestream on a Ray cluster from its configuration: the Serve config, the ranking app, the trainers.
+
+The ranking service is deployed from a Serve config file (``ServeDeploySchema``) that :func:`serve_config`
+generates from :class:`infra.config.MoestreamConfig`: ``moestream serve-config`` prints it for KubeRay's
+``serveConfigV2``, ``serve deploy`` or ``serve run``, and ``moestream serve`` deploys the very same document.
+Its application is built by :func:`ranking_app` from the config sections carried in its ``args``; the
+replicas' own environment can still override them (``MOESTREAM_FEATURES__REDIS_CONNECTION`` from a secret,
+say). Placement on the cluster comes from ``ray.ranker_resources`` and ``ray.trainer_resources``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
+
+from infra.config import REDIS_PASSWORD, ConfigError, MoestreamConfig, load_config
+from infra.pipeline import TrainerGroup, start_trainers
+from serving.app import RankerDeployment, build_app
+
+APP_NAME = "moestream"
+IMPORT_PATH = "infra.deploy:ranking_app"
+REPLICA_SECTIONS = ("paths", "features", "serving")
+"""What a ranking replica reads of the configuration: where the run is, the feature store, the service."""
+DEPLOY_TIMEOUT_S = 300.0
+
+
+def serve_config(config: MoestreamConfig) -> dict[str, Any]:
+    """The Serve config (``ServeDeploySchema``) of the ranking app: the HTTP proxy and the application.
+
+    The application's ``args`` carry the keys of the replica's sections that differ from their defaults (the
+    defaults are the image's own), and ``paths.data_root`` always, absolute, resolved here: replicas do not
+    share this process's working directory.
+    """
+    replica = config.to_data(REPLICA_SECTIONS, changed_only=True)
+    if REDIS_PASSWORD.search(config.features.redis_connection):
+        raise ConfigError("features.redis_connection carries a password, and a Serve config is no place for "
+                          "credentials: give the replicas MOESTREAM_FEATURES__REDIS_CONNECTION in their environment "
+                          "(a Kubernetes secret) and generate the Serve config without it")
+    replica["paths"]["data_root"] = str(config.layout().root.parent)
+    replica = {section: values for section, values in replica.items() if values}
+    application: dict[str, Any] = {
+        "name": APP_NAME,
+        "route_prefix": "/",
+        "import_path": IMPORT_PATH,
+        "args": {"config": replica},
+    }
+    if config.ray.ranker_resources:
+        # Replicas, autoscaling and limits come from ``serving`` through the builder; placement is the one
+        # option it cannot know. A config's ray_actor_options replace the code's whole, so CPUs go along.
+        actor = dict(config.serving.deployment_options().get("ray_actor_options", {}))
+        actor["resources"] = dict(config.ray.ranker_resources)
+        application["deployments"] = [{"name": RankerDeployment.name, "ray_actor_options": actor}]
+    return {
+        "proxy_location": config.http.proxy_location,
+        "http_options": {"host": config.http.host, "port": config.http.port},
+        "applications": [application],
+    }
+
+
+def ranking_app(args: dict[str, Any]):
+    """Serve application builder named by :data:`IMPORT_PATH`: ``args["config"]`` holds the config sections a
+    replica needs, over which the environment of the process building the app applies."""
+    config = load_config(data=args.get("config") or {})
+    return build_app(config.layout().snapshots, config.features, config.serving)
+
+
+def deploy_ranking(config: MoestreamConfig, timeout_s: float = DEPLOY_TIMEOUT_S) -> str:
+    """Deploy the ranking app from :func:`serve_config` on the connected cluster; wait until it runs and
+    return its URL. The same path as ``serve run <config file>``; Ray has no public call that deploys a
+    Serve config document from Python, so this uses the one its CLI uses."""
+    from ray.serve._private import api as serve_api
+
+    schema = ServeDeploySchema.model_validate(serve_config(config))
+    client = serve_api.serve_start(
+        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
+    )
+    client.deploy_apps(schema, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(APP_NAME)
+        status = str(app.status) if app else "NOT_STARTED"
+        if status.endswith("RUNNING"):
+            break
+        if status.endswith("DEPLOY_FAILED") or status.endswith("UNHEALTHY"):
+            raise RuntimeError(f"the ranking app failed to deploy ({status}): {app.message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the ranking app was not running after {timeout_s:.0f}s ({status}): "
+                               f"{app.message if app else ''}")
+        time.sleep(0.5)  # poll interval of the app status, not a guess at how long deploying takes
+    host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
+    return f"http://{host}:{config.http.port}"
+
+
+def undeploy_ranking() -> None:
+    serve.delete(APP_NAME)
+
+
+def start_training(config: MoestreamConfig) -> TrainerGroup:
+    """``trainer.workers`` trainer actors on the nodes that offer ``ray.trainer_resources``."""
+    return start_trainers(config.worker_config(), config.trainer.workers, config.trainer.max_restarts,
+                          resources=config.ray.trainer_resources)
+
+
+def connect(config: MoestreamConfig, quiet: bool = False) -> None:
+    """Join ``ray.address`` (or ``RAY_ADDRESS``), or start a local instance, with token auth handled."""
+    from infra.runtime import init_ray
+
+    init_ray(address=config.ray.address, num_cpus=config.ray.num_cpus, namespace=config.ray.namespace, quiet=quiet)
+
+
+__all__ = ["APP_NAME", "IMPORT_PATH", "connect", "deploy_ranking", "ranking_app", "serve_config", "start_training",
+           "undeploy_ranking"]

@@ -1,0 +1,309 @@
+"""The HTTP API of the ranking service (FastAPI; OpenAPI at ``/openapi.json``, docs at ``/docs``).
+
+- ``POST /v1/rank {user_id, candidates, context?}``: the candidates sorted by fused score, best first, each
+  with its per-task probabilities, plus the model version that scored them and the replica that answered.
+- ``POST /predict {user_id, item_ids}``: the walking skeleton's call, kept: probabilities in request order.
+- ``GET /v1/model``: family, version, event-time high-water mark and age of the snapshot being served.
+- ``GET /healthz``: liveness, the served version, swaps, refused snapshots.
+
+Bad input is the client's error, never the server's: bodies over ``max_body_bytes`` are refused with 413
+before parsing, bodies that are not UTF-8 text with 400; malformed JSON, wrong types, missing or unknown
+fields, too many or repeated candidates get 422 with the reasons (``message`` sums them up in one line).
+The only 5xx is 503 before the first snapshot is published. The app is built per replica around a ``rank`` coroutine (batched under Serve,
+direct in-process) so tests can drive the very same app over ASGI.
+"""
+
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.ranker import NoModelYet, Ranking, RankingService, RankQuery
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON does not tell 7 from 7.0 (JSON Schema calls both an integer): take whole floats as ids, refuse
+    fractions, strings and booleans (Python's ``True`` is an int)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be an integer id")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer id, not a fraction")
+        return int(value)
+    return value
+
+
+MAX_ENTITY_ID = 2**53 - 1
+"""Largest id the API takes: every JSON parser holds numbers up to 2**53 exactly (JavaScript's
+``Number.MAX_SAFE_INTEGER``; many read every number as a double), so an id never silently changes on the
+way. The event contract allows ids up to 2**62 (``stream.events.MAX_ID``); ids above 2**53 would need a
+string form in the API."""
+EntityId = Annotated[int, Field(ge=0, le=MAX_ENTITY_ID), BeforeValidator(_whole_number)]
+ContextValue = Annotated[StrictStr, Field(max_length=256)] | StrictInt | Annotated[StrictFloat, Field(allow_inf_nan=False)] | StrictBool
+MAX_CONTEXT_KEYS = 32
+
+Rank = Callable[[RankQuery], Awaitable[Ranking]]
+
+
+class ErrorMessage(BaseModel):
+    detail: str
+
+
+class ValidationErrorBody(BaseModel):
+    message: str
+    """The reasons in one line."""
+    detail: list[dict[str, Any]]
+    """Each reason: ``loc`` (where), ``msg`` (what), ``type``."""
+
+
+class ScoredItem(BaseModel):
+    item_id: int
+    score: float
+    """The fused score: ``sum_t w_t * p_t`` over the tasks (weights in ``GET /v1/model``)."""
+    probabilities: dict[str, float]
+
+
+class RankResponse(BaseModel):
+    model_version: int
+    family: str
+    replica: str
+    pid: int
+    batch: int
+    """The replica's batch sequence number; with ``replica`` it orders responses as they were scored."""
+    items: list[ScoredItem]
+
+
+class ItemPrediction(BaseModel):
+    item_id: int
+    probabilities: dict[str, float]
+
+
+class PredictResponse(BaseModel):
+    model_version: int
+    family: str
+    replica: str
+    items: list[ItemPrediction]
+
+
+class ModelInfo(BaseModel):
+    family: str
+    version: int
+    tasks: list[str]
+    task_weights: dict[str, float]
+    event_time_hwm_ms: int | None
+    """Newest event time the model has trained on (ms since the epoch)."""
+    snapshot_created_at: float
+    snapshot_age_s: float
+    step: int | None
+    examples: int | None
+    offsets: dict[str, int]
+    """Per source partition, the offset below which every event is covered by this snapshot."""
+    rollback_of: int | None
+
+
+class Health(BaseModel):
+    ok: bool
+    model_version: int | None
+    swaps: int
+    rejected_versions: list[int]
+    batches: int
+    pid: int
+    replica: str
+
+
+def request_models(max_candidates: int) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The two request bodies, with the configured cap on candidates in their schema."""
+
+    def distinct(values: list[int]) -> list[int]:
+        ids, counts = np.unique(np.asarray(values, dtype=np.int64), return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"must be distinct; repeated: {ids[counts > 1][:10].tolist()}")
+        return values
+
+    Candidates = Annotated[list[EntityId], Field(min_length=1, max_length=max_candidates,
+                                                  json_schema_extra={"uniqueItems": True})]
+
+    class RankRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        user_id: EntityId
+        candidates: Candidates
+        context: Annotated[dict[Annotated[str, Field(max_length=64)], ContextValue] | None,
+                           Field(max_length=MAX_CONTEXT_KEYS)] = None
+        """Request context (surface, device, ...); accepted and validated, not yet a model input."""
+
+        _distinct = field_validator("candidates")(distinct)
+
+    class PredictRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        user_id: EntityId
+        item_ids: Candidates
+
+        _distinct = field_validator("item_ids")(distinct)
+
+    return RankRequest, PredictRequest
+
+
+class BodyLimit:
+    """ASGI middleware: read the request body up to ``max_bytes`` and refuse a larger one with 413, whether
+    it declares its length or streams in chunks; a declared length that is not a number is a 400."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                await _refuse(send, 400, "Content-Length is not a number")
+                return
+            if length > self.max_bytes:
+                await _refuse(send, 413, f"request body of {length} bytes exceeds the limit of {self.max_bytes}")
+                return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await _refuse(send, 413, f"request body exceeds the limit of {self.max_bytes} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for the disconnect, as the server would
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _refuse(send, status: int, detail: str) -> None:
+    payload = orjson.dumps({"detail": detail})
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _json(body: dict) -> Response:
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+
+def _summary(errors: list[dict]) -> str:
+    parts = []
+    for e in errors[:5]:
+        if e["type"] == "json_invalid":
+            parts.append(f"body is not valid JSON (error at character {e['loc'][-1]})")
+            continue
+        where = ".".join(str(p) for p in e["loc"][1:]) or "body"
+        parts.append(f"{where}: {e['msg']}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorMessage, "description": "The body is not text (UTF-8) or its Content-Length is not a number."},
+    413: {"model": ErrorMessage, "description": "The request body is larger than the configured limit."},
+    422: {"model": ValidationErrorBody, "description": "The body is not valid JSON or does not match the schema."},
+    503: {"model": ErrorMessage, "description": "No model snapshot has been published yet."},
+}
+
+
+def build_api(service: RankingService, rank: Rank, replica: str) -> FastAPI:
+    """The FastAPI app of one replica: ``rank`` scores one query (Serve batches it with others)."""
+    config, pid = service.config, os.getpid()
+    RankRequest, PredictRequest = request_models(config.max_candidates)
+    app = FastAPI(
+        title="moestream ranking",
+        version="1.0.0",
+        description="Ranks candidate items for a user with the newest verified snapshot of a multi-task model.",
+    )
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+        return JSONResponse({"message": _summary(errors), "detail": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # not UTF-8 text
+            return JSONResponse({"detail": "the body could not be read: JSON text in UTF-8 expected"}, status_code=400)
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(NoModelYet)
+    async def no_model(_: Request, exc: NoModelYet) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.post("/v1/rank", response_model=RankResponse, responses=ERRORS, summary="Rank candidates for a user")
+    async def rank_candidates(request: RankRequest) -> Response:  # type: ignore[valid-type]
+        started = time.perf_counter()
+        ranking = await rank(RankQuery(request.user_id, np.asarray(request.candidates, dtype=np.int64)))
+        order = ranking.order
+        probabilities = ranking.probabilities[order].tolist()
+        # Shaping JSON is per item by nature; everything numeric above it ran on whole arrays.
+        items = [{"item_id": i, "score": s, "probabilities": dict(zip(ranking.tasks, p))}
+                 for i, s, p in zip(ranking.items[order].tolist(), ranking.scores[order].tolist(), probabilities)]
+        response = _json({"model_version": ranking.version, "family": ranking.family, "replica": replica,
+                          "pid": pid, "batch": ranking.batch, "items": items})
+        service.metrics.observe_request("/v1/rank", time.perf_counter() - started)
+        return response
+
+    @app.post("/predict", response_model=PredictResponse, responses=ERRORS,
+              summary="Per-task probabilities of items, in request order (the skeleton's call)")
+    async def predict(request: PredictRequest) -> Response:  # type: ignore[valid-type]
+        started = time.perf_counter()
+        ranking = await rank(RankQuery(request.user_id, np.asarray(request.item_ids, dtype=np.int64)))
+        items = [{"item_id": i, "probabilities": dict(zip(ranking.tasks, p))}
+                 for i, p in zip(ranking.items.tolist(), ranking.probabilities.tolist())]
+        response = _json({"model_version": ranking.version, "family": ranking.family, "replica": replica,
+                          "items": items})
+        service.metrics.observe_request("/predict", time.perf_counter() - started)
+        return response
+
+    @app.get("/v1/model", response_model=ModelInfo, responses={503: ERRORS[503]}, summary="The model being served")
+    async def model() -> dict:
+        return service.model_info()
+
+    @app.get("/healthz", response_model=Health, summary="Liveness and the served version")
+    async def healthz() -> dict:
+        return {**service.health(), "replica": replica}
+
+    return app
+
+
+def unbatched(service: RankingService) -> Rank:
+    """Score each query on its own, off the event loop: the in-process (ASGI) counterpart of the Serve
+    deployment's ``@serve.batch`` method, which needs a Serve replica around it."""
+
+    async def rank(query: RankQuery) -> Ranking:
+        return (await asyncio.to_thread(service.score, [query]))[0]
+
+    return rank
+
+
+__all__ = ["BodyLimit", "ModelInfo", "RankResponse", "build_api", "request_models", "unbatched"]

@@ -1,0 +1,146 @@
+"""How the ranking service runs: replicas or autoscaling, request limits, fused-score weights, batching.
+
+``ServingConfig.from_dict`` is the strict loader: an unknown key is an error naming its path
+(``serving.autoscaling.max_replica``), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from stream.events import TASKS
+
+DEFAULT_TASK_WEIGHTS: dict[str, float] = {
+    "click": 1.0, "long_view": 1.0, "like": 2.0, "comment": 3.0, "follow": 4.0, "forward": 3.0,
+}
+"""Fused score ``sum_t w_t * p_t``: rarer, stronger signals of interest weigh more (value-model style)."""
+
+
+def _number(value: Any, path: str, *, low: float | None = None, integer: bool = False) -> None:
+    ok_type = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type) or not math.isfinite(value):
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"{path} must be {kind}, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{path} must be >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AutoscalingConfig:
+    """Ray Serve's request-based autoscaling, in its own names (``autoscaling_config``)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0
+    """Requests in flight per replica the autoscaler aims at; batching wants several, so not 1."""
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _number(self.min_replicas, "serving.autoscaling.min_replicas", low=0, integer=True)
+        _number(self.max_replicas, "serving.autoscaling.max_replicas", low=1, integer=True)
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"serving.autoscaling.max_replicas ({self.max_replicas}) must be >= min_replicas "
+                             f"({self.min_replicas})")
+        _number(self.target_ongoing_requests, "serving.autoscaling.target_ongoing_requests", low=1e-9)
+        _number(self.upscale_delay_s, "serving.autoscaling.upscale_delay_s", low=0)
+        _number(self.downscale_delay_s, "serving.autoscaling.downscale_delay_s", low=0)
+
+    def serve_options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    num_replicas: int = 1
+    """Fixed replica count; ignored (must stay 1) when ``autoscaling`` is set."""
+    autoscaling: AutoscalingConfig | None = None
+    max_candidates: int = 1000
+    """Most candidates one ranking request may carry; more is a 422."""
+    task_weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
+    """Weight of each task's probability in the fused score; a task left out weighs 0."""
+    max_batch_candidates: int = 4096
+    """Requests are batched across callers until their candidates would exceed this (``@serve.batch``)."""
+    batch_wait_timeout_s: float = 0.0
+    """How long the first request of a batch waits for others to join it. 0: a batch takes whatever queued
+    while the previous one ran, so batching costs an idle service nothing and grows with the load."""
+    max_ongoing_requests: int = 64
+    """Requests a replica accepts at once; the rest queue in the proxy (and drive autoscaling)."""
+    max_body_bytes: int = 64 * 1024
+    """Larger request bodies are refused with 413 before parsing (1000 int64 ids are about 21 KB)."""
+    num_cpus: float = 1.0
+    """Ray CPUs reserved per replica; torch's intra-op threads follow it (at least one)."""
+    poll_s: float = 0.1
+    """How often a replica looks for a new snapshot."""
+    access_log: bool = False
+    """Serve's per-request access log in the replica (costs time on every request; off by default)."""
+
+    def __post_init__(self) -> None:
+        _number(self.num_replicas, "serving.num_replicas", low=1, integer=True)
+        if self.autoscaling is not None and self.num_replicas != 1:
+            raise ValueError("serving.num_replicas and serving.autoscaling exclude each other; set one")
+        _number(self.max_candidates, "serving.max_candidates", low=1, integer=True)
+        _number(self.max_batch_candidates, "serving.max_batch_candidates", low=1, integer=True)
+        if self.max_batch_candidates < self.max_candidates:
+            raise ValueError(f"serving.max_batch_candidates ({self.max_batch_candidates}) must be >= "
+                             f"max_candidates ({self.max_candidates}): one request must fit in a batch")
+        _number(self.batch_wait_timeout_s, "serving.batch_wait_timeout_s", low=0)
+        _number(self.max_ongoing_requests, "serving.max_ongoing_requests", low=1, integer=True)
+        _number(self.max_body_bytes, "serving.max_body_bytes", low=1024, integer=True)
+        _number(self.num_cpus, "serving.num_cpus", low=0)
+        _number(self.poll_s, "serving.poll_s", low=1e-3)
+        if not isinstance(self.access_log, bool):
+            raise ValueError(f"serving.access_log must be true or false, got {self.access_log!r}")
+        stray = sorted(set(self.task_weights) - set(TASKS))
+        if stray:
+            raise ValueError(f"serving.task_weights names unknown task(s) {stray}; tasks are {list(TASKS)}")
+        for task, weight in self.task_weights.items():
+            _number(weight, f"serving.task_weights.{task}")
+        if not any(w != 0 for w in self.task_weights.values()):
+            raise ValueError("serving.task_weights must give some task a non-zero weight")
+
+    @property
+    def torch_threads(self) -> int:
+        return max(1, int(self.num_cpus))
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``Deployment.options`` for the ranking deployment."""
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "logging_config": {"log_level": "WARNING", "enable_access_log": self.access_log},
+        }
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.serve_options()
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: str = "serving") -> ServingConfig:
+        """Build from plain data (YAML, JSON); unknown keys are errors naming their path."""
+        _known(data, cls, path)
+        kwargs = dict(data)
+        if kwargs.get("autoscaling") is not None:
+            _known(kwargs["autoscaling"], AutoscalingConfig, f"{path}.autoscaling")
+            kwargs["autoscaling"] = AutoscalingConfig(**kwargs["autoscaling"])
+        if "task_weights" in kwargs:
+            if not isinstance(kwargs["task_weights"], Mapping):
+                raise ValueError(f"{path}.task_weights must be a mapping of task to weight")
+            kwargs["task_weights"] = dict(kwargs["task_weights"])
+        return cls(**kwargs)
+
+
+def _known(data: Any, cls: type, path: str) -> None:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(f'{path}.{k}' for k in unknown)}; known: {sorted(names)}")
+
+
+__all__ = ["DEFAULT_TASK_WEIGHTS", "AutoscalingConfig", "ServingConfig"]

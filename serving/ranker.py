@@ -1,0 +1,137 @@
+"""Scoring of ranking requests in batches: one feature lookup and one forward pass for all their candidates.
+
+``RankingService.score`` takes the requests that ``@serve.batch`` gathered from concurrent callers, looks
+up the features of every (user, candidate) pair of all of them in one ``OnlineFeatures.lookup_batch``
+(each distinct user and item read once), runs the model once under ``torch.inference_mode``, fuses the
+task probabilities into one score with the configured weights, and splits the result back per request.
+The model is read from the weight follower once per batch, so a whole batch is scored by one snapshot and
+every request reports the version that scored it. Users and items the store does not know get the
+store's defaults, and hashed ID embeddings need no vocabulary, so unknown IDs are scored like any other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from features.store import FeatureStoreConfig, OnlineFeatures
+from serving.config import ServingConfig
+from serving.metrics import ServingMetrics
+from serving.weights import LoadedModel, WeightFollower
+
+
+class NoModelYet(RuntimeError):
+    """Nothing has been published to the snapshot directory yet."""
+
+
+@dataclass(frozen=True)
+class RankQuery:
+    user_id: int
+    candidates: np.ndarray  # (n,) int64, distinct
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One request's scores, candidates in the order asked; ``order`` sorts them by fused score, best first."""
+
+    version: int
+    family: str
+    batch: int
+    """Sequence number of the batch on this replica: a later batch never reports an older version."""
+    tasks: tuple[str, ...]
+    items: np.ndarray  # (n,) int64
+    scores: np.ndarray  # (n,) float32
+    probabilities: np.ndarray  # (n, T) float32, columns in ``tasks`` order
+
+    @property
+    def order(self) -> np.ndarray:
+        return np.argsort(-self.scores, kind="stable")
+
+
+def candidates_of(queries: Sequence[RankQuery]) -> int:
+    """Batch size for ``@serve.batch``: batches are bounded by candidates, not by requests."""
+    return sum(len(q.candidates) for q in queries)
+
+
+class RankingService:
+    def __init__(self, snapshot_dir: Path, features: FeatureStoreConfig, config: ServingConfig = ServingConfig(),
+                 metrics: ServingMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or ServingMetrics()
+        self.features = OnlineFeatures(features, apply=False)
+        self.batches = 0
+        self._batch_seq = itertools.count(1)  # next() is atomic: batches scored on any thread get distinct numbers
+        self.weights = WeightFollower(Path(snapshot_dir), config.poll_s, on_swap=self._swapped)
+
+    def _swapped(self, loaded: LoadedModel) -> None:
+        self.metrics.swapped(loaded.version)
+
+    def task_weights(self, tasks: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([float(self.config.task_weights.get(t, 0.0)) for t in tasks])  # (T,)
+
+    def score(self, queries: Sequence[RankQuery]) -> list[Ranking]:
+        """Score a batch of requests with one snapshot. Raises :class:`NoModelYet` before the first one."""
+        current = self.weights.current  # read once: the whole batch sees one model
+        if current is None:
+            raise NoModelYet(f"no model snapshot has been published to {self.weights.store.directory} yet")
+        batch = self.batches = next(self._batch_seq)
+        lengths = np.fromiter((len(q.candidates) for q in queries), np.int64, len(queries))
+        items = np.concatenate([q.candidates for q in queries])  # (N,)
+        users = np.repeat(np.fromiter((q.user_id for q in queries), np.int64, len(queries)), lengths)  # (N,)
+        features = self.features.lookup_batch(users, items)
+        ids = {name: torch.from_numpy(features.ids[name]) for name in current.model.encoder.id_fields}
+        tasks = current.model.tasks
+        with torch.inference_mode():
+            per_task = current.model.predict_proba(ids, torch.from_numpy(features.dense))
+            probs = torch.stack([per_task[t].float() for t in tasks], dim=1)  # (N, T)
+            scores = probs @ self.task_weights(tasks)  # (N,)
+        probs_np, scores_np = probs.numpy(), scores.numpy()
+        self.metrics.observe_batch(len(queries), len(items), len(self.weights.rejected))
+        bounds = np.cumsum(lengths)[:-1]
+        return [
+            Ranking(current.version, current.family, batch, tasks, i, s, p)
+            for i, s, p in zip(np.split(items, bounds), np.split(scores_np, bounds), np.split(probs_np, bounds))
+        ]
+
+    def model_info(self) -> dict:
+        current = self.weights.current
+        if current is None:
+            raise NoModelYet(f"no model snapshot has been published to {self.weights.store.directory} yet")
+        manifest = current.manifest
+        return {
+            "family": current.family,
+            "version": current.version,
+            "tasks": list(current.model.tasks),
+            "task_weights": {t: float(self.config.task_weights.get(t, 0.0)) for t in current.model.tasks},
+            "event_time_hwm_ms": manifest.data.get("event_time_hwm_ms"),
+            "snapshot_created_at": manifest.created_at,
+            "snapshot_age_s": max(0.0, time.time() - manifest.created_at),
+            "step": manifest.data.get("step"),
+            "examples": manifest.data.get("examples"),
+            "offsets": {str(p): int(o) for p, o in (manifest.data.get("offsets") or {}).items()},
+            "rollback_of": manifest.data.get("rollback_of"),
+        }
+
+    def health(self) -> dict:
+        current = self.weights.current
+        return {
+            "ok": True,
+            "model_version": current.version if current else None,
+            "swaps": self.weights.swaps,
+            "rejected_versions": sorted(self.weights.rejected),
+            "batches": self.batches,
+            "pid": os.getpid(),
+        }
+
+    def close(self) -> None:
+        self.weights.close()
+
+
+__all__ = ["NoModelYet", "RankQuery", "Ranking", "RankingService", "candidates_of"]

@@ -1,0 +1,50 @@
+"""Checkpoint directories on their own: pruning keeps a group's agreed step, and the GROUP record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from learner.checkpoint import Checkpoint, CheckpointError, CheckpointStore
+from learner.worker import group_step, write_group_step
+from stream.events import EXAMPLE_SCHEMA
+
+
+def _checkpoint(step: int) -> Checkpoint:
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.Adam([weight])
+    weight.grad = torch.ones(2)
+    optimizer.step()  # optimizer state to save
+    return Checkpoint(step, {"w": torch.full((2,), float(step))}, optimizer.state_dict(), {"a": np.arange(3)}, b"joiner",
+                      EXAMPLE_SCHEMA.empty_table(), {"counters": {"step": step}, "offsets": {"0": step}})
+
+
+def test_a_pinned_step_outlives_pruning_and_loads_by_step(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep=2)
+    store.write(_checkpoint(10))
+    store.pinned = 10  # the group agreed on step 10; later checkpoints may fail on a peer
+    for step in (20, 30, 40):
+        store.write(_checkpoint(step))
+    kept = sorted(p.name for p in tmp_path.glob("ckpt-*"))
+    assert kept == ["ckpt-000000010", "ckpt-000000030", "ckpt-000000040"]
+    assert store.latest().step == 40
+    restored = store.load(10)
+    assert restored.step == 10 and torch.equal(restored.model["w"], torch.full((2,), 10.0))
+    assert restored.meta["offsets"] == {"0": 10} and isinstance(restored.buffer, pa.Table)
+    with pytest.raises(CheckpointError, match="ckpt-000000020 is unreadable"):
+        store.load(20)
+
+
+def test_group_step_round_trip_and_refusals(tmp_path: Path) -> None:
+    assert group_step(tmp_path, world_size=2) is None
+    write_group_step(tmp_path, 120, world_size=2)
+    assert group_step(tmp_path, world_size=2) == 120
+    with pytest.raises(CheckpointError, match="written by 2 workers and cannot be resumed by 3.*--workers 2"):
+        group_step(tmp_path, world_size=3)
+    (tmp_path / "GROUP").write_text("{not json")
+    with pytest.raises(CheckpointError, match="GROUP is unreadable"):
+        group_step(tmp_path, world_size=2)

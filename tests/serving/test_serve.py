@@ -1,0 +1,177 @@
+"""The ranking deployment on a real local Ray Serve, over real HTTP: hot swap under load, hardening, metrics."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import defaultdict
+
+import httpx
+import numpy as np
+import pytest
+
+from infra.pipeline import wait_for
+from learner.snapshots import SnapshotStore
+from serving.app import build_app
+from serving.config import ServingConfig
+from tests.conftest import free_port
+from tests.serving.conftest import feature_store, publish
+
+pytestmark = pytest.mark.integration
+
+REPLICAS = 2
+SNAPSHOTS = 50
+CLIENTS = 4
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tmp_path_factory: pytest.TempPathFactory):
+    """Two replicas following a snapshot directory that holds v1. Serve binds its HTTP port once per
+    instance, so it is shut down before (a test before may have left one) and after."""
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("serving")
+    features = feature_store(root / "features")
+    store = SnapshotStore(root / "snapshots")
+    publish(store, seed=1)
+    port = free_port()
+    serve.shutdown()  # an instance an earlier test left running would keep its own port
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    config = ServingConfig(num_replicas=REPLICAS, num_cpus=0.5, poll_s=0.05, max_candidates=200)
+    serve.run(build_app(store.directory, features, config), name="ranking-test", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", store
+    serve.shutdown()
+
+
+def test_fifty_snapshots_swap_in_under_load_with_nothing_dropped(served) -> None:
+    url, store = served
+    published = {1}
+    stop = threading.Event()
+    responses: list[list[tuple]] = [[] for _ in range(CLIENTS)]  # per client, in send order
+
+    def client(k: int) -> None:
+        rng = np.random.default_rng(k)
+        with httpx.Client(base_url=url, timeout=30) as http:
+            while not stop.is_set():
+                body = {"user_id": int(rng.integers(0, 50)), "candidates": rng.choice(500, 20, replace=False).tolist()}
+                try:
+                    r = http.post("/v1/rank", json=body)
+                    result = r.json() if r.status_code == 200 else {}
+                    responses[k].append((r.status_code, result.get("replica"), result.get("model_version"),
+                                         result.get("batch"), result.get("pid"), len(result.get("items", []))))
+                except httpx.HTTPError as exc:
+                    responses[k].append((repr(exc), None, None, None, None, 0))
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: sum(map(len, responses)) >= 20, 60, "the clients' first responses")
+    for i in range(SNAPSHOTS):
+        published.add(publish(store, seed=100 + i).version)
+        time.sleep(0.1)
+    final = max(published)
+
+    def every_replica_served_final() -> bool:
+        last = {}
+        for rows in responses:
+            for status, replica, version, *_ in list(rows):
+                if status == 200:
+                    last[replica] = max(last.get(replica, 0), version)
+        return len(last) == REPLICAS and all(v == final for v in last.values())
+
+    wait_for(every_replica_served_final, 60, f"both replicas to serve v{final}")
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+
+    rows = [row for per_client in responses for row in per_client]
+    failed = [row for row in rows if row[0] != 200]
+    assert not failed, f"{len(failed)} of {len(rows)} requests failed, e.g. {failed[:3]}"
+    assert all(n == 20 for *_, n in rows)
+    versions = {row[2] for row in rows}
+    assert versions <= published, f"versions never published: {sorted(versions - published)}"
+    assert len(versions) >= 10, f"only {len(versions)} versions seen: the test did not exercise swapping under load"
+    pids = defaultdict(set)
+    by_batch = defaultdict(list)
+    for _, replica, version, batch, pid, _ in rows:
+        pids[replica].add(pid)
+        by_batch[replica].append((batch, version))
+    assert len(pids) == REPLICAS and all(len(p) == 1 for p in pids.values()), f"replicas restarted: {dict(pids)}"
+    for replica, seen in by_batch.items():  # in the order the replica scored them
+        ordered = [v for _, v in sorted(seen)]
+        assert ordered == sorted(ordered), f"replica {replica} went back a version"
+    for per_client in responses:  # each client waits for its response before sending again
+        last: dict[str, int] = {}
+        for _, replica, version, *_ in per_client:
+            assert version >= last.get(replica, 0), f"replica {replica} answered v{version} after v{last[replica]}"
+            last[replica] = version
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        (b'{"user_id": 1, "candidates": [1, 2', 422, "not valid JSON"),
+        (b'{"user_id": "1", "candidates": [1]}', 422, "user_id"),
+        (b'{"candidates": [1]}', 422, "user_id: Field required"),
+        (b'{"user_id": 1, "candidates": [' + b"1," * 200 + b'1]}', 422, "at most 200 items"),
+        (b'{"user_id": 1, "candidates": [' + b"12345678," * 10_000 + b'1]}', 413, "exceeds the limit"),
+    ],
+)
+def test_bad_requests_over_http_are_4xx(served, body: bytes, status: int, needle: str) -> None:
+    url, _ = served
+    r = httpx.post(f"{url}/v1/rank", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    assert needle in r.text
+
+
+def test_a_streamed_body_over_the_limit_is_refused(served) -> None:
+    """No Content-Length (chunked transfer through the proxy): the limit holds on the bytes that arrive."""
+    url, _ = served
+
+    def chunks():
+        yield b'{"user_id": 1, "candidates": ['
+        for _ in range(100):
+            yield b"1234567," * 1000
+        yield b"1]}"
+
+    r = httpx.post(f"{url}/v1/rank", content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413, r.text
+
+
+def test_predict_model_docs_and_unknown_ids_over_http(served) -> None:
+    url, _ = served
+    with httpx.Client(base_url=url, timeout=30) as http:
+        predicted = http.post("/predict", json={"user_id": 10**12, "item_ids": [3, 10**12, 1]})
+        assert predicted.status_code == 200, predicted.text
+        assert [i["item_id"] for i in predicted.json()["items"]] == [3, 10**12, 1]
+        model = http.get("/v1/model").json()
+        assert model["family"] == "mmoe" and model["version"] >= 1 and model["snapshot_age_s"] >= 0
+        assert http.get("/docs").status_code == 200
+        assert "/v1/rank" in http.get("/openapi.json").json()["paths"]
+
+
+def test_ray_metrics_report_version_and_swaps(served) -> None:
+    """Ray's metrics agent exports the replicas' metrics in Prometheus format (it flushes every few seconds)."""
+    import ray
+
+    url, store = served
+    latest = publish(store, seed=999).version  # every replica swaps at least once more, whatever ran before
+    wait_for(lambda: all(httpx.get(f"{url}/healthz").json()["model_version"] == latest for _ in range(6)), 60,
+             f"replicas at v{latest}")
+    port = ray._private.worker.global_worker.node.metrics_export_port
+
+    def sample(name: str) -> dict[str, float]:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        found = {}
+        for line in text.splitlines():
+            if line.startswith(name + "{"):
+                replica = re.search(r'replica="([^"]+)"', line)
+                found[replica.group(1) if replica else ""] = float(line.rsplit(" ", 1)[1])
+        return found
+
+    wait_for(lambda: len(sample("ray_moestream_model_version")) == REPLICAS
+             and set(sample("ray_moestream_model_version").values()) == {float(latest)}, 60, "exported versions")
+    swaps = sample("ray_moestream_model_swaps_total")
+    assert len(swaps) == REPLICAS and all(v >= 2 for v in swaps.values()), swaps
+    assert sample("ray_moestream_rank_latency_ms_count") and sample("ray_moestream_rank_batch_candidates_count")

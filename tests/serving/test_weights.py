@@ -1,0 +1,98 @@
+"""The weight follower: verified snapshots only, versions forward only, the previous model kept on a refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from learner.snapshots import SnapshotStore
+from serving.weights import LoadedModel, WeightFollower
+from tests.serving.conftest import publish
+
+NEVER = 3600.0  # poll period: these tests call refresh() themselves, so the thread never interferes
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SnapshotStore:
+    return SnapshotStore(tmp_path / "snapshots")
+
+
+def test_follows_new_versions_and_reports_each_swap(store: SnapshotStore) -> None:
+    publish(store, seed=1)
+    swapped: list[int] = []
+    follower = WeightFollower(store.directory, poll_s=NEVER, on_swap=lambda m: swapped.append(m.version))
+    try:
+        assert follower.current.version == 1 and not follower.current.model.training
+        publish(store, seed=2)
+        follower.refresh()
+        assert follower.current.version == 2 and follower.swaps == 2 and swapped == [1, 2]
+        follower.refresh()  # nothing new: no swap
+        assert follower.swaps == 2
+    finally:
+        follower.close()
+
+
+def test_weights_match_the_published_snapshot(store: SnapshotStore) -> None:
+    manifest = publish(store, seed=5)
+    follower = WeightFollower(store.directory, poll_s=NEVER)
+    try:
+        _, tensors = store.load(manifest.version)
+        loaded = follower.current.model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    finally:
+        follower.close()
+
+
+def test_a_corrupt_snapshot_is_refused_and_the_previous_keeps_serving(store: SnapshotStore) -> None:
+    publish(store, seed=1)
+    follower = WeightFollower(store.directory, poll_s=NEVER)
+    try:
+        bad = publish(store, seed=2)
+        weights = store.directory / f"v{bad.version:06d}.safetensors"
+        payload = bytearray(weights.read_bytes())
+        payload[-1] ^= 0xFF
+        weights.write_bytes(bytes(payload))
+        follower.refresh()
+        assert follower.current.version == 1
+        assert "sha256" in follower.rejected[bad.version]
+        follower.refresh()  # remembered: not re-read every poll
+        assert list(follower.rejected) == [bad.version]
+        publish(store, seed=3)
+        follower.refresh()
+        assert follower.current.version == 3
+    finally:
+        follower.close()
+
+
+def test_a_snapshot_superseded_while_loading_is_skipped_not_refused(store: SnapshotStore, monkeypatch) -> None:
+    """The publisher keeps 10 versions: one read just as a newer publish prunes it is not a bad snapshot."""
+    publish(store, seed=1)
+    follower = WeightFollower(store.directory, poll_s=NEVER)
+    try:
+        publish(store, seed=2)
+        real_load = store.load
+
+        def load_while_a_newer_lands(version=None):
+            publish(store, seed=3)  # lands after we read LATEST, before we read the weights ...
+            (store.directory / f"v{version:06d}.safetensors").unlink()  # ... and prunes the ones we wanted
+            return real_load(version)
+
+        monkeypatch.setattr(follower.store, "load", load_while_a_newer_lands)
+        follower.refresh()
+        assert follower.current.version == 1 and not follower.rejected
+        monkeypatch.setattr(follower.store, "load", real_load)
+        follower.refresh()
+        assert follower.current.version == 3
+    finally:
+        follower.close()
+
+
+def test_loaded_model_names_its_family(store: SnapshotStore) -> None:
+    publish(store, seed=1)
+    follower = WeightFollower(store.directory, poll_s=NEVER)
+    try:
+        assert isinstance(follower.current, LoadedModel) and follower.current.family == "mmoe"
+    finally:
+        follower.close()
