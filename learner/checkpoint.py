@@ -24,6 +24,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
@@ -111,7 +112,7 @@ class CheckpointStore:
                 os.fsync(handle.fileno())
             os.replace(latest_tmp, self.directory / "LATEST")
             _fsync_dir(self.directory)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:  # safetensors reports a failed write as its own error
             shutil.rmtree(tmp, ignore_errors=True)
             if self.directory.exists() and not self.directory.is_dir():  # else the error reads "File exists"
                 raise CheckpointError(f"cannot write checkpoint to {self.directory}: it is not a directory") from exc
@@ -145,7 +146,7 @@ class CheckpointStore:
                 buffer=buffer,
                 meta=meta,
             )
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, SafetensorError) as exc:
             raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from exc
 
     def _prune(self, newest: str) -> None:

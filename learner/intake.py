@@ -20,6 +20,7 @@ import threading
 import time
 
 import pyarrow as pa
+from kafka.errors import KafkaError
 
 from stream.events import EXAMPLE_SCHEMA
 from stream.joined import JoinedStream
@@ -159,7 +160,7 @@ class Intake:
             while not self._halt.is_set():
                 self._commit_pending()
                 if time.monotonic() - self._lag_at >= LAG_EVERY_S:
-                    self._lag, self._lag_at = self.stream.lag(), time.monotonic()
+                    self._refresh_lag()
                 with self._cond:
                     if self._rows >= self.max_buffered:  # back-pressure: the trainer is behind
                         self._cond.wait(0.1)
@@ -172,6 +173,15 @@ class Intake:
         finally:
             with self._cond:
                 self._cond.notify_all()
+
+    def _refresh_lag(self) -> None:
+        """A broker away (restarting) leaves the last lag in place: it is a gauge, and the fetch recovers."""
+        try:
+            self._lag = self.stream.lag()
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise
+        self._lag_at = time.monotonic()
 
     def _commit_pending(self) -> None:
         with self._cond:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 from kafka import ConsumerRebalanceListener
-from kafka.errors import CommitFailedError, RebalanceInProgressError
+from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 
 from stream.events import DecodedBatch
 from stream.joiner import JoinerConfig, LabelJoiner
@@ -187,6 +187,13 @@ class JoinedStream:
         except (CommitFailedError, RebalanceInProgressError):
             # The group is rebalancing: keep the offsets uncommitted and retry after the next poll. If the
             # partition moves, its new owner re-reads from the last commit (re-delivery, never loss).
+            self.stats.commit_retries += 1
+            return
+        except KafkaError as exc:
+            # The broker is away (restarting): the offsets stay uncommitted and a later commit, which covers
+            # them, retries (re-delivery after a crash meanwhile, never loss).
+            if not exc.retriable:
+                raise
             self.stats.commit_retries += 1
             return
         self._committed.update(offsets)

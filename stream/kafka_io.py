@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from stream.events import DecodedBatch, decode_batch, encode
@@ -218,6 +218,8 @@ class EventSource:
         self.config = config
         self.dead_letters = dead_letters or DeadLetterSink(config)
         self.consumed = 0
+        self.poll_errors = 0
+        """Polls that failed on a transient Kafka error (a broker away) and were retried."""
         self._consumer = KafkaConsumer(
             **client_options(config),
             group_id=config.group_id,
@@ -254,7 +256,17 @@ class EventSource:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0 and records:
                 break
-            polled = self._consumer.poll(timeout_ms=max(left_ms, 0), max_records=self.config.max_batch - len(records))
+            try:
+                polled = self._consumer.poll(timeout_ms=max(left_ms, 0), max_records=self.config.max_batch - len(records))
+            except KafkaError as exc:
+                # kafka-python lets a refused connection out of poll (while it revalidates positions after a
+                # broker restart). A raising poll returned nothing, so the position has not moved: keep what
+                # earlier polls returned and try again, paced, until the broker answers.
+                if not exc.retriable:
+                    raise
+                self.poll_errors += 1
+                time.sleep(min(max(left_ms, 0), 100) / 1000)
+                polled = {}
             records += [r for batch in polled.values() for r in batch]
             if left_ms <= 0:
                 break

@@ -144,41 +144,45 @@ class SMES(MultiTaskModel):
 
         order = torch.argsort(experts, stable=True)  # pairs grouped by expert
         rows_per_expert = torch.bincount(experts, minlength=n_experts)  # (E,)
-        h = self.run_experts(x[rows[order]], experts[order], rows_per_expert)  # (R, H), grouped by expert
-        slots = h.new_zeros(n_rows * n_slots, h.shape[1]).index_copy(0, position[order], h)  # (B·K, H)
+        table, at = self.run_experts(x, rows[order], experts[order], rows_per_expert)  # (N, H), (R,)
+        # Each slot reads its pair's output straight from the experts' table; an empty slot reads row 0
+        # and is weighted 0 below, so it adds nothing and passes no gradient.
+        source = torch.zeros(n_rows * n_slots, dtype=torch.long, device=x.device).index_copy(0, position[order], at)
+        slots = table[source]  # (B·K, H)
         slot_weights = weights.gather(2, expert_at.view(n_rows, 1, n_slots).expand(-1, weights.shape[1], -1))
         slot_weights = slot_weights * filled.view(n_rows, 1, n_slots)  # (B, T, K)
-        mixed = torch.bmm(slot_weights.to(h.dtype), slots.view(n_rows, n_slots, -1))  # (B, T, H)
+        mixed = torch.bmm(slot_weights.to(table.dtype), slots.view(n_rows, n_slots, -1))  # (B, T, H)
 
-        zeros_per_pair = (h.detach().abs() <= ZERO_EPS).float().mean(dim=1)  # (R,)
+        h = table.detach()[at]  # (R, H): each pair's output, grouped by expert
+        zeros_per_pair = (h.abs() <= ZERO_EPS).float().mean(dim=1)  # (R,)
         zero_frac = zeros_per_pair.new_zeros(n_experts).index_add(0, experts[order], zeros_per_pair)
         zero_frac = zero_frac / rows_per_expert.clamp_min(1)  # (E,) over the rows each expert ran on
         return mixed, zero_frac, rows_per_expert
 
-    def run_experts(self, routed: Tensor, expert_of: Tensor, rows_per_expert: Tensor) -> Tensor:
-        """Each expert on its own rows: ``routed (R, d_in)`` grouped by expert, ``expert_of (R,)`` ->
-        ``(R, H)`` in the same order.
+    def run_experts(self, x: Tensor, rows: Tensor, expert_of: Tensor, rows_per_expert: Tensor) -> tuple[Tensor, Tensor]:
+        """Each expert on its own rows. ``rows (R,)`` are the rows of ``x`` routed to ``expert_of (R,)``,
+        grouped by expert. Returns a table of outputs ``(N, H)`` and, per pair, its row in the table ``(R,)``.
 
         Padded when the load is even enough: every expert's rows are laid into a block of ``capacity``
-        rows (the busiest expert's count; padding is zeros whose outputs are never read, so they get no
-        gradient) and each layer is one batched GEMM over all experts' blocks. Otherwise (the busiest
-        expert would make the padded table more than ``pad_limit`` times the routed rows) one GEMM per
-        expert that received rows. Both compute every routed row and nothing of an unrouted pair; the
-        padded one trades at most ``pad_limit - 1`` of the routed work in padding for a few large GEMMs
-        instead of ``2 x E x layers`` small ones and their autograd nodes.
+        rows (the busiest expert's count) and each layer is one batched GEMM over all experts' blocks; a
+        padding row copies some row of ``x`` and its output is never read, so it gets no gradient.
+        Otherwise (the busiest expert would make the padded table more than ``pad_limit`` times the routed
+        rows) one GEMM per expert that received rows. Both compute every routed row and nothing of an
+        unrouted pair; the padded one trades at most ``pad_limit - 1`` of the routed work in padding for a
+        few large GEMMs instead of ``2 x E x layers`` small ones and their autograd nodes.
         """
-        n_routed, n_experts = routed.shape[0], self.n_gate_experts
+        n_routed, n_experts = rows.shape[0], self.n_gate_experts
         capacity = int(rows_per_expert.max()) if n_routed else 0
         if n_routed and n_experts * capacity <= self.pad_limit * n_routed:
-            start = torch.cumsum(rows_per_expert, 0) - rows_per_expert  # (E,) first row of each expert
-            padded_at = expert_of * capacity + (torch.arange(n_routed, device=routed.device) - start[expert_of])
-            table = routed.new_zeros(n_experts * capacity, routed.shape[1]).index_copy(0, padded_at, routed)
-            blocks = table.view(n_experts, capacity, -1).transpose(0, 1)  # (C, E, d_in), member-major underneath
-            out = self.experts(blocks).transpose(0, 1).reshape(n_experts * capacity, -1)  # (E·C, H)
-            return out[padded_at]  # (R, H)
-        groups = routed.split(rows_per_expert.tolist())  # one (R_e, d_in) block per expert
+            start = torch.cumsum(rows_per_expert, 0) - rows_per_expert  # (E,) first pair of each expert
+            at = expert_of * capacity + (torch.arange(n_routed, device=x.device) - start[expert_of])  # (R,)
+            source = torch.zeros(n_experts * capacity, dtype=torch.long, device=x.device).index_copy(0, at, rows)
+            blocks = x[source].view(n_experts, capacity, -1).transpose(0, 1)  # (C, E, d_in), member-major underneath
+            return self.experts(blocks).transpose(0, 1).reshape(n_experts * capacity, -1), at  # (E·C, H)
+        groups = x[rows].split(rows_per_expert.tolist())  # one (R_e, d_in) block per expert
         ran = [o for o in self.experts.forward_groups([g if g.shape[0] else None for g in groups]) if o is not None]
-        return torch.cat(ran) if ran else routed.new_zeros(0, self.experts.d_out)
+        table = torch.cat(ran) if ran else x.new_zeros(0, self.experts.d_out)
+        return table, torch.arange(n_routed, device=x.device)
 
     def forward(self, x: Tensor) -> ModelOutput:
         self.check_input(x)

@@ -48,3 +48,25 @@ def test_group_step_round_trip_and_refusals(tmp_path: Path) -> None:
     (tmp_path / "GROUP").write_text("{not json")
     with pytest.raises(CheckpointError, match="GROUP is unreadable"):
         group_step(tmp_path, world_size=2)
+
+
+def test_a_directory_replaced_by_a_file_mid_write_is_a_checkpoint_error(tmp_path: Path, monkeypatch) -> None:
+    """safetensors reports a failed write as its own error type: it must still be a CheckpointError, which
+    the worker survives (offsets stay at the last durable checkpoint), not a crash of the trainer."""
+    import shutil
+
+    import learner.checkpoint as checkpoint
+
+    directory = tmp_path / "checkpoints"
+    store = CheckpointStore(directory)
+    store.write(_checkpoint(1))
+    save_file = checkpoint.save_file
+
+    def directory_gone(*args, **kwargs):
+        shutil.rmtree(directory)
+        directory.write_text("not a directory")
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", directory_gone)
+    with pytest.raises(CheckpointError, match="it is not a directory"):
+        store.write(_checkpoint(2))

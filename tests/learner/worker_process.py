@@ -22,6 +22,8 @@ def main(root: str, bootstrap: str, topic: str, every: str, batch: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     print(f"started restored_step={worker.restored_step}", flush=True)
     worker.run()
+    print(f"stopped poll_errors={worker.stream.source.poll_errors} commit_retries={worker.stream.stats.commit_retries}",
+          flush=True)
     worker.close()
 
 

@@ -121,11 +121,13 @@ def test_padded_and_per_expert_dispatch_give_the_same_gradients():
 
 def test_dispatch_pads_only_while_the_load_is_even():
     model = make_model("smes", n_experts=4, k_shared=1, k_private=0)
-    routed = torch.randn(8, N_INPUTS)
+    x, rows = torch.randn(8, N_INPUTS), torch.arange(8)
     seen = []
     model.experts.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
     even = torch.tensor([2, 2, 2, 2])
-    model.run_experts(routed, torch.repeat_interleave(torch.arange(4), even), even)
+    table, at = model.run_experts(x, rows, torch.repeat_interleave(torch.arange(4), even), even)
+    assert table.shape[0] == 8 and at.tolist() == list(range(8))  # 4 blocks of 2: no padding
     skewed = torch.tensor([5, 1, 1, 1])  # padded table 4 x 5 = 20 rows > 1.5 x 8
-    model.run_experts(routed, torch.repeat_interleave(torch.arange(4), skewed), skewed)
+    table, at = model.run_experts(x, rows, torch.repeat_interleave(torch.arange(4), skewed), skewed)
     assert seen == [(2, 4, N_INPUTS)]  # the padded call; the skewed batch ran one GEMM per expert
+    assert table.shape[0] == 8 and at.tolist() == list(range(8))

@@ -1,0 +1,111 @@
+"""Scenario g of issue 9: the checkpoint directory becomes unwritable mid-stream. The trainer reports a
+clear error and keeps training, commits no offset past its last durable checkpoint, and checkpoints and
+commits again once the directory is writable again; no impression goes untrained.
+
+Tests run as root, for whom permission bits do not block writes; a regular file put in the directory's
+place does: nothing can be created under it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import orjson
+import pytest
+from kafka import KafkaAdminClient
+
+from features.store import FeatureStoreConfig, OnlineFeatures
+from infra.pipeline import RunLayout, worker_config
+from learner.worker import TrainerWorker
+from stream.kafka_io import EventSink, KafkaConfig, ensure_topics
+from stream.simulator import Simulator, SimulatorConfig
+from tests.learner.test_crash_recovery import BATCH, EVERY, _delivery, _impression_offsets, _Progress, _trained
+
+pytestmark = [pytest.mark.integration, pytest.mark.reliability]
+
+
+def _until(predicate, timeout_s: float, what: str, thread: threading.Thread) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert thread.is_alive(), f"the trainer stopped while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _group_offsets(bootstrap: str, group: str) -> dict[int, int]:
+    """What the broker holds as the trainer group's committed offsets (not what the worker believes)."""
+    with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
+        offsets = admin.list_group_offsets({group: None}).get(group, {})
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+
+
+def _durable_offsets(ckpts: Path) -> tuple[int, dict[int, int]]:
+    """The step and offsets of the last checkpoint made durable in ``ckpts``."""
+    meta = orjson.loads((ckpts / (ckpts / "LATEST").read_text().strip() / "meta.json").read_bytes())
+    return meta["step"], {int(p): o for p, o in meta["offsets"].items()}
+
+
+def test_unwritable_checkpoint_dir_holds_commits_back_until_writable_again(
+    kafka_bootstrap, unique_topic, tmp_path: Path
+) -> None:
+    config = worker_config(RunLayout(tmp_path), bootstrap=kafka_bootstrap, topic=unique_topic, window_ms=1_500,
+                           snapshot_every_steps=1_000, batch_size=BATCH, wandb_mode="disabled")
+    config = replace(config, checkpoint_every_steps=EVERY, audit_path=tmp_path / "trained.csv")
+    ensure_topics(KafkaConfig(bootstrap_servers=kafka_bootstrap, topic=unique_topic))
+    OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "features")).apply()
+    events = list(Simulator(SimulatorConfig(seed=7, max_delay_s=1.0)).events(int(time.time() * 1000), 1_200))
+    sink = EventSink(config.kafka)
+    sink.send_all(events)
+    sink.close()
+    impressions = _impression_offsets(kafka_bootstrap, unique_topic, len(events))
+
+    worker = TrainerWorker(replace(config, read_ahead_batches=2))
+    thread = threading.Thread(target=worker.run, name="trainer", daemon=True)
+    thread.start()
+    ckpts, aside = config.checkpoint_dir, tmp_path / "checkpoints.aside"
+    group = config.kafka.group_id
+    try:
+        _until(lambda: (ckpts / "LATEST").exists() and _group_offsets(kafka_bootstrap, group), 120,
+               "a durable checkpoint and a commit", thread)
+        ckpts.rename(aside)
+        ckpts.write_text("not a directory: checkpoints cannot be written under this path\n")
+        broken_at, trained_at_break = time.monotonic(), sum(_trained(tmp_path).values())
+        _until(lambda: worker.checkpoint_failures >= 2 and sum(_trained(tmp_path).values()) > trained_at_break + EVERY * BATCH,
+               120, "two failed checkpoints while training goes on", thread)
+        error = worker.last_checkpoint_error
+        durable_step, durable = _durable_offsets(aside)
+        committed = _group_offsets(kafka_bootstrap, group)
+        trained_while_broken = sum(_trained(tmp_path).values()) - trained_at_break
+
+        ckpts.unlink()
+        aside.rename(ckpts)
+        fixed_at, failures = time.monotonic(), worker.checkpoint_failures
+        _until(lambda: _durable_offsets(ckpts)[0] > durable_step and _group_offsets(kafka_bootstrap, group) != committed,
+               120, "a new checkpoint and commit once the directory is writable", thread)
+        recovered_s = time.monotonic() - fixed_at
+        progress = _Progress(tmp_path, after=0, most=int(0.9 * len(impressions)))
+        _until(progress.settled, 180, "the trainer to train the rest and go idle", thread)
+    finally:
+        if ckpts.is_file():
+            ckpts.unlink()
+            aside.rename(ckpts)
+        worker.stop()
+        thread.join(120)
+    stats = worker.stats()
+    worker.close()
+    assert not thread.is_alive()
+
+    lost, duplicates = _delivery(tmp_path, impressions)
+    print(f"\nunwritable checkpoints: {len(events)} events produced, {len(impressions)} impressions, "
+          f"trained {sum(_trained(tmp_path).values())} ({trained_while_broken} while unwritable), lost {len(lost)}, "
+          f"duplicates {duplicates}; {failures} failed checkpoints over {fixed_at - broken_at:.1f} s, "
+          f"commits held at step {durable_step}: committed {committed} <= checkpointed {durable}; "
+          f"checkpointing and committing again {recovered_s:.1f} s after the fix\nerror: {error}")
+    assert error == f"cannot write checkpoint to {ckpts}: it is not a directory"
+    assert all(offset <= durable.get(part, 0) for part, offset in committed.items())
+    assert stats["checkpoint_failures"] == failures  # none after the fix
+    assert not lost
+    assert duplicates == 0  # no restart: every impression trained exactly once
