@@ -36,6 +36,27 @@ def _impression_offsets(bootstrap: str, topic: str, n: int) -> set[tuple[int, in
     return found
 
 
+def audited_backlog(tmp_path: Path, bootstrap: str, topic: str, *, seed: int, n_requests: int, every: int,
+                    batch: int):
+    """A trainer config that audits every trained example to ``trained.csv``, a fresh feature repo, and a
+    backlog of simulator traffic already in the topic; returns the config, the impressions' offsets and how
+    many events were produced."""
+    from dataclasses import replace
+
+    from infra.pipeline import RunLayout, worker_config
+
+    config = worker_config(RunLayout(tmp_path), bootstrap=bootstrap, topic=topic, window_ms=1_500,
+                           snapshot_every_steps=1_000, batch_size=batch, wandb_mode="disabled")
+    config = replace(config, checkpoint_every_steps=every, audit_path=tmp_path / "trained.csv")
+    ensure_topics(config.kafka)
+    OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "features")).apply()
+    events = list(Simulator(SimulatorConfig(seed=seed, max_delay_s=1.0)).events(int(time.time() * 1000), n_requests))
+    sink = EventSink(config.kafka)
+    sink.send_all(events)
+    sink.close()
+    return config, _impression_offsets(bootstrap, topic, len(events)), len(events)
+
+
 def _trained(root: Path) -> Counter:
     path = root / "trained.csv"
     if not path.exists():

@@ -6,20 +6,15 @@ from __future__ import annotations
 
 import os
 import signal
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from features.store import FeatureStoreConfig, OnlineFeatures
-from infra.pipeline import RunLayout, start_trainers, wait_for, worker_config
+from infra.pipeline import start_trainers, wait_for
 from learner.checkpoint import CheckpointStore
 from learner.worker import group_step
-from stream.kafka_io import EventSink, ensure_topics
-from stream.simulator import Simulator, SimulatorConfig
-from tests.learner.test_crash_recovery import _delivery, _impression_offsets, _Progress, _trained
+from tests.learner.test_crash_recovery import _delivery, _Progress, _trained, audited_backlog
 
 pytestmark = pytest.mark.integration
 EVERY, BATCH, WORKERS = 3, 128, 2
@@ -29,16 +24,8 @@ def test_a_killed_worker_rejoins_and_the_group_loses_nothing(
     ray_session, kafka_bootstrap, unique_topic, tmp_path: Path
 ) -> None:
     ray = ray_session
-    config = worker_config(RunLayout(tmp_path), bootstrap=kafka_bootstrap, topic=unique_topic, window_ms=1_500,
-                           snapshot_every_steps=1_000, batch_size=BATCH, wandb_mode="disabled")
-    config = replace(config, checkpoint_every_steps=EVERY, audit_path=tmp_path / "trained.csv")
-    ensure_topics(config.kafka)
-    OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "features")).apply()
-    events = list(Simulator(SimulatorConfig(seed=13, max_delay_s=1.0)).events(int(time.time() * 1000), 1_600))
-    sink = EventSink(config.kafka)
-    sink.send_all(events)
-    sink.close()
-    impressions = _impression_offsets(kafka_bootstrap, unique_topic, len(events))
+    config, impressions, _ = audited_backlog(tmp_path, kafka_bootstrap, unique_topic, seed=13, n_requests=1600,
+                                          every=EVERY, batch=BATCH)
 
     group = start_trainers(config, WORKERS, max_restarts=3)
     pids = ray.get([a.pid.remote() for a in group.actors], timeout=180)

@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from features.store import FeatureStoreConfig, OnlineFeatures
-from infra.pipeline import RunLayout, start_trainer, wait_for, worker_config
-from stream.kafka_io import EventSink, KafkaConfig, ensure_topics
-from stream.simulator import Simulator, SimulatorConfig
-from tests.learner.test_crash_recovery import _delivery, _impression_offsets, _Progress, _trained
+from infra.pipeline import start_trainer, wait_for
+from tests.learner.test_crash_recovery import _delivery, _Progress, _trained, audited_backlog
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 EVERY, BATCH = 3, 128
@@ -25,16 +20,8 @@ def test_killed_actor_is_restarted_by_ray_and_resumes_from_its_checkpoint(
     ray_session, kafka_bootstrap, unique_topic, tmp_path: Path
 ) -> None:
     ray = ray_session
-    config = worker_config(RunLayout(tmp_path), bootstrap=kafka_bootstrap, topic=unique_topic, window_ms=1_500,
-                           snapshot_every_steps=1_000, batch_size=BATCH, wandb_mode="disabled")
-    config = replace(config, checkpoint_every_steps=EVERY, audit_path=tmp_path / "trained.csv")
-    ensure_topics(KafkaConfig(bootstrap_servers=kafka_bootstrap, topic=unique_topic))
-    OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "features")).apply()
-    events = list(Simulator(SimulatorConfig(seed=11, max_delay_s=1.0)).events(int(time.time() * 1000), 1_200))
-    sink = EventSink(config.kafka)
-    sink.send_all(events)
-    sink.close()
-    impressions = _impression_offsets(kafka_bootstrap, unique_topic, len(events))
+    config, impressions, _ = audited_backlog(tmp_path, kafka_bootstrap, unique_topic, seed=11, n_requests=1200,
+                                          every=EVERY, batch=BATCH)
 
     actor, run_ref = start_trainer(config, max_restarts=2)
     first_pid = ray.get(actor.pid.remote(), timeout=120)

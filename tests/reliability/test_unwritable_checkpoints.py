@@ -17,12 +17,8 @@ import orjson
 import pytest
 from kafka import KafkaAdminClient
 
-from features.store import FeatureStoreConfig, OnlineFeatures
-from infra.pipeline import RunLayout, worker_config
 from learner.worker import TrainerWorker
-from stream.kafka_io import EventSink, KafkaConfig, ensure_topics
-from stream.simulator import Simulator, SimulatorConfig
-from tests.learner.test_crash_recovery import BATCH, EVERY, _delivery, _impression_offsets, _Progress, _trained
+from tests.learner.test_crash_recovery import BATCH, EVERY, _delivery, _Progress, _trained, audited_backlog
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
@@ -51,16 +47,8 @@ def _durable_offsets(ckpts: Path) -> tuple[int, dict[int, int]]:
 def test_unwritable_checkpoint_dir_holds_commits_back_until_writable_again(
     kafka_bootstrap, unique_topic, tmp_path: Path
 ) -> None:
-    config = worker_config(RunLayout(tmp_path), bootstrap=kafka_bootstrap, topic=unique_topic, window_ms=1_500,
-                           snapshot_every_steps=1_000, batch_size=BATCH, wandb_mode="disabled")
-    config = replace(config, checkpoint_every_steps=EVERY, audit_path=tmp_path / "trained.csv")
-    ensure_topics(KafkaConfig(bootstrap_servers=kafka_bootstrap, topic=unique_topic))
-    OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "features")).apply()
-    events = list(Simulator(SimulatorConfig(seed=7, max_delay_s=1.0)).events(int(time.time() * 1000), 1_200))
-    sink = EventSink(config.kafka)
-    sink.send_all(events)
-    sink.close()
-    impressions = _impression_offsets(kafka_bootstrap, unique_topic, len(events))
+    config, impressions, n_events = audited_backlog(tmp_path, kafka_bootstrap, unique_topic, seed=7, n_requests=1200,
+                                          every=EVERY, batch=BATCH)
 
     worker = TrainerWorker(replace(config, read_ahead_batches=2))
     thread = threading.Thread(target=worker.run, name="trainer", daemon=True)
@@ -99,7 +87,7 @@ def test_unwritable_checkpoint_dir_holds_commits_back_until_writable_again(
     assert not thread.is_alive()
 
     lost, duplicates = _delivery(tmp_path, impressions)
-    print(f"\nunwritable checkpoints: {len(events)} events produced, {len(impressions)} impressions, "
+    print(f"\nunwritable checkpoints: {n_events} events produced, {len(impressions)} impressions, "
           f"trained {sum(_trained(tmp_path).values())} ({trained_while_broken} while unwritable), lost {len(lost)}, "
           f"duplicates {duplicates}; {failures} failed checkpoints over {fixed_at - broken_at:.1f} s, "
           f"commits held at step {durable_step}: committed {committed} <= checkpointed {durable}; "
