@@ -76,15 +76,17 @@ class Report:
         self.rows.append(row)
         return row
 
-    def to_json(self) -> bytes:
-        body = {
+    def to_dict(self) -> dict:
+        return {
             "benchmark": self.benchmark,
             "machine": self.machine,
             "started_at": self.started_at,
             "rows": [asdict(r) for r in self.rows],
             "notes": self.notes,
         }
-        return orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
 
     def write_json(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,14 +118,18 @@ class Report:
 
     def markdown(self) -> str:
         lines = ["| row | value | anchor | anchor value | ratio | goal | met |", "|---|---|---|---|---|---|---|"]
-        for r in self.rows:
-            lines.append(
-                f"| {r.name} | {_fmt(r.value)} {r.unit} | {r.anchor or '-'} | "
-                f"{'-' if r.anchor_value is None else _fmt(r.anchor_value)} | "
-                f"{'-' if r.ratio is None else f'{r.ratio:.2f}x'} | {r.goal or '-'} | "
-                f"{'-' if r.met is None else ('yes' if r.met else 'no')} |"
-            )
+        lines += [f"| {' | '.join(markdown_cells(r))} |" for r in self.rows]
         return "\n".join(lines)
+
+
+def markdown_cells(r: Row) -> list[str]:
+    """A row as the cells of the markdown tables: row, value, anchor, anchor value, ratio, goal, met."""
+    return [
+        r.name, f"{_fmt(r.value)} {r.unit}", r.anchor or "-",
+        "-" if r.anchor_value is None else _fmt(r.anchor_value),
+        "-" if r.ratio is None else f"{r.ratio:.2f}x", r.goal or "-",
+        "-" if r.met is None else ("yes" if r.met else "no"),
+    ]
 
 
 def _fmt(x: float) -> str:

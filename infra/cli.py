@@ -328,13 +328,21 @@ def _print_summary(s) -> None:
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="Which benchmark (models, ...).")],
+    name: Annotated[str, typer.Argument(
+        help="Which benchmark: models, synthetic, stream, features, learner, serving, freshness; or all.")],
     quick: Annotated[bool, typer.Option("--quick", help="Smaller sizes and fewer repeats.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
 ) -> None:
-    """Run a benchmark: a table on the terminal and, with --json, the figures as JSON."""
+    """Run a benchmark: a table on the terminal and, with --json, the figures as JSON.
+
+    `bench all` runs models, stream, features, learner, serving and freshness in turn and writes
+    benchmarks/results/<date>-<machine>.json and .md; it exits 1 if any of them failed.
+    """
     import benchmarks
 
+    if name == "all":
+        _bench_all(quick, json_path)
+        return
     try:
         report = benchmarks.run(name, quick=quick)
     except KeyError as exc:
@@ -344,6 +352,26 @@ def bench(
     if json_path:
         report.write_json(json_path)
         console.print(f"wrote {json_path}")
+
+
+def _bench_all(quick: bool, json_path: Path | None) -> None:
+    from benchmarks.suite import run_all
+
+    result = run_all(quick=quick)
+    console.print(result.table())
+    for outcome in result.outcomes:
+        for note in outcome.report.notes if outcome.report else ():
+            console.print(f"[dim]- {outcome.name}: {note}[/]", highlight=False)
+    written = result.write()
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_bytes(result.to_json())
+        written += (json_path,)
+    console.print(f"{len(result.outcomes) - len(result.failed)} of {len(result.outcomes)} benchmarks ran in "
+                  f"{result.seconds:.0f} s; wrote {', '.join(map(str, written))}")
+    if result.failed:
+        console.print(f"[red]failed: {', '.join(o.name for o in result.failed)}[/]")
+        raise typer.Exit(1)
 
 
 SnapshotDir = Annotated[Optional[Path], typer.Argument(
