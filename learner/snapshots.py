@@ -31,6 +31,7 @@ from pathlib import Path
 
 import orjson
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -235,7 +236,10 @@ class SnapshotStore:
         digest = hashlib.sha256(payload).hexdigest()
         if digest != manifest.sha256:
             raise SnapshotError(f"v{version}: sha256 {digest[:12]} does not match manifest {manifest.sha256[:12]}")
-        tensors = load_safetensors(payload)
+        try:
+            tensors = load_safetensors(payload)
+        except SafetensorError as exc:  # bytes that match their sha256 but are no safetensors file (a bad writer)
+            raise SnapshotError(f"v{version} is not a readable safetensors file: {exc}") from None
         if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors.values()):
             raise SnapshotError(f"v{version} holds non-finite weights")
         return manifest, tensors

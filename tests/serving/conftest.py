@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -9,12 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from safetensors.torch import save as save_safetensors
 
 from features.aggregates import StreamAggregator
 from features.definitions import FEATURE_COLUMNS, ID_FIELDS
 from features.store import FeatureStoreConfig, OnlineFeatures
 from learner.models import MultiTaskRanker
-from learner.snapshots import Manifest, SnapshotStore
+from learner.snapshots import Manifest, SnapshotStore, write_atomic
 from stream.events import TASKS
 
 KNOWN_USERS = (1, 2, 3)
@@ -33,6 +35,39 @@ def publish(store: SnapshotStore, seed: int, **data) -> Manifest:
     return store.publish(model.state_dict(), {"family": "mmoe", "model_config": model.config, "step": seed,
                                               "examples": 10 * seed, "offsets": {"0": seed}, "event_time_hwm_ms":
                                               1_763_900_000_000 + seed, **data})
+
+
+CORRUPTIONS = ("bit flip", "truncated copy", "truncated, sha256 of the truncated bytes", "non-finite weights")
+"""Ways a newer snapshot can be bad: a flipped byte or a copy cut short (the sha256 in the manifest is the
+whole file's), a writer that hashed what it wrote though it wrote half a file, and NaN weights with a
+matching sha256 (a publisher without the finiteness guard)."""
+
+
+def publish_corrupt(store: SnapshotStore, kind: str, seed: int) -> int:
+    """Write a newer version that must be refused, files first and ``LATEST`` last as a publisher would;
+    returns its version."""
+    model = tiny_ranker(seed)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if kind == "non-finite weights":
+        name = next(k for k, v in tensors.items() if v.is_floating_point())
+        tensors[name] = torch.full_like(tensors[name], float("nan"))
+    payload = bytearray(save_safetensors(tensors))
+    digest = hashlib.sha256(payload).hexdigest()
+    if kind == "bit flip":
+        payload[len(payload) // 2] ^= 0xFF
+    elif kind == "truncated copy":
+        del payload[len(payload) // 2:]
+    elif kind == "truncated, sha256 of the truncated bytes":
+        del payload[len(payload) // 2:]
+        digest = hashlib.sha256(payload).hexdigest()
+    elif kind != "non-finite weights":
+        raise ValueError(f"unknown corruption {kind!r}; choose from {CORRUPTIONS}")
+    version = max([*store.versions(), store.latest_version() or 0]) + 1
+    manifest = Manifest(version, digest, time.time(), {"family": "mmoe", "model_config": model.config, "step": seed})
+    write_atomic(store.directory / f"v{version:06d}.safetensors", bytes(payload))
+    write_atomic(store.directory / f"v{version:06d}.json", manifest.to_json())
+    write_atomic(store.directory / "LATEST", str(version).encode())
+    return version
 
 
 def feature_store(directory: Path) -> FeatureStoreConfig:

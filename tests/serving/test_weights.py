@@ -9,7 +9,7 @@ import torch
 
 from learner.snapshots import SnapshotStore
 from serving.weights import LoadedModel, WeightFollower
-from tests.serving.conftest import publish
+from tests.serving.conftest import CORRUPTIONS, publish, publish_corrupt
 
 NEVER = 3600.0  # poll period: these tests call refresh() themselves, so the thread never interferes
 
@@ -62,6 +62,50 @@ def test_a_corrupt_snapshot_is_refused_and_the_previous_keeps_serving(store: Sna
         publish(store, seed=3)
         follower.refresh()
         assert follower.current.version == 3
+    finally:
+        follower.close()
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_every_kind_of_corrupt_snapshot_is_refused_and_remembered(store: SnapshotStore, kind: str) -> None:
+    publish(store, seed=1)
+    follower = WeightFollower(store.directory, poll_s=NEVER)
+    try:
+        bad = publish_corrupt(store, kind, seed=2)
+        follower.refresh()
+        follower.refresh()
+        assert follower.current.version == 1 and list(follower.rejected) == [bad]
+    finally:
+        follower.close()
+
+
+def test_a_follower_started_while_latest_is_corrupt_serves_the_newest_good_version(store: SnapshotStore) -> None:
+    """A replica that starts (or restarts) after a bad publish has no previous model to keep: it takes the newest
+    kept version that verifies, not nothing (it used to answer 503 until the next good publish)."""
+    publish(store, seed=1)
+    good = publish(store, seed=2).version
+    bad = [publish_corrupt(store, kind, seed=3 + i) for i, kind in enumerate(CORRUPTIONS)]
+    follower = WeightFollower(store.directory, poll_s=NEVER)
+    try:
+        assert follower.current.version == good
+        assert sorted(follower.rejected) == bad  # each tried once, newest first, on the way down to the good one
+        follower.refresh()
+        assert follower.current.version == good and follower.swaps == 1
+        newest = publish(store, seed=9).version
+        follower.refresh()
+        assert follower.current.version == newest
+    finally:
+        follower.close()
+
+
+def test_a_good_version_published_just_before_a_corrupt_one_is_not_skipped(store: SnapshotStore) -> None:
+    publish(store, seed=1)
+    follower = WeightFollower(store.directory, poll_s=NEVER)
+    try:
+        good = publish(store, seed=2).version
+        bad = publish_corrupt(store, "bit flip", seed=3)  # lands before the follower polls again
+        follower.refresh()
+        assert follower.current.version == good and list(follower.rejected) == [bad]
     finally:
         follower.close()
 
