@@ -17,13 +17,14 @@ over all tasks. Every other choice is ours, made as follows:
    elsewhere in ``gates``). The gate learns through these weights and the regulariser; top-k
    itself passes no gradient.
 5. Bound: the executed set is ``S ∪ (∪_t P_t)``, at most ``k_shared + T·k_private`` experts per
-   instance, and only those run: rows are dispatched to experts (transformers' Mixtral
-   ``expert_hit`` loop; expert weights are unbound once per layer, see
-   ``StackedLinear.forward_groups``) or, while the load is even, padded to the busiest expert's row
-   count and run as one batched GEMM per layer (``SMES.run_experts``, at most ``PAD_LIMIT`` times
-   the routed rows), and each output lands in one of its row's ``max_executed``
-   slots, which the task weights then mix in one batched product. No capacity factor, so no row is ever dropped and
-   a row's output never depends on the rest of the batch; balance comes from the regulariser.
+   instance, and only those run: rows are dispatched to experts (as transformers' Mixtral
+   ``expert_hit`` loop does) and laid out in blocks, one per expert, as tall as the layout planned
+   for the batch; an expert with more rows than that spills the rest into a second block
+   (``SMES.plan_blocks``, ``layers.Blocks``). Each layer is then one batched GEMM over all first
+   blocks and one over the spill blocks, instead of ``E`` small GEMMs and their autograd nodes.
+   Each output lands in one of its row's ``max_executed`` slots, which the task weights then mix in
+   one batched product. No capacity factor, so no row is ever dropped and a row's output never
+   depends on the rest of the batch; balance comes from the regulariser.
 6. Regulariser: Switch-style ``N · Σ_i f_i · P_i``, with ``f_i`` the fraction of all routing
    choices (instance × task × selected expert) that went to expert ``i`` and ``P_i`` the mean of
    ``p_{t,i}`` over (instance, task) slots; times ``lb_coef``. Both are ratios of sums, so
@@ -45,14 +46,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .layers import ZERO_EPS, BatchedMLP, StackedLinear, TaskTowers
+from .layers import ZERO_EPS, BatchedMLP, Blocks, StackedLinear, TaskTowers
 from .output import ModelOutput
 from .registry import MultiTaskModel, check_dims, check_positive, register
 
 
-PAD_LIMIT = 1.5
-"""Padded dispatch while the padded table is at most this many times the routed rows (see
-``SMES.run_experts``); with 64 experts and 10 of them per row, balanced routing pads about 1.2x."""
+SPILL_COST_ROWS = 16
+"""What one more spilling expert costs, in rows of expert GEMM: its weights are copied for the spill
+GEMM and its gradient added back (see ``SMES.plan_blocks``)."""
 
 
 def load_balance_loss(counts: Tensor, prob_sums: Tensor, n_slots: Tensor | float, n_experts: int) -> Tensor:
@@ -103,7 +104,7 @@ class SMES(MultiTaskModel):
         self.n_gate_experts = n_experts
         self.k_shared, self.k_private, self.lb_coef = k_shared, k_private, float(lb_coef)
         self.max_executed = min(n_experts, k_shared + n_tasks * k_private)
-        self.pad_limit = PAD_LIMIT
+        self.capacity: int | None = None  # first-block height; None plans it per batch (tests pin it)
         self.experts = BatchedMLP(n_experts, n_inputs, expert_dims, activation)
         self.router = StackedLinear(n_tasks, n_inputs, n_experts)
         self.towers = TaskTowers(n_tasks, expert_dims[-1], tower_dims, activation)
@@ -142,47 +143,60 @@ class SMES(MultiTaskModel):
         expert_at = torch.zeros(n_rows * n_slots, dtype=torch.long, device=x.device).index_copy(0, position, experts)
         filled = torch.zeros(n_rows * n_slots, dtype=torch.bool, device=x.device).index_fill(0, position, True)
 
-        order = torch.argsort(experts, stable=True)  # pairs grouped by expert
         rows_per_expert = torch.bincount(experts, minlength=n_experts)  # (E,)
-        table, at = self.run_experts(x, rows[order], experts[order], rows_per_expert)  # (N, H), (R,)
-        # Each slot reads its pair's output straight from the experts' table; an empty slot reads row 0
-        # and is weighted 0 below, so it adds nothing and passes no gradient.
-        source = torch.zeros(n_rows * n_slots, dtype=torch.long, device=x.device).index_copy(0, position[order], at)
-        slots = table[source]  # (B·K, H)
+        blocks = self.plan_blocks(rows_per_expert)
+        at = self.block_positions(experts, rows_per_expert, blocks)  # (R,) each pair's row in the block table
+        # A padding row reads row 0 of x; its output is never read, so it adds nothing and gets no gradient.
+        source = torch.zeros(blocks.rows, dtype=torch.long, device=x.device).index_copy(0, at, rows)
+        table = self.experts.forward_blocks(x.index_select(0, source), blocks)  # (N, H)
+        # Each slot reads its pair's output straight from the table; an empty slot reads row 0 and is
+        # weighted 0 below.
+        slot_source = torch.zeros(n_rows * n_slots, dtype=torch.long, device=x.device).index_copy(0, position, at)
+        slots = table.index_select(0, slot_source)  # (B·K, H)
         slot_weights = weights.gather(2, expert_at.view(n_rows, 1, n_slots).expand(-1, weights.shape[1], -1))
         slot_weights = slot_weights * filled.view(n_rows, 1, n_slots)  # (B, T, K)
         mixed = torch.bmm(slot_weights.to(table.dtype), slots.view(n_rows, n_slots, -1))  # (B, T, H)
 
-        h = table.detach()[at]  # (R, H): each pair's output, grouped by expert
-        zeros_per_pair = (h.abs() <= ZERO_EPS).float().mean(dim=1)  # (R,)
-        zero_frac = zeros_per_pair.new_zeros(n_experts).index_add(0, experts[order], zeros_per_pair)
-        zero_frac = zero_frac / rows_per_expert.clamp_min(1)  # (E,) over the rows each expert ran on
+        zeros_per_row = (table.detach().abs() <= ZERO_EPS).sum(dim=1, dtype=torch.int32)  # (N,)
+        zero_frac = x.new_zeros(n_experts).index_add(0, experts, zeros_per_row[at].to(x.dtype))
+        zero_frac = zero_frac / (rows_per_expert.clamp_min(1) * table.shape[1])  # (E,) over the rows each expert ran on
         return mixed, zero_frac, rows_per_expert
 
-    def run_experts(self, x: Tensor, rows: Tensor, expert_of: Tensor, rows_per_expert: Tensor) -> tuple[Tensor, Tensor]:
-        """Each expert on its own rows. ``rows (R,)`` are the rows of ``x`` routed to ``expert_of (R,)``,
-        grouped by expert. Returns a table of outputs ``(N, H)`` and, per pair, its row in the table ``(R,)``.
+    def plan_blocks(self, rows_per_expert: Tensor) -> Blocks:
+        """The block layout the experts run in (``layers.Blocks``): first blocks as tall as
+        ``self.capacity`` if set, else the height that minimises the rows computed; experts with more
+        rows spill the rest into blocks as tall as the largest excess.
 
-        Padded when the load is even enough: every expert's rows are laid into a block of ``capacity``
-        rows (the busiest expert's count) and each layer is one batched GEMM over all experts' blocks; a
-        padding row copies some row of ``x`` and its output is never read, so it gets no gradient.
-        Otherwise (the busiest expert would make the padded table more than ``pad_limit`` times the routed
-        rows) one GEMM per expert that received rows. Both compute every routed row and nothing of an
-        unrouted pair; the padded one trades at most ``pad_limit - 1`` of the routed work in padding for a
-        few large GEMMs instead of ``2 x E x layers`` small ones and their autograd nodes.
+        Padding everything to the busiest expert cost a quarter more expert GEMM than the routed rows
+        with 64 balanced experts (the busiest of 64 sits ~2.5 standard deviations above the mean);
+        spilling the busiest few cuts that to a few percent. A skewed batch (an expert with most rows)
+        spills that expert alone instead of padding every block to its height.
         """
-        n_routed, n_experts = rows.shape[0], self.n_gate_experts
-        capacity = int(rows_per_expert.max()) if n_routed else 0
-        if n_routed and n_experts * capacity <= self.pad_limit * n_routed:
-            start = torch.cumsum(rows_per_expert, 0) - rows_per_expert  # (E,) first pair of each expert
-            at = expert_of * capacity + (torch.arange(n_routed, device=x.device) - start[expert_of])  # (R,)
-            source = torch.zeros(n_experts * capacity, dtype=torch.long, device=x.device).index_copy(0, at, rows)
-            blocks = x[source].view(n_experts, capacity, -1).transpose(0, 1)  # (C, E, d_in), member-major underneath
-            return self.experts(blocks).transpose(0, 1).reshape(n_experts * capacity, -1), at  # (E·C, H)
-        groups = x[rows].split(rows_per_expert.tolist())  # one (R_e, d_in) block per expert
-        ran = [o for o in self.experts.forward_groups([g if g.shape[0] else None for g in groups]) if o is not None]
-        table = torch.cat(ran) if ran else x.new_zeros(0, self.experts.d_out)
-        return table, torch.arange(n_routed, device=x.device)
+        counts = rows_per_expert.tolist()
+        ranked = sorted(counts, reverse=True)
+        busiest = ranked[0] if ranked else 0
+        if self.capacity is not None:
+            capacity = min(self.capacity, busiest)
+        else:  # spilling the k busiest costs E·ranked[k] first-block rows + k spill blocks (and weight copies)
+            costs = [(len(ranked) * c + k * (busiest - c + SPILL_COST_ROWS), c) for k, c in enumerate(ranked)]
+            capacity = min(costs)[1] if costs else 0
+        spill = rows_per_expert.topk(sum(c > capacity for c in counts)).indices  # the experts with rows left over
+        return Blocks(len(counts), capacity, spill, busiest - capacity)
+
+    @staticmethod
+    def block_positions(experts: Tensor, rows_per_expert: Tensor, blocks: Blocks) -> Tensor:
+        """Each (row, expert) pair's row in the block table: the ``i``-th pair of expert ``e`` goes to
+        row ``i`` of ``e``'s first block, or past its end into ``e``'s spill block."""
+        order = torch.argsort(experts, stable=True)  # pairs grouped by expert
+        start = torch.cumsum(rows_per_expert, 0) - rows_per_expert  # (E,) first pair of each expert
+        grouped_rank = torch.arange(experts.shape[0], device=experts.device) - start[experts[order]]
+        rank = torch.empty_like(grouped_rank).index_copy(0, order, grouped_rank)  # (R,) i of each pair
+        spill_of = torch.zeros_like(rows_per_expert).index_copy(
+            0, blocks.spill, torch.arange(blocks.spill.shape[0], device=experts.device)
+        )  # (E,) each spilling expert's spill block
+        first = experts * blocks.capacity + rank
+        spilled = blocks.n * blocks.capacity + spill_of[experts] * blocks.spill_capacity + (rank - blocks.capacity)
+        return torch.where(rank < blocks.capacity, first, spilled)
 
     def forward(self, x: Tensor) -> ModelOutput:
         self.check_input(x)
@@ -193,7 +207,7 @@ class SMES(MultiTaskModel):
         mixed, zero_frac, rows_per_expert = self.dispatch(x, weights, executed)  # (B, T, H)
         logits = self.towers(mixed)  # (B, T)
         lb_stats = (
-            selected.sum(dim=(0, 1)).to(probs.dtype),  # routing choices per expert
+            selected.sum(dim=(0, 1), dtype=probs.dtype),  # routing choices per expert
             probs.sum(dim=(0, 1)),  # router probability mass per expert
             probs.new_tensor(float(probs.shape[0] * probs.shape[1])),  # (instance, task) slots
         )

@@ -3,15 +3,13 @@ Python loops over experts, tasks and pools, written from the papers' block diagr
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from learner.models import BatchedMLP, ExpertBank, GateBank, StackedLinear, TaskTowers
-from learner.models.layers import get_activation
+from learner.models.layers import Blocks, get_activation
 
 from .zoo_testkit import TASKS, assert_close, make_batch, make_model
 
@@ -76,7 +74,10 @@ def plain_towers(towers: TaskTowers, inputs: list[torch.Tensor]) -> list[torch.T
 # ---------------------------------------------------------------- blocks
 
 
-def test_stacked_linear_equals_one_linear_per_member():
+@pytest.mark.parametrize("wide", [True, False], ids=["one-wide-gemm", "member-major"])
+def test_stacked_linear_equals_one_linear_per_member(monkeypatch, wide):
+    if not wide:  # shared inputs of narrow members normally run as one wide GEMM; force the batched one
+        monkeypatch.setattr("learner.models.layers.WIDE_OUTPUTS", 0)
     torch.manual_seed(0)
     stacked = StackedLinear(4, 5, 3)
     shared, per_member = torch.randn(6, 5), torch.randn(6, 4, 5)
@@ -85,23 +86,83 @@ def test_stacked_linear_equals_one_linear_per_member():
         layer = plain_linear(stacked, i)
         assert_close(y_shared[:, i], layer(shared))
         assert_close(y_member[:, i], layer(per_member[:, i]))
-    rows = [shared[: i + 1] if i != 2 else None for i in range(4)]  # member 2 runs on no rows
-    grouped = stacked.forward_groups(rows)
-    assert grouped[2] is None
-    for i in (0, 1, 3):
-        assert_close(grouped[i], plain_linear(stacked, i)(rows[i]))
 
 
-@pytest.mark.parametrize("last_activation", [True, False])
-def test_batched_mlp_equals_one_mlp_per_member(last_activation):
+def block_layout(counts: list[int], capacity: int) -> tuple[Blocks, list[torch.Tensor]]:
+    """A ``Blocks`` layout for members with ``counts`` rows each, and where each member's rows sit."""
+    spill = [m for m, c in enumerate(counts) if c > capacity]
+    spill_capacity = max(counts) - capacity if spill else 0
+    blocks = Blocks(len(counts), capacity, torch.tensor(spill, dtype=torch.long), spill_capacity)
+    where = []
+    for m, c in enumerate(counts):
+        first = [m * capacity + i for i in range(min(c, capacity))]
+        rest = [len(counts) * capacity + spill.index(m) * spill_capacity + i for i in range(c - capacity)] if c > capacity else []
+        where.append(torch.tensor(first + rest, dtype=torch.long))
+    return blocks, where
+
+
+@pytest.mark.parametrize("capacity", [0, 2, 5], ids=["all-spilled", "some-spill", "no-spill"])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_blocks_equal_one_mlp_per_member_with_gradients(capacity, activation):
+    """Each member on its own rows through first and spill blocks: outputs and every gradient (weights,
+    biases, inputs) equal one plain MLP per member; padding rows get no gradient."""
     torch.manual_seed(0)
-    mlp = BatchedMLP(3, 5, [7, 4], activation="gelu", last_activation=last_activation)
-    x = torch.randn(6, 5)
-    y = mlp(x)
-    for i in range(3):
-        assert_close(y[:, i], plain_mlp(mlp, i)(x))
-    for i, y in enumerate(mlp.forward_groups([x[: 2 * i + 1] for i in range(3)])):
-        assert_close(y, plain_mlp(mlp, i)(x[: 2 * i + 1]))
+    counts = [5, 1, 0, 3]  # member 2 runs on no rows
+    mlp = BatchedMLP(4, 6, [7, 3], activation=activation)
+    blocks, where = block_layout(counts, capacity)
+    x = torch.randn(blocks.rows, 6, requires_grad=True)
+    out = mlp.forward_blocks(x, blocks)
+    assert out.shape == (blocks.rows, 3)
+    loss = sum(out[w].square().sum() for w in where)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in mlp.named_parameters()}
+    x_grad = x.grad.clone()
+    mlp.zero_grad()
+    x_ref = x.detach().clone().requires_grad_(True)
+    reference = []
+    for m, w in enumerate(where):
+        if len(w):
+            y = plain_mlp(mlp, m)(x_ref[w])
+            assert_close(out[w], y, atol=1e-6)
+            reference.append(y.square().sum())
+    sum(reference).backward()  # through the plain layers' copies: gradients land on x_ref only
+    assert_close(x_grad, x_ref.grad, atol=1e-6)
+    padding = torch.ones(blocks.rows, dtype=torch.bool)
+    padding[torch.cat(where)] = False
+    assert torch.count_nonzero(x_grad[padding]) == 0
+    expected = torch.autograd.grad(  # the parameter gradients against autograd on the stacked parameters
+        sum(stacked_mlp_rows(mlp, m, x.detach()[w]).square().sum() for m, w in enumerate(where) if len(w)),
+        list(mlp.parameters()),
+    )
+    for (name, got), want in zip(grads.items(), expected):
+        assert_close(got, want, atol=1e-5)
+    for depth in range(len(mlp.layers)):  # the member that ran on no rows gets no gradient
+        assert torch.count_nonzero(grads[f"layers.{depth}.weight"][2]) == 0
+        assert torch.count_nonzero(grads[f"layers.{depth}.weight"][0]) > 0
+
+
+def stacked_mlp_rows(mlp: BatchedMLP, m: int, x: torch.Tensor) -> torch.Tensor:
+    """Member ``m`` of ``mlp`` on rows ``x``, differentiable in the stacked parameters themselves."""
+    act = get_activation(mlp.activation)
+    for depth, layer in enumerate(mlp.layers):
+        x = x @ layer.weight[m] + layer.bias[m]
+        if depth < len(mlp.layers) - 1 or mlp.last_activation:
+            x = act(x)
+    return x
+
+
+def test_blocks_under_bf16_autocast_compute_in_bf16_and_keep_fp32_gradients():
+    torch.manual_seed(0)
+    mlp = BatchedMLP(3, 8, [16, 4])
+    blocks, where = block_layout([4, 2, 6], 3)
+    x = torch.randn(blocks.rows, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mlp.forward_blocks(x, blocks)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    assert all(p.grad.dtype == torch.float32 for p in mlp.parameters())
+    assert_close(out.float(), mlp.forward_blocks(x.detach(), blocks), atol=0.05, rtol=0.05)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
@@ -239,13 +300,13 @@ def test_family_equals_its_plain_reference(family, overrides):
         assert_close(out.logits[task], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("pad_limit", [0.0, math.inf], ids=["per-expert", "padded"])
+@pytest.mark.parametrize("capacity", [None, 0, 10**9], ids=["planned", "all-spilled", "all-padded"])
 @pytest.mark.parametrize("k_shared, k_private", [(1, 1), (2, 0), (0, 2), (2, 1)])
-def test_smes_sparse_dispatch_equals_dense_reference(k_shared, k_private, pad_limit):
-    """Running only the routed experts (one GEMM per expert, or padded blocks in one batched GEMM)
-    equals running every expert and mixing with the gates."""
+def test_smes_sparse_dispatch_equals_dense_reference(k_shared, k_private, capacity):
+    """Running only the routed experts (in blocks as planned, every row spilled, or every block padded
+    to the busiest expert) equals running every expert and mixing with the gates."""
     model = make_model("smes", n_experts=6, k_shared=k_shared, k_private=k_private).eval()
-    model.pad_limit = pad_limit
+    model.capacity = capacity
     x, _, _ = make_batch(20)
     out = model(x)
     hs = [plain_mlp(model.experts, e)(x) for e in range(6)]

@@ -3,8 +3,6 @@ load-balancing regulariser."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -44,10 +42,10 @@ def test_only_routed_rows_are_computed():
     assert rows.sum() <= 64 * model.max_executed < 64 * 8  # a dense pass would be 64 x 8
 
 
-@pytest.mark.parametrize("pad_limit", [0.0, math.inf], ids=["per-expert", "padded"])
-def test_an_expert_that_receives_no_rows_gets_no_gradient(pad_limit):
+@pytest.mark.parametrize("capacity", [None, 0, 10**9], ids=["planned", "all-spilled", "all-padded"])
+def test_an_expert_that_receives_no_rows_gets_no_gradient(capacity):
     model = make_model("smes", n_experts=6, k_shared=1, k_private=1)
-    model.pad_limit = pad_limit
+    model.capacity = capacity
     with torch.no_grad():
         model.router.bias[:, 5] = -1e4  # nobody routes to expert 5
     x, labels, mask = make_batch(64)
@@ -103,31 +101,52 @@ def test_invalid_routing_hparams_are_rejected(hparams):
         build("smes", n_inputs=N_INPUTS, tasks=list(TASKS), **hparams)
 
 
-def test_padded_and_per_expert_dispatch_give_the_same_gradients():
-    """The padded blocks add rows whose outputs are never read: the loss and every gradient match the
-    one-GEMM-per-expert path."""
+def test_every_block_layout_gives_the_same_loss_and_gradients():
+    """Padding every block to the busiest expert, spilling everything, and the planned layout compute
+    the same thing: padding rows are never read, so the loss and every gradient match."""
     x, labels, mask = make_batch(48)
-    grads = []
-    for pad_limit in (0.0, math.inf):
+    results = []
+    for capacity in (10**9, 0, 3, None):
         torch.manual_seed(0)
         model = make_model("smes", n_experts=6, k_shared=1, k_private=1)
-        model.pad_limit = pad_limit
-        loss(model(x), labels, mask).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+        model.capacity = capacity
+        value = loss(model(x), labels, mask)
+        value.backward()
+        results.append((value.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    reference_loss, reference = results[0]
+    for value, grads in results[1:]:
+        assert_close(value, reference_loss)
+        assert grads.keys() == reference.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], reference[name], atol=1e-6, rtol=1e-5)
 
 
-def test_dispatch_pads_only_while_the_load_is_even():
+def test_block_plan_pads_an_even_load_and_spills_a_skewed_one():
     model = make_model("smes", n_experts=4, k_shared=1, k_private=0)
-    x, rows = torch.randn(8, N_INPUTS), torch.arange(8)
-    seen = []
-    model.experts.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
-    even = torch.tensor([2, 2, 2, 2])
-    table, at = model.run_experts(x, rows, torch.repeat_interleave(torch.arange(4), even), even)
-    assert table.shape[0] == 8 and at.tolist() == list(range(8))  # 4 blocks of 2: no padding
-    skewed = torch.tensor([5, 1, 1, 1])  # padded table 4 x 5 = 20 rows > 1.5 x 8
-    table, at = model.run_experts(x, rows, torch.repeat_interleave(torch.arange(4), skewed), skewed)
-    assert seen == [(2, 4, N_INPUTS)]  # the padded call; the skewed batch ran one GEMM per expert
-    assert table.shape[0] == 8 and at.tolist() == list(range(8))
+    even = model.plan_blocks(torch.tensor([2, 2, 2, 2]))
+    assert (even.capacity, even.spill.tolist(), even.rows) == (2, [], 8)  # 4 blocks of 2: no padding
+    skewed = model.plan_blocks(torch.tensor([50, 1, 1, 1]))
+    # padding every block to 50 rows would compute 200; one spill block for the busy expert computes 53
+    assert (skewed.capacity, skewed.spill.tolist(), skewed.spill_capacity, skewed.rows) == (1, [0], 49, 53)
+    model.capacity = 0
+    pinned = model.plan_blocks(torch.tensor([3, 0, 2, 1]))
+    assert (pinned.capacity, sorted(pinned.spill.tolist()), pinned.spill_capacity) == (0, [0, 2, 3], 3)
+
+
+@pytest.mark.parametrize("capacity", [None, 0, 2, 10**9])
+def test_block_positions_give_every_pair_its_own_row_in_its_experts_blocks(capacity):
+    model = make_model("smes", n_experts=5, k_shared=1, k_private=1)
+    model.capacity = capacity
+    experts = torch.tensor([3, 0, 3, 1, 3, 3, 0, 4, 3, 1])  # pairs in row order
+    counts = torch.bincount(experts, minlength=5)
+    blocks = model.plan_blocks(counts)
+    at = model.block_positions(experts, counts, blocks)
+    assert len(set(at.tolist())) == len(at) and int(at.max()) < blocks.rows
+    spill = blocks.spill.tolist()
+    head = blocks.n * blocks.capacity
+    for pair, e in enumerate(experts.tolist()):
+        row = int(at[pair])
+        if row < head:
+            assert row // blocks.capacity == e
+        else:
+            assert spill[(row - head) // blocks.spill_capacity] == e
