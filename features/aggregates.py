@@ -133,6 +133,45 @@ class _EntityWindows:
         return np.tile(block, len(WINDOWS))
 
 
+@dataclass(frozen=True)
+class Events:
+    """What the aggregates fold in from joined examples: ids, event times and the summed values
+    (``n`` = 1, each task's label with a missing one as 0, play time in seconds), one row per example."""
+
+    user_id: np.ndarray  # (N,) int64
+    item_id: np.ndarray  # (N,) int64
+    ts_ms: np.ndarray  # (N,) int64
+    values: np.ndarray  # (N, len(_SUMS)) float64
+
+    @classmethod
+    def of(cls, examples: pa.Table) -> Events:
+        cols = {name: examples.column(name).to_numpy(zero_copy_only=False)
+                for name in ("user_id", "item_id", "ts_ms", *TASKS, PLAY_TIME)}
+        values = np.column_stack([
+            np.ones(examples.num_rows),
+            *(np.nan_to_num(cols[t].astype(np.float64)) for t in TASKS),
+            np.nan_to_num(cols[PLAY_TIME].astype(np.float64)) / 1000,
+        ]).reshape(examples.num_rows, len(_SUMS))
+        return cls(cols["user_id"].astype(np.int64), cols["item_id"].astype(np.int64),
+                   cols["ts_ms"].astype(np.int64), values)
+
+    def __len__(self) -> int:
+        return len(self.ts_ms)
+
+    def where(self, keep: np.ndarray) -> Events:
+        return Events(self.user_id[keep], self.item_id[keep], self.ts_ms[keep], self.values[keep])
+
+    def to_matrix(self) -> np.ndarray:
+        """``(N, 3 + len(_SUMS))`` int64, the values' float64 bits as they are (exact), for a collective."""
+        ids = np.column_stack([self.user_id, self.item_id, self.ts_ms]).reshape(len(self), 3)
+        return np.concatenate([ids, self.values.view(np.int64).reshape(len(self), len(_SUMS))], axis=1)
+
+    @classmethod
+    def from_matrix(cls, matrix: np.ndarray) -> Events:
+        matrix = np.ascontiguousarray(matrix, dtype=np.int64)
+        return cls(matrix[:, 0].copy(), matrix[:, 1].copy(), matrix[:, 2].copy(), matrix[:, 3:].copy().view(np.float64))
+
+
 class StreamAggregator:
     def __init__(self, config: AggregateConfig = AggregateConfig()) -> None:
         if len(config.prior_rates) != len(TASKS):
@@ -145,23 +184,26 @@ class StreamAggregator:
 
     def update(self, examples: pa.Table) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Fold joined examples in; return the new feature rows of the users and items they touched."""
-        if examples.num_rows == 0:
-            empty = np.zeros(0, dtype=np.int64)
-            matrix = np.zeros((0, len(USER_STREAM)), dtype=np.float32)
-            return self.users.frame(empty, matrix, self.stamp_ms), self.items.frame(empty, matrix, self.stamp_ms)
-        cols = {name: examples.column(name).to_numpy(zero_copy_only=False)
-                for name in ("user_id", "item_id", "ts_ms", *TASKS, PLAY_TIME)}
-        ts_ms = cols["ts_ms"].astype(np.int64)
-        self.stamp_ms = max(int(ts_ms.max()) + 1, self.stamp_ms + 1)
+        events = Events.of(examples)
+        return self.fold(events, events)
+
+    def fold(self, user_events: Events, item_events: Events) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Fold ``user_events`` into the user windows and ``item_events`` into the item windows (a trainer
+        worker folds the events of the entities it owns, from every worker's batch); return the new rows
+        of the users and items touched. Both are stamped alike, one ms past the newest event of either."""
+        newest = max((int(e.ts_ms.max()) for e in (user_events, item_events) if len(e)), default=None)
+        if newest is not None:
+            self.stamp_ms = max(newest + 1, self.stamp_ms + 1)
         now_ms = self.stamp_ms - 1
-        values = np.column_stack([
-            np.ones(examples.num_rows),
-            *(np.nan_to_num(cols[t].astype(np.float64)) for t in TASKS),
-            np.nan_to_num(cols[PLAY_TIME].astype(np.float64)) / 1000,
-        ])
-        users = self.users.update(cols["user_id"].astype(np.int64), ts_ms, values, now_ms)
-        items = self.items.update(cols["item_id"].astype(np.int64), ts_ms, values, now_ms)
-        return self.users.frame(*users, self.stamp_ms), self.items.frame(*items, self.stamp_ms)
+        frames = []
+        for windows, events, width in ((self.users, user_events, len(USER_STREAM)),
+                                       (self.items, item_events, len(ITEM_STREAM))):
+            if len(events):
+                ids = events.user_id if windows is self.users else events.item_id
+                frames.append(windows.frame(*windows.update(ids, events.ts_ms, events.values, now_ms), self.stamp_ms))
+            else:
+                frames.append(windows.frame(np.zeros(0, np.int64), np.zeros((0, width), np.float32), self.stamp_ms))
+        return frames[0], frames[1]
 
     def defaults(self) -> np.ndarray:
         """Stream statistics of an unknown user followed by those of an unknown item."""

@@ -2,7 +2,7 @@
 
 N trainer workers share one Kafka consumer group, so each reads its own partitions. They train in
 lockstep: step ``s`` is one global step over the union of the N local batches, and it is exact, not
-an approximation of one. Per step, :class:`OnlineLearner` makes two collectives through a reducer:
+an approximation of one. Per step, :class:`OnlineLearner` makes these collectives through a reducer:
 
 1. **Batch statistics, before backward** (one all-reduce SUM of a small vector): per task, the
    number of labelled examples ``c_t`` and, for sparse families, SMES's load-balancing statistics
@@ -19,7 +19,10 @@ an approximation of one. Per step, :class:`OnlineLearner` makes two collectives 
    Because each worker's loss already is its share of the global loss, the *sum* of the workers'
    gradients is the gradient of the union batch's loss; the same optimizer step then runs
    everywhere on the same gradient, so the weights stay identical.
-3. **Buffers, after the step**, for families that have them (HoME's BatchNorm running statistics):
+3. **Examples for the streaming aggregates** (one all-gather of the step's ids, times and labels): each
+   user and item is owned by one worker (``id mod N``), which folds its events from every worker's batch
+   and alone pushes its rows, so no worker overwrites an entity's aggregates with its partial counts.
+4. **Buffers, after the step**, for families that have them (HoME's BatchNorm running statistics):
    one all-reduce averaging them, so the workers' models stay identical buffer for buffer too.
 
 Lockstep when data is uneven: before each step the workers agree (an all-reduce MAX of a few
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -65,6 +69,7 @@ class Reducer(Protocol):
     def reduce_grads(self, parameters: Iterable[nn.Parameter]) -> None: ...
     def average_buffers(self, module: nn.Module) -> None: ...
     def broadcast_parameters(self, module: nn.Module) -> None: ...
+    def gather_rows(self, rows: np.ndarray) -> np.ndarray: ...
     def close(self) -> None: ...
 
 
@@ -87,6 +92,9 @@ class LocalReducer:
 
     def broadcast_parameters(self, module: nn.Module) -> None:
         return None
+
+    def gather_rows(self, rows: np.ndarray) -> np.ndarray:
+        return rows
 
     def close(self) -> None:
         return None
@@ -207,6 +215,24 @@ class GroupReducer:
                 dist.broadcast(tensor.data, src=0)
         except (RuntimeError, dist.DistBackendError) as exc:
             raise PeerLost(f"worker {self.rank}: broadcast failed: {exc}") from exc
+
+    def gather_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Every worker's ``(N_r, C)`` int64 rows, concatenated in rank order, on every worker (the step's
+        examples for the aggregates, see ``OnlineLearner``). Two collectives: the row counts, then the rows
+        padded to the longest."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        counts = torch.zeros(self.world_size, dtype=torch.int64, device=self.device)
+        counts[self.rank] = rows.shape[0]
+        self._all_reduce(counts, dist.ReduceOp.SUM)
+        sizes = counts.tolist()
+        padded = torch.zeros(max(sizes), rows.shape[1], dtype=torch.int64, device=self.device)
+        padded[: rows.shape[0]] = torch.from_numpy(rows).to(self.device)
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        try:
+            dist.all_gather(parts, padded)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise PeerLost(f"worker {self.rank}: a collective failed (a peer died or left?): {exc}") from exc
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)]).cpu().numpy()
 
     def close(self) -> None:
         if dist.is_initialized():

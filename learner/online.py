@@ -5,7 +5,8 @@ Order matters and is deliberate:
 1. read the examples' features from the online store (as they stand *before* these labels are counted),
    once the previous batch's push has landed;
 2. fold the examples' labels into the streaming aggregates and start pushing them to Feast on the push
-   thread, which runs while the model steps (the next step's read waits for it);
+   thread, which runs while the model steps (the next step's read waits for it); with several workers
+   each user and item is folded and pushed by the one worker that owns it, from every worker's batch;
 3. score the batch with the current weights and update the progressive metrics (unseen data);
 4. take one optimizer step on the same forward pass: per-task BCE/MSE over the rows labelled for that task,
    weighted by ``task_weights``, plus the family's aux loss; with several workers the loss is each worker's
@@ -33,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from features.aggregates import StreamAggregator
+from features.aggregates import Events, StreamAggregator
 from features.definitions import FEATURE_COLUMNS, ID_FIELDS
 from learner.distributed import LocalReducer, Reducer
 from learner.metrics import ProgressiveValidation
@@ -163,18 +164,18 @@ class OnlineLearner:
 
     def learn(self, examples: pa.Table) -> dict[str, float]:
         """One step on ``examples``; with none (a worker whose partitions are idle), a zero-weight step."""
+        self.wait_for_push()  # the previous batch's aggregates are in the store before this batch reads it
         if examples.num_rows == 0:
+            self._aggregate(examples)  # other workers' examples may touch entities this worker owns
             self._optimize(None, {})
             self.step += 1
             return {"loss": 0.0}
         user_ids = _column(examples, "user_id", np.int64)
         item_ids = _column(examples, "item_id", np.int64)
-        self.wait_for_push()  # the previous batch's aggregates are in the store before this batch reads it
         dense = self._finite(self.features.lookup(user_ids, item_ids))  # (B, F)
         # This batch's labels go into the aggregates now, and the push runs while the model steps: the
         # batch has read its features already, so nothing it sees can include its own labels.
-        users, items = self.aggregator.update(examples)
-        self._push = self._pusher.submit(self.features.push, users, items)
+        self._aggregate(examples)
         ids = {
             "user_id": torch.from_numpy(user_ids).to(self.device),
             "item_id": torch.from_numpy(item_ids).to(self.device),
@@ -254,6 +255,25 @@ class OnlineLearner:
             self.optimizer.step()
         self.reducer.average_buffers(self.model)
         return total, per_task
+
+    def _aggregate(self, examples: pa.Table) -> None:
+        """Fold the step's labels into the streaming aggregates and start pushing the new rows.
+
+        Each user and item belongs to one worker (``id mod N``): it folds that entity's events from every
+        worker's batch (one all-gather) and is the only one to push its rows, so the store holds
+        aggregates over everything the group trained on, and no worker overwrites them with the partial
+        counts of its own partitions. With one worker this is ``aggregator.update(examples)``."""
+        events = Events.of(examples)
+        reducer = self.reducer
+        if reducer.world_size > 1:
+            events = Events.from_matrix(reducer.gather_rows(events.to_matrix()))
+            users = events.where(events.user_id % reducer.world_size == reducer.rank)
+            items = events.where(events.item_id % reducer.world_size == reducer.rank)
+        else:
+            users = items = events
+        user_rows, item_rows = self.aggregator.fold(users, items)
+        if len(user_rows) or len(item_rows):
+            self._push = self._pusher.submit(self.features.push, user_rows, item_rows)
 
     def wait_for_push(self) -> None:
         """Until the last batch's aggregates are in the feature store (raises what the push raised)."""

@@ -39,14 +39,30 @@ SIZES = [(48, 80), (0, 64), (40, 16)]
 
 
 class _Features:
-    """In-memory stand-in for the online store: deterministic dense features per (user, item)."""
+    """In-memory stand-in for the online store: deterministic dense features per (user, item); keeps the
+    latest row pushed for each user and item."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[int, np.ndarray]] = {"user_id": {}, "item_id": {}}
 
     def lookup(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
         base = (user_ids[:, None] * 7 + item_ids[:, None] * 3 + np.arange(len(FEATURE_COLUMNS))) % 11
         return base.astype(np.float32)
 
     def push(self, users, items) -> None:
-        return None
+        for frame, key in ((users, "user_id"), (items, "item_id")):
+            values = frame.drop(columns=[key, "event_timestamp"]).to_numpy(np.float64)
+            stamps = frame["event_timestamp"].astype("int64").to_numpy() // 1_000_000  # ms
+            for entity, row, stamp in zip(frame[key].tolist(), values, stamps):
+                self.rows[key][int(entity)] = np.append(row, stamp)
+
+    def arrays(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, rows in self.rows.items():
+            ids = sorted(rows)
+            out[f"{prefix}.{key}.ids"] = torch.tensor(ids, dtype=torch.int64)
+            out[f"{prefix}.{key}.rows"] = torch.from_numpy(np.array([rows[i] for i in ids]).reshape(len(ids), -1))
+        return out
 
 
 def _batch(step: int, rank: int, n: int) -> pa.Table:
@@ -69,8 +85,8 @@ def _batch(step: int, rank: int, n: int) -> pa.Table:
     )
 
 
-def _learner(tmp: Path, reducer) -> OnlineLearner:
-    return OnlineLearner(CONFIG, _Features(), SnapshotStore(tmp / "snapshots"), reducer=reducer)
+def _learner(tmp: Path, reducer, features: _Features | None = None) -> OnlineLearner:
+    return OnlineLearner(CONFIG, features or _Features(), SnapshotStore(tmp / "snapshots"), reducer=reducer)
 
 
 class _Recording(GroupReducer):
@@ -95,13 +111,16 @@ class _Recording(GroupReducer):
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     reducer = _Recording(GroupConfig("127.0.0.1", port, world_size=2, rank=rank, timeout_s=60), torch.device("cpu"))
-    learner = _learner(Path(out), reducer)
+    features = _Features()
+    learner = _learner(Path(out), reducer, features)
     reducer.broadcast_parameters(learner.model)
     for step, sizes in enumerate(SIZES):
         learner.learn(_batch(step, rank, sizes[rank]))
+    learner.wait_for_push()
     weights = {f"w.{k}": v.detach().contiguous() for k, v in learner.model.state_dict().items()}
     grads = {f"g.{k}": v.contiguous() for k, v in reducer.grads.items()}
-    save_file({**weights, **grads, "regulariser": reducer.regulariser.reshape(1)}, f"{out}/rank{rank}.safetensors")
+    save_file({**weights, **grads, **features.arrays("pushed"), "regulariser": reducer.regulariser.reshape(1)},
+              f"{out}/rank{rank}.safetensors")
     reducer.close()
 
 
@@ -158,6 +177,26 @@ def test_k_distributed_steps_match_k_single_process_steps_on_the_unions(two_work
         reference.learn(pa.concat_tables([_batch(step, 0, n0), _batch(step, 1, n1)]))
     for key, value in reference.model.state_dict().items():
         torch.testing.assert_close(first[f"w.{key}"], value, rtol=1e-4, atol=1e-5)
+
+
+def test_each_entity_is_pushed_by_its_owner_with_the_aggregates_of_the_union(two_workers, tmp_path) -> None:
+    """Both workers' batches share users and items; each entity's aggregates are pushed by one worker only
+    (``id mod 2``), and equal what one learner pushes training on the union batches, step by step."""
+    features = _Features()
+    reference = _learner(tmp_path, LocalReducer(), features)
+    for step, (n0, n1) in enumerate(SIZES):
+        reference.learn(pa.concat_tables([_batch(step, 0, n0), _batch(step, 1, n1)]))
+    reference.wait_for_push()
+    expected = features.arrays("pushed")
+    for key in ("user_id", "item_id"):
+        ids = [worker[f"pushed.{key}.ids"] for worker in two_workers]
+        for rank, owned in enumerate(ids):
+            assert len(owned) and bool((owned % 2 == rank).all()), f"rank {rank} pushed a {key} it does not own"
+        merged = torch.cat(ids)
+        order = merged.argsort()
+        assert torch.equal(merged[order], expected[f"pushed.{key}.ids"])  # every entity, exactly once
+        rows = torch.cat([worker[f"pushed.{key}.rows"] for worker in two_workers])[order]
+        torch.testing.assert_close(rows, expected[f"pushed.{key}.rows"], rtol=1e-6, atol=1e-6)
 
 
 HOME = LearnerConfig(family="home", hparams={"n_experts": 2, "expert_dims": (8,), "tower_dims": (4,)},
