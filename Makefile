@@ -9,7 +9,7 @@ export UV_CACHE_DIR ?= $(HOME)/.cache/uv
 export UV_LINK_MODE ?= copy
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration test-reliability clean
+.PHONY: install demo test test-unit test-integration test-reliability bench bench-quick clean
 
 install: $(STAMP)
 
@@ -34,6 +34,12 @@ test-integration: install
 
 test-reliability: install  # the fault-injection scenarios of issue 9, with their figures (-s)
 	$(BIN)/python -m pytest -m reliability -s
+
+bench: install  # every benchmark, full sizes: benchmarks/results/<date>-<machine>.json and .md
+	$(BIN)/moestream bench all
+
+bench-quick: install  # the same at quick sizes
+	$(BIN)/moestream bench all --quick
 
 clean:
 	rm -rf .moestream .pytest_cache .hypothesis

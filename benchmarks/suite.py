@@ -7,8 +7,8 @@ benchmark starts Ray itself, with HAProxy switched on for one of its modes). One
 every benchmark that needs one, unless ``KAFKA_BOOTSTRAP_SERVERS`` names another.
 
 A benchmark that fails is recorded with its error and the rest still run; the caller exits non-zero. The
-results go to ``benchmarks/results/<date>-<machine>.json`` (machine, date, every report as its own JSON)
-and a markdown table of the same stem, where each row names the anchor it was compared with in the run.
+results go to ``benchmarks/results/<date>-<machine>.json`` (machine, date, the commit measured and any
+tracked file that differed from it, every report as its own JSON) and a markdown table of the same stem, where each row names the anchor it was compared with in the run.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
 import sys
 import time
 import traceback
@@ -56,6 +57,7 @@ class SuiteResult:
     quick: bool
     outcomes: list[Outcome] = field(default_factory=list)
     machine: dict = field(default_factory=machine)
+    source: dict = field(default_factory=lambda: source())
     started_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     seconds: float = 0.0
 
@@ -78,10 +80,19 @@ class SuiteResult:
             words += f", {m['gpu']}"
         return f"{m.get('hostname', '?')} ({words})"
 
+    def describe_source(self) -> str:
+        if not self.source:
+            return "not a git checkout"
+        words = f"commit {self.source['commit'][:10]}"
+        modified = self.source["modified"]
+        if modified:
+            words += f" with uncommitted changes to {', '.join(modified[:8])}" + (" ..." if len(modified) > 8 else "")
+        return words
+
     def to_json(self) -> bytes:
         body = {
-            "suite": "all", "quick": self.quick, "machine": self.machine, "started_at": self.started_at,
-            "seconds": self.seconds,
+            "suite": "all", "quick": self.quick, "machine": self.machine, "source": self.source,
+            "started_at": self.started_at, "seconds": self.seconds,
             "benchmarks": [
                 {"benchmark": o.name, "ok": o.ok, "seconds": o.seconds, "error": o.error,
                  "report": o.report.to_dict() if o.report else None}
@@ -94,7 +105,7 @@ class SuiteResult:
         mode = "--quick" if self.quick else "full"
         lines = [
             f"`moestream bench all` ({mode}), started {self.started_at}, {self.seconds:.0f} s in all, on "
-            f"{self.describe_machine()}.",
+            f"{self.describe_machine()}; {self.describe_source()}.",
             "",
             "| benchmark | row | value | anchor | anchor value | ratio | goal | met |",
             "|---|---|---|---|---|---|---|---|",
@@ -130,6 +141,21 @@ class SuiteResult:
         json_path.write_bytes(self.to_json())
         md_path.write_text(self.markdown())
         return json_path, md_path
+
+
+def source() -> dict:
+    """The commit the run measures and the tracked files that differ from it; {} outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "modified": sorted(line[3:] for line in status.splitlines())}
 
 
 def _one_line(text: str | None) -> str:

@@ -65,6 +65,7 @@ def test_results_are_written_as_json_and_markdown(no_broker, tmp_path: Path) -> 
     assert "| stream | stream size | 7 MB | - | - | - | - | - |" in text
     assert "| learner | **failed** after" in text and "RuntimeError: the broker went away" in text
     assert "(--quick)" in text and result.machine["hostname"] in text
+    assert body["source"]["commit"] and f"commit {body['source']['commit'][:10]}" in text  # the tests run in the repo
 
 
 def test_the_command_prints_the_table_writes_the_files_and_exits_1_on_a_failure(
