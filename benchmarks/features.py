@@ -147,7 +147,7 @@ def _measure(store: OnlineFeatures, anchor: FeatureStore, traffic: pa.Table, rep
 
 
 def run(quick: bool = False) -> Report:
-    n_events, reps, anchor_pairs = (8 * BATCH, 30, 64) if quick else (48 * BATCH, 200, 256)
+    n_events, reps, anchor_pairs = (4 * BATCH, 30, 32) if quick else (48 * BATCH, 200, 256)
     report = Report("features")
     traffic = _traffic(n_events)
     results = {}

@@ -41,6 +41,8 @@ REPLICAS = 2
 CANDIDATES = (100, 1000)
 CONCURRENCY = (1, 8, 32)
 N_USERS, N_ITEMS = 5_000, 20_000
+TRAFFIC, TRAFFIC_QUICK = 40_000, 10_000
+"""Simulator impressions whose aggregates fill the feature store before the run."""
 MODES = {"serve proxy": {}, "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}}
 
 
@@ -119,7 +121,7 @@ def _rate(samples: list[Sample]) -> float:
     return statistics.median(s.rate for s in samples)
 
 
-def prepare(root: Path):
+def prepare(root: Path, n_events: int = 40_000):
     """A Feast store with aggregates of simulator traffic stamped now, and a snapshot of the default model."""
     from benchmarks.features import _traffic
     from features.aggregates import StreamAggregator
@@ -134,7 +136,7 @@ def prepare(root: Path):
 
     features = FeatureStoreConfig(data_dir=root / "features", push_offline=False, clock="wall")
     store = OnlineFeatures(features)
-    traffic = _traffic(40_000)
+    traffic = _traffic(n_events)
     ts = traffic.column("ts_ms")
     shift = int(time.time() * 1000) - 1000 - pc.max(ts).as_py()
     traffic = traffic.set_column(traffic.schema.get_field_index("ts_ms"), "ts_ms",
@@ -177,7 +179,7 @@ def measure_mode(env: dict[str, str], features, snapshots: Path, quick: bool, pr
         serve.run(build_app(snapshots, features, ServingConfig(num_replicas=REPLICAS)), name="ranker", route_prefix="/")
         serve.run(EchoDeployment.bind(), name="echo", route_prefix="/echo")
         base = f"http://127.0.0.1:{port}"
-        rounds, seconds, warmup = (1, 2.0, 0.5) if quick else (3, 5.0, 1.0)
+        rounds, seconds, warmup = (1, 1.0, 0.25) if quick else (3, 5.0, 1.0)
         cells: dict[tuple[int, int], Cell] = {}
         task = progress.add_task(f"serving ({','.join(env) or 'serve proxy'})",
                                  total=len(CANDIDATES) * len(CONCURRENCY) * rounds)
@@ -224,7 +226,7 @@ def run(quick: bool = False) -> Report:
 
     report = Report("serving")
     with tempfile.TemporaryDirectory() as tmp, Progress(transient=True) as progress:
-        features, snapshots = prepare(Path(tmp))
+        features, snapshots = prepare(Path(tmp), n_events=TRAFFIC_QUICK if quick else TRAFFIC)
         for mode, env in MODES.items():
             try:
                 result = measure_mode(env, features, snapshots, quick, progress)
@@ -239,7 +241,7 @@ def run(quick: bool = False) -> Report:
                         f"{defaults.torch_threads} each), otherwise the default ServingConfig (batches of up to "
                         f"{defaults.max_batch_candidates} candidates, batch wait {defaults.batch_wait_timeout_s * 1000:g} ms); "
                         f"echo: {REPLICAS} replicas; MMoE of the learner's defaults; {N_USERS:,} users, "
-                        f"{N_ITEMS:,} items; client in the same process (aiohttp); load average at the end "
+                        f"{N_ITEMS:,} items, aggregates of {TRAFFIC_QUICK if quick else TRAFFIC:,} impressions in the feature store; client in the same process (aiohttp); load average at the end "
                         f"{load_average()}")
     return report
 

@@ -107,7 +107,7 @@ def _recent_events(n_requests: int) -> list[dict]:
 
 
 def run(quick: bool = False) -> Report:
-    n_requests = 10_000 if quick else 40_000  # 8 events per request: 80k or 320k events
+    n_requests = 5_000 if quick else 40_000  # 8 events per request: 40k or 320k events
     report = Report("stream")
     events = [encode(e) for e in _recent_events(n_requests)]
     n = len(events)
