@@ -221,8 +221,8 @@ def run(quick: bool = False) -> Report:
         config = replace(config, learner=replace(config.learner, snapshot_every_s=PUBLISH_EVERY_S))
         ensure_topics(config.kafka)
         OnlineFeatures(config.features).apply()
+        trainer, run_ref = start_trainer(config, max_restarts=0)  # starts while the replica below does
         url = start_serving(config, free_port(), ServingConfig(poll_s=0.05))
-        trainer, run_ref = start_trainer(config, max_restarts=0)
         watcher, client = ManifestWatcher(layout.snapshots), RankingClient(url)
         watcher.start()
         client.start()

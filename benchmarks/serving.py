@@ -176,8 +176,11 @@ def measure_mode(env: dict[str, str], features, snapshots: Path, quick: bool, pr
     try:
         init_ray(num_cpus=4, quiet=True)
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-        serve.run(build_app(snapshots, features, ServingConfig(num_replicas=REPLICAS)), name="ranker", route_prefix="/")
-        serve.run(EchoDeployment.bind(), name="echo", route_prefix="/echo")
+        serve.run_many([  # both at once: their replicas start side by side
+            serve.RunTarget(build_app(snapshots, features, ServingConfig(num_replicas=REPLICAS)), name="ranker",
+                            route_prefix="/"),
+            serve.RunTarget(EchoDeployment.bind(), name="echo", route_prefix="/echo"),
+        ])
         base = f"http://127.0.0.1:{port}"
         rounds, seconds, warmup = (1, 1.0, 0.25) if quick else (3, 5.0, 1.0)
         cells: dict[tuple[int, int], Cell] = {}
