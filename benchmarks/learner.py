@@ -130,6 +130,7 @@ def run(quick: bool = False) -> Report:
             progress.advance(task)
             report.add(Row(f"{label}: bare model training (ceiling)", ceiling, "examples/s",
                            anchor="bare model", anchor_value=ceiling))
+            measured = None
             for workers in worker_counts:
                 try:
                     rates = pipeline_rates(bootstrap, family, hparams, workers, events, Path(tmp))
@@ -138,7 +139,7 @@ def run(quick: bool = False) -> Report:
                     progress.advance(task)
                     continue
                 progress.advance(task)
-                one = workers == 1
+                measured, one = rates, workers == 1
                 report.add(Row(f"{label}, {workers} worker(s): Kafka + Feast + trainer", rates["events_per_s"],
                                "events/s", goal=f">= {GOAL_EVENTS_PER_S:,} events/s" if one else None,
                                met=rates["events_per_s"] >= GOAL_EVENTS_PER_S if one else None))
@@ -146,10 +147,11 @@ def run(quick: bool = False) -> Report:
                                "examples/s", anchor="bare model", anchor_value=ceiling,
                                goal=f">= {GOAL_CEILING_FRACTION:.0%} of the ceiling" if one else None,
                                met=rates["examples_per_s"] >= GOAL_CEILING_FRACTION * ceiling if one else None))
-            report.notes.append(
-                f"{label}: hashed ids, {rates['id_keys']:,} (field, id) keys seen by worker 0 in "
-                f"{rates['buckets']:,} buckets: collision rate {rates['collisions']:.2%}"
-            )
+            if measured is not None:  # every configuration may have failed (each says so in a note)
+                report.notes.append(
+                    f"{label}: hashed ids, {measured['id_keys']:,} (field, id) keys seen by worker 0 in "
+                    f"{measured['buckets']:,} buckets: collision rate {measured['collisions']:.2%}"
+                )
     report.notes.append(f"{len(events):,} simulator events ({n_requests:,} requests) per run, batch {BATCH}, "
                         f"4 partitions; events/s counts impressions and feedback, examples/s joined impressions")
     return report

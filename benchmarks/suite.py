@@ -4,7 +4,9 @@ The benchmarks run one after the other in this process, each as ``moestream benc
 overall progress bar sits above each benchmark's own (rich draws nested progress displays as one). Between
 benchmarks Ray and Serve are shut down, so each starts from what a run of its own would find (the serving
 benchmark starts Ray itself, with HAProxy switched on for one of its modes). One local Kafka broker serves
-every benchmark that needs one, unless ``KAFKA_BOOTSTRAP_SERVERS`` names another.
+every benchmark that needs one, unless ``KAFKA_BOOTSTRAP_SERVERS`` names another: a broker of the run's own,
+on free ports with its own data directory, so no other user of the machine's default local broker can stop it
+mid-run (nor find its topics).
 
 A benchmark that fails is recorded with its error and the rest still run; the caller exits non-zero. The
 results go to ``benchmarks/results/<date>-<machine>.json`` (machine, date, the commit measured and any
@@ -16,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -206,18 +210,30 @@ def run_all(
 
 @contextlib.contextmanager
 def _kafka(needed: bool) -> Iterator[None]:
-    """One broker for every benchmark that needs one: each would otherwise start and stop its own."""
+    """One broker of the run's own for every benchmark that needs one (each would otherwise start and stop the
+    machine's default local broker, which other runs on the machine may stop under it)."""
     if not needed or os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         yield
         return
-    from benchmarks.stream import broker
+    from infra.kafka import broker
 
-    with broker() as bootstrap:
-        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
+    with tempfile.TemporaryDirectory(prefix="moestream-bench-kafka-") as tmp:
+        port, controller_port = _free_ports(2)
+        config = broker.BrokerConfig(data_dir=Path(tmp), port=port, controller_port=controller_port)
+        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = broker.up(config)
         try:
             yield
         finally:
             del os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+            broker.down(config)
+
+
+def _free_ports(count: int) -> list[int]:
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def _ray_up() -> bool:
