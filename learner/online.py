@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -138,6 +138,9 @@ class OnlineLearner:
                             for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
         self._skipped_last = False
         self._pusher = ThreadPoolExecutor(1, thread_name_prefix="moestream-push")
+        self._plotter = ThreadPoolExecutor(1, thread_name_prefix="moestream-plot")
+        self._plot: Future | None = None
+        """The heatmap being drawn (matplotlib takes a second or more the first time: not on this thread)."""
         self._push: Future | None = None
         self.skipped_steps = 0
         """Steps whose (group) gradient was not finite: their update was dropped."""
@@ -156,6 +159,8 @@ class OnlineLearner:
         """Refused publishes by reason (``non-finite``, ``auc-drop``)."""
         self._last_publish_attempt = time.monotonic()
         self.last_losses: dict[str, float] = {}
+        self.summary: dict[str, dict[str, float]] = {}
+        """The progressive metrics as of the last :meth:`refresh_summary`."""
         latest = snapshots.latest_manifest()
         self.health = HealthMonitor(
             config.health, config.tasks, self.model.model, latest.data.get("experts") if latest else None
@@ -260,7 +265,8 @@ class OnlineLearner:
         """Fold the step's labels into the streaming aggregates and start pushing the new rows.
 
         Each user and item belongs to one worker (``id mod N``): it folds that entity's events from every
-        worker's batch (one all-gather) and is the only one to push its rows, so the store holds
+        worker's batch (one all-gather, here on the training thread so that every worker's collectives run
+        in one order; the fold and push then run on the push thread) and is the only one to push its rows, so the store holds
         aggregates over everything the group trained on, and no worker overwrites them with the partial
         counts of its own partitions. With one worker this is ``aggregator.update(examples)``."""
         events = Events.of(examples)
@@ -271,9 +277,12 @@ class OnlineLearner:
             items = events.where(events.item_id % reducer.world_size == reducer.rank)
         else:
             users = items = events
+        if len(users) or len(items):  # folded and pushed on the push thread, while the model steps
+            self._push = self._pusher.submit(self._fold_and_push, users, items)
+
+    def _fold_and_push(self, users: Events, items: Events) -> None:
         user_rows, item_rows = self.aggregator.fold(users, items)
-        if len(user_rows) or len(item_rows):
-            self._push = self._pusher.submit(self.features.push, user_rows, item_rows)
+        self.features.push(user_rows, item_rows)
 
     def wait_for_push(self) -> None:
         """Until the last batch's aggregates are in the feature store (raises what the push raised)."""
@@ -284,6 +293,32 @@ class OnlineLearner:
     def close(self) -> None:
         self.wait_for_push()
         self._pusher.shutdown()
+        if self._plot is not None:
+            wait([self._plot])
+            self._log_heatmap()
+        self._plotter.shutdown()
+
+    def _log_heatmap(self) -> None:
+        """Log a heatmap drawn since the last report to W&B (from this thread, at the current step)."""
+        plot = self._plot
+        if plot is None or not plot.done():
+            return
+        self._plot = None
+        try:
+            png = plot.result()
+        except Exception as exc:  # a figure that failed to draw costs the figure, not the training
+            print(f"moestream: the utilisation heatmap failed to draw: {type(exc).__name__}: {exc}", flush=True)
+            return
+        if self.telemetry is not None:
+            self.telemetry.log_image("health/utilisation", png, step=self.step)
+
+    def refresh_summary(self) -> dict[str, dict[str, float]]:
+        """Recompute the progressive metrics (a few sorts over the sliding window per task: tens of ms)
+        and keep them in :attr:`summary`. Called on the training thread at the health cadence, at each
+        publish and at the end of a run; other threads read :attr:`summary` and never compute it (the
+        metrics' windows are only consistent between steps)."""
+        self.summary = self.metrics.summary()
+        return self.summary
 
     def _finite(self, dense: np.ndarray) -> np.ndarray:
         """Features as read, with any non-finite value (a poisoned source) replaced by 0 and counted."""
@@ -354,7 +389,7 @@ class OnlineLearner:
                     "examples": self.examples,
                     "offsets": {str(p): o for p, o in offsets.items()},
                     "event_time_hwm_ms": self.event_time_hwm_ms,
-                    "metrics": self.metrics.summary(),
+                    "metrics": self.refresh_summary(),
                     "experts": self.health.record(),
                     "learner_config": {
                         **asdict(self.config),
@@ -381,9 +416,8 @@ class OnlineLearner:
     def _log(self, output, total: torch.Tensor) -> None:
         record = {"loss/total": total.item(), **{f"loss/{t}": v for t, v in self.last_losses.items()}}
         if self.health.due(self.step):  # progressive metrics and expert health share one cadence
-            if self.telemetry is not None:
-                for task, m in self.metrics.summary().items():
-                    record.update({f"progressive/{task}/{k}": v for k, v in m.items() if np.isfinite(v)})
+            for task, m in self.refresh_summary().items():
+                record.update({f"progressive/{task}/{k}": v for k, v in m.items() if np.isfinite(v)})
             if self.reducer.rank == 0:  # one writer of <run>/health (each rank sees only its own gates)
                 record.update(self._health_report())
         if self.telemetry is not None:
@@ -404,13 +438,14 @@ class OnlineLearner:
         }
         report["family"] = self.config.family
         self.health_dir.mkdir(parents=True, exist_ok=True)
-        if (self.health.reports - 1) % self.config.health.heatmap_every_reports == 0:  # the first, then every N
-            steps = [s for s, _ in self.health.history]
-            shares = np.stack([share for _, share in self.health.history])  # (R, T, E)
-            png = plot_utilisation(steps, shares, report["tasks"], report["experts"], self.health_dir / "utilisation.png")
-            report["heatmap"] = str(png)
-            if self.telemetry is not None:
-                self.telemetry.log_image("health/utilisation", png, step=self.step)
+        self._log_heatmap()
+        if (self.health.reports - 1) % self.config.health.heatmap_every_reports == 0 and self._plot is None:
+            steps = [s for s, _ in self.health.history]  # the first report, then every N (one drawing at a time)
+            shares = np.stack([share for _, share in self.health.history])  # (R, T, E), a copy
+            self._plot = self._plotter.submit(plot_utilisation, steps, shares, report["tasks"], report["experts"],
+                                              self.health_dir / "utilisation.png")
+        heatmap = self.health_dir / "utilisation.png"
+        report["heatmap"] = str(heatmap) if heatmap.exists() else None
         write_atomic(self.health_dir / "experts.json", orjson.dumps(report, option=orjson.OPT_INDENT_2))
         record = report_metrics(report)
         if latest:

@@ -157,6 +157,7 @@ class TrainerWorker:
             self.checkpoint()
             if self.rank == 0:
                 self.learner.publish(self.intake.trained_offsets())
+            self.learner.refresh_summary()
             self.collisions = self.id_collisions()
         finally:
             self.intake.stop()
@@ -189,6 +190,7 @@ class TrainerWorker:
 
     def id_collisions(self) -> IdCollisions:
         """Hash collisions among the user and item ids this worker has seen (the aggregates hold them)."""
+        self.learner.wait_for_push()  # the push thread folds into the aggregates
         agg = self.learner.aggregator.state()
         return id_collisions(self.learner.model.encoder, {"user_id": agg["users.ids"], "item_id": agg["items.ids"]})
 
@@ -276,7 +278,7 @@ class TrainerWorker:
             "skipped_steps": self.learner.skipped_steps,
             "nonfinite_features": self.learner.nonfinite_features,
             "snapshots": list(self.learner.published),
-            "metrics": self.learner.metrics.summary(),
+            "metrics": self.learner.summary,  # as of the last health report, publish or the end of the run
             "committed": self.stream.committed,
             "restored_step": self.restored_step,
             "checkpoint_failures": self.checkpoint_failures,
@@ -291,9 +293,9 @@ class TrainerWorker:
         }
 
     def close(self) -> None:
+        self.learner.close()  # its last push lands and its last heatmap is logged before the W&B run ends
         self.telemetry.finish()
         self.stream.close()
-        self.learner.close()
         self.learner.reducer.close()
 
 
@@ -419,7 +421,7 @@ class DirectTrainer:
             "steps": self.learner.step,
             "examples_trained": self.learner.examples,
             "snapshots": list(self.learner.published),
-            "metrics": self.learner.metrics.summary(),
+            "metrics": self.learner.refresh_summary(),
         }
 
     def _train(self, examples: pa.Table, final: bool) -> None:

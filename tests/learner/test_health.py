@@ -246,6 +246,7 @@ def test_a_real_model_through_the_learner_writes_health_to_wandb_json_and_png(tm
         if learner.snapshot_due:
             learner.publish({0: (step + 1) * 128})
     run_dir = Path(telemetry.run.dir).parent
+    learner.close()  # the heatmap is drawn off the training thread; closing waits for it and logs it
     telemetry.finish()
 
     report = orjson.loads((tmp_path / "run" / "health" / "experts.json").read_bytes())
