@@ -118,7 +118,7 @@ def run(quick: bool = False) -> Report:
 
     report = Report("learner")
     retain_freed_memory()  # as the trainer process does (learner.worker): the ceiling is measured alike
-    n_requests = 3_000 if quick else 30_000  # about 8 events per request
+    n_requests = 6_000 if quick else 30_000  # about 8 events per request
     families = {"MMoE-8": FAMILIES["MMoE-8"]} if quick else FAMILIES
     worker_counts = (1,) if quick else (1, 2)
     events = [encode(e) for e in _recent_events(n_requests)]
