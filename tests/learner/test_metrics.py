@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
-from learner.metrics import ProgressiveValidation, TaskMetric, group_auc
+from learner.metrics import ProgressiveValidation, TaskMetric, binary_auc, group_auc
 
 
 def _brute_gauc(p: np.ndarray, y: np.ndarray, users: np.ndarray) -> tuple[float, float]:
@@ -34,6 +34,17 @@ def test_group_auc_matches_a_per_user_sklearn_loop_with_ties_and_one_class_users
     assert group_auc(p, y, users) == pytest.approx(num / den, abs=1e-12)
     assert group_auc(p, y, np.zeros(len(p), dtype=np.int64)) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
     assert np.isnan(group_auc(p[:3], np.zeros(3), users[:3]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_binary_auc_equals_sklearn_with_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 3000))
+    p = np.round(rng.random(n), int(rng.integers(1, 4))).astype(np.float32)  # coarse scores: many ties
+    y = (rng.random(n) < rng.uniform(0.01, 0.6)).astype(np.float32)
+    y[0], y[1] = 0.0, 1.0
+    assert binary_auc(p, y) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert np.isnan(binary_auc(p, np.zeros(n, np.float32)))
 
 
 def test_window_and_cumulative_figures_match_brute_force_references() -> None:
