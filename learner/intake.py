@@ -109,6 +109,18 @@ class Intake:
             self._cond.notify_all()  # room again for the intake thread
         return batch
 
+    def peek(self, n: int) -> pa.Table:
+        """The next ``n`` buffered examples (or fewer), left in the buffer: what a later ``take(n)`` will
+        return if nothing arrives in between (the learner looks up their features ahead of time)."""
+        with self._cond:
+            parts, rows = [], 0
+            for table in self._buffer:
+                if rows >= n:
+                    break
+                parts.append(table.slice(0, n - rows))
+                rows += parts[-1].num_rows
+            return pa.concat_tables(parts) if parts else EXAMPLE_SCHEMA.empty_table()
+
     def flush(self) -> None:
         """Every impression still pending in the joiner into the buffer (end of a bounded run); only once
         the thread has stopped."""

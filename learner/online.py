@@ -140,6 +140,10 @@ class OnlineLearner:
         self._pusher = ThreadPoolExecutor(1, thread_name_prefix="moestream-push")
         self._plotter = ThreadPoolExecutor(1, thread_name_prefix="moestream-plot")
         self._plot: Future | None = None
+        self._ahead: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        """Features read ahead for the next step: (user ids, item ids, dense) (see ``learn``)."""
+        self.features_read_ahead = 0
+        """Steps whose features were read ahead on the push thread."""
         """The heatmap being drawn (matplotlib takes a second or more the first time: not on this thread)."""
         self._push: Future | None = None
         self.skipped_steps = 0
@@ -167,20 +171,26 @@ class OnlineLearner:
         )
         self.health_dir = snapshots.directory.parent / "health"
 
-    def learn(self, examples: pa.Table) -> dict[str, float]:
-        """One step on ``examples``; with none (a worker whose partitions are idle), a zero-weight step."""
+    def learn(self, examples: pa.Table, upcoming: pa.Table | None = None) -> dict[str, float]:
+        """One step on ``examples``; with none (a worker whose partitions are idle), a zero-weight step.
+
+        ``upcoming``: the examples the next step will most likely get. Their features are then read on the
+        push thread once this step's aggregates have landed (the read they would get at the start of the
+        next step, but while this one's model step runs); the next step uses them only if it gets exactly
+        those examples, and reads its own otherwise."""
         self.wait_for_push()  # the previous batch's aggregates are in the store before this batch reads it
+        examples = examples.combine_chunks()  # a batch spans many fetches: one chunk makes every column read cheap
         if examples.num_rows == 0:
-            self._aggregate(examples)  # other workers' examples may touch entities this worker owns
+            self._aggregate(examples, None)  # other workers' examples may touch entities this worker owns
             self._optimize(None, {})
             self.step += 1
             return {"loss": 0.0}
         user_ids = _column(examples, "user_id", np.int64)
         item_ids = _column(examples, "item_id", np.int64)
-        dense = self._finite(self.features.lookup(user_ids, item_ids))  # (B, F)
+        dense = self._features_of(user_ids, item_ids)  # (B, F)
         # This batch's labels go into the aggregates now, and the push runs while the model steps: the
         # batch has read its features already, so nothing it sees can include its own labels.
-        self._aggregate(examples)
+        self._aggregate(examples, upcoming)
         ids = {
             "user_id": torch.from_numpy(user_ids).to(self.device),
             "item_id": torch.from_numpy(item_ids).to(self.device),
@@ -261,7 +271,16 @@ class OnlineLearner:
         self.reducer.average_buffers(self.model)
         return total, per_task
 
-    def _aggregate(self, examples: pa.Table) -> None:
+    def _features_of(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """The dense features of these pairs: read ahead on the push thread if that read was for exactly
+        these pairs (see ``learn``), else read now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and np.array_equal(ahead[0], user_ids) and np.array_equal(ahead[1], item_ids):
+            self.features_read_ahead += 1
+            return self._finite(ahead[2])
+        return self._finite(self.features.lookup(user_ids, item_ids))
+
+    def _aggregate(self, examples: pa.Table, upcoming: pa.Table | None) -> None:
         """Fold the step's labels into the streaming aggregates and start pushing the new rows.
 
         Each user and item belongs to one worker (``id mod N``): it folds that entity's events from every
@@ -278,11 +297,15 @@ class OnlineLearner:
         else:
             users = items = events
         if len(users) or len(items):  # folded and pushed on the push thread, while the model steps
-            self._push = self._pusher.submit(self._fold_and_push, users, items)
+            self._push = self._pusher.submit(self._fold_and_push, users, items, upcoming)
 
-    def _fold_and_push(self, users: Events, items: Events) -> None:
+    def _fold_and_push(self, users: Events, items: Events, upcoming: pa.Table | None) -> None:
         user_rows, item_rows = self.aggregator.fold(users, items)
         self.features.push(user_rows, item_rows)
+        if upcoming is not None and upcoming.num_rows:  # the next step's read, after this push as it must be
+            user_ids = _column(upcoming, "user_id", np.int64)
+            item_ids = _column(upcoming, "item_id", np.int64)
+            self._ahead = (user_ids, item_ids, self.features.lookup(user_ids, item_ids))
 
     def wait_for_push(self) -> None:
         """Until the last batch's aggregates are in the feature store (raises what the push raised)."""

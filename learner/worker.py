@@ -173,7 +173,7 @@ class TrainerWorker:
     def _train(self, n: int) -> None:
         """One (group) step on up to ``n`` buffered examples: fewer, or none, when this worker has fewer."""
         batch = self.intake.take(n)
-        self.learner.learn(batch)
+        self.learner.learn(batch, upcoming=self.intake.peek(n))
         self._audit(batch)
         if self.learner.step % self.config.checkpoint_every_steps == 0:
             self.checkpoint()
@@ -277,6 +277,7 @@ class TrainerWorker:
             "examples_trained": self.learner.examples,
             "skipped_steps": self.learner.skipped_steps,
             "nonfinite_features": self.learner.nonfinite_features,
+            "features_read_ahead": self.learner.features_read_ahead,
             "snapshots": list(self.learner.published),
             "metrics": self.learner.summary,  # as of the last health report, publish or the end of the run
             "committed": self.stream.committed,

@@ -60,7 +60,10 @@ def test_read_ahead_is_bounded_and_commits_follow_the_captured_cut(kafka_bootstr
         intake.commit(covered)
         taken = 0
         while taken < len(impressions) - 50:
-            taken += intake.take(100).num_rows
+            ahead, held = intake.peek(100), intake.buffered()
+            batch = intake.take(100)  # the thread only appends: the head peeked is the head taken
+            assert held >= ahead.num_rows and batch.slice(0, ahead.num_rows).equals(ahead)
+            taken += batch.num_rows
             intake.wait(1, 10)
         wait_for(lambda: stream.committed == covered, 30, "the captured offsets to be committed")
     finally:

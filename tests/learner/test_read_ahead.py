@@ -1,0 +1,66 @@
+"""Features read ahead on the push thread: the next step gets exactly what it would have read itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from features.memory import InMemoryFeatures
+from learner.online import LearnerConfig, OnlineLearner
+from learner.snapshots import SnapshotStore
+from tests.learner.test_distributed import _batch
+
+CONFIG = LearnerConfig(family="mmoe", hparams={"n_experts": 2, "expert_dims": (8,), "tower_dims": (4,)},
+                       n_buckets=256, emb_dim=4, lr=0.05)
+BATCHES = [_batch(step, 0, 48) for step in range(5)]
+"""Overlapping users and items from step to step: each step's features depend on the previous one's push."""
+
+
+class _Recording(InMemoryFeatures):
+    """The in-memory store, keeping every feature matrix a lookup returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list = []
+
+    def lookup(self, user_ids, item_ids):
+        dense = super().lookup(user_ids, item_ids)
+        self.reads.append(dense.copy())
+        return dense
+
+
+def _run(tmp: Path, upcoming) -> tuple[OnlineLearner, list]:
+    features = _Recording()
+    learner = OnlineLearner(CONFIG, features, SnapshotStore(tmp / "snapshots"))
+    for step, batch in enumerate(BATCHES):
+        learner.learn(batch, upcoming=upcoming(step))
+    learner.close()
+    return learner, features.reads
+
+
+def test_read_ahead_features_equal_a_read_at_the_start_of_the_step(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    plain, plain_reads = _run(tmp_path / "plain", lambda step: None)
+    torch.manual_seed(0)
+    ahead, ahead_reads = _run(tmp_path / "ahead", lambda step: BATCHES[step + 1] if step + 1 < len(BATCHES) else None)
+    assert plain.features_read_ahead == 0 and ahead.features_read_ahead == len(BATCHES) - 1
+    assert len(plain_reads) == len(ahead_reads) == len(BATCHES)
+    for got, expected in zip(ahead_reads, plain_reads):
+        assert (got == expected).all()
+    assert any((a != b).any() for a, b in zip(plain_reads, plain_reads[1:]))  # the pushes did change features
+    for name, value in plain.model.state_dict().items():
+        assert torch.equal(ahead.model.state_dict()[name], value), name
+
+
+def test_a_step_that_gets_other_examples_than_announced_reads_its_own(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    plain, _ = _run(tmp_path / "plain", lambda step: None)
+    wrong = [pa.concat_tables([b.slice(1), b.slice(0, 1)]) for b in BATCHES]  # same rows, another order
+    torch.manual_seed(0)
+    misled, reads = _run(tmp_path / "misled", lambda step: wrong[step + 1] if step + 1 < len(BATCHES) else None)
+    assert misled.features_read_ahead == 0
+    assert len(reads) == 2 * len(BATCHES) - 1  # every read ahead went unused and each step read its own
+    for name, value in plain.model.state_dict().items():
+        assert torch.equal(misled.model.state_dict()[name], value), name
