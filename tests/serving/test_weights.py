@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,16 @@ NEVER = 3600.0  # poll period: these tests call refresh() themselves, so the thr
 @pytest.fixture
 def store(tmp_path: Path) -> SnapshotStore:
     return SnapshotStore(tmp_path / "snapshots")
+
+
+@contextmanager
+def following(store: SnapshotStore) -> Iterator[WeightFollower]:
+    """A follower of ``store`` that polls only when told (``refresh``), closed afterwards."""
+    follower = WeightFollower(store.directory, poll_s=NEVER)
+    try:
+        yield follower
+    finally:
+        follower.close()
 
 
 def test_follows_new_versions_and_reports_each_swap(store: SnapshotStore) -> None:
@@ -36,19 +48,15 @@ def test_follows_new_versions_and_reports_each_swap(store: SnapshotStore) -> Non
 
 def test_weights_match_the_published_snapshot(store: SnapshotStore) -> None:
     manifest = publish(store, seed=5)
-    follower = WeightFollower(store.directory, poll_s=NEVER)
-    try:
+    with following(store) as follower:
         _, tensors = store.load(manifest.version)
         loaded = follower.current.model.state_dict()
         assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
-    finally:
-        follower.close()
 
 
 def test_a_corrupt_snapshot_is_refused_and_the_previous_keeps_serving(store: SnapshotStore) -> None:
     publish(store, seed=1)
-    follower = WeightFollower(store.directory, poll_s=NEVER)
-    try:
+    with following(store) as follower:
         bad = publish(store, seed=2)
         weights = store.directory / f"v{bad.version:06d}.safetensors"
         payload = bytearray(weights.read_bytes())
@@ -62,21 +70,16 @@ def test_a_corrupt_snapshot_is_refused_and_the_previous_keeps_serving(store: Sna
         publish(store, seed=3)
         follower.refresh()
         assert follower.current.version == 3
-    finally:
-        follower.close()
 
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)
 def test_every_kind_of_corrupt_snapshot_is_refused_and_remembered(store: SnapshotStore, kind: str) -> None:
     publish(store, seed=1)
-    follower = WeightFollower(store.directory, poll_s=NEVER)
-    try:
+    with following(store) as follower:
         bad = publish_corrupt(store, kind, seed=2)
         follower.refresh()
         follower.refresh()
         assert follower.current.version == 1 and list(follower.rejected) == [bad]
-    finally:
-        follower.close()
 
 
 def test_a_follower_started_while_latest_is_corrupt_serves_the_newest_good_version(store: SnapshotStore) -> None:
@@ -85,8 +88,7 @@ def test_a_follower_started_while_latest_is_corrupt_serves_the_newest_good_versi
     publish(store, seed=1)
     good = publish(store, seed=2).version
     bad = [publish_corrupt(store, kind, seed=3 + i) for i, kind in enumerate(CORRUPTIONS)]
-    follower = WeightFollower(store.directory, poll_s=NEVER)
-    try:
+    with following(store) as follower:
         assert follower.current.version == good
         assert sorted(follower.rejected) == bad  # each tried once, newest first, on the way down to the good one
         follower.refresh()
@@ -94,27 +96,21 @@ def test_a_follower_started_while_latest_is_corrupt_serves_the_newest_good_versi
         newest = publish(store, seed=9).version
         follower.refresh()
         assert follower.current.version == newest
-    finally:
-        follower.close()
 
 
 def test_a_good_version_published_just_before_a_corrupt_one_is_not_skipped(store: SnapshotStore) -> None:
     publish(store, seed=1)
-    follower = WeightFollower(store.directory, poll_s=NEVER)
-    try:
+    with following(store) as follower:
         good = publish(store, seed=2).version
         bad = publish_corrupt(store, "bit flip", seed=3)  # lands before the follower polls again
         follower.refresh()
         assert follower.current.version == good and list(follower.rejected) == [bad]
-    finally:
-        follower.close()
 
 
 def test_a_snapshot_superseded_while_loading_is_skipped_not_refused(store: SnapshotStore, monkeypatch) -> None:
     """The publisher keeps 10 versions: one read just as a newer publish prunes it is not a bad snapshot."""
     publish(store, seed=1)
-    follower = WeightFollower(store.directory, poll_s=NEVER)
-    try:
+    with following(store) as follower:
         publish(store, seed=2)
         real_load = store.load
 
@@ -129,14 +125,9 @@ def test_a_snapshot_superseded_while_loading_is_skipped_not_refused(store: Snaps
         monkeypatch.setattr(follower.store, "load", real_load)
         follower.refresh()
         assert follower.current.version == 3
-    finally:
-        follower.close()
 
 
 def test_loaded_model_names_its_family(store: SnapshotStore) -> None:
     publish(store, seed=1)
-    follower = WeightFollower(store.directory, poll_s=NEVER)
-    try:
+    with following(store) as follower:
         assert isinstance(follower.current, LoadedModel) and follower.current.family == "mmoe"
-    finally:
-        follower.close()
