@@ -63,3 +63,7 @@ def test_poisoned_features_and_an_exploding_step_leave_the_weights_alone(tmp_pat
     assert all(torch.isfinite(v).all() for v in learner.model.state_dict().values() if v.is_floating_point())
     _, latest = store.load()
     assert all(torch.isfinite(v).all() for v in latest.values() if v.is_floating_point())
+    print(f"poisoned batch ({family}): {learner.nonfinite_features} non-finite feature values read as 0 and "
+          f"counted; {learner.skipped_steps} exploding step skipped with weights and buffers unchanged; "
+          f"{len(learner.published)} snapshots published, every weight finite; the next step trained "
+          f"(loss {result['loss']:.4f})")
