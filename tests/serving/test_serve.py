@@ -157,8 +157,14 @@ def test_ray_metrics_report_version_and_swaps(served) -> None:
 
     url, store = served
     latest = publish(store, seed=999).version  # every replica swaps at least once more, whatever ran before
-    wait_for(lambda: all(httpx.get(f"{url}/healthz").json()["model_version"] == latest for _ in range(6)), 60,
-             f"replicas at v{latest}")
+    ours: set[str] = set()  # this app's replicas, as they name themselves
+
+    def all_at_latest() -> bool:
+        answers = [httpx.get(f"{url}/healthz").json() for _ in range(6)]
+        ours.update(a["replica"] for a in answers)
+        return all(a["model_version"] == latest for a in answers) and len(ours) >= REPLICAS
+
+    wait_for(all_at_latest, 60, f"both replicas answering at v{latest}")
     port = ray._private.worker.global_worker.node.metrics_export_port
 
     def sample(name: str) -> dict[str, float]:
@@ -166,9 +172,9 @@ def test_ray_metrics_report_version_and_swaps(served) -> None:
         found = {}
         for line in text.splitlines():
             replica = re.search(r'replica="([^"]+)"', line)
-            # Only the Serve replicas' series: a service built in this test process (tests/serving/test_api.py,
-            # in the same Ray session) exports the same metrics without a replica.
-            if line.startswith(name + "{") and replica:
+            # Only this app's replicas: other Serve apps of the same Ray session (the reliability scenarios) and
+            # services built in this test process (tests/serving/test_api.py) export the same metric names.
+            if line.startswith(name + "{") and replica and replica.group(1) in ours:
                 found[replica.group(1)] = float(line.rsplit(" ", 1)[1])
         return found
 
