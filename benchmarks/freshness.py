@@ -210,7 +210,9 @@ def run(quick: bool = False) -> Report:
     from stream.kafka_io import ensure_topics
     from stream.simulator import Simulator, SimulatorConfig
 
-    measure_s, tail_s = (6.0, 3.0) if quick else (40.0, 8.0)  # the tail outlasts the window (1 s) + the longest feedback delay
+    # The tail outlasts the attribution window (1 s) plus the longest feedback delay, so the last measured
+    # impressions are joined and trained.
+    measure_s, tail_s = (6.0, 3.0) if quick else (40.0, 8.0)
     report = Report("freshness")
     with broker() as bootstrap, TemporaryDirectory() as tmp:
         init_ray(quiet=True)

@@ -140,11 +140,11 @@ class OnlineLearner:
         self._pusher = ThreadPoolExecutor(1, thread_name_prefix="moestream-push")
         self._plotter = ThreadPoolExecutor(1, thread_name_prefix="moestream-plot")
         self._plot: Future | None = None
+        """The heatmap being drawn (matplotlib takes a second or more the first time: not on this thread)."""
         self._ahead: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         """Features read ahead for the next step: (user ids, item ids, dense) (see ``learn``)."""
         self.features_read_ahead = 0
         """Steps whose features were read ahead on the push thread."""
-        """The heatmap being drawn (matplotlib takes a second or more the first time: not on this thread)."""
         self._push: Future | None = None
         self.skipped_steps = 0
         """Steps whose (group) gradient was not finite: their update was dropped."""
@@ -284,10 +284,10 @@ class OnlineLearner:
         """Fold the step's labels into the streaming aggregates and start pushing the new rows.
 
         Each user and item belongs to one worker (``id mod N``): it folds that entity's events from every
-        worker's batch (one all-gather, here on the training thread so that every worker's collectives run
-        in one order; the fold and push then run on the push thread) and is the only one to push its rows, so the store holds
-        aggregates over everything the group trained on, and no worker overwrites them with the partial
-        counts of its own partitions. With one worker this is ``aggregator.update(examples)``."""
+        worker's batch and is the only one to push its rows, so the store holds aggregates over everything
+        the group trained on, and no worker overwrites them with the partial counts of its own partitions.
+        The gather runs here, on the training thread, so every worker's collectives run in one order; the
+        fold and push run on the push thread. With one worker this is ``aggregator.update(examples)``."""
         events = Events.of(examples)
         reducer = self.reducer
         if reducer.world_size > 1:
@@ -462,13 +462,13 @@ class OnlineLearner:
         report["family"] = self.config.family
         self.health_dir.mkdir(parents=True, exist_ok=True)
         self._log_heatmap()
+        heatmap = self.health_dir / "utilisation.png"
         if (self.health.reports - 1) % self.config.health.heatmap_every_reports == 0 and self._plot is None:
             steps = [s for s, _ in self.health.history]  # the first report, then every N (one drawing at a time)
             shares = np.stack([share for _, share in self.health.history])  # (R, T, E), a copy
             self._plot = self._plotter.submit(plot_utilisation, steps, shares, report["tasks"], report["experts"],
-                                              self.health_dir / "utilisation.png")
-        heatmap = self.health_dir / "utilisation.png"
-        report["heatmap"] = str(heatmap) if heatmap.exists() else None
+                                              heatmap)
+        report["heatmap"] = str(heatmap) if heatmap.exists() else None  # the latest one drawn, if any yet
         write_atomic(self.health_dir / "experts.json", orjson.dumps(report, option=orjson.OPT_INDENT_2))
         record = report_metrics(report)
         if latest:
