@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"moestream needs Python 3.11, found {sys.version}"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet --disable-pip-version-check uv
-	$(BIN)/uv pip install --python $(BIN)/python -e '.[dev,bench]'
+	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -e '.[dev,bench]'
 	touch $(STAMP)
 
 demo: install

@@ -41,7 +41,7 @@ from learner.metrics import ProgressiveValidation
 from learner.models import ModelOutput, MultiTaskRanker, load_balance_loss, loss_terms
 from learner.health import HealthConfig, HealthMonitor, report_metrics
 from learner.snapshots import Manifest, PublishGuard, SnapshotError, SnapshotRefused, SnapshotStore, write_atomic
-from learner.telemetry import Telemetry, plot_utilisation
+from learner.telemetry import Telemetry, load_plotting, plot_utilisation
 from stream.events import TASKS, TYPICAL_POSITIVE_RATES
 
 
@@ -139,8 +139,9 @@ class OnlineLearner:
         self._skipped_last = False
         self._pusher = ThreadPoolExecutor(1, thread_name_prefix="moestream-push")
         self._plotter = ThreadPoolExecutor(1, thread_name_prefix="moestream-plot")
+        load_plotting()  # at start-up, not while the first steps train
         self._plot: Future | None = None
-        """The heatmap being drawn (matplotlib takes a second or more the first time: not on this thread)."""
+        """The heatmap being drawn (on the plot thread, so a drawing never holds up a step)."""
         self._ahead: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         """Features read ahead for the next step: (user ids, item ids, dense) (see ``learn``)."""
         self.features_read_ahead = 0

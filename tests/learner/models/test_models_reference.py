@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from learner.models import BatchedMLP, ExpertBank, GateBank, StackedLinear, TaskTowers
-from learner.models.layers import Blocks, get_activation
+from learner.models.layers import SMALL_SOFTMAX, Blocks, get_activation, softmax_lastdim
 
 from .zoo_testkit import TASKS, assert_close, make_batch, make_model
 
@@ -163,6 +163,23 @@ def test_blocks_under_bf16_autocast_compute_in_bf16_and_keep_fp32_gradients():
     assert x.grad.dtype == torch.float32
     assert all(p.grad.dtype == torch.float32 for p in mlp.parameters())
     assert_close(out.float(), mlp.forward_blocks(x.detach(), blocks), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("classes", [2, 4, 8, SMALL_SOFTMAX - 1, SMALL_SOFTMAX, 40])
+def test_softmax_lastdim_equals_torch_softmax_with_gradients(classes):
+    torch.manual_seed(classes)
+    x = (torch.randn(64, 6, classes, dtype=torch.float64) * 4).requires_grad_()
+    assert torch.autograd.gradcheck(softmax_lastdim, (x,))
+    y = x.detach().float().requires_grad_()
+    ref = y.detach().clone().requires_grad_()
+    grad = torch.randn(y.shape)
+    softmax_lastdim(y).backward(grad)
+    torch.softmax(ref, dim=-1).backward(grad)
+    torch.testing.assert_close(softmax_lastdim(y.detach()), torch.softmax(ref.detach(), dim=-1))
+    torch.testing.assert_close(y.grad, ref.grad)
+    half = y.detach().bfloat16()
+    assert softmax_lastdim(half).dtype == torch.bfloat16
+    torch.testing.assert_close(softmax_lastdim(half).float(), torch.softmax(half.float(), dim=-1), atol=4e-3, rtol=0)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
