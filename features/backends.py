@@ -68,6 +68,7 @@ class SqliteRows:
     def __init__(self, path: Path, project: str) -> None:
         self.project = project
         self._lock = threading.Lock()  # one connection, shared by a replica's request threads
+        self._written: set[str] = set()  # views known to hold rows (see _read_one)
         self._conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")  # online rows are re-derivable: no fsync per push
@@ -125,9 +126,12 @@ class SqliteRows:
     def _read_one(self, request: ReadRequest) -> dict[tuple[str, str], Blobs]:
         keys = entity_keys(request.join_key, request.ids)
         views = dict.fromkeys(view for view, _ in request.fields)
-        # A view nothing was written to (the static ones, when no files were loaded) costs no lookups.
-        written = {v: self._conn.execute(f"SELECT 1 FROM {self._table(v)} LIMIT 1").fetchone() is not None
-                   for v in views}
+        # A view nothing was written to (the static ones, when no files were loaded) costs no lookups. A view
+        # seen holding rows is not asked again: querying it is right even if it were emptied since.
+        for view in views.keys() - self._written:
+            if self._conn.execute(f"SELECT 1 FROM {self._table(view)} LIMIT 1").fetchone() is not None:
+                self._written.add(view)
+        written = {v: v in self._written for v in views}
         got = {}
         for view, feature in request.fields:
             if not written[view]:

@@ -67,9 +67,9 @@ class ServingConfig:
     batch_wait_timeout_s: float = 0.002
     """How long the first request of a batch waits for others to join it. Scoring a batch has a fixed cost
     (one feature-store read, one forward pass) that a few milliseconds of waiting spread over several
-    requests: at concurrency 8 on 2 cores, 2 ms took batches from 1.2 to 3.5 requests, requests/s up 35% and
-    p99 down from 35 to 25 ms (``docs/serving.md``); an idle service pays the 2 ms on every request. 0: a
-    batch takes only what queued while the previous one ran."""
+    requests: at concurrency 8 on 2 cores, 2 ms took batches from 1.2 to 3 requests, CPU per request down by a
+    quarter and p99 from 31-35 to 24-26 ms (``docs/serving.md``); an idle service pays the 2 ms on every
+    request. 0: a batch takes only what queued while the previous one ran."""
     max_ongoing_requests: int = 64
     """Requests a replica accepts at once; the rest queue in the proxy (and drive autoscaling)."""
     max_body_bytes: int = 64 * 1024

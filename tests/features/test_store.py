@@ -105,6 +105,21 @@ def test_a_second_store_on_the_same_repo_reads_what_the_first_pushed(config: Fea
     assert reader.lookup_batch(np.array([5]), np.array([50]), as_of_ms=stamp).dense[0, 0] == pytest.approx(np.log1p(1))
 
 
+def test_a_reader_that_found_the_store_empty_sees_what_is_pushed_later(config: FeatureStoreConfig, tmp_path: Path) -> None:
+    reader = OnlineFeatures(config)  # a serving replica started before the first push: every view empty
+    before = reader.lookup_batch(np.array([5]), np.array([50])).frame()
+    assert before.loc[0, "u_log_n_1h"] == pytest.approx(frame(defaults()[None, :]).loc[0, "u_log_n_1h"])
+    users, items = StreamAggregator().update(examples([5], [50], [1]))
+    OnlineFeatures(config, apply=False).push(users, items)
+    pd.DataFrame({"item_id": [50], "quality": [0.75]}).to_csv(tmp_path / "items.csv", index=False)
+    OnlineFeatures(config, apply=False).load_static(items=tmp_path / "items.csv")
+    stamp = int(users["event_timestamp"].iloc[0].value // 1_000_000)
+    for _ in range(2):  # and again once the views are known to hold rows
+        after = reader.lookup_batch(np.array([5]), np.array([50]), as_of_ms=stamp).frame()
+        assert after.loc[0, "u_log_n_1h"] == pytest.approx(np.log1p(1))
+        assert after.loc[0, "i_sim_quality"] == pytest.approx(0.75)
+
+
 def test_static_files_in_kuairand_and_simulator_formats_load_and_read_back(config: FeatureStoreConfig, tmp_path: Path) -> None:
     users = pd.DataFrame({c: [0, 0] for c in KUAIRAND_USER_COLUMNS})
     users["user_id"] = [1, 2]
