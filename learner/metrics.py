@@ -38,25 +38,6 @@ def _histogram_auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
 
 
-def binary_auc(p: np.ndarray, y: np.ndarray) -> float:
-    """Exact AUC of scores ``p`` for 0/1 labels ``y``: tied scores share their mid-rank, so a tied
-    positive/negative pair counts one half, as in ``roc_auc_score``. NaN without both classes."""
-    n = len(p)
-    n_pos = float(y.sum())
-    n_neg = n - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(p, kind="stable")
-    s = p[order]
-    tie_start = np.r_[True, s[1:] != s[:-1]]
-    tie_id = np.cumsum(tie_start) - 1
-    first = np.flatnonzero(tie_start)
-    last = np.r_[first[1:] - 1, n - 1]
-    mid_rank = (first[tie_id] + last[tie_id]) / 2.0 + 1.0  # 1-based
-    rank_pos = float((mid_rank * y[order]).sum())
-    return (rank_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
 def group_auc_terms(p: np.ndarray, y: np.ndarray, users: np.ndarray) -> tuple[float, float, int]:
     """``(Σ_u n_u·AUC_u, Σ_u n_u, users counted)`` over users with both classes; GAUC is the ratio.
 
@@ -90,6 +71,12 @@ def group_auc(p: np.ndarray, y: np.ndarray, users: np.ndarray) -> float:
     """GAUC (see the module docstring); NaN when no user has both classes."""
     num, den, _ = group_auc_terms(p, y, users)
     return num / den if den else float("nan")
+
+
+def binary_auc(p: np.ndarray, y: np.ndarray) -> float:
+    """Exact AUC of scores ``p`` for 0/1 labels ``y``: the GAUC of one user (tied scores share their mid-rank,
+    so a tied positive/negative pair counts one half, as in ``roc_auc_score``). NaN without both classes."""
+    return group_auc(p, y, np.zeros(len(p), np.int64))
 
 
 def _concat(parts: deque | list, n: int = 3) -> tuple[np.ndarray, ...]:

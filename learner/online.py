@@ -180,6 +180,7 @@ class OnlineLearner:
         next step, but while this one's model step runs); the next step uses them only if it gets exactly
         those examples, and reads its own otherwise."""
         self.wait_for_push()  # the previous batch's aggregates are in the store before this batch reads it
+        ahead, self._ahead = self._ahead, None  # a read ahead is for the very next step only, used or not
         examples = examples.combine_chunks()  # a batch spans many fetches: one chunk makes every column read cheap
         if examples.num_rows == 0:
             self._aggregate(examples, None)  # other workers' examples may touch entities this worker owns
@@ -188,7 +189,7 @@ class OnlineLearner:
             return {"loss": 0.0}
         user_ids = _column(examples, "user_id", np.int64)
         item_ids = _column(examples, "item_id", np.int64)
-        dense = self._features_of(user_ids, item_ids)  # (B, F)
+        dense = self._features_of(user_ids, item_ids, ahead)  # (B, F)
         # This batch's labels go into the aggregates now, and the push runs while the model steps: the
         # batch has read its features already, so nothing it sees can include its own labels.
         self._aggregate(examples, upcoming)
@@ -272,10 +273,10 @@ class OnlineLearner:
         self.reducer.average_buffers(self.model)
         return total, per_task
 
-    def _features_of(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
-        """The dense features of these pairs: read ahead on the push thread if that read was for exactly
-        these pairs (see ``learn``), else read now."""
-        ahead, self._ahead = self._ahead, None
+    def _features_of(self, user_ids: np.ndarray, item_ids: np.ndarray,
+                     ahead: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> np.ndarray:
+        """The dense features of these pairs: ``ahead`` (read on the push thread, see ``learn``) if that read
+        was for exactly these pairs, else read now."""
         if ahead is not None and np.array_equal(ahead[0], user_ids) and np.array_equal(ahead[1], item_ids):
             self.features_read_ahead += 1
             return self._finite(ahead[2])

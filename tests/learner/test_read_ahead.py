@@ -7,6 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from features.aggregates import StreamAggregator
 from features.memory import InMemoryFeatures
 from learner.online import LearnerConfig, OnlineLearner
 from learner.snapshots import SnapshotStore
@@ -64,3 +65,19 @@ def test_a_step_that_gets_other_examples_than_announced_reads_its_own(tmp_path: 
     assert len(reads) == 2 * len(BATCHES) - 1  # every read ahead went unused and each step read its own
     for name, value in plain.model.state_dict().items():
         assert torch.equal(misled.model.state_dict()[name], value), name
+
+
+def test_a_read_ahead_the_next_step_did_not_use_is_never_used_later(tmp_path: Path) -> None:
+    """A step on nothing (a worker whose partitions were idle, or whose buffer a rebalance dropped) leaves
+    the read ahead unused; meanwhile other workers push (their owned entities folded from its batch), so a
+    later step must read anew, even for the very examples that were announced."""
+    features = _Recording()
+    learner = OnlineLearner(CONFIG, features, SnapshotStore(tmp_path / "snapshots"))
+    learner.learn(BATCHES[0], upcoming=BATCHES[1])  # reads BATCHES[1]'s features ahead
+    learner.learn(BATCHES[0].slice(0, 0))  # the next step gets nothing
+    features.push(*StreamAggregator().update(BATCHES[2]))  # another worker's push: BATCHES[1]'s features change
+    learner.learn(BATCHES[1])
+    learner.close()
+    assert learner.features_read_ahead == 0
+    assert len(features.reads) == 3  # BATCHES[0], the read ahead (unused), BATCHES[1] read anew
+    assert (features.reads[2] != features.reads[1]).any()  # the old read would have given other features
