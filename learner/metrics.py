@@ -2,9 +2,10 @@
 
 Per task, over a sliding window of recent examples (``window_*``) and cumulatively:
 
-- **AUC**. Windowed: exact, on the raw window, from mid-ranks (the Mann-Whitney statistic; equal to
-  scikit-learn's ``roc_auc_score``, which the tests check, at a fifth of its cost: its input validation
-  alone took longer than the sort, and the trainer computes six of these every report). Cumulative: from fixed-width
+- **AUC**. Windowed: exact, on the raw window, from mid-ranks (the Mann-Whitney statistic, computed as the
+  GAUC of one user; equal to scikit-learn's ``roc_auc_score``, which the tests check, in 3.0 ms where it
+  takes 4.8 on a 20,000-example window, 0.22 against 1.9 ms on 4,096: its input validation costs more than
+  the sort, and the trainer computes six of these every report). Cumulative: from fixed-width
   score histograms (2048 bins, ties inside a bin count one half), so memory stays bounded however long
   the stream runs; it agrees with the exact AUC to about 1e-3.
 - **GAUC**: per-user AUC weighted by the user's impressions, ``Σ_u n_u·AUC_u / Σ_u n_u``. Users whose
