@@ -3,8 +3,9 @@
 The ranking app (``serving.app``, one replica, default ``ServingConfig``) serves a snapshot of the
 learner's default model (MMoE, 2^18 hashed-ID buckets) with features from a real Feast SQLite store that
 holds streaming aggregates of simulator traffic, so candidates are a mix of known and unknown items. A
-closed-loop client (aiohttp, in this process) keeps ``concurrency`` requests in flight, each ranking
-``candidates`` distinct items of a 20k-item catalog for a Zipf-drawn user, and records every latency.
+closed-loop client (``benchmarks.http_load``, in this process) keeps ``concurrency`` requests in flight,
+each ranking ``candidates`` distinct items of a 20k-item catalog for a Zipf-drawn user, and records every
+latency.
 
 Anchor: an echo deployment behind the same Serve proxy, sent the same bodies at the same concurrency, that
 returns the body it got (no parsing): what Ray Serve's HTTP path costs by itself on this machine. The two
@@ -12,7 +13,8 @@ alternate in short rounds so a busy neighbour hits both alike. With ``RAY_SERVE_
 HAProxy in front instead of its Python proxy; that mode is measured the same way in a fresh Ray instance.
 
 The client shares the machine's CPUs with the proxy and the replicas: on a 2-core box it is part of what
-is measured.
+is measured, which is why it is a lean HTTP/1.1 client rather than aiohttp (a third of the CPU per request;
+see ``benchmarks.http_load``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import orjson
 from rich.progress import Progress
 
 from benchmarks.harness import Report, Row
+from benchmarks.http_load import Sample, closed_loop
 from benchmarks.timing import load_average
 
 GOAL_P99_MS = 25.0
@@ -48,17 +51,6 @@ QUICK_MODES = ("haproxy",)
 """The ingress a quick run measures: the faster of the two here, the one the latency goal is read on."""
 
 
-@dataclass
-class Sample:
-    latencies_s: list[float]
-    seconds: float
-    errors: int
-
-    @property
-    def rate(self) -> float:
-        return len(self.latencies_s) / self.seconds if self.seconds > 0 else float("nan")
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -71,41 +63,6 @@ def bodies(n_candidates: int, count: int, seed: int) -> list[bytes]:
     users = rng.choice(N_USERS, count, p=weights / weights.sum())
     return [orjson.dumps({"user_id": int(u), "candidates": rng.choice(N_ITEMS, n_candidates, replace=False).tolist()})
             for u in users]
-
-
-async def closed_loop(url: str, payloads: list[bytes], concurrency: int, seconds: float, warmup_s: float) -> Sample:
-    """``concurrency`` workers each send one request after the other for ``seconds`` (after a warm-up)."""
-    import aiohttp
-
-    latencies: list[float] = []
-    errors = 0
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-    headers = {"content-type": "application/json"}
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
-        start = time.perf_counter()
-        measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
-
-        async def worker(k: int) -> None:
-            nonlocal errors
-            i = k
-            while (now := time.perf_counter()) < stop_at:
-                body = payloads[i % len(payloads)]
-                i += concurrency
-                try:
-                    async with session.post(url, data=body, headers=headers) as response:
-                        await response.read()
-                        ok = response.status == 200
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    ok = False
-                done = time.perf_counter()
-                if now >= measure_from:
-                    if ok:
-                        latencies.append(done - now)
-                    else:
-                        errors += 1
-
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    return Sample(latencies, stop_at - measure_from, errors)
 
 
 @dataclass
@@ -263,7 +220,7 @@ def run(quick: bool = False) -> Report:
                         f"{defaults.torch_threads} each), otherwise the default ServingConfig (batches of up to "
                         f"{defaults.max_batch_candidates} candidates, batch wait {defaults.batch_wait_timeout_s * 1000:g} ms); "
                         f"echo: {REPLICAS} replicas; MMoE of the learner's defaults; {N_USERS:,} users, "
-                        f"{N_ITEMS:,} items, aggregates of {TRAFFIC_QUICK if quick else TRAFFIC:,} impressions in the feature store; client in the same process (aiohttp); load average at the end "
+                        f"{N_ITEMS:,} items, aggregates of {TRAFFIC_QUICK if quick else TRAFFIC:,} impressions in the feature store; client in the same process (benchmarks.http_load, HTTP/1.1 keep-alive); load average at the end "
                         f"{load_average()}")
     return report
 

@@ -50,6 +50,24 @@ MAX_ENTITY_ID = 2**53 - 1
 way. The event contract allows ids up to 2**62 (``stream.events.MAX_ID``); ids above 2**53 would need a
 string form in the API."""
 EntityId = Annotated[int, Field(ge=0, le=MAX_ENTITY_ID), BeforeValidator(_whole_number)]
+
+
+def _whole_numbers(values: Any) -> Any:
+    """``_whole_number`` for a whole list of ids in one call: a Python validator per element cost 0.55 us each,
+    a fifth of the app's own time per request at 100 candidates. Elements left as ints are then range-checked
+    by pydantic's core (``CandidateId``); anything but a list is left for the schema to refuse."""
+    if not isinstance(values, list) or all(type(v) is int for v in values):
+        return values
+    whole = []
+    for i, value in enumerate(values):
+        try:
+            whole.append(_whole_number(value))
+        except ValueError as exc:
+            raise ValueError(f"item {i} {exc}") from None
+    return whole
+
+
+CandidateId = Annotated[StrictInt, Field(ge=0, le=MAX_ENTITY_ID)]
 ContextValue = Annotated[StrictStr, Field(max_length=256)] | StrictInt | Annotated[StrictFloat, Field(allow_inf_nan=False)] | StrictBool
 MAX_CONTEXT_KEYS = 32
 
@@ -126,13 +144,16 @@ def request_models(max_candidates: int) -> tuple[type[BaseModel], type[BaseModel
     """The two request bodies, with the configured cap on candidates in their schema."""
 
     def distinct(values: list[int]) -> list[int]:
+        if len(set(values)) == len(values):
+            return values
         ids, counts = np.unique(np.asarray(values, dtype=np.int64), return_counts=True)
         if (counts > 1).any():
             raise ValueError(f"must be distinct; repeated: {ids[counts > 1][:10].tolist()}")
         return values
 
-    Candidates = Annotated[list[EntityId], Field(min_length=1, max_length=max_candidates,
-                                                  json_schema_extra={"uniqueItems": True})]
+    Candidates = Annotated[list[CandidateId], Field(min_length=1, max_length=max_candidates,
+                                                     json_schema_extra={"uniqueItems": True}),
+                           BeforeValidator(_whole_numbers)]
 
     class RankRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
