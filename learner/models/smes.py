@@ -46,7 +46,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .layers import ZERO_EPS, BatchedMLP, Blocks, StackedLinear, TaskTowers
+from .layers import BatchedMLP, Blocks, StackedLinear, TaskTowers, near_zero
 from .output import ModelOutput
 from .registry import MultiTaskModel, check_dims, check_positive, register
 
@@ -157,7 +157,7 @@ class SMES(MultiTaskModel):
         slot_weights = slot_weights * filled.view(n_rows, 1, n_slots)  # (B, T, K)
         mixed = torch.bmm(slot_weights.to(table.dtype), slots.view(n_rows, n_slots, -1))  # (B, T, H)
 
-        zeros_per_row = (table.detach().abs() <= ZERO_EPS).sum(dim=1, dtype=torch.int32)  # (N,)
+        zeros_per_row = near_zero(table).sum(dim=1, dtype=torch.float32)  # (N,)
         zero_frac = x.new_zeros(n_experts).index_add(0, experts, zeros_per_row[at].to(x.dtype))
         zero_frac = zero_frac / (rows_per_expert.clamp_min(1) * table.shape[1])  # (E,) over the rows each expert ran on
         return mixed, zero_frac, rows_per_expert

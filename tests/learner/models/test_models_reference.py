@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from learner.models import BatchedMLP, ExpertBank, GateBank, StackedLinear, TaskTowers
-from learner.models.layers import SMALL_SOFTMAX, Blocks, get_activation, softmax_lastdim
+from learner.models.layers import SMALL_SOFTMAX, ZERO_EPS, Blocks, get_activation, softmax_lastdim, zero_frac
 
 from .zoo_testkit import TASKS, assert_close, make_batch, make_model
 
@@ -330,3 +330,33 @@ def test_smes_sparse_dispatch_equals_dense_reference(k_shared, k_private, capaci
     expected = plain_towers(model.towers, [plain_mix(out.gates[t], hs) for t in TASKS])
     for task, value in zip(TASKS, expected):
         assert_close(out.logits[task], value, atol=1e-5)
+
+
+def test_zero_frac_counts_magnitudes_up_to_the_tolerance() -> None:
+    values = torch.tensor([0.0, -0.0, 5e-7, -5e-7, 1e-6, 2e-6, -2e-6, 0.3, float("nan"), float("inf")])
+    h = values.repeat(4, 3, 1)  # (B=4, E=3, H=10)
+    h[:, 1] = 1.0  # expert 1: nothing near zero
+    h[:, 2, :5] = 0.0  # expert 2: half zero
+    expected = torch.tensor([5 / 10, 0.0, 5 / 10])  # 0, -0, +-5e-7 and exactly 1e-6 are "zero"; NaN and inf are not
+    before = h.clone()
+    assert_close(zero_frac(h), expected)
+    assert torch.equal(h.nan_to_num(), before.nan_to_num())  # the activations are left as they were
+    low = zero_frac(h.to(torch.bfloat16))
+    assert low.dtype == torch.float32 and torch.equal(low, zero_frac(h.to(torch.bfloat16).float()))
+
+
+def test_smes_zero_frac_is_over_the_rows_each_expert_ran_on() -> None:
+    model = make_model("smes", n_experts=8, k_shared=1, k_private=1)
+    x, _, _ = make_batch(64)
+    with torch.no_grad():
+        out = model(x)
+        executed = torch.stack([out.gates[t] > 0 for t in TASKS], dim=1).any(dim=1)  # (B, E)
+        expected = torch.zeros(8)
+        for e in range(8):
+            h = x[executed[:, e]]
+            for layer in model.experts.layers:
+                h = torch.relu(h @ layer.weight[e] + layer.bias[e])
+            if h.shape[0]:
+                expected[e] = (h.abs() <= ZERO_EPS).float().mean()
+    assert 0 < expected.max() and expected.min() < 1  # ReLU experts: some zeros, not all
+    assert_close(out.expert_zero_frac, expected, atol=1e-6, rtol=0)
