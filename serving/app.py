@@ -2,11 +2,11 @@
 
 Each replica builds its FastAPI app (``serving.api``) around a ``@serve.batch`` method that gathers
 concurrent requests for up to ``batch_wait_timeout_s`` (or until their candidates would exceed
-``max_batch_candidates``) and scores them together. Scoring runs on the replica's user-code event loop, which
-Ray Serve keeps on its own thread (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD``, on by default): the
-replica's main loop goes on accepting HTTP requests meanwhile, and they join the next batch. Handing each
-batch to a worker thread instead cost a thread hop and GIL hand-overs per batch: 12% fewer requests/s at
-concurrency 8 on the 2-core machine (``docs/serving.md``). Weights come from the snapshot directory through
+``max_batch_candidates``) and scores them together. Scoring runs on the replica's user-code event loop, not on a
+worker thread: handing each batch to one cost a thread hop and GIL hand-overs per batch, 12% fewer
+requests/s at concurrency 8 on the 2-core machine (``docs/serving.md``). That loop is the replica's main
+loop, beside its HTTP server, unless ``ServingConfig.user_code_thread`` asks for Ray Serve's default, a
+thread of its own (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD``). Weights come from the snapshot directory through
 :class:`serving.weights.WeightFollower`: new snapshots are swapped in without redeploying (redeploying would
 restart replicas).
 """

@@ -11,9 +11,17 @@ def test_defaults_are_valid_and_deploy_a_fixed_replica_count() -> None:
     config = ServingConfig()
     options = config.deployment_options()
     assert options["num_replicas"] == 1 and "autoscaling_config" not in options
-    assert options["ray_actor_options"] == {"num_cpus": 1.0}
+    assert options["ray_actor_options"] == {
+        "num_cpus": 1.0, "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}
     assert options["max_ongoing_requests"] == config.max_ongoing_requests
     assert config.max_candidates == 1000 and config.torch_threads == 1
+
+
+def test_serves_own_user_code_thread_is_one_switch_away() -> None:
+    options = ServingConfig.from_dict({"user_code_thread": True}).deployment_options()
+    assert options["ray_actor_options"] == {"num_cpus": 1.0}  # Ray Serve's default: nothing to set
+    with pytest.raises(ValueError, match="serving.user_code_thread must be true or false"):
+        ServingConfig.from_dict({"user_code_thread": "yes"})
 
 
 def test_autoscaling_replaces_the_fixed_count() -> None:

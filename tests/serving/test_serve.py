@@ -6,6 +6,7 @@ import re
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -149,6 +150,21 @@ def test_predict_model_docs_and_unknown_ids_over_http(served) -> None:
         assert model["family"] == "mmoe" and model["version"] >= 1 and model["snapshot_age_s"] >= 0
         assert http.get("/docs").status_code == 200
         assert "/v1/rank" in http.get("/openapi.json").json()["paths"]
+
+
+def test_replicas_run_user_code_on_their_main_loop(served) -> None:
+    """``ServingConfig.user_code_thread`` is off by default: Serve's switch reaches every replica's process."""
+    url, _ = served
+    pids: set[int] = set()
+
+    def both_seen() -> bool:
+        pids.update(httpx.get(f"{url}/healthz").json()["pid"] for _ in range(4))
+        return len(pids) >= REPLICAS
+
+    wait_for(both_seen, 30, "both replicas answering /healthz")
+    for pid in pids:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0" in environ, pid
 
 
 def test_ray_metrics_report_version_and_swaps(served) -> None:
