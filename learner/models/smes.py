@@ -22,9 +22,12 @@ over all tasks. Every other choice is ours, made as follows:
    for the batch; an expert with more rows than that spills the rest into a second block
    (``SMES.plan_blocks``, ``layers.Blocks``). Each layer is then one batched GEMM over all first
    blocks and one over the spill blocks, instead of ``E`` small GEMMs and their autograd nodes.
-   Each output lands in one of its row's ``max_executed`` slots, which the task weights then mix in
-   one batched product. No capacity factor, so no row is ever dropped and a row's output never
-   depends on the rest of the batch; balance comes from the regulariser.
+   Routing is kept in slots: row ``b`` has ``K = k_shared + T·k_private`` candidate experts (the
+   shared subset, then the private picks, a repeated pick left unfilled), each task's weights live
+   on those ``K`` slots, not on all ``E`` experts, and each expert output lands in its row's slot,
+   which the task weights then mix in one batched product. No capacity factor, so no row is ever
+   dropped and a row's output never depends on the rest of the batch; balance comes from the
+   regulariser.
 6. Regulariser: Switch-style ``N · Σ_i f_i · P_i``, with ``f_i`` the fraction of all routing
    choices (instance × task × selected expert) that went to expert ``i`` and ``P_i`` the mean of
    ``p_{t,i}`` over (instance, task) slots; times ``lb_coef``. Both are ratios of sums, so
@@ -42,6 +45,7 @@ measured over the rows each expert processed (0 for an expert that got none).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -66,6 +70,16 @@ def load_balance_loss(counts: Tensor, prob_sums: Tensor, n_slots: Tensor | float
     f = counts / counts.sum().clamp_min(1.0)  # (E,)
     p = prob_sums / torch.as_tensor(n_slots, dtype=prob_sums.dtype, device=prob_sums.device).clamp_min(1.0)
     return n_experts * (f * p).sum()
+
+
+class Routing(NamedTuple):
+    """One batch's routing, in slots: row ``b``'s ``K = k_shared + T·k_private`` candidate experts."""
+
+    probs: Tensor  # (B, T, E) router probabilities
+    experts: Tensor  # (B, K) candidate experts: the shared subset, then the private picks (sorted)
+    filled: Tensor  # (B, K) bool: the slot runs (False for a private expert repeated in its row)
+    chosen: Tensor  # (B, T, K) bool: task t mixes slot k (the shared slots and its own private picks)
+    shared: Tensor  # (B, k_shared) the shared subset
 
 
 @register("smes")
@@ -109,39 +123,45 @@ class SMES(MultiTaskModel):
         self.router = StackedLinear(n_tasks, n_inputs, n_experts)
         self.towers = TaskTowers(n_tasks, expert_dims[-1], tower_dims, activation)
 
-    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Progressive routing: router probabilities ``(B, T, E)``, each task's selected experts
-        ``(B, T, E)`` (bool) and the shared subset ``(B, k_shared)``."""
+    def route(self, x: Tensor) -> Routing:
+        """Progressive routing (see the module docstring, points 1-4), in slots: each row's candidate
+        experts, the shared subset first, then the tasks' private picks with repeats left unfilled."""
         probs = torch.softmax(self.router(x), dim=-1)  # (B, T, E)
         n_rows, n_tasks, n_experts = probs.shape
         shared = probs.mean(dim=1).topk(self.k_shared, dim=-1).indices  # (B, k_shared)
-        in_shared = probs.new_zeros(n_rows, n_experts, dtype=torch.bool).scatter(1, shared, True)  # (B, E)
-        selected = in_shared.unsqueeze(1).expand(-1, n_tasks, -1)  # (B, T, E)
-        if self.k_private:
+        if not self.k_private:
+            experts = shared
+            filled = torch.ones_like(shared, dtype=torch.bool)
+            chosen = filled.unsqueeze(1).expand(-1, n_tasks, -1)  # (B, T, k_shared)
+        else:
+            in_shared = probs.new_zeros(n_rows, n_experts, dtype=torch.bool).scatter(1, shared, True)  # (B, E)
             rest = probs.detach().masked_fill(in_shared.unsqueeze(1), -1.0)  # probabilities are >= 0
-            private = rest.topk(self.k_private, dim=-1).indices  # (B, T, k_private)
-            selected = selected.scatter(2, private, True)
-        return probs, selected, shared
+            private = rest.topk(self.k_private, dim=-1).indices  # (B, T, k_private), never in the shared subset
+            picks = private.reshape(n_rows, -1).sort(dim=1).values  # (B, T·k_private): repeats side by side
+            first = torch.ones_like(picks, dtype=torch.bool)
+            first[:, 1:] = picks[:, 1:] != picks[:, :-1]  # a private expert two tasks picked runs once
+            experts = torch.cat([shared, picks], dim=1)  # (B, K)
+            filled = torch.cat([torch.ones_like(shared, dtype=torch.bool), first], dim=1)
+            # task t mixes the shared slots and the filled slots holding one of its own picks
+            own = (picks.view(n_rows, 1, -1, 1) == private.unsqueeze(2)).any(dim=-1)  # (B, T, T·k_private)
+            all_shared = filled[:, : self.k_shared].unsqueeze(1).expand(-1, n_tasks, -1)
+            chosen = torch.cat([all_shared, own & first.unsqueeze(1)], dim=2)
+        return Routing(probs, experts, filled, chosen, shared)
 
-    def dispatch(self, x: Tensor, weights: Tensor, executed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def dispatch(self, x: Tensor, routing: Routing, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Run each expert on the rows routed to it only and combine back.
 
-        ``weights (B, T, E)`` per-task mixing weights, ``executed (B, E)`` which experts run for
-        which rows. Returns mixed expert output ``(B, T, H)``, zero fraction ``(E,)`` and rows
-        per expert ``(E,)``.
+        ``weights (B, T, K)`` each task's mixing weight per slot of ``routing``. Returns mixed expert
+        output ``(B, T, H)``, zero fraction ``(E,)`` and rows per expert ``(E,)``.
 
-        Each row has at most ``max_executed`` slots; an expert's output for a row lands in that row's
-        slot, so the mix is one batched ``(T, K) @ (K, H)`` product per row instead of a ``(pairs, T, H)``
-        temporary.
+        An expert's output for a row lands in that row's slot, so the mix is one batched
+        ``(T, K) @ (K, H)`` product per row instead of a ``(pairs, T, H)`` temporary.
         """
-        n_rows, n_experts = executed.shape
-        n_slots = self.max_executed
-        rows, experts = executed.nonzero(as_tuple=True)  # (R,) (row, expert) pairs, sorted by row
-        per_row = executed.sum(dim=1)  # (B,)
-        slot = torch.arange(rows.shape[0], device=x.device) - (torch.cumsum(per_row, 0) - per_row)[rows]
+        n_rows, n_slots = routing.experts.shape
+        n_experts = self.n_gate_experts
+        rows, slot = routing.filled.nonzero(as_tuple=True)  # (R,) (row, slot) pairs, sorted by row
+        experts = routing.experts[rows, slot]  # (R,)
         position = rows * n_slots + slot  # (R,) where each pair's output goes in the (B·K) slot table
-        expert_at = torch.zeros(n_rows * n_slots, dtype=torch.long, device=x.device).index_copy(0, position, experts)
-        filled = torch.zeros(n_rows * n_slots, dtype=torch.bool, device=x.device).index_fill(0, position, True)
 
         rows_per_expert = torch.bincount(experts, minlength=n_experts)  # (E,)
         blocks = self.plan_blocks(rows_per_expert)
@@ -149,13 +169,11 @@ class SMES(MultiTaskModel):
         # A padding row reads row 0 of x; its output is never read, so it adds nothing and gets no gradient.
         source = torch.zeros(blocks.rows, dtype=torch.long, device=x.device).index_copy(0, at, rows)
         table = self.experts.forward_blocks(x.index_select(0, source), blocks)  # (N, H)
-        # Each slot reads its pair's output straight from the table; an empty slot reads row 0 and is
-        # weighted 0 below.
+        # Each slot reads its pair's output straight from the table; an unfilled slot reads row 0 and is
+        # weighted 0.
         slot_source = torch.zeros(n_rows * n_slots, dtype=torch.long, device=x.device).index_copy(0, position, at)
         slots = table.index_select(0, slot_source)  # (B·K, H)
-        slot_weights = weights.gather(2, expert_at.view(n_rows, 1, n_slots).expand(-1, weights.shape[1], -1))
-        slot_weights = slot_weights * filled.view(n_rows, 1, n_slots)  # (B, T, K)
-        mixed = torch.bmm(slot_weights.to(table.dtype), slots.view(n_rows, n_slots, -1))  # (B, T, H)
+        mixed = torch.bmm(weights.to(table.dtype), slots.view(n_rows, n_slots, -1))  # (B, T, H)
 
         zeros_per_row = near_zero(table).sum(dim=1, dtype=torch.float32)  # (N,)
         zero_frac = x.new_zeros(n_experts).index_add(0, experts, zeros_per_row[at].to(x.dtype))
@@ -200,22 +218,27 @@ class SMES(MultiTaskModel):
 
     def forward(self, x: Tensor) -> ModelOutput:
         self.check_input(x)
-        probs, selected, shared = self.route(x)  # (B, T, E)
-        weights = probs * selected
+        routing = self.route(x)
+        probs, experts, chosen = routing.probs, routing.experts, routing.chosen
+        n_rows, n_tasks, n_experts = probs.shape
+        slot_experts = experts.unsqueeze(1).expand(-1, n_tasks, -1)  # (B, T, K)
+        weights = probs.gather(2, slot_experts) * chosen  # (B, T, K)
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
-        executed = selected.any(dim=1)  # (B, E)
-        mixed, zero_frac, rows_per_expert = self.dispatch(x, weights, executed)  # (B, T, H)
+        mixed, zero_frac, rows_per_expert = self.dispatch(x, routing, weights)  # (B, T, H)
         logits = self.towers(mixed)  # (B, T)
+        # The contract's gates over all E experts (telemetry reads them); the loss reads the slot weights.
+        gates = probs.new_zeros(probs.shape).scatter_add(2, slot_experts, weights)
+        choices = chosen.sum(dim=1, dtype=probs.dtype)  # (B, K) tasks that chose each slot
         lb_stats = (
-            selected.sum(dim=(0, 1), dtype=probs.dtype),  # routing choices per expert
+            probs.new_zeros(n_experts).index_add(0, experts.flatten(), choices.flatten()),  # routing choices per expert
             probs.sum(dim=(0, 1)),  # router probability mass per expert
-            probs.new_tensor(float(probs.shape[0] * probs.shape[1])),  # (instance, task) slots
+            probs.new_tensor(float(n_rows * n_tasks)),  # (instance, task) slots
         )
         aux = self.lb_coef * load_balance_loss(*lb_stats, self.n_gate_experts)
         extras = {
-            "executed_per_instance": executed.sum(dim=1),
+            "executed_per_instance": routing.filled.sum(dim=1),
             "rows_per_expert": rows_per_expert,
-            "shared_experts": shared,
+            "shared_experts": routing.shared,
             "router_probs": probs,
         }
-        return self.output(logits, weights, zero_frac, aux_loss=aux, lb_stats=lb_stats, extras=extras)
+        return self.output(logits, gates, zero_frac, aux_loss=aux, lb_stats=lb_stats, extras=extras)

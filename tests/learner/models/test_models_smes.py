@@ -33,6 +33,42 @@ def test_routing_respects_the_bound_and_the_progressive_structure(n_experts, k_s
     assert torch.equal(shared.sort(dim=1).values, expected.sort(dim=1).values)
 
 
+@pytest.mark.parametrize("k_shared, k_private", [(1, 1), (2, 2), (0, 2)])
+def test_each_task_adds_its_most_probable_experts_outside_the_shared_subset(k_shared, k_private):
+    model = make_model("smes", n_experts=8, k_shared=k_shared, k_private=k_private)
+    x, _, _ = make_batch(64)
+    out = model(x)
+    probs = out.extras["router_probs"]  # (B, T, E)
+    shared = torch.zeros(64, 8, dtype=torch.bool).scatter(1, out.extras["shared_experts"], True)
+    outside = probs.masked_fill(shared.unsqueeze(1), -1.0)
+    for i, task in enumerate(TASKS):
+        private = outside[:, i].topk(k_private, dim=-1).indices
+        expected = shared.clone().scatter(1, private, True)
+        assert torch.equal(out.gates[task] > 0, expected)
+        weights = probs[:, i] * expected
+        assert_close(out.gates[task], weights / weights.sum(dim=1, keepdim=True))
+
+
+def test_a_private_expert_two_tasks_pick_runs_once_per_row():
+    model = make_model("smes", n_experts=6, k_shared=1, k_private=1)
+    with torch.no_grad():  # every task: expert 0 first, expert 3 second, whatever the input
+        model.router.weight.zero_()
+        model.router.bias.zero_()
+        model.router.bias[:, 0] = 5.0
+        model.router.bias[:, 3] = 4.0
+    x, labels, mask = make_batch(32)
+    out = model(x)
+    assert torch.equal(out.extras["executed_per_instance"], torch.full((32,), 2))
+    assert torch.equal(out.extras["rows_per_expert"], torch.tensor([32, 0, 0, 32, 0, 0]))
+    counts, _, n_slots = out.lb_stats  # every (row, task) chose experts 0 and 3
+    assert torch.equal(counts, torch.tensor([32.0 * len(TASKS), 0, 0, 32.0 * len(TASKS), 0, 0]))
+    assert float(n_slots) == 32 * len(TASKS)
+    for task in TASKS:
+        assert torch.equal(out.gates[task] > 0, torch.tensor([True, False, False, True, False, False]).expand(32, -1))
+    loss(out, labels, mask).backward()
+    assert torch.isfinite(model.router.weight.grad).all()
+
+
 def test_only_routed_rows_are_computed():
     model = make_model("smes", n_experts=8, k_shared=1, k_private=1)
     x, _, _ = make_batch(64)
