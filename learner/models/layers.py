@@ -400,6 +400,8 @@ class GateBank(nn.Module):
         self.n_gates, self.k, self.n_experts = len(visible), k, n_experts
         self.proj = StackedLinear(self.n_gates, d_in, k)
         self.register_buffer("index", torch.tensor([list(v) for v in visible]), persistent=False)
+        # every gate sees every expert in order (MMoE, OMoE): the weights need no scattering
+        self.sees_all = all(list(v) == list(range(n_experts)) for v in visible)
         if gate_input is not None:
             self.register_buffer("gate_input", torch.tensor(list(gate_input)), persistent=False)
         else:
@@ -410,6 +412,8 @@ class GateBank(nn.Module):
             x = x[:, self.gate_input]  # (B, G, d_in)
         logits = self.proj(x)  # (B, G, k)
         w = softmax_lastdim(logits) if self.k > 1 else torch.sigmoid(logits)
+        if self.sees_all:
+            return w
         full = w.new_zeros(w.shape[0], self.n_gates, self.n_experts)
         return full.scatter(2, self.index.expand(w.shape[0], -1, -1), w)  # (B, G, E)
 

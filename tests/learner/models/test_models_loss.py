@@ -43,6 +43,25 @@ def test_terms_match_the_per_task_formulas():
     assert_close(loss(out, labels, mask, {"click": 2.0}), total)
 
 
+@pytest.mark.parametrize(
+    "types", [{"a": "binary", "b": "binary"}, {"a": "regression", "b": "regression"}, {"a": "binary", "b": "regression"}]
+)
+def test_unmasked_fully_labelled_batch_matches_the_per_task_formulas(types):
+    g = torch.Generator().manual_seed(1)
+    out = fake_output({t: torch.randn(16, generator=g) for t in types}, types, aux=0.5)
+    labels = {t: torch.randint(0, 2, (16,), generator=g).float() for t in types}
+    total, terms = loss_terms(out, labels)
+    for t, kind in types.items():
+        formula = F.binary_cross_entropy_with_logits if kind == "binary" else F.mse_loss
+        assert_close(terms[t], formula(out.logits[t], labels[t]))
+    assert_close(total, terms["a"] + terms["b"] + 0.5)
+    # an all-ones mask takes the masked path: the same figures
+    masked_total, masked_terms = loss_terms(out, labels, {t: torch.ones(16) for t in types})
+    assert_close(masked_total, total)
+    for t in types:
+        assert_close(masked_terms[t], terms[t])
+
+
 def test_absent_task_and_all_masked_task_contribute_zero():
     out = fake_output({"a": torch.randn(4), "b": torch.randn(4)}, {"a": "binary", "b": "binary"})
     total, terms = loss_terms(out, {"a": torch.ones(4)})
