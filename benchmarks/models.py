@@ -73,7 +73,7 @@ class Plan:
 
 
 FULL = Plan(Repeats(5, 21, 10), Repeats(2, 11, 2), Repeats(1, 15, 2), sparse_dense_steps=1, auc_batches=60)
-QUICK = Plan(Repeats(1, 3, 2), Repeats(1, 2, 1), Repeats(1, 2, 1), sparse_dense_steps=1, auc_batches=15)
+QUICK = Plan(Repeats(5, 7, 5), Repeats(1, 2, 1), Repeats(1, 2, 1), sparse_dense_steps=1, auc_batches=15)
 
 
 def run(quick: bool = False) -> Report:
