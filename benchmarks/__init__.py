@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "features": "benchmarks.features",
     "serving": "benchmarks.serving",
     "freshness": "benchmarks.freshness",
+    "replay": "benchmarks.replay",
 }
 
 

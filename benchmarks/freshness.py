@@ -220,7 +220,8 @@ def run(quick: bool = False) -> Report:
         layout = RunLayout(Path(tmp))
         config = worker_config(layout, bootstrap=bootstrap, topic=topic, window_ms=WINDOW_MS,
                                snapshot_every_steps=10**9, batch_size=BATCH, wandb_mode="disabled")
-        config = replace(config, learner=replace(config.learner, snapshot_every_s=PUBLISH_EVERY_S))
+        cadence = replace(config.learner.cadence, snapshot_every_s=PUBLISH_EVERY_S)
+        config = replace(config, learner=replace(config.learner, cadence=cadence))
         ensure_topics(config.kafka)
         OnlineFeatures(config.features).apply()
         trainer, run_ref = start_trainer(config, max_restarts=0)  # starts while the replica below does

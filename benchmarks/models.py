@@ -278,7 +278,7 @@ def sparse(report: Report, plan: Plan, progress: Progress | None = None) -> None
 def _sparse_pair(batch: int, plan: Plan, progress: Progress | None) -> tuple[TrainingRun, TrainingRun]:
     """Dense MMoE and SMES from the same seed on the same batches, timed alternately."""
     batches = random_batches(SPARSE.n_inputs, SPARSE.n_tasks, batch)
-    # Both are ours, so both train as our learner does: fused Adam (learner.online.build_optimizer).
+    # Both are ours, so both train as our learner does: fused Adam (learner.step.build_optimizer).
     torch.manual_seed(0)
     dense = TrainingRun(ours(SPARSE), batches, fused_adam=True)
     torch.manual_seed(0)

@@ -87,7 +87,7 @@ def prepare(root: Path, n_events: int = 40_000):
     from features.definitions import FEATURE_COLUMNS, ID_FIELDS
     from features.store import FeatureStoreConfig, OnlineFeatures
     from learner.models import MultiTaskRanker
-    from learner.online import LearnerConfig
+    from learner.config import LearnerConfig
     from learner.snapshots import SnapshotStore
 
     import pyarrow as pa

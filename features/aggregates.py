@@ -20,15 +20,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from features.config import AggregateConfig
 from features.definitions import ITEM_STREAM, USER_STREAM, WINDOW_STATS, WINDOWS
-from stream.events import PLAY_TIME, TASKS, TYPICAL_POSITIVE_RATES
-
-
-@dataclass(frozen=True)
-class AggregateConfig:
-    prior_rates: tuple[float, ...] = tuple(TYPICAL_POSITIVE_RATES[t] for t in TASKS)
-    prior_strength: float = 10.0
-    prior_play_s: float = 6.0
+from stream.events import PLAY_TIME, TASKS
 
 
 _SUMS = ("n", *TASKS, "play_s")
@@ -54,6 +48,14 @@ def window_features(sums: np.ndarray, config: AggregateConfig) -> np.ndarray:
     rates = (positives + np.asarray(config.prior_rates) * k) / (n[:, None] + k)
     play = (sums[:, -1] + config.prior_play_s * k) / (n + k)
     return np.column_stack([np.log1p(n), rates, np.log1p(positives), play]).astype(np.float32)
+
+
+def no_events(config: AggregateConfig) -> np.ndarray:
+    """The stream statistics of an entity with no events in any window (users and items alike): zero
+    counts, the prior rates and watch time. What a lookup returns for an unknown or expired entity, so
+    the store must use the priors the trainer folds with (``features.aggregates``)."""
+    block = window_features(np.zeros((1, len(_SUMS))), config)[0]
+    return np.tile(block, len(WINDOWS))
 
 
 class _EntityWindows:
@@ -105,8 +107,11 @@ class _EntityWindows:
         frame["event_timestamp"] = pd.Timestamp(stamp_ms, unit="ms", tz="UTC")
         return frame
 
+    def ids(self) -> np.ndarray:
+        return np.fromiter(self._row.keys(), dtype=np.int64, count=len(self._row))
+
     def state(self, prefix: str) -> dict[str, np.ndarray]:
-        ids = np.fromiter(self._row.keys(), dtype=np.int64, count=len(self._row))
+        ids = self.ids()
         rows = np.fromiter(self._row.values(), dtype=np.int64, count=len(self._row))
         arrays = {f"{prefix}.ids": ids}
         for w in WINDOWS:
@@ -129,8 +134,7 @@ class _EntityWindows:
 
     def defaults(self) -> np.ndarray:
         """The statistics of an entity with no events in a window: zero counts, the prior rates."""
-        block = window_features(np.zeros((1, len(_SUMS))), self.config)[0]
-        return np.tile(block, len(WINDOWS))
+        return no_events(self.config)
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,10 @@ class StreamAggregator:
     def defaults(self) -> np.ndarray:
         """Stream statistics of an unknown user followed by those of an unknown item."""
         return np.concatenate([self.users.defaults(), self.items.defaults()])
+
+    def ids(self) -> dict[str, np.ndarray]:
+        """The user and item ids folded so far."""
+        return {"user_id": self.users.ids(), "item_id": self.items.ids()}
 
     def state(self) -> dict[str, np.ndarray]:
         """Window sums, buckets and the stamp as plain arrays (for a checkpoint)."""

@@ -60,6 +60,10 @@ def _distinct_stamps(stamps_ms: np.ndarray) -> tuple[list[datetime], np.ndarray]
     return [datetime.fromtimestamp(ms / 1000, tz=timezone.utc) for ms in uniq.tolist()], inverse
 
 
+def _primary_key(row: tuple) -> tuple[bytes, str]:
+    return row[0], row[1]
+
+
 class SqliteRows:
     """Feast's SQLite online tables through one connection of our own (WAL: readers never block the writer)."""
 
@@ -91,6 +95,7 @@ class SqliteRows:
             for feature, blobs in rows.values.items():
                 texts = rows.texts.get(feature, [None] * len(keys))
                 params += zip(keys, [feature] * len(keys), blobs, texts, seconds)
+            params.sort(key=_primary_key)  # upserts in key order touch each B-tree page once, not at random
             statements.append((
                 f"INSERT INTO {self._table(rows.view)} (entity_key, feature_name, value, value_text, event_ts, "
                 "created_ts) VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from features.aggregates import NEVER_MS, AggregateConfig, StreamAggregator, expire
+from features.aggregates import NEVER_MS, expire, no_events
+from features.config import AggregateConfig
 from features.backends import ViewRows
 from features.codec import (
     decode_float_lists, decode_int64_lists, decode_int64s, encode_float_lists, encode_int64,
@@ -21,8 +22,15 @@ from features.definitions import (
     USER_CATEGORICAL, USER_STATIC, USER_STREAM, offline_schema,
 )
 
-_AGG = StreamAggregator(AggregateConfig())
-STREAM_DEFAULTS = {"user": _AGG.users.defaults(), "item": _AGG.items.defaults()}
+
+
+def stream_defaults(config: AggregateConfig = AggregateConfig()) -> dict[str, np.ndarray]:
+    """Per entity kind, the stream statistics of an entity with no events in any window under ``config``."""
+    return {"user": no_events(config), "item": no_events(config)}
+
+
+STREAM_DEFAULTS = stream_defaults()
+"""Under the default priors; a store configured with others uses :func:`stream_defaults` of its own."""
 STREAM_NAMES = {"user": USER_STREAM, "item": ITEM_STREAM}
 STATIC_WIDTH = {"user": len(USER_STATIC), "item": len(ITEM_STATIC)}
 CATEGORICAL_BY_KIND = {"user": USER_CATEGORICAL, "item": ITEM_CATEGORICAL}
@@ -34,11 +42,12 @@ def read_fields(kind: str) -> tuple[tuple[str, str], ...]:
     return (stream, "stats"), (stream, "updated_ms"), (static, "dense"), (static, "cats")
 
 
-def defaults() -> np.ndarray:
+def defaults(config: AggregateConfig = AggregateConfig()) -> np.ndarray:
     """Dense features of an unknown user and item (``FEATURE_COLUMNS`` order): no events in any window (zero
-    counts, the tasks' base rates, the prior watch time) and 0 for every static feature."""
-    return np.concatenate([STREAM_DEFAULTS["user"], np.zeros(len(USER_STATIC), np.float32),
-                           STREAM_DEFAULTS["item"], np.zeros(len(ITEM_STATIC), np.float32)])
+    counts, the priors of ``config``) and 0 for every static feature."""
+    stream = stream_defaults(config)
+    return np.concatenate([stream["user"], np.zeros(len(USER_STATIC), np.float32),
+                           stream["item"], np.zeros(len(ITEM_STATIC), np.float32)])
 
 
 def entity_ids(values, name: str) -> np.ndarray:
@@ -112,10 +121,11 @@ def offline_table(kind: str, ids: np.ndarray, stats: np.ndarray, stamps_ms: np.n
                                 schema=offline_schema(STREAM_VIEWS[kind]))
 
 
-def decode_rows(kind: str, got: dict, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
-    """Dense rows (stream then static) and categorical codes of distinct entities from their stored blobs."""
+def decode_rows(kind: str, got: dict, now_ms: int, default: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Dense rows (stream then static) and categorical codes of distinct entities from their stored blobs;
+    ``default``: the stream statistics of an entity without a row (those of the default priors if None)."""
     stream, static = STREAM_VIEWS[kind], STATIC_VIEWS[kind]
-    default = STREAM_DEFAULTS[kind]
+    default = STREAM_DEFAULTS[kind] if default is None else default
     stats, found = decode_float_lists(got[(stream, "stats")], len(default))
     updated = decode_int64s(got[(stream, "updated_ms")], missing=NEVER_MS)
     updated[~found] = NEVER_MS  # a malformed row counts as none

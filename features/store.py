@@ -21,7 +21,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -33,14 +32,15 @@ from feast.repo_config import RegistryConfig, RepoConfig
 from features.aggregates import NEVER_MS, expire
 from features.backends import ReadRequest, RedisRows, SqliteRows
 from features.codec import ENTITY_KEY_SERIALIZATION_VERSION
+from features.config import FeatureStoreConfig
 from features.definitions import (
     CATEGORICAL_COLUMNS, ENTITY_KEYS, FEATURE_COLUMNS, ID_FIELDS, MISSING_CODE, PUSH_SOURCES, STATIC_VIEWS,
     STREAM_VIEWS, build_definitions, offline_schema,
 )
 from features.offline import OfflineLog
 from features.rows import (
-    CATEGORICAL_BY_KIND, STATIC_WIDTH, STREAM_DEFAULTS, decode_rows, defaults, feast_push_frame,
-    offline_table, online_rows, pair_ids, read_fields, stream_columns,
+    CATEGORICAL_BY_KIND, STATIC_WIDTH, decode_rows, defaults, feast_push_frame, offline_table, online_rows,
+    pair_ids, read_fields, stream_columns, stream_defaults,
 )
 from features.static import read_static
 
@@ -51,33 +51,6 @@ def static_as_of() -> pd.Timestamp:
     2026). Feast's Redis store ignores a write not newer than the stored one, so a constant stamp would
     silently keep the first load forever (SQLite would overwrite)."""
     return pd.Timestamp(0, tz="UTC") + pd.Timedelta(microseconds=time.time_ns() // 1_000_000)
-
-
-@dataclass(frozen=True)
-class FeatureStoreConfig:
-    data_dir: Path = Path(".moestream/features")
-    online_store: Literal["sqlite", "redis"] = "sqlite"
-    redis_connection: str = "127.0.0.1:6379"
-    """Feast's Redis connection string, e.g. ``host:port,password=...``."""
-    project: str = "moestream"
-    push_offline: bool = True
-    """Pushed rows land online and offline (Feast's ``PushMode.ONLINE_AND_OFFLINE``; the offline rows are what
-    point-in-time replay reads); ``False`` pushes online only."""
-    offline_fanout: int = 32
-    """Offline parts of one level merged into one part of the next (``features.offline``)."""
-    clock: Literal["event", "wall"] = "event"
-    """What "now" is for window expiry. ``"event"``: the stream's event time, which is the clock the newest
-    push to this project published with its rows (the newest row stamp it wrote); every reader, the trainer
-    that pushed as well as a serving replica that never pushes, reads it with the rows and judges expiry
-    alike. The wall clock only before anything was pushed. ``"wall"``: always the wall clock."""
-
-    def __post_init__(self) -> None:
-        if self.online_store not in ("sqlite", "redis"):
-            raise ValueError(f"features.online_store must be 'sqlite' or 'redis', got {self.online_store!r}")
-        if isinstance(self.offline_fanout, bool) or not isinstance(self.offline_fanout, int) or self.offline_fanout < 2:
-            raise ValueError(f"features.offline_fanout must be an integer >= 2, got {self.offline_fanout!r}")
-        if self.clock not in ("event", "wall"):
-            raise ValueError(f"features.clock must be 'event' or 'wall', got {self.clock!r}")
 
 
 @dataclass
@@ -133,6 +106,8 @@ class OnlineFeatures:
             self.rows = SqliteRows(data_dir / "online.db", config.project)
         self.clock_ms = 0
         """Newest row stamp this instance pushed (event time)."""
+        self.stream_defaults = stream_defaults(config.aggregates)
+        """What an entity without a row (or whose windows expired) reads: the configured priors."""
         if apply:
             self.apply()
 
@@ -191,7 +166,7 @@ class OnlineFeatures:
         """Dense features ``(B, len(FEATURE_COLUMNS))`` for (user, item) pairs, in ``FEATURE_COLUMNS`` order.
 
         Each distinct user and item is read once per batch. Entities the store does not know (or whose
-        rows expired) get :func:`defaults`.
+        rows expired) get :func:`defaults` of the configured priors (``features.aggregates``).
         """
         return self.lookup_batch(user_ids, item_ids).dense
 
@@ -204,8 +179,8 @@ class OnlineFeatures:
         got, published_ms = self.rows.read([ReadRequest(ENTITY_KEYS["user"], users, read_fields("user")),
                                             ReadRequest(ENTITY_KEYS["item"], items, read_fields("item"))])
         now_ms = as_of_ms if as_of_ms is not None else self.now_ms(published_ms)
-        u_dense, u_cats = decode_rows("user", got[0], now_ms)
-        i_dense, i_cats = decode_rows("item", got[1], now_ms)
+        u_dense, u_cats = decode_rows("user", got[0], now_ms, self.stream_defaults["user"])
+        i_dense, i_cats = decode_rows("item", got[1], now_ms, self.stream_defaults["item"])
         ids = {"user_id": user_ids, "item_id": item_ids}
         ids |= dict(zip(CATEGORICAL_COLUMNS, np.concatenate([u_cats[u_inverse], i_cats[i_inverse]], axis=1).T))
         return FeatureBatch(np.concatenate([u_dense[u_inverse], i_dense[i_inverse]], axis=1), ids)
@@ -243,9 +218,9 @@ class OnlineFeatures:
             stream, static = STREAM_VIEWS[kind], STATIC_VIEWS[kind]
             rows = entity_df[[key, "event_timestamp", "row_"]]
             got = self._view_history(rows, stream, ("stats", "updated_ms"))
-            stats = _unpack(got[f"{stream}__stats"], STREAM_DEFAULTS[kind])
+            stats = _unpack(got[f"{stream}__stats"], self.stream_defaults[kind])
             updated = pd.to_numeric(got[f"{stream}__updated_ms"]).fillna(NEVER_MS).to_numpy(np.int64)
-            blocks.append(expire(stats, updated, event_ms, STREAM_DEFAULTS[kind]))
+            blocks.append(expire(stats, updated, event_ms, self.stream_defaults[kind]))
             got = self._view_history(rows, static, ("dense", "cats"))
             blocks.append(_unpack(got[f"{static}__dense"], np.zeros(STATIC_WIDTH[kind], np.float32)))
             no_codes = np.full(len(CATEGORICAL_BY_KIND[kind]), MISSING_CODE)

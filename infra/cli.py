@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from infra.console import CommandConsole
 from infra.kafka.cli import app as kafka_app
 
 if TYPE_CHECKING:
@@ -28,7 +28,9 @@ snapshots_app = typer.Typer(help="Published weight snapshots.", no_args_is_help=
 app.add_typer(snapshots_app, name="snapshots")
 config_app = typer.Typer(help="The effective configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-console = Console()
+console = CommandConsole()
+notes = CommandConsole(stderr=True)
+"""Deprecations and other notes beside a command's output (stderr: ``config show | ...`` stays YAML)."""
 
 ConfigFile = Annotated[Optional[Path], typer.Option(
     "--config", "-c", dir_okay=False,
@@ -42,21 +44,21 @@ Model = Annotated[Optional[str], typer.Option(help="Model family, one of learner
 
 def load(path: Path | None, **overrides: Any) -> MoestreamConfig:
     """The effective configuration, with the flags given (dotted key -> value; None: not given) on top;
-    an invalid one ends the command with its message and exit status 2."""
-    with warnings.catch_warnings():
-        # Ray Serve's models (imported with the config's sections) use pydantic features deprecated in
-        # pydantic 2: not ours to fix, and not worth a warning on every command. Feast's import puts its own
-        # filters first, so ours goes in after it.
-        import features.store  # noqa: F401 - imported for its side effect on warning filters
-
-        warnings.filterwarnings("ignore", message=r"Using extra keyword arguments on `Field` is deprecated")
-        from infra.config import ConfigError, config_path, load_config
+    an invalid one ends the command with its message and exit status 2. A key set under its old name is
+    noted once on stderr with the new name."""
+    from infra.config import ConfigDeprecationWarning, ConfigError, config_path, load_config
 
     try:
-        return load_config(config_path(path), overrides={k.replace("__", "."): v for k, v in overrides.items()})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConfigDeprecationWarning)
+            config = load_config(config_path(path), overrides={k.replace("__", "."): v for k, v in overrides.items()})
     except ConfigError as exc:
-        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
+        console.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(2) from None
+    finally:
+        for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, ConfigDeprecationWarning)):
+            notes.print(f"moestream: {message}", style="yellow", markup=False, highlight=False)
+    return config
 
 
 def _stop_on_sigterm() -> None:
@@ -113,36 +115,73 @@ def replay(
 ) -> None:
     """Replay a historical log in event-time order to Kafka, or straight into the trainer with --direct.
 
-    With --direct the run gets a directory of its own, paths.data_root/runs/replay-<time>.
+    The run gets a directory of its own, paths.data_root/runs/replay-<time>; rows of the log that cannot be
+    replayed are skipped and listed there in rejects.jsonl (docs/replay.md). A file that cannot be read at
+    all ends the command with one line saying why, and exit status 1.
     """
-    from stream.replay import ReplayConfig
+    from stream.replay import LogError, detect_schema
     from stream.replay import replay as run_replay
 
-    replay_config = ReplayConfig(path=path, speed=speed, start=start, limit=limit, restamp=restamp)
+    try:
+        detect_schema(path)  # before anything starts: a missing or unreadable file is one line, not a trainer
+    except LogError as exc:
+        _say(str(exc), style="red")
+        raise typer.Exit(1) from None
+    run = f"runs/replay-{time.strftime('%Y%m%d-%H%M%S')}"
     if direct:
-        from learner.worker import DirectTrainer
+        from learner.replay_source import train_replay
 
-        cfg = load(config, learner__family=model, paths__data_root=data_root,
-                   paths__run=f"runs/replay-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg = load(config, learner__family=model, paths__data_root=data_root, paths__run=run)
         layout = cfg.layout()
-        trainer = DirectTrainer(cfg.worker_config())
-        result = run_replay(replay_config, trainer.learn_events)
-        stats = trainer.finish()
-        console.print(f"replayed {result.emitted} events ({result.schema}) in {result.seconds:.1f}s; "
-                      f"trained {stats['examples_trained']} examples in {stats['steps']} steps; "
-                      f"snapshots {stats['snapshots']} under {layout.snapshots}")
+        replay_config = _replay_config(path, speed, start, limit, restamp, layout.root)
+        result, stats = _replayed(train_replay, cfg.worker_config(), replay_config)
+        _say(f"replayed {result.emitted} events ({result.schema}) in {result.seconds:.1f}s; "
+             f"trained {stats['examples_trained']} examples in {stats['steps']} steps; "
+             f"snapshots {stats['snapshots']} under {layout.snapshots}")
         for task, m in stats["metrics"].items():
             console.print(f"  {task:10s} progressive AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}")
     else:
         from stream.kafka_io import EventSink, ensure_topics
 
-        cfg = load(config, kafka__topic=topic)
+        cfg = load(config, kafka__topic=topic, paths__data_root=data_root)
+        replay_config = _replay_config(path, speed, start, limit, restamp, Path(cfg.paths.data_root).absolute() / run)
         ensure_topics(cfg.kafka)
         sink = EventSink(cfg.kafka)
-        result = run_replay(replay_config, sink.send_all)
+        result = _replayed(run_replay, replay_config, sink.send_all)
         sink.close()
         console.print(f"replayed {result.emitted} events ({result.schema}) to {cfg.kafka.topic} in {result.seconds:.1f}s")
+    if result.unknown_columns:
+        _say(f"ignored columns no log schema knows: {', '.join(result.unknown_columns)}")
+    if result.emitted == 0 and not result.rejected and start == 0:
+        _say(f"{path}: no events (the file has a header and no rows)")
+    if result.rejected:
+        by_reason = ", ".join(f"{reason} {n}" for reason, n in sorted(result.rejected.items()))
+        _say(f"rejected {sum(result.rejected.values())} rows ({by_reason}); listed in {result.rejects_path}")
     console.print(f"resume with --start {result.position.emitted}")
+
+
+def _say(message: str, style: str | None = None) -> None:
+    """One line, never wrapped (it may hold a path), with no markup read into it."""
+    console.print(message, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def _replay_config(path: Path, speed: float, start: int, limit: int | None, restamp: bool, run_dir: Path):
+    from stream.replay import ReplayConfig
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return ReplayConfig(path=path, speed=speed, start=start, limit=limit, restamp=restamp,
+                        rejects_path=run_dir / "rejects.jsonl")
+
+
+def _replayed(run, *args):
+    """``run(*args)``; a log that turns out unreadable while it is read ends the command in one line."""
+    from stream.replay import LogError
+
+    try:
+        return run(*args)
+    except LogError as exc:
+        _say(str(exc), style="red")
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -245,7 +284,7 @@ def serve_config_command(
     try:
         text = yaml.safe_dump(serve_config(cfg), sort_keys=False, default_flow_style=False)
     except ConfigError as exc:
-        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
+        console.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(2) from None
     if out is None:
         typer.echo(text, nl=False)
@@ -443,7 +482,7 @@ def experts(
     try:
         report = orjson.loads(path.read_bytes())
     except FileNotFoundError:
-        console.print(f"[red]no expert-health report at {path} (the trainer writes one every health.every_steps steps)[/]")
+        console.print(f"[red]no expert-health report at {path} (the trainer writes one every learner.cadence.health_every_steps steps)[/]")
         raise typer.Exit(1) from None
     except orjson.JSONDecodeError as exc:
         console.print(f"[red]{path} is not valid JSON: {exc}[/]")

@@ -1,9 +1,15 @@
 """The one configuration of a moestream deployment: ``moestream.yaml``, typed, strict, overridable from the environment.
 
-Each stage owns its section's type beside its code (``stream.kafka_io.KafkaConfig``, ``learner.online.LearnerConfig``,
+Each stage owns its section's type beside its code (``stream.kafka_io.KafkaConfig``, ``learner.config.LearnerConfig``,
 ``serving.config.ServingConfig``, ...); :class:`MoestreamConfig` only composes them, with the few sections that
 belong to the composition root itself (paths, the trainer processes, the HTTP proxy, Ray). Pydantic validates
-the whole tree against those types.
+the whole tree against those types, and each type checks every value it holds (the model family and its
+hparams against ``learner.families``), so that a bad value fails here, naming its key, and not inside a Ray
+actor after topics were created. Those types live in light modules: loading imports neither torch, Ray nor
+Feast.
+
+Keys renamed in a release keep working for one more with a warning naming the new key (:data:`RENAMED`);
+setting a key under both names is an error.
 
 Layers, later wins: the types' defaults, the YAML file, ``MOESTREAM_<SECTION>__<KEY>`` environment variables
 (``MOESTREAM_LEARNER__GUARD__MAX_AUC_DROP=0.05``; ``KAFKA_BOOTSTRAP_SERVERS`` and ``RAY_ADDRESS`` keep working as
@@ -21,6 +27,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
@@ -29,12 +36,12 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from features.store import FeatureStoreConfig
-from infra.pipeline import RunLayout
+from features.config import FeatureStoreConfig
+from features.redact import redact_connection
+from infra.layout import RunLayout
 from infra.runtime import RayConfig
-from learner.online import LearnerConfig
+from learner.config import LearnerConfig, WorkerConfig
 from learner.telemetry import TelemetryConfig
-from learner.worker import WorkerConfig
 from serving.config import ServingConfig
 from stream.joiner import JoinerConfig
 from stream.kafka_io import SASL_PASSWORD_ENV, SASL_USERNAME_ENV, SSL_KEY_PASSWORD_ENV, KafkaConfig
@@ -60,13 +67,26 @@ _SECRET_KEYS = {
     "ssl_password": SSL_KEY_PASSWORD_ENV, "ssl_key_password": SSL_KEY_PASSWORD_ENV,
     "api_key": WANDB_KEY_ENV, "wandb_api_key": WANDB_KEY_ENV,
 }
-REDIS_PASSWORD = re.compile(r"(password=)[^,]*")
 DERIVED = {("features", "data_dir"): "features", ("telemetry", "directory"): "wandb"}
 """Keys set from ``paths`` (the run layout), not by hand: ``RunLayout`` attribute of each."""
+RENAMED: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("learner", "task_weights"): ("learner", "loss_weights"),
+    ("learner", "snapshot_every_steps"): ("learner", "cadence", "snapshot_every_steps"),
+    ("learner", "snapshot_every_s"): ("learner", "cadence", "snapshot_every_s"),
+    ("learner", "health", "every_steps"): ("learner", "cadence", "health_every_steps"),
+    ("trainer", "checkpoint_every_steps"): ("learner", "cadence", "checkpoint_every_steps"),
+}
+"""Old key -> new key. The old names are read, with a :class:`ConfigDeprecationWarning`, until the next release."""
+_KEY_FIRST = re.compile(r"([A-Za-z_]\w*(?:\.[\w-]+)+)(: | )(.*)", re.S)
+"""A check's message that starts with the full key it concerns (``learner.cadence.snapshot_every_steps must ...``)."""
 
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names every offending key and where it was set."""
+
+
+class ConfigDeprecationWarning(DeprecationWarning):
+    """A key was set under its old name; the message names the new one."""
 
 
 def _default(cls: type, name: str) -> Any:
@@ -95,14 +115,14 @@ class TrainerConfig:
     workers: int = 1
     """Data-parallel trainer actors in one consumer group (at most ``kafka.partitions``)."""
     batch_size: int = _default(WorkerConfig, "batch_size")
-    checkpoint_every_steps: int = _default(WorkerConfig, "checkpoint_every_steps")
     device: str = _default(WorkerConfig, "device")
-    """"auto": CUDA when Ray gave the actor a GPU, else CPU."""
+    """"auto": CUDA when Ray gave the actor a GPU, else CPU. How often workers checkpoint is
+    ``learner.cadence.checkpoint_every_steps``."""
     max_restarts: int = 3
     """Ray restarts a crashed trainer actor this many times; it resumes from its last checkpoint."""
 
     def __post_init__(self) -> None:
-        for name in ("workers", "batch_size", "checkpoint_every_steps"):
+        for name in ("workers", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_restarts < 0:
@@ -168,7 +188,6 @@ class MoestreamConfig(BaseModel):
             telemetry=self.telemetry,
             snapshot_dir=layout.snapshots,
             checkpoint_dir=layout.checkpoints,
-            checkpoint_every_steps=self.trainer.checkpoint_every_steps,
             batch_size=self.trainer.batch_size,
             device=self.trainer.device,
         )
@@ -188,7 +207,7 @@ class MoestreamConfig(BaseModel):
 
 def _changed(data: dict[str, Any], defaults: dict[str, Any], keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """The entries of ``data`` that differ from ``defaults``. Sections and their sub-sections are compared key
-    by key; a free-form mapping (``learner.task_weights``) is one value, as it replaces its default whole."""
+    by key; a free-form mapping (``learner.loss_weights``) is one value, as it replaces its default whole."""
     out = {}
     for key, value in data.items():
         default = defaults.get(key)
@@ -223,19 +242,20 @@ def load_config(
         raw = _read_yaml(Path(path))
         origin = str(path)
     else:
-        raw = dict(data or {})
+        raw = _copy(data or {})
         origin = "config data"
     _refuse_secrets(raw, origin)
+    for keys, value, _ in _renamed([((), raw, origin)])[1:]:  # entry 0 is the file itself, old keys taken out
+        _set(raw, keys, value, origin)
     _record(raw, (), origin, sources)
-    for keys, value, source in _env_overrides(environ):
+    for keys, value, source in _renamed(_env_overrides(environ)):
         _set(raw, keys, value, source)
         sources[keys] = source
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        keys = tuple(dotted.split("."))
-        _set(raw, keys, value, f"--{keys[-1].replace('_', '-')}")
-        sources[keys] = f"command line ({dotted})"
+    flags = [(tuple(dotted.split(".")), value, f"command line ({dotted})")
+             for dotted, value in (overrides or {}).items() if value is not None]
+    for keys, value, source in _renamed(flags):
+        _set(raw, keys, value, source)
+        sources[keys] = source
     for (section, key) in DERIVED:
         if isinstance(raw.get(section), Mapping) and key in raw[section]:
             where = sources.get((section, key), origin)
@@ -245,6 +265,67 @@ def load_config(
         return MoestreamConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, sources, origin)) from None
+
+
+def _renamed(entries: list[tuple[tuple[str, ...], Any, str]]) -> list[tuple[tuple[str, ...], Any, str]]:
+    """One layer's settings (key, value, source) with every old key of :data:`RENAMED` under its new name,
+    a deprecation warning for each; an old key found inside a section's mapping is taken out of it and
+    becomes an entry of its own. The same setting under both names in one layer is an error."""
+    out: list[tuple[tuple[str, ...], Any, str]] = []
+    given: dict[tuple[tuple[str, ...], str], tuple[str, ...]] = {}  # (key, source) -> the key as it was set
+    for keys, value, source in entries:
+        for old, new in RENAMED.items():
+            if keys[:len(old)] == old:
+                _deprecated(old, new, source)
+                given[(new + keys[len(old):], source)] = keys
+                keys = new + keys[len(old):]
+        out.append((keys, value, source))
+        if not isinstance(value, dict):
+            continue
+        for old, new in RENAMED.items():
+            if len(old) > len(keys) and old[:len(keys)] == keys and _has(value, old[len(keys):]):
+                moved = _pop(value, old[len(keys):])
+                if new[:len(keys)] == keys and _has(value, new[len(keys):]):
+                    raise ConfigError(f"{'.'.join(old)} and {'.'.join(new)} (both in {source}) are one setting under "
+                                      f"its old and its new name; keep only {'.'.join(new)}")
+                _deprecated(old, new, source)
+                out.append((new, moved, source))
+    by_key: dict[tuple[str, ...], str] = {}
+    for keys, _, source in out:
+        if keys in by_key:
+            first, second = ((k, src, given.get((k, src), k)) for k, src in ((keys, by_key[keys]), (keys, source)))
+            named = " and ".join(f"{'.'.join(as_set)} (from {src})" for _, src, as_set in (first, second))
+            raise ConfigError(f"{named} are one setting under its old and its new name; keep only {'.'.join(keys)}")
+        by_key[keys] = source
+    return out
+
+
+def _deprecated(old: tuple[str, ...], new: tuple[str, ...], source: str) -> None:
+    where = f"from {source}" if source.startswith((ENV_PREFIX, "command line")) else f"in {source}"
+    use = ".".join(new)
+    if source.startswith(ENV_PREFIX):
+        use += f" ({ENV_PREFIX}{ENV_SEPARATOR.join(k.upper() for k in new)})"
+    warnings.warn(f"{'.'.join(old)} ({where}) is deprecated and will be removed in the next release; use {use}",
+                  ConfigDeprecationWarning, stacklevel=4)
+
+
+def _has(data: Mapping[str, Any], keys: tuple[str, ...]) -> bool:
+    for key in keys:
+        if not isinstance(data, Mapping) or key not in data:
+            return False
+        data = data[key]
+    return True
+
+
+def _pop(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for key in keys[:-1]:
+        data = data[key]
+    return data.pop(keys[-1])
+
+
+def _copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of nested mappings (renamed keys are moved in it, never in the caller's data)."""
+    return {key: _copy(value) if isinstance(value, Mapping) else value for key, value in data.items()}
 
 
 def config_path(option: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
@@ -277,7 +358,7 @@ def _refuse_secrets(raw: Mapping[str, Any], origin: str, prefix: tuple[str, ...]
         if str(key).lower() in _SECRET_KEYS:
             raise ConfigError(f"{'.'.join(keys)} (in {origin}): credentials are read from the environment only; "
                               f"set {_SECRET_KEYS[str(key).lower()]} instead")
-        if keys == ("features", "redis_connection") and isinstance(value, str) and REDIS_PASSWORD.search(value):
+        if keys == ("features", "redis_connection") and isinstance(value, str) and redact_connection(value) != value:
             raise ConfigError(f"features.redis_connection (in {origin}) carries a password; put the whole "
                               "connection string in MOESTREAM_FEATURES__REDIS_CONNECTION instead")
         if isinstance(value, Mapping):
@@ -359,6 +440,11 @@ def _explain(exc: ValidationError, sources: Mapping[tuple[str, ...], str], origi
             detail = f"unknown key{f' (did you mean {hint[0]}?)' if hint else ''}; known: {', '.join(known)}"
         else:
             detail = error["msg"].removeprefix("Value error, ")
+            named = _KEY_FIRST.fullmatch(detail)
+            if named and keys and (named[1] + ".").startswith(".".join(keys) + "."):
+                # A section's own check names the key inside it: report that key and where it was set.
+                keys, detail = tuple(named[1].split(".")), named[3]
+                where = _source_of(keys, sources, origin)
         lines.append(f"{'.'.join(keys)} (from {where}): {detail}" if keys else detail)
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
@@ -415,7 +501,7 @@ def masked(data: dict[str, Any]) -> dict[str, Any]:
     data = {section: dict(values) if isinstance(values, dict) else values for section, values in data.items()}
     features = data.get("features")
     if isinstance(features, dict) and isinstance(features.get("redis_connection"), str):
-        features["redis_connection"] = REDIS_PASSWORD.sub(r"\1***", features["redis_connection"])
+        features["redis_connection"] = redact_connection(features["redis_connection"])
     return data
 
 
@@ -433,6 +519,6 @@ def render(config: MoestreamConfig, environ: Mapping[str, str] | None = None) ->
 
 
 __all__ = [
-    "CONFIG_ENV", "ConfigError", "HttpConfig", "MoestreamConfig", "PathsConfig", "SECRETS", "TrainerConfig",
-    "config_path", "env_key", "load_config", "render",
+    "CONFIG_ENV", "RENAMED", "ConfigDeprecationWarning", "ConfigError", "HttpConfig", "MoestreamConfig",
+    "PathsConfig", "SECRETS", "TrainerConfig", "config_path", "env_key", "load_config", "render",
 ]

@@ -16,7 +16,8 @@ from typing import Any
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from infra.config import REDIS_PASSWORD, ConfigError, MoestreamConfig, load_config
+from features.redact import redact_connection
+from infra.config import ConfigError, MoestreamConfig, load_config
 from infra.pipeline import TrainerGroup, start_trainers
 from serving.app import RankerDeployment, build_app
 
@@ -35,7 +36,7 @@ def serve_config(config: MoestreamConfig) -> dict[str, Any]:
     share this process's working directory.
     """
     replica = config.to_data(REPLICA_SECTIONS, changed_only=True)
-    if REDIS_PASSWORD.search(config.features.redis_connection):
+    if redact_connection(config.features.redis_connection) != config.features.redis_connection:
         raise ConfigError("features.redis_connection carries a password, and a Serve config is no place for "
                           "credentials: give the replicas MOESTREAM_FEATURES__REDIS_CONNECTION in their environment "
                           "(a Kubernetes secret) and generate the Serve config without it")

@@ -18,41 +18,20 @@ import httpx
 import ray
 from ray import serve
 
-from features.store import FeatureStoreConfig, OnlineFeatures
+from features.config import FeatureStoreConfig
+from features.store import OnlineFeatures
 from infra.kafka.broker import bootstrap_servers
+from infra.layout import RunLayout
 from infra.runtime import cluster_has_gpus, init_ray
+from learner.config import CadenceConfig, LearnerConfig, WorkerConfig
 from learner.distributed import GroupConfig, PeerLost, host_store
-from learner.online import LearnerConfig
 from learner.telemetry import TelemetryConfig
-from learner.worker import TrainerWorker, WorkerConfig
+from learner.worker import TrainerWorker
 from serving.app import build_app
 from serving.config import ServingConfig
 from stream.joiner import JoinerConfig
 from stream.kafka_io import EventSink, KafkaConfig, ensure_topics
 from stream.simulator import Simulator, SimulatorConfig
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Where one run keeps its state: Feast stores, snapshots, W&B files."""
-
-    root: Path
-
-    @property
-    def features(self) -> Path:
-        return self.root / "features"
-
-    @property
-    def snapshots(self) -> Path:
-        return self.root / "snapshots"
-
-    @property
-    def wandb(self) -> Path:
-        return self.root / "wandb"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
 
 
 def worker_config(
@@ -63,14 +42,17 @@ def worker_config(
     family: str = "mmoe",
     window_ms: int = 10_000,
     snapshot_every_steps: int = 10,
+    checkpoint_every_steps: int = CadenceConfig.checkpoint_every_steps,
     batch_size: int = 512,
     wandb_mode: str = "offline",
 ) -> WorkerConfig:
+    """A worker's configuration for tests, benchmarks and the demo: defaults but for what they vary."""
+    cadence = CadenceConfig(snapshot_every_steps=snapshot_every_steps, checkpoint_every_steps=checkpoint_every_steps)
     return WorkerConfig(
         kafka=KafkaConfig(bootstrap_servers=bootstrap, topic=topic, group_id=f"{topic}.trainer"),
         joiner=JoinerConfig(window_ms=window_ms),
         features=FeatureStoreConfig(data_dir=layout.features),
-        learner=LearnerConfig(family=family, snapshot_every_steps=snapshot_every_steps),
+        learner=LearnerConfig(family=family, cadence=cadence),
         telemetry=TelemetryConfig(mode=wandb_mode, directory=layout.wandb),  # type: ignore[arg-type]
         snapshot_dir=layout.snapshots,
         checkpoint_dir=layout.checkpoints,

@@ -5,6 +5,9 @@ into ``~/.ray/auth_token`` (or ``RAY_AUTH_TOKEN_PATH``) and every process of the
 ``ray job submit`` need it. Joining an existing cluster needs the same token, from ``RAY_AUTH_TOKEN``,
 ``RAY_AUTH_TOKEN_PATH`` or the default file. We leave Ray's secure default on, make sure a token is there
 before joining, and turn Ray's cryptic failure into a message that says what to set.
+
+Ray is imported where it is used: the configuration imports :class:`RayConfig`, and ``moestream config show``
+must not pay for Ray.
 """
 
 from __future__ import annotations
@@ -13,8 +16,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import ray
 
 SMALL_MACHINE_SERVE_ENV = {
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
@@ -40,6 +41,9 @@ class RayConfig:
     """The same for each ranking replica (written into the Serve config's ``ray_actor_options``)."""
 
     def __post_init__(self) -> None:
+        if self.num_cpus is not None and (isinstance(self.num_cpus, bool) or not isinstance(self.num_cpus, int)
+                                          or self.num_cpus < 1):
+            raise ValueError(f"ray.num_cpus must be an integer >= 1 or null, got {self.num_cpus!r}")
         for name in ("trainer_resources", "ranker_resources"):
             for key, amount in getattr(self, name).items():
                 if key in ("CPU", "GPU", "memory", "object_store_memory"):
@@ -65,6 +69,8 @@ def init_ray(
     address: str | None = None, num_cpus: int | None = None, namespace: str = "moestream", quiet: bool = False
 ) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local instance."""
+    import ray
+
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -97,4 +103,6 @@ def init_ray(
 
 
 def cluster_has_gpus() -> bool:
+    import ray
+
     return ray.cluster_resources().get("GPU", 0) > 0

@@ -29,6 +29,8 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
+from learner.snapshots import write_atomic
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (e.g. the directory is not writable) or read."""
@@ -155,3 +157,43 @@ class CheckpointStore:
         for path in done[: -self.keep]:
             if path.name not in (newest, pinned):
                 shutil.rmtree(path, ignore_errors=True)
+
+
+GROUP_FILE = "GROUP"
+
+
+def group_step(checkpoint_dir: Path, world_size: int) -> int | None:
+    """The last step whose checkpoint every worker of a group of ``world_size`` made durable (None: none
+    yet). A group of another size cannot resume it: its workers read other partitions."""
+    path = Path(checkpoint_dir) / GROUP_FILE
+    try:
+        record = orjson.loads(path.read_bytes())
+        step, recorded = int(record["step"]), int(record["world_size"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is unreadable: {exc}") from exc
+    if recorded != world_size:
+        raise CheckpointError(
+            f"{path}: the checkpoints were written by {recorded} workers and cannot be resumed by {world_size} "
+            "(each worker's state covers its own partitions); start with a new checkpoint directory or "
+            f"--workers {recorded}"
+        )
+    return step
+
+
+def restore_point(store: CheckpointStore, group_dir: Path | None, world_size: int) -> Checkpoint | None:
+    """Alone (``group_dir`` None): the latest checkpoint. In a group: this worker's checkpoint of the last
+    step that every worker made durable (``GROUP``), so that all restore the same step: the same weights, and
+    offsets no worker committed past (a worker may hold a newer checkpoint that a peer never finished)."""
+    if group_dir is None:
+        return store.latest()
+    step = group_step(group_dir, world_size)
+    if step is None:
+        return None
+    store.pinned = step
+    return store.load(step)
+
+
+def write_group_step(checkpoint_dir: Path, step: int, world_size: int) -> None:
+    write_atomic(Path(checkpoint_dir) / GROUP_FILE, orjson.dumps({"step": step, "world_size": world_size}))

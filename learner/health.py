@@ -1,8 +1,8 @@
 """Expert health: utilisation, drift and HoME's three anomalies, from the gates every family reports.
 
-Between two reports (every ``HealthConfig.every_steps`` steps) a :class:`GateAccumulator` sums, per task
-``t`` and expert ``e``, the gate weights of ``ModelOutput.gates`` (batches are scored with the weights
-being trained, so these are the gates the model really used). A report then holds:
+Between two reports (every ``learner.cadence.health_every_steps`` steps) a :class:`GateAccumulator` sums,
+per task ``t`` and expert ``e``, the gate weights of ``ModelOutput.gates`` (batches are scored with the
+weights being trained, so these are the gates the model really used). A report then holds:
 
 - **mean gate weight** ``(T, E)``: the average weight task ``t``'s gate gave expert ``e``.
 - **routing share** ``(T, E)``, each row summing to 1: for sparse families (those reporting
@@ -31,9 +31,9 @@ being trained, so these are the gates the model really used). A report then hold
     tower sees the sum. Families without task-specific experts (shared-bottom, OMoE, MMoE, SMES) cannot
     underfit this way; the check is skipped and the report says so.
 
-Which experts a task can see comes from the family's ``pools`` (``"task:<name>"``: that task only,
-``"group:<name>"``: the group's tasks, any other pool: every task); families without pools let every
-task see every expert.
+Which experts a task can see comes from the family's declared ``pools`` and ``groups`` (``MultiTaskModel``;
+``"task:<name>"``: that task only, ``"group:<name>"``: the group's tasks, any other pool: every task); families
+without pools let every task see every expert.
 """
 
 from __future__ import annotations
@@ -46,36 +46,8 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from torch import Tensor, nn
 
-from learner.models import ExpertBank, ModelOutput, load_balance_loss
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    every_steps: int = 10
-    """Steps between health reports; gate statistics accumulate over the steps in between."""
-    zero_frac_max: float = 0.9
-    scale_ratio: float = 10.0
-    degradation_share: float = 0.9
-    degradation_min_mass: float = 0.01
-    sparse_positive_rate: float = 0.05
-    underfit_shared_mass: float = 0.75
-    reference_reports: int = 10
-    """The drift reference window: the mean routing share of this many previous reports."""
-    alert_every_s: float = 600.0
-    """An anomaly (kind and subject) raises a W&B alert at most once per this many seconds."""
-    heatmap_every_reports: int = 10
-    history: int = 200
-    """Reports kept for the heatmap (its time axis)."""
-
-    def __post_init__(self) -> None:
-        for name in ("every_steps", "reference_reports", "heatmap_every_reports", "history"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"health.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("zero_frac_max", "degradation_share", "sparse_positive_rate", "underfit_shared_mass"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"health.{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if self.scale_ratio <= 1:
-            raise ValueError(f"health.scale_ratio must be > 1, got {self.scale_ratio!r}")
+from learner.config import HealthConfig
+from learner.models import ExpertBank, ModelOutput, MultiTaskModel, load_balance_loss
 
 
 @dataclass(frozen=True)
@@ -92,25 +64,24 @@ class Anomaly:
         return f"{self.kind}:{self.subject}"
 
 
-def expert_names(model: nn.Module, n_experts: int) -> list[str]:
+def expert_names(model: MultiTaskModel) -> list[str]:
     """``"<pool>/<i>"`` for families with pools, else ``"e<i>"``."""
-    names = [f"e{e}" for e in range(n_experts)]
-    for pool, members in (getattr(model, "pools", None) or {}).items():
+    names = [f"e{e}" for e in range(model.n_gate_experts)]
+    for pool, members in model.pools.items():
         for i, e in enumerate(members):
             names[e] = f"{pool}/{i}"
     return names
 
 
-def expert_visibility(model: nn.Module, tasks: Sequence[str], n_experts: int) -> np.ndarray:
+def expert_visibility(model: MultiTaskModel, tasks: Sequence[str]) -> np.ndarray:
     """``(T, E)`` bool: which experts each task's gate can reach (see the module docstring)."""
-    pools = getattr(model, "pools", None)
-    if not pools:
+    n_experts = model.n_gate_experts
+    if not model.pools:
         return np.ones((len(tasks), n_experts), dtype=bool)
-    groups = getattr(model, "groups", None) or {}
     visible = np.zeros((len(tasks), n_experts), dtype=bool)
-    for pool, members in pools.items():
+    for pool, members in model.pools.items():
         kind, _, name = pool.partition(":")
-        seen_by = [name] if kind == "task" else list(groups[name]) if kind == "group" else list(tasks)
+        seen_by = [name] if kind == "task" else list(model.groups[name]) if kind == "group" else list(tasks)
         for t, task in enumerate(tasks):
             if task in seen_by:
                 visible[t, list(members)] = True
@@ -302,22 +273,21 @@ class GateAccumulator:
 
 
 class HealthMonitor:
-    """Accumulates gates every step; every ``config.every_steps`` builds a report (a JSON-able dict).
+    """Accumulates gates every step (:meth:`observe`) and builds a report (a JSON-able dict) when asked.
 
     ``published_share`` is the routing share recorded with the last published snapshot (drift (a));
     the caller updates it after each publish (:meth:`published`).
     """
 
     def __init__(
-        self, config: HealthConfig, tasks: Sequence[str], model: nn.Module, published: Mapping | None = None
+        self, config: HealthConfig, tasks: Sequence[str], model: MultiTaskModel, published: Mapping | None = None
     ) -> None:
         self.config = config
         self.tasks = list(tasks)
-        n_experts = int(getattr(model, "n_gate_experts"))
-        self.names = expert_names(model, n_experts)
-        self.visible = expert_visibility(model, self.tasks, n_experts)
+        self.names = expert_names(model)
+        self.visible = expert_visibility(model, self.tasks)
         self.gates = GateAccumulator()
-        self.probe = ExpertScaleProbe(model, n_experts)
+        self.probe = ExpertScaleProbe(model, model.n_gate_experts)
         self.limiter = AlertLimiter(config.alert_every_s)
         self.history: list[tuple[int, np.ndarray]] = []  # (step, routing share (T, E))
         self.published_share: np.ndarray | None = None
@@ -340,9 +310,6 @@ class HealthMonitor:
 
     def observe(self, output: ModelOutput) -> None:
         self.gates.add(output, self.tasks)
-
-    def due(self, step: int) -> bool:
-        return step > 0 and step % self.config.every_steps == 0
 
     def report(self, step: int, positive_rate: Mapping[str, float], now: float) -> dict | None:
         window = self.gates.take()

@@ -1,55 +1,97 @@
-"""Joined examples read ahead of the trainer: Kafka is fetched, decoded and joined on a thread of its own.
+"""Joined examples read ahead of the trainer, on a thread of their own: the training loop's sources.
 
-A training step spends most of its time in torch kernels, which release the GIL, and a Kafka fetch mostly
-waits on the network; done one after the other, the model idles while the next batch is fetched, decoded
-and joined, and the fetch idles while the model steps. :class:`Intake` overlaps them: its thread owns the
-Kafka consumer (kafka-python's consumer is not thread-safe: every fetch, commit and lag query happens on
-that thread), joins what it fetches and appends the examples to a buffer the trainer takes batches from.
+A training step spends most of its time in torch kernels, which release the GIL; reading input (a Kafka
+fetch, a Parquet or CSV chunk) mostly waits or runs in Arrow's C++. Done one after the other, the model
+idles while the next batch is read, decoded and joined. :class:`BufferedSource` overlaps them: its thread
+reads, joins and appends the examples to a bounded buffer (``max_buffered`` rows; the thread stops reading
+while it is full) from which the training loop (``learner.loop``) takes its batches. Two sources:
 
-Delivery stays as in :mod:`learner.worker`: examples are acknowledged as they enter the buffer, the buffer is
-part of every checkpoint, and offsets are committed only up to what a durable checkpoint covered. The
-trainer captures the buffer, the joiner state and the safe offsets under one lock (:meth:`Intake.capture`),
-writes the checkpoint, then hands exactly those offsets to :meth:`Intake.commit`: examples that entered the
-buffer after the capture are not in the checkpoint, so they must not be committed yet. The buffer is bounded
-(``max_buffered`` rows): the thread stops fetching while it is full.
+- :class:`Intake`: Kafka, through :class:`~stream.joined.JoinedStream`. Its thread owns the consumer
+  (kafka-python's consumer is not thread-safe: every fetch, commit and lag query happens on that thread).
+- ``learner.replay_source.ReplayIntake``: a historical log, replayed in event-time order.
+
+Delivery is the same for both: examples are acknowledged as they enter the buffer, the buffer is part of
+every checkpoint, and offsets are committed only up to what a durable checkpoint covered. The loop captures
+the buffer, the joiner state and the safe offsets under one lock (:meth:`BufferedSource.capture`), writes
+the checkpoint, then hands exactly those offsets to :meth:`BufferedSource.commit`: examples that entered the
+buffer after the capture are not in the checkpoint, so they must not be committed yet.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
+from collections.abc import Iterable
 
 import pyarrow as pa
 from kafka.errors import KafkaError
 
 from stream.events import EXAMPLE_SCHEMA
 from stream.joined import JoinedStream
+from stream.kafka_io import SourceBatch
 
 LAG_EVERY_S = 1.0
-"""How often the intake thread refreshes the consumer lag it reports (a broker round trip)."""
+"""How often the Kafka intake thread refreshes the consumer lag it reports (a broker round trip)."""
 
 
 class IntakeError(RuntimeError):
-    """The intake thread failed (a Kafka or decoding error it could not handle); its cause is chained."""
+    """The intake thread failed (an input or decoding error it could not handle); its cause is chained."""
 
 
-class Intake:
-    def __init__(self, stream: JoinedStream, max_buffered: int) -> None:
+class BufferedSource:
+    """The buffer, the thread and the delivery bookkeeping shared by every source. A subclass reads with
+    :meth:`_fetch` and joins what it read with :meth:`_join`."""
+
+    what = "input"
+    """What the thread reads, for error messages."""
+
+    def __init__(self, max_buffered: int) -> None:
         if max_buffered < 1:
             raise ValueError(f"max_buffered must be positive, got {max_buffered}")
-        self.stream = stream
         self.max_buffered = max_buffered
         self._buffer: list[pa.Table] = []
         self._rows = 0
         self._cond = threading.Condition()
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
-        self._commit_request: dict[int, int] | None = None
         self._error: BaseException | None = None
-        self._lag: dict[int, int] = {}
-        self._lag_at = 0.0
+        self._ended = False
 
-    # -- the trainer's side ------------------------------------------------------------------------------
+    # -- what a subclass provides ----------------------------------------------------------------------
+
+    def _fetch(self) -> object:
+        """Read the next piece of input (on the thread, without the lock): None once the input has ended."""
+        raise NotImplementedError
+
+    def _join(self, fetched: object) -> pa.Table:
+        """The examples that ``fetched`` completes (called under the lock, so that a checkpoint's cut never
+        falls between the joiner handing examples out and the buffer taking them)."""
+        raise NotImplementedError
+
+    def _acknowledge(self, examples: pa.Table) -> None:
+        """Examples entered the buffer (called under the lock)."""
+
+    def _drain(self) -> pa.Table:
+        """Every example still pending in the joiner (end of a bounded run)."""
+        raise NotImplementedError
+
+    def joiner_state(self) -> bytes:
+        raise NotImplementedError
+
+    def safe_offsets(self) -> dict[int, int]:
+        """Per partition, the offset below which every event was acknowledged or dead-lettered."""
+        raise NotImplementedError
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        """Record ``offsets`` as durable (a checkpoint covers them)."""
+        raise NotImplementedError
+
+    def figures(self) -> dict[str, float]:
+        """What the loop logs at its stats cadence."""
+        return {}
+
+    # -- the training loop's side ----------------------------------------------------------------------
 
     def restore(self, buffer: pa.Table) -> None:
         """Examples a checkpoint held, acknowledged before the crash: trained first."""
@@ -57,14 +99,13 @@ class Intake:
             self._append(buffer)
 
     def start(self) -> None:
-        if self._thread is None:
+        if self._thread is None and not self._ended:
             self._halt.clear()
-            self._thread = threading.Thread(target=self._run, name="moestream-intake", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"moestream-{self.what}", daemon=True)
             self._thread.start()
 
     def stop(self, timeout_s: float = 60.0) -> None:
-        """Stop fetching (after the fetch in flight) and commit a commit still pending; the stream is
-        then the caller's again."""
+        """Stop reading (after the read in flight); the input is then the caller's again."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
@@ -73,26 +114,31 @@ class Intake:
             self._cond.notify_all()
         thread.join(timeout_s)
         if thread.is_alive():
-            raise IntakeError(f"the intake thread did not stop within {timeout_s:.0f}s")
-        self._commit_pending()
+            raise IntakeError(f"the {self.what} thread did not stop within {timeout_s:.0f}s")
 
     @property
     def running(self) -> bool:
         return self._thread is not None
 
+    @property
+    def ended(self) -> bool:
+        """The input has ended (a replayed log read to its end): nothing more will be buffered."""
+        return self._ended
+
     def check(self) -> None:
-        """Raise the intake thread's failure in the caller's thread, if it failed."""
+        """Raise the thread's failure in the caller's thread, if it failed."""
         if self._error is not None:
-            raise IntakeError(f"reading Kafka failed: {self._error!r}") from self._error
+            raise IntakeError(f"reading {self.what} failed: {self._error!r}") from self._error
 
     def buffered(self) -> int:
         return self._rows
 
     def wait(self, rows: int, timeout_s: float) -> int:
-        """Wait until at least ``rows`` examples are buffered, the thread fails, or ``timeout_s`` passes."""
+        """Wait until at least ``rows`` examples are buffered, the input ends, the thread fails, or
+        ``timeout_s`` passes."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._rows < rows and self._error is None and self.running:
+            while self._rows < rows and self._error is None and self.running and not self._ended:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -106,12 +152,12 @@ class Intake:
             batch, rest = table.slice(0, n), table.slice(n)
             self._buffer = [rest] if rest.num_rows else []
             self._rows = rest.num_rows
-            self._cond.notify_all()  # room again for the intake thread
+            self._cond.notify_all()  # room again for the thread
         return batch
 
     def peek(self, n: int) -> pa.Table:
-        """The next ``n`` buffered examples (or fewer), left in the buffer: what a later ``take(n)`` will
-        return if nothing arrives in between (the learner looks up their features ahead of time)."""
+        """The next ``n`` buffered examples (or fewer), left in the buffer: what a later ``take(n)`` returns
+        if nothing arrives in between (the feature loop reads their features ahead of time)."""
         with self._cond:
             parts, rows = [], 0
             for table in self._buffer:
@@ -121,25 +167,25 @@ class Intake:
                 rows += parts[-1].num_rows
             return pa.concat_tables(parts) if parts else EXAMPLE_SCHEMA.empty_table()
 
-    def flush(self) -> None:
-        """Every impression still pending in the joiner into the buffer (end of a bounded run); only once
-        the thread has stopped."""
+    def drain(self) -> None:
+        """Every example still pending in the joiner into the buffer (end of a bounded run); only once the
+        thread has stopped."""
         if self.running:
-            raise RuntimeError("flush() needs the intake thread stopped")
+            raise RuntimeError("drain() needs the thread stopped")
         with self._cond:
-            self._take(self.stream.flush())
+            self._admit(self._drain())
 
     def capture(self) -> tuple[pa.Table, bytes, dict[int, int]]:
         """One consistent cut for a checkpoint: the buffer, the joiner's state and the safe offsets."""
         with self._cond:
             buffer = pa.concat_tables(self._buffer) if self._buffer else EXAMPLE_SCHEMA.empty_table()
-            return buffer, self.stream.joiner.state(), self.stream.safe_offsets()
+            return buffer, self.joiner_state(), self.safe_offsets()
 
     def trained_offsets(self) -> dict[int, int]:
         """Per partition, the offset below which every example has been trained (or dead-lettered): the
         safe offsets, held back by examples still in the buffer. What a snapshot's weights cover."""
         with self._cond:
-            offsets = self.stream.safe_offsets()
+            offsets = self.safe_offsets()
             for table in self._buffer:
                 if not table.num_rows:
                     continue
@@ -148,9 +194,98 @@ class Intake:
                         offsets[part] = min(offsets[part], low)
             return offsets
 
+    # -- the thread ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._halt.is_set():
+                self._between_reads()
+                with self._cond:
+                    if self._rows >= self.max_buffered:  # back-pressure: the trainer is behind
+                        self._cond.wait(0.1)
+                        continue
+                fetched = self._fetch()  # no shared state touched while reading
+                with self._cond:
+                    if fetched is None:
+                        self._ended = True
+                        return
+                    self._admit(self._join(fetched))
+        except BaseException as exc:  # noqa: BLE001 - handed to the trainer's thread, raised there by check()
+            self._error = exc
+        finally:
+            with self._cond:
+                self._cond.notify_all()
+
+    def _between_reads(self) -> None:
+        """Housekeeping on the thread before each read (a subclass's commits and lag refreshes)."""
+
+    def _admit(self, examples: pa.Table) -> None:
+        """Buffer and acknowledge (not commit): the buffer is in every checkpoint (the caller holds the lock)."""
+        if examples.num_rows:
+            self._append(examples)
+            self._acknowledge(examples)
+            self._cond.notify_all()
+
+    def _append(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._buffer.append(table)
+            self._rows += table.num_rows
+
+
+class ExamplesSource(BufferedSource):
+    """Examples already joined, handed in by the caller (tests, notebooks): :meth:`put` queues a table, and the
+    input ends once the queue is read."""
+
+    what = "examples"
+
+    def __init__(self, tables: Iterable[pa.Table] = (), max_buffered: int = 1 << 20) -> None:
+        super().__init__(max_buffered)
+        self._queue: deque[pa.Table] = deque(tables)
+
+    def put(self, examples: pa.Table) -> None:
+        self._queue.append(examples)
+
+    def _fetch(self) -> pa.Table | None:
+        return self._queue.popleft() if self._queue else None
+
+    def _join(self, fetched: pa.Table) -> pa.Table:
+        return fetched
+
+    def _drain(self) -> pa.Table:
+        return EXAMPLE_SCHEMA.empty_table()
+
+    def joiner_state(self) -> bytes:
+        return b""
+
+    def safe_offsets(self) -> dict[int, int]:
+        return {}
+
     def commit(self, offsets: dict[int, int]) -> None:
-        """Commit up to ``offsets`` (a durable checkpoint's): on the intake thread when it runs (it owns
-        the consumer), at once otherwise."""
+        """Nothing to commit: the caller owns the examples."""
+
+
+class Intake(BufferedSource):
+    """Kafka: fetched, decoded (malformed events dead-lettered) and joined on the intake thread."""
+
+    what = "Kafka"
+
+    def __init__(self, stream: JoinedStream, max_buffered: int) -> None:
+        super().__init__(max_buffered)
+        self.stream = stream
+        self._commit_request: dict[int, int] | None = None
+        self._lag: dict[int, int] = {}
+        self._lag_at = 0.0
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop fetching and commit a commit still pending; the stream is then the caller's again."""
+        was_running = self.running
+        super().stop(timeout_s)
+        if was_running:
+            self._commit_pending()
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        """Commit up to ``offsets`` (a durable checkpoint's): on the intake thread when it runs (it owns the
+        consumer), at once otherwise."""
         with self._cond:
             if self.running:
                 self._commit_request = dict(offsets)
@@ -158,33 +293,39 @@ class Intake:
             self.stream.commit(offsets)
 
     def lag(self) -> dict[int, int]:
-        """Per partition, messages not yet fetched, as of the intake thread's last look (or now, when it
-        is not running)."""
+        """Per partition, messages not yet fetched, as of the thread's last look (or now, when it is not
+        running)."""
         if not self.running:
             with self._cond:
                 self._lag = self.stream.lag()
         return dict(self._lag)
 
-    # -- the intake thread ---------------------------------------------------------------------------------
+    def joiner_state(self) -> bytes:
+        return self.stream.joiner.state()
 
-    def _run(self) -> None:
-        try:
-            while not self._halt.is_set():
-                self._commit_pending()
-                if time.monotonic() - self._lag_at >= LAG_EVERY_S:
-                    self._refresh_lag()
-                with self._cond:
-                    if self._rows >= self.max_buffered:  # back-pressure: the trainer is behind
-                        self._cond.wait(0.1)
-                        continue
-                batch = self.stream.source.next_batch()  # fetch, decode, dead letters: no shared state
-                with self._cond:
-                    self._take(self.stream.absorb(batch))
-        except BaseException as exc:  # noqa: BLE001 - handed to the trainer's thread, raised there by check()
-            self._error = exc
-        finally:
-            with self._cond:
-                self._cond.notify_all()
+    def safe_offsets(self) -> dict[int, int]:
+        return self.stream.safe_offsets()
+
+    def figures(self) -> dict[str, float]:
+        return {"kafka/lag": float(sum(self._lag.values())), "kafka/consumed": float(self.stream.stats.consumed),
+                "joiner/pending": float(self.stream.joiner.n_pending)}
+
+    def _fetch(self) -> SourceBatch:
+        return self.stream.source.next_batch()  # fetch, decode, dead letters: no shared state
+
+    def _join(self, fetched: SourceBatch) -> pa.Table:
+        return self.stream.absorb(fetched)
+
+    def _drain(self) -> pa.Table:
+        return self.stream.flush()
+
+    def _acknowledge(self, examples: pa.Table) -> None:
+        self.stream.ack(examples, commit=False)
+
+    def _between_reads(self) -> None:
+        self._commit_pending()
+        if time.monotonic() - self._lag_at >= LAG_EVERY_S:
+            self._refresh_lag()
 
     def _refresh_lag(self) -> None:
         """A broker away (restarting) leaves the last lag in place: it is a gauge, and the fetch recovers."""
@@ -201,22 +342,10 @@ class Intake:
             if request is not None:
                 self.stream.commit(request)
 
-    def _take(self, examples: pa.Table) -> None:
-        """Buffer and acknowledge (not commit): the buffer is in every checkpoint (the caller holds the lock)."""
-        if examples.num_rows:
-            self._append(examples)
-            self.stream.ack(examples, commit=False)
-            self._cond.notify_all()
-
-    def _append(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self._buffer.append(table)
-            self._rows += table.num_rows
-
 
 def _min_offsets(table: pa.Table) -> dict[int, int]:
     grouped = table.group_by("partition").aggregate([("offset", "min")])
     return dict(zip(grouped["partition"].to_pylist(), grouped["offset_min"].to_pylist()))
 
 
-__all__ = ["Intake", "IntakeError"]
+__all__ = ["BufferedSource", "ExamplesSource", "Intake", "IntakeError"]

@@ -21,11 +21,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import math
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+
+from learner.config import PublishGuard  # the guard's settings are configuration: checked without torch
 
 _NAME = re.compile(r"^v(\d{6,})\.json$")
 
@@ -48,45 +49,6 @@ class SnapshotRefused(SnapshotError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class PublishGuard:
-    """Refuse a snapshot whose recent progressive AUC fell too far below the last published one.
-
-    Per task, ``metric`` (a key of ``ProgressiveValidation.summary()``; default the sliding-window AUC)
-    of the candidate is compared with the same figure in the manifest of the version ``LATEST`` names.
-    A task is compared only when both windows hold at least ``min_class_examples`` positives and as many
-    negatives: a window AUC over a few dozen positives moves by more than any useful threshold by chance.
-    """
-
-    max_auc_drop: float = 0.02
-    min_class_examples: int = 500
-    metric: str = "window_auc"
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.max_auc_drop <= 1:
-            raise ValueError(f"guard.max_auc_drop must be in [0, 1], got {self.max_auc_drop!r}")
-        if self.min_class_examples < 1:
-            raise ValueError(f"guard.min_class_examples must be >= 1, got {self.min_class_examples!r}")
-
-    def _comparable(self, m: Mapping[str, float]) -> float | None:
-        # Manifests store an undefined metric (NaN) as JSON null: both mean "not comparable".
-        value = m.get(self.metric)
-        positives = m.get("window_positives") or 0.0
-        negatives = (m.get("window_n") or 0.0) - positives
-        if value is None or not math.isfinite(value) or min(positives, negatives) < self.min_class_examples:
-            return None
-        return value
-
-    def check(self, metrics: Mapping[str, Mapping[str, float]], reference: Mapping[str, Mapping[str, float]]) -> str | None:
-        """Why ``metrics`` must not replace the snapshot that recorded ``reference``; None if it may."""
-        drops = []
-        for task, m in metrics.items():
-            now, before = self._comparable(m), self._comparable(reference.get(task, {}))
-            if now is not None and before is not None and before - now > self.max_auc_drop:
-                drops.append(f"{task} {self.metric} {now:.4f} < {before:.4f} - {self.max_auc_drop}")
-        return "; ".join(drops) or None
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,7 @@ class JoinedStream:
         if not offsets:
             return
         try:
-            self.source.ack(offsets)
+            self.source.commit(offsets)
         except (CommitFailedError, RebalanceInProgressError):
             # The group is rebalancing: keep the offsets uncommitted and retry after the next poll. If the
             # partition moves, its new owner re-reads from the last commit (re-delivery, never loss).

@@ -1,9 +1,9 @@
 """Kafka I/O: the event sink (producer), the dead-letter sink, and the event source (consumer group).
 
 The source never commits on its own (auto-commit off). It hands out decoded batches together with the
-offsets they reach; the downstream stage calls :meth:`EventSource.ack` once what those offsets cover is
-durable, and only then are they committed. Malformed messages are written to ``<topic>.dlq`` with the
-reason and their source position in headers, and the DLQ is flushed before any commit that passes them.
+offsets they reach; the downstream stage calls :meth:`EventSource.commit` once what those offsets cover is
+durable. Malformed messages are written to ``<topic>.dlq`` with the reason and their source position in
+headers, and the DLQ is flushed before any commit that passes them.
 
 Every client connects with :func:`client_options`: the broker address and the security settings of
 :class:`KafkaConfig` (TLS, SASL) with the credentials read from the environment at that moment. Credentials
@@ -287,7 +287,7 @@ class EventSource:
         self.consumed += len(records)
         return SourceBatch(decoded, next_offsets, len(records))
 
-    def ack(self, offsets: dict[int, int]) -> None:
+    def commit(self, offsets: dict[int, int]) -> None:
         """Commit ``offsets`` (partition -> next offset): call only once what precedes them is durable."""
         if not offsets:
             return

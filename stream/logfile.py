@@ -7,16 +7,16 @@ Two schemas, told apart by their column names (:func:`detect_schema`), each in P
 ``kuairand``   the KuaiRand-1K ``log_*.csv`` files: one row per video view, which becomes an impression at
                ``time_ms`` and its feedback ``min(play_time_ms, max_delay_ms)`` later (``docs/replay.md``).
 
-Whatever the schema, a chunk of rows becomes one *event table* (``EVENT_SCHEMA``) in file order, with
-``seq``, the event's position in the file, as the tie-break of the event-time order: an impression and its
-feedback from one KuaiRand row get ``2·row`` and ``2·row + 1``. :func:`to_dicts` turns an event table into
-the event dicts of the contract (``stream.events``). Bad values raise ``ValueError`` naming the file and the
-row (the CSV line), before anything is sent.
+Whatever the schema, a chunk of rows is read as stored (``stream.logread``), checked (``stream.logcheck``:
+each bad row goes to the rejects with one reason, the others go on) and becomes one *event table*
+(``EVENT_SCHEMA``) in file order, with ``seq``, the event's position in the file, as the tie-break of the
+event-time order: an impression and its feedback from KuaiRand row ``r`` get ``2r`` and ``2r + 1``. Row
+indexes count rejected rows too, so a reject never moves the events after it. :func:`to_dicts` turns an
+event table into the event dicts of the contract, :func:`decoded_batch` into the joiner's input.
 """
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,16 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from stream.events import FEEDBACK, IMPRESSION, LABELS, MAX_ID, PLAY_TIME, TASKS
+from stream.events import (
+    FEEDBACK, FEEDBACK_SCHEMA, IMPRESSION, IMPRESSION_SCHEMA, LABELS, MAX_ID, MAX_PLAY_MS, PLAY_TIME, TASKS,
+    DecodedBatch,
+)
+from stream.logcheck import MAX_TS_MS, Duplicates, RejectLog, RowChecks, parse_number
+from stream.logread import FORMATS, LogError, column_names, count_rows, log_format, read_raw
+
+__all__ = ["EVENT_SCHEMA", "FORMATS", "KUAIRAND_COLUMNS", "LOG_SCHEMA", "SCHEMAS", "LogError", "LogSchema",
+           "column_names", "count_rows", "decoded_batch", "detect_schema", "log_format", "read_event_times",
+           "read_events", "sort_events", "to_dicts", "unknown_columns", "write_log"]
 
 LOG_SCHEMA = pa.schema(
     [
@@ -69,92 +78,17 @@ KUAIRAND_COLUMNS: dict[str, pa.DataType] = {
     "is_forward": pa.float64(),
     "play_time_ms": pa.float64(),
 }
-"""The KuaiRand-1K columns replay reads; the others (is_hate, is_rand, tab, duration_ms, ...) are dropped."""
+"""The KuaiRand-1K columns replay reads."""
+KUAIRAND_DROPPED = ("date", "hourmin", "is_hate", "duration_ms", "profile_stay_time", "comment_stay_time",
+                    "is_profile_enter", "is_rand", "tab")
+"""KuaiRand-1K columns replay knows and drops (``docs/replay.md`` says why); any other column is unknown."""
 KUAIRAND_LABELS: dict[str, str] = {
     "click": "is_click", "long_view": "long_view", "like": "is_like", "comment": "is_comment",
     "follow": "is_follow", "forward": "is_forward", PLAY_TIME: "play_time_ms",
 }
 """Contract label -> KuaiRand column."""
 
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 _SORT_KEY = [("ts_ms", "ascending"), ("seq", "ascending")]
-
-
-class _RowError(ValueError):
-    def __init__(self, row: int, reason: str) -> None:
-        super().__init__(reason)
-        self.row, self.reason = row, reason
-
-
-# ---------------------------------------------------------------------------------------------- formats
-
-
-def log_format(path: Path | str) -> str:
-    """``"parquet"`` or ``"csv"``, from the file name."""
-    fmt = FORMATS.get(Path(path).suffix.lower())
-    if fmt is None:
-        raise ValueError(f"{path}: unsupported log file type; expected one of {sorted(FORMATS)}")
-    return fmt
-
-
-def column_names(path: Path | str) -> list[str]:
-    if log_format(path) == "parquet":
-        return pq.read_schema(path).names
-    with open(path, newline="", encoding="utf-8") as f:
-        return next(csv.reader(f), [])
-
-
-def count_rows(path: Path | str) -> int:
-    """Data rows: exact from Parquet metadata; for CSV a count of line ends (quoted newlines would count too,
-    so use it for a progress bar, not for positions)."""
-    if log_format(path) == "parquet":
-        return pq.ParquetFile(path).metadata.num_rows
-    lines, last = 0, b"\n"
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            lines += block.count(b"\n")
-            last = block[-1:]
-    return max(lines + (last != b"\n") - 1, 0)
-
-
-def read_chunks(path: Path | str, columns: dict[str, pa.DataType], chunk_rows: int) -> Iterator[pa.Table]:
-    """``columns`` of the file, cast to the given types, ``chunk_rows`` rows at a time (the last may be short).
-
-    Only one chunk and one reader block are in memory at a time, whatever the size of the file.
-    """
-    schema = pa.schema(list(columns.items()))
-    if log_format(path) == "parquet":
-        with pq.ParquetFile(path) as reader:
-            batches = reader.iter_batches(batch_size=chunk_rows, columns=list(columns))
-            for table in _rebatch(batches, chunk_rows):
-                yield table.select(list(columns)).cast(schema)
-        return
-    # Explicit types: inferring them from the first block breaks when a rare label is all-null there.
-    with pacsv.open_csv(
-        path,
-        read_options=pacsv.ReadOptions(block_size=min(max(chunk_rows * 64, 1 << 20), 64 << 20)),
-        convert_options=pacsv.ConvertOptions(include_columns=list(columns), column_types=columns),
-    ) as reader:
-        for table in _rebatch(reader, chunk_rows):
-            yield table.select(list(columns)).cast(schema)
-
-
-def _rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
-    """Re-cut reader batches (row groups, CSV blocks) into tables of exactly ``rows`` rows."""
-    pending: list[pa.RecordBatch] = []
-    have = 0
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        pending.append(batch)
-        have += batch.num_rows
-        while have >= rows:
-            table = pa.Table.from_batches(pending)
-            yield table.slice(0, rows).combine_chunks()
-            rest = table.slice(rows)
-            pending, have = rest.to_batches(), rest.num_rows
-    if have:
-        yield pa.Table.from_batches(pending).combine_chunks()
 
 
 # ---------------------------------------------------------------------------------------------- schemas
@@ -162,48 +96,52 @@ def _rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]
 
 @dataclass(frozen=True)
 class LogSchema:
-    """What a log schema reads and how its rows become events."""
+    """What a log schema reads, how its rows are checked and how they become events."""
 
     name: str
     columns: dict[str, pa.DataType]
     """The columns replay reads; a file has this schema when it has all of them."""
+    known: tuple[str, ...]
+    """Every column the schema knows: a file's other columns are reported as unknown and ignored."""
     time_columns: dict[str, pa.DataType]
     """Enough columns to compute the event times (the cheap sortedness scan reads only these)."""
     events_per_row: int
-    to_events: Callable[[pa.Table, int, int], pa.Table]
-    """(chunk, index of its first row, max_delay_ms) -> event table in file order."""
+    check: Callable[[RowChecks, Duplicates], pa.Table]
+    """Flags the bad rows of a chunk; returns its columns typed (bad values null, rows still all there)."""
+    to_events: Callable[[pa.Table, np.ndarray, int], pa.Table]
+    """(checked rows, their row indexes, max_delay_ms) -> event table in file order."""
     event_times: Callable[[pa.Table, int], np.ndarray]
-    """(chunk of ``time_columns``, max_delay_ms) -> ``ts_ms`` of its events in file order."""
+    """(typed ``time_columns``, max_delay_ms) -> ``ts_ms`` of their events in file order (NaN: unknown)."""
 
 
-def _check(bad: pa.ChunkedArray, first_row: int, reason: str) -> None:
-    """Raise for the first row where ``bad`` is true or null (a null id or time fails every comparison)."""
-    rows = np.flatnonzero(np.asarray(pc.fill_null(bad, True)))
-    if len(rows):
-        raise _RowError(first_row + int(rows[0]), reason)
+def _check_ids(checks: RowChecks, ids: dict[str, pa.ChunkedArray]) -> None:
+    for name, col in ids.items():
+        checks.flag(pc.invert(pc.and_(pc.greater_equal(col, 0), pc.less(col, MAX_ID))), "bad_id",
+                    "must be in [0, 2**62)", name)
 
 
-def _check_ids(table: pa.Table, names: Iterable[str], first_row: int) -> None:
-    for name in names:
-        col = table[name]
-        _check(pc.invert(pc.and_kleene(pc.greater_equal(col, 0), pc.less(col, MAX_ID))), first_row,
-               f"{name} must be a non-negative integer below 2**62")
+def _check_time(checks: RowChecks, name: str, col: pa.ChunkedArray) -> None:
+    checks.flag(pc.invert(pc.and_(pc.greater_equal(col, 0), pc.less(col, MAX_TS_MS))), "bad_timestamp",
+                "must be in [0, 2100-01-01) as milliseconds since 1970", name)
 
 
-def _check_labels(table: pa.Table, names: dict[str, str], first_row: int) -> pa.ChunkedArray:
-    """Labels may be null (absent); present ones must be 0/1, play time finite and >= 0.
+def _check_labels(checks: RowChecks, columns: dict[str, str], labels: dict[str, pa.ChunkedArray]) -> pa.ChunkedArray:
+    """Labels may be null (absent); present ones must be 0/1, play time finite and in [0, a week].
 
-    Returns which rows carry at least one label."""
-    for label, column in names.items():
-        col = table[column]
-        ok = (pc.and_kleene(pc.is_finite(col), pc.greater_equal(col, 0)) if label == PLAY_TIME
-              else pc.is_in(col, pa.array([0, 1], col.type)))
-        _check(pc.and_kleene(pc.is_valid(col), pc.invert(ok)), first_row,
-               f"{column} must be {'a finite number >= 0' if label == PLAY_TIME else '0 or 1'}")
-    present = [pc.is_valid(table[column]) for column in names.values()]
+    ``columns`` maps each contract label to its column, ``labels`` each column to its values; returns which
+    rows carry at least one label."""
+    zero_one = pa.array([0.0, 1.0])
+    for label, column in columns.items():
+        col = labels[column]
+        if label == PLAY_TIME:
+            ok = pc.and_(pc.is_finite(col), pc.and_(pc.greater_equal(col, 0), pc.less_equal(col, MAX_PLAY_MS)))
+            checks.flag(pc.invert(ok), "bad_label", "must be a finite number of ms in [0, a week]", column)
+        else:
+            checks.flag(pc.and_(pc.is_valid(col), pc.invert(pc.is_in(col, zero_one))), "bad_label", "must be 0 or 1", column)
+    present = [pc.is_valid(col) for col in labels.values()]
     any_present = present[0]
     for p in present[1:]:
-        any_present = pc.or_kleene(any_present, p)
+        any_present = pc.or_(any_present, p)
     return any_present
 
 
@@ -213,62 +151,81 @@ def _event_table(ts, seq, kind, request_id, user, item, labels: dict[str, pa.Arr
                                 schema=EVENT_SCHEMA)
 
 
+def _event_labels(table: pa.Table, columns: dict[str, str]) -> dict[str, pa.ChunkedArray]:
+    return {name: pc.cast(table[column], EVENT_SCHEMA.field(name).type) for name, column in columns.items()}
+
+
+def _kuairand_check(checks: RowChecks, duplicates: Duplicates) -> pa.Table:
+    ids = {name: checks.number(name, pa.int64()) for name in ("user_id", "video_id", "time_ms")}
+    labels = {column: checks.number(column, pa.float64()) for column in KUAIRAND_LABELS.values()}
+    checks.missing(ids)
+    _check_ids(checks, {"user_id": ids["user_id"], "video_id": ids["video_id"]})
+    _check_time(checks, "time_ms", ids["time_ms"])
+    any_label = _check_labels(checks, KUAIRAND_LABELS, labels)
+    checks.flag(pc.invert(any_label), "missing_value", "a view needs at least one label")
+    duplicates.flag(checks, ids, "repeats the user, video and time of an earlier row")
+    return pa.table(ids | labels)
+
+
 def _kuairand_delay(play_time: pa.ChunkedArray, max_delay_ms: int) -> np.ndarray:
     play = play_time.to_numpy(zero_copy_only=False)  # null -> NaN
     return np.clip(np.nan_to_num(play, nan=0.0), 0, max_delay_ms).astype(np.int64)
 
 
 def _kuairand_times(chunk: pa.Table, max_delay_ms: int) -> np.ndarray:
-    t = chunk["time_ms"].to_numpy(zero_copy_only=False)  # float64 with NaN where null
-    out = np.empty(2 * len(t), dtype=t.dtype)
+    t = chunk["time_ms"].to_numpy(zero_copy_only=False).astype(np.float64)  # NaN where null
+    out = np.empty(2 * len(t), dtype=np.float64)
     out[0::2] = t
     out[1::2] = t + _kuairand_delay(chunk["play_time_ms"], max_delay_ms)
     return out
 
 
-def _kuairand_events(chunk: pa.Table, first_row: int, max_delay_ms: int) -> pa.Table:
+def _kuairand_events(chunk: pa.Table, rows: np.ndarray, max_delay_ms: int) -> pa.Table:
     n = chunk.num_rows
-    _check_ids(chunk, ("user_id", "video_id", "time_ms"), first_row)
-    _check(pc.greater_equal(chunk["time_ms"], MAX_ID - max_delay_ms), first_row,
-           "time_ms plus the feedback delay must stay below 2**62")
-    any_label = _check_labels(chunk, KUAIRAND_LABELS, first_row)
-    _check(pc.invert(any_label), first_row, "a view needs at least one label")
     user, video, t = chunk["user_id"], chunk["video_id"], chunk["time_ms"]
     request_id = pc.binary_join_element_wise(
         "kr", pc.cast(user, pa.string()), pc.cast(t, pa.string()), pc.cast(video, pa.string()), "-"
     )
     t_np = t.to_numpy()
-    seq = 2 * np.arange(first_row, first_row + n, dtype=np.int64)
+    seq = 2 * rows
     imp = _event_table(t_np, seq, np.zeros(n, np.int8), request_id, user, video,
                        {name: pa.nulls(n, EVENT_SCHEMA.field(name).type) for name in LABELS})
-    labels = {name: pc.cast(chunk[column], EVENT_SCHEMA.field(name).type) for name, column in KUAIRAND_LABELS.items()}
     fb = _event_table(t_np + _kuairand_delay(chunk["play_time_ms"], max_delay_ms), seq + 1, np.ones(n, np.int8),
-                      request_id, user, video, labels)
+                      request_id, user, video, _event_labels(chunk, KUAIRAND_LABELS))
     order = np.empty(2 * n, dtype=np.int64)  # interleave: row i's impression, then its feedback
     order[0::2] = np.arange(n)
     order[1::2] = np.arange(n, 2 * n)
     return pa.concat_tables([imp, fb]).take(order)
 
 
+def _moestream_check(checks: RowChecks, duplicates: Duplicates) -> pa.Table:
+    kind, request_id = checks.text("type"), checks.text("request_id")
+    ids = {name: checks.number(name, pa.int64()) for name in ("user_id", "item_id", "ts_ms")}
+    labels = {name: checks.number(name, pa.float64()) for name in LABELS}
+    checks.missing({"type": kind, "request_id": request_id, **ids})
+    checks.flag(pc.invert(pc.is_in(kind, pa.array([IMPRESSION, FEEDBACK]))), "bad_type",
+                f"must be {IMPRESSION!r} or {FEEDBACK!r}", "type")
+    _check_ids(checks, {"user_id": ids["user_id"], "item_id": ids["item_id"]})
+    _check_time(checks, "ts_ms", ids["ts_ms"])
+    length = pc.utf8_length(request_id)
+    checks.flag(pc.invert(pc.and_(pc.greater(length, 0), pc.less_equal(length, 128))), "bad_request_id",
+                "must be a non-empty string of at most 128 characters", "request_id")
+    any_label = _check_labels(checks, {name: name for name in LABELS}, labels)
+    checks.flag(pc.and_(pc.equal(kind, FEEDBACK), pc.invert(any_label)), "missing_value",
+                "feedback needs at least one label")
+    columns = {"type": kind, "request_id": request_id, **ids, **labels}
+    duplicates.flag(checks, columns, "repeats an earlier row")
+    return pa.table(columns)
+
+
 def _moestream_times(chunk: pa.Table, max_delay_ms: int) -> np.ndarray:
     return chunk["ts_ms"].to_numpy(zero_copy_only=False)
 
 
-def _moestream_events(chunk: pa.Table, first_row: int, max_delay_ms: int) -> pa.Table:
-    n = chunk.num_rows
-    kind_col = chunk["type"]
-    _check(pc.invert(pc.is_in(kind_col, pa.array([IMPRESSION, FEEDBACK]))), first_row,
-           f"type must be {IMPRESSION!r} or {FEEDBACK!r}")
-    _check_ids(chunk, ("user_id", "item_id", "ts_ms"), first_row)
-    rid_len = pc.utf8_length(chunk["request_id"])
-    _check(pc.invert(pc.and_kleene(pc.greater(rid_len, 0), pc.less_equal(rid_len, 128))), first_row,
-           "request_id must be a non-empty string of at most 128 characters")
-    is_feedback = pc.equal(kind_col, FEEDBACK)
-    any_label = _check_labels(chunk, {name: name for name in LABELS}, first_row)
-    _check(pc.and_kleene(is_feedback, pc.invert(any_label)), first_row, "feedback needs at least one label")
+def _moestream_events(chunk: pa.Table, rows: np.ndarray, max_delay_ms: int) -> pa.Table:
     return _event_table(
-        chunk["ts_ms"], np.arange(first_row, first_row + n, dtype=np.int64), pc.cast(is_feedback, pa.int8()),
-        chunk["request_id"], chunk["user_id"], chunk["item_id"], {name: chunk[name] for name in LABELS},
+        chunk["ts_ms"], rows, pc.cast(pc.equal(chunk["type"], FEEDBACK), pa.int8()), chunk["request_id"],
+        chunk["user_id"], chunk["item_id"], _event_labels(chunk, {name: name for name in LABELS}),
     )
 
 
@@ -276,16 +233,20 @@ SCHEMAS: dict[str, LogSchema] = {
     "kuairand": LogSchema(
         name="kuairand",
         columns=KUAIRAND_COLUMNS,
+        known=(*KUAIRAND_COLUMNS, *KUAIRAND_DROPPED),
         time_columns={"time_ms": pa.int64(), "play_time_ms": pa.float64()},
         events_per_row=2,
+        check=_kuairand_check,
         to_events=_kuairand_events,
         event_times=_kuairand_times,
     ),
     "moestream": LogSchema(
         name="moestream",
         columns={f.name: f.type for f in LOG_SCHEMA},
+        known=tuple(LOG_SCHEMA.names),
         time_columns={"ts_ms": pa.int64()},
         events_per_row=1,
+        check=_moestream_check,
         to_events=_moestream_events,
         event_times=_moestream_times,
     ),
@@ -293,43 +254,82 @@ SCHEMAS: dict[str, LogSchema] = {
 
 
 def detect_schema(path: Path | str) -> str:
-    """``"kuairand"`` or ``"moestream"``, from the column names; otherwise a ``ValueError`` saying which
-    columns each schema misses."""
+    """``"kuairand"`` or ``"moestream"``, from the column names; otherwise a ``LogError`` saying which
+    columns each schema misses (or why the file cannot be read)."""
     names = set(column_names(path))
     missing = {s.name: [c for c in s.columns if c not in names] for s in SCHEMAS.values()}
     matches = [name for name, cols in missing.items() if not cols]
     if len(matches) == 1:
         return matches[0]
     if matches:
-        raise ValueError(f"{path}: has the columns of several log schemas {matches}; cannot tell which it is")
+        raise LogError(f"{path}: has the columns of several log schemas {matches}; cannot tell which it is")
     detail = "; ".join(f"{name} lacks {cols}" for name, cols in missing.items())
-    raise ValueError(f"{path}: unknown log schema ({detail})")
+    raise LogError(f"{path}: unknown log schema ({detail})")
 
 
-def _where(path: Path | str, row: int) -> str:
-    return f"{path}:{row + 2}" if log_format(path) == "csv" else f"{path} row {row}"  # CSV: line, after the header
+def unknown_columns(path: Path | str, schema: LogSchema) -> list[str]:
+    """Columns of the file the schema does not know: ignored, and reported once."""
+    return [c for c in column_names(path) if c not in schema.known]
 
 
-def read_events(path: Path | str, schema: LogSchema, chunk_rows: int, max_delay_ms: int) -> Iterator[pa.Table]:
-    """Event tables (``EVENT_SCHEMA``) in file order, one per chunk of ``chunk_rows`` rows."""
-    first = 0
-    for chunk in read_chunks(path, schema.columns, chunk_rows):
+def read_events(path: Path | str, schema: LogSchema, chunk_rows: int, max_delay_ms: int,
+                rejects: RejectLog | None = None) -> Iterator[pa.Table]:
+    """Event tables (``EVENT_SCHEMA``) in file order, one per chunk of ``chunk_rows`` rows; bad rows go to
+    ``rejects`` (counted there, and written where it has a path)."""
+    rejects = rejects if rejects is not None else RejectLog(None, path, log_format(path))
+    duplicates = Duplicates()
+    for raw in read_raw(path, list(schema.columns), chunk_rows):
+        checks = RowChecks(raw.table, raw.rows)
         try:
-            yield schema.to_events(chunk, first, max_delay_ms)
-        except _RowError as exc:
-            raise ValueError(f"{_where(path, exc.row)}: {exc.reason}") from None
-        first += chunk.num_rows
+            typed = schema.check(checks, duplicates)
+        except LogError as exc:
+            raise LogError(f"{path}: {exc}") from None
+        rejects.add(raw.bad_lines, checks)
+        ok = checks.ok
+        if ok.all():
+            yield schema.to_events(typed, raw.rows, max_delay_ms)
+        elif ok.any():
+            yield schema.to_events(typed.filter(pa.array(ok)), raw.rows[ok], max_delay_ms)
 
 
 def read_event_times(path: Path | str, schema: LogSchema, chunk_rows: int, max_delay_ms: int) -> Iterator[np.ndarray]:
-    """Event times in file order, one array per chunk, reading only the time columns."""
-    for chunk in read_chunks(path, schema.time_columns, chunk_rows):
-        yield schema.event_times(chunk, max_delay_ms)
+    """Event times in file order, one array per chunk, reading only the time columns.
+
+    Values that are not numbers are left out: those rows are rejected when the events are read. Rows
+    rejected for other reasons are kept, which can only make the order check stricter."""
+    for raw in read_raw(path, list(schema.time_columns), chunk_rows):
+        typed = pa.table({c: parse_number(raw.table[c], t)[0] for c, t in schema.time_columns.items()})
+        ts = schema.event_times(typed, max_delay_ms)
+        yield ts[~np.isnan(ts)] if ts.dtype.kind == "f" else ts
 
 
 def sort_events(events: pa.Table) -> pa.Table:
     """Event-time order; ``seq`` breaks ties, so the order is total and the same on every run."""
     return events.sort_by(_SORT_KEY)
+
+
+def decoded_batch(events: pa.Table, first_offset: int) -> DecodedBatch:
+    """The joiner's input for an event table, as ``decode_batch`` gives it for the same events' JSON.
+
+    Partition 0; the offset of event ``i`` is ``first_offset + i`` (its position in the replay's sorted
+    sequence); labels float32, NaN where the event does not carry them. Columnar: no dicts, no JSON.
+    """
+    n = events.num_rows
+    offsets = pa.array(np.arange(first_offset, first_offset + n, dtype=np.int64))
+    with_offsets = events.append_column("offset", offsets)
+    is_feedback = pc.equal(events["kind"], 1)
+    keys = ["request_id", "user_id", "item_id", "ts_ms"]
+    imp = with_offsets.filter(pc.invert(is_feedback))
+    fb = with_offsets.filter(is_feedback)
+    nan = pa.scalar(float("nan"), pa.float32())
+    impressions = pa.Table.from_arrays(
+        [*(imp[k] for k in keys), pa.array(np.zeros(imp.num_rows, np.int32)), imp["offset"]],
+        schema=IMPRESSION_SCHEMA)
+    feedback = pa.Table.from_arrays(
+        [*(fb[k] for k in keys), *(pc.fill_null(pc.cast(fb[name], pa.float32()), nan) for name in LABELS),
+         pa.array(np.zeros(fb.num_rows, np.int32)), fb["offset"]],
+        schema=FEEDBACK_SCHEMA)
+    return DecodedBatch(impressions, feedback, [])
 
 
 # ---------------------------------------------------------------------------------------------- events

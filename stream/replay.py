@@ -11,6 +11,11 @@ is streamed as it is, without spilling.
 The order is total and the same on every run, so a position (events emitted so far) resumes a replay
 exactly. ``speed`` paces the batches against event time; ``restamp`` shifts the timestamps so the first
 event is "now". See ``docs/replay.md``.
+
+Bad rows never stop a replay: each goes to the rejects (``config.rejects_path``, JSON lines) with one reason
+from ``stream.logcheck.REASONS`` and is counted by reason, and the rest replays. Row indexes count rejected
+rows too, so the same file gives the same rejects and the same positions on every run. A file that cannot
+be read at all raises ``LogError`` before anything is emitted.
 """
 
 from __future__ import annotations
@@ -18,31 +23,35 @@ from __future__ import annotations
 import itertools
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
+import pyarrow.compute as pc
 from rich.console import Console
 from rich.progress import (
     BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskID, TextColumn, TimeRemainingColumn,
 )
 from rich.text import Text
 
-from stream.logfile import SCHEMAS, count_rows, detect_schema, read_event_times, read_events, sort_events, to_dicts
+from stream.logcheck import RejectLog
+from stream.runs import MIN_MERGE_BATCH, merge_runs, read_run, write_run
+from stream.logfile import (
+    SCHEMAS, LogError, count_rows, detect_schema, log_format, read_event_times, read_events, sort_events, to_dicts,
+    unknown_columns,
+)
 
-__all__ = ["ReplayConfig", "ReplayPosition", "ReplayResult", "ReplaySource", "detect_schema", "iter_events",
-           "merge_runs", "replay"]
+__all__ = ["LogError", "ReplayConfig", "ReplayPosition", "ReplayResult", "ReplaySource", "detect_schema",
+           "iter_events", "merge_runs", "replay", "replay_tables"]
 
 KUAIRAND_MAX_DELAY_MS = 8_000
 """A KuaiRand view's feedback comes ``min(play_time_ms, this)`` after its impression: under the joiner's
 attribution window (``JoinerConfig.window_ms``, 10 s), so replayed labels join instead of arriving late."""
 PACE_TICK_S = 0.01
 """With pacing, events due within this much of now go out together rather than one sleep each."""
-MIN_MERGE_BATCH = 1_024
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,9 @@ class ReplayConfig:
     """KuaiRand only: cap on a view's feedback delay (its play time)."""
     spill_dir: Path | None = None
     """Where sorted runs are spilled (a temporary directory inside it, removed afterwards); default: $TMPDIR."""
+    rejects_path: Path | None = None
+    """Where rejected rows are written, one JSON line each (created, or emptied, when the replay starts);
+    None: only counted."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -118,64 +130,12 @@ class ReplayResult:
     seconds: float
     schema: str
     spilled_runs: int = 0
-
-
-# ---------------------------------------------------------------------------------------------- merging
-
-
-class _Head:
-    """The buffered front of one sorted run."""
-
-    __slots__ = ("rest", "table", "ts", "seq")
-
-    def __init__(self, batches: Iterable[pa.RecordBatch | pa.Table]) -> None:
-        self.rest = iter(batches)
-
-    def fill(self) -> bool:
-        for batch in self.rest:
-            if batch.num_rows:
-                self.table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
-                self.ts = self.table["ts_ms"].to_numpy()
-                self.seq = self.table["seq"].to_numpy()
-                return True
-        return False
-
-    def first(self) -> tuple[int, int]:
-        return int(self.ts[0]), int(self.seq[0])
-
-    def last(self) -> tuple[int, int]:
-        return int(self.ts[-1]), int(self.seq[-1])
-
-    def take_through(self, key: tuple[int, int]) -> pa.Table:
-        """Remove and return the buffered rows at or before ``key``."""
-        n = _count_through(self.ts, self.seq, key)
-        part = self.table.slice(0, n)
-        self.table, self.ts, self.seq = self.table.slice(n), self.ts[n:], self.seq[n:]
-        return part
-
-
-def _count_through(ts: np.ndarray, seq: np.ndarray, key: tuple[int, int]) -> int:
-    """How many rows of a (ts, seq)-sorted run have a key <= ``key``."""
-    lo, hi = np.searchsorted(ts, key[0], "left"), np.searchsorted(ts, key[0], "right")
-    return int(lo + np.searchsorted(seq[lo:hi], key[1], "right"))
-
-
-def merge_runs(runs: Iterable[Iterable[pa.RecordBatch | pa.Table]]) -> Iterator[pa.Table]:
-    """K-way merge of (ts_ms, seq)-sorted runs, a batch at a time.
-
-    Each round takes the smallest last key buffered by any run (the frontier): every buffered row at or
-    before it precedes every row not yet read, because each run's unread rows come after its buffered ones.
-    Those rows are cut from each buffer, concatenated and sorted as one table. A round empties at least one
-    buffer, so there are at most as many rounds as batches, and no Python loop touches single events.
-    """
-    heads = [h for h in map(_Head, runs) if h.fill()]
-    while heads:
-        frontier = min(h.last() for h in heads)
-        # Runs that cover disjoint spans of time (a file sorted but for local disorder) mostly have nothing
-        # at or before the frontier: a tuple comparison skips them.
-        parts = [h.take_through(frontier) for h in heads if h.first() <= frontier]
-        heads = [h for h in heads if len(h.ts) or h.fill()]
-        yield parts[0] if len(parts) == 1 else sort_events(pa.concat_tables(parts))
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Rows rejected in this run, by reason code (``stream.logcheck.REASONS``)."""
+    rejects_path: Path | None = None
+    """Where they are, one JSON line each (``config.rejects_path``)."""
+    unknown_columns: tuple[str, ...] = ()
+    """Columns of the file that neither schema knows: ignored."""
 
 
 # ---------------------------------------------------------------------------------------------- the source
@@ -188,15 +148,18 @@ class _RateColumn(ProgressColumn):
 
 
 class ReplaySource:
-    """Batches of event dicts from a log file, in event-time order, after ``config.start``.
+    """Event tables (or batches of event dicts) from a log file, in event-time order, after ``config.start``.
 
-    ``position`` is just past the last batch handed out: persist it once that batch is delivered.
+    ``position`` is just past the last table handed out: persist it once that table is delivered.
+    ``rejected`` counts the rows rejected so far, by reason.
     """
 
     def __init__(self, config: ReplayConfig) -> None:
         self.config = config
-        self.schema = detect_schema(config.path)
+        self.schema = detect_schema(config.path)  # LogError: the file cannot be read as a log at all
         self._schema = SCHEMAS[self.schema]
+        self.unknown_columns = tuple(unknown_columns(config.path, self._schema))
+        self.rejected: dict[str, int] = {}
         self.position: ReplayPosition = config.resume_from
         self.spilled_runs = 0
         self._rows: int | None = None
@@ -215,17 +178,27 @@ class ReplaySource:
         left = max(self.rows * self._schema.events_per_row - self.config.resume_from.emitted, 0)
         return left if self.config.limit is None else min(left, self.config.limit)
 
-    def batches(self) -> Iterator[list[dict]]:
+    def tables(self) -> Iterator[pa.Table]:
+        """Event tables (``EVENT_SCHEMA``) in event-time order, at most ``batch_size`` events each, paced
+        and limited by the config; ``ts_ms`` restamped if asked (``position`` keeps the file's own)."""
         with ExitStack() as stack:
             progress = self._progress(stack)
-            yield from self._emit(self._sorted(stack, progress), progress)
+            rejects = RejectLog(self.config.rejects_path, self.config.path, log_format(self.config.path),
+                                on_count=progress.rejected)
+            stack.callback(rejects.close)
+            self.rejected = rejects.counts
+            yield from self._emit(self._sorted(stack, progress, rejects), progress)
+
+    def batches(self) -> Iterator[list[dict]]:
+        """The contract's event dicts of each table of :meth:`tables` (what a Kafka sink sends)."""
+        return map(to_dicts, self.tables())
 
     # -- order
 
-    def _sorted(self, stack: ExitStack, progress: _Phase) -> Iterator[pa.Table]:
+    def _sorted(self, stack: ExitStack, progress: _Phase, rejects: RejectLog) -> Iterator[pa.Table]:
         c, start = self.config, self.config.resume_from
         in_order = c.assume_sorted if c.assume_sorted is not None else self._in_order(progress)
-        tables = read_events(c.path, self._schema, c.chunk_rows, c.max_feedback_delay_ms)
+        tables = read_events(c.path, self._schema, c.chunk_rows, c.max_feedback_delay_ms, rejects)
         if in_order:
             tables = self._checked(tables)
         if start.has_key:
@@ -254,7 +227,7 @@ class ReplaySource:
             bad = [0] if len(ts) and last is not None and ts[0] < last else np.flatnonzero(np.diff(ts) < 0) + 1
             if len(bad):
                 row = int(table["seq"][int(bad[0])].as_py()) // self._schema.events_per_row
-                raise ValueError(f"{self.config.path}: not in event-time order at data row {row}; "
+                raise LogError(f"{self.config.path}: not in event-time order at data row {row}; "
                                  "replay with assume_sorted=None or False to sort it")
             last = ts[-1] if len(ts) else last
             yield table
@@ -284,17 +257,17 @@ class ReplaySource:
                 continue
             for r in (held, run) if held is not None else (run,):
                 runs.append(spill / f"run-{len(runs):06d}.arrow")
-                _write_run(r, runs[-1], max(MIN_MERGE_BATCH, c.chunk_rows * self._schema.events_per_row // 64))
+                write_run(r, runs[-1], max(MIN_MERGE_BATCH, c.chunk_rows * self._schema.events_per_row // 64))
             held = None
         self.spilled_runs = len(runs)
         if held is not None:
             yield held
             return
-        yield from merge_runs(_read_run(path) for path in runs)
+        yield from merge_runs(read_run(path) for path in runs)
 
     # -- emission
 
-    def _emit(self, tables: Iterator[pa.Table], progress: _Phase) -> Iterator[list[dict]]:
+    def _emit(self, tables: Iterator[pa.Table], progress: _Phase) -> Iterator[pa.Table]:
         c, start = self.config, self.config.resume_from
         skip = 0 if start.has_key else start.emitted
         left = c.limit if c.limit is not None else -1
@@ -307,7 +280,7 @@ class ReplaySource:
             if not checked:  # the first events after the key, or the end: all events before it have been read
                 checked = True
                 if self._skipped != start.emitted:
-                    raise ValueError(
+                    raise LogError(
                         f"{c.path}: cannot resume from {start}: {self._skipped} events come at or before its "
                         "key; the log, or the settings that order it, changed since")
             if table is None or left == 0:
@@ -328,7 +301,7 @@ class ReplaySource:
                     shift = int(time.time() * 1000) - clock[1] if c.restamp else 0
                 for due in self._paced(piece, clock):
                     self.position = self._moved(due)
-                    yield to_dicts(due, shift)
+                    yield due.set_column(0, "ts_ms", pc.add(due["ts_ms"], shift)) if shift else due
                     progress.advance(due.num_rows)
             if left >= 0:
                 left -= table.num_rows
@@ -361,24 +334,9 @@ class ReplaySource:
 
     def _progress(self, stack: ExitStack) -> _Phase:
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                       TimeRemainingColumn(), console=Console(stderr=True), disable=not self.config.progress)
+                       TimeRemainingColumn(), TextColumn("{task.fields[rejected]:,} rejected"),
+                       console=Console(stderr=True), disable=not self.config.progress)
         return _Phase(stack.enter_context(bar))
-
-
-def _write_run(run: pa.Table, path: Path, batch_rows: int) -> None:
-    # Arrow IPC, not Parquet: a run is written once and read once, and IPC with LZ4 writes ~5x and reads ~8x
-    # faster than Parquet at about the same size (measured on KuaiRand-shaped events).
-    options = ipc.IpcWriteOptions(compression="lz4" if pa.Codec.is_available("lz4") else None)
-    with ipc.new_file(path, run.schema, options=options) as writer:
-        writer.write_table(run, max_chunksize=batch_rows)
-
-
-def _read_run(path: Path) -> Iterator[pa.RecordBatch]:
-    """A run's record batches, one at a time (the file is memory-mapped, not loaded)."""
-    with pa.memory_map(str(path)) as source:
-        reader = ipc.open_file(source)
-        for i in range(reader.num_record_batches):
-            yield reader.get_batch(i)
 
 
 class _Phase:
@@ -391,13 +349,17 @@ class _Phase:
     def phase(self, name: str, total: int | None) -> None:
         self.name = name
         if self.task is None:
-            self.task = self.bar.add_task(name, total=total)
+            self.task = self.bar.add_task(name, total=total, rejected=0)
         else:
             self.bar.reset(self.task, total=total, description=name)
 
     def advance(self, n: int) -> None:
         if self.task is not None:
             self.bar.advance(self.task, n)
+
+    def rejected(self, n: int) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, rejected=n)
 
     def done(self) -> None:
         if self.task is not None:  # a CSV row count is an estimate: end the bar at what was done
@@ -417,16 +379,32 @@ def replay(
     sink: Callable[[list[dict]], object],
     on_position: Callable[[ReplayPosition], None] | None = None,
 ) -> ReplayResult:
-    """Hand every batch to ``sink``; after each, ``on_position`` gets the position to persist.
+    """Hand every batch of event dicts to ``sink``; after each, ``on_position`` gets the position to persist.
 
-    ``sink`` is e.g. ``EventSink.send_all`` (flush before persisting a position) or a trainer's batch entry.
+    ``sink`` is e.g. ``EventSink.send_all`` (flush before persisting a position).
     """
+    return _run(config, lambda source: source.batches(), sink, on_position)
+
+
+def replay_tables(
+    config: ReplayConfig,
+    sink: Callable[[pa.Table], object],
+    on_position: Callable[[ReplayPosition], None] | None = None,
+) -> ReplayResult:
+    """As :func:`replay`, with event tables (``EVENT_SCHEMA``) instead of dicts: for a sink in this process,
+    e.g. a trainer that takes ``stream.logfile.decoded_batch(table, first_offset)``."""
+    return _run(config, lambda source: source.tables(), sink, on_position)
+
+
+def _run(config: ReplayConfig, read: Callable[[ReplaySource], Iterator], sink: Callable,
+         on_position: Callable[[ReplayPosition], None] | None) -> ReplayResult:
     source = ReplaySource(config)
     started = time.monotonic()
     emitted = 0
-    for batch in source.batches():
+    for batch in read(source):
         sink(batch)
         emitted += len(batch)
         if on_position is not None:
             on_position(source.position)
-    return ReplayResult(emitted, source.position, time.monotonic() - started, source.schema, source.spilled_runs)
+    return ReplayResult(emitted, source.position, time.monotonic() - started, source.schema, source.spilled_runs,
+                        dict(source.rejected), config.rejects_path, source.unknown_columns)

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from infra.console import CommandConsole
 from infra.kafka import broker
 from infra.kafka.broker import BrokerConfig, BrokerError
 
@@ -16,8 +16,8 @@ app = typer.Typer(
     help="A local Apache Kafka broker (KRaft, 127.0.0.1) provisioned from Maven Central, no Docker needed.",
     no_args_is_help=True,
 )
-console = Console()
-errors = Console(stderr=True)
+console = CommandConsole()
+errors = CommandConsole(stderr=True)
 
 DataDir = Annotated[
     Optional[Path],

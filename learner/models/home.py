@@ -36,7 +36,8 @@ rather than an arbitrary split.
 hierarchy mask; the self gate is in ``extras["self_gates"]``), ``expert_zero_frac`` the task
 level's experts. ``extras["meta_gates"]`` ``(B, G + 1, E_meta)`` and
 ``extras["meta_expert_zero_frac"]`` cover the meta level. ``pools`` names the expert index range
-of each task-level pool.
+of each task-level pool; ``groups`` holds the meta-task groups (empty without the hierarchy, which
+has no group pools).
 """
 
 from __future__ import annotations
@@ -138,12 +139,13 @@ class HoME(MultiTaskModel):
         expert_dims = check_dims("expert_dims", expert_dims)
         tower_dims = check_dims("tower_dims", tower_dims, allow_empty=True)
         n, n_tasks = n_experts, len(self.tasks)
-        self.groups = resolve_groups(self.tasks, groups)
+        meta_groups = resolve_groups(self.tasks, groups)  # checked even where the flat variant ignores them
         self.hierarchy = hierarchy
         rank = feature_gate_rank if feature_gate else 0
         hidden = expert_dims[-1]
 
         if hierarchy:
+            self.groups = meta_groups
             n_groups = len(self.groups)
             group_of = [next(g for g, ts in enumerate(self.groups.values()) if t in ts) for t in self.tasks]
             self.meta: MetaLevel | None = MetaLevel(

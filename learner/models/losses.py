@@ -15,7 +15,7 @@ def loss_terms(
     output: ModelOutput,
     labels: Mapping[str, Tensor],
     mask: Mapping[str, Tensor] | None = None,
-    task_weights: Mapping[str, float] | None = None,
+    loss_weights: Mapping[str, float] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss and the per-task losses.
 
@@ -23,10 +23,11 @@ def loss_terms(
     label is present (``mask`` 1; no mask = all present) and 0 when none is. A task missing from
     ``labels`` counts as having no label in the batch, which is the normal case for delayed or
     sparse feedback in a stream. Labels under a 0 mask may hold anything, NaN included: they never
-    reach the arithmetic. Total = ``Σ_t w_t · loss_t + output.aux_loss``; ``w_t`` defaults to 1.
+    reach the arithmetic. Total = ``Σ_t w_t · loss_t + output.aux_loss``, ``w_t`` from ``loss_weights``
+    (1 for a task left out; the learner's ``loss_weights``, not serving's fused-score ``task_weights``).
     """
     tasks = list(output.logits)
-    for name, given in (("labels", labels), ("mask", mask or {}), ("task_weights", task_weights or {})):
+    for name, given in (("labels", labels), ("mask", mask or {}), ("loss_weights", loss_weights or {})):
         stray = sorted(set(given) - set(tasks))
         if stray:
             raise ValueError(f"{name} names unknown task(s) {stray}; tasks are {tasks}")
@@ -61,9 +62,9 @@ def loss_terms(
     else:
         present_f = present.to(logits.dtype)
         per_task = (per_row * present_f).sum(dim=0) / present_f.sum(dim=0).clamp_min(1.0)  # (T,)
-    if task_weights:
-        per_task_weights = logits.new_tensor([float(task_weights.get(t, 1.0)) for t in tasks])  # (T,)
-        total = (per_task_weights * per_task).sum() + output.aux_loss
+    if loss_weights:
+        weights = logits.new_tensor([float(loss_weights.get(t, 1.0)) for t in tasks])  # (T,)
+        total = (weights * per_task).sum() + output.aux_loss
     else:
         total = per_task.sum() + output.aux_loss
     return total, {t: per_task[i] for i, t in enumerate(tasks)}
@@ -73,7 +74,7 @@ def loss(
     output: ModelOutput,
     labels: Mapping[str, Tensor],
     mask: Mapping[str, Tensor] | None = None,
-    task_weights: Mapping[str, float] | None = None,
+    loss_weights: Mapping[str, float] | None = None,
 ) -> Tensor:
     """Total loss; see ``loss_terms``."""
-    return loss_terms(output, labels, mask, task_weights)[0]
+    return loss_terms(output, labels, mask, loss_weights)[0]

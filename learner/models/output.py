@@ -22,8 +22,10 @@ class ModelOutput:
     - ``expert_zero_frac``: ``(E,)``, fraction of (near-)zero activations of each expert in the
       batch (HoME's "expert collapse" symptom).
     - ``task_types``: task -> "binary" | "regression"; the loss needs it.
-    - ``lb_stats``: sparse families only, ``(counts (E,), prob_sums (E,), n_slots ())``: the
-      sufficient statistics of the load-balancing regulariser, summable across workers.
+    - ``lb_stats``: sparse families only, ``(counts (N,), prob_sums (N,), n_slots ())``: the
+      sufficient statistics of the load-balancing regulariser, summable across workers. The model
+      declares ``N`` as ``lb_experts`` and the regulariser's coefficient as ``lb_coef``
+      (``MultiTaskModel``); ``lb_stats`` is None exactly when ``lb_experts`` is None.
     - ``extras``: family-specific diagnostics (documented per family).
     """
 

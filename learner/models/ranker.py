@@ -79,6 +79,16 @@ class MultiTaskRanker(nn.Module):
     def tasks(self) -> tuple[str, ...]:
         return self.model.tasks
 
+    @property
+    def lb_experts(self) -> int | None:
+        """See :class:`MultiTaskModel`: the length of ``lb_stats``' vectors, None for dense families."""
+        return self.model.lb_experts
+
+    @property
+    def lb_coef(self) -> float:
+        """See :class:`MultiTaskModel`: the load-balancing regulariser's coefficient (0.0 for dense families)."""
+        return self.model.lb_coef
+
     def forward(self, ids: Mapping[str, Tensor], dense: Tensor) -> ModelOutput:
         x = self.encoder(ids, dense)  # (B, n_inputs)
         return self.model(x)

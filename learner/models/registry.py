@@ -88,12 +88,30 @@ def resolve_task_types(tasks: Sequence[str], task_types: Mapping[str, str] | Non
 class MultiTaskModel(nn.Module):
     """Base of every family: validates the task list and assembles the ``ModelOutput``.
 
-    Subclasses set ``n_gate_experts``: the number ``E`` of experts that ``gates`` and
-    ``expert_zero_frac`` range over.
+    Besides ``forward``, a family declares what training and telemetry need to know about it, so
+    that no caller probes attributes or runs a forward pass to find out:
+
+    - ``n_gate_experts``: the number ``E`` of experts that ``gates`` and ``expert_zero_frac`` range
+      over. Every family sets it.
+    - ``lb_experts``: the length of each vector in ``ModelOutput.lb_stats`` (a worker with no rows
+      still contributes statistics of that shape to the all-reduce); ``None`` for families that
+      report no ``lb_stats`` (the dense ones).
+    - ``lb_coef``: the coefficient of the global load-balancing regulariser on ``lb_stats``
+      (``lb_coef · load_balance_loss(*lb_stats, lb_experts)`` is the ``aux_loss`` of one batch);
+      0.0 where ``lb_experts`` is None.
+    - ``pools``: pool name -> the indices (into the ``E`` gate experts) of that pool's experts.
+      Names are ``"task:<task>"`` (that task's own experts), ``"group:<group>"`` (a meta-task
+      group's, see ``groups``) or anything else (experts every task may see). The pools cover
+      ``range(E)`` exactly once; empty for families without pools (every task sees every expert).
+    - ``groups``: meta-task group name -> its tasks; empty for families without groups.
     """
 
     family: str = ""
     n_gate_experts: int
+    lb_experts: int | None = None
+    lb_coef: float = 0.0
+    pools: dict[str, tuple[int, ...]]
+    groups: dict[str, tuple[str, ...]]
 
     def __init__(self, n_inputs: int, tasks: Sequence[str], task_types: Mapping[str, str] | None) -> None:
         super().__init__()
@@ -107,6 +125,8 @@ class MultiTaskModel(nn.Module):
         self.n_inputs = n_inputs
         self.tasks = tasks
         self.task_types = resolve_task_types(tasks, task_types)
+        self.pools = {}
+        self.groups = {}
 
     @torch.no_grad()
     def init_output_bias(self, base_rates: Mapping[str, float]) -> None:

@@ -115,7 +115,7 @@ class SMES(MultiTaskModel):
         expert_dims = check_dims("expert_dims", expert_dims)
         tower_dims = check_dims("tower_dims", tower_dims, allow_empty=True)
         n_tasks = len(self.tasks)
-        self.n_gate_experts = n_experts
+        self.n_gate_experts = self.lb_experts = n_experts
         self.k_shared, self.k_private, self.lb_coef = k_shared, k_private, float(lb_coef)
         self.max_executed = min(n_experts, k_shared + n_tasks * k_private)
         self.capacity: int | None = None  # first-block height; None plans it per batch (tests pin it)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import re
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from infra.cli import app
-from infra.config import SECRETS, ConfigError, MoestreamConfig, load_config, render
+from infra.config import SECRETS, ConfigDeprecationWarning, ConfigError, MoestreamConfig, load_config, render
 from stream.kafka_io import SASL_PASSWORD_ENV, SASL_USERNAME_ENV, SSL_KEY_PASSWORD_ENV, KafkaConfig, client_options
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,8 +33,8 @@ def test_the_shipped_example_loads_and_sets_what_it_says() -> None:
     raw = yaml.safe_load(EXAMPLE.read_text())
     assert set(raw) == set(MoestreamConfig.model_fields), "the example shows every section"
     assert config.kafka.group_id == raw["kafka"]["group_id"] == "moestream.events.trainer"
-    default = MoestreamConfig().learner.snapshot_every_steps
-    assert config.learner.snapshot_every_steps == raw["learner"]["snapshot_every_steps"] != default
+    default = MoestreamConfig().learner.cadence.snapshot_every_steps
+    assert config.learner.cadence.snapshot_every_steps == raw["learner"]["cadence"]["snapshot_every_steps"] != default
     assert config.features.data_dir == Path(".moestream").absolute() / "live" / "features"
 
 
@@ -55,16 +61,90 @@ def test_an_unknown_section_is_an_error() -> None:
     ({"learner": {"lr": "fast"}}, "learner.lr"),
     ({"kafka": {"partitions": 2.5}}, "kafka.partitions"),
     ({"joiner": {"late_policy": "keep"}}, "joiner.late_policy"),
-    ({"http": {"port": 70000}}, "http"),
-    ({"learner": {"guard": {"max_auc_drop": 5}}}, "learner.guard"),
-    ({"kafka": {"security_protocol": "SASL_SSL"}}, "kafka"),
-    ({"ray": {"trainer_resources": {"GPU": 1}}}, "ray"),
-    ({"trainer": {"device": "tpu"}}, "trainer"),
+    ({"http": {"port": 70000}}, "http.port"),
+    ({"learner": {"guard": {"max_auc_drop": 5}}}, "learner.guard.max_auc_drop"),
+    ({"kafka": {"security_protocol": "SASL_SSL"}}, "kafka.security_protocol"),
+    ({"ray": {"trainer_resources": {"GPU": 1}}}, "ray.trainer_resources.GPU"),
+    ({"trainer": {"device": "tpu"}}, "trainer.device"),
 ])
 def test_a_bad_value_names_its_key(data: dict, key: str) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(data=data, environ={})
-    assert f"\n  {key} (from config data)" in str(error.value)
+    assert f"\n  {key} (from config data): " in str(error.value)
+
+
+# Each used to pass `config show` and fail only inside the trainer actor (issue 19: a ZeroDivisionError and a
+# Ray restart for a zero cadence; ~300 lines of retried tracebacks for a family or hparam typo).
+ACTOR_ONLY_FAILURES = [
+    ({"learner": {"family": "mmoee"}}, "learner.family", "unknown model family 'mmoee' (did you mean mmoe?)"),
+    ({"learner": {"hparams": {"n_expert": 4}}}, "learner.hparams.n_expert", "did you mean n_experts?"),
+    ({"learner": {"family": "omoe", "hparams": {"n_levels": 2}}}, "learner.hparams.n_levels", "unknown hparam"),
+    ({"learner": {"hparams": {"n_experts": 0}}}, "learner.hparams.n_experts", "positive integer"),
+    ({"learner": {"hparams": {"n_experts": "four"}}}, "learner.hparams.n_experts", "must be an integer"),
+    ({"learner": {"hparams": {"expert_dims": [64, -1]}}}, "learner.hparams.expert_dims", "positive layer sizes"),
+    ({"learner": {"hparams": {"expert_dims": []}}}, "learner.hparams.expert_dims", "non-empty"),
+    ({"learner": {"hparams": {"activation": "relu6"}}}, "learner.hparams.activation", "unknown activation"),
+    ({"learner": {"family": "home", "hparams": {"expert_norm": "yes"}}}, "learner.hparams.expert_norm", "true or false"),
+    ({"learner": {"family": "home", "hparams": {"groups": {"a": ["click"]}}}}, "learner.hparams.groups", "ungrouped"),
+    ({"learner": {"family": "smes", "hparams": {"k_shared": 16, "k_private": 1}}}, "learner.hparams", "1..n_experts"),
+    ({"learner": {"family": "smes", "hparams": {"lb_coef": -0.1}}}, "learner.hparams.lb_coef", ">= 0"),
+    ({"learner": {"lr": float("nan")}}, "learner.lr", "finite number > 0"),
+    ({"learner": {"lr": float("inf")}}, "learner.lr", "finite number > 0"),
+    ({"learner": {"lr": -1}}, "learner.lr", "finite number > 0"),
+    ({"learner": {"lr": 0}}, "learner.lr", "finite number > 0"),
+    ({"learner": {"cadence": {"snapshot_every_steps": 0}}}, "learner.cadence.snapshot_every_steps", ">= 1"),
+    ({"learner": {"cadence": {"checkpoint_every_steps": 0}}}, "learner.cadence.checkpoint_every_steps", ">= 1"),
+    ({"learner": {"cadence": {"health_every_steps": -2}}}, "learner.cadence.health_every_steps", ">= 1"),
+    ({"learner": {"cadence": {"stats_every_steps": 0}}}, "learner.cadence.stats_every_steps", ">= 1"),
+    ({"learner": {"cadence": {"snapshot_every_s": -1}}}, "learner.cadence.snapshot_every_s", ">= 0"),
+    ({"learner": {"emb_dim": 0}}, "learner.emb_dim", ">= 1"),
+    ({"learner": {"n_buckets": 0}}, "learner.n_buckets", "[1, 2**32]"),
+    ({"learner": {"metric_window": 0}}, "learner.metric_window", ">= 1"),
+    ({"learner": {"tasks": ["click", "share"]}}, "learner.tasks", "['share']"),
+    ({"learner": {"base_rates": {"click": 1.0}}}, "learner.base_rates.click", "(0, 1)"),
+    ({"learner": {"base_rates": {"share": 0.1}}}, "learner.base_rates", "['share']"),
+    ({"learner": {"loss_weights": {"like": -1}}}, "learner.loss_weights.like", ">= 0"),
+    ({"learner": {"loss_weights": {"clik": 1}}}, "learner.loss_weights", "['clik']"),
+    ({"learner": {"guard": {"min_class_examples": 0}}}, "learner.guard.min_class_examples", ">= 1"),
+    ({"learner": {"guard": {"metric": "logloss"}}}, "learner.guard.metric", "window_auc"),
+    ({"learner": {"health": {"scale_ratio": 1}}}, "learner.health.scale_ratio", "> 1"),
+    ({"learner": {"health": {"history": 0}}}, "learner.health.history", ">= 1"),
+    ({"learner": {"precision": "fp16"}}, "learner.precision", "bf16"),
+    ({"features": {"aggregates": {"prior_rates": [0.5]}}}, "features.aggregates.prior_rates", "one per task"),
+    ({"features": {"aggregates": {"prior_strength": 0}}}, "features.aggregates.prior_strength", "> 0"),
+    ({"ray": {"num_cpus": 0}}, "ray.num_cpus", ">= 1"),
+]
+
+
+@pytest.mark.parametrize(("data", "key", "why"), ACTOR_ONLY_FAILURES)
+def test_every_value_the_trainer_uses_is_checked_at_load_time_naming_its_key(data: dict, key: str, why: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(data=data, environ={})
+    assert f"\n  {key} (from config data): " in str(error.value) and why in str(error.value)
+
+
+def test_config_show_reports_a_bad_value_exit_2_without_a_traceback(tmp_path: Path) -> None:
+    path = _write(tmp_path, "learner:\n  family: mmoe\n  hparams:\n    n_experts: 0\n")
+    result = CliRunner().invoke(app, ["config", "show", "--config", str(path)], env={})
+    assert result.exit_code == 2, result.output
+    assert "learner.hparams.n_experts" in result.output and "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+    zero = CliRunner().invoke(app, ["config", "show", "--config", str(_write(tmp_path, "learner:\n  cadence:\n"
+                                                                            "    snapshot_every_steps: 0\n"))])
+    assert zero.exit_code == 2 and "learner.cadence.snapshot_every_steps" in zero.output
+
+
+def test_hparams_from_the_environment_are_typed_by_the_family() -> None:
+    config = load_config(environ={"MOESTREAM_LEARNER__FAMILY": "home", "MOESTREAM_LEARNER__HPARAMS__N_EXPERTS": "3",
+                                  "MOESTREAM_LEARNER__HPARAMS__SELF_GATE": "false",
+                                  "MOESTREAM_LEARNER__HPARAMS__EXPERT_DIMS": "[32, 16]"})
+    assert dict(config.learner.hparams) == {"n_experts": 3, "self_gate": False, "expert_dims": (32, 16)}
+
+
+def test_aggregate_priors_are_configurable() -> None:
+    config = load_config(data={"features": {"aggregates": {"prior_strength": 50, "prior_play_s": 9.5}}}, environ={})
+    assert config.features.aggregates.prior_strength == 50.0 and config.features.aggregates.prior_play_s == 9.5
+    assert config.worker_config().features.aggregates == config.features.aggregates
 
 
 def test_checks_across_sections_run() -> None:
@@ -94,7 +174,7 @@ def test_a_bad_environment_override_names_the_variable() -> None:
         load_config(environ={"MOESTREAM_LEARNER__LR": "fast"})
     with pytest.raises(ConfigError, match=r"learner\.lr_typo \(from MOESTREAM_LEARNER__LR_TYPO\): unknown key"):
         load_config(environ={"MOESTREAM_LEARNER__LR_TYPO": "1"})
-    with pytest.raises(ConfigError, match=r"learner\.guard \(from MOESTREAM_LEARNER__GUARD__MAX_AUC_DROP\)"):
+    with pytest.raises(ConfigError, match=r"learner\.guard\.max_auc_drop \(from MOESTREAM_LEARNER__GUARD__MAX_AUC_DROP\)"):
         load_config(environ={"MOESTREAM_LEARNER__GUARD__MAX_AUC_DROP": "5"})
 
 
@@ -143,7 +223,7 @@ def test_paths_of_a_run_are_derived_from_data_root(tmp_path: Path) -> None:
     assert worker.snapshot_dir == tmp_path / "r1" / "snapshots" and worker.features == config.features
     with pytest.raises(ConfigError, match=r"features\.data_dir .* is derived from paths\.data_root"):
         load_config(data={"features": {"data_dir": "/elsewhere"}}, environ={})
-    with pytest.raises(ConfigError, match=r"paths .*relative directory"):
+    with pytest.raises(ConfigError, match=r"paths\.run \(from config data\): must be a relative directory"):
         load_config(data={"paths": {"run": "../outside"}}, environ={})
 
 
@@ -223,3 +303,106 @@ def test_kafka_python_accepts_every_option_we_pass(monkeypatch: pytest.MonkeyPat
     for client in (KafkaProducer, KafkaConsumer, KafkaAdminClient):
         unknown = set(options) - set(client.DEFAULT_CONFIG)
         assert not unknown, f"{client.__name__} does not know {unknown}"
+
+
+# -- renamed keys: read for one more release, with the new name --------------------------------------
+
+
+OLD_AND_NEW = [
+    ({"learner": {"task_weights": {"click": 2.0}}}, "learner.task_weights", "learner.loss_weights",
+     lambda c: dict(c.learner.loss_weights) == {"click": 2.0}),
+    ({"learner": {"snapshot_every_steps": 7}}, "learner.snapshot_every_steps", "learner.cadence.snapshot_every_steps",
+     lambda c: c.learner.cadence.snapshot_every_steps == 7),
+    ({"learner": {"snapshot_every_s": 30}}, "learner.snapshot_every_s", "learner.cadence.snapshot_every_s",
+     lambda c: c.learner.cadence.snapshot_every_s == 30),
+    ({"learner": {"health": {"every_steps": 5}}}, "learner.health.every_steps", "learner.cadence.health_every_steps",
+     lambda c: c.learner.cadence.health_every_steps == 5),
+    ({"trainer": {"checkpoint_every_steps": 3}}, "trainer.checkpoint_every_steps",
+     "learner.cadence.checkpoint_every_steps", lambda c: c.learner.cadence.checkpoint_every_steps == 3),
+]
+
+
+@pytest.mark.parametrize(("data", "old", "new", "holds"), OLD_AND_NEW)
+def test_a_renamed_key_still_works_with_a_warning_naming_the_new_one(data, old, new, holds) -> None:
+    with pytest.warns(ConfigDeprecationWarning, match=rf"^{re.escape(old)} \(in config data\) is deprecated.*use {re.escape(new)}$"):
+        config = load_config(data=data, environ={})
+    assert holds(config)
+    assert old.split(".")[-1] not in yaml.safe_load(render(config, environ={}))[old.split(".")[0]]
+
+
+@pytest.mark.parametrize(("data", "old", "new", "holds"), OLD_AND_NEW)
+def test_a_renamed_key_works_from_the_environment_too(data, old, new, holds) -> None:
+    keys = old.split(".")
+    value = data
+    for key in keys:
+        value = value[key]
+    variable = "MOESTREAM_" + "__".join(k.upper() for k in keys)
+    new_variable = "MOESTREAM_" + "__".join(k.upper() for k in new.split("."))
+    with pytest.warns(ConfigDeprecationWarning, match=rf"{old} \(from {variable}\).*use {new} \({new_variable}\)"):
+        config = load_config(environ={variable: json.dumps(value) if isinstance(value, dict) else str(value)})
+    assert holds(config)
+
+
+@pytest.mark.parametrize(("data", "old", "new", "holds"), OLD_AND_NEW)
+def test_a_setting_under_both_names_is_an_error_naming_both(data, old, new, holds) -> None:
+    both = copy.deepcopy(data)
+    node = both
+    for key in new.split(".")[:-1]:
+        node = node.setdefault(key, {})
+    node[new.split(".")[-1]] = 1
+    with pytest.raises(ConfigError, match=rf"{re.escape(old)} and {re.escape(new)} \(both in config data\)"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigDeprecationWarning)
+        load_config(data=both, environ={})
+    variables = {"MOESTREAM_" + "__".join(k.upper() for k in name.split(".")): "1" for name in (old, new)}
+    with pytest.raises(ConfigError, match=rf"(?=.*{re.escape(old)} \(from MOESTREAM_)(?=.*{re.escape(new)} \(from MOESTREAM_)"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigDeprecationWarning)
+        load_config(environ=variables)
+
+
+def test_a_later_layer_under_the_old_name_overrides_the_new_name_in_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "learner:\n  cadence:\n    snapshot_every_steps: 40\n")
+    with pytest.warns(ConfigDeprecationWarning):
+        config = load_config(path, environ={"MOESTREAM_LEARNER__SNAPSHOT_EVERY_STEPS": "8"})
+    assert config.learner.cadence.snapshot_every_steps == 8
+
+
+def test_the_command_line_notes_a_renamed_key_once_on_stderr_and_prints_new_keys_only(tmp_path: Path) -> None:
+    path = _write(tmp_path, "learner:\n  task_weights: {click: 2.0}\n  snapshot_every_steps: 7\n"
+                            "trainer:\n  checkpoint_every_steps: 3\n")
+    result = CliRunner().invoke(app, ["config", "show", "--config", str(path)], env={})
+    assert result.exit_code == 0, result.output
+    for old, new in (("learner.task_weights", "learner.loss_weights"),
+                     ("learner.snapshot_every_steps", "learner.cadence.snapshot_every_steps"),
+                     ("trainer.checkpoint_every_steps", "learner.cadence.checkpoint_every_steps")):
+        notes = [line for line in result.stderr.splitlines() if line.startswith(f"moestream: {old} ")]
+        assert len(notes) == 1 and notes[0].endswith(f"use {new}"), result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["learner"]["loss_weights"] == {"click": 2.0} and "task_weights" not in shown["learner"]
+    assert shown["learner"]["cadence"]["snapshot_every_steps"] == 7 and "snapshot_every_steps" not in shown["learner"]
+    assert shown["learner"]["cadence"]["checkpoint_every_steps"] == 3 and "checkpoint_every_steps" not in shown["trainer"]
+
+
+def test_the_caller_s_data_is_not_changed_by_renaming() -> None:
+    data = {"learner": {"task_weights": {"click": 2.0}, "health": {"every_steps": 4}}}
+    before = copy.deepcopy(data)
+    with pytest.warns(ConfigDeprecationWarning):
+        load_config(data=data, environ={})
+    assert data == before
+
+
+# -- loading is light ----------------------------------------------------------------------------------
+
+
+def test_loading_and_showing_the_configuration_imports_neither_torch_ray_nor_feast() -> None:
+    """`moestream config show` and every command's start read the configuration: they must not pay the
+    seconds that importing torch, Ray Serve or Feast takes."""
+    probe = ("import sys\n"
+             "from infra.config import load_config, render\n"
+             f"render(load_config({str(EXAMPLE)!r}, environ={{}}), environ={{}})\n"
+             "heavy = ('torch', 'ray', 'ray.serve', 'feast', 'pandas', 'wandb')\n"
+             "print(','.join(name for name in heavy if name in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"loading the config imported {done.stdout.strip()}"

@@ -41,7 +41,7 @@ def _config_file(tmp_path: Path, bootstrap: str, topic: str, port: int) -> Path:
         "paths": {"data_root": str(tmp_path / "data")},
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "group_id": f"{topic}.trainer", "partitions": 2},
         "joiner": {"window_ms": 2_000},
-        "learner": {"snapshot_every_steps": 2},
+        "learner": {"cadence": {"snapshot_every_steps": 2}},
         "telemetry": {"enabled": False},
         "trainer": {"batch_size": 128},
         "serving": {"num_cpus": 0.5},

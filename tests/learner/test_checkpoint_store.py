@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from learner.checkpoint import Checkpoint, CheckpointError, CheckpointStore
-from learner.worker import group_step, write_group_step
+from learner.checkpoint import group_step, write_group_step
 from stream.events import EXAMPLE_SCHEMA
 
 

@@ -46,8 +46,9 @@ def audited_backlog(tmp_path: Path, bootstrap: str, topic: str, *, seed: int, n_
     from infra.pipeline import RunLayout, worker_config
 
     config = worker_config(RunLayout(tmp_path), bootstrap=bootstrap, topic=topic, window_ms=1_500,
-                           snapshot_every_steps=1_000, batch_size=batch, wandb_mode="disabled")
-    config = replace(config, checkpoint_every_steps=every, audit_path=tmp_path / "trained.csv")
+                           snapshot_every_steps=1_000, checkpoint_every_steps=every, batch_size=batch,
+                           wandb_mode="disabled")
+    config = replace(config, audit_path=tmp_path / "trained.csv")
     ensure_topics(config.kafka)
     OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "features")).apply()
     events = list(Simulator(SimulatorConfig(seed=seed, max_delay_s=1.0)).events(int(time.time() * 1000), n_requests))

@@ -1,4 +1,5 @@
-"""Replay straight into the learner (no Kafka): a simulator log file -> replay -> joiner -> Feast SQLite -> model."""
+"""Replay straight into the learner (no Kafka): a simulator log file -> replay -> joiner -> Feast SQLite -> model,
+through the same training loop as Kafka."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from infra.pipeline import RunLayout, worker_config
+from learner.replay_source import train_replay
 from learner.snapshots import SnapshotStore
-from learner.worker import DirectTrainer
 from stream.logfile import write_log
-from stream.replay import ReplayConfig, replay
+from stream.replay import ReplayConfig
 from stream.simulator import Simulator, SimulatorConfig
 
 pytestmark = pytest.mark.integration
@@ -22,14 +23,25 @@ def test_a_replayed_log_trains_every_impression_once_and_publishes(tmp_path: Pat
     write_log(events, log)
     config = worker_config(RunLayout(tmp_path / "run"), bootstrap="unused", topic="replay",
                            snapshot_every_steps=2, batch_size=128, wandb_mode="disabled")
-    trainer = DirectTrainer(config)
-    first = replay(ReplayConfig(path=log, progress=False, limit=700), trainer.learn_events)
-    rest = replay(ReplayConfig(path=log, progress=False, start=first.position), trainer.learn_events)
-    stats = trainer.finish()
+    result, stats = train_replay(config, ReplayConfig(path=log, progress=False))
 
     impressions = sum(e["type"] == "impression" for e in events)
-    assert first.emitted + rest.emitted == len(events)
-    assert stats["rejected"] == 0 and stats["joiner"]["orphan_feedback"] == 0
+    assert result.emitted == len(events) and result.rejected == {}
+    assert stats["joiner"]["orphan_feedback"] == 0 and stats["joiner"]["impressions"] == impressions
     assert stats["examples_trained"] == impressions
+    assert stats["steps"] == -(-impressions // 128)  # full batches, then the rest at the end
     assert len(stats["snapshots"]) >= 2
-    assert SnapshotStore(config.snapshot_dir).load()[0].version == stats["snapshots"][-1]
+    manifest, _ = SnapshotStore(config.snapshot_dir).load()
+    assert manifest.version == stats["snapshots"][-1]
+    assert manifest.data["offsets"] == {"0": len(events)}  # the last snapshot covers the whole log
+
+
+def test_a_limited_replay_trains_what_it_read_and_reports_where_to_resume(tmp_path: Path) -> None:
+    events = list(Simulator(SimulatorConfig(seed=5, max_delay_s=1.0)).events(1_700_000_000_000, 200))
+    log = tmp_path / "log.parquet"
+    write_log(events, log)
+    config = worker_config(RunLayout(tmp_path / "run"), bootstrap="unused", topic="replay",
+                           snapshot_every_steps=1_000, batch_size=64, wandb_mode="disabled")
+    result, stats = train_replay(config, ReplayConfig(path=log, progress=False, limit=300))
+    assert result.emitted == 300 and result.position.emitted == 300
+    assert stats["examples_trained"] == stats["joiner"]["impressions"] > 0

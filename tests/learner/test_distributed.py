@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from features.definitions import FEATURE_COLUMNS
 from learner.distributed import GroupConfig, GroupReducer, LocalReducer, host_store
 from learner.models import load_balance_loss
-from learner.online import LearnerConfig, OnlineLearner
+from learner.config import LearnerConfig
+from learner.loop import TrainingLoop
 from learner.snapshots import SnapshotStore
 from learner.worker import rank_partitions
 from stream.events import EXAMPLE_SCHEMA, TASKS
@@ -32,7 +33,7 @@ CONFIG = LearnerConfig(
     hparams={"n_experts": 6, "k_shared": 1, "k_private": 1, "expert_dims": (8,), "tower_dims": (4,), "lb_coef": 0.5},
     n_buckets=512,
     emb_dim=4,
-    task_weights={"click": 2.0, "like": 0.5},
+    loss_weights={"click": 2.0, "like": 0.5},
 )
 SIZES = [(48, 80), (0, 64), (40, 16)]
 """Rows per step for (worker 0, worker 1): worker 0 has no data at step 1 (a zero-weight step)."""
@@ -85,8 +86,8 @@ def _batch(step: int, rank: int, n: int) -> pa.Table:
     )
 
 
-def _learner(tmp: Path, reducer, features: _Features | None = None) -> OnlineLearner:
-    return OnlineLearner(CONFIG, features or _Features(), SnapshotStore(tmp / "snapshots"), reducer=reducer)
+def _learner(tmp: Path, reducer, features: _Features | None = None) -> TrainingLoop:
+    return TrainingLoop.local(CONFIG, features or _Features(), SnapshotStore(tmp / "snapshots"), reducer=reducer)
 
 
 class _Recording(GroupReducer):
@@ -113,11 +114,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     reducer = _Recording(GroupConfig("127.0.0.1", port, world_size=2, rank=rank, timeout_s=60), torch.device("cpu"))
     features = _Features()
     learner = _learner(Path(out), reducer, features)
-    reducer.broadcast_parameters(learner.model)
+    reducer.broadcast_parameters(learner.learner.model)
     for step, sizes in enumerate(SIZES):
-        learner.learn(_batch(step, rank, sizes[rank]))
-    learner.wait_for_push()
-    weights = {f"w.{k}": v.detach().contiguous() for k, v in learner.model.state_dict().items()}
+        learner.step(_batch(step, rank, sizes[rank]))
+    learner.features.wait()
+    weights = {f"w.{k}": v.detach().contiguous() for k, v in learner.learner.model.state_dict().items()}
     grads = {f"g.{k}": v.contiguous() for k, v in reducer.grads.items()}
     save_file({**weights, **grads, **features.arrays("pushed"), "regulariser": reducer.regulariser.reshape(1)},
               f"{out}/rank{rank}.safetensors")
@@ -145,13 +146,13 @@ def test_workers_hold_identical_weights_after_every_step(two_workers) -> None:
 def test_summed_gradient_is_the_single_process_gradient_of_the_union_batch(two_workers, tmp_path) -> None:
     first, _ = two_workers
     reference = _learner(tmp_path, LocalReducer())
-    params = list(reference.model.parameters())
+    params = list(reference.learner.model.parameters())
     union = pa.concat_tables([_batch(0, 0, SIZES[0][0]), _batch(0, 1, SIZES[0][1])])
     grads = {}
-    step = reference.optimizer.step
-    reference.optimizer.step = lambda: grads.update({str(i): p.grad.clone() for i, p in enumerate(params)})
-    reference.learn(union)
-    reference.optimizer.step = step
+    step = reference.learner.optimizer.step
+    reference.learner.optimizer.step = lambda: grads.update({str(i): p.grad.clone() for i, p in enumerate(params)})
+    reference.step(union)
+    reference.learner.optimizer.step = step
     assert grads.keys() == {k[2:] for k in first if k.startswith("g.")}
     for key, grad in grads.items():
         torch.testing.assert_close(first[f"g.{key}"], grad, rtol=1e-4, atol=1e-6)
@@ -159,7 +160,7 @@ def test_summed_gradient_is_the_single_process_gradient_of_the_union_batch(two_w
 
 def test_regulariser_is_the_one_of_the_union_batch(two_workers, tmp_path) -> None:
     first, second = two_workers
-    model = _learner(tmp_path, LocalReducer()).model
+    model = _learner(tmp_path, LocalReducer()).learner.model
     union = pa.concat_tables([_batch(0, 0, SIZES[0][0]), _batch(0, 1, SIZES[0][1])])
     ids = {k: torch.from_numpy(np.asarray(union[k])) for k in ("user_id", "item_id")}
     dense = torch.from_numpy(_Features().lookup(np.asarray(union["user_id"]), np.asarray(union["item_id"])))
@@ -174,8 +175,8 @@ def test_k_distributed_steps_match_k_single_process_steps_on_the_unions(two_work
     first, _ = two_workers
     reference = _learner(tmp_path, LocalReducer())
     for step, (n0, n1) in enumerate(SIZES):
-        reference.learn(pa.concat_tables([_batch(step, 0, n0), _batch(step, 1, n1)]))
-    for key, value in reference.model.state_dict().items():
+        reference.step(pa.concat_tables([_batch(step, 0, n0), _batch(step, 1, n1)]))
+    for key, value in reference.learner.model.state_dict().items():
         torch.testing.assert_close(first[f"w.{key}"], value, rtol=1e-4, atol=1e-5)
 
 
@@ -185,8 +186,8 @@ def test_each_entity_is_pushed_by_its_owner_with_the_aggregates_of_the_union(two
     features = _Features()
     reference = _learner(tmp_path, LocalReducer(), features)
     for step, (n0, n1) in enumerate(SIZES):
-        reference.learn(pa.concat_tables([_batch(step, 0, n0), _batch(step, 1, n1)]))
-    reference.wait_for_push()
+        reference.step(pa.concat_tables([_batch(step, 0, n0), _batch(step, 1, n1)]))
+    reference.features.wait()
     expected = features.arrays("pushed")
     for key in ("user_id", "item_id"):
         ids = [worker[f"pushed.{key}.ids"] for worker in two_workers]
@@ -208,11 +209,11 @@ HOME_SIZES = [(24, 40), (1, 0), (0, 9), (30, 1)]
 def _home_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     reducer = GroupReducer(GroupConfig("127.0.0.1", port, world_size=2, rank=rank, timeout_s=60), torch.device("cpu"))
-    learner = OnlineLearner(HOME, _Features(), SnapshotStore(Path(out) / f"snapshots{rank}"), reducer=reducer)
-    reducer.broadcast_parameters(learner.model)
+    learner = TrainingLoop.local(HOME, _Features(), SnapshotStore(Path(out) / f"snapshots{rank}"), reducer=reducer)
+    reducer.broadcast_parameters(learner.learner.model)
     for step, sizes in enumerate(HOME_SIZES):
-        learner.learn(_batch(step, rank, sizes[rank]))
-    save_file({k: v.detach().contiguous() for k, v in learner.model.state_dict().items()},
+        learner.step(_batch(step, rank, sizes[rank]))
+    save_file({k: v.detach().contiguous() for k, v in learner.learner.model.state_dict().items()},
               f"{out}/home{rank}.safetensors")
     reducer.close()
 
@@ -232,17 +233,17 @@ def test_batchnorm_statistics_stay_identical_across_workers(tmp_path) -> None:
     assert any(not torch.equal(first[k], torch.zeros_like(first[k])) for k in stats if k.endswith("running_mean"))
 
 
-def test_task_weights_are_validated_naming_the_key() -> None:
-    with pytest.raises(ValueError, match=r"learner.task_weights names unknown task\(s\) \['clik'\]"):
-        LearnerConfig(task_weights={"clik": 1.0})
-    with pytest.raises(ValueError, match=r"learner.task_weights.like must be a finite number >= 0"):
-        LearnerConfig(task_weights={"like": -1.0})
+def test_loss_weights_are_validated_naming_the_key() -> None:
+    with pytest.raises(ValueError, match=r"learner.loss_weights names unknown task\(s\) \['clik'\]"):
+        LearnerConfig(loss_weights={"clik": 1.0})
+    with pytest.raises(ValueError, match=r"learner.loss_weights.like must be a finite number >= 0"):
+        LearnerConfig(loss_weights={"like": -1.0})
 
 
-def test_unlabelled_rows_and_task_weights_shape_the_loss(tmp_path) -> None:
+def test_unlabelled_rows_and_loss_weights_shape_the_loss(tmp_path) -> None:
     """One worker: loss = Σ_t w_t · (mean over the rows labelled for t) + lb_coef · regulariser."""
     batch = _batch(0, 0, 30)
-    model = _learner(tmp_path, LocalReducer()).model  # same seed: the learner's weights before its step
+    model = _learner(tmp_path, LocalReducer()).learner.model  # same seed: the learner's weights before its step
     ids = {k: torch.from_numpy(np.asarray(batch[k])) for k in ("user_id", "item_id")}
     dense = torch.from_numpy(_Features().lookup(np.asarray(batch["user_id"]), np.asarray(batch["item_id"])))
     with torch.no_grad():
@@ -252,17 +253,17 @@ def test_unlabelled_rows_and_task_weights_shape_the_loss(tmp_path) -> None:
         y = torch.from_numpy(np.asarray(batch[task], dtype=np.float32))
         keep = ~torch.isnan(y)
         bce = torch.nn.functional.binary_cross_entropy_with_logits(out.logits[task][keep], y[keep])
-        expected += CONFIG.task_weights.get(task, 1.0) * bce.item()
+        expected += CONFIG.loss_weights.get(task, 1.0) * bce.item()
     assert int((~np.isfinite(np.asarray(batch["like"], dtype=np.float32))).sum()) == 10
 
-    result = _learner(tmp_path, LocalReducer()).learn(batch)
-    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    result = _learner(tmp_path, LocalReducer()).step(batch)
+    assert result.loss == pytest.approx(expected, rel=1e-5)
 
 
 def test_id_collision_rate_counts_keys_that_share_a_bucket() -> None:
     """The worker reports how many of the ids it has seen share an embedding bucket with another id."""
     from learner.models import FeatureEncoder
-    from learner.worker import id_collisions
+    from learner.collisions import id_collisions
 
     encoder = FeatureEncoder(["user_id", "item_id"], n_dense=0, n_buckets=64, emb_dim=2)
     ids = {"user_id": np.arange(40), "item_id": np.arange(40)}

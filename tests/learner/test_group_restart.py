@@ -13,7 +13,7 @@ import torch
 
 from infra.pipeline import start_trainers, wait_for
 from learner.checkpoint import CheckpointStore
-from learner.worker import group_step
+from learner.checkpoint import group_step
 from tests.learner.test_crash_recovery import _delivery, _Progress, _trained, audited_backlog
 
 pytestmark = pytest.mark.integration

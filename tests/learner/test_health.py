@@ -11,27 +11,27 @@ import orjson
 import pyarrow as pa
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 from features.memory import InMemoryFeatures
 from infra.cli import app
+from learner.config import CadenceConfig, HealthConfig, LearnerConfig
 from learner.health import (
     AlertLimiter,
     ExpertScaleProbe,
     GateAccumulator,
-    HealthConfig,
     HealthMonitor,
     detect_collapse,
     detect_degradation,
     detect_underfitting,
+    expert_names,
     expert_visibility,
     js_divergence,
     load_balance_score,
     routing_share,
 )
 from learner.models import ModelOutput, build
-from learner.online import LearnerConfig, OnlineLearner
+from learner.loop import TrainingLoop
 from learner.snapshots import SnapshotStore
 from learner.telemetry import Telemetry, TelemetryConfig
 from stream.events import EXAMPLE_SCHEMA, TASKS
@@ -53,11 +53,11 @@ def _output(gates: torch.Tensor, zero_frac: torch.Tensor | None = None, **kw) ->
     )
 
 
-class _Pooled(nn.Module):
-    """PLE's layout for 3 tasks, one expert per pool: [task:click | task:like | task:follow | shared]."""
-
-    pools = {"task:click": (0,), "task:like": (1,), "task:follow": (2,), "shared": (3,)}
-    n_gate_experts = 4
+def _pooled():
+    """PLE for 3 tasks, one expert per pool: [task:click | task:like | task:follow | shared]."""
+    model = build("ple", n_inputs=6, tasks=TASKS3, n_experts=1, n_levels=1, expert_dims=[4], tower_dims=[])
+    assert model.pools == {"task:click": (0,), "task:like": (1,), "task:follow": (2,), "shared": (3,)}
+    return model
 
 
 NAMES = ["e0", "e1", "e2", "e3"]
@@ -86,7 +86,7 @@ def test_degradation_flags_a_shared_expert_owned_by_one_task() -> None:
     assert [(a.subject, round(a.value, 3)) for a in found] == [("expert e0", 0.952)]
     assert "click" in found[0].detail
     # A task-specific expert is not shared, so one task owning it is by design.
-    pooled = expert_visibility(_Pooled(), TASKS3, 4)
+    pooled = expert_visibility(_pooled(), TASKS3)
     specific = np.array([[0.6, 0, 0, 0.4], [0, 0.6, 0, 0.4], [0, 0, 0.6, 0.4]])
     assert detect_degradation(specific, pooled, TASKS3, CFG, NAMES) == []
     # An expert nobody uses much is ignored (its share is noise).
@@ -95,7 +95,7 @@ def test_degradation_flags_a_shared_expert_owned_by_one_task() -> None:
 
 
 def test_underfitting_flags_a_sparse_task_leaning_on_shared_experts() -> None:
-    visible = expert_visibility(_Pooled(), TASKS3, 4)
+    visible = expert_visibility(_pooled(), TASKS3)
     rates = {"click": 0.3, "like": 0.01, "follow": 0.003}
     mixing = np.array([[0.1, 0, 0, 0.9], [0, 0.1, 0, 0.9], [0, 0, 0.6, 0.4]])  # like: 90% shared
     found = detect_underfitting(mixing, visible, TASKS3, rates, CFG)
@@ -108,12 +108,19 @@ def test_underfitting_flags_a_sparse_task_leaning_on_shared_experts() -> None:
 
 def test_visibility_follows_home_pools_and_groups() -> None:
     model = build("home", n_inputs=6, tasks=["click", "long_view", "like"], n_experts=1, expert_dims=[4], tower_dims=[])
-    visible = expert_visibility(model, model.tasks, model.n_gate_experts)
+    visible = expert_visibility(model, model.tasks)
     pools = {name: members[0] for name, members in model.pools.items()}
     assert visible[:, pools["global"]].all()
     assert visible[:, pools["group:interaction"]].tolist() == [True, False, True]  # click and like
     assert visible[:, pools["group:watch_time"]].tolist() == [False, True, False]  # long_view alone
     assert visible[:, pools["task:like"]].tolist() == [False, False, True]
+
+
+def test_families_without_pools_name_experts_by_index_and_show_every_expert_to_every_task() -> None:
+    model = build("mmoe", n_inputs=6, tasks=TASKS3, n_experts=3, expert_dims=[4], tower_dims=[])
+    assert expert_names(model) == ["e0", "e1", "e2"]
+    assert expert_visibility(model, TASKS3).tolist() == [[True] * 3] * 3
+    assert expert_names(_pooled()) == ["task:click/0", "task:like/0", "task:follow/0", "shared/0"]
 
 
 def test_routing_share_drift_and_load_balance_score() -> None:
@@ -165,7 +172,7 @@ def test_monitor_reports_anomalies_and_rate_limits_alerts() -> None:
     assert limiter.allow("a", 0.0) and not limiter.allow("a", 59.0) and limiter.allow("b", 59.0)
     assert limiter.allow("a", 60.0)
 
-    monitor = HealthMonitor(HealthConfig(every_steps=1), TASKS3, _Pooled())
+    monitor = HealthMonitor(HealthConfig(), TASKS3, _pooled())
     like_on_shared = torch.tensor([[0.5, 0.0, 0.0, 0.5], [0.0, 0.05, 0.0, 0.95], [0.0, 0.0, 0.5, 0.5]])  # (T, E)
     dead = torch.tensor([0.0, 0.0, 0.97, 0.0])
     for now in (0.0, 1.0):
@@ -236,18 +243,17 @@ def _batch(step: int, n: int = 128) -> pa.Table:
 
 
 def test_a_real_model_through_the_learner_writes_health_to_wandb_json_and_png(tmp_path: Path) -> None:
-    health = HealthConfig(every_steps=2, underfit_shared_mass=0.0)  # any shared weight of a sparse task: flagged
+    health = HealthConfig(underfit_shared_mass=0.0)  # any shared weight of a sparse task: flagged
     config = LearnerConfig(family="ple", hparams={"n_experts": 1, "expert_dims": (8,), "tower_dims": ()},
-                           n_buckets=256, emb_dim=4, snapshot_every_steps=3, health=health)
+                           n_buckets=256, emb_dim=4, health=health,
+                           cadence=CadenceConfig(snapshot_every_steps=3, health_every_steps=2))
     telemetry = Telemetry(TelemetryConfig(directory=tmp_path / "wandb", mode="offline"), run_config={"test": True})
-    learner = OnlineLearner(config, InMemoryFeatures(), SnapshotStore(tmp_path / "run" / "snapshots"), telemetry)
+    loop = TrainingLoop.local(config, InMemoryFeatures(), SnapshotStore(tmp_path / "run" / "snapshots"),
+                              telemetry=telemetry)
     for step in range(6):
-        learner.learn(_batch(step))
-        if learner.snapshot_due:
-            learner.publish({0: (step + 1) * 128})
+        loop.step(_batch(step))  # reports health at steps 2, 4, 6 and publishes at 3 and 6
     run_dir = Path(telemetry.run.dir).parent
-    learner.close()  # the heatmap is drawn off the training thread; closing waits for it and logs it
-    telemetry.finish()
+    loop.close()  # the heatmap is drawn off the training thread; closing waits for it, logs it, ends the run
 
     report = orjson.loads((tmp_path / "run" / "health" / "experts.json").read_bytes())
     assert report["step"] == 6 and report["family"] == "ple" and report["snapshot"]["version"] == 1

@@ -70,7 +70,7 @@ def test_read_ahead_is_bounded_and_commits_follow_the_captured_cut(kafka_bootstr
         intake.stop()
     intake.check()
     assert _committed(config) == covered  # exactly the cut, though far more was acknowledged since
-    intake.flush()
+    intake.drain()
     stream.close()
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from features.definitions import FEATURE_COLUMNS
-from learner.online import LearnerConfig, OnlineLearner
+from learner.config import LearnerConfig
+from learner.loop import TrainingLoop
 from learner.snapshots import SnapshotStore
 from tests.learner.test_distributed import _batch
 
@@ -36,13 +37,14 @@ def test_poisoned_features_and_an_exploding_step_leave_the_weights_alone(tmp_pat
     store = SnapshotStore(tmp_path / "snapshots")
     config = LearnerConfig(family=family, hparams={"expert_dims": (8,), "tower_dims": (4,)}, n_buckets=256,
                            emb_dim=4, lr=0.05)
-    learner = OnlineLearner(config, features, store)
-    learner.learn(_batch(0, 0, 64))
-    assert learner.publish({0: 64}) is not None
+    loop = TrainingLoop.local(config, features, store)
+    learner = loop.learner
+    loop.step(_batch(0, 0, 64))
+    assert loop.publish() is not None
 
     features.poison = float("nan")  # NaN features: read as 0 and counted, the step is an ordinary one
-    learner.learn(_batch(1, 0, 32))
-    assert learner.nonfinite_features == 32 * len(FEATURE_COLUMNS) and learner.skipped_steps == 0
+    loop.step(_batch(1, 0, 32))
+    assert loop.features.nonfinite == 32 * len(FEATURE_COLUMNS) and learner.skipped_steps == 0
 
     # An exploding step. Dense features go through symlog, so no input value makes the gradient overflow
     # here; the blow-up (a bad learning rate, a numerical bug) is injected into one layer's gradient.
@@ -50,20 +52,20 @@ def test_poisoned_features_and_an_exploding_step_leave_the_weights_alone(tmp_pat
     before = {k: v.clone() for k, v in learner.model.state_dict().items()}
     tower = learner.model.model.towers.mlp.layers[-1].weight
     hook = tower.register_hook(lambda grad: grad * float("inf"))
-    learner.learn(_batch(2, 0, 32))
+    loop.step(_batch(2, 0, 32))
     hook.remove()
     assert learner.skipped_steps == 1
     for key, value in learner.model.state_dict().items():  # weights and BatchNorm statistics untouched
         assert torch.equal(value, before[key]), key
-    assert learner.publish({0: 128}) is not None  # finite, so publishable
+    assert loop.publish() is not None  # finite, so publishable
 
     features.poison = None
-    result = learner.learn(_batch(3, 0, 64))
-    assert np.isfinite(result["loss"]) and learner.skipped_steps == 1
+    result = loop.step(_batch(3, 0, 64))
+    assert np.isfinite(result.loss) and learner.skipped_steps == 1
     assert all(torch.isfinite(v).all() for v in learner.model.state_dict().values() if v.is_floating_point())
     _, latest = store.load()
     assert all(torch.isfinite(v).all() for v in latest.values() if v.is_floating_point())
-    print(f"poisoned batch ({family}): {learner.nonfinite_features} non-finite feature values read as 0 and "
+    print(f"poisoned batch ({family}): {loop.features.nonfinite} non-finite feature values read as 0 and "
           f"counted; {learner.skipped_steps} exploding step skipped with weights and buffers unchanged; "
-          f"{len(learner.published)} snapshots published, every weight finite; the next step trained "
-          f"(loss {result['loss']:.4f})")
+          f"{len(loop.reporter.published)} snapshots published, every weight finite; the next step trained "
+          f"(loss {result.loss:.4f})")

@@ -9,7 +9,8 @@ import torch
 
 from features.aggregates import StreamAggregator
 from features.memory import InMemoryFeatures
-from learner.online import LearnerConfig, OnlineLearner
+from learner.config import LearnerConfig
+from learner.loop import TrainingLoop
 from learner.snapshots import SnapshotStore
 from tests.learner.test_distributed import _batch
 
@@ -32,13 +33,13 @@ class _Recording(InMemoryFeatures):
         return dense
 
 
-def _run(tmp: Path, upcoming) -> tuple[OnlineLearner, list]:
+def _run(tmp: Path, upcoming) -> tuple[TrainingLoop, list]:
     features = _Recording()
-    learner = OnlineLearner(CONFIG, features, SnapshotStore(tmp / "snapshots"))
+    loop = TrainingLoop.local(CONFIG, features, SnapshotStore(tmp / "snapshots"))
     for step, batch in enumerate(BATCHES):
-        learner.learn(batch, upcoming=upcoming(step))
-    learner.close()
-    return learner, features.reads
+        loop.step(batch, upcoming=upcoming(step))
+    loop.close()
+    return loop, features.reads
 
 
 def test_read_ahead_features_equal_a_read_at_the_start_of_the_step(tmp_path: Path) -> None:
@@ -46,13 +47,13 @@ def test_read_ahead_features_equal_a_read_at_the_start_of_the_step(tmp_path: Pat
     plain, plain_reads = _run(tmp_path / "plain", lambda step: None)
     torch.manual_seed(0)
     ahead, ahead_reads = _run(tmp_path / "ahead", lambda step: BATCHES[step + 1] if step + 1 < len(BATCHES) else None)
-    assert plain.features_read_ahead == 0 and ahead.features_read_ahead == len(BATCHES) - 1
+    assert plain.features.read_ahead == 0 and ahead.features.read_ahead == len(BATCHES) - 1
     assert len(plain_reads) == len(ahead_reads) == len(BATCHES)
     for got, expected in zip(ahead_reads, plain_reads):
         assert (got == expected).all()
     assert any((a != b).any() for a, b in zip(plain_reads, plain_reads[1:]))  # the pushes did change features
-    for name, value in plain.model.state_dict().items():
-        assert torch.equal(ahead.model.state_dict()[name], value), name
+    for name, value in plain.learner.model.state_dict().items():
+        assert torch.equal(ahead.learner.model.state_dict()[name], value), name
 
 
 def test_a_step_that_gets_other_examples_than_announced_reads_its_own(tmp_path: Path) -> None:
@@ -61,10 +62,10 @@ def test_a_step_that_gets_other_examples_than_announced_reads_its_own(tmp_path: 
     wrong = [pa.concat_tables([b.slice(1), b.slice(0, 1)]) for b in BATCHES]  # same rows, another order
     torch.manual_seed(0)
     misled, reads = _run(tmp_path / "misled", lambda step: wrong[step + 1] if step + 1 < len(BATCHES) else None)
-    assert misled.features_read_ahead == 0
+    assert misled.features.read_ahead == 0
     assert len(reads) == 2 * len(BATCHES) - 1  # every read ahead went unused and each step read its own
-    for name, value in plain.model.state_dict().items():
-        assert torch.equal(misled.model.state_dict()[name], value), name
+    for name, value in plain.learner.model.state_dict().items():
+        assert torch.equal(misled.learner.model.state_dict()[name], value), name
 
 
 def test_a_read_ahead_the_next_step_did_not_use_is_never_used_later(tmp_path: Path) -> None:
@@ -72,12 +73,12 @@ def test_a_read_ahead_the_next_step_did_not_use_is_never_used_later(tmp_path: Pa
     the read ahead unused; meanwhile other workers push (their owned entities folded from its batch), so a
     later step must read anew, even for the very examples that were announced."""
     features = _Recording()
-    learner = OnlineLearner(CONFIG, features, SnapshotStore(tmp_path / "snapshots"))
-    learner.learn(BATCHES[0], upcoming=BATCHES[1])  # reads BATCHES[1]'s features ahead
-    learner.learn(BATCHES[0].slice(0, 0))  # the next step gets nothing
+    loop = TrainingLoop.local(CONFIG, features, SnapshotStore(tmp_path / "snapshots"))
+    loop.step(BATCHES[0], upcoming=BATCHES[1])  # reads BATCHES[1]'s features ahead
+    loop.step(BATCHES[0].slice(0, 0))  # the next step gets nothing
     features.push(*StreamAggregator().update(BATCHES[2]))  # another worker's push: BATCHES[1]'s features change
-    learner.learn(BATCHES[1])
-    learner.close()
-    assert learner.features_read_ahead == 0
+    loop.step(BATCHES[1])
+    loop.close()
+    assert loop.features.read_ahead == 0
     assert len(features.reads) == 3  # BATCHES[0], the read ahead (unused), BATCHES[1] read anew
     assert (features.reads[2] != features.reads[1]).any()  # the old read would have given other features

@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 
 from features.memory import InMemoryFeatures
 from infra.cli import app
+from learner.config import CadenceConfig, LearnerConfig
+from learner.loop import TrainingLoop
 from learner.models import MultiTaskRanker
-from learner.online import LearnerConfig, OnlineLearner
 from learner.snapshots import PublishGuard, SnapshotError, SnapshotRefused, SnapshotStore
 from serving.weights import WeightFollower
 
@@ -89,12 +90,12 @@ def test_the_guard_ignores_windows_with_too_few_examples_of_a_class() -> None:
 def test_the_learner_counts_refusals_by_reason(tmp_path: Path) -> None:
     config = LearnerConfig(family="mmoe", hparams={"n_experts": 2, "expert_dims": (4,), "tower_dims": ()},
                            n_buckets=64, emb_dim=2)
-    learner = OnlineLearner(config, InMemoryFeatures(), SnapshotStore(tmp_path / "snapshots"))
-    assert learner.publish({0: 0}).version == 1
+    loop = TrainingLoop.local(config, InMemoryFeatures(), SnapshotStore(tmp_path / "snapshots"))
+    assert loop.publish().version == 1
     with torch.no_grad():
-        next(learner.model.parameters())[0] = float("nan")
-    assert learner.publish({0: 0}) is None
-    assert learner.refused == {"non-finite": 1}
+        next(loop.learner.model.parameters())[0] = float("nan")
+    assert loop.publish() is None
+    assert loop.reporter.refused == {"non-finite": 1}
     assert SnapshotStore(tmp_path / "snapshots").versions() == [1]
 
 
@@ -148,17 +149,14 @@ def test_rollback_refuses_a_corrupted_version(tmp_path: Path) -> None:
 
 
 def test_a_snapshot_is_due_every_k_steps_or_every_s_seconds(tmp_path: Path) -> None:
-    def learner(**kw) -> OnlineLearner:
+    def loop(**kw) -> TrainingLoop:
         config = LearnerConfig(family="mmoe", hparams={"n_experts": 2, "expert_dims": (4,), "tower_dims": ()},
-                               n_buckets=64, emb_dim=2, snapshot_every_steps=5, **kw)
-        return OnlineLearner(config, InMemoryFeatures(), SnapshotStore(tmp_path / "snapshots"))
+                               n_buckets=64, emb_dim=2, cadence=CadenceConfig(snapshot_every_steps=5, **kw))
+        return TrainingLoop.local(config, InMemoryFeatures(), SnapshotStore(tmp_path / "snapshots"))
 
-    by_steps, by_time, not_yet = learner(), learner(snapshot_every_s=0.0), learner(snapshot_every_s=3600.0)
-    for lr in (by_steps, by_time, not_yet):
-        lr.step = 1
-    assert (by_steps.snapshot_due, by_time.snapshot_due, not_yet.snapshot_due) == (False, True, False)
-    by_steps.step = not_yet.step = 5
-    assert by_steps.snapshot_due and not_yet.snapshot_due
+    by_steps, by_time, not_yet = loop(), loop(snapshot_every_s=0.0), loop(snapshot_every_s=3600.0)
+    assert (by_steps.snapshot_due(1), by_time.snapshot_due(1), not_yet.snapshot_due(1)) == (False, True, False)
+    assert by_steps.snapshot_due(5) and not_yet.snapshot_due(5)
 
 
 def test_the_guard_treats_a_null_metric_from_a_manifest_as_not_comparable() -> None:
@@ -176,18 +174,24 @@ def test_rollback_refuses_a_version_that_is_not_a_number(tmp_path: Path, version
     assert "VERSION must be a number" in result.output
 
 
-def test_experts_refuses_json_that_is_not_a_report(tmp_path: Path) -> None:
-    path = tmp_path / "experts.json"
+@pytest.mark.parametrize("columns", [None, "40"])
+def test_experts_refuses_json_that_is_not_a_report(tmp_path: Path, columns: str | None) -> None:
+    """The message names the file whole on one line, however long its path and whatever width the
+    environment claims: off a terminal the CLI wraps nothing (it used to break at 80 columns, so the test
+    passed or failed with the length of pytest's temporary directory)."""
+    path = tmp_path / ("a-long-directory-name-" * 4) / "experts.json"
+    path.parent.mkdir()
     path.write_text('{"hello": 1}')
-    result = CliRunner().invoke(app, ["experts", str(path)])
+    result = CliRunner().invoke(app, ["experts", str(path)], env={"COLUMNS": columns})
     assert result.exit_code == 1
-    assert "not an expert-health report" in result.output
+    lines = [line for line in result.output.splitlines() if "not an expert-health report" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"{path} is not an expert-health report"), result.output
 
 
 @pytest.mark.parametrize("every_s", [-1.0, float("nan"), float("inf"), "10", True])
 def test_snapshot_every_s_must_be_a_number_of_seconds(every_s) -> None:
-    with pytest.raises(ValueError, match="learner.snapshot_every_s"):
-        LearnerConfig(snapshot_every_s=every_s)
+    with pytest.raises(ValueError, match=r"learner\.cadence\.snapshot_every_s"):
+        CadenceConfig(snapshot_every_s=every_s)
 
 
 def test_concurrent_publishes_and_rollbacks_take_distinct_versions(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from infra.pipeline import RunLayout, worker_config
@@ -15,9 +16,9 @@ from learner.worker import TrainerWorker
 
 def main(root: str, bootstrap: str, topic: str, every: str, batch: str) -> None:
     config = worker_config(RunLayout(Path(root)), bootstrap=bootstrap, topic=topic, window_ms=1_500,
-                           snapshot_every_steps=1_000, batch_size=int(batch), wandb_mode="disabled")
-    config = type(config)(**{**config.__dict__, "checkpoint_every_steps": int(every),
-                             "audit_path": Path(root) / "trained.csv"})
+                           snapshot_every_steps=1_000, checkpoint_every_steps=int(every), batch_size=int(batch),
+                           wandb_mode="disabled")
+    config = replace(config, audit_path=Path(root) / "trained.csv")
     worker = TrainerWorker(config)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     print(f"started restored_step={worker.restored_step}", flush=True)

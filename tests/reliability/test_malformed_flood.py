@@ -72,8 +72,8 @@ def test_malformed_messages_go_to_the_dlq_with_their_reason_and_every_good_one_i
     kafka_bootstrap, unique_topic, tmp_path: Path
 ) -> None:
     config = worker_config(RunLayout(tmp_path), bootstrap=kafka_bootstrap, topic=unique_topic, window_ms=1_500,
-                           snapshot_every_steps=1_000, batch_size=512, wandb_mode="disabled")
-    config = replace(config, checkpoint_every_steps=20, audit_path=tmp_path / "trained.csv")
+                           snapshot_every_steps=1_000, checkpoint_every_steps=20, batch_size=512, wandb_mode="disabled")
+    config = replace(config, audit_path=tmp_path / "trained.csv")
     ensure_topics(config.kafka)
     OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "features")).apply()
     simulated = Simulator(SimulatorConfig(seed=4, max_delay_s=1.0)).events(int(time.time() * 1000), GOOD)

@@ -61,16 +61,16 @@ def test_unwritable_checkpoint_dir_holds_commits_back_until_writable_again(
         ckpts.rename(aside)
         ckpts.write_text("not a directory: checkpoints cannot be written under this path\n")
         broken_at, trained_at_break = time.monotonic(), sum(_trained(tmp_path).values())
-        _until(lambda: worker.checkpoint_failures >= 2 and sum(_trained(tmp_path).values()) > trained_at_break + EVERY * BATCH,
+        _until(lambda: worker.loop.checkpoint_failures >= 2 and sum(_trained(tmp_path).values()) > trained_at_break + EVERY * BATCH,
                120, "two failed checkpoints while training goes on", thread)
-        error = worker.last_checkpoint_error
+        error = worker.loop.last_checkpoint_error
         durable_step, durable = _durable_offsets(aside)
         committed = _group_offsets(kafka_bootstrap, group)
         trained_while_broken = sum(_trained(tmp_path).values()) - trained_at_break
 
         ckpts.unlink()
         aside.rename(ckpts)
-        fixed_at, failures = time.monotonic(), worker.checkpoint_failures
+        fixed_at, failures = time.monotonic(), worker.loop.checkpoint_failures
         _until(lambda: _durable_offsets(ckpts)[0] > durable_step and _group_offsets(kafka_bootstrap, group) != committed,
                120, "a new checkpoint and commit once the directory is writable", thread)
         recovered_s = time.monotonic() - fixed_at

@@ -13,14 +13,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream.events import LABELS, decode_batch, encode
+import orjson
+
+from stream.events import FEEDBACK_SCHEMA, IMPRESSION_SCHEMA, LABELS, decode_batch, encode
+from stream.logcheck import Duplicates, RejectLog, RowChecks
 from stream.logfile import (
     KUAIRAND_COLUMNS,
     LOG_SCHEMA,
     SCHEMAS,
     count_rows,
+    decoded_batch,
     detect_schema,
     read_events,
+    sort_events,
     to_dicts,
     write_log,
 )
@@ -118,7 +123,7 @@ def test_schemas_are_told_apart_by_column_names(tmp_path: Path, suffix: str) -> 
 
 
 def test_unsupported_file_type_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unsupported log file type"):
+    with pytest.raises(ValueError, match="neither a CSV nor a Parquet file"):
         detect_schema(tmp_path / "log.json")
 
 
@@ -140,36 +145,48 @@ def test_a_kuairand_view_becomes_an_impression_then_its_feedback(tmp_path: Path)
         assert imp2["request_id"] == fb2["request_id"] == f"kr-8-{T0}-43"
 
 
+def rejects_of(path: Path, tmp: Path) -> tuple[list[dict], list[dict]]:
+    log = RejectLog(tmp / "rejects.jsonl", path, path.suffix[1:])
+    events = [e for t in read_events(path, SCHEMAS[detect_schema(path)], 1_000, 8_000, log) for e in to_dicts(t)]
+    log.close()
+    return events, [orjson.loads(line) for line in (tmp / "rejects.jsonl").read_bytes().splitlines()]
+
+
 @pytest.mark.parametrize(
-    ("column", "values", "message"),
+    ("column", "values", "reason", "message"),
     [
-        ("is_click", [0, 1, 2], "is_click must be 0 or 1"),
-        ("play_time_ms", [10, 20, -5], "play_time_ms must be a finite number >= 0"),
-        ("user_id", [1, 2, -1], "user_id must be a non-negative integer"),
-        ("time_ms", [T0, T0, None], "time_ms must be a non-negative integer"),
+        ("is_click", [0, 1, 2], "bad_label", "is_click 2: must be 0 or 1"),
+        ("play_time_ms", [10, 20, -5], "bad_label", "play_time_ms -5"),
+        ("user_id", [1, 2, -1], "bad_id", "user_id -1: must be in [0, 2**62)"),
+        ("time_ms", [T0, T0, None], "missing_value", "time_ms None: missing"),
     ],
 )
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
-def test_bad_kuairand_values_name_the_row(tmp_path: Path, suffix: str, column: str, values: list, message: str) -> None:
+def test_bad_kuairand_values_are_rejected_with_their_row(tmp_path: Path, suffix: str, column: str, values: list,
+                                                         reason: str, message: str) -> None:
     path = save(kuairand_table(3, **{column: pa.array(values, pa.int64())}), tmp_path / f"kr{suffix}")
-    where = f"{path}:4" if suffix == ".csv" else f"{path} row 2"  # CSV: the line, header included
-    with pytest.raises(ValueError, match=f"^{re.escape(where)}: {message}"):
-        read_all(path)
+    events, rejects = rejects_of(path, tmp_path)
+    assert len(events) == 4  # the two good views
+    where = {"line": 4} if suffix == ".csv" else {"row": 2}  # CSV: the line, header included
+    assert [{k: r[k] for k in (*where, "reason")} for r in rejects] == [{**where, "reason": reason}]
+    assert rejects[0]["detail"].replace("'", "").startswith(message)  # CSV values are text, quoted
 
 
-def test_bad_moestream_rows_name_the_row(tmp_path: Path) -> None:
+def test_bad_moestream_rows_are_rejected_with_their_row(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     write_log(sim_events(3), path)
     lines = path.read_text().splitlines()
     lines[2] = lines[2].replace('"impression"', '"view"')
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=re.escape(f"{path}:3: type must be 'impression' or 'feedback'")):
-        read_all(path)
+    events, rejects = rejects_of(path, tmp_path)
+    assert len(events) == len(lines) - 2
+    assert rejects == [{"line": 3, "reason": "bad_type", "detail": "type 'view': must be 'impression' or 'feedback'",
+                        "raw": lines[2]}]
     table = pa.table({**{f.name: pa.array([None], f.type) for f in LOG_SCHEMA},
                       "type": ["feedback"], "request_id": ["r"], "user_id": [1], "item_id": [2], "ts_ms": [3]})
     pq.write_table(table, tmp_path / "nolabels.parquet")
-    with pytest.raises(ValueError, match="row 0: feedback needs at least one label"):
-        read_all(tmp_path / "nolabels.parquet")
+    events, rejects = rejects_of(tmp_path / "nolabels.parquet", tmp_path)
+    assert events == [] and [(r["row"], r["reason"]) for r in rejects] == [(0, "missing_value")]
 
 
 def test_row_counts(tmp_path: Path) -> None:
@@ -188,19 +205,52 @@ view = st.tuples(
 )
 
 
+def checked_events(schema: str, chunk: pa.Table, max_delay_ms: int = 8_000) -> tuple[pa.Table, np.ndarray]:
+    """The event table of a chunk's good rows, and which rows were good."""
+    checks = RowChecks(chunk, np.arange(chunk.num_rows))
+    typed = SCHEMAS[schema].check(checks, Duplicates())
+    ok = checks.ok
+    return SCHEMAS[schema].to_events(typed.filter(pa.array(ok)), np.flatnonzero(ok), max_delay_ms), ok
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(view, min_size=1, max_size=20), st.integers(0, 20_000))
-def test_kuairand_rows_become_valid_events_or_an_error(views: list[tuple], max_delay_ms: int) -> None:
+def test_kuairand_rows_become_valid_events_or_rejects(views: list[tuple], max_delay_ms: int) -> None:
     """Whatever a KuaiRand file holds, replay never emits an event the contract rejects."""
     users, videos, times, flags, plays = zip(*views)
     task_columns = ("is_click", "long_view", "is_like", "is_comment", "is_follow", "is_forward")
     data = {"user_id": users, "video_id": videos, "time_ms": times, "play_time_ms": plays,
             **{c: [f[i] for f in flags] for i, c in enumerate(task_columns)}}
     chunk = pa.table({c: pa.array(data[c], t) for c, t in KUAIRAND_COLUMNS.items()})
-    try:
-        events = to_dicts(SCHEMAS["kuairand"].to_events(chunk, 0, max_delay_ms))
-    except ValueError:
-        return
+    table, ok = checked_events("kuairand", chunk, max_delay_ms)
+    events = to_dicts(table)
     out = decode_batch([encode(e) for e in events])
-    assert out.rejects == [] and out.n_valid == 2 * len(views)
+    assert out.rejects == [] and out.n_valid == 2 * int(ok.sum())
     assert all(set(e.get("labels", {})) <= set(LABELS) for e in events)
+
+
+@pytest.mark.parametrize("kind", ["kuairand", "moestream"])
+def test_decoded_batch_gives_what_decoding_the_json_gives(tmp_path: Path, kind: str) -> None:
+    """The columnar path to the joiner equals the old one: dicts, JSON, decode_batch."""
+    if kind == "kuairand":
+        path = save(kuairand_table(200, seed=3), tmp_path / "kr.csv")
+    else:
+        path = tmp_path / "log.parquet"
+        write_log(sim_events(60), path)
+    events = sort_events(pa.concat_tables(list(read_events(path, SCHEMAS[kind], 64, 8_000))))
+    feedback = 0
+    for first, piece in ((0, events.slice(0, 37)), (37, events.slice(37))):
+        new = decoded_batch(piece, first)
+        n = piece.num_rows
+        old = decode_batch([encode(e) for e in to_dicts(piece)], [0] * n, range(first, first + n))
+        assert new.impressions.schema == IMPRESSION_SCHEMA and new.feedback.schema == FEEDBACK_SCHEMA
+        assert new.impressions.equals(old.impressions)
+        assert new.feedback.to_pylist() == old.feedback.to_pylist() or _same_with_nan(new.feedback, old.feedback)
+        assert new.rejects == old.rejects == []
+        feedback += new.feedback.num_rows
+    assert feedback > 0
+
+
+def _same_with_nan(a: pa.Table, b: pa.Table) -> bool:
+    return all(np.array_equal(a[c].to_numpy(zero_copy_only=False), b[c].to_numpy(zero_copy_only=False),
+                              equal_nan=a[c].type == pa.float32()) for c in a.column_names)

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import learner.models as models
-from learner.models import FAMILIES, ModelOutput, build, default_hparams, loss, loss_terms
-from .zoo_testkit import N_INPUTS, TASKS, assert_close, make_batch, make_model, sgd_step
+from learner.models import FAMILIES, ModelOutput, build, default_hparams, load_balance_loss, loss, loss_terms
+from .zoo_testkit import N_INPUTS, TASKS, assert_close, check_declared_layout, make_batch, make_model, sgd_step
 
 pytestmark = pytest.mark.parametrize("family", FAMILIES)
 
@@ -37,6 +37,41 @@ def test_output_shapes(family):
     assert out.expert_zero_frac.shape == (n_experts,)
     assert out.aux_loss.shape == ()
     assert out.task_types == {"click": "binary", "like": "binary", "play_time": "regression"}
+
+
+def test_declared_lb_experts_is_the_length_of_the_lb_stats_it_reports(family):
+    model = make_model(family)
+    out = model(make_batch(8)[0])
+    assert (model.lb_experts is None) == (out.lb_stats is None)
+    if out.lb_stats is not None:
+        counts, prob_sums, n_slots = out.lb_stats
+        assert model.lb_experts == counts.numel() == prob_sums.numel()
+        assert n_slots.shape == ()
+
+
+def test_declared_lb_coef_is_the_regulariser_coefficient(family):
+    """Families without load-balancing statistics declare 0.0; SMES declares its hparam, and its
+    ``aux_loss`` is exactly that regulariser (the distributed trainer recomputes it from summed stats)."""
+    if "lb_coef" not in default_hparams(family):
+        model = make_model(family)
+        assert model.lb_experts is None and model.lb_coef == 0.0
+        return
+    for coef in (0.0, 0.37):
+        model = make_model(family, lb_coef=coef)
+        assert model.lb_coef == coef
+        out = model(make_batch(8)[0])
+        assert out.lb_stats is not None and model.lb_experts is not None
+        assert_close(out.aux_loss, coef * load_balance_loss(*out.lb_stats, model.lb_experts))
+
+
+# The families whose gate experts come in named pools (task-specific, group, shared).
+POOLED = {"ple", "home"}
+
+
+def test_declared_pools_and_groups_describe_the_gate_experts(family):
+    model = make_model(family)
+    assert bool(model.pools) == (family in POOLED)
+    check_declared_layout(model)
 
 
 def test_outputs_finite(family):

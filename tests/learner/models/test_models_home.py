@@ -9,7 +9,10 @@ from torch import nn
 from learner.models import FeatureGate, build, loss
 from learner.models.home import resolve_groups
 
-from .zoo_testkit import N_INPUTS, TASKS, make_batch, make_model
+from .zoo_testkit import N_INPUTS, TASKS, check_declared_layout, make_batch, make_model
+
+# TASKS under the paper's split: click and like interact, play_time measures watch time.
+DEFAULT_GROUPS = {"watch_time": ["play_time"], "interaction": ["click", "like"]}
 
 
 def test_default_groups_follow_the_papers_split():
@@ -93,6 +96,19 @@ def test_each_mechanism_switches_off():
     flat = make_model("home", hierarchy=False)
     assert flat.meta is None and "meta_gates" not in flat(make_batch(4)[0]).extras
     assert set(flat.pools) == {"global", *(f"task:{t}" for t in TASKS)}
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"groups": {"x": ["click"], "y": ["like", "play_time"]}}, {"hierarchy": False}, {"n_experts": 1}]
+)
+def test_declared_pools_and_groups_follow_the_variant(overrides):
+    model = make_model("home", **overrides)
+    check_declared_layout(model)
+    if model.hierarchy:
+        assert model.groups == {g: tuple(ts) for g, ts in overrides.get("groups", DEFAULT_GROUPS).items()}
+        assert {p for p in model.pools if p.startswith("group:")} == {f"group:{g}" for g in model.groups}
+    else:  # no meta level, so no groups
+        assert model.groups == {}
 
 
 @pytest.mark.parametrize("switch", ["expert_norm", "feature_gate", "self_gate", "hierarchy"])

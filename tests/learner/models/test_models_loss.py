@@ -33,7 +33,7 @@ def test_terms_match_the_per_task_formulas():
     )
     labels = {"click": torch.randint(0, 2, (8,), generator=g).float(), "play_time": torch.randn(8, generator=g)}
     mask = {"click": torch.tensor([1, 1, 0, 1, 0, 1, 1, 1.0]), "play_time": torch.ones(8)}
-    total, terms = loss_terms(out, labels, mask, task_weights={"click": 2.0})
+    total, terms = loss_terms(out, labels, mask, loss_weights={"click": 2.0})
     keep = mask["click"].bool()
     bce = F.binary_cross_entropy_with_logits(out.logits["click"][keep], labels["click"][keep])
     mse = F.mse_loss(out.logits["play_time"], labels["play_time"])
@@ -76,7 +76,7 @@ def test_unknown_task_is_an_error():
     with pytest.raises(ValueError, match="zzz"):
         loss(out, {"zzz": torch.ones(4)})
     with pytest.raises(ValueError, match="zzz"):
-        loss(out, {"a": torch.ones(4)}, task_weights={"zzz": 1.0})
+        loss(out, {"a": torch.ones(4)}, loss_weights={"zzz": 1.0})
 
 
 @settings(max_examples=40, deadline=None)

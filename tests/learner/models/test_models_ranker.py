@@ -50,6 +50,17 @@ def test_from_config_and_state_dict_reproduce_outputs(family, tmp_path):
         assert torch.equal(a.logits[t], b.logits[t])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_balancing_declarations_are_read_through_the_ranker(family):
+    ranker = make_ranker(family)
+    assert ranker.lb_experts == ranker.model.lb_experts
+    assert ranker.lb_coef == ranker.model.lb_coef
+    lb_stats = ranker(*make_inputs()).lb_stats
+    assert ranker.lb_experts == (None if lb_stats is None else lb_stats[0].numel())
+    with pytest.raises(AttributeError):
+        ranker.lb_coef = 1.0  # the model's, not the ranker's, to set
+
+
 def test_config_records_every_hparam():
     config = make_ranker("mmoe").config
     assert config["family"] == "mmoe" and config["tasks"] == TASKS

@@ -264,9 +264,9 @@ def reference_ple(model, x):
 
 
 def reference_home(model, x):
-    groups = list(model.groups)
-    group_of = {t: next(i for i, g in enumerate(groups) if t in model.groups[g]) for t in model.tasks}
     if model.hierarchy:
+        groups = list(model.groups)
+        group_of = {t: next(i for i, g in enumerate(groups) if t in model.groups[g]) for t in model.tasks}
         meta = model.meta
         hs = [plain_expert(meta.experts, e, x) for e in range(meta.experts.n)]
         group_paths = [plain_mix(plain_gate(meta.group_gates, g, x), hs) for g in range(len(groups))]

@@ -42,6 +42,27 @@ def make_batch(n_rows: int = 32, seed: int = 1, tasks=TASKS):
     return x, labels, mask
 
 
+def check_declared_layout(model) -> None:
+    """``pools`` cover ``range(n_gate_experts)`` exactly once and name real tasks and groups;
+    ``groups`` hold every task exactly once; a task's gate is exactly 0 on experts its pools hide."""
+    members = [e for pool in model.pools.values() for e in pool]
+    if model.pools:
+        assert sorted(members) == list(range(model.n_gate_experts)), model.pools
+        assert all(isinstance(pool, tuple) for pool in model.pools.values())
+    if model.groups:
+        grouped = [t for tasks in model.groups.values() for t in tasks]
+        assert sorted(grouped) == sorted(model.tasks), model.groups
+        assert all(isinstance(tasks, tuple) for tasks in model.groups.values())
+    kinds = [name.partition(":") for name in model.pools]
+    assert {name for kind, _, name in kinds if kind == "task"} <= set(model.tasks)
+    assert {name for kind, _, name in kinds if kind == "group"} <= set(model.groups)
+    out = model(make_batch(16)[0])
+    for task, g in out.gates.items():
+        hidden = [e for name, pool in model.pools.items() for e in pool
+                  if (name.startswith("task:") and name != f"task:{task}")
+                  or (name.startswith("group:") and task not in model.groups[name.partition(":")[2]])]
+        assert (g[:, hidden] == 0).all(), (task, hidden)
+
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6) -> None:
     """``torch.allclose`` with a useful message (``torch.testing`` costs seconds to import)."""

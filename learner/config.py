@@ -1,0 +1,244 @@
+"""The trainer's settings (``learner`` in ``moestream.yaml`` and what each worker runs with), checked whole.
+
+Every value is checked when the configuration is loaded, not when the trainer first uses it inside a Ray
+actor: a bad value there surfaced as a ``ZeroDivisionError`` after a Ray restart, or as 300 lines of
+retried tracebacks, while the command line had already reported success. Each error names its config key
+(``learner.cadence.snapshot_every_steps``, ``learner.hparams.n_experts``); the family and its hparams are
+checked against ``learner.families``, which knows them without torch.
+
+No torch, Ray or Feast here: ``moestream config show`` imports this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from features.config import FeatureStoreConfig
+from learner.families import check_hparams
+from learner.telemetry import TelemetryConfig
+from stream.events import TASKS, TYPICAL_POSITIVE_RATES
+
+if TYPE_CHECKING:  # the worker's other sections: imported when a WorkerConfig is made, not with this module
+    from learner.distributed import GroupConfig
+    from stream.joiner import JoinerConfig
+    from stream.kafka_io import KafkaConfig
+
+PRECISIONS = ("auto", "fp32", "bf16")
+GUARD_METRICS = ("window_auc", "window_gauc", "auc", "gauc")
+"""Figures of ``ProgressiveValidation.summary()`` the publish guard may compare: higher is better for each."""
+
+
+def _is_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _is_int(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int)
+
+
+def at_least(key: str, value: object, low: int) -> None:
+    """``value`` must be an integer >= ``low``; the error names ``key``."""
+    if not _is_int(value) or value < low:
+        raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+
+
+def fraction(key: str, value: object) -> None:
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise ValueError(f"{key} must be in [0, 1], got {value!r}")
+
+
+@dataclass(frozen=True)
+class CadenceConfig:
+    """How often the training loop does each job beside the step, for Kafka training and direct replay alike."""
+    snapshot_every_steps: int = 20
+    snapshot_every_s: float | None = None   # also publish when this many seconds passed since the last attempt
+    checkpoint_every_steps: int = 10        # offsets are committed only after a durable checkpoint
+    health_every_steps: int = 10            # progressive metrics summary and expert-health report
+    stats_every_steps: int = 10             # intake figures (lag, consumed, joiner pending) and ID-table figures to telemetry
+
+    def __post_init__(self) -> None:
+        for name in ("snapshot_every_steps", "checkpoint_every_steps", "health_every_steps", "stats_every_steps"):
+            at_least(f"learner.cadence.{name}", getattr(self, name), 1)
+        every_s = self.snapshot_every_s
+        if every_s is not None and (not _is_number(every_s) or every_s < 0):
+            raise ValueError(f"learner.cadence.snapshot_every_s must be a number of seconds >= 0 or null, got {every_s!r}")
+
+
+@dataclass(frozen=True)
+class PublishGuard:
+    """Refuse a snapshot whose recent progressive AUC fell too far below the last published one.
+
+    Per task, ``metric`` (a key of ``ProgressiveValidation.summary()``; default the sliding-window AUC)
+    of the candidate is compared with the same figure in the manifest of the version ``LATEST`` names.
+    A task is compared only when both windows hold at least ``min_class_examples`` positives and as many
+    negatives: a window AUC over a few dozen positives moves by more than any useful threshold by chance.
+    """
+
+    max_auc_drop: float = 0.02
+    min_class_examples: int = 500
+    metric: str = "window_auc"
+
+    def __post_init__(self) -> None:
+        fraction("learner.guard.max_auc_drop", self.max_auc_drop)
+        at_least("learner.guard.min_class_examples", self.min_class_examples, 1)
+        if self.metric not in GUARD_METRICS:
+            raise ValueError(f"learner.guard.metric must be one of {list(GUARD_METRICS)}, got {self.metric!r}")
+
+    def _comparable(self, m: Mapping[str, float]) -> float | None:
+        # Manifests store an undefined metric (NaN) as JSON null: both mean "not comparable".
+        value = m.get(self.metric)
+        positives = m.get("window_positives") or 0.0
+        negatives = (m.get("window_n") or 0.0) - positives
+        if value is None or not math.isfinite(value) or min(positives, negatives) < self.min_class_examples:
+            return None
+        return value
+
+    def check(self, metrics: Mapping[str, Mapping[str, float]], reference: Mapping[str, Mapping[str, float]]) -> str | None:
+        """Why ``metrics`` must not replace the snapshot that recorded ``reference``; None if it may."""
+        drops = []
+        for task, m in metrics.items():
+            now, before = self._comparable(m), self._comparable(reference.get(task, {}))
+            if now is not None and before is not None and before - now > self.max_auc_drop:
+                drops.append(f"{task} {self.metric} {now:.4f} < {before:.4f} - {self.max_auc_drop}")
+        return "; ".join(drops) or None
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """The expert-health report's thresholds (``learner.health``); how often it runs is
+    ``learner.cadence.health_every_steps``."""
+
+    zero_frac_max: float = 0.9
+    scale_ratio: float = 10.0
+    degradation_share: float = 0.9
+    degradation_min_mass: float = 0.01
+    sparse_positive_rate: float = 0.05
+    underfit_shared_mass: float = 0.75
+    reference_reports: int = 10
+    """The drift reference window: the mean routing share of this many previous reports."""
+    alert_every_s: float = 600.0
+    """An anomaly (kind and subject) raises a W&B alert at most once per this many seconds."""
+    heatmap_every_reports: int = 10
+    history: int = 200
+    """Reports kept for the heatmap (its time axis)."""
+
+    def __post_init__(self) -> None:
+        for name in ("reference_reports", "heatmap_every_reports", "history"):
+            at_least(f"learner.health.{name}", getattr(self, name), 1)
+        for name in ("zero_frac_max", "degradation_share", "degradation_min_mass", "sparse_positive_rate",
+                     "underfit_shared_mass"):
+            fraction(f"learner.health.{name}", getattr(self, name))
+        if not _is_number(self.scale_ratio) or self.scale_ratio <= 1:
+            raise ValueError(f"learner.health.scale_ratio must be a finite number > 1, got {self.scale_ratio!r}")
+        if not _is_number(self.alert_every_s) or self.alert_every_s < 0:
+            raise ValueError(f"learner.health.alert_every_s must be a finite number >= 0, got {self.alert_every_s!r}")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    family: str = "mmoe"
+    tasks: tuple[str, ...] = TASKS
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+    """Family hyper-parameters passed to ``learner.models.build`` (n_experts, expert_dims, ...), checked
+    against ``learner.families``."""
+    n_buckets: int = 2**18
+    emb_dim: int = 16
+    lr: float = 1e-2
+    base_rates: Mapping[str, float] = field(default_factory=lambda: dict(TYPICAL_POSITIVE_RATES))
+    """Each binary task's output starts at its base rate (see ``MultiTaskModel.init_output_bias``)."""
+    seed: int = 0
+    metric_window: int = 20_000
+    loss_weights: Mapping[str, float] = field(default_factory=dict)
+    """Weight of each task's loss in the total (a task left out weighs 1). Not ``serving.task_weights``,
+    which weighs the tasks' probabilities in the fused ranking score."""
+    cadence: CadenceConfig = field(default_factory=CadenceConfig)
+    guard: PublishGuard = field(default_factory=PublishGuard)
+    """When a snapshot is refused for a drop in progressive AUC (non-finite weights always are)."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    precision: str = "auto"
+    """Forward pass under autocast: "bf16" on any device, "fp32" never, "auto" bf16 on CUDA only. On a
+    CPU with native bf16 (AVX512-BF16 or AMX) "bf16" trains about twice as fast at large sizes; see
+    docs/benchmarks-models.md for its speed and its AUC against fp32."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"learner.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        tasks = self.tasks
+        if isinstance(tasks, str) or not tasks or len(set(tasks)) != len(tasks):
+            raise ValueError(f"learner.tasks must be a non-empty list of distinct tasks, got {tasks!r}")
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"learner.tasks names task(s) {unknown} the stream does not label; tasks are {list(TASKS)}")
+        object.__setattr__(self, "tasks", tuple(tasks))
+        object.__setattr__(self, "hparams", check_hparams(self.family, self.hparams, self.tasks))
+        if not _is_int(self.n_buckets) or not 1 <= self.n_buckets <= 2**32:
+            raise ValueError(f"learner.n_buckets must be an integer in [1, 2**32], got {self.n_buckets!r}")
+        at_least("learner.emb_dim", self.emb_dim, 1)
+        at_least("learner.metric_window", self.metric_window, 1)
+        at_least("learner.seed", self.seed, 0)
+        if not _is_number(self.lr) or self.lr <= 0:
+            raise ValueError(f"learner.lr must be a finite number > 0, got {self.lr!r}")
+        self._check_per_task("base_rates", lambda r: _is_number(r) and 0 < r < 1, "a rate in (0, 1)")
+        self._check_per_task("loss_weights", lambda w: _is_number(w) and w >= 0, "a finite number >= 0")
+
+    def _check_per_task(self, name: str, ok, what: str) -> None:
+        values = getattr(self, name)
+        if not isinstance(values, Mapping):
+            raise ValueError(f"learner.{name} must map tasks to values, got {values!r}")
+        stray = sorted(set(values) - set(self.tasks), key=str)
+        if stray:
+            raise ValueError(f"learner.{name} names unknown task(s) {stray}; tasks are {list(self.tasks)}")
+        for task, value in values.items():
+            if not ok(value):
+                raise ValueError(f"learner.{name}.{task} must be {what}, got {value!r}")
+
+
+def _kafka() -> KafkaConfig:
+    from stream.kafka_io import KafkaConfig
+
+    return KafkaConfig()
+
+
+def _joiner() -> JoinerConfig:
+    from stream.joiner import JoinerConfig
+
+    return JoinerConfig()
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What one trainer worker runs with: the sections it reads and where its run keeps its state."""
+
+    kafka: KafkaConfig = field(default_factory=_kafka)
+    joiner: JoinerConfig = field(default_factory=_joiner)
+    features: FeatureStoreConfig = field(default_factory=FeatureStoreConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    snapshot_dir: Path = Path(".moestream/snapshots")
+    checkpoint_dir: Path = Path(".moestream/checkpoints")
+    batch_size: int = 512
+    """Joined examples per training step."""
+    read_ahead_batches: int = 4
+    """How many batches the intake thread may buffer ahead of training (``learner.intake``)."""
+    audit_path: Path | None = None
+    """Append ``partition,offset`` of every trained example here (delivery audits; off by default)."""
+    device: str = "auto"
+    """"auto": CUDA when this process was given a GPU, else CPU."""
+    torch_threads: int = 0
+    """Intra-op threads for training; 0: every core this process may run on. Ray starts an actor with
+    ``OMP_NUM_THREADS`` set to its CPU reservation (1 for the trainer), which would leave the other cores of a
+    small machine idle while the model steps."""
+    group: GroupConfig | None = None
+    """Data-parallel group this worker belongs to (None: it trains alone)."""
+
+    def __post_init__(self) -> None:
+        at_least("trainer.batch_size", self.batch_size, 1)
+        at_least("read_ahead_batches", self.read_ahead_batches, 1)
+        at_least("torch_threads", self.torch_threads, 0)
+
+
+__all__ = ["CadenceConfig", "HealthConfig", "LearnerConfig", "PublishGuard", "WorkerConfig"]

@@ -1,0 +1,111 @@
+"""The feature loop around each step: read the batch's features, fold its labels into the streaming
+aggregates, push them to the online store while the model steps, and read the next batch's features ahead.
+
+The order is the point-in-time guarantee: a batch reads its features (:meth:`FeatureLoop.read`) *before* its
+own labels are folded (:meth:`FeatureLoop.fold`), and only after the previous batch's push has landed, so
+nothing a batch sees includes its own labels and everything it sees includes every earlier batch's.
+
+With several workers each user and item belongs to one worker (``id mod N``): that worker folds the entity's
+events from every worker's batch (gathered through the reducer, on the training thread so that every
+worker's collectives run in one order) and is the only one to push its rows, so the store holds aggregates
+over everything the group trained on and no worker overwrites them with the partial counts of its own
+partitions. With one worker this is ``aggregator.update(examples)``.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from features.aggregates import AggregateConfig, Events, StreamAggregator
+from learner.distributed import LocalReducer, Reducer
+from learner.step import column
+
+
+class FeatureReader(Protocol):
+    def lookup(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray: ...
+    def push(self, users: pd.DataFrame, items: pd.DataFrame) -> None: ...
+
+
+class FeatureLoop:
+    def __init__(self, store: FeatureReader, reducer: Reducer | None = None,
+                 aggregates: AggregateConfig | None = None) -> None:
+        self.store = store
+        self.reducer: Reducer = reducer or LocalReducer()
+        self.aggregator = StreamAggregator(aggregates or AggregateConfig())
+        self._pusher = ThreadPoolExecutor(1, thread_name_prefix="moestream-push")
+        self._push: Future | None = None
+        self._ahead: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        """Features read ahead for the next step: (user ids, item ids, dense)."""
+        self.read_ahead = 0
+        """Steps whose features had been read ahead on the push thread."""
+        self.nonfinite = 0
+        """Feature values read as NaN or infinite, replaced by 0."""
+
+    def read(self, examples: pa.Table) -> np.ndarray:
+        """The examples' dense features (B, F), as the store holds them once the last push has landed. A read
+        ahead is for the very next step only: used if it was for exactly these pairs, dropped otherwise."""
+        self.wait()
+        ahead, self._ahead = self._ahead, None
+        if examples.num_rows == 0:
+            return np.zeros((0, 0), dtype=np.float32)
+        users, items = column(examples, "user_id", np.int64), column(examples, "item_id", np.int64)
+        if ahead is not None and np.array_equal(ahead[0], users) and np.array_equal(ahead[1], items):
+            self.read_ahead += 1
+            return self._finite(ahead[2])
+        return self._finite(self.store.lookup(users, items))
+
+    def fold(self, examples: pa.Table, upcoming: pa.Table | None = None) -> None:
+        """Fold the examples' labels into the aggregates and push the new rows on the push thread; then, on
+        that thread, read ``upcoming``'s features (the read the next step would make at its start)."""
+        events = Events.of(examples)
+        reducer = self.reducer
+        if reducer.world_size > 1:
+            events = Events.from_matrix(reducer.gather_rows(events.to_matrix()))
+            users = events.where(events.user_id % reducer.world_size == reducer.rank)
+            items = events.where(events.item_id % reducer.world_size == reducer.rank)
+        else:
+            users = items = events
+        if len(users) or len(items):
+            self._push = self._pusher.submit(self._fold_and_push, users, items, upcoming)
+
+    def _fold_and_push(self, users: Events, items: Events, upcoming: pa.Table | None) -> None:
+        user_rows, item_rows = self.aggregator.fold(users, items)
+        self.store.push(user_rows, item_rows)
+        if upcoming is not None and upcoming.num_rows:  # after this push, as the next step's own read would be
+            user_ids, item_ids = column(upcoming, "user_id", np.int64), column(upcoming, "item_id", np.int64)
+            self._ahead = (user_ids, item_ids, self.store.lookup(user_ids, item_ids))
+
+    def wait(self) -> None:
+        """Until the last push is in the store (raises what it raised)."""
+        push, self._push = self._push, None
+        if push is not None:
+            push.result()
+
+    def seen_ids(self) -> dict[str, np.ndarray]:
+        """Every user and item id the aggregates hold (what this worker has folded), once the last push landed."""
+        self.wait()
+        return self.aggregator.ids()
+
+    def state(self) -> dict[str, np.ndarray]:
+        self.wait()  # a push that failed fails the checkpoint too
+        return {f"agg.{k}": v for k, v in self.aggregator.state().items()}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.aggregator.load_state({k[4:]: v for k, v in arrays.items() if k.startswith("agg.")})
+
+    def close(self) -> None:
+        self.wait()
+        self._pusher.shutdown()
+
+    def _finite(self, dense: np.ndarray) -> np.ndarray:
+        """Features as read, with any non-finite value (a poisoned source) replaced by 0 and counted."""
+        bad = ~np.isfinite(dense)
+        if not bad.any():
+            return dense
+        self.nonfinite += int(bad.sum())
+        return np.where(bad, np.float32(0), dense).astype(np.float32, copy=False)

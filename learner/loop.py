@@ -1,0 +1,283 @@
+"""The one training loop: a source of joined examples in, a model trained on them, everything else beside it.
+
+Kafka training (``learner.worker``) and direct replay (``learner.replay_source``) run this loop; they differ
+only in their source. One step reads like the pipeline:
+
+    batch = source.take(n)                      # joined examples, acknowledged as they were buffered
+    dense = features.read(batch)                # as the store holds them before this batch's labels
+    features.fold(batch, upcoming)              # aggregates pushed while the model steps
+    result = learner.learn(batch, dense)        # predict, score progressively, then learn
+    reporter.observe(step, result)              # losses and gates
+
+and the jobs beside it run at the cadences of ``learner.cadence`` (``CadenceConfig``), defined once:
+checkpoints (and, once durable, the commit of the offsets they cover), snapshots, the progressive-metrics
+summary with the expert-health report, and the source's own figures.
+
+Several workers (``learner.distributed``) run the loop in lockstep: every round they agree whether anyone
+has a full batch or wants to stop and step together, an idle worker taking a zero-weight step. Checkpoints
+are taken at the same steps by all, and a group commits offsets only once every worker's checkpoint of a
+step is durable and rank 0 has recorded that step in ``checkpoint_dir/GROUP`` (``learner.checkpoint``); a
+restarted group restores that step on every worker. Only rank 0 publishes snapshots and health reports.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from learner.checkpoint import Checkpoint, CheckpointError, CheckpointStore, write_group_step
+from learner.collisions import IdCollisions
+from features.definitions import FEATURE_COLUMNS, ID_FIELDS
+from learner.config import CadenceConfig, LearnerConfig
+from learner.distributed import Reducer
+from learner.feature_loop import FeatureLoop, FeatureReader
+from learner.intake import BufferedSource, ExamplesSource
+from learner.reporter import Reporter
+from learner.snapshots import Manifest, SnapshotStore
+from learner.step import Learner, StepResult
+from learner.telemetry import Telemetry
+
+
+class TrainingLoop:
+    def __init__(
+        self,
+        learner: Learner,
+        features: FeatureLoop,
+        reporter: Reporter,
+        source: BufferedSource,
+        checkpoints: CheckpointStore | None,
+        cadence: CadenceConfig,
+        batch_size: int,
+        telemetry: Telemetry | None = None,
+        group_dir: Path | None = None,
+        wait_s: float = 0.5,
+        audit_path: Path | None = None,
+    ) -> None:
+        """``checkpoints`` None: no checkpoints (and so no commits). ``group_dir``: where a data-parallel
+        group records its last durable step (None: this worker trains alone). ``audit_path``: append
+        ``partition,offset`` of every trained example there (delivery audits)."""
+        self.learner = learner
+        self.features = features
+        self.reporter = reporter
+        self.source = source
+        self.checkpoints = checkpoints
+        self.cadence = cadence
+        self.batch_size = batch_size
+        self.telemetry = telemetry
+        self.group_dir = group_dir
+        self.wait_s = wait_s
+        self.audit_path = audit_path
+        self.reducer = learner.reducer
+        self.rank = self.reducer.rank
+        self.summary: dict[str, dict[str, float]] = {}
+        """The progressive metrics as of the last health report, publish or the end of the run."""
+        self.collisions = learner.collisions({})
+        self.checkpoint_failures = 0
+        self.last_checkpoint_error: str | None = None
+        self._stop = threading.Event()
+        self._running = threading.Event()
+
+    @classmethod
+    def local(cls, config: LearnerConfig, store: FeatureReader, snapshots: SnapshotStore, *,
+              telemetry: Telemetry | None = None, reducer: Reducer | None = None, device: str = "cpu",
+              batch_size: int = 512) -> TrainingLoop:
+        """One worker's loop without a reading thread or checkpoints, over batches handed to :meth:`step`
+        (or put in its :class:`~learner.intake.ExamplesSource` for :meth:`run`): tests and notebooks."""
+        learner = Learner(config, list(ID_FIELDS), len(FEATURE_COLUMNS), device, reducer)
+        reporter = Reporter(config, learner.multitask, snapshots, telemetry, writes_health=learner.reducer.rank == 0)
+        return cls(learner, FeatureLoop(store, learner.reducer), reporter, ExamplesSource(), checkpoints=None,
+                   cadence=config.cadence, batch_size=batch_size, telemetry=telemetry)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def run(self, max_seconds: float | None = None) -> None:
+        """Train until :meth:`stop`, ``max_seconds``, or the end of the source's input; on the way out, train
+        on everything pending, checkpoint and publish."""
+        self._running.set()
+        deadline = time.monotonic() + max_seconds if max_seconds else None
+        agree, n = self.reducer.agree, self.batch_size
+        try:
+            self.source.start()
+            while True:
+                self.source.check()
+                stop = self._stop.is_set() or self.source.ended or (deadline is not None and time.monotonic() >= deadline)
+                if agree([stop])[0]:  # any worker stopping stops the group at the same step
+                    break
+                self.source.wait(n, self.wait_s)
+                while agree([self.source.buffered() >= n])[0]:
+                    self.step(self.source.take(n), upcoming=self.source.peek(n))
+            self.source.stop()
+            self.source.check()
+            self.source.drain()
+            while agree([self.source.buffered() > 0])[0]:
+                self.step(self.source.take(n), upcoming=self.source.peek(n))
+            self.checkpoint()
+            self.publish()
+            self.summary = self.learner.summary()
+            self.collisions = self._collisions()
+        finally:
+            self.source.stop()
+            self._running.clear()
+
+    def step(self, batch: pa.Table, upcoming: pa.Table | None = None) -> StepResult:
+        """One (group) step on ``batch`` (taken from the source; empty for a worker with nothing to train),
+        then whatever the cadences say is due. ``upcoming``: what the next step will most likely get, whose
+        features are read ahead while this step's model runs."""
+        cadence = self.cadence
+        batch = batch.combine_chunks()  # a batch spans many fetches: one chunk makes every column read cheap
+        dense = self.features.read(batch)  # (B, F): before this batch's labels are folded in
+        if (self.learner.step + 1) % cadence.stats_every_steps == 0:
+            self.collisions = self._collisions()  # now: no push is folding into the aggregates
+        self.features.fold(batch, upcoming)
+        result = self.learner.learn(batch, dense)
+        self._audit(batch)
+        step = self.learner.step
+        self.reporter.observe(step, result)
+        if step % cadence.health_every_steps == 0:
+            self.summary = self.learner.summary()
+            self.reporter.report(step, self.summary, self.learner.positive_rates())
+        if step % cadence.checkpoint_every_steps == 0:
+            self.checkpoint()
+        if self.snapshot_due(step):
+            self.publish()
+        if step % cadence.stats_every_steps == 0:
+            self._log_figures(step)
+        return result
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _audit(self, batch: pa.Table) -> None:
+        if self.audit_path is None or not batch.num_rows:
+            return
+        lines = "".join(f"{p},{o}\n" for p, o in zip(batch["partition"].to_pylist(), batch["offset"].to_pylist()))
+        fd = os.open(self.audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, lines.encode())  # in the page cache as soon as this returns: survives SIGKILL
+        finally:
+            os.close(fd)
+
+    def is_running(self) -> bool:
+        return self._running.is_set()
+
+    def snapshot_due(self, step: int) -> bool:
+        """Every ``snapshot_every_steps`` steps, or once ``snapshot_every_s`` passed since the last attempt."""
+        every_s = self.cadence.snapshot_every_s
+        late = every_s is not None and time.monotonic() - self.reporter.last_publish_attempt >= every_s
+        return late or step % self.cadence.snapshot_every_steps == 0
+
+    # -- publishing and checkpoints -----------------------------------------------------------------------
+
+    def publish(self) -> Manifest | None:
+        """A guarded snapshot of the current weights, covering the offsets trained so far (rank 0 only); its
+        manifest, or None when the guard refused it or this worker does not publish."""
+        if self.rank != 0:
+            return None
+        self.summary = self.learner.summary()
+        data = {**self.learner.manifest(), "metrics": self.summary,
+                "offsets": {str(p): o for p, o in self.source.trained_offsets().items()}}
+        return self.reporter.publish(self.learner.weights(), data, self.learner.step)
+
+    def resume(self, restored: Checkpoint) -> None:
+        """Load a checkpoint's state into the step, the feature loop and the reporter (its joiner state and
+        buffer went to the source when it was built)."""
+        counters = restored.meta["counters"]
+        self.learner.restore(restored.model, restored.optimizer, restored.arrays, counters)
+        self.features.restore(restored.arrays)
+        self.features.nonfinite = counters.get("nonfinite_features", 0)
+        self.reporter.published = list(counters.get("published", []))
+
+    def checkpoint(self) -> bool:
+        """Write a checkpoint; only when it is durable, commit the offsets it covers. False if it failed.
+
+        In a group every worker checkpoints at the same step, and none commits until all of them have: the
+        workers agree that every checkpoint is durable, rank 0 records the step in ``GROUP``, they agree that
+        this record is durable, and only then commit."""
+        if self.checkpoints is None:
+            return False
+        covered = self._write_checkpoint()
+        if self.group_dir is None:
+            if covered is not None:
+                self.source.commit(covered)
+            return covered is not None
+        agree = self.reducer.agree
+        if agree([covered is None])[0]:
+            return False
+        recorded = True
+        if self.rank == 0:
+            try:
+                write_group_step(self.group_dir, self.learner.step, self.reducer.world_size)
+            except OSError as exc:
+                recorded = self._checkpoint_failed(f"cannot record the group's checkpoint step: {exc}")
+        if agree([not recorded])[0]:
+            return False
+        self.checkpoints.pinned = self.learner.step
+        self.source.commit(covered)
+        return True
+
+    def _write_checkpoint(self) -> dict[int, int] | None:
+        """Write a checkpoint; the offsets it covers once it is durable, None if it failed."""
+        model, optimizer, arrays, counters = self.learner.state()
+        arrays = {**arrays, **self.features.state()}
+        counters = {**counters, "published": list(self.reporter.published), "nonfinite_features": self.features.nonfinite}
+        buffer, joiner, offsets = self.source.capture()
+        try:
+            self.checkpoints.write(Checkpoint(self.learner.step, model, optimizer, arrays, joiner, buffer,
+                                              {"counters": counters, "offsets": {str(p): o for p, o in offsets.items()}}))
+        except CheckpointError as exc:
+            self._checkpoint_failed(str(exc))
+            return None
+        return offsets
+
+    def _checkpoint_failed(self, error: str) -> bool:
+        # Training goes on; nothing past the last durable checkpoint is committed, so nothing is lost.
+        self.checkpoint_failures += 1
+        self.last_checkpoint_error = error
+        print(f"moestream: {error}; offsets stay at the last durable checkpoint", flush=True)
+        return False
+
+    # -- figures ------------------------------------------------------------------------------------------
+
+    def _collisions(self) -> IdCollisions:
+        """Hash collisions among the ids the aggregates hold (only between a read and the next fold)."""
+        return self.learner.collisions(self.features.seen_ids())
+
+    def _log_figures(self, step: int) -> None:
+        if self.telemetry is not None:
+            self.telemetry.log({**self.source.figures(), "ids/collision_rate": self.collisions.rate,
+                                "ids/keys": float(self.collisions.n_keys)}, step=step)
+
+    def stats(self) -> dict:
+        """The loop's figures (the source's own are its owner's to add)."""
+        learner = self.learner
+        return {
+            "steps": learner.step,
+            "examples_trained": learner.examples,
+            "skipped_steps": learner.skipped_steps,
+            "nonfinite_features": self.features.nonfinite,
+            "features_read_ahead": self.features.read_ahead,
+            "snapshots": list(self.reporter.published),
+            "refused_snapshots": dict(self.reporter.refused),
+            "metrics": self.summary,
+            "checkpoint_failures": self.checkpoint_failures,
+            "last_checkpoint_error": self.last_checkpoint_error,
+            "rank": self.rank,
+            "id_buckets": self.collisions.n_buckets,
+            "id_collision_rate": self.collisions.rate,
+            "id_keys": self.collisions.n_keys,
+            "wandb_dir": self.telemetry.run_dir if self.telemetry else None,
+        }
+
+    def close(self) -> None:
+        """The last push lands and the last heatmap is logged before the W&B run ends."""
+        self.features.close()
+        self.reporter.close(self.learner.step)
+        if self.telemetry is not None:
+            self.telemetry.finish()
+
+
+__all__ = ["TrainingLoop"]

@@ -1,0 +1,218 @@
+"""The predict-then-learn step: model, optimizer, loss and progressive metrics, and nothing else.
+
+One call of :meth:`Learner.learn` is the block diagram of online learning on one batch of joined examples
+whose features were read before their labels were counted (``learner.feature_loop``):
+
+1. score the batch with the current weights (one forward pass, in training mode);
+2. update the progressive metrics with those scores: the weights have not seen these labels yet;
+3. one optimizer step on the same forward pass: per-task BCE/MSE over the rows labelled for that task,
+   weighted by ``loss_weights``, plus the family's regulariser. With several workers the loss is each
+   worker's share of the union batch's loss and the gradients are summed (``learner.distributed``); the
+   load-balancing regulariser of a sparse family is computed once on the union's statistics. A step whose
+   summed gradient is not finite is dropped on every worker alike (``skipped_steps``), BatchNorm statistics
+   included, so a poisoned batch never reaches the weights.
+
+What the step needs of a family comes from the model contract (``lb_experts``, ``lb_coef``), never from
+probing the model. Jobs beside the step (features, publishing, health) are other objects' (``learner.loop``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from learner.config import LearnerConfig
+from learner.distributed import LocalReducer, Reducer
+from learner.metrics import ProgressiveValidation
+from learner.collisions import IdCollisions, id_collisions
+from learner.models import ModelOutput, MultiTaskModel, MultiTaskRanker, load_balance_loss, loss_terms
+
+
+def build_optimizer(parameters, lr: float) -> torch.optim.Adam:
+    """Adam, fused: one vectorised pass over all parameters instead of a chain of elementwise ops per
+    tensor (docs/benchmarks-learner.md has the measurement). Same arithmetic on CPU and GPU."""
+    return torch.optim.Adam(parameters, lr=lr, fused=True)
+
+
+def column(table: pa.Table, name: str, dtype: type) -> np.ndarray:
+    """One column as a writable numpy array of ``dtype`` (nulls in a float column become NaN)."""
+    return np.array(table.column(name).to_numpy(), dtype=dtype)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step did: the loss this worker contributed, its per-task losses, and the forward pass
+    (the reporter's health monitor reads the gates); ``output`` None for a zero-weight step."""
+
+    loss: float
+    task_losses: dict[str, float]
+    output: ModelOutput | None
+    skipped: bool = False
+
+
+class Learner:
+    def __init__(self, config: LearnerConfig, id_fields: list[str], n_dense: int, device: str = "cpu",
+                 reducer: Reducer | None = None) -> None:
+        torch.manual_seed(config.seed)
+        self.config = config
+        self.device = torch.device(device)
+        self.reducer: Reducer = reducer or LocalReducer()
+        self.model = MultiTaskRanker(
+            config.family, tasks=list(config.tasks), id_fields=id_fields, n_dense=n_dense,
+            n_buckets=config.n_buckets, emb_dim=config.emb_dim, **dict(config.hparams),
+        ).to(self.device)
+        self.model.init_output_bias(config.base_rates)
+        self.optimizer = build_optimizer(self.model.parameters(), config.lr)
+        self.metrics = ProgressiveValidation(config.tasks, window=config.metric_window)
+        self._loss_weights = torch.tensor([float(config.loss_weights.get(t, 1.0)) for t in config.tasks],
+                                          device=self.device)
+        self._norm_stats = [b for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        self._bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
+        self.step = 0
+        self.examples = 0
+        self.event_time_hwm_ms = 0
+        self.skipped_steps = 0
+        """Steps whose (group) gradient was not finite: their update was dropped."""
+        self.skipped_last = False
+
+    def learn(self, examples: pa.Table, dense: np.ndarray) -> StepResult:
+        """One step on ``examples`` with their features ``dense`` (B, F); with no rows, a zero-weight step (a
+        worker whose partitions are idle still takes part in the group's collectives)."""
+        if examples.num_rows == 0:
+            self._optimize(None, {})
+            self.step += 1
+            return StepResult(0.0, {}, None)
+        users = column(examples, "user_id", np.int64)
+        ids = {"user_id": torch.from_numpy(users).to(self.device),
+               "item_id": torch.from_numpy(column(examples, "item_id", np.int64)).to(self.device)}
+        labels = {t: torch.from_numpy(column(examples, t, np.float32)).to(self.device) for t in self.config.tasks}
+
+        self.model.train()
+        saved_norms = [b.clone() for b in self._norm_stats]  # put back if this step turns out poisoned
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
+            output = self.model(ids, torch.from_numpy(dense).to(self.device))  # logits (B,) per task
+        self._score(output, labels, users)  # progressive: before the weights see these labels
+        total, per_task = self._optimize(output, labels)
+        if self.skipped_last:
+            for buffer, saved in zip(self._norm_stats, saved_norms):
+                buffer.copy_(saved)
+
+        self.step += 1
+        self.examples += examples.num_rows
+        self.event_time_hwm_ms = max(self.event_time_hwm_ms, int(pc.max(examples["ts_ms"]).as_py()))
+        return StepResult(total.item(), {t: v.item() for t, v in per_task.items()}, output, self.skipped_last)
+
+    def _score(self, output: ModelOutput, labels: dict[str, torch.Tensor], users: np.ndarray) -> None:
+        with torch.no_grad():
+            probs = {t: torch.sigmoid(output.logits[t]).float().cpu().numpy() for t in self.config.tasks}
+        self.metrics.update(probs, {t: labels[t].cpu().numpy() for t in self.config.tasks}, users)
+
+    def _optimize(self, output: ModelOutput | None, labels: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Backward and one optimizer step on this worker's share of the group's loss; ``output`` None is a
+        zero-weight step. Returns the share and the local per-task losses."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if output is None:
+            total, per_task = self._zero_share()
+        else:
+            total, per_task = self._share(output, labels)
+            total.backward()
+        self.reducer.reduce_grads(self.model.parameters())
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # The gradients are the group's sum, the same on every worker, so all of them skip alike.
+        self.skipped_last = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if self.skipped_last:
+            # An exploding or poisoned step would make every weight non-finite for good: drop it.
+            self.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            print(f"moestream: step {self.step}: non-finite gradient, update skipped "
+                  f"({self.skipped_steps} so far)", flush=True)
+        else:
+            self.optimizer.step()
+        self.reducer.average_buffers(self.model)
+        return total, per_task
+
+    def _share(self, output: ModelOutput, labels: dict[str, torch.Tensor]
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This worker's part of the group's loss: each task's mean over the union batch, and the
+        regulariser on the union's load-balancing statistics (or this worker's share of the aux loss)."""
+        tasks = self.config.tasks
+        mask = {t: ~torch.isnan(labels[t]) for t in tasks}
+        rows = torch.tensor(float(labels[tasks[0]].shape[0]), device=self.device)
+        counts = torch.stack([*(mask[t].sum().float() for t in tasks), rows])  # (T + 1,): labelled rows, rows
+        lb_local = None if output.lb_stats is None else tuple(s.float() for s in output.lb_stats)
+        counts_all, lb_all = self.reducer.reduce_batch(counts, lb_local)
+        logits = {t: v.float() for t, v in output.logits.items()}
+        _, per_task = loss_terms(ModelOutput(logits, output.aux_loss, {}, output.expert_zero_frac, output.task_types),
+                                 labels, mask)
+        share = counts[:-1] / counts_all[:-1].clamp_min(1.0)  # (T,): this worker's part of each task's mean
+        total = (self._loss_weights * share * torch.stack([per_task[t] for t in tasks])).sum()
+        if lb_all is not None:
+            total = total + self.model.lb_coef * load_balance_loss(*lb_all, self.model.lb_experts)
+        else:
+            total = total + output.aux_loss.float() * (counts[-1] / counts_all[-1].clamp_min(1.0))
+        return total, per_task
+
+    def _zero_share(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A worker without rows still joins the group's reductions, with zeros of the right shapes."""
+        counts = torch.zeros(len(self.config.tasks) + 1, device=self.device)
+        lb_stats = None
+        if self.model.lb_experts is not None:
+            zeros = torch.zeros(self.model.lb_experts, device=self.device)
+            lb_stats = (zeros, zeros.clone(), torch.zeros((), device=self.device))
+        self.reducer.reduce_batch(counts, lb_stats)
+        return torch.zeros((), device=self.device), {}
+
+    @property
+    def multitask(self) -> MultiTaskModel:
+        """The family's model behind the feature encoder: its experts and gates (what health reports watch)."""
+        return self.model.model
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Everything a snapshot holds: the encoder's and the family's parameters and buffers."""
+        return self.model.state_dict()
+
+    def positive_rates(self) -> dict[str, float]:
+        """Each task's positive rate over the metrics' window."""
+        return self.metrics.positive_rates()
+
+    def collisions(self, ids: dict[str, np.ndarray]) -> IdCollisions:
+        """How often the given ids share a hashed embedding row."""
+        return id_collisions(self.model.encoder, ids)
+
+    def manifest(self) -> dict:
+        """What a snapshot's manifest records of the model and of how far training got."""
+        config = self.config
+        return {
+            "family": config.family,
+            "model_config": self.model.config,
+            "step": self.step,
+            "examples": self.examples,
+            "event_time_hwm_ms": self.event_time_hwm_ms,
+            "learner_config": {**asdict(config), "hparams": dict(config.hparams), "base_rates": dict(config.base_rates),
+                               "loss_weights": dict(config.loss_weights)},
+        }
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """The progressive metrics now (a few sorts over each task's window: call it at a cadence)."""
+        return self.metrics.summary()
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict, dict[str, np.ndarray], dict]:
+        """Weights, optimizer, metric windows and counters: what a checkpoint holds to resume exactly."""
+        counters = {"step": self.step, "examples": self.examples, "event_time_hwm_ms": self.event_time_hwm_ms,
+                    "skipped_steps": self.skipped_steps}
+        return self.model.state_dict(), self.optimizer.state_dict(), self.metrics.state(), counters
+
+    def restore(self, model: dict[str, torch.Tensor], optimizer: dict, arrays: dict[str, np.ndarray],
+                counters: dict) -> None:
+        self.model.load_state_dict(model)
+        self.optimizer.load_state_dict(optimizer)
+        self.metrics.load_state(arrays)
+        self.step, self.examples = counters["step"], counters["examples"]
+        self.event_time_hwm_ms = counters["event_time_hwm_ms"]
+        self.skipped_steps = counters.get("skipped_steps", 0)  # absent from checkpoints of older versions
