@@ -38,6 +38,9 @@ class InMemoryFeatures:
         if pushed:
             self.clock_ms = max(int(stamps.max()) for _, _, _, stamps in pushed)
 
+    def flush(self) -> None:
+        """Nothing is written behind a push here."""
+
     def lookup(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
         return self.lookup_batch(user_ids, item_ids).dense
 

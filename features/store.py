@@ -19,6 +19,8 @@ fills what the store lacks or has expired with the defaults of :func:`defaults`.
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,9 @@ from features.rows import (
     pair_ids, read_fields, stream_columns, stream_defaults,
 )
 from features.static import read_static
+
+HISTORY_QUEUE = 4
+"""Offline appends that may wait behind the online writes before a push waits for the oldest."""
 
 
 def static_as_of() -> pd.Timestamp:
@@ -108,6 +113,9 @@ class OnlineFeatures:
         """Newest row stamp this instance pushed (event time)."""
         self.stream_defaults = stream_defaults(config.aggregates)
         """What an entity without a row (or whose windows expired) reads: the configured priors."""
+        self._historian = ThreadPoolExecutor(1, thread_name_prefix="moestream-offline")
+        self._history: deque[Future] = deque()
+        """Offline appends queued or running, oldest first."""
         if apply:
             self.apply()
 
@@ -124,7 +132,10 @@ class OnlineFeatures:
         """Write a batch of updated stream rows (``StreamAggregator.update`` output) online and offline.
 
         Online, each entity gets its newest row (the last of equals), users and items in one round trip,
-        which also publishes this push's newest stamp as the event-time clock; offline, every row is kept.
+        which also publishes this push's newest stamp as the event-time clock: when this returns, every read
+        sees the rows. Offline, every row is kept, appended in push order on a writer thread of its own (no
+        online read waits for the history); :meth:`flush` waits for it, and a failed append is raised by the
+        next push or flush.
         """
         pushed = [(kind, *stream_columns(kind, frame)) for kind, frame in (("user", users), ("item", items))]
         pushed = [p for p in pushed if len(p[1])]
@@ -133,13 +144,27 @@ class OnlineFeatures:
         clock_ms = max(int(stamps.max()) for _, _, _, stamps in pushed)
         self.rows.write([online_rows(kind, ids, stats, stamps) for kind, ids, stats, stamps in pushed], clock_ms)
         if self.config.push_offline:
-            for kind, ids, stats, stamps in pushed:
-                self.offline.append(STREAM_VIEWS[kind], offline_table(kind, ids, stats, stamps))
+            self._settle_history(keep=HISTORY_QUEUE - 1)
+            self._history.append(self._historian.submit(self._append_history, pushed))
         self.clock_ms = max(self.clock_ms, clock_ms)
+
+    def _append_history(self, pushed: list[tuple]) -> None:
+        for kind, ids, stats, stamps in pushed:
+            self.offline.append(STREAM_VIEWS[kind], offline_table(kind, ids, stats, stamps))
+
+    def flush(self) -> None:
+        """Until every pushed row is in the offline history (raises what a failed append raised)."""
+        self._settle_history(keep=0)
+
+    def _settle_history(self, keep: int) -> None:
+        """Raise a failed append; wait until at most ``keep`` appends are queued (the queue is bounded)."""
+        while self._history and (self._history[0].done() or len(self._history) > keep):
+            self._history.popleft().result()
 
     def push_static(self, kind: str, rows: pd.DataFrame, chunk_rows: int = 50_000) -> int:
         """Push encoded static rows (``features.static``) of ``kind`` ("user" or "item") in chunks, through
         Feast's own online writer (loads are rare) and, with ``push_offline``, as offline parts."""
+        self.flush()  # one writer of the offline log at a time
         if kind not in ENTITY_KEYS:
             raise ValueError(f"kind must be 'user' or 'item', got {kind!r}")
         view = STATIC_VIEWS[kind]
@@ -205,6 +230,7 @@ class OnlineFeatures:
         missing = [c for c in ("user_id", "item_id", "event_timestamp") if c not in events]
         if missing:
             raise ValueError(f"historical() needs columns user_id, item_id, event_timestamp; missing {missing}")
+        self.flush()
         entity_df = pd.DataFrame({
             "user_id": events["user_id"].to_numpy(np.int64),
             "item_id": events["item_id"].to_numpy(np.int64),

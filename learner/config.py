@@ -229,9 +229,10 @@ class WorkerConfig:
     device: str = "auto"
     """"auto": CUDA when this process was given a GPU, else CPU."""
     torch_threads: int = 0
-    """Intra-op threads for training; 0: every core this process may run on. Ray starts an actor with
-    ``OMP_NUM_THREADS`` set to its CPU reservation (1 for the trainer), which would leave the other cores of a
-    small machine idle while the model steps."""
+    """Intra-op threads for training; 0: every core this process may run on but one, which the source's
+    reading thread and the push thread keep busy (with none left to them, torch's threads wait on each other
+    behind those threads; docs/learner.md has the measurements). Not Ray's ``OMP_NUM_THREADS``, which is the
+    actor's CPU reservation (1)."""
     group: GroupConfig | None = None
     """Data-parallel group this worker belongs to (None: it trains alone)."""
 

@@ -29,6 +29,7 @@ from learner.step import column
 class FeatureReader(Protocol):
     def lookup(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray: ...
     def push(self, users: pd.DataFrame, items: pd.DataFrame) -> None: ...
+    def flush(self) -> None: ...
 
 
 class FeatureLoop:
@@ -99,8 +100,10 @@ class FeatureLoop:
         self.aggregator.load_state({k[4:]: v for k, v in arrays.items() if k.startswith("agg.")})
 
     def close(self) -> None:
+        """The last push lands, online and in the store's offline history."""
         self.wait()
         self._pusher.shutdown()
+        self.store.flush()
 
     def _finite(self, dense: np.ndarray) -> np.ndarray:
         """Features as read, with any non-finite value (a poisoned source) replaced by 0 and counted."""

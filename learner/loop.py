@@ -75,6 +75,7 @@ class TrainingLoop:
         self.rank = self.reducer.rank
         self.summary: dict[str, dict[str, float]] = {}
         """The progressive metrics as of the last health report, publish or the end of the run."""
+        self._summary_step = -1
         self.collisions = learner.collisions({})
         self.checkpoint_failures = 0
         self.last_checkpoint_error: str | None = None
@@ -117,7 +118,7 @@ class TrainingLoop:
                 self.step(self.source.take(n), upcoming=self.source.peek(n))
             self.checkpoint()
             self.publish()
-            self.summary = self.learner.summary()
+            self._summarise()
             self.collisions = self._collisions()
         finally:
             self.source.stop()
@@ -138,8 +139,7 @@ class TrainingLoop:
         step = self.learner.step
         self.reporter.observe(step, result)
         if step % cadence.health_every_steps == 0:
-            self.summary = self.learner.summary()
-            self.reporter.report(step, self.summary, self.learner.positive_rates())
+            self.reporter.report(step, self._summarise(), self.learner.positive_rates())
         if step % cadence.checkpoint_every_steps == 0:
             self.checkpoint()
         if self.snapshot_due(step):
@@ -150,6 +150,13 @@ class TrainingLoop:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _summarise(self) -> dict[str, dict[str, float]]:
+        """The progressive metrics now (sorts over each task's window: once per step at most, however many
+        jobs of this step read them)."""
+        if self._summary_step != self.learner.step or not self.summary:
+            self.summary, self._summary_step = self.learner.summary(), self.learner.step
+        return self.summary
 
     def _audit(self, batch: pa.Table) -> None:
         if self.audit_path is None or not batch.num_rows:
@@ -177,8 +184,7 @@ class TrainingLoop:
         manifest, or None when the guard refused it or this worker does not publish."""
         if self.rank != 0:
             return None
-        self.summary = self.learner.summary()
-        data = {**self.learner.manifest(), "metrics": self.summary,
+        data = {**self.learner.manifest(), "metrics": self._summarise(),
                 "offsets": {str(p): o for p, o in self.source.trained_offsets().items()}}
         return self.reporter.publish(self.learner.weights(), data, self.learner.step)
 

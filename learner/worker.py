@@ -53,7 +53,7 @@ def compose(config: WorkerConfig, source: SourceFactory, reducer: Reducer | None
             checkpoints: bool = True) -> TrainingLoop:
     """The training loop of one worker over the source ``source`` builds, resumed from the last checkpoint."""
     retain_freed_memory()  # a step re-allocates the same buffers: keep them instead of page-faulting
-    torch.set_num_threads(config.torch_threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(config.torch_threads or max(1, len(os.sched_getaffinity(0)) - 1))
     device = _device(config.device)
     reducer = reducer or LocalReducer()
     grouped = config.group is not None

@@ -59,6 +59,7 @@ def test_a_file_from_the_single_file_layout_is_adopted(tmp_path: Path) -> None:
     """Earlier versions appended to ``offline/<view>.parquet``; its rows stay readable for replay."""
     old = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "old"))
     old.push(*StreamAggregator().update(examples([1], [10], [1], ts=[T0])))
+    old.flush()  # the offline history is appended behind the push
     (tmp_path / "new" / "offline").mkdir(parents=True)
     for view in ("user_stream", "item_stream"):
         pq.write_table(pq.read_table(tmp_path / "old" / "offline" / view), tmp_path / "new" / "offline" / f"{view}.parquet")

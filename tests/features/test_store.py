@@ -212,6 +212,7 @@ def test_bad_config_names_the_key() -> None:
 def test_push_lands_offline_too(tmp_path: Path) -> None:
     store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path))
     store.push(*StreamAggregator().update(examples([1, 2], [10, 10], [1, 0])))
+    store.flush()  # the offline history is appended behind the push: flush waits for it
     offline = pd.read_parquet(tmp_path / "offline" / "user_stream")
     assert sorted(offline["user_id"]) == [1, 2] and len(offline["stats"].iloc[0]) == len(USER_STREAM)
 
@@ -288,6 +289,7 @@ def test_an_entity_pushed_twice_in_one_batch_keeps_its_newest_row_online_and_bot
     store.push(users, items)
     got = frame(store.lookup_batch(np.array([1]), np.array([10]), as_of_ms=T0 + 10).dense)
     assert got.loc[0, "u_log_n_1h"] == pytest.approx(np.log1p(3))
+    store.flush()
     assert pq.read_table(Path(config.data_dir) / "offline" / "user_stream").num_rows == 2
 
 
@@ -319,3 +321,26 @@ def test_the_in_memory_store_reads_what_the_real_one_reads(config: FeatureStoreC
         for as_of in (None, ts[0] + HOUR_MS // 2, ts[0] + 3 * HOUR_MS):
             np.testing.assert_array_equal(store.lookup_batch(users, items, as_of_ms=as_of).dense,
                                           memory.lookup_batch(users, items, as_of_ms=as_of).dense)
+
+
+def test_the_offline_history_is_written_behind_the_push_in_order_and_a_failed_append_is_raised(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Online rows are readable when push returns; the history follows on the writer thread, in push order,
+    and flush() (or the next push) raises an append that failed instead of dropping it."""
+    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path))
+    agg = StreamAggregator()
+    for k in range(6):  # more pushes than the queue holds: a push waits for the oldest append
+        store.push(*agg.update(examples([k], [10], [1], ts=[T0 + k])))
+        assert frame(store.lookup_batch(np.array([k]), np.array([10]), as_of_ms=T0 + k).dense).loc[0, "u_log_n_1h"] > 0
+    store.flush()
+    offline = pd.read_parquet(tmp_path / "offline" / "user_stream")
+    assert sorted(offline["user_id"]) == list(range(6))
+
+    def broken(view, table):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store.offline, "append", broken)
+    store.push(*agg.update(examples([7], [10], [1], ts=[T0 + 7])))  # online still lands
+    with pytest.raises(OSError, match="disk full"):
+        store.flush()

@@ -57,6 +57,9 @@ class _Features:
             for entity, row, stamp in zip(frame[key].tolist(), values, stamps):
                 self.rows[key][int(entity)] = np.append(row, stamp)
 
+    def flush(self) -> None:
+        return None
+
     def arrays(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {}
         for key, rows in self.rows.items():

@@ -29,6 +29,9 @@ class _Poisonable:
     def push(self, users, items) -> None:
         return None
 
+    def flush(self) -> None:
+        return None
+
 
 @pytest.mark.reliability
 @pytest.mark.parametrize("family", ["mmoe", "home"])
