@@ -123,17 +123,17 @@ class LabelJoiner:
         label_cols = np.column_stack([np.asarray(fb[name], dtype=np.float32) for name in LABELS]) if fb[
             "request_id"
         ] else np.zeros((0, _N_LABELS), dtype=np.float32)
+        present = np.where(np.isnan(label_cols), np.float32(0), label_cols)  # (N, L): absent labels as 0, once
         for j, (rid, item, ts, part) in enumerate(zip(fb["request_id"], fb["item_id"], fb["ts_ms"], fb["partition"])):
             self.stats.feedback += 1
             self._advance(part, ts)
             key = (rid, item)
-            incoming = label_cols[j]
             pending = self._pending.get(key)
             if pending is None or ts > pending.row[3] + self.config.window_ms:
-                self._late(key, incoming, pending)
+                self._late(key, label_cols[j], pending)
                 continue
-            merged = _merge(pending.labels, incoming)
-            if np.array_equal(merged, pending.labels):
+            merged = np.maximum(pending.labels, present[j])  # _merge, with the NaNs replaced for the batch
+            if (merged == pending.labels).all():
                 self.stats.duplicate_feedback += 1
             else:
                 self.stats.joined_feedback += 1
