@@ -58,6 +58,9 @@ class FeatureStoreConfig:
     point-in-time replay reads); ``False`` pushes online only."""
     offline_fanout: int = 32
     """Offline parts of one level merged into one part of the next (``features.offline``)."""
+    offline_part_rows: int = 8192
+    """Pushed rows collected before they are written as one offline part (``1``: a part per push). Whatever
+    is collected is also written by every flush: a checkpoint, a point-in-time read, the end of a run."""
     clock: Literal["event", "wall"] = "event"
     """What "now" is for window expiry. ``"event"``: the stream's event time, which is the clock the newest
     push to this project published with its rows (the newest row stamp it wrote); every reader, the trainer
@@ -71,6 +74,9 @@ class FeatureStoreConfig:
             raise ValueError(f"features.online_store must be 'sqlite' or 'redis', got {self.online_store!r}")
         if isinstance(self.offline_fanout, bool) or not isinstance(self.offline_fanout, int) or self.offline_fanout < 2:
             raise ValueError(f"features.offline_fanout must be an integer >= 2, got {self.offline_fanout!r}")
+        if isinstance(self.offline_part_rows, bool) or not isinstance(self.offline_part_rows, int) \
+                or self.offline_part_rows < 1:
+            raise ValueError(f"features.offline_part_rows must be an integer >= 1, got {self.offline_part_rows!r}")
         if self.clock not in ("event", "wall"):
             raise ValueError(f"features.clock must be 'event' or 'wall', got {self.clock!r}")
         if not self.project or not isinstance(self.project, str):

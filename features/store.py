@@ -7,8 +7,8 @@ never reads it; :meth:`OnlineFeatures.apply` is idempotent and recreates the rep
 A push lands online and offline (what Feast's ``PushMode.ONLINE_AND_OFFLINE`` does), written here rather than
 through ``FeatureStore.push``: Feast converts a push row by row and rewrites the view's whole Parquet file
 for each one, which made pushing most of a training step. Online, the rows go in Feast's own layout, one
-round trip per push (``features.backends``); offline, they are one new Parquet part of the view's directory
-(``features.offline``). Feast reads both exactly as it reads its own writes.
+round trip per push (``features.backends``); offline, the pushes of ``offline_part_rows`` rows are one new
+Parquet part of the view's directory (``features.offline``), and every flush writes what is collected. Feast reads both exactly as it reads its own writes.
 
 A lookup reads each distinct user and item of a batch once, every view of both kinds in one round trip, and
 fills what the store lacks or has expired with the defaults of :func:`defaults`.
@@ -116,6 +116,9 @@ class OnlineFeatures:
         self._historian = ThreadPoolExecutor(1, thread_name_prefix="moestream-offline")
         self._history: deque[Future] = deque()
         """Offline appends queued or running, oldest first."""
+        self._collected: list[list[tuple]] = []
+        """Pushes not yet handed to the writer (``config.offline_part_rows`` rows make one part)."""
+        self._collected_rows = 0
         if apply:
             self.apply()
 
@@ -144,16 +147,30 @@ class OnlineFeatures:
         clock_ms = max(int(stamps.max()) for _, _, _, stamps in pushed)
         self.rows.write([online_rows(kind, ids, stats, stamps) for kind, ids, stats, stamps in pushed], clock_ms)
         if self.config.push_offline:
-            self._settle_history(keep=HISTORY_QUEUE - 1)
-            self._history.append(self._historian.submit(self._append_history, pushed))
+            self._collected.append(pushed)
+            self._collected_rows += sum(len(ids) for _, ids, _, _ in pushed)
+            if self._collected_rows >= self.config.offline_part_rows:
+                self._hand_over()
         self.clock_ms = max(self.clock_ms, clock_ms)
 
-    def _append_history(self, pushed: list[tuple]) -> None:
-        for kind, ids, stats, stamps in pushed:
-            self.offline.append(STREAM_VIEWS[kind], offline_table(kind, ids, stats, stamps))
+    def _hand_over(self) -> None:
+        """Queue the collected pushes as one append per view (waiting while the queue is full)."""
+        self._settle_history(keep=HISTORY_QUEUE - 1)
+        collected, self._collected, self._collected_rows = self._collected, [], 0
+        if collected:
+            self._history.append(self._historian.submit(self._append_history, collected))
+
+    def _append_history(self, pushes: list[list[tuple]]) -> None:
+        """One part per view for many pushes, rows in push order: a Parquet file has a fixed cost of its own."""
+        for kind in ENTITY_KEYS:
+            rows = [(ids, stats, stamps) for pushed in pushes for k, ids, stats, stamps in pushed if k == kind]
+            if rows:
+                ids, stats, stamps = (np.concatenate(parts) for parts in zip(*rows))
+                self.offline.append(STREAM_VIEWS[kind], offline_table(kind, ids, stats, stamps))
 
     def flush(self) -> None:
         """Until every pushed row is in the offline history (raises what a failed append raised)."""
+        self._hand_over()
         self._settle_history(keep=0)
 
     def _settle_history(self, keep: int) -> None:

@@ -93,7 +93,10 @@ class FeatureLoop:
         return self.aggregator.ids()
 
     def state(self) -> dict[str, np.ndarray]:
-        self.wait()  # a push that failed fails the checkpoint too
+        """The aggregates, once the last push landed online and every push is in the offline history (what the
+        checkpoint covers is then in the store too; a push or append that failed fails the checkpoint)."""
+        self.wait()
+        self.store.flush()
         return {f"agg.{k}": v for k, v in self.aggregator.state().items()}
 
     def restore(self, arrays: dict[str, np.ndarray]) -> None:

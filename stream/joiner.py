@@ -97,47 +97,70 @@ class LabelJoiner:
         """The slowest partition's watermark: every window that closed before it has been emitted."""
         return min(self._watermarks.values(), default=-math.inf)
 
-    def _advance(self, partition: int, ts: int) -> None:
-        if ts > self._watermarks.get(partition, -math.inf):
-            self._watermarks[partition] = ts
-
     def add(self, batch: DecodedBatch) -> None:
         """Take a decoded batch: impressions first, so feedback in the same batch finds them."""
-        imp = batch.impressions.to_pydict()
+        imp, fb = batch.impressions.to_pydict(), batch.feedback.to_pydict()
+        self._advance(imp["partition"], imp["ts_ms"])  # nothing in add() reads a watermark: once per batch
+        self._advance(fb["partition"], fb["ts_ms"])
         for rid, user, item, ts, part, off in zip(
             imp["request_id"], imp["user_id"], imp["item_id"], imp["ts_ms"], imp["partition"], imp["offset"]
         ):
             key = (rid, item)
-            self._advance(part, ts)
             if key in self._pending or key in self._emitted:
                 self.stats.duplicate_impressions += 1
                 continue
-            labels = np.zeros(_N_LABELS, dtype=np.float32)
-            self._pending[key] = _Pending((rid, user, item, ts, part, off), labels)
+            self._pending[key] = _Pending((rid, user, item, ts, part, off), np.zeros(_N_LABELS, dtype=np.float32))
             heapq.heappush(self._by_time.setdefault(part, []), (ts, self._seq, key))
             self._seq += 1
             self._by_offset.setdefault(part, deque()).append((off, key))
             self.stats.impressions += 1
 
-        fb = batch.feedback.to_pydict()
-        label_cols = np.column_stack([np.asarray(fb[name], dtype=np.float32) for name in LABELS]) if fb[
-            "request_id"
-        ] else np.zeros((0, _N_LABELS), dtype=np.float32)
-        present = np.where(np.isnan(label_cols), np.float32(0), label_cols)  # (N, L): absent labels as 0, once
-        for j, (rid, item, ts, part) in enumerate(zip(fb["request_id"], fb["item_id"], fb["ts_ms"], fb["partition"])):
-            self.stats.feedback += 1
-            self._advance(part, ts)
+        if not fb["request_id"]:
+            return
+        label_cols = np.column_stack([np.asarray(fb[name], dtype=np.float32) for name in LABELS])
+        window, joined = self.config.window_ms, []
+        self.stats.feedback += len(fb["request_id"])
+        for j, (rid, item, ts) in enumerate(zip(fb["request_id"], fb["item_id"], fb["ts_ms"])):
             key = (rid, item)
             pending = self._pending.get(key)
-            if pending is None or ts > pending.row[3] + self.config.window_ms:
+            if pending is None or ts > pending.row[3] + window:
                 self._late(key, label_cols[j], pending)
-                continue
-            merged = np.maximum(pending.labels, present[j])  # _merge, with the NaNs replaced for the batch
-            if (merged == pending.labels).all():
-                self.stats.duplicate_feedback += 1
             else:
-                self.stats.joined_feedback += 1
-            pending.labels = merged
+                joined.append((j, pending))
+        if joined:
+            self._join(joined, np.where(np.isnan(label_cols), np.float32(0), label_cols))
+
+    def _advance(self, partitions: list[int], stamps: list[int]) -> None:
+        """Each partition's watermark to the latest of ``stamps`` read from it, if that is later."""
+        if not stamps:
+            return
+        parts, ts = np.asarray(partitions, np.int64), np.asarray(stamps, np.int64)
+        for part in np.unique(parts).tolist():
+            latest = int(ts[parts == part].max()) if len(parts) > 1 else int(ts[0])
+            if latest > self._watermarks.get(part, -math.inf):
+                self._watermarks[part] = latest
+
+    def _join(self, joined: list[tuple[int, _Pending]], present: np.ndarray) -> None:
+        """Max-merge the feedback rows ``present[j]`` (absent labels as 0) into their pending impressions, a
+        round at a time: round r holds each impression's r-th feedback of the batch, so every merge sees the
+        ones before it, as one at a time would, while the maxima and comparisons run over whole rounds."""
+        rounds: list[list[tuple[int, _Pending]]] = []
+        seen: dict[int, int] = {}
+        for j, pending in joined:
+            r = seen.get(id(pending), 0)
+            seen[id(pending)] = r + 1
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append((j, pending))
+        for round_ in rounds:
+            rows = np.fromiter((j for j, _ in round_), np.intp, len(round_))
+            before = np.stack([pending.labels for _, pending in round_])
+            merged = np.maximum(before, present[rows])
+            duplicates = int((merged == before).all(axis=1).sum())
+            self.stats.duplicate_feedback += duplicates
+            self.stats.joined_feedback += len(round_) - duplicates
+            for (_, pending), labels in zip(round_, merged):
+                pending.labels = labels
 
     def _late(self, key: tuple[str, int], incoming: np.ndarray, pending: _Pending | None) -> None:
         emitted = self._emitted.get(key)

@@ -243,8 +243,8 @@ def test_point_in_time_a_later_label_never_reaches_an_earlier_example(tmp_path: 
 
 @pytest.mark.parametrize("fanout", [2, 32])
 def test_point_in_time_features_match_what_was_online_at_the_time(tmp_path: Path, fanout: int) -> None:
-    """Also across merged offline parts (fanout 2 merges after every second push)."""
-    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path, offline_fanout=fanout))
+    """Also across merged offline parts (a part per push; fanout 2 merges after every second push)."""
+    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path, offline_fanout=fanout, offline_part_rows=1))
     agg = StreamAggregator()
     online = []
     rng = np.random.default_rng(0)
@@ -321,6 +321,20 @@ def test_the_in_memory_store_reads_what_the_real_one_reads(config: FeatureStoreC
         for as_of in (None, ts[0] + HOUR_MS // 2, ts[0] + 3 * HOUR_MS):
             np.testing.assert_array_equal(store.lookup_batch(users, items, as_of_ms=as_of).dense,
                                           memory.lookup_batch(users, items, as_of_ms=as_of).dense)
+
+
+def test_pushes_are_collected_into_offline_parts_of_the_configured_size_and_a_flush_writes_the_rest(tmp_path: Path) -> None:
+    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path, offline_part_rows=8))
+    agg = StreamAggregator()
+    for k in range(10):  # a user row and an item row per push: a part every 4 pushes, 2 pushes left collected
+        store.push(*agg.update(examples([k], [10 + k % 2], [1], ts=[T0 + k])))
+    store._settle_history(keep=0)  # the queued appends, not the collected rows
+    directory = tmp_path / "offline" / "user_stream"
+    written = [pq.read_table(p) for p in sorted(directory.glob("L0-*.parquet"))]
+    assert [t.num_rows for t in written] == [4, 4]
+    assert pa.concat_tables(written)["user_id"].to_pylist() == list(range(8))  # in push order
+    store.flush()
+    assert sorted(pd.read_parquet(directory)["user_id"]) == list(range(10))
 
 
 def test_the_offline_history_is_written_behind_the_push_in_order_and_a_failed_append_is_raised(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import torch
 
 from features.aggregates import StreamAggregator
+from features.config import FeatureStoreConfig
 from features.memory import InMemoryFeatures
+from features.store import OnlineFeatures
 from learner.config import LearnerConfig
 from learner.loop import TrainingLoop
 from learner.snapshots import SnapshotStore
@@ -82,3 +85,17 @@ def test_a_read_ahead_the_next_step_did_not_use_is_never_used_later(tmp_path: Pa
     assert loop.features.read_ahead == 0
     assert len(features.reads) == 3  # BATCHES[0], the read ahead (unused), BATCHES[1] read anew
     assert (features.reads[2] != features.reads[1]).any()  # the old read would have given other features
+
+
+def test_a_checkpoint_waits_until_every_push_is_in_the_offline_history(tmp_path: Path) -> None:
+    """The history a checkpoint covers is in the store when the checkpoint is taken, however many rows the
+    store still collects for its next offline part."""
+    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "features", offline_part_rows=1_000_000))
+    loop = TrainingLoop.local(CONFIG, store, SnapshotStore(tmp_path / "snapshots"))
+    for batch in BATCHES[:2]:
+        loop.step(batch)
+    assert loop.features.state()
+    pushed = set(BATCHES[0]["user_id"].to_pylist()) | set(BATCHES[1]["user_id"].to_pylist())
+    history = pd.read_parquet(tmp_path / "features" / "offline" / "user_stream")
+    assert set(history["user_id"]) == pushed
+    loop.close()
