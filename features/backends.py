@@ -7,6 +7,14 @@ views of an entity come back in one ``HMGET`` (feast-dev/feast ``docs/specs/onli
 write (``get_online_features`` reads them), and rows Feast wrote read back here
 (``tests/features/test_backends.py``).
 
+A Redis server that goes away (killed, restarting, unreachable) is waited out rather than crashed on: a read
+or write is retried with exponential backoff (tenacity) for up to ``outage_timeout_s``
+(``features.outage_timeout_s``), and only then raises :class:`FeatureStoreUnavailable`. Both are idempotent
+(a write sets the same fields to the same values), so a retry after a half-done round trip is safe. The
+caller that waits, the trainer, does not step meanwhile: no batch is trained on features it could not
+read, and no offset moves. :class:`Outages` counts the outages and their seconds, and each is logged once
+when it starts and once when it ends, with the server's address (never its password).
+
 Beside the rows, each write publishes the writer's event-time clock (the newest row stamp it wrote) under a
 key of its own, read back with the rows: it is how a reader that never writes, the serving replica, knows
 "now" in event time (see ``FeatureStoreConfig.clock``).
@@ -16,7 +24,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,11 +34,85 @@ import numpy as np
 from feast.infra.online_stores.helpers import _mmh3
 from feast.utils import to_naive_utc
 from google.protobuf.timestamp_pb2 import Timestamp
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from features.codec import entity_keys
 
 Blobs = list[bytes | None]
+
+RETRY_FIRST_S = 0.1
+"""First wait before a read or write is tried again while the server is away; doubled up to ``RETRY_MAX_S``."""
+RETRY_MAX_S = 5.0
+
+
+class FeatureStoreUnavailable(ConnectionError):
+    """The online store stayed unreachable for longer than ``features.outage_timeout_s``."""
+
+
+class Outages:
+    """Outages of one online store as its callers saw them: how many, and how long it was away in all.
+
+    A call that fails starts an outage (logged once, however many threads fail); the next call that
+    succeeds ends it (logged with its length). Thread-safe: a replica's request threads share a store.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.count = 0
+        self._closed_s = 0.0
+        self._since: float | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def down(self) -> bool:
+        return self._since is not None
+
+    def down_s(self) -> float:
+        """Seconds the store was away, the current outage included."""
+        with self._lock:
+            return self._closed_s + (time.monotonic() - self._since if self._since is not None else 0.0)
+
+    def failed(self, error: BaseException, waiting_s: float) -> None:
+        with self._lock:
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+            self.count += 1
+        print(f"moestream: feature store {self.address} unreachable ({type(error).__name__}: {error}); "
+              f"waiting for it up to {waiting_s:g} s (features.outage_timeout_s), training paused", flush=True)
+
+    def succeeded(self) -> None:
+        if self._since is None:  # the common case, without the lock
+            return
+        with self._lock:
+            if self._since is None:
+                return
+            lasted = time.monotonic() - self._since
+            self._closed_s += lasted
+            self._since = None
+        print(f"moestream: feature store {self.address} is back after {lasted:.1f} s; training resumes", flush=True)
+
+    def call(self, attempt: Callable[[], list], timeout_s: float) -> list:
+        """``attempt()``, retried with backoff while it raises a connection error, for up to ``timeout_s``."""
+        retrying = Retrying(
+            stop=stop_after_delay(timeout_s),
+            wait=wait_exponential(multiplier=RETRY_FIRST_S, min=RETRY_FIRST_S, max=RETRY_MAX_S),
+            retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError)),
+            before_sleep=lambda state: self.failed(state.outcome.exception(), timeout_s),
+            reraise=True,
+        )
+        try:
+            result = retrying(attempt)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            self.failed(exc, timeout_s)  # with no time to wait, the first failure (already counted otherwise)
+            raise FeatureStoreUnavailable(
+                f"feature store {self.address} unreachable for {timeout_s:g} s (features.outage_timeout_s): "
+                f"{type(exc).__name__}: {exc}") from exc
+        self.succeeded()
+        return result
 
 
 @dataclass(frozen=True)
@@ -184,9 +267,13 @@ class RedisRows:
     server, not a cluster (which is also all ``FeatureStoreConfig.redis_connection`` configures).
     """
 
-    def __init__(self, client, project: str) -> None:
+    def __init__(self, client, project: str, address: str = "redis", outage_timeout_s: float = 0.0) -> None:
+        """``address``: the server as logged (``host:port``, no password); ``outage_timeout_s``: how long a
+        read or write waits for a server that went away before it raises :class:`FeatureStoreUnavailable`."""
         self.client = client
         self.project = project
+        self.outages = Outages(address)
+        self.outage_timeout_s = outage_timeout_s
         self._suffix = project.encode("utf-8")
         self._clock_key = f"moestream:clock:{project}"
         self._sha: dict[str, str] = {}
@@ -218,7 +305,10 @@ class RedisRows:
         return out, None if clock is None else int(clock)
 
     def _execute(self, scripts: list[tuple[str, list[bytes], list]], last: tuple) -> list:
-        """Run the scripts and then ``last`` in one pipeline: one round trip."""
+        """Run the scripts and then ``last`` in one pipeline: one round trip (more while the server is away)."""
+        return self.outages.call(lambda: self._run(scripts, last), self.outage_timeout_s)
+
+    def _run(self, scripts: list[tuple[str, list[bytes], list]], last: tuple) -> list:
         try:
             return self._pipeline(scripts, last)
         except NoScriptError:  # the server lost its scripts (a restart, SCRIPT FLUSH): load them, run again

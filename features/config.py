@@ -66,6 +66,10 @@ class FeatureStoreConfig:
     push to this project published with its rows (the newest row stamp it wrote); every reader, the trainer
     that pushed as well as a serving replica that never pushes, reads it with the rows and judges expiry
     alike. The wall clock only before anything was pushed. ``"wall"``: always the wall clock."""
+    outage_timeout_s: float = 300.0
+    """How long a read or write waits for a Redis server that went away (killed, restarting, unreachable),
+    retrying with backoff, before it fails: the trainer then stops loudly and Ray restarts it from its last
+    checkpoint. Meanwhile the trainer does not step and commits nothing. ``0``: fail at once."""
     aggregates: AggregateConfig = field(default_factory=AggregateConfig)
     """The aggregates' priors: what the trainer folds with and what a lookup of an unknown entity returns."""
 
@@ -79,6 +83,8 @@ class FeatureStoreConfig:
             raise ValueError(f"features.offline_part_rows must be an integer >= 1, got {self.offline_part_rows!r}")
         if self.clock not in ("event", "wall"):
             raise ValueError(f"features.clock must be 'event' or 'wall', got {self.clock!r}")
+        if not _finite(self.outage_timeout_s) or self.outage_timeout_s < 0:
+            raise ValueError(f"features.outage_timeout_s must be a number of seconds >= 0, got {self.outage_timeout_s!r}")
         if not self.project or not isinstance(self.project, str):
             raise ValueError(f"features.project must be a non-empty name, got {self.project!r}")
 

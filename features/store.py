@@ -1,7 +1,8 @@
 """The online feature store: a Feast ``FeatureStore`` configured in code, with batch push and batch lookup.
 
 SQLite (online) and Parquet (offline) under ``data_dir`` by default; Redis as the online store when
-configured. The registry is cached forever (``cache_ttl_seconds=0``) and a push or lookup of stream features
+configured, whose outages a push or lookup waits out for up to ``features.outage_timeout_s``
+(``features.backends``). The registry is cached forever (``cache_ttl_seconds=0``) and a push or lookup of stream features
 never reads it; :meth:`OnlineFeatures.apply` is idempotent and recreates the repo from code.
 
 A push lands online and offline (what Feast's ``PushMode.ONLINE_AND_OFFLINE`` does), written here rather than
@@ -32,7 +33,7 @@ from feast.infra.provider import get_provider
 from feast.repo_config import RegistryConfig, RepoConfig
 
 from features.aggregates import NEVER_MS, expire
-from features.backends import ReadRequest, RedisRows, SqliteRows
+from features.backends import Outages, ReadRequest, RedisRows, SqliteRows
 from features.codec import ENTITY_KEY_SERIALIZATION_VERSION
 from features.config import FeatureStoreConfig
 from features.definitions import (
@@ -104,9 +105,13 @@ class OnlineFeatures:
         self.repo_config = repo_config(config, data_dir)
         self.store = FeatureStore(config=self.repo_config)
         self._provider = get_provider(self.repo_config)
+        self.outages: Outages | None = None
+        """The Redis server's outages as this store's reads and writes met them (None: SQLite, a local file)."""
         if config.online_store == "redis":  # Feast's own client: both connect with the same settings
             client = self._provider.online_store._get_client(self.repo_config.online_store)
-            self.rows = RedisRows(client, config.project)
+            address = config.redis_connection.split(",", 1)[0]  # host:port; the options may hold a password
+            self.rows = RedisRows(client, config.project, f"Redis at {address}", config.outage_timeout_s)
+            self.outages = self.rows.outages
         else:
             self.rows = SqliteRows(data_dir / "online.db", config.project)
         self.clock_ms = 0

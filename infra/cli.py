@@ -71,10 +71,17 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _positive(value: float) -> float:
+    if not value > 0:
+        raise typer.BadParameter(f"must be > 0, got {value}")
+    return value
+
+
 @app.command()
 def simulate(
-    rate: Annotated[float, typer.Option(help="Requests per second (each shows several items).")] = 100.0,
-    seconds: Annotated[float, typer.Option(help="How long to produce.")] = 10.0,
+    rate: Annotated[float, typer.Option(help="Requests per second (each shows several items).",
+                                        callback=_positive)] = 100.0,
+    seconds: Annotated[float, typer.Option(help="How long to produce.", callback=_positive)] = 10.0,
     topic: Topic = None,
     seed: Annotated[Optional[int], typer.Option(help="Simulator seed (simulator.seed).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write a log file (.parquet or .csv) instead of producing.")] = None,
@@ -82,8 +89,6 @@ def simulate(
 ) -> None:
     """Produce simulated impressions and feedback to Kafka (or write them to a log file)."""
     cfg = load(config, kafka__topic=topic, simulator__seed=seed)
-    from infra.pipeline import produce
-    from stream.kafka_io import EventSink, ensure_topics
     from stream.simulator import Simulator
 
     if out is not None:
@@ -93,7 +98,10 @@ def simulate(
         n = write_log(sim.events(int(time.time() * 1000), int(seconds * rate)), out)
         console.print(f"wrote {n} events to {out}")
         return
-    ensure_topics(cfg.kafka)
+    _require_topics(cfg.kafka)
+    from infra.pipeline import produce  # after the broker check: importing the pipeline takes seconds
+    from stream.kafka_io import EventSink
+
     sink = EventSink(cfg.kafka)
     n = produce(sink, Simulator(cfg.simulator), seconds, rate)
     sink.close()
@@ -117,10 +125,11 @@ def replay(
 
     The run gets a directory of its own, paths.data_root/runs/replay-<time>; rows of the log that cannot be
     replayed are skipped and listed there in rejects.jsonl (docs/replay.md). A file that cannot be read at
-    all ends the command with one line saying why, and exit status 1.
+    all ends the command with one line saying why, and exit status 1; so does --start past the end of the log.
+    To Kafka, every batch is acknowledged by the broker before the next is read, and a run that fails part-way
+    (a lost broker) prints the position to resume from and exits non-zero.
     """
     from stream.replay import LogError, detect_schema
-    from stream.replay import replay as run_replay
 
     try:
         detect_schema(path)  # before anything starts: a missing or unreadable file is one line, not a trainer
@@ -141,14 +150,10 @@ def replay(
         for task, m in stats["metrics"].items():
             console.print(f"  {task:10s} progressive AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}")
     else:
-        from stream.kafka_io import EventSink, ensure_topics
-
         cfg = load(config, kafka__topic=topic, paths__data_root=data_root)
         replay_config = _replay_config(path, speed, start, limit, restamp, Path(cfg.paths.data_root).absolute() / run)
-        ensure_topics(cfg.kafka)
-        sink = EventSink(cfg.kafka)
-        result = _replayed(run_replay, replay_config, sink.send_all)
-        sink.close()
+        _require_topics(cfg.kafka)
+        result = _replayed_to_kafka(cfg.kafka, replay_config)
         console.print(f"replayed {result.emitted} events ({result.schema}) to {cfg.kafka.topic} in {result.seconds:.1f}s")
     if result.unknown_columns:
         _say(f"ignored columns no log schema knows: {', '.join(result.unknown_columns)}")
@@ -158,6 +163,18 @@ def replay(
         by_reason = ", ".join(f"{reason} {n}" for reason, n in sorted(result.rejected.items()))
         _say(f"rejected {sum(result.rejected.values())} rows ({by_reason}); listed in {result.rejects_path}")
     console.print(f"resume with --start {result.position.emitted}")
+
+
+def _require_topics(kafka) -> None:
+    """A broker that answers within kafka.connect_timeout_s and the topics on it; else one line, exit 1."""
+    from stream.kafka_io import BrokerUnavailable, ensure_topics, require_broker
+
+    try:
+        require_broker(kafka)
+        ensure_topics(kafka)
+    except BrokerUnavailable as exc:
+        _say(str(exc), style="red")
+        raise typer.Exit(1) from None
 
 
 def _say(message: str, style: str | None = None) -> None:
@@ -175,13 +192,51 @@ def _replay_config(path: Path, speed: float, start: int, limit: int | None, rest
 
 def _replayed(run, *args):
     """``run(*args)``; a log that turns out unreadable while it is read ends the command in one line."""
-    from stream.replay import LogError
+    from stream.replay import LogError, PastTheEnd
 
     try:
         return run(*args)
+    except PastTheEnd as exc:
+        _say(f"--start {exc.start} is past the end of {exc.path} ({exc.events} events)", style="red")
+        raise typer.Exit(1) from None
     except LogError as exc:
         _say(str(exc), style="red")
         raise typer.Exit(1) from None
+
+
+def _replayed_to_kafka(kafka, replay_config):
+    """Replay to the event topic, each batch acknowledged by the broker before the next is read. A failure
+    part-way (a lost broker, a log unreadable further on, Ctrl-C) ends the command with the position to resume
+    from, which counts acknowledged events only: a resumed run may repeat a batch in flight, never skip one."""
+    from kafka.errors import KafkaError
+
+    from stream.kafka_io import EventSink
+    from stream.replay import replay as run_replay
+
+    acknowledged = replay_config.resume_from.emitted
+
+    def delivered(position) -> None:
+        nonlocal acknowledged
+        acknowledged = position.emitted
+
+    sink = EventSink(kafka)
+    try:
+        return _replayed(run_replay, replay_config, sink.deliver, delivered)
+    except typer.Exit as stop:  # the log turned out unreadable (said in one line)
+        if acknowledged == replay_config.resume_from.emitted:
+            raise  # before anything was produced: nothing to resume
+        code = stop.exit_code
+    except (KafkaError, OSError) as exc:
+        said = str(exc)  # kafka-python's errors start with their class name, others do not
+        _say(f"replay stopped: {said if said.startswith(type(exc).__name__) else f'{type(exc).__name__}: {said}'}",
+             style="red")
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        sink.close()
+    console.print(f"resume with --start {acknowledged}")
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -207,6 +262,17 @@ def train(
 
     from infra.deploy import connect, start_training
 
+    from stream.kafka_io import BrokerUnavailable, require_broker
+
+    try:
+        require_broker(cfg.kafka)  # before Ray starts: no broker is one line, not a traceback a minute later
+    except BrokerUnavailable as exc:
+        _say(str(exc), style="red")
+        raise typer.Exit(1) from None
+    from infra.disk import free_space_warnings
+
+    for warning in free_space_warnings(cfg):
+        _say(f"moestream: {warning}", style="yellow")
     connect(cfg)
     _stop_on_sigterm()
     group = start_training(cfg)
@@ -218,20 +284,55 @@ def train(
             ready, _ = ray.wait(group.runs, num_returns=len(group.runs), timeout=5)
             if len(ready) == len(group.runs):
                 break
-            stats = group.stats()
+            try:
+                stats = group.stats()
+            except ray.exceptions.RayError:  # a worker died for good: stop() below says which and why
+                break
             for s in stats:
-                console.print(f"worker {s['rank']}: consumed {s['consumed']}  steps {s['steps']}  "
-                              f"snapshots {s['snapshots'][-1:]}  id collisions {s['id_collision_rate']:.2%} "
-                              f"of {s['id_keys']:,} ids in {s['id_buckets']:,} buckets")
+                _say(f"worker {s['rank']}: consumed {s['consumed']}  steps {s['steps']}  "
+                     f"snapshots {s['snapshots'][-1:]}  id collisions {s['id_collision_rate']:.2%} "
+                     f"of {s['id_keys']:,} ids in {s['id_buckets']:,} buckets" + _outages(s))
             if max_events is not None and sum(s["consumed"] for s in stats) >= max_events:
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 break
     except KeyboardInterrupt:
         pass
-    for stats in group.stop():
-        console.print(f"worker {stats['rank']}: trained {stats['examples_trained']} examples in {stats['steps']} steps; "
-                      f"snapshots {stats['snapshots']}")
+    _finish_training(group, bounded=seconds is not None or max_events is not None)
+
+
+def _outages(s: dict) -> str:
+    """What a worker waited out or recovered from, for its status line (nothing when all is well)."""
+    parts = [f"{s[key]} {what}" for key, what in (("intake_stalls", "intake stall(s)"),
+                                                  ("publish_failures", "failed publish(es)"),
+                                                  ("feature_store_outages", "feature store outage(s)"))
+             if s.get(key)]
+    return "  " + ", ".join(parts) if parts else ""
+
+
+def _finish_training(group, bounded: bool) -> None:
+    """Stop the workers and report; a run that did not do its job exits 1: a worker died for good, or a bounded
+    run trained nothing although events were there."""
+    from infra.pipeline import WorkersFailed
+
+    try:
+        results, failures = group.stop(), []
+    except WorkersFailed as exc:
+        results, failures = exc.results, exc.failures
+    for stats in results:
+        _say(f"worker {stats['rank']}: trained {stats['examples_trained']} examples in {stats['steps']} steps; "
+             f"snapshots {stats['snapshots']}" + _outages(stats))
+    for failure in failures:
+        _say(f"{failure} (died after its restarts, trainer.max_restarts)", style="red")
+    if failures:
+        raise typer.Exit(1)
+    consumed = sum(s["consumed"] for s in results)
+    waiting = sum(sum(s.get("lag", {}).values()) for s in results)
+    if bounded and not sum(s["examples_trained"] for s in results) and (consumed or waiting):
+        dead = sum(sum(s.get("dead_lettered", {}).values()) for s in results)
+        _say(f"trained no example although the workers consumed {consumed} events ({dead} dead-lettered) and "
+             f"{waiting} more wait in the topic", style="red")
+        raise typer.Exit(1)
 
 
 @app.command()

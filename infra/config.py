@@ -40,7 +40,7 @@ from features.config import FeatureStoreConfig
 from features.redact import redact_connection
 from infra.layout import RunLayout
 from infra.runtime import RayConfig
-from learner.config import LearnerConfig, WorkerConfig
+from learner.config import LearnerConfig, WorkerConfig, positive_seconds
 from learner.telemetry import TelemetryConfig
 from serving.config import ServingConfig
 from stream.joiner import JoinerConfig
@@ -120,8 +120,12 @@ class TrainerConfig:
     ``learner.cadence.checkpoint_every_steps``."""
     max_restarts: int = 3
     """Ray restarts a crashed trainer actor this many times; it resumes from its last checkpoint."""
+    stall_timeout_s: float = _default(WorkerConfig, "stall_timeout_s")
+    """The intake's liveness watchdog: no fetch progress while the partitions have lag (or the member out of
+    its group) this long re-joins the group; a fetch stuck this long fails the worker for Ray to restart."""
 
     def __post_init__(self) -> None:
+        positive_seconds("trainer.stall_timeout_s", self.stall_timeout_s)
         for name in ("workers", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -190,6 +194,7 @@ class MoestreamConfig(BaseModel):
             checkpoint_dir=layout.checkpoints,
             batch_size=self.trainer.batch_size,
             device=self.trainer.device,
+            stall_timeout_s=self.trainer.stall_timeout_s,
         )
 
     def to_data(self, sections: tuple[str, ...] | None = None, changed_only: bool = False) -> dict[str, Any]:

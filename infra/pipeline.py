@@ -113,11 +113,38 @@ class TrainerGroup:
         return ray.get([a.stats.remote() for a in self.actors])
 
     def stop(self) -> list[dict]:
+        """Stop every worker; each one's final figures. A worker that died for good (its restarts spent) raises
+        :class:`WorkersFailed`, naming each dead worker and its cause, once the others have stopped."""
         for actor in self.actors:
             actor.stop.remote()
-        results = ray.get(self.runs)
-        ray.get([a.close.remote() for a in self.actors])
+        results, failures = [], []
+        for rank, run in enumerate(self.runs):
+            try:
+                results.append(ray.get(run))
+            except ray.exceptions.RayError as exc:
+                failures.append(f"worker {rank}: {_cause(exc)}")
+        for actor in self.actors:
+            try:
+                ray.get(actor.close.remote())
+            except ray.exceptions.RayError:
+                pass  # a dead worker has nothing left to close
+        if failures:
+            raise WorkersFailed(failures, results)
         return results
+
+
+class WorkersFailed(RuntimeError):
+    """Trainer workers died for good (Ray's restarts spent); ``results``: the figures of those that did not."""
+
+    def __init__(self, failures: list[str], results: list[dict]) -> None:
+        super().__init__("; ".join(failures))
+        self.failures, self.results = failures, results
+
+
+def _cause(exc: BaseException) -> str:
+    """The last line of a Ray error's cause: what the worker died of, without Ray's wrapping."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def start_trainers(

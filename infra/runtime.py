@@ -65,6 +65,28 @@ def has_token() -> bool:
     return bool(os.environ.get("RAY_AUTH_TOKEN")) or token_path().is_file()
 
 
+def write_private_token() -> None:
+    """Make the token of a local instance readable by its owner only (mode 600).
+
+    Ray writes a missing ``~/.ray/auth_token`` with the umask's mode, world-readable (644) by default; we write
+    it first, with the same 256 random bits, created 600 so no other user can ever read it. A token file
+    that others can read (one Ray wrote on an earlier run) is made 600."""
+    if not auth_enabled() or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    import secrets
+
+    path = token_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        return
+    with os.fdopen(fd, "w") as file:
+        file.write(secrets.token_hex(32))
+
+
 def init_ray(
     address: str | None = None, num_cpus: int | None = None, namespace: str = "moestream", quiet: bool = False
 ) -> None:
@@ -85,6 +107,7 @@ def init_ray(
         kwargs["address"] = address
     else:
         kwargs.update(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+        write_private_token()
         for name, value in SMALL_MACHINE_SERVE_ENV.items():
             os.environ.setdefault(name, value)  # inherited by the Serve controller and proxy
     try:

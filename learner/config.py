@@ -40,6 +40,11 @@ def _is_int(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, int)
 
 
+def positive_seconds(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{key} must be a positive number of seconds, got {value!r}")
+
+
 def at_least(key: str, value: object, low: int) -> None:
     """``value`` must be an integer >= ``low``; the error names ``key``."""
     if not _is_int(value) or value < low:
@@ -224,6 +229,10 @@ class WorkerConfig:
     """Joined examples per training step."""
     read_ahead_batches: int = 4
     """How many batches the intake thread may buffer ahead of training (``learner.intake``)."""
+    stall_timeout_s: float = 120.0
+    """The intake's liveness watchdog (``learner.intake``): a Kafka consumer that fetches nothing this long while
+    its partitions have lag, or stays this long outside its group, re-joins the group; a fetch that has not
+    returned after this long (or a re-join that did not help within it) fails the worker, which Ray restarts."""
     audit_path: Path | None = None
     """Append ``partition,offset`` of every trained example here (delivery audits; off by default)."""
     device: str = "auto"
@@ -240,6 +249,7 @@ class WorkerConfig:
         at_least("trainer.batch_size", self.batch_size, 1)
         at_least("read_ahead_batches", self.read_ahead_batches, 1)
         at_least("torch_threads", self.torch_threads, 0)
+        positive_seconds("trainer.stall_timeout_s", self.stall_timeout_s)
 
 
 __all__ = ["CadenceConfig", "HealthConfig", "LearnerConfig", "PublishGuard", "WorkerConfig"]

@@ -10,6 +10,12 @@ events from every worker's batch (gathered through the reducer, on the training 
 worker's collectives run in one order) and is the only one to push its rows, so the store holds aggregates
 over everything the group trained on and no worker overwrites them with the partial counts of its own
 partitions. With one worker this is ``aggregator.update(examples)``.
+
+An online store that goes away (Redis killed or restarting) holds the loop where it is: the store retries
+its pushes and lookups (``features.backends``), so :meth:`FeatureLoop.read` returns no features it could
+not read, no step is trained meanwhile, and a checkpoint (which waits for the last push) and so the
+commit of offsets wait too. The loop resumes by itself when the store answers again, or fails with
+``FeatureStoreUnavailable`` after ``features.outage_timeout_s``; :meth:`FeatureLoop.outage_figures` counts it.
 """
 
 from __future__ import annotations
@@ -86,6 +92,13 @@ class FeatureLoop:
         push, self._push = self._push, None
         if push is not None:
             push.result()
+
+    def outage_figures(self) -> dict[str, float]:
+        """Outages of the online store so far and the seconds it was away (a store without outages: 0)."""
+        outages = getattr(self.store, "outages", None)  # OnlineFeatures on Redis; an in-memory store has none
+        if outages is None:
+            return {"feature_store_outages": 0, "feature_store_down_s": 0.0}
+        return {"feature_store_outages": outages.count, "feature_store_down_s": outages.down_s()}
 
     def seen_ids(self) -> dict[str, np.ndarray]:
         """Every user and item id the aggregates hold (what this worker has folded), once the last push landed."""

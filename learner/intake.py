@@ -15,10 +15,18 @@ every checkpoint, and offsets are committed only up to what a durable checkpoint
 the buffer, the joiner state and the safe offsets under one lock (:meth:`BufferedSource.capture`), writes
 the checkpoint, then hands exactly those offsets to :meth:`BufferedSource.commit`: examples that entered the
 buffer after the capture are not in the checkpoint, so they must not be committed yet.
+
+Liveness (:class:`Intake`'s watchdog, ``trainer.stall_timeout_s``): a consumer that fetches nothing for that
+long while its partitions have lag, or that stays that long outside its group, re-joins the group (on the
+intake thread, which owns the consumer); if that does not bring events within the same time, the intake
+fails. A fetch that does not return at all for that long (kafka-python looping inside ``poll``) is caught
+by :meth:`BufferedSource.check` on the training thread. Either failure ends the worker, and Ray restarts it
+from its checkpoint and the committed offsets: a stalled intake is never a worker that looks alive.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -34,9 +42,16 @@ from stream.kafka_io import SourceBatch
 LAG_EVERY_S = 1.0
 """How often the Kafka intake thread refreshes the consumer lag it reports (a broker round trip)."""
 
+log = logging.getLogger(__name__)
+
 
 class IntakeError(RuntimeError):
     """The intake thread failed (an input or decoding error it could not handle); its cause is chained."""
+
+
+class IntakeStalled(IntakeError):
+    """The intake made no progress for ``stall_timeout_s`` although there was input, and re-joining did not help
+    (or a fetch never returned)."""
 
 
 class BufferedSource:
@@ -45,6 +60,8 @@ class BufferedSource:
 
     what = "input"
     """What the thread reads, for error messages."""
+    stall_timeout_s: float | None = None
+    """A fetch that has not returned after this long is a stalled intake (None: reads may take any time)."""
 
     def __init__(self, max_buffered: int) -> None:
         if max_buffered < 1:
@@ -57,6 +74,9 @@ class BufferedSource:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._ended = False
+        self._fetch_since: float | None = None
+        """When the fetch in flight started (monotonic), None between fetches."""
+        self._abandoned = False
 
     # -- what a subclass provides ----------------------------------------------------------------------
 
@@ -112,6 +132,8 @@ class BufferedSource:
         self._halt.set()
         with self._cond:
             self._cond.notify_all()
+        if self._abandoned:  # stuck inside a fetch: it is a daemon, and the worker is failing anyway
+            return
         thread.join(timeout_s)
         if thread.is_alive():
             raise IntakeError(f"the {self.what} thread did not stop within {timeout_s:.0f}s")
@@ -126,9 +148,17 @@ class BufferedSource:
         return self._ended
 
     def check(self) -> None:
-        """Raise the thread's failure in the caller's thread, if it failed."""
+        """Raise the thread's failure in the caller's thread, if it failed, or :class:`IntakeStalled` if one
+        fetch has been running for longer than ``stall_timeout_s``."""
         if self._error is not None:
+            if isinstance(self._error, IntakeStalled):
+                raise self._error
             raise IntakeError(f"reading {self.what} failed: {self._error!r}") from self._error
+        since, limit = self._fetch_since, self.stall_timeout_s
+        if since is not None and limit is not None and self.running and time.monotonic() - since > limit:
+            self._abandoned = True
+            raise IntakeStalled(f"the {self.what} intake is stalled: one fetch has not returned for "
+                                f"{time.monotonic() - since:.0f}s (trainer.stall_timeout_s = {limit:g})")
 
     def buffered(self) -> int:
         return self._rows
@@ -204,7 +234,11 @@ class BufferedSource:
                     if self._rows >= self.max_buffered:  # back-pressure: the trainer is behind
                         self._cond.wait(0.1)
                         continue
+                self._fetch_since = time.monotonic()
                 fetched = self._fetch()  # no shared state touched while reading
+                self._fetch_since = None
+                if self._abandoned:
+                    return
                 with self._cond:
                     if fetched is None:
                         self._ended = True
@@ -269,12 +303,19 @@ class Intake(BufferedSource):
 
     what = "Kafka"
 
-    def __init__(self, stream: JoinedStream, max_buffered: int) -> None:
+    def __init__(self, stream: JoinedStream, max_buffered: int, stall_timeout_s: float = 120.0) -> None:
         super().__init__(max_buffered)
         self.stream = stream
+        self.stall_timeout_s = stall_timeout_s
         self._commit_request: dict[int, int] | None = None
         self._lag: dict[int, int] = {}
         self._lag_at = 0.0
+        self.stalls = 0
+        """Times the watchdog found the consumer stalled (and re-joined its group)."""
+        self.recoveries = 0
+        """Stalls after which events arrived again."""
+        self._progress = (-1, time.monotonic())  # (events consumed, when that count last changed)
+        self._rejoined_at: float | None = None
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Stop fetching and commit a commit still pending; the stream is then the caller's again."""
@@ -308,7 +349,8 @@ class Intake(BufferedSource):
 
     def figures(self) -> dict[str, float]:
         return {"kafka/lag": float(sum(self._lag.values())), "kafka/consumed": float(self.stream.stats.consumed),
-                "joiner/pending": float(self.stream.joiner.n_pending)}
+                "joiner/pending": float(self.stream.joiner.n_pending), "kafka/stalls": float(self.stalls),
+                "kafka/stall_recoveries": float(self.recoveries)}
 
     def _fetch(self) -> SourceBatch:
         return self.stream.source.next_batch()  # fetch, decode, dead letters: no shared state
@@ -326,6 +368,37 @@ class Intake(BufferedSource):
         self._commit_pending()
         if time.monotonic() - self._lag_at >= LAG_EVERY_S:
             self._refresh_lag()
+        self._watch()
+
+    def _watch(self) -> None:
+        """The liveness watchdog (see the module docstring), between two fetches on the intake thread."""
+        now, consumed = time.monotonic(), self.stream.stats.consumed
+        if consumed != self._progress[0]:
+            if self._rejoined_at is not None:
+                self.recoveries += 1
+                log.warning("moestream: Kafka intake recovered: events arrive again %.0fs after re-joining the group",
+                            now - self._rejoined_at)
+                self._rejoined_at = None
+            self._progress = (consumed, now)
+            return
+        source = self.stream.source
+        lag, outside = sum(self._lag.values()), source.outside_group()
+        if not lag and not outside:  # idle, not stalled: nothing to read and a place in the group
+            self._progress = (consumed, now)
+            return
+        stalled_s = now - self._progress[1]
+        if stalled_s < self.stall_timeout_s:
+            return
+        why = "outside its consumer group" if outside else f"{lag} events waiting in its partitions"
+        if self._rejoined_at is not None:
+            raise IntakeStalled(f"the Kafka intake is stalled: nothing fetched for {stalled_s:.0f}s with {why}, "
+                                f"and re-joining the group did not help")
+        self.stalls += 1
+        log.warning("moestream: Kafka intake stalled: nothing fetched for %.0fs with %s; re-joining the group",
+                    stalled_s, why)
+        source.rejoin()
+        self._rejoined_at = now
+        self._progress = (consumed, now)
 
     def _refresh_lag(self) -> None:
         """A broker away (restarting) leaves the last lag in place: it is a gauge, and the fetch recovers."""

@@ -181,8 +181,9 @@ class TrainingLoop:
 
     def publish(self) -> Manifest | None:
         """A guarded snapshot of the current weights, covering the offsets trained so far (rank 0 only); its
-        manifest, or None when the guard refused it or this worker does not publish."""
-        if self.rank != 0:
+        manifest, or None when the guard refused it, the directory could not take it (retried after a
+        backoff: see ``learner.reporter``) or this worker does not publish."""
+        if self.rank != 0 or not self.reporter.publish_due():
             return None
         data = {**self.learner.manifest(), "metrics": self._summarise(),
                 "offsets": {str(p): o for p, o in self.source.trained_offsets().items()}}
@@ -269,6 +270,8 @@ class TrainingLoop:
             "snapshots": list(self.reporter.published),
             "refused_snapshots": dict(self.reporter.refused),
             "metrics": self.summary,
+            **self.reporter.publish_figures(),
+            **self.features.outage_figures(),
             "checkpoint_failures": self.checkpoint_failures,
             "last_checkpoint_error": self.last_checkpoint_error,
             "rank": self.rank,

@@ -2,7 +2,11 @@
 
 - :meth:`Reporter.publish` writes a snapshot unless the guard refuses it (non-finite weights, or a recent
   progressive AUC more than ``guard.max_auc_drop`` below the last published one); a refusal is counted and
-  logged with its reason, never fatal.
+  logged with its reason, never fatal. A directory that cannot take the write (full, read-only) is an
+  outage, not a refusal: counted (``publish_failures``), logged once when it starts (the directory and the
+  errno) and once when it ends, and publishing is tried again after an exponential backoff
+  (``PUBLISH_BACKOFF_S`` doubling up to ``PUBLISH_BACKOFF_MAX_S``) until a write goes through. Training goes
+  on meanwhile; offsets follow checkpoints, not snapshots, so nothing is lost.
 - :meth:`Reporter.observe` takes every step's forward pass (the health monitor accumulates its gates) and
   logs its losses; :meth:`Reporter.report`, at the health cadence, logs the progressive metrics and writes
   the expert-health report (``<run>/health/experts.json``, read by ``moestream experts``) with a
@@ -14,6 +18,7 @@ gates, and one writer keeps the files consistent.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -24,9 +29,15 @@ import orjson
 from learner.config import LearnerConfig
 from learner.health import HealthMonitor, report_metrics
 from learner.models import MultiTaskModel
-from learner.snapshots import Manifest, SnapshotError, SnapshotRefused, SnapshotStore, write_atomic
+from learner.snapshots import (
+    Manifest, SnapshotError, SnapshotRefused, SnapshotStore, SnapshotUnwritable, write_atomic,
+)
 from learner.step import StepResult
 from learner.telemetry import Telemetry, load_plotting, plot_utilisation
+
+PUBLISH_BACKOFF_S = 1.0
+"""Wait after the first failed write before publishing is tried again; doubled after every further failure."""
+PUBLISH_BACKOFF_MAX_S = 60.0
 
 
 class Reporter:
@@ -43,6 +54,14 @@ class Reporter:
         self.refused: dict[str, int] = {}
         """Refused publishes by reason (``non-finite``, ``auc-drop``, ``error``)."""
         self.last_publish_attempt = time.monotonic()
+        self.publish_failures = 0
+        """Publishes the snapshot directory refused (full, read-only), over all outages."""
+        self.last_publish_error: str | None = None
+        self._outage_since: float | None = None
+        """When the current outage of the snapshot directory began (monotonic; None: none now)."""
+        self._outage_failures = 0
+        self._retry_at = 0.0
+        self._health_unwritable = False
         self._plotter = ThreadPoolExecutor(1, thread_name_prefix="moestream-plot")
         self._plot: Future | None = None
         """The heatmap being drawn."""
@@ -62,12 +81,20 @@ class Reporter:
             record.update(self._health_report(step, positive_rates))
         self._log(record, step)
 
+    def publish_due(self) -> bool:
+        """False while backing off after a failed write (the snapshot directory is full or read-only)."""
+        return time.monotonic() >= self._retry_at
+
     def publish(self, weights: dict, data: dict, step: int) -> Manifest | None:
-        """Publish ``weights`` with manifest ``data`` (offsets, metrics, ...) unless the guard refuses."""
+        """Publish ``weights`` with manifest ``data`` (offsets, metrics, ...) unless the guard refuses or the
+        directory cannot take it (an outage: see the module docstring)."""
         self.last_publish_attempt = time.monotonic()
         try:
             manifest = self.snapshots.publish(weights, {**data, "experts": self.health.record()},
                                               guard=self.config.guard)
+        except SnapshotUnwritable as exc:
+            self._publish_failed(exc, step)
+            return None
         except SnapshotError as exc:
             reason = exc.reason if isinstance(exc, SnapshotRefused) else "error"
             self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -79,7 +106,38 @@ class Reporter:
         self.published.append(manifest.version)
         self.health.published(manifest.data.get("experts"))
         self._log({"snapshot/version": float(manifest.version)}, step)
+        if self._outage_since is not None:
+            print(f"moestream: publishing snapshots to {self.snapshots.directory} again at step {step} (v"
+                  f"{manifest.version}) after {self._outage_failures} failed attempts over "
+                  f"{time.monotonic() - self._outage_since:.1f} s", flush=True)
+            self._outage_since, self._outage_failures, self._retry_at = None, 0, 0.0
+            self._log({"snapshot/outage_s": 0.0}, step)
         return manifest
+
+    def _publish_failed(self, exc: SnapshotUnwritable, step: int) -> None:
+        now = time.monotonic()
+        self.publish_failures += 1
+        self.last_publish_error = str(exc)
+        if self._outage_since is None:
+            self._outage_since = now
+            print(f"moestream: WARNING: {exc} (at step {step}); training goes on, publishing is retried with "
+                  f"backoff until the directory takes writes again", flush=True)
+            if self.telemetry:
+                self.telemetry.alert("snapshot outage", f"step {step}: {exc}")
+        self._outage_failures += 1
+        self._retry_at = now + min(PUBLISH_BACKOFF_S * 2 ** (self._outage_failures - 1), PUBLISH_BACKOFF_MAX_S)
+        if self.telemetry:
+            self.telemetry.log({"snapshot/publish_failures": float(self.publish_failures),
+                                "snapshot/outage_s": now - self._outage_since}, step=step)
+            self.telemetry.summarise({"snapshot/last_publish_error": f"step {step}: {exc}"})
+
+    def publish_figures(self) -> dict:
+        """The snapshot store's outage figures: failed writes in all, and how long the current outage has
+        lasted (0: publishing works)."""
+        since = self._outage_since
+        return {"publish_failures": self.publish_failures,
+                "snapshot_outage_s": 0.0 if since is None else time.monotonic() - since,
+                "last_publish_error": self.last_publish_error}
 
     def close(self, step: int) -> None:
         """Wait for a heatmap being drawn and log it (before the W&B run ends)."""
@@ -104,15 +162,17 @@ class Reporter:
             "staleness_s": now - latest.created_at if latest else None,
             "staleness_steps": step - latest.data.get("step", 0) if latest else None,
             "refused": dict(self.refused),
+            "publish_failures": self.publish_failures,
         }
         report["family"] = self.config.family
-        self.health_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # the heatmap is drawn into it; a failure is _write_health's to report
+            self.health_dir.mkdir(parents=True, exist_ok=True)
         self._log_heatmap(step)
         heatmap = self.health_dir / "utilisation.png"
         if (self.health.reports - 1) % self.config.health.heatmap_every_reports == 0 and self._plot is None:
             self._draw(heatmap, report)
         report["heatmap"] = str(heatmap) if heatmap.exists() else None  # the latest one drawn, if any yet
-        write_atomic(self.health_dir / "experts.json", orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        self._write_health(report, step)
         record = report_metrics(report)
         if latest:
             record.update({"snapshot/version": float(latest.version), "snapshot/staleness_s": now - latest.created_at})
@@ -122,6 +182,20 @@ class Reporter:
             self.telemetry.summarise({"health/anomalies": [f"{a['kind']}: {a['subject']}: {a['detail']}"
                                                            for a in report["anomalies"]]})
         return record
+
+    def _write_health(self, report: dict, step: int) -> None:
+        """``experts.json`` for ``moestream experts``; a directory that cannot take it (full, read-only: the
+        snapshots' disk, as a rule) costs the file, not the training, and is logged once until it can."""
+        try:
+            self.health_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.health_dir / "experts.json", orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        except OSError as exc:
+            if not self._health_unwritable:
+                print(f"moestream: WARNING: cannot write the expert-health report to {self.health_dir} at step "
+                      f"{step}: {exc}; training goes on", flush=True)
+            self._health_unwritable = True
+            return
+        self._health_unwritable = False
 
     def _draw(self, path: Path, report: dict) -> None:
         """The first report, then every N: one drawing at a time, on the plot thread."""

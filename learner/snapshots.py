@@ -7,7 +7,9 @@ Layout of a snapshot directory (the long-lived weight store serving follows)::
     LATEST                the newest published version, written last
 
 Every file is written to a temporary name, fsynced and renamed, so a reader sees a whole snapshot or none.
-A reader verifies the sha256 before it trusts the bytes.
+A reader verifies the sha256 before it trusts the bytes. A publish that cannot write (a full disk, a
+read-only directory) raises :class:`SnapshotUnwritable` and leaves nothing of itself behind: no temporary
+file, no weights without their manifest; ``LATEST`` still names the last whole version.
 
 Publishing is guarded: a snapshot is refused (:class:`SnapshotRefused`, with the reason) when any weight is
 not finite, or, given a :class:`PublishGuard`, when a task's recent progressive AUC fell more than
@@ -19,6 +21,7 @@ says ``rollback_of``), so every follower of ``LATEST`` picks it up like any othe
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -37,10 +40,22 @@ from safetensors.torch import save as save_safetensors
 from learner.config import PublishGuard  # the guard's settings are configuration: checked without torch
 
 _NAME = re.compile(r"^v(\d{6,})\.json$")
+SNAPSHOTS_KEPT = 10
+"""Versions a store keeps by default (older ones are pruned after each publish)."""
 
 
 class SnapshotError(RuntimeError):
     """A snapshot that must not be published or loaded (non-finite, corrupt, missing)."""
+
+
+class SnapshotUnwritable(SnapshotError):
+    """The directory refused the write (``errno`` 28: full, 30: read-only, ...); nothing of it was left."""
+
+    def __init__(self, directory: Path, error: OSError) -> None:
+        name = errno.errorcode.get(error.errno, "?") if error.errno is not None else "?"
+        super().__init__(f"cannot write a snapshot to {directory}: [Errno {error.errno}] {name}: {error.strerror or error}")
+        self.directory = directory
+        self.errno = error.errno
 
 
 class SnapshotRefused(SnapshotError):
@@ -75,11 +90,16 @@ class Manifest:
 def write_atomic(path: Path, payload: bytes) -> None:
     """Write to a temporary name, fsync, rename, fsync the directory: readers see all of it or none."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk still lets a file be removed; a read-only one made none
+            tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -88,7 +108,7 @@ def write_atomic(path: Path, payload: bytes) -> None:
 
 
 class SnapshotStore:
-    def __init__(self, directory: Path, keep: int = 10) -> None:
+    def __init__(self, directory: Path, keep: int = SNAPSHOTS_KEPT) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep = keep
@@ -133,7 +153,8 @@ class SnapshotStore:
         """Write a new version and point ``LATEST`` at it. Returns its manifest.
 
         Raises :class:`SnapshotRefused` (nothing written) for non-finite weights, or, with a ``guard``,
-        when ``data["metrics"]`` fails :meth:`PublishGuard.check` against the latest manifest's metrics.
+        when ``data["metrics"]`` fails :meth:`PublishGuard.check` against the latest manifest's metrics;
+        :class:`SnapshotUnwritable` (nothing left behind) when the directory refuses the write.
         """
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -168,8 +189,13 @@ class SnapshotStore:
     def _exclusive(self) -> Iterator[None]:
         """Writers of this directory (the trainer publishing, ``moestream snapshots rollback``) take turns:
         each numbers its version from what is on disk, so two at once could pick the same number.
-        Readers (serving) need no lock: every file is replaced atomically."""
-        with open(self.directory / ".lock", "a+b") as handle:
+        Readers (serving) need no lock: every file is replaced atomically. A directory where even the lock
+        file cannot be opened (read-only, full) is :class:`SnapshotUnwritable`."""
+        try:
+            handle = open(self.directory / ".lock", "a+b")
+        except OSError as exc:
+            raise SnapshotUnwritable(self.directory, exc) from exc
+        with handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
                 yield
@@ -179,9 +205,16 @@ class SnapshotStore:
     def _write(self, payload: bytes, data: dict) -> Manifest:
         version = max([*self.versions(), self.latest_version() or 0], default=0) + 1
         manifest = Manifest(version, hashlib.sha256(payload).hexdigest(), time.time(), data)
-        write_atomic(self._weights(version), payload)
-        write_atomic(self._manifest(version), manifest.to_json())
-        write_atomic(self.directory / "LATEST", str(version).encode())
+        try:
+            write_atomic(self._weights(version), payload)
+            write_atomic(self._manifest(version), manifest.to_json())
+            write_atomic(self.directory / "LATEST", str(version).encode())
+        except OSError as exc:
+            if self.latest_version() != version:  # not published: its weights alone would only take space
+                for path in (self._manifest(version), self._weights(version)):
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
+            raise SnapshotUnwritable(self.directory, exc) from exc
         self._prune()
         return manifest
 
@@ -207,6 +240,8 @@ class SnapshotStore:
         return manifest, tensors
 
     def _prune(self) -> None:
+        """Remove all but the newest ``keep`` versions (a version that cannot be removed now goes next time)."""
         for version in self.versions()[: -self.keep]:
-            self._weights(version).unlink(missing_ok=True)
-            self._manifest(version).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self._weights(version).unlink(missing_ok=True)
+                self._manifest(version).unlink(missing_ok=True)

@@ -102,7 +102,8 @@ class TrainerWorker:
         joiner = LabelJoiner.from_state(config.joiner, restored.joiner) if restored is not None else None
         self.stream = JoinedStream(kafka, config.joiner, restored=joiner)
         self.stream.auto_commit = False  # commits follow checkpoints
-        intake = Intake(self.stream, max_buffered=config.read_ahead_batches * config.batch_size)
+        intake = Intake(self.stream, max_buffered=config.read_ahead_batches * config.batch_size,
+                        stall_timeout_s=config.stall_timeout_s)
         if restored is not None:
             intake.restore(restored.buffer)  # acknowledged before the crash; trained first
             self.restored_step = restored.step
@@ -128,6 +129,8 @@ class TrainerWorker:
             "joiner": asdict(self.stream.joiner.stats),
             "pending": self.stream.joiner.n_pending,
             "rebalances": s.rebalances,
+            "intake_stalls": self.loop.source.stalls,
+            "intake_stall_recoveries": self.loop.source.recoveries,
             "lag": self.loop.source.lag(),
             "committed": self.stream.committed,
             "restored_step": self.restored_step,

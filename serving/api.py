@@ -4,17 +4,23 @@
   with its per-task probabilities, plus the model version that scored them and the replica that answered.
 - ``POST /predict {user_id, item_ids}``: the walking skeleton's call, kept: probabilities in request order.
 - ``GET /v1/model``: family, version, event-time high-water mark and age of the snapshot being served.
-- ``GET /healthz``: liveness, the served version, swaps, refused snapshots.
+- ``GET /healthz``: readiness (200 once a model is served, 503 with the reason before), the served version,
+  swaps, refused snapshots.
 
 Bad input is the client's error, never the server's: bodies over ``max_body_bytes`` are refused with 413
-before parsing, bodies that are not UTF-8 text with 400; malformed JSON, wrong types, missing or unknown
-fields, too many or repeated candidates get 422 with the reasons (``message`` sums them up in one line).
-The only 5xx is 503 before the first snapshot is published. The app is built per replica around a ``rank`` coroutine (batched under Serve,
-direct in-process) so tests can drive the very same app over ASGI.
+before parsing, a ``Content-Type`` other than JSON with 415, bodies that are not UTF-8 text with 400;
+malformed JSON, nesting deeper than 1024 levels, non-finite numbers (``NaN``, ``1e400``), wrong types,
+missing or unknown fields, too many or repeated candidates get 422 with the reasons (``message`` sums them
+up in one line; ``serving.body`` reads the bodies). With API tokens configured (``serving.auth``) every
+route but ``/healthz`` and the docs needs a bearer token, else 401. The only 5xx is 503 before the first
+snapshot is served. The docs pages load Swagger UI and ReDoc from this server, not from a CDN, so they work
+offline. The app is built per replica around a ``rank`` coroutine (batched under Serve, direct in-process)
+so tests can drive the very same app over ASGI.
 """
 
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -26,18 +32,24 @@ from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from features.backends import FeatureStoreUnavailable
+from serving.auth import BearerAuth, load_tokens
+from serving.body import TOO_DEEP, BodyLimit, JsonRoute, describe_non_finite
 from serving.ranker import NoModelYet, Ranking, RankingService, RankQuery
 
 
 def _whole_number(value: Any) -> Any:
     """JSON does not tell 7 from 7.0 (JSON Schema calls both an integer): take whole floats as ids, refuse
-    fractions, strings and booleans (Python's ``True`` is an int)."""
+    fractions, non-finite numbers, strings and booleans (Python's ``True`` is an int)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError("must be an integer id")
     if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {describe_non_finite(value)}")
         if not value.is_integer():
             raise ValueError("must be an integer id, not a fraction")
         return int(value)
@@ -67,8 +79,16 @@ def _whole_numbers(values: Any) -> Any:
     return whole
 
 
+def _finite(value: Any) -> Any:
+    """Refuse ``NaN``, ``Infinity`` and overflowing numbers by name, before the union's four type errors."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {describe_non_finite(value)}")
+    return value
+
+
 CandidateId = Annotated[StrictInt, Field(ge=0, le=MAX_ENTITY_ID)]
-ContextValue = Annotated[StrictStr, Field(max_length=256)] | StrictInt | Annotated[StrictFloat, Field(allow_inf_nan=False)] | StrictBool
+ContextValue = Annotated[Annotated[StrictStr, Field(max_length=256)] | StrictInt
+                         | Annotated[StrictFloat, Field(allow_inf_nan=False)] | StrictBool, BeforeValidator(_finite)]
 MAX_CONTEXT_KEYS = 32
 
 Rank = Callable[[RankQuery], Awaitable[Ranking]]
@@ -132,6 +152,9 @@ class ModelInfo(BaseModel):
 
 class Health(BaseModel):
     ok: bool
+    """Ready: a model is served. False (with status 503) before the first snapshot is."""
+    reason: str | None
+    """Why the replica is not ready; None when it is."""
     model_version: int | None
     swaps: int
     rejected_versions: list[int]
@@ -175,61 +198,6 @@ def request_models(max_candidates: int) -> tuple[type[BaseModel], type[BaseModel
     return RankRequest, PredictRequest
 
 
-class BodyLimit:
-    """ASGI middleware: read the request body up to ``max_bytes`` and refuse a larger one with 413, whether
-    it declares its length or streams in chunks; a declared length that is not a number is a 400."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:
-            try:
-                length = int(declared)
-            except ValueError:
-                await _refuse(send, 400, "Content-Length is not a number")
-                return
-            if length > self.max_bytes:
-                await _refuse(send, 413, f"request body of {length} bytes exceeds the limit of {self.max_bytes}")
-                return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await _refuse(send, 413, f"request body exceeds the limit of {self.max_bytes} bytes")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()  # after the body: wait for the disconnect, as the server would
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
-async def _refuse(send, status: int, detail: str) -> None:
-    payload = orjson.dumps({"detail": detail})
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": payload})
-
-
 def _json(body: dict) -> Response:
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
@@ -237,8 +205,11 @@ def _json(body: dict) -> Response:
 def _summary(errors: list[dict]) -> str:
     parts = []
     for e in errors[:5]:
+        if e["type"] == "json_invalid" and e["msg"] == TOO_DEEP:
+            parts.append(f"body {TOO_DEEP}")
+            continue
         if e["type"] == "json_invalid":
-            parts.append(f"body is not valid JSON (error at character {e['loc'][-1]})")
+            parts.append(f"body is not valid JSON (error at character {e['loc'][-1]}: {e['msg']})")
             continue
         where = ".".join(str(p) for p in e["loc"][1:]) or "body"
         parts.append(f"{where}: {e['msg']}")
@@ -248,9 +219,11 @@ def _summary(errors: list[dict]) -> str:
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorMessage, "description": "The body is not text (UTF-8) or its Content-Length is not a number."},
+    401: {"model": ErrorMessage, "description": "API tokens are configured and the request has no valid bearer token."},
     413: {"model": ErrorMessage, "description": "The request body is larger than the configured limit."},
+    415: {"model": ErrorMessage, "description": "The body's Content-Type is not application/json."},
     422: {"model": ValidationErrorBody, "description": "The body is not valid JSON or does not match the schema."},
-    503: {"model": ErrorMessage, "description": "No model snapshot has been published yet."},
+    503: {"model": ErrorMessage, "description": "No model snapshot is served yet."},
 }
 
 
@@ -258,16 +231,22 @@ def build_api(service: RankingService, rank: Rank, replica: str) -> FastAPI:
     """The FastAPI app of one replica: ``rank`` scores one query (Serve batches it with others)."""
     config, pid = service.config, os.getpid()
     RankRequest, PredictRequest = request_models(config.max_candidates)
-    app = FastAPI(
+    tokens = load_tokens(config.api_tokens_file)  # before serving anything: a bad token source stops the replica
+    app = FastAPIOffline(
         title="moestream ranking",
         version="1.0.0",
         description="Ranks candidate items for a user with the newest verified snapshot of a multi-task model.",
     )
+    app.router.route_class = JsonRoute
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    if tokens:
+        app.add_middleware(BearerAuth, digests=tokens)  # added last: runs first, before the body is read
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+        errors = [{"type": e["type"], "loc": list(e["loc"]),
+                   "msg": e.get("ctx", {}).get("error", e["msg"]) if e["type"] == "json_invalid" else e["msg"]}
+                  for e in exc.errors()]
         return JSONResponse({"message": _summary(errors), "detail": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -279,6 +258,10 @@ def build_api(service: RankingService, rank: Rank, replica: str) -> FastAPI:
     @app.exception_handler(NoModelYet)
     async def no_model(_: Request, exc: NoModelYet) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(FeatureStoreUnavailable)
+    async def no_features(_: Request, exc: FeatureStoreUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
 
     @app.post("/v1/rank", response_model=RankResponse, responses=ERRORS, summary="Rank candidates for a user")
     async def rank_candidates(request: RankRequest) -> Response:  # type: ignore[valid-type]
@@ -310,9 +293,11 @@ def build_api(service: RankingService, rank: Rank, replica: str) -> FastAPI:
     async def model() -> dict:
         return service.model_info()
 
-    @app.get("/healthz", response_model=Health, summary="Liveness and the served version")
-    async def healthz() -> dict:
-        return {**service.health(), "replica": replica}
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "Not ready: no model "
+             "is served yet (``reason`` says why)."}}, summary="Readiness and the served version")
+    async def healthz() -> Response:
+        health = {**service.health(), "replica": replica}
+        return JSONResponse(health, status_code=200 if health["ok"] else 503)
 
     return app
 

@@ -91,6 +91,11 @@ class ServingConfig:
     cores, 0-3% more requests/s and 0.6-2.3 ms lower pooled p99 (``docs/serving.md``), small beside the
     round-to-round spread but always the same way. While a batch scores (a few ms) the replica's HTTP server
     waits; on a saturated replica it had no CPU to run on anyway."""
+    api_tokens_file: str | None = None
+    """A file of API tokens, one per line, that every request but ``/healthz`` and the docs must present as
+    ``Authorization: Bearer <token>``; it must exist on each node that runs a replica. Only its path belongs
+    here, never a token. The environment adds ``MOESTREAM_API_TOKENS`` and ``MOESTREAM_API_TOKENS_FILE``
+    (``serving.auth``); with none of the three the API is open."""
 
     def __post_init__(self) -> None:
         _number(self.num_replicas, "serving.num_replicas", low=1, integer=True)
@@ -106,6 +111,8 @@ class ServingConfig:
         _number(self.max_body_bytes, "serving.max_body_bytes", low=1024, integer=True)
         _number(self.num_cpus, "serving.num_cpus", low=0)
         _number(self.poll_s, "serving.poll_s", low=1e-3)
+        if self.api_tokens_file is not None and (not isinstance(self.api_tokens_file, str) or not self.api_tokens_file):
+            raise ValueError(f"serving.api_tokens_file must be a file path or null, got {self.api_tokens_file!r}")
         for name in ("access_log", "user_code_thread"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"serving.{name} must be true or false, got {getattr(self, name)!r}")

@@ -15,7 +15,7 @@ import itertools
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,8 @@ from serving.weights import LoadedModel, WeightFollower
 
 
 class NoModelYet(RuntimeError):
-    """Nothing has been published to the snapshot directory yet."""
+    """No snapshot has been served yet: none published, or every one published was refused. The message goes to
+    clients, so it says which without naming the server's paths."""
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,18 @@ def candidates_of(queries: Sequence[RankQuery]) -> int:
     return sum(len(q.candidates) for q in queries)
 
 
+SERVING_OUTAGE_S = 1.0
+"""Longest a ranking request waits for an unreachable online store before it is answered 503."""
+
+
 class RankingService:
     def __init__(self, snapshot_dir: Path, features: FeatureStoreConfig, config: ServingConfig = ServingConfig(),
                  metrics: ServingMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or ServingMetrics()
-        self.features = OnlineFeatures(features, apply=False)
+        # A request does not wait out a feature-store outage as the trainer does: it gets a 503 within a second.
+        self.features = OnlineFeatures(replace(features, outage_timeout_s=min(features.outage_timeout_s, SERVING_OUTAGE_S)),
+                                       apply=False)
         self.batches = 0
         self._batch_seq = itertools.count(1)  # next() is atomic: batches scored on any thread get distinct numbers
         self.weights = WeightFollower(Path(snapshot_dir), config.poll_s, on_swap=self._swapped)
@@ -80,7 +87,7 @@ class RankingService:
         """Score a batch of requests with one snapshot. Raises :class:`NoModelYet` before the first one."""
         current = self.weights.current  # read once: the whole batch sees one model
         if current is None:
-            raise NoModelYet(f"no model snapshot has been published to {self.weights.store.directory} yet")
+            raise NoModelYet(self.not_ready())
         batch = self.batches = next(self._batch_seq)
         lengths = np.fromiter((len(q.candidates) for q in queries), np.int64, len(queries))
         items = np.concatenate([q.candidates for q in queries])  # (N,)
@@ -103,7 +110,7 @@ class RankingService:
     def model_info(self) -> dict:
         current = self.weights.current
         if current is None:
-            raise NoModelYet(f"no model snapshot has been published to {self.weights.store.directory} yet")
+            raise NoModelYet(self.not_ready())
         manifest = current.manifest
         return {
             "family": current.family,
@@ -119,10 +126,18 @@ class RankingService:
             "rollback_of": manifest.data.get("rollback_of"),
         }
 
+    def not_ready(self) -> str:
+        """Why no model is served (the replica is up; the learner has not published one it can use)."""
+        if self.weights.rejected:
+            return (f"no model published yet that verifies: snapshot(s) {sorted(self.weights.rejected)} were refused "
+                    "(the replica's log says why); waiting for the learner's next one")
+        return "no model published yet: the learner has not published its first snapshot"
+
     def health(self) -> dict:
         current = self.weights.current
         return {
-            "ok": True,
+            "ok": current is not None,
+            "reason": None if current is not None else self.not_ready(),
             "model_version": current.version if current else None,
             "swaps": self.weights.swaps,
             "rejected_versions": sorted(self.weights.rejected),

@@ -2,8 +2,12 @@
 
 The source never commits on its own (auto-commit off). It hands out decoded batches together with the
 offsets they reach; the downstream stage calls :meth:`EventSource.commit` once what those offsets cover is
-durable. Malformed messages are written to ``<topic>.dlq`` with the reason and their source position in
-headers, and the DLQ is flushed before any commit that passes them.
+durable. Malformed messages, a null value (a tombstone) among them, are written to ``<topic>.dlq`` with their
+key, the reason, their source position and their own headers, and the DLQ is flushed before any commit that
+passes them. Writing a dead letter never fails on what the message holds, so no message can stop the intake.
+
+Commands check that a broker answers (:func:`require_broker`) before they start, so a missing one is one line
+after ``kafka.connect_timeout_s``, not a timeout deep inside a producer.
 
 Every client connects with :func:`client_options`: the broker address and the security settings of
 :class:`KafkaConfig` (TLS, SASL) with the credentials read from the environment at that moment. Credentials
@@ -13,6 +17,7 @@ never sit in a config object, so they cannot reach a log, a W&B run config or a 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -21,7 +26,8 @@ from typing import Any, Literal
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata
 
 from stream.events import DecodedBatch, decode_batch, encode
@@ -54,8 +60,17 @@ class KafkaConfig:
     ssl_keyfile: str | None = None
     """Its private key; a password protecting it comes from ``SSL_KEY_PASSWORD_ENV``."""
     ssl_check_hostname: bool = True
+    connect_timeout_s: float = 5.0
+    """How long a command waits for a broker to answer at ``bootstrap_servers`` before it says none does."""
+    delivery_timeout_s: float = 120.0
+    """How long an event producer keeps retrying a batch before its send fails: a broker outage shorter than
+    this is waited out (``replay`` then prints where to resume)."""
 
     def __post_init__(self) -> None:
+        if not self.connect_timeout_s > 0:
+            raise ValueError(f"kafka.connect_timeout_s must be > 0, got {self.connect_timeout_s}")
+        if not self.delivery_timeout_s >= 1:
+            raise ValueError(f"kafka.delivery_timeout_s must be >= 1, got {self.delivery_timeout_s}")
         protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
         if self.security_protocol not in protocols:
             raise ValueError(f"kafka.security_protocol must be one of {protocols}, got {self.security_protocol!r}")
@@ -108,9 +123,47 @@ def client_options(config: KafkaConfig) -> dict[str, Any]:
     return options
 
 
+class BrokerUnavailable(ConnectionError):
+    """No Kafka broker answered at the configured address; the message is one line that says how to start one."""
+
+
+def require_broker(config: KafkaConfig) -> None:
+    """Return once a broker answers at ``config.bootstrap_servers``; raise :class:`BrokerUnavailable` after
+    ``config.connect_timeout_s`` otherwise. Commands call it first: without it a missing broker shows only as
+    a producer's or consumer's timeout, tens of seconds later."""
+    if not any(_listens(server, config.connect_timeout_s) for server in config.bootstrap_servers.split(",")):
+        raise _unavailable(config, "nothing accepts connections there")
+    _admin(config, config.connect_timeout_s).close()
+
+
+def _listens(server: str, timeout_s: float) -> bool:
+    """Whether ``host:port`` accepts a TCP connection: a check that starts no client thread, so nothing of
+    kafka-python is left running (or printing) when there is no broker at all."""
+    host, _, port = server.strip().rpartition(":") if ":" in server else (server.strip(), "", "9092")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _admin(config: KafkaConfig, timeout_s: float) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(**client_options(config), client_id="moestream-admin",
+                                bootstrap_timeout_ms=int(timeout_s * 1000))
+    except KafkaError as exc:
+        raise _unavailable(config, f"{type(exc).__name__} after {timeout_s:g} s") from None
+
+
+def _unavailable(config: KafkaConfig, why: str) -> BrokerUnavailable:
+    return BrokerUnavailable(f"no Kafka broker answered at {config.bootstrap_servers} (kafka.bootstrap_servers: "
+                             f"{why}); start a local one with `moestream kafka up`")
+
+
 def ensure_topics(config: KafkaConfig, timeout_s: float = 30.0) -> None:
-    """Create the event topic and its DLQ if they do not exist (idempotent)."""
-    admin = KafkaAdminClient(**client_options(config), client_id="moestream-admin")
+    """Create the event topic and its DLQ if they do not exist (idempotent). A broker that does not answer
+    within ``timeout_s`` (it may still be starting) raises :class:`BrokerUnavailable`."""
+    admin = _admin(config, timeout_s)
     try:
         wanted = [NewTopic(config.topic, config.partitions, 1), NewTopic(config.dlq_topic, 1, 1)]
         missing = [t for t in wanted if t.name not in set(admin.list_topics())]
@@ -134,9 +187,12 @@ class EventSink:
     def __init__(self, config: KafkaConfig) -> None:
         self.config = config
         self.sent = 0
+        delivery_timeout_ms = int(config.delivery_timeout_s * 1000)
         self._producer = KafkaProducer(
             **client_options(config),
             acks="all",
+            delivery_timeout_ms=delivery_timeout_ms,
+            request_timeout_ms=min(30_000, delivery_timeout_ms - 5),  # kafka-python: delivery >= linger + request
             linger_ms=5,
             batch_size=256 * 1024,
             retries=10,
@@ -157,6 +213,18 @@ class EventSink:
             n += 1
         return n
 
+    def deliver(self, events: list[dict]) -> None:
+        """Send ``events`` and return once the broker acknowledged every one of them; raise the first
+        failure otherwise (a lost broker: after the producer's delivery timeout). What returned is durable,
+        so a caller counting positions after each call counts only acknowledged events."""
+        futures = [self._producer.send(self.config.topic, value=encode(e), key=str(e.get("user_id", "")).encode())
+                   for e in events]
+        self.sent += len(futures)
+        self._producer.flush()
+        failed = next((f for f in futures if f.failed()), None)
+        if failed is not None:
+            raise failed.exception
+
     def flush(self, timeout_s: float = 60.0) -> None:
         self._producer.flush(timeout=timeout_s)
 
@@ -166,24 +234,38 @@ class EventSink:
 
 
 class DeadLetterSink:
-    """Writes rejected messages, byte for byte, to ``<topic>.dlq`` with the reason in headers."""
+    """Writes rejected messages to ``<topic>.dlq``: the key and value byte for byte, then moestream's headers
+    (``reason``, ``reason_code``, ``source_topic``, ``source_partition``, ``source_offset``), then the message's
+    own headers, each renamed ``source_header.<name>`` so that none can pass for one of ours.
+
+    Kafka cannot take a record with neither key nor value, so a null value (a tombstone) is written as zero
+    bytes with the header ``source_value_null: true``; a null header value as zero bytes. A message too large
+    for the DLQ once the headers are added is written without its value (``source_value_dropped: too_large``).
+    """
 
     def __init__(self, config: KafkaConfig) -> None:
         self.topic = config.dlq_topic
         self.by_reason: Counter[str] = Counter()
         self._producer = KafkaProducer(**client_options(config), acks="all", retries=10)
 
-    def send(
-        self, value: bytes | None, reason: str, source_topic: str, partition: int, offset: int, code: str = "invalid"
-    ) -> None:
+    def send(self, record: ConsumerRecord, reason: str, code: str = "invalid") -> None:
+        """Dead-letter ``record`` (as the consumer returned it) for ``reason``; ``code`` groups the counts."""
         headers = [
             ("reason", reason.encode()),
             ("reason_code", code.encode()),
-            ("source_topic", source_topic.encode()),
-            ("source_partition", str(partition).encode()),
-            ("source_offset", str(offset).encode()),
+            ("source_topic", record.topic.encode()),
+            ("source_partition", str(record.partition).encode()),
+            ("source_offset", str(record.offset).encode()),
         ]
-        self._producer.send(self.topic, value=value, headers=headers)
+        if record.value is None:
+            headers.append(("source_value_null", b"true"))
+        headers += [(f"source_header.{name}", value or b"") for name, value in record.headers or ()]
+        value = record.value or b""
+        try:
+            self._producer.send(self.topic, key=record.key, value=value, headers=headers)
+        except MessageSizeTooLargeError:
+            self._producer.send(self.topic, key=record.key, value=b"",
+                                headers=[*headers, ("source_value_dropped", b"too_large")])
         self.by_reason[code] += 1
 
     @property
@@ -220,6 +302,7 @@ class EventSource:
         self.consumed = 0
         self.poll_errors = 0
         """Polls that failed on a transient Kafka error (a broker away) and were retried."""
+        self._listener = listener
         self._consumer = KafkaConsumer(
             **client_options(config),
             group_id=config.group_id,
@@ -280,7 +363,7 @@ class EventSource:
         )
         for reject in decoded.rejects:
             r = records[reject.index]
-            self.dead_letters.send(r.value, reject.reason, r.topic, r.partition, r.offset, reject.code)
+            self.dead_letters.send(r, reject.reason, reject.code)
         next_offsets: dict[int, int] = {}
         for r in records:
             next_offsets[r.partition] = max(next_offsets.get(r.partition, 0), r.offset + 1)
@@ -295,6 +378,28 @@ class EventSource:
         self._consumer.commit(
             {TopicPartition(self.config.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()}
         )
+
+    def outside_group(self) -> bool:
+        """A group member without partitions (it left the group, or never got an assignment)."""
+        return self.config.assign is None and not self._consumer.assignment()
+
+    def rejoin(self) -> None:
+        """Leave the consumer group and join it again: the group reassigns the partitions, and each resumes
+        from its committed offset, as after any rebalance (the listener hears the revocation, which kafka-python's
+        ``unsubscribe`` does not report). With a static assignment, the same partitions are assigned afresh.
+        The intake's watchdog calls this for a member that fetches nothing while its partitions have lag, or
+        that stays outside its group."""
+        held = list(self._consumer.assignment())
+        if self._listener is not None and held:
+            self._listener.on_partitions_revoked(held)
+        self._consumer.unsubscribe()
+        if self.config.assign is None:
+            self._consumer.subscribe([self.config.topic], listener=self._listener)
+            return
+        owned = [TopicPartition(self.config.topic, p) for p in self.config.assign]
+        self._consumer.assign(owned)
+        if self._listener is not None:
+            self._listener.on_partitions_assigned(owned)
 
     def lag(self) -> dict[int, int]:
         """Messages between each assigned partition's position and its end."""

@@ -44,7 +44,7 @@ from stream.logfile import (
     unknown_columns,
 )
 
-__all__ = ["LogError", "ReplayConfig", "ReplayPosition", "ReplayResult", "ReplaySource", "detect_schema",
+__all__ = ["LogError", "PastTheEnd", "ReplayConfig", "ReplayPosition", "ReplayResult", "ReplaySource", "detect_schema",
            "iter_events", "merge_runs", "replay", "replay_tables"]
 
 KUAIRAND_MAX_DELAY_MS = 8_000
@@ -136,6 +136,14 @@ class ReplayResult:
     """Where they are, one JSON line each (``config.rejects_path``)."""
     unknown_columns: tuple[str, ...] = ()
     """Columns of the file that neither schema knows: ignored."""
+
+
+class PastTheEnd(LogError):
+    """``start`` counts more events than the log holds: a resume against another (shorter) log, most likely."""
+
+    def __init__(self, path: Path, start: int, events: int) -> None:
+        super().__init__(f"{path}: start {start} is past the end of the log ({events} events)")
+        self.path, self.start, self.events = path, start, events
 
 
 # ---------------------------------------------------------------------------------------------- the source
@@ -283,6 +291,8 @@ class ReplaySource:
                     raise LogError(
                         f"{c.path}: cannot resume from {start}: {self._skipped} events come at or before its "
                         "key; the log, or the settings that order it, changed since")
+            if table is None and skip:
+                raise PastTheEnd(c.path, start.emitted, start.emitted - skip)
             if table is None or left == 0:
                 break
             if progress.name != "replaying":

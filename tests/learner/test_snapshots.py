@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import errno
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,9 +13,10 @@ from typer.testing import CliRunner
 from features.memory import InMemoryFeatures
 from infra.cli import app
 from learner.config import CadenceConfig, LearnerConfig
+from learner import reporter
 from learner.loop import TrainingLoop
 from learner.models import MultiTaskRanker
-from learner.snapshots import PublishGuard, SnapshotError, SnapshotRefused, SnapshotStore
+from learner.snapshots import PublishGuard, SnapshotError, SnapshotRefused, SnapshotStore, SnapshotUnwritable
 from serving.weights import WeightFollower
 
 
@@ -216,3 +220,84 @@ def test_concurrent_publishes_and_rollbacks_take_distinct_versions(tmp_path: Pat
         manifest, tensors = store.load(version)  # the sha256 of every manifest matches its own weights
         expected = 0.0 if "rollback_of" in manifest.data else float(manifest.data["step"])
         assert torch.equal(tensors["w"], _weights(expected)["w"])
+
+
+# -- a full or read-only snapshot directory (issue 19, item 4) ------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a disk that really fills up and really goes read-only (root ignores permission bits)."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def remount(mount: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(mount)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Take every free byte of ``directory``'s file system; the filler, to remove when done."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_disk_refuses_the_publish_and_leaves_nothing_behind(small_fs: Path) -> None:
+    store = SnapshotStore(small_fs / "snapshots")
+    store.publish(_weights(), {"step": 1})
+    filler = fill(small_fs)
+    with pytest.raises(SnapshotUnwritable, match=r"\[Errno 28\] ENOSPC") as raised:
+        store.publish({"w": torch.randn(200_000)}, {"step": 2})
+    assert raised.value.errno == errno.ENOSPC and str(small_fs / "snapshots") in str(raised.value)
+    assert sorted(p.name for p in store.directory.iterdir()) == [".lock", "LATEST", "v000001.json", "v000001.safetensors"]
+    assert store.latest_version() == 1
+    filler.unlink()
+    assert store.publish(_weights(3), {"step": 3}).version == 2
+
+
+def test_a_read_only_directory_refuses_the_publish_at_its_lock(small_fs: Path) -> None:
+    store = SnapshotStore(small_fs / "snapshots")
+    store.publish(_weights(), {"step": 1})
+    remount(small_fs, "ro")
+    with pytest.raises(SnapshotUnwritable, match=r"\[Errno 30\] EROFS") as raised:
+        store.publish(_weights(2), {"step": 2})
+    assert raised.value.errno == errno.EROFS
+    remount(small_fs, "rw")
+    assert store.publish(_weights(3), {"step": 3}).version == 2
+
+
+def test_the_loop_counts_failed_publishes_backs_off_and_publishes_again(small_fs: Path, monkeypatch, capsys) -> None:
+    config = LearnerConfig(family="mmoe", hparams={"n_experts": 2, "expert_dims": (4,), "tower_dims": ()},
+                           n_buckets=64, emb_dim=2)
+    loop = TrainingLoop.local(config, InMemoryFeatures(), SnapshotStore(small_fs / "snapshots"))
+    assert loop.publish().version == 1
+    remount(small_fs, "ro")
+    assert loop.publish() is None
+    assert not loop.reporter.publish_due()  # backing off: the next cadence does not try again at once
+    assert loop.publish() is None and loop.stats()["publish_failures"] == 1
+    monkeypatch.setattr(reporter, "PUBLISH_BACKOFF_S", 0.0)  # no waiting in a unit test
+    loop.reporter._retry_at = 0.0
+    assert loop.publish() is None
+    stats = loop.stats()
+    assert stats["publish_failures"] == 2 and stats["snapshot_outage_s"] > 0 and stats["refused_snapshots"] == {}
+    assert "Errno 30" in stats["last_publish_error"]
+    remount(small_fs, "rw")
+    assert loop.publish().version == 2
+    assert loop.stats()["snapshot_outage_s"] == 0.0 and loop.reporter.published == [1, 2]
+    log = capsys.readouterr().out
+    assert log.count("WARNING: cannot write a snapshot to") == 1  # once per outage, with the directory
+    assert log.count("publishing snapshots to") == 1 and "after 2 failed attempts" in log

@@ -6,6 +6,7 @@ The Serve deployment wraps this very app (``serving.app``); tests/serving/test_s
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import numpy as np
@@ -145,15 +146,48 @@ def test_a_new_snapshot_is_served_and_a_corrupt_one_refused(client: TestClient, 
     assert client.get("/healthz").json()["rejected_versions"] == [3]
 
 
-def test_no_snapshot_yet_is_a_503_that_says_so(tmp_path: Path, feature_config: FeatureStoreConfig) -> None:
-    service = RankingService(tmp_path / "empty", feature_config, ServingConfig(poll_s=NEVER))
+def test_no_snapshot_yet_is_a_503_that_says_so_without_server_paths(tmp_path: Path,
+                                                                    feature_config: FeatureStoreConfig) -> None:
+    """Before the first snapshot the replica is up but not ready: ``/healthz`` says so with 503, as does every
+    scoring call, and no answer names a directory of the server."""
+    directory = tmp_path / "empty"
+    service = RankingService(directory, feature_config, ServingConfig(poll_s=NEVER))
     try:
         with TestClient(build_api(service, unbatched(service), replica="local")) as client:
             response = client.post("/v1/rank", json={"user_id": 1, "candidates": [1, 2]})
-            assert response.status_code == 503 and "no model snapshot" in response.json()["detail"]
+            assert response.status_code == 503 and "no model published yet" in response.json()["detail"]
             assert response.headers["retry-after"] == "1"
-            assert client.get("/v1/model").status_code == 503
-            assert client.get("/healthz").json()["model_version"] is None
+            model = client.get("/v1/model")
+            assert model.status_code == 503
+            health = client.get("/healthz")
+            assert health.status_code == 503, health.text
+            assert health.json()["ok"] is False and health.json()["model_version"] is None
+            assert "no model published yet" in health.json()["reason"]
+            for answer in (response, model, health):
+                assert str(directory) not in answer.text and "snapshots" not in answer.text
+
+            publish(SnapshotStore(directory), seed=1)
+            service.weights.refresh()
+            health = client.get("/healthz")
+            assert health.status_code == 200 and health.json()["ok"] is True and health.json()["reason"] is None
+    finally:
+        service.close()
+
+
+def test_a_replica_whose_every_snapshot_was_refused_says_so(tmp_path: Path, feature_config: FeatureStoreConfig) -> None:
+    directory = tmp_path / "refused"
+    store = SnapshotStore(directory)
+    bad = publish(store, seed=1)
+    (directory / f"v{bad.version:06d}.safetensors").write_bytes(b"not safetensors")
+    service = RankingService(directory, feature_config, ServingConfig(poll_s=NEVER))
+    try:
+        with TestClient(build_api(service, unbatched(service), replica="local")) as client:
+            health = client.get("/healthz")
+            assert health.status_code == 503 and health.json()["rejected_versions"] == [bad.version]
+            assert f"[{bad.version}] were refused" in health.json()["reason"]
+            response = client.post("/v1/rank", json={"user_id": 1, "candidates": [1]})
+            assert response.status_code == 503 and "were refused" in response.json()["detail"]
+            assert str(directory) not in response.text + health.text
     finally:
         service.close()
 
@@ -176,7 +210,14 @@ def test_no_snapshot_yet_is_a_503_that_says_so(tmp_path: Path, feature_config: F
         (orjson.dumps({"user_id": 1, "candidates": list(range(51))}), 422, "List should have at most 50 items"),
         (b'{"user_id": 1, "candidates": [1], "extra": 1}', 422, "extra: Extra inputs are not permitted"),
         (b'{"user_id": 1, "candidates": [1], "context": {"a": [1]}}', 422, "context.a"),
-        (b'{"user_id": 1, "candidates": [1], "context": {"a": NaN}}', 422, "context.a"),
+        (b'{"user_id": 1, "candidates": [1], "context": {"a": NaN}}', 422, "context.a: Value error, must be a finite number, got NaN"),
+        (b'{"user_id": 1, "candidates": [1], "context": {"a": 1e400}}', 422, "context.a: Value error, must be a finite number, got 1e400 (overflows)"),
+        (b'{"user_id": 1e400, "candidates": [1]}', 422, "user_id: Value error, must be a finite number, got 1e400 (overflows)"),
+        (b'{"user_id": -1e999, "candidates": [1]}', 422, "user_id: Value error, must be a finite number, got -1e999 (overflows)"),
+        (b'{"user_id": NaN, "candidates": [1]}', 422, "user_id: Value error, must be a finite number, got NaN"),
+        (b'{"user_id": 1, "candidates": [1, Infinity]}', 422, "candidates: Value error, item 1 must be a finite number, got Infinity"),
+        (b'{"user_id": 1, "candidates": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", 422, "body nests deeper than 1024 levels"),
+        (b'{"user_id": 1, "candidates": [1, 2] "context": {}}', 422, "body is not valid JSON (error at character"),
         (b'{"user_id": 99999999999999999999999, "candidates": [1]}', 422, "user_id: Input should be less than or equal to 9007199254740991"),
     ],
 )
@@ -222,4 +263,41 @@ def test_body_limit_counts_streamed_chunks_without_a_declared_length() -> None:
 
 def test_a_body_that_is_not_text_is_a_400_that_says_so(client: TestClient) -> None:
     response = client.post("/v1/rank", content=b"\x17\xff{\xfe", headers={"content-type": "application/json"})
-    assert response.status_code == 400 and "UTF-8" in response.json()["detail"]
+    assert response.status_code == 400
+    assert response.json()["detail"] == "body is not UTF-8 text (invalid byte at position 1)"
+
+
+@pytest.mark.parametrize(("content_type", "named"), [
+    ("text/plain", "text/plain"),
+    ("application/x-www-form-urlencoded", "application/x-www-form-urlencoded"),  # curl -d without -H
+    ("text/plain; charset=utf-8", "text/plain"),
+    (None, "none"),
+])
+@pytest.mark.parametrize("path", ["/v1/rank", "/predict"])
+def test_a_body_that_is_not_json_is_a_415_that_names_its_type(client: TestClient, path: str,
+                                                               content_type: str | None, named: str) -> None:
+    body = orjson.dumps({"user_id": 1, "candidates" if path == "/v1/rank" else "item_ids": [1]})
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post(path, content=body, headers=headers)
+    assert response.request.headers.get("content-type") == content_type
+    assert response.status_code == 415, response.text
+    assert response.json()["detail"] == f"Content-Type must be application/json, got {named}"
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.moestream+json"])
+def test_json_media_types_with_parameters_or_suffixes_are_json(client: TestClient, content_type: str) -> None:
+    response = client.post("/v1/rank", content=b'{"user_id": 1, "candidates": [1]}', headers={"content-type": content_type})
+    assert response.status_code == 200, response.text
+
+
+def test_docs_load_nothing_from_outside_the_server(client: TestClient) -> None:
+    """Swagger UI and ReDoc come from this server, so ``/docs`` works on a machine without internet."""
+    for page in ("/docs", "/redoc"):
+        html = client.get(page)
+        assert html.status_code == 200
+        assert not re.findall(r"(?:https?:)?//[\w.-]+", html.text), f"{page} references another host"
+        assets = re.findall(r"""(?:src|href)=["'](/[^"']+)["']""", html.text)
+        assert any(a.endswith(".js") for a in assets), html.text
+        for asset in assets:
+            fetched = client.get(asset)
+            assert fetched.status_code == 200 and len(fetched.content) > 1000, asset

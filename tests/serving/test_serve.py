@@ -117,6 +117,9 @@ def test_fifty_snapshots_swap_in_under_load_with_nothing_dropped(served) -> None
         (b'{"candidates": [1]}', 422, "user_id: Field required"),
         (b'{"user_id": 1, "candidates": [' + b"1," * 200 + b'1]}', 422, "at most 200 items"),
         (b'{"user_id": 1, "candidates": [' + b"12345678," * 10_000 + b'1]}', 413, "exceeds the limit"),
+        (b'{"user_id": 1e400, "candidates": [1]}', 422, "user_id: Value error, must be a finite number, got 1e400 (overflows)"),
+        (b'{"user_id": NaN, "candidates": [1]}', 422, "user_id: Value error, must be a finite number, got NaN"),
+        (b'{"user_id": 1, "candidates": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", 422, "body nests deeper than 1024 levels"),
     ],
 )
 def test_bad_requests_over_http_are_4xx(served, body: bytes, status: int, needle: str) -> None:
@@ -124,6 +127,51 @@ def test_bad_requests_over_http_are_4xx(served, body: bytes, status: int, needle
     r = httpx.post(f"{url}/v1/rank", content=body, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == status, r.text
     assert needle in r.text
+
+
+def test_a_body_that_is_not_json_over_http_is_a_415(served) -> None:
+    url, _ = served
+    r = httpx.post(f"{url}/v1/rank", content=b'{"user_id": 1, "candidates": [1]}', headers={"content-type": "text/plain"},
+                   timeout=30)
+    assert r.status_code == 415 and r.json()["detail"] == "Content-Type must be application/json, got text/plain"
+
+
+def test_a_locked_replica_before_and_after_its_first_snapshot(served, tmp_path: Path) -> None:
+    """A replica with API tokens and no snapshot yet: not ready on ``/healthz`` (open to all), 401 without the
+    token, 503 that names no server path with it; then ready and ranking once a snapshot is published."""
+    from ray import serve
+
+    url, _ = served
+    token = "0123456789abcdef" * 4
+    tokens = tmp_path / "tokens"
+    tokens.write_text(token + "\n")
+    tokens.chmod(0o600)
+    store = SnapshotStore(tmp_path / "snapshots")
+    config = ServingConfig(num_cpus=0.5, poll_s=0.05, api_tokens_file=str(tokens))
+    serve.run(build_app(store.directory, feature_store(tmp_path / "features"), config), name="ranking-locked",
+              route_prefix="/locked")
+    try:
+        base, body = f"{url}/locked", {"user_id": 1, "candidates": [10, 11]}
+        with httpx.Client(base_url=base, timeout=30) as http:
+            health = http.get("/healthz")
+            assert health.status_code == 503 and health.json()["ok"] is False, health.text
+            assert "no model published yet" in health.json()["reason"]
+            refused = http.post("/v1/rank", json=body)
+            assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer")
+            wrong = http.post("/v1/rank", json=body, headers={"authorization": "Bearer " + "f" * 64})
+            assert wrong.status_code == 401 and "f" * 64 not in wrong.text
+            authorized = {"authorization": f"Bearer {token}"}
+            early = http.post("/v1/rank", json=body, headers=authorized)
+            assert early.status_code == 503 and "no model published yet" in early.json()["detail"]
+            assert str(tmp_path) not in early.text + health.text
+
+            publish(store, seed=1)
+            wait_for(lambda: http.get("/healthz").status_code == 200, 60, "the locked replica to serve v1")
+            ranked = http.post("/v1/rank", json=body, headers=authorized)
+            assert ranked.status_code == 200 and ranked.json()["model_version"] == 1, ranked.text
+            assert http.post("/v1/rank", json=body).status_code == 401
+    finally:
+        serve.delete("ranking-locked")
 
 
 def test_a_streamed_body_over_the_limit_is_refused(served) -> None:
@@ -148,7 +196,10 @@ def test_predict_model_docs_and_unknown_ids_over_http(served) -> None:
         assert [i["item_id"] for i in predicted.json()["items"]] == [3, 10**12, 1]
         model = http.get("/v1/model").json()
         assert model["family"] == "mmoe" and model["version"] >= 1 and model["snapshot_age_s"] >= 0
-        assert http.get("/docs").status_code == 200
+        docs = http.get("/docs")
+        assert docs.status_code == 200 and not re.findall(r"(?:https?:)?//[\w.-]+", docs.text), "docs need the internet"
+        for asset in re.findall(r"""(?:src|href)=["'](/[^"']+)["']""", docs.text):
+            assert http.get(asset).status_code == 200, asset
         assert "/v1/rank" in http.get("/openapi.json").json()["paths"]
 
 

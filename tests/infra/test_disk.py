@@ -1,0 +1,65 @@
+"""The start-up disk check: the need is estimated from the configuration, and a warning names the path and
+the bytes free against the bytes needed only when they do not fit."""
+
+from __future__ import annotations
+
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+
+from infra import disk
+from infra.config import MoestreamConfig, PathsConfig
+from learner.config import LearnerConfig
+from learner.snapshots import SnapshotStore
+
+Usage = namedtuple("Usage", "total used free")
+
+
+def _config(root: Path, **learner) -> MoestreamConfig:
+    return MoestreamConfig(paths=PathsConfig(data_root=root), learner=LearnerConfig(**learner))
+
+
+def _free(monkeypatch, free: int) -> None:
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10 * free + 1, 0, free))
+
+
+def test_the_snapshot_need_is_the_models_bytes_times_the_versions_kept(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    weights = disk.model_bytes(config)
+    learner = config.learner
+    embeddings = learner.n_buckets * learner.emb_dim * 4  # one hashed table per id field, fp32
+    assert weights > embeddings  # the embedding tables are most of it, the experts and towers the rest
+    snapshots, checkpoints = disk.disk_needs(config)
+    assert snapshots.path == config.layout().snapshots and checkpoints.path == config.layout().checkpoints
+    assert snapshots.bytes == 11 * (weights + disk.MANIFEST_BYTES)
+    assert checkpoints.bytes == 3 * (3 * weights + disk.CHECKPOINT_ARRAYS_BYTES)
+
+
+def test_enough_space_warns_of_nothing_and_too_little_names_the_paths_and_bytes(tmp_path: Path, monkeypatch) -> None:
+    config = _config(tmp_path, n_buckets=1024, emb_dim=4)
+    needed = sum(n.bytes for n in disk.disk_needs(config))
+    _free(monkeypatch, needed)
+    assert disk.free_space_warnings(config) == []
+    _free(monkeypatch, needed - 1)
+    [warning] = disk.free_space_warnings(config)  # one file system: one warning for both stores
+    assert str(config.layout().snapshots) in warning and str(config.layout().checkpoints) in warning
+    assert f"{needed - 1:,} bytes" in warning and f"needs about {needed:,} bytes" in warning
+
+
+def test_what_the_stores_already_hold_counts_as_reusable(tmp_path: Path, monkeypatch) -> None:
+    config = _config(tmp_path, n_buckets=1024, emb_dim=4)
+    needed = sum(n.bytes for n in disk.disk_needs(config))
+    SnapshotStore(config.layout().snapshots).publish({"w": torch.zeros(1000)}, {})
+    held = sum(f.stat().st_size for f in config.layout().snapshots.iterdir())
+    _free(monkeypatch, needed - held)
+    assert disk.free_space_warnings(config) == []
+    _free(monkeypatch, needed - held - 1)
+    assert len(disk.free_space_warnings(config)) == 1
+
+
+@pytest.mark.parametrize("family", ["mmoe", "ple", "home", "smes"])
+def test_every_family_is_sized_without_building_real_tensors(tmp_path: Path, family: str) -> None:
+    assert disk.model_bytes(_config(tmp_path, family=family, n_buckets=256, emb_dim=4)) > 256 * 4 * 4
