@@ -303,7 +303,8 @@ def train(
 
 def _outages(s: dict) -> str:
     """What a worker waited out or recovered from, for its status line (nothing when all is well)."""
-    parts = [f"{s[key]} {what}" for key, what in (("intake_stalls", "intake stall(s)"),
+    parts = [f"{s[key]} {what}" for key, what in (("broker_retries", "fetch(es) retried while the broker was away"),
+                                                  ("intake_stalls", "intake stall(s)"),
                                                   ("publish_failures", "failed publish(es)"),
                                                   ("feature_store_outages", "feature store outage(s)"))
              if s.get(key)]

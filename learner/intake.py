@@ -350,6 +350,7 @@ class Intake(BufferedSource):
     def figures(self) -> dict[str, float]:
         return {"kafka/lag": float(sum(self._lag.values())), "kafka/consumed": float(self.stream.stats.consumed),
                 "joiner/pending": float(self.stream.joiner.n_pending), "kafka/stalls": float(self.stalls),
+                "kafka/broker_retries": float(self.stream.source.poll_errors),
                 "kafka/stall_recoveries": float(self.recoveries)}
 
     def _fetch(self) -> SourceBatch:

@@ -129,6 +129,7 @@ class TrainerWorker:
             "joiner": asdict(self.stream.joiner.stats),
             "pending": self.stream.joiner.n_pending,
             "rebalances": s.rebalances,
+            "broker_retries": self.stream.source.poll_errors,
             "intake_stalls": self.loop.source.stalls,
             "intake_stall_recoveries": self.loop.source.recoveries,
             "lag": self.loop.source.lag(),
