@@ -44,7 +44,8 @@ FAMILIES = {
 
 
 def bare_examples_per_s(family: str, hparams: dict, steps: int) -> float:
-    """The ceiling: forward + loss + backward + Adam on pre-built tensors of the trainer's shape."""
+    """The ceiling: forward + loss + backward + Adam and the row-wise table update on pre-built tensors of the
+    trainer's shape."""
     config = LearnerConfig(family=family, hparams=hparams)
     model = MultiTaskRanker(family, tasks=list(TASKS), id_fields=list(ID_FIELDS), n_dense=len(FEATURE_COLUMNS),
                             n_buckets=config.n_buckets, emb_dim=config.emb_dim, **hparams)
@@ -58,7 +59,8 @@ def bare_examples_per_s(family: str, hparams: dict, steps: int) -> float:
         total, _ = loss_terms(model(ids, dense), labels)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        optimizer.step()
+        optimizer.step()  # Adam: the dense network
+        model.encoder.update_table(*model.encoder.table_gradients())  # row-wise Adagrad: the batch's rows
 
     for _ in range(3):
         step()

@@ -41,21 +41,23 @@ class DiskNeed:
     what: str
 
 
-def model_bytes(config: MoestreamConfig) -> int:
-    """Bytes of the model's state (parameters and buffers), as a snapshot stores them."""
+def model_bytes(config: MoestreamConfig) -> tuple[int, int]:
+    """Bytes of the model's state (parameters and buffers: the embedding table with its row-wise optimizer
+    state), as a snapshot stores them, and of its dense parameters alone (what Adam keeps two moments of)."""
     learner = config.learner
     with torch.device("meta"):
         model = MultiTaskRanker(learner.family, tasks=list(learner.tasks), id_fields=list(ID_FIELDS),
                                 n_dense=len(FEATURE_COLUMNS), n_buckets=learner.n_buckets, emb_dim=learner.emb_dim,
                                 **dict(learner.hparams))
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return state, sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def disk_needs(config: MoestreamConfig) -> list[DiskNeed]:
     """What the snapshot and checkpoint stores of a run hold at most, each with the one being written."""
-    weights = model_bytes(config)
+    weights, dense = model_bytes(config)
     snapshot = weights + MANIFEST_BYTES
-    checkpoint = 3 * weights + CHECKPOINT_ARRAYS_BYTES  # weights, then Adam's exp_avg and exp_avg_sq
+    checkpoint = weights + 2 * dense + CHECKPOINT_ARRAYS_BYTES  # the state, then Adam's exp_avg and exp_avg_sq
     layout, workers = config.layout(), config.trainer.workers
     pinned = 1 if workers > 1 else 0  # a group's last agreed step, kept beside the newest ones
     return [

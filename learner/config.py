@@ -153,6 +153,10 @@ class LearnerConfig:
     n_buckets: int = 2**18
     emb_dim: int = 16
     lr: float = 1e-2
+    """Adam's learning rate for the dense network."""
+    embedding_lr: float = 0.2
+    """Row-wise Adagrad's learning rate for the embedding table (``learner.models.sparse``): each row's steps
+    shrink with the gradient it has seen, so rare IDs keep learning fast and frequent ones settle."""
     base_rates: Mapping[str, float] = field(default_factory=lambda: dict(TYPICAL_POSITIVE_RATES))
     """Each binary task's output starts at its base rate (see ``MultiTaskModel.init_output_bias``)."""
     seed: int = 0
@@ -185,8 +189,9 @@ class LearnerConfig:
         at_least("learner.emb_dim", self.emb_dim, 1)
         at_least("learner.metric_window", self.metric_window, 1)
         at_least("learner.seed", self.seed, 0)
-        if not _is_number(self.lr) or self.lr <= 0:
-            raise ValueError(f"learner.lr must be a finite number > 0, got {self.lr!r}")
+        for key in ("lr", "embedding_lr"):
+            if not _is_number(getattr(self, key)) or getattr(self, key) <= 0:
+                raise ValueError(f"learner.{key} must be a finite number > 0, got {getattr(self, key)!r}")
         self._check_per_task("base_rates", lambda r: _is_number(r) and 0 < r < 1, "a rate in (0, 1)")
         self._check_per_task("loss_weights", lambda w: _is_number(w) and w >= 0, "a finite number >= 0")
 

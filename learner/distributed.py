@@ -70,6 +70,7 @@ class Reducer(Protocol):
     def average_buffers(self, module: nn.Module) -> None: ...
     def broadcast_parameters(self, module: nn.Module) -> None: ...
     def gather_rows(self, rows: np.ndarray) -> np.ndarray: ...
+    def gather_sparse(self, rows: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]: ...
     def close(self) -> None: ...
 
 
@@ -95,6 +96,9 @@ class LocalReducer:
 
     def gather_rows(self, rows: np.ndarray) -> np.ndarray:
         return rows
+
+    def gather_sparse(self, rows: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
+        return rows, grads
 
     def close(self) -> None:
         return None
@@ -233,6 +237,26 @@ class GroupReducer:
         except (RuntimeError, dist.DistBackendError) as exc:
             raise PeerLost(f"worker {self.rank}: a collective failed (a peer died or left?): {exc}") from exc
         return torch.cat([part[:n] for part, n in zip(parts, sizes)]).cpu().numpy()
+
+    def gather_sparse(self, rows: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
+        """Every worker's embedding-row gradients ``rows (R_r,)``, ``grads (R_r, D)``, concatenated in rank order
+        on every worker: each then applies the same row-wise update to the same rows, and the replicated tables
+        stay identical. Two collectives: the counts, then rows and gradients padded to the longest."""
+        counts = torch.zeros(self.world_size, dtype=torch.int64, device=self.device)
+        counts[self.rank] = rows.shape[0]
+        self._all_reduce(counts, dist.ReduceOp.SUM)
+        sizes = counts.tolist()
+        longest = max(sizes)
+        packed = torch.zeros(longest, 1 + grads.shape[1], dtype=torch.float64, device=self.device)
+        packed[: rows.shape[0], 0] = rows.to(self.device, torch.float64)  # row numbers < 2**53: exact
+        packed[: rows.shape[0], 1:] = grads.to(self.device, torch.float64)
+        parts = [torch.empty_like(packed) for _ in range(self.world_size)]
+        try:
+            dist.all_gather(parts, packed)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise PeerLost(f"worker {self.rank}: a collective failed (a peer died or left?): {exc}") from exc
+        whole = torch.cat([part[:n] for part, n in zip(parts, sizes)])
+        return whole[:, 0].to(torch.int64), whole[:, 1:].to(grads.dtype)
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -33,8 +33,9 @@ from learner.models import ModelOutput, MultiTaskModel, MultiTaskRanker, load_ba
 
 
 def build_optimizer(parameters, lr: float) -> torch.optim.Adam:
-    """Adam, fused: one vectorised pass over all parameters instead of a chain of elementwise ops per
-    tensor (docs/benchmarks-learner.md has the measurement). Same arithmetic on CPU and GPU."""
+    """Adam for the dense network, fused: one vectorised pass over all parameters instead of a chain of
+    elementwise ops per tensor (docs/benchmarks-learner.md has the measurement). Same arithmetic on CPU and
+    GPU. The embedding table is not among the parameters: it trains itself, row-wise (learner.models.sparse)."""
     return torch.optim.Adam(parameters, lr=lr, fused=True)
 
 
@@ -63,7 +64,7 @@ class Learner:
         self.reducer: Reducer = reducer or LocalReducer()
         self.model = MultiTaskRanker(
             config.family, tasks=list(config.tasks), id_fields=id_fields, n_dense=n_dense,
-            n_buckets=config.n_buckets, emb_dim=config.emb_dim, **dict(config.hparams),
+            n_buckets=config.n_buckets, emb_dim=config.emb_dim, emb_lr=config.embedding_lr, **dict(config.hparams),
         ).to(self.device)
         self.model.init_output_bias(config.base_rates)
         self.optimizer = build_optimizer(self.model.parameters(), config.lr)
@@ -123,9 +124,11 @@ class Learner:
             total, per_task = self._share(output, labels)
             total.backward()
         self.reducer.reduce_grads(self.model.parameters())
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        encoder = self.model.encoder
+        rows, row_grads = self.reducer.gather_sparse(*encoder.table_gradients())  # the group's, on every worker
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None] + [row_grads]
         # The gradients are the group's sum, the same on every worker, so all of them skip alike.
-        self.skipped_last = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        self.skipped_last = not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
         if self.skipped_last:
             # An exploding or poisoned step would make every weight non-finite for good: drop it.
             self.skipped_steps += 1
@@ -133,7 +136,8 @@ class Learner:
             print(f"moestream: step {self.step}: non-finite gradient, update skipped "
                   f"({self.skipped_steps} so far)", flush=True)
         else:
-            self.optimizer.step()
+            self.optimizer.step()  # Adam: the dense network
+            encoder.update_table(rows, row_grads)  # row-wise Adagrad: the rows this step's batch touched
         self.reducer.average_buffers(self.model)
         return total, per_task
 

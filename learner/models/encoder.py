@@ -1,7 +1,10 @@
 """Feature encoder: hashed ID embeddings plus normalised dense features, one row per event.
 
 IDs. Each ``(field, id)`` key is hashed into one embedding table of ``n_buckets`` rows shared by
-all fields (the hashing trick: no vocabulary, so new users and items in the stream need no
+all fields, a :class:`~learner.models.sparse.RowwiseTable` trained by sparse row-wise Adagrad (a step updates
+the rows its batch touched and nothing else: its cost follows the batch, not the table; the learner calls
+:meth:`FeatureEncoder.apply_table_gradients` after backward). Bucket ``b`` is the table's row ``b + 1``; row 0,
+the table's default row, is not used by hashing (the hashing trick: no vocabulary, so new users and items in the stream need no
 re-indexing). The hash runs in torch on int64, on any device, in 32-bit lanes so no product
 overflows. With ``mix`` a bijective 32-bit integer finaliser (xor-shift, multiply by 0x45d9f3b,
 three rounds) and the id split into 32-bit halves ``hi, lo``:
@@ -33,6 +36,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .sparse import RowwiseTable
+
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # < 2**31, so a 32-bit lane times it stays inside int64
 
@@ -62,7 +67,8 @@ class FeatureEncoder(nn.Module):
 
     salts: Tensor
 
-    def __init__(self, id_fields: Sequence[str], n_dense: int, n_buckets: int = 2**18, emb_dim: int = 16) -> None:
+    def __init__(self, id_fields: Sequence[str], n_dense: int, n_buckets: int = 2**18, emb_dim: int = 16,
+                 emb_lr: float = 0.2) -> None:
         super().__init__()
         if isinstance(id_fields, str):
             raise TypeError("id_fields must be a sequence of field names, not one string")
@@ -80,10 +86,10 @@ class FeatureEncoder(nn.Module):
         if self.n_outputs < 1:
             raise ValueError("the encoder needs at least one id field or dense feature")
         self.register_buffer("salts", torch.tensor(salts, dtype=torch.int64), persistent=False)
-        # std 1/sqrt(emb_dim): each field's embedding starts with norm about 1, like a symlog feature.
-        self.embedding = nn.Embedding(n_buckets, emb_dim) if self.id_fields else None
-        if self.embedding is not None:
-            nn.init.normal_(self.embedding.weight, std=emb_dim**-0.5)
+        # std 1/sqrt(emb_dim): each field's embedding starts with norm about 1, like a symlog feature. Its seed
+        # comes from torch's generator, so the learner's seed decides it as it decides every other weight.
+        seed = int(torch.randint(0, 2**62, (), device="cpu").item())
+        self.table = RowwiseTable(n_buckets, emb_dim, lr=emb_lr, init_std=emb_dim**-0.5, seed=seed) if self.id_fields else None
         self.dense_scale = nn.Parameter(torch.ones(n_dense))
         self.dense_shift = nn.Parameter(torch.zeros(n_dense))
 
@@ -101,8 +107,8 @@ class FeatureEncoder(nn.Module):
 
     def forward(self, ids: Mapping[str, Tensor], dense: Tensor) -> Tensor:
         parts = []
-        if self.embedding is not None:
-            emb = self.embedding(self.buckets(ids))  # (B, F, D)
+        if self.table is not None:
+            emb = self.table.lookup(self.buckets(ids) + 1)  # (B, F, D)
             parts.append(emb.flatten(1))  # (B, F·D)
         if self.n_dense:
             if dense.dim() != 2 or dense.shape[1] != self.n_dense:
@@ -111,3 +117,25 @@ class FeatureEncoder(nn.Module):
             symlog = torch.sign(dense) * torch.log1p(dense.abs())  # (B, n_dense)
             parts.append(symlog * self.dense_scale + self.dense_shift)
         return torch.cat(parts, dim=1)  # (B, n_outputs)
+
+    def table_gradients(self) -> tuple[Tensor, Tensor]:
+        """The rows the forward passes since the last update looked up, and their gradients (taken)."""
+        if self.table is None:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, self.emb_dim)
+        return self.table.gradients()
+
+    def update_table(self, rows: Tensor, grads: Tensor) -> None:
+        """Row-wise Adagrad on ``rows`` (every worker's gradients, concatenated, in a data-parallel group)."""
+        if self.table is not None:
+            self.table.update(rows, grads)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Snapshots of earlier versions held the hashed table as ``embedding.weight`` (an ``nn.Embedding``
+        trained by Adam): read it as the table's rows 1.. with a fresh accumulator."""
+        old = state_dict.pop(prefix + "embedding.weight", None)
+        if old is not None and self.table is not None:
+            state_dict[prefix + "table.weight"] = torch.cat([self.table.weight[:1].to(old), old])
+            state_dict[prefix + "table.sum_sq"] = torch.zeros(old.shape[0] + 1, dtype=old.dtype)
+            state_dict[prefix + "table.seed"] = self.table.seed.clone()
+            state_dict[prefix + "table.resets"] = self.table.resets.clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -12,7 +12,7 @@ from .encoder import FeatureEncoder
 from .output import ModelOutput
 from .registry import build, default_hparams
 
-_CONFIG_KEYS = ("family", "tasks", "id_fields", "n_dense", "task_types", "n_buckets", "emb_dim", "hparams")
+_CONFIG_KEYS = ("family", "tasks", "id_fields", "n_dense", "task_types", "n_buckets", "emb_dim", "emb_lr", "hparams")
 
 
 def _jsonable(value: Any, path: str) -> Any:
@@ -43,10 +43,11 @@ class MultiTaskRanker(nn.Module):
         task_types: Mapping[str, str] | None = None,
         n_buckets: int = 2**18,
         emb_dim: int = 16,
+        emb_lr: float = 0.2,
         **hparams: Any,
     ) -> None:
         super().__init__()
-        self.encoder = FeatureEncoder(id_fields, n_dense, n_buckets=n_buckets, emb_dim=emb_dim)
+        self.encoder = FeatureEncoder(id_fields, n_dense, n_buckets=n_buckets, emb_dim=emb_dim, emb_lr=emb_lr)
         self.model = build(family, n_inputs=self.encoder.n_outputs, tasks=tasks, task_types=task_types, **hparams)
         self.config = _jsonable(
             {
@@ -57,6 +58,7 @@ class MultiTaskRanker(nn.Module):
                 "task_types": dict(self.model.task_types),
                 "n_buckets": n_buckets,
                 "emb_dim": emb_dim,
+                "emb_lr": emb_lr,
                 "hparams": {**default_hparams(family), **hparams},
             },
             "config",

@@ -28,14 +28,14 @@ def _free(monkeypatch, free: int) -> None:
 
 def test_the_snapshot_need_is_the_models_bytes_times_the_versions_kept(tmp_path: Path) -> None:
     config = _config(tmp_path)
-    weights = disk.model_bytes(config)
+    weights, dense = disk.model_bytes(config)
     learner = config.learner
-    embeddings = learner.n_buckets * learner.emb_dim * 4  # one hashed table per id field, fp32
-    assert weights > embeddings  # the embedding tables are most of it, the experts and towers the rest
+    embeddings = learner.n_buckets * (learner.emb_dim + 1) * 4  # the hashed table and its row-wise state, fp32
+    assert weights > embeddings > dense  # the embedding table is most of it, the experts and towers the rest
     snapshots, checkpoints = disk.disk_needs(config)
     assert snapshots.path == config.layout().snapshots and checkpoints.path == config.layout().checkpoints
     assert snapshots.bytes == 11 * (weights + disk.MANIFEST_BYTES)
-    assert checkpoints.bytes == 3 * (3 * weights + disk.CHECKPOINT_ARRAYS_BYTES)
+    assert checkpoints.bytes == 3 * (weights + 2 * dense + disk.CHECKPOINT_ARRAYS_BYTES)  # Adam: dense only
 
 
 def test_enough_space_warns_of_nothing_and_too_little_names_the_paths_and_bytes(tmp_path: Path, monkeypatch) -> None:
@@ -62,4 +62,5 @@ def test_what_the_stores_already_hold_counts_as_reusable(tmp_path: Path, monkeyp
 
 @pytest.mark.parametrize("family", ["mmoe", "ple", "home", "smes"])
 def test_every_family_is_sized_without_building_real_tensors(tmp_path: Path, family: str) -> None:
-    assert disk.model_bytes(_config(tmp_path, family=family, n_buckets=256, emb_dim=4)) > 256 * 4 * 4
+    weights, dense = disk.model_bytes(_config(tmp_path, family=family, n_buckets=256, emb_dim=4))
+    assert weights > 256 * 4 * 4 and 0 < dense < weights

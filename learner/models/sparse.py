@@ -1,0 +1,178 @@
+"""Embedding tables trained by sparse row-wise Adagrad: a step costs what the batch touches, not the table.
+
+    table = RowwiseTable(n_rows=10_000_000, dim=32, lr=0.05)
+    emb = table.lookup(rows)                       # (B, K, dim); rows in [0, n_rows], 0 the default row
+    loss(emb).backward()                           # a (U, dim) gradient for the batch's U unique rows only
+    table.apply_gradients()                        # row-wise Adagrad on those U rows, nothing else moves
+
+Invariant: only the rows looked up since the last update move, and so does only their accumulator. A row
+that no batch touched keeps its weights and its optimizer state bit for bit (dense Adam keeps moving every
+row through its momentum, and pays for every row each step).
+
+The weights are buffers, not parameters: the dense optimizer never sees them, yet ``state_dict`` (and so
+a checkpoint or a safetensors snapshot) carries them with their optimizer state:
+
+- ``weight``  (n_rows + 1, dim): row 0 is the shared default row, rows 1..n_rows belong to admitted IDs;
+- ``sum_sq``  (n_rows + 1,): the row-wise Adagrad accumulator;
+- ``seed``, ``resets`` (): the table's seed and how many ``reset_rows`` calls it has had, which together seed
+  the next re-initialisation (so a restored table draws what the original would have drawn).
+
+The update is FBGEMM's ``EXACT_ROWWISE_ADAGRAD`` (no weight decay): per touched row, with ``g`` the row's
+gradient summed over the batch's duplicates, ``state += mean(g**2)`` and ``w -= lr * g / (sqrt(state) + eps)``.
+One scalar of state per row instead of Adam's two vectors: a row costs ``(dim + 1) * 4`` bytes.
+
+The default row 0 is trained like any other row. Every lookup of an ID that has no row of its own (not yet
+admitted, expired, unknown at serving) reads row 0, so row 0 learns the best single embedding for those IDs:
+what serving returns for an ID it has never seen. Keeping it at its initial value would serve noise.
+
+Determinism: unique rows come sorted from ``torch.unique``, gradients reach the leaf and duplicates are
+summed through ``embedding_dense_backward`` (deterministic on CPU and CUDA, no atomics), the update writes
+distinct rows only, and initial values come from a CPU generator seeded by ``(seed, resets)``, so every
+data-parallel replica that resets the same rows in the same order draws the same values on any device.
+
+Data parallel (replicated tables): each worker takes its local ``gradients()``, the caller all-gathers the
+``(rows, grads)`` pairs (padding to the longest, or ``all_gather_object``), concatenates them in rank order
+and calls ``update(rows, grads)`` on every worker; ``update`` sums duplicates, so every worker applies the same
+update from the same input and every replica holds identical rows. Design and measurements: docs/embeddings.md.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+_GOLDEN = 0x9E3779B97F4A7C15  # spreads (seed, resets) over the 64-bit seed space
+
+
+class RowwiseTable(nn.Module):
+    """``n_rows`` ID rows plus the default row 0, trained by sparse row-wise Adagrad (see the module doc).
+
+    ``lr`` and ``eps`` are the update's; ``init_std`` (default ``dim ** -0.5``) scales the N(0, 1) initial
+    values of every row, at construction and in ``reset_rows``; ``seed`` makes those values reproducible.
+    """
+
+    weight: Tensor  # (n_rows + 1, dim)
+    sum_sq: Tensor  # (n_rows + 1,)
+    seed: Tensor  # ()
+    resets: Tensor  # ()
+
+    def __init__(
+        self, n_rows: int, dim: int, lr: float, eps: float = 1e-8, init_std: float | None = None, *, seed: int = 0
+    ) -> None:
+        super().__init__()
+        if n_rows < 0 or dim < 1:
+            raise ValueError(f"a table needs n_rows >= 0 and dim >= 1, got n_rows={n_rows}, dim={dim}")
+        if not lr > 0 or not eps > 0:
+            raise ValueError(f"lr and eps must be positive, got lr={lr}, eps={eps}")
+        self.n_rows = n_rows
+        self.dim = dim
+        self.lr = float(lr)
+        self.eps = float(eps)
+        self.init_std = float(dim**-0.5 if init_std is None else init_std)
+        self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.int64))
+        self.register_buffer("weight", self._initial(n_rows + 1, draw=0))
+        self.register_buffer("sum_sq", torch.zeros(n_rows + 1))
+        self.register_buffer("resets", torch.zeros((), dtype=torch.int64))
+        # (unique rows, their leaf) per lookup since the last update; the leaf's .grad is the rows' gradient
+        self._pending: list[tuple[Tensor, Tensor]] = []
+
+    def extra_repr(self) -> str:
+        return f"n_rows={self.n_rows}, dim={self.dim}, lr={self.lr}, eps={self.eps}, init_std={self.init_std:.4g}"
+
+    def _initial(self, count: int, draw: int) -> Tensor:
+        """``count`` fresh rows of N(0, init_std^2), drawn on the CPU so that every device gets the same."""
+        if torch.get_default_device().type == "meta":  # sized, not built (``with torch.device("meta")``)
+            return torch.empty(count, self.dim)
+        g = torch.Generator().manual_seed((int(self.seed) + _GOLDEN * (draw + 1)) % (1 << 63))
+        return torch.randn(count, self.dim, generator=g, device="cpu").mul_(self.init_std)
+
+    def _rows(self, rows: Tensor) -> Tensor:
+        """``rows`` validated and on the table's device."""
+        if not isinstance(rows, Tensor) or rows.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"rows must be an integer tensor, got {getattr(rows, 'dtype', type(rows))}")
+        return rows.to(device=self.weight.device, dtype=torch.int64)
+
+    def _check_range(self, unique: Tensor) -> None:
+        # unique is sorted: its ends bound every row (two scalars read, no pass over the batch)
+        if unique.numel() and (int(unique[0]) < 0 or int(unique[-1]) > self.n_rows):
+            raise IndexError(f"rows must lie in [0, {self.n_rows}], got [{int(unique[0])}, {int(unique[-1])}]")
+
+    def lookup(self, rows: Tensor) -> Tensor:
+        """The embeddings of ``rows`` (any shape), shaped ``(*rows.shape, dim)``.
+
+        With grad enabled only the batch's U unique rows become a leaf requiring grad, so backward yields a
+        ``(U, dim)`` gradient that ``apply_gradients`` (or ``gradients``) takes. Without grad, or in eval mode
+        (serving), it is a plain gather that records nothing.
+        """
+        rows = self._rows(rows)
+        if not (torch.is_grad_enabled() and self.training):  # eval mode records nothing either: no leak
+            if rows.numel():
+                self._check_range(torch.stack([rows.min(), rows.max()]))
+            return F.embedding(rows, self.weight)
+        unique, inverse = torch.unique(rows.reshape(-1), sorted=True, return_inverse=True)  # (U,), (N,)
+        self._check_range(unique)
+        leaf = self.weight.index_select(0, unique).requires_grad_(True)  # (U, dim): all the graph holds of the table
+        self._pending.append((unique, leaf))
+        return F.embedding(inverse, leaf).view(*rows.shape, self.dim)  # (*rows.shape, dim)
+
+    def gradients(self) -> tuple[Tensor, Tensor]:
+        """Takes the gradients of the rows looked up since the last update: distinct ``rows (R,)`` and their
+        summed ``grads (R, dim)``. Lookups whose output got no gradient contribute nothing. Clears them."""
+        pending, self._pending = self._pending, []
+        parts = [(unique, leaf.grad) for unique, leaf in pending if leaf.grad is not None]
+        if not parts:
+            return self.weight.new_zeros(0, dtype=torch.int64), self.weight.new_zeros(0, self.dim)
+        if len(parts) == 1:
+            return parts[0][0], parts[0][1].to(self.weight.dtype)
+        return _coalesce(torch.cat([r for r, _ in parts]), torch.cat([g for _, g in parts]).to(self.weight.dtype))
+
+    def update(self, rows: Tensor, grads: Tensor) -> None:
+        """Row-wise Adagrad on ``rows`` with gradients ``grads (len(rows), dim)``; duplicate rows are summed
+        first. Data-parallel callers pass every worker's ``gradients()`` concatenated in rank order."""
+        rows = self._rows(rows).reshape(-1)
+        grads = grads.to(device=self.weight.device, dtype=self.weight.dtype).reshape(-1, self.dim)
+        if rows.shape[0] != grads.shape[0]:
+            raise ValueError(f"{rows.shape[0]} rows but {grads.shape[0]} gradient rows")
+        if not rows.numel():
+            return
+        unique, grads = _coalesce(rows, grads)  # (R,), (R, dim)
+        self._check_range(unique)
+        with torch.no_grad():
+            state = self.sum_sq.index_select(0, unique).add_(grads.square().mean(dim=1))  # (R,)
+            step = grads.mul_((self.lr / state.sqrt().add_(self.eps)).unsqueeze(1))  # (R, dim)
+            self.sum_sq.index_copy_(0, unique, state)
+            self.weight.index_copy_(0, unique, self.weight.index_select(0, unique).sub_(step))
+
+    def apply_gradients(self) -> int:
+        """Updates exactly the rows looked up since the last update and clears them; returns how many rows.
+        The same as ``update(*gradients())``."""
+        rows, grads = self.gradients()
+        self.update(rows, grads)
+        return int(rows.numel())
+
+    def clear(self) -> None:
+        """Drops the pending gradients without an update (a skipped step)."""
+        self._pending = []
+
+    def reset_rows(self, rows: Tensor) -> None:
+        """Fresh weights and a zero accumulator for ``rows``: the ID map reuses the rows of expired IDs."""
+        unique = torch.unique(self._rows(rows).reshape(-1), sorted=True)
+        self._check_range(unique)
+        if not unique.numel():
+            return
+        with torch.no_grad():
+            fresh = self._initial(unique.numel(), draw=int(self.resets) + 1)
+            self.weight.index_copy_(0, unique, fresh.to(device=self.weight.device, dtype=self.weight.dtype))
+            self.sum_sq.index_fill_(0, unique, 0.0)
+            self.resets.add_(1)
+
+
+def _coalesce(rows: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
+    """Distinct sorted ``rows`` and the sums of their ``grads``, in a fixed order on every device."""
+    unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+    if unique.numel() == rows.numel():  # already distinct: only the order may change
+        return unique, grads.new_empty(grads.shape).index_copy_(0, inverse, grads)
+    # embedding's backward is the deterministic scatter-add (sorted segments, no atomics on CUDA)
+    summed = torch.ops.aten.embedding_dense_backward(grads, inverse, unique.numel(), -1, False)
+    return unique, summed

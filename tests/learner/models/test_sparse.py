@@ -1,0 +1,239 @@
+"""RowwiseTable: sparse row-wise Adagrad against a dense reference, exact state, O(batch) work."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from safetensors.torch import load, save
+from torch.nn import functional as F
+
+from learner.models.sparse import RowwiseTable
+
+N, DIM, LR, EPS = 20, 4, 0.1, 1e-8
+
+
+def reference_step(weight: torch.Tensor, sum_sq: torch.Tensor, rows: torch.Tensor, upstream: torch.Tensor):
+    """Row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD) on a dense copy: a dense gradient over the whole
+    table, then the update on the rows whose gradient is non-zero, written per row as the paper does."""
+    w = weight.clone().requires_grad_(True)
+    (F.embedding(rows, w) * upstream).sum().backward()
+    new_w, new_s = weight.clone(), sum_sq.clone()
+    for r in rows.unique().tolist():
+        g = w.grad[r]
+        new_s[r] = sum_sq[r] + g.pow(2).mean()
+        new_w[r] = weight[r] - LR * g / (new_s[r].sqrt() + EPS)
+    return new_w, new_s
+
+
+def step(table: RowwiseTable, rows: torch.Tensor, upstream: torch.Tensor) -> None:
+    (table.lookup(rows) * upstream).sum().backward()
+    table.apply_gradients()
+
+
+def batch(seed: int, shape=(6, 2)) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, N // 2 + 1, shape, generator=g), torch.randn(*shape, DIM, generator=g)
+
+
+def test_update_matches_dense_reference_and_leaves_untouched_rows_bit_identical():
+    table = RowwiseTable(N, DIM, lr=LR, eps=EPS)
+    for seed in range(3):  # several steps so the accumulator is non-zero going in
+        rows, up = batch(seed)
+        before_w, before_s = table.weight.clone(), table.sum_sq.clone()
+        want_w, want_s = reference_step(before_w, before_s, rows, up)
+        step(table, rows, up)
+        touched = torch.zeros(N + 1, dtype=torch.bool)
+        touched[rows.unique()] = True
+        torch.testing.assert_close(table.weight[touched], want_w[touched], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(table.sum_sq[touched], want_s[touched], rtol=1e-6, atol=1e-7)
+        assert torch.equal(table.weight[~touched], before_w[~touched])
+        assert torch.equal(table.sum_sq[~touched], before_s[~touched])
+        assert (table.weight[touched] != before_w[touched]).any(dim=1).all()
+    # rows N//2+1.. were never drawn: still their initial values, accumulator exactly zero
+    assert torch.equal(table.weight[N // 2 + 1 :], RowwiseTable(N, DIM, lr=LR).weight[N // 2 + 1 :])
+    assert torch.equal(table.sum_sq[N // 2 + 1 :], torch.zeros(N - N // 2))
+
+
+def test_dense_adam_moves_untouched_rows_where_rowwise_does_not():
+    """The reason for this module, held as a test: Adam's momentum moves a row the batch did not touch."""
+    emb = torch.nn.Embedding(N + 1, DIM)
+    opt = torch.optim.Adam(emb.parameters(), lr=LR)
+    for rows in (torch.tensor([1, 2]), torch.tensor([3])):
+        opt.zero_grad()
+        emb(rows).sum().backward()
+        before = emb.weight.detach().clone()
+        opt.step()
+    assert not torch.equal(emb.weight[1], before[1])  # row 1 moved in a step that only looked up row 3
+
+    table = RowwiseTable(N, DIM, lr=LR)
+    step(table, torch.tensor([1, 2]), torch.ones(2, DIM))
+    before = table.weight.clone()
+    step(table, torch.tensor([3]), torch.ones(1, DIM))
+    assert torch.equal(table.weight[1], before[1])
+
+
+def test_duplicates_in_a_batch_sum():
+    a, b = RowwiseTable(N, DIM, lr=LR), RowwiseTable(N, DIM, lr=LR)
+    up = torch.randn(3, DIM, generator=torch.Generator().manual_seed(0))
+    step(a, torch.tensor([5, 5, 5]), up)
+    step(b, torch.tensor([5]), up.sum(dim=0, keepdim=True))
+    torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=1e-7)
+    torch.testing.assert_close(a.sum_sq, b.sum_sq, rtol=0, atol=1e-7)
+
+
+def test_two_lookups_before_one_update_sum_like_one_lookup():
+    """Two fields reading one table: one update from both lookups, duplicates across them summed."""
+    a, b = RowwiseTable(N, DIM, lr=LR), RowwiseTable(N, DIM, lr=LR)
+    rows, up = batch(7)
+    ((a.lookup(rows[:, 0]) * up[:, 0]).sum() + (a.lookup(rows[:, 1]) * up[:, 1]).sum()).backward()
+    a.apply_gradients()
+    step(b, rows, up)
+    torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.sum_sq, b.sum_sq, rtol=0, atol=1e-6)
+
+
+def test_leaf_gradient_has_one_row_per_unique_row_whatever_the_table_size():
+    """Work is O(batch): the graph holds (U, dim) of the table, not (n_rows, dim). Counted, not timed."""
+    rows = torch.tensor([[3, 9], [3, 0], [9, 9]])
+    for n_rows in (10, 100_000):
+        table = RowwiseTable(n_rows, DIM, lr=LR)
+        table.lookup(rows).sum().backward()
+        ((unique, leaf),) = table._pending
+        assert leaf.shape == (3, DIM) and leaf.grad.shape == (3, DIM)
+        assert unique.tolist() == [0, 3, 9]
+        got_rows, grads = table.gradients()
+        assert got_rows.tolist() == [0, 3, 9] and grads.shape == (3, DIM)
+        assert table.apply_gradients() == 0  # gradients() took them: nothing left to apply
+    assert not any(p.requires_grad for p in table.parameters())  # the dense optimizer sees nothing
+    assert list(table.parameters()) == []
+
+
+def test_default_row_is_trained_like_any_row():
+    table = RowwiseTable(N, DIM, lr=LR)
+    before = table.weight[0].clone()
+    step(table, torch.tensor([0, 0]), torch.ones(2, DIM))
+    assert not torch.equal(table.weight[0], before) and table.sum_sq[0] > 0
+
+
+def test_reset_rows_reinitialises_weights_and_zeroes_accumulator_only_there():
+    table = RowwiseTable(N, DIM, lr=LR, init_std=0.5)
+    step(table, torch.tensor([1, 2, 3]), torch.ones(3, DIM))
+    before_w, before_s = table.weight.clone(), table.sum_sq.clone()
+    table.reset_rows(torch.tensor([2, 3, 3]))
+    assert torch.equal(table.sum_sq[[2, 3]], torch.zeros(2))
+    assert (table.weight[[2, 3]] != before_w[[2, 3]]).all()
+    keep = torch.ones(N + 1, dtype=torch.bool)
+    keep[[2, 3]] = False
+    assert torch.equal(table.weight[keep], before_w[keep]) and torch.equal(table.sum_sq[keep], before_s[keep])
+    assert 0.2 < table.weight[[2, 3]].std() < 1.0  # drawn at init_std, not left at zero
+    # the next reset of the same rows draws new values; a twin table draws the same ones (replicas agree)
+    twin = RowwiseTable(N, DIM, lr=LR, init_std=0.5)
+    step(twin, torch.tensor([1, 2, 3]), torch.ones(3, DIM))
+    twin.reset_rows(torch.tensor([3, 2]))
+    assert torch.equal(twin.weight, table.weight)
+    first = table.weight[[2, 3]].clone()
+    table.reset_rows(torch.tensor([2, 3]))
+    assert not torch.equal(table.weight[[2, 3]], first)
+
+
+def test_state_dict_round_trip_gives_identical_outputs_and_next_updates():
+    table = RowwiseTable(N, DIM, lr=LR)
+    for seed in range(3):
+        step(table, *batch(seed))
+    table.reset_rows(torch.tensor([4]))
+    blob = save(table.state_dict())  # what a snapshot carries: tensors only
+    restored = RowwiseTable(N, DIM, lr=LR, seed=123)  # different initial values, all overwritten
+    restored.load_state_dict(load(blob))
+    assert set(table.state_dict()) == {"weight", "sum_sq", "seed", "resets"}
+    rows, up = batch(9)
+    with torch.no_grad():
+        assert torch.equal(table.lookup(rows), restored.lookup(rows))
+    step(table, rows, up)
+    step(restored, rows, up)
+    table.reset_rows(torch.tensor([5]))
+    restored.reset_rows(torch.tensor([5]))  # the reset counter came along: same fresh values
+    for key, value in table.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), key
+    buf = io.BytesIO()
+    torch.save(table.state_dict(), buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf)["weight"], table.weight)
+
+
+def test_replicas_applying_all_gathered_gradients_stay_identical():
+    """Data-parallel contract: every worker applies the concatenation of every worker's gradients."""
+    workers = [RowwiseTable(N, DIM, lr=LR) for _ in range(2)]
+    single = RowwiseTable(N, DIM, lr=LR)
+    for seed in range(3):
+        shards = [batch(10 * seed + rank, shape=(4,)) for rank in range(2)]
+        local = []
+        for table, (rows, up) in zip(workers, shards):
+            (table.lookup(rows) * up).sum().backward()
+            local.append(table.gradients())
+        rows_all = torch.cat([r for r, _ in local])
+        grads_all = torch.cat([g for _, g in local])
+        for table in workers:
+            table.update(rows_all, grads_all)
+        step(single, torch.cat([r for r, _ in shards]), torch.cat([u for _, u in shards]))
+    assert torch.equal(workers[0].weight, workers[1].weight)
+    assert torch.equal(workers[0].sum_sq, workers[1].sum_sq)
+    torch.testing.assert_close(workers[0].weight, single.weight, rtol=0, atol=1e-6)  # = one big batch
+
+
+def test_no_grad_lookup_records_nothing_and_eval_reads_the_same_rows():
+    table = RowwiseTable(N, DIM, lr=LR)
+    rows = torch.tensor([[1, 0], [7, 7]])
+    with torch.no_grad():
+        out = table.lookup(rows)
+    assert table._pending == [] and out.shape == (2, 2, DIM)
+    assert torch.equal(out, table.weight[rows])
+    assert table.apply_gradients() == 0
+
+
+def test_bad_rows_are_refused_with_a_clear_error():
+    table = RowwiseTable(N, DIM, lr=LR)
+    with pytest.raises(IndexError, match=r"\[0, 20\]"):
+        table.lookup(torch.tensor([1, N + 1]))
+    with pytest.raises(IndexError):
+        table.lookup(torch.tensor([-1]))
+    with torch.no_grad(), pytest.raises(IndexError):
+        table.lookup(torch.tensor([N + 1]))
+    with pytest.raises(TypeError):
+        table.lookup(torch.tensor([1.0]))
+    with pytest.raises(ValueError):
+        table.update(torch.tensor([1, 2]), torch.zeros(1, DIM))
+    with pytest.raises(ValueError):
+        RowwiseTable(N, DIM, lr=0.0)
+    empty = table.lookup(torch.zeros(0, 2, dtype=torch.long))
+    assert empty.shape == (0, 2, DIM)
+    assert table.apply_gradients() == 0
+
+
+def test_module_apply_still_walks_the_table():
+    """``update`` is not named ``apply``: nn.Module.apply(fn) must keep working on a model holding a table."""
+    model = torch.nn.Sequential(RowwiseTable(N, DIM, lr=LR), torch.nn.Linear(DIM, 1))
+    seen: list[str] = []
+    model.apply(lambda m: seen.append(type(m).__name__))
+    assert seen == ["RowwiseTable", "Linear", "Sequential"]
+
+
+def test_seeded_construction_is_reproducible():
+    assert torch.equal(RowwiseTable(N, DIM, lr=LR, seed=3).weight, RowwiseTable(N, DIM, lr=LR, seed=3).weight)
+    assert not torch.equal(RowwiseTable(N, DIM, lr=LR, seed=3).weight, RowwiseTable(N, DIM, lr=LR, seed=4).weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
+def test_cuda_matches_cpu():
+    cpu = RowwiseTable(N, DIM, lr=LR)
+    gpu = RowwiseTable(N, DIM, lr=LR).to("cuda")
+    for seed in range(3):
+        rows, up = batch(seed)
+        step(cpu, rows, up)
+        step(gpu, rows, up.cuda())  # rows follow the table to its device
+    gpu.reset_rows(torch.tensor([1]))
+    cpu.reset_rows(torch.tensor([1]))
+    assert gpu.weight.device.type == "cuda" and gpu.sum_sq.device.type == "cuda"
+    torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gpu.sum_sq.cpu(), cpu.sum_sq, rtol=1e-5, atol=1e-6)
