@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "serving": "benchmarks.serving",
     "freshness": "benchmarks.freshness",
     "replay": "benchmarks.replay",
+    "embeddings": "benchmarks.embeddings",
 }
 
 

@@ -35,7 +35,7 @@ from rich.table import Table
 
 from benchmarks.harness import Report, machine, markdown_cells
 
-ALL = ("models", "stream", "features", "learner", "replay", "serving", "freshness")
+ALL = ("models", "stream", "features", "learner", "replay", "embeddings", "serving", "freshness")
 """What ``bench all`` runs, in this order (``synthetic`` reproduces a paper's accuracy finding, not a speed,
 and takes minutes even in its quick mode: it runs on its own)."""
 NEEDS_KAFKA = frozenset({"stream", "learner", "freshness"})
