@@ -45,11 +45,16 @@ def model_bytes(config: MoestreamConfig) -> tuple[int, int]:
     """Bytes of the model's state (parameters and buffers: the embedding table with its row-wise optimizer
     state), as a snapshot stores them, and of its dense parameters alone (what Adam keeps two moments of)."""
     learner = config.learner
+    tables = learner.tables or {}
     with torch.device("meta"):
         model = MultiTaskRanker(learner.family, tasks=list(learner.tasks), id_fields=list(ID_FIELDS),
                                 n_dense=len(FEATURE_COLUMNS), n_buckets=learner.n_buckets, emb_dim=learner.emb_dim,
+                                tables={f: {"capacity": t["capacity"], "dim": t["dim"]} for f, t in tables.items()} or None,
                                 **dict(learner.hparams))
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    # Per-field tables grow with the live ids: at most every row (weights and row-wise state) and the id map
+    # that serving reads (an id and a row, 8 bytes each, per live id).
+    state += sum((t["capacity"] + 1) * (t["dim"] + 1) * 4 + 16 * t["capacity"] for t in tables.values())
     return state, sum(p.numel() * p.element_size() for p in model.parameters())
 
 

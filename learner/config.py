@@ -45,6 +45,50 @@ def positive_seconds(key: str, value: object) -> None:
         raise ValueError(f"{key} must be a positive number of seconds, got {value!r}")
 
 
+TABLE_KEYS = ("capacity", "dim", "min_count", "ttl_ms", "mode", "pending_capacity")
+DEFAULT_TABLE: Mapping[str, Any] = {"capacity": 2**20}
+"""A field's table unless configured: a million collisionless rows, every ID admitted at first sight, kept until
+the least recently seen are evicted."""
+ID_FIELDS = ("user_id", "item_id")
+"""``features.definitions.ID_FIELDS``, named here because loading a configuration must not import Feast (a
+test holds the two equal)."""
+
+
+def check_tables(tables: object, emb_dim: int) -> dict[str, dict[str, Any]] | None:
+    """``learner.tables`` checked (every error names its key) and completed: every id field, ``dim`` defaulting
+    to ``emb_dim``; None stays None (the shared hashed table)."""
+    from learner.idmap import IdMapConfig  # numpy only
+
+    if tables is None:
+        return None
+    if not isinstance(tables, Mapping):
+        raise ValueError(f"learner.tables must map id fields to table settings, got {tables!r}")
+    unknown = sorted(set(tables) - set(ID_FIELDS))
+    if unknown:
+        raise ValueError(f"learner.tables names {unknown}, which are not id fields; they are {list(ID_FIELDS)}")
+    checked = {}
+    for name in ID_FIELDS:
+        table = tables.get(name, DEFAULT_TABLE)
+        key = f"learner.tables.{name}"
+        if not isinstance(table, Mapping):
+            raise ValueError(f"{key} must be a mapping of {list(TABLE_KEYS)}, got {table!r}")
+        unknown = sorted(set(table) - set(TABLE_KEYS))
+        if unknown:
+            raise ValueError(f"{key} has unknown key(s) {unknown}; known: {list(TABLE_KEYS)}")
+        if "capacity" not in table:
+            raise ValueError(f"{key}.capacity is required (rows for admitted ids)")
+        # from an environment variable every value is text: whole numbers are read as such, as YAML would
+        table = {"dim": emb_dim, **{k: int(v) if isinstance(v, str) and v.strip().isdigit() else v
+                                    for k, v in table.items()}}
+        at_least(f"{key}.dim", table["dim"], 1)
+        try:
+            IdMapConfig(**{k: v for k, v in table.items() if k != "dim"})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{key}.{exc}") from None
+        checked[name] = dict(table)
+    return checked
+
+
 def at_least(key: str, value: object, low: int) -> None:
     """``value`` must be an integer >= ``low``; the error names ``key``."""
     if not _is_int(value) or value < low:
@@ -164,6 +208,14 @@ class LearnerConfig:
     loss_weights: Mapping[str, float] = field(default_factory=dict)
     """Weight of each task's loss in the total (a task left out weighs 1). Not ``serving.task_weights``,
     which weighs the tasks' probabilities in the fused ranking score."""
+    tables: Mapping[str, Mapping[str, Any]] | None = field(default_factory=dict)
+    """An embedding table per ID field (``user_id``, ``item_id``), each ``{capacity, dim, min_count, ttl_ms, mode}``
+    (``learner.idmap``): collisionless by default, an ID gets a row of its own after ``min_count`` sightings
+    (until then the shared default row), rows unseen for ``ttl_ms`` of event time are freed, and the least
+    recently seen are evicted when the table is full; ``mode: hash`` hashes into ``capacity`` rows instead. A
+    field left out gets ``DEFAULT_TABLE``. Rows are allocated as IDs arrive, so memory and snapshots follow
+    the live IDs, not the capacity. ``null``: the earlier single hashed table of ``n_buckets`` rows shared by
+    all fields."""
     cadence: CadenceConfig = field(default_factory=CadenceConfig)
     guard: PublishGuard = field(default_factory=PublishGuard)
     """When a snapshot is refused for a drop in progressive AUC (non-finite weights always are)."""
@@ -189,6 +241,7 @@ class LearnerConfig:
         at_least("learner.emb_dim", self.emb_dim, 1)
         at_least("learner.metric_window", self.metric_window, 1)
         at_least("learner.seed", self.seed, 0)
+        object.__setattr__(self, "tables", check_tables(self.tables, self.emb_dim))
         for key in ("lr", "embedding_lr"):
             if not _is_number(getattr(self, key)) or getattr(self, key) <= 0:
                 raise ValueError(f"learner.{key} must be a finite number > 0, got {getattr(self, key)!r}")

@@ -278,6 +278,7 @@ class TrainingLoop:
             "id_buckets": self.collisions.n_buckets,
             "id_collision_rate": self.collisions.rate,
             "id_keys": self.collisions.n_keys,
+            "id_tables": self.learner.id_tables(),
             "wandb_dir": self.telemetry.run_dir if self.telemetry else None,
         }
 

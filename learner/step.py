@@ -25,10 +25,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from learner.collisions import IdCollisions, id_collisions
 from learner.config import LearnerConfig
 from learner.distributed import LocalReducer, Reducer
+from learner.idmap import IdMap, IdMapConfig
 from learner.metrics import ProgressiveValidation
-from learner.collisions import IdCollisions, id_collisions
 from learner.models import ModelOutput, MultiTaskModel, MultiTaskRanker, load_balance_loss, loss_terms
 
 
@@ -62,9 +63,14 @@ class Learner:
         self.config = config
         self.device = torch.device(device)
         self.reducer: Reducer = reducer or LocalReducer()
+        self.id_maps = {name: IdMap(IdMapConfig(**{k: v for k, v in table.items() if k != "dim"}))
+                        for name, table in (config.tables or {}).items()}
+        """Collisionless ID -> row maps per field (``learner.tables``); none: one hashed table for all fields."""
         self.model = MultiTaskRanker(
             config.family, tasks=list(config.tasks), id_fields=id_fields, n_dense=n_dense,
-            n_buckets=config.n_buckets, emb_dim=config.emb_dim, emb_lr=config.embedding_lr, **dict(config.hparams),
+            n_buckets=config.n_buckets, emb_dim=config.emb_dim, emb_lr=config.embedding_lr,
+            tables={name: {"capacity": t["capacity"], "dim": t["dim"]} for name, t in (config.tables or {}).items()} or None,
+            **dict(config.hparams),
         ).to(self.device)
         self.model.init_output_bias(config.base_rates)
         self.optimizer = build_optimizer(self.model.parameters(), config.lr)
@@ -85,18 +91,21 @@ class Learner:
         """One step on ``examples`` with their features ``dense`` (B, F); with no rows, a zero-weight step (a
         worker whose partitions are idle still takes part in the group's collectives)."""
         if examples.num_rows == 0:
+            if self.id_maps:
+                self._map_ids({name: np.zeros(0, np.int64) for name in self.id_maps}, 0)  # the group's gather
             self._optimize(None, {})
             self.step += 1
             return StepResult(0.0, {}, None)
         users = column(examples, "user_id", np.int64)
-        ids = {"user_id": torch.from_numpy(users).to(self.device),
-               "item_id": torch.from_numpy(column(examples, "item_id", np.int64)).to(self.device)}
+        raw = {"user_id": users, "item_id": column(examples, "item_id", np.int64)}
+        ids = {name: torch.from_numpy(values).to(self.device) for name, values in raw.items()}
+        rows = self._map_ids(raw, int(pc.max(examples["ts_ms"]).as_py())) if self.id_maps else None
         labels = {t: torch.from_numpy(column(examples, t, np.float32)).to(self.device) for t in self.config.tasks}
 
         self.model.train()
         saved_norms = [b.clone() for b in self._norm_stats]  # put back if this step turns out poisoned
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
-            output = self.model(ids, torch.from_numpy(dense).to(self.device))  # logits (B,) per task
+            output = self.model(ids, torch.from_numpy(dense).to(self.device), rows)  # logits (B,) per task
         self._score(output, labels, users)  # progressive: before the weights see these labels
         total, per_task = self._optimize(output, labels)
         if self.skipped_last:
@@ -107,6 +116,44 @@ class Learner:
         self.examples += examples.num_rows
         self.event_time_hwm_ms = max(self.event_time_hwm_ms, int(pc.max(examples["ts_ms"]).as_py()))
         return StepResult(total.item(), {t: v.item() for t, v in per_task.items()}, output, self.skipped_last)
+
+    def _map_ids(self, ids: dict[str, np.ndarray], now_ms: int) -> dict[str, torch.Tensor]:
+        """Each field's table rows for ``ids``, admitting, expiring and evicting in the ID maps (at the batch's
+        event time). In a group every worker maps the union of the group's ids, in rank order, so the maps and
+        the rows they hand out stay identical on every worker; each then keeps its own part."""
+        names = list(self.id_maps)
+        reducer, n = self.reducer, len(ids[names[0]])
+        if reducer.world_size > 1:
+            mine = np.column_stack([np.full(n, reducer.rank, np.int64), np.full(n, now_ms, np.int64),
+                                    *(ids[name] for name in names)]).reshape(n, 2 + len(names))
+            union = reducer.gather_rows(mine)
+            own = union[:, 0] == reducer.rank
+            now_ms = int(union[:, 1].max()) if len(union) else now_ms
+            ids = {name: union[:, 2 + i] for i, name in enumerate(names)}
+        else:
+            own = slice(None)
+        tables = self.model.encoder.tables
+        rows = {}
+        for name in names:
+            found = self.id_maps[name].rows(ids[name], now_ms, train=True)
+            table = tables[name]
+            if len(found.rows):
+                table.ensure_rows(int(found.rows.max()))
+            if len(found.fresh):
+                table.reset_rows(torch.from_numpy(found.fresh))  # a reused row starts over, optimizer state too
+            rows[name] = torch.from_numpy(np.ascontiguousarray(found.rows[own])).to(self.device)
+        return rows
+
+    def publish_maps(self) -> None:
+        """Copy each ID map's live ``id -> row`` pairs into the model (what serving maps raw ids with)."""
+        for name, id_map in self.id_maps.items():
+            published = id_map.snapshot()
+            self.model.encoder.set_map(name, torch.from_numpy(published["ids"]).to(self.device),
+                                       torch.from_numpy(published["rows"]).to(self.device))
+
+    def id_tables(self) -> dict[str, dict[str, int]]:
+        """Each ID map's figures: live ids, admitted, expired, evicted, overflow, collisions, bytes..."""
+        return {name: id_map.stats() for name, id_map in self.id_maps.items()}
 
     def _score(self, output: ModelOutput, labels: dict[str, torch.Tensor], users: np.ndarray) -> None:
         with torch.no_grad():
@@ -124,9 +171,9 @@ class Learner:
             total, per_task = self._share(output, labels)
             total.backward()
         self.reducer.reduce_grads(self.model.parameters())
-        encoder = self.model.encoder
-        rows, row_grads = self.reducer.gather_sparse(*encoder.table_gradients())  # the group's, on every worker
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None] + [row_grads]
+        tables = self.model.encoder.row_tables()
+        sparse = {name: self.reducer.gather_sparse(*table.gradients()) for name, table in tables.items()}  # the group's
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None] + [g for _, g in sparse.values()]
         # The gradients are the group's sum, the same on every worker, so all of them skip alike.
         self.skipped_last = not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
         if self.skipped_last:
@@ -137,7 +184,8 @@ class Learner:
                   f"({self.skipped_steps} so far)", flush=True)
         else:
             self.optimizer.step()  # Adam: the dense network
-            encoder.update_table(rows, row_grads)  # row-wise Adagrad: the rows this step's batch touched
+            for name, (rows, row_grads) in sparse.items():
+                tables[name].update(rows, row_grads)  # row-wise Adagrad: the rows this step's batch touched
         self.reducer.average_buffers(self.model)
         return total, per_task
 
@@ -178,7 +226,9 @@ class Learner:
         return self.model.model
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Everything a snapshot holds: the encoder's and the family's parameters and buffers."""
+        """Everything a snapshot holds: the encoder's and the family's parameters and buffers, with the ID maps
+        as they are now."""
+        self.publish_maps()
         return self.model.state_dict()
 
     def positive_rates(self) -> dict[str, float]:
@@ -186,7 +236,13 @@ class Learner:
         return self.metrics.positive_rates()
 
     def collisions(self, ids: dict[str, np.ndarray]) -> IdCollisions:
-        """How often the given ids share a hashed embedding row."""
+        """How often the given ids share a hashed embedding row; with per-field ID maps, their own figures
+        (collisionless: 0 collisions among admitted ids)."""
+        if self.id_maps:
+            stats = self.id_tables().values()
+            live, capacity = sum(s["live"] for s in stats), sum(s["capacity"] for s in stats)
+            shared = sum(s["collisions"] for s in stats)
+            return IdCollisions(live, capacity, live - shared, shared / live if live else 0.0, 0.0)
         return id_collisions(self.model.encoder, ids)
 
     def manifest(self) -> dict:
@@ -210,11 +266,16 @@ class Learner:
         """Weights, optimizer, metric windows and counters: what a checkpoint holds to resume exactly."""
         counters = {"step": self.step, "examples": self.examples, "event_time_hwm_ms": self.event_time_hwm_ms,
                     "skipped_steps": self.skipped_steps}
-        return self.model.state_dict(), self.optimizer.state_dict(), self.metrics.state(), counters
+        maps = {f"idmap.{name}.{k}": v for name, id_map in self.id_maps.items() for k, v in id_map.state().items()}
+        return self.weights(), self.optimizer.state_dict(), {**self.metrics.state(), **maps}, counters
 
     def restore(self, model: dict[str, torch.Tensor], optimizer: dict, arrays: dict[str, np.ndarray],
                 counters: dict) -> None:
         self.model.load_state_dict(model)
+        for name in self.id_maps:
+            prefix = f"idmap.{name}."
+            mine = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            self.id_maps[name] = IdMap.from_state(self.id_maps[name].config, mine)
         self.optimizer.load_state_dict(optimizer)
         self.metrics.load_state(arrays)
         self.step, self.examples = counters["step"], counters["examples"]

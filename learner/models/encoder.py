@@ -68,7 +68,7 @@ class FeatureEncoder(nn.Module):
     salts: Tensor
 
     def __init__(self, id_fields: Sequence[str], n_dense: int, n_buckets: int = 2**18, emb_dim: int = 16,
-                 emb_lr: float = 0.2) -> None:
+                 emb_lr: float = 0.2, tables: Mapping[str, Mapping[str, int]] | None = None) -> None:
         super().__init__()
         if isinstance(id_fields, str):
             raise TypeError("id_fields must be a sequence of field names, not one string")
@@ -83,19 +83,50 @@ class FeatureEncoder(nn.Module):
         if n_dense < 0 or emb_dim < 1:
             raise ValueError(f"need n_dense >= 0 and emb_dim >= 1, got {n_dense}, {emb_dim}")
         self.n_dense, self.n_buckets, self.emb_dim = n_dense, n_buckets, emb_dim
+        if tables and set(tables) != set(self.id_fields):
+            raise ValueError(f"tables must name exactly the id fields {list(self.id_fields)}, got {sorted(tables)}")
+        self.dims = {f: int(tables[f].get("dim", emb_dim)) if tables else emb_dim for f in self.id_fields}
         if self.n_outputs < 1:
             raise ValueError("the encoder needs at least one id field or dense feature")
         self.register_buffer("salts", torch.tensor(salts, dtype=torch.int64), persistent=False)
         # std 1/sqrt(emb_dim): each field's embedding starts with norm about 1, like a symlog feature. Its seed
         # comes from torch's generator, so the learner's seed decides it as it decides every other weight.
         seed = int(torch.randint(0, 2**62, (), device="cpu").item())
-        self.table = RowwiseTable(n_buckets, emb_dim, lr=emb_lr, init_std=emb_dim**-0.5, seed=seed) if self.id_fields else None
+        self.table: RowwiseTable | None = None
+        self.tables: nn.ModuleDict | None = None
+        if tables:
+            self.tables = nn.ModuleDict({
+                f: RowwiseTable(int(tables[f]["capacity"]), self.dims[f], lr=emb_lr, init_std=self.dims[f] ** -0.5,
+                                seed=seed + i, allocated=0)
+                for i, f in enumerate(self.id_fields)
+            })
+            for f in self.id_fields:  # the ID -> row maps serving reads (the learner keeps them current)
+                self.register_buffer(f"map_ids_{f}", torch.zeros(0, dtype=torch.int64))
+                self.register_buffer(f"map_rows_{f}", torch.zeros(0, dtype=torch.int64))
+        elif self.id_fields:
+            self.table = RowwiseTable(n_buckets, emb_dim, lr=emb_lr, init_std=emb_dim**-0.5, seed=seed)
         self.dense_scale = nn.Parameter(torch.ones(n_dense))
         self.dense_shift = nn.Parameter(torch.zeros(n_dense))
 
     @property
     def n_outputs(self) -> int:
-        return len(self.id_fields) * self.emb_dim + self.n_dense
+        return sum(self.dims.values()) + self.n_dense
+
+    def map_rows(self, field_name: str, ids: Tensor) -> Tensor:
+        """Serving's side of a per-field table: each raw id's row in the published map, 0 (the default row) for
+        an id it does not hold (never admitted, expired, or new since the snapshot)."""
+        keys, rows = getattr(self, f"map_ids_{field_name}"), getattr(self, f"map_rows_{field_name}")
+        ids = ids.to(device=keys.device, dtype=torch.int64)
+        if keys.numel() == 0:
+            return torch.zeros_like(ids)
+        pos = torch.searchsorted(keys, ids).clamp_(max=keys.numel() - 1)
+        return torch.where(keys[pos] == ids, rows[pos], torch.zeros_like(ids))
+
+    def set_map(self, field_name: str, ids: Tensor, rows: Tensor) -> None:
+        """Publish a field's ``ids -> rows`` (what the learner's ID map holds) for :meth:`map_rows`."""
+        order = torch.argsort(ids)
+        setattr(self, f"map_ids_{field_name}", ids[order].to(torch.int64).contiguous())
+        setattr(self, f"map_rows_{field_name}", rows[order].to(torch.int64).contiguous())
 
     def buckets(self, ids: Mapping[str, Tensor]) -> Tensor:
         """Hashed bucket per row and field, ``(B, F)``."""
@@ -105,9 +136,17 @@ class FeatureEncoder(nn.Module):
         stacked = torch.stack([ids[f].to(torch.int64) for f in self.id_fields], dim=-1)  # (B, F)
         return hash_ids(stacked, self.salts, self.n_buckets)
 
-    def forward(self, ids: Mapping[str, Tensor], dense: Tensor) -> Tensor:
+    def forward(self, ids: Mapping[str, Tensor], dense: Tensor, rows: Mapping[str, Tensor] | None = None) -> Tensor:
+        """``rows``: each field's table rows, mapped by the learner's ID maps (training); without it, per-field
+        tables map ``ids`` through the published maps (serving)."""
         parts = []
-        if self.table is not None:
+        if self.tables is not None:
+            missing = [f for f in self.id_fields if f not in (rows if rows is not None else ids)]
+            if missing:
+                raise ValueError(f"missing id field(s) {missing}")
+            for f in self.id_fields:
+                parts.append(self.tables[f].lookup(rows[f] if rows is not None else self.map_rows(f, ids[f])))
+        elif self.table is not None:
             emb = self.table.lookup(self.buckets(ids) + 1)  # (B, F, D)
             parts.append(emb.flatten(1))  # (B, F·D)
         if self.n_dense:
@@ -118,20 +157,31 @@ class FeatureEncoder(nn.Module):
             parts.append(symlog * self.dense_scale + self.dense_shift)
         return torch.cat(parts, dim=1)  # (B, n_outputs)
 
+    def row_tables(self) -> dict[str, RowwiseTable]:
+        """Every embedding table by name: the shared hashed one (``""``) or one per id field."""
+        if self.tables is not None:
+            return dict(self.tables.items())
+        return {"": self.table} if self.table is not None else {}
+
     def table_gradients(self) -> tuple[Tensor, Tensor]:
-        """The rows the forward passes since the last update looked up, and their gradients (taken)."""
+        """The shared hashed table's looked-up rows and their gradients (taken)."""
         if self.table is None:
             return torch.zeros(0, dtype=torch.int64), torch.zeros(0, self.emb_dim)
         return self.table.gradients()
 
     def update_table(self, rows: Tensor, grads: Tensor) -> None:
-        """Row-wise Adagrad on ``rows`` (every worker's gradients, concatenated, in a data-parallel group)."""
+        """Row-wise Adagrad on the shared hashed table's ``rows`` (every worker's gradients, concatenated)."""
         if self.table is not None:
             self.table.update(rows, grads)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """Snapshots of earlier versions held the hashed table as ``embedding.weight`` (an ``nn.Embedding``
         trained by Adam): read it as the table's rows 1.. with a fresh accumulator."""
+        for f in self.id_fields if self.tables is not None else ():  # maps of any size: take the stored one's
+            for name in (f"map_ids_{f}", f"map_rows_{f}"):
+                stored = state_dict.get(prefix + name)
+                if stored is not None:
+                    setattr(self, name, torch.empty_like(stored, device=getattr(self, name).device))
         old = state_dict.pop(prefix + "embedding.weight", None)
         if old is not None and self.table is not None:
             state_dict[prefix + "table.weight"] = torch.cat([self.table.weight[:1].to(old), old])

@@ -12,7 +12,7 @@ from .encoder import FeatureEncoder
 from .output import ModelOutput
 from .registry import build, default_hparams
 
-_CONFIG_KEYS = ("family", "tasks", "id_fields", "n_dense", "task_types", "n_buckets", "emb_dim", "emb_lr", "hparams")
+_CONFIG_KEYS = ("family", "tasks", "id_fields", "n_dense", "task_types", "n_buckets", "emb_dim", "emb_lr", "tables", "hparams")
 
 
 def _jsonable(value: Any, path: str) -> Any:
@@ -44,10 +44,12 @@ class MultiTaskRanker(nn.Module):
         n_buckets: int = 2**18,
         emb_dim: int = 16,
         emb_lr: float = 0.2,
+        tables: Mapping[str, Mapping[str, int]] | None = None,
         **hparams: Any,
     ) -> None:
         super().__init__()
-        self.encoder = FeatureEncoder(id_fields, n_dense, n_buckets=n_buckets, emb_dim=emb_dim, emb_lr=emb_lr)
+        self.encoder = FeatureEncoder(id_fields, n_dense, n_buckets=n_buckets, emb_dim=emb_dim, emb_lr=emb_lr,
+                                      tables=tables)
         self.model = build(family, n_inputs=self.encoder.n_outputs, tasks=tasks, task_types=task_types, **hparams)
         self.config = _jsonable(
             {
@@ -59,6 +61,7 @@ class MultiTaskRanker(nn.Module):
                 "n_buckets": n_buckets,
                 "emb_dim": emb_dim,
                 "emb_lr": emb_lr,
+                "tables": {f: dict(t) for f, t in (tables or {}).items()},
                 "hparams": {**default_hparams(family), **hparams},
             },
             "config",
@@ -91,8 +94,9 @@ class MultiTaskRanker(nn.Module):
         """See :class:`MultiTaskModel`: the load-balancing regulariser's coefficient (0.0 for dense families)."""
         return self.model.lb_coef
 
-    def forward(self, ids: Mapping[str, Tensor], dense: Tensor) -> ModelOutput:
-        x = self.encoder(ids, dense)  # (B, n_inputs)
+    def forward(self, ids: Mapping[str, Tensor], dense: Tensor, rows: Mapping[str, Tensor] | None = None) -> ModelOutput:
+        """``rows``: per-field table rows from the learner's ID maps (training); serving passes raw ``ids``."""
+        x = self.encoder(ids, dense, rows)  # (B, n_inputs)
         return self.model(x)
 
     @torch.no_grad()

@@ -58,7 +58,8 @@ class RowwiseTable(nn.Module):
     resets: Tensor  # ()
 
     def __init__(
-        self, n_rows: int, dim: int, lr: float, eps: float = 1e-8, init_std: float | None = None, *, seed: int = 0
+        self, n_rows: int, dim: int, lr: float, eps: float = 1e-8, init_std: float | None = None, *, seed: int = 0,
+        allocated: int | None = None,
     ) -> None:
         super().__init__()
         if n_rows < 0 or dim < 1:
@@ -71,14 +72,42 @@ class RowwiseTable(nn.Module):
         self.eps = float(eps)
         self.init_std = float(dim**-0.5 if init_std is None else init_std)
         self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.int64))
-        self.register_buffer("weight", self._initial(n_rows + 1, draw=0))
-        self.register_buffer("sum_sq", torch.zeros(n_rows + 1))
+        start = n_rows if allocated is None else max(0, min(int(allocated), n_rows))
+        self.register_buffer("weight", self._initial(start + 1, draw=0))
+        self.register_buffer("sum_sq", torch.zeros(start + 1))
         self.register_buffer("resets", torch.zeros((), dtype=torch.int64))
         # (unique rows, their leaf) per lookup since the last update; the leaf's .grad is the rows' gradient
         self._pending: list[tuple[Tensor, Tensor]] = []
 
     def extra_repr(self) -> str:
         return f"n_rows={self.n_rows}, dim={self.dim}, lr={self.lr}, eps={self.eps}, init_std={self.init_std:.4g}"
+
+    @property
+    def allocated(self) -> int:
+        """ID rows held in memory (rows ``1..allocated``): the table grows on demand up to ``n_rows``, so its
+        memory, checkpoints and snapshots follow the rows in use, not the capacity."""
+        return self.weight.shape[0] - 1
+
+    def ensure_rows(self, highest: int) -> None:
+        """Hold rows up to ``highest`` (at most ``n_rows``): grows by at least half, new rows drawn as fresh
+        ones (the same values on every replica that grows alike)."""
+        if highest <= self.allocated:
+            return
+        if highest > self.n_rows:
+            raise IndexError(f"row {highest} is beyond the table's {self.n_rows} rows")
+        target = min(self.n_rows, max(highest, self.allocated + self.allocated // 2 + 1))
+        extra = target - self.allocated
+        fresh = self._initial(extra, draw=-1 - self.allocated).to(self.weight)  # a draw index of its own per size
+        self.weight = torch.cat([self.weight, fresh])
+        self.sum_sq = torch.cat([self.sum_sq, self.sum_sq.new_zeros(extra)])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A state of another allocated size (a grown table) replaces this one's size before it is copied."""
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.shape != self.weight.shape and weight.dim() == 2 and weight.shape[1] == self.dim:
+            self.weight = self.weight.new_empty(weight.shape)
+            self.sum_sq = self.sum_sq.new_empty(weight.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _initial(self, count: int, draw: int) -> Tensor:
         """``count`` fresh rows of N(0, init_std^2), drawn on the CPU so that every device gets the same."""
@@ -95,8 +124,9 @@ class RowwiseTable(nn.Module):
 
     def _check_range(self, unique: Tensor) -> None:
         # unique is sorted: its ends bound every row (two scalars read, no pass over the batch)
-        if unique.numel() and (int(unique[0]) < 0 or int(unique[-1]) > self.n_rows):
-            raise IndexError(f"rows must lie in [0, {self.n_rows}], got [{int(unique[0])}, {int(unique[-1])}]")
+        if unique.numel() and (int(unique[0]) < 0 or int(unique[-1]) > self.allocated):
+            raise IndexError(f"rows must lie in [0, {self.allocated}] (of {self.n_rows}), got "
+                             f"[{int(unique[0])}, {int(unique[-1])}]")
 
     def lookup(self, rows: Tensor) -> Tensor:
         """The embeddings of ``rows`` (any shape), shaped ``(*rows.shape, dim)``.

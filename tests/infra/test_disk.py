@@ -30,8 +30,11 @@ def test_the_snapshot_need_is_the_models_bytes_times_the_versions_kept(tmp_path:
     config = _config(tmp_path)
     weights, dense = disk.model_bytes(config)
     learner = config.learner
-    embeddings = learner.n_buckets * (learner.emb_dim + 1) * 4  # the hashed table and its row-wise state, fp32
-    assert weights > embeddings > dense  # the embedding table is most of it, the experts and towers the rest
+    # at most every row of each field's table, its row-wise state and its id map
+    embeddings = sum(t["capacity"] * ((t["dim"] + 1) * 4 + 16) for t in learner.tables.values())
+    assert weights > embeddings > dense  # the embedding tables are most of it, the experts and towers the rest
+    hashed, _ = disk.model_bytes(_config(tmp_path, tables=None))
+    assert hashed > learner.n_buckets * (learner.emb_dim + 1) * 4  # the shared hashed table instead
     snapshots, checkpoints = disk.disk_needs(config)
     assert snapshots.path == config.layout().snapshots and checkpoints.path == config.layout().checkpoints
     assert snapshots.bytes == 11 * (weights + disk.MANIFEST_BYTES)

@@ -32,7 +32,8 @@ CONFIG = LearnerConfig(
     family="smes",
     hparams={"n_experts": 6, "k_shared": 1, "k_private": 1, "expert_dims": (8,), "tower_dims": (4,), "lb_coef": 0.5},
     n_buckets=512,
-    emb_dim=4,
+    tables=None,  # the shared hashed table: a forward on raw ids is the training one (tests/learner/test_id_tables.py
+    emb_dim=4,    # holds the per-field tables' group semantics)
     loss_weights={"click": 2.0, "like": 0.5},
 )
 SIZES = [(48, 80), (0, 64), (40, 16)]

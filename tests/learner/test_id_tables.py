@@ -1,0 +1,140 @@
+"""Per-field collisionless embedding tables in the learner (issue 20): ID maps beside row-wise tables, exact
+restore, the maps serving reads, and two data-parallel workers holding identical maps and rows."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from features.definitions import FEATURE_COLUMNS, ID_FIELDS
+from learner.config import ID_FIELDS as CONFIG_ID_FIELDS
+from learner.config import LearnerConfig
+from learner.distributed import GroupConfig, GroupReducer, LocalReducer, host_store
+from learner.models import MultiTaskRanker
+from learner.step import Learner
+from tests.conftest import free_port
+from tests.learner.test_distributed import SIZES, _batch, _Features
+
+TABLES = {"user_id": {"capacity": 40, "min_count": 2, "ttl_ms": 3}, "item_id": {"capacity": 64, "dim": 8}}
+"""Fewer user rows than users (eviction), admission after two sightings, expiry after 3 ms of event time."""
+CONFIG = LearnerConfig(family="mmoe", hparams={"n_experts": 3, "expert_dims": (8,), "tower_dims": (4,)},
+                       emb_dim=4, tables=TABLES, lr=0.01)
+
+
+def _learner(reducer=None) -> Learner:
+    return Learner(CONFIG, list(ID_FIELDS), len(FEATURE_COLUMNS), reducer=reducer)
+
+
+def _dense(batch: pa.Table) -> np.ndarray:
+    return _Features().lookup(np.asarray(batch["user_id"]), np.asarray(batch["item_id"]))
+
+
+def test_the_configuration_names_the_same_id_fields_as_the_feature_store() -> None:
+    assert CONFIG_ID_FIELDS == ID_FIELDS
+
+
+def test_tables_default_to_collisionless_per_field_and_null_keeps_the_shared_hashed_table() -> None:
+    assert LearnerConfig().tables == {f: {"dim": 16, "capacity": 2**20} for f in ID_FIELDS}
+    assert LearnerConfig(tables={"user_id": {"capacity": 10}}).tables["item_id"] == {"dim": 16, "capacity": 2**20}
+    assert LearnerConfig(tables=None).tables is None
+    shared = Learner(LearnerConfig(tables=None, n_buckets=256), list(ID_FIELDS), len(FEATURE_COLUMNS))
+    assert shared.model.encoder.tables is None and shared.model.encoder.table.n_rows == 256
+
+
+def test_tables_hold_their_own_rows_and_a_restored_learner_continues_exactly() -> None:
+    torch.manual_seed(0)
+    learner = _learner()
+    for step in range(6):
+        learner.learn(_batch(step, 0, 64), _dense(_batch(step, 0, 64)))
+    stats = learner.id_tables()
+    assert stats["user_id"]["live"] <= 40 and stats["user_id"]["collisions"] == 0 and stats["item_id"]["collisions"] == 0
+    assert stats["user_id"]["evicted"] + stats["user_id"]["expired"] > 0  # 50 users through 40 rows, ttl 3 ms
+    table = learner.model.encoder.tables["user_id"]
+    assert table.allocated <= 40 and learner.model.encoder.tables["item_id"].weight.shape[1] == 8
+
+    model, optimizer, arrays, counters = copy.deepcopy(learner.state())  # as read back from a checkpoint
+    restored = _learner()
+    restored.restore(model, optimizer, arrays, counters)
+    nxt = _batch(6, 0, 64)
+    a, b = learner.learn(nxt, _dense(nxt)), restored.learn(nxt, _dense(nxt))
+    assert a.loss == b.loss
+    after, again = learner.weights(), restored.weights()
+    assert after.keys() == again.keys()
+    for key in after:
+        assert torch.equal(after[key], again[key]), key
+    assert learner.id_tables() == restored.id_tables()
+
+
+def test_serving_maps_raw_ids_to_the_rows_training_used() -> None:
+    torch.manual_seed(0)
+    learner = _learner()
+    for step in range(4):
+        learner.learn(_batch(step, 0, 64), _dense(_batch(step, 0, 64)))
+    weights = learner.weights()
+    served = MultiTaskRanker.from_config(learner.model.config)
+    served.load_state_dict(weights)
+    served.eval()
+    batch = _batch(9, 0, 32)
+    ids = {f: torch.from_numpy(np.asarray(batch[f], dtype=np.int64)) for f in ID_FIELDS}
+    rows = {f: torch.from_numpy(learner.id_maps[f].rows(np.asarray(batch[f], dtype=np.int64), 1_003, train=False).rows)
+            for f in ID_FIELDS}
+    learner.model.eval()
+    dense = torch.from_numpy(_dense(batch))
+    with torch.no_grad():
+        expected = learner.model(ids, dense, rows).logits
+        got = served(ids, dense).logits
+    for task in expected:
+        torch.testing.assert_close(got[task], expected[task])
+    unknown = {"user_id": torch.tensor([10**12]), "item_id": torch.tensor([10**12 + 1])}
+    assert served.encoder.map_rows("user_id", unknown["user_id"]).item() == 0  # never seen: the default row
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    reducer = GroupReducer(GroupConfig("127.0.0.1", port, world_size=2, rank=rank, timeout_s=60), torch.device("cpu"))
+    learner = _learner(reducer)
+    reducer.broadcast_parameters(learner.model)
+    for step, sizes in enumerate(SIZES):
+        batch = _batch(step, rank, sizes[rank])
+        learner.learn(batch, _dense(batch))
+    weights = {k: v.detach().contiguous() for k, v in learner.weights().items()}
+    save_file(weights, f"{out}/rank{rank}.safetensors")
+    reducer.close()
+
+
+def test_two_workers_hold_identical_maps_and_rows_equal_to_one_process_on_the_unions(tmp_path: Path) -> None:
+    port = free_port()
+    store = host_store("127.0.0.1", port, world_size=2)
+    mp.start_processes(_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    del store
+    first, second = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert first.keys() == second.keys() and any("map_ids" in k for k in first)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    torch.manual_seed(0)
+    reference = _learner(LocalReducer())
+    for step, (n0, n1) in enumerate(SIZES):
+        union = pa.concat_tables([_batch(step, 0, n0), _batch(step, 1, n1)])
+        reference.learn(union, _dense(union))
+    for key, value in reference.weights().items():
+        torch.testing.assert_close(first[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("tables, message", [
+    ({"user_id": {"capacity": 0}, "item_id": {"capacity": 4}}, "learner.tables.user_id.capacity"),
+    ({"user_id": {"capacity": 4, "ttl": 5}, "item_id": {"capacity": 4}}, "learner.tables.user_id has unknown key"),
+    ({"user": {"capacity": 4}}, "not id fields"),
+    ({"user_id": {"capacity": 4, "mode": "hash", "min_count": 2}, "item_id": {"capacity": 4}}, "learner.tables.user_id"),
+])
+def test_bad_table_settings_are_refused_naming_the_key(tables, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        replace(CONFIG, tables=tables)
