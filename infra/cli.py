@@ -290,8 +290,7 @@ def train(
                 break
             for s in stats:
                 _say(f"worker {s['rank']}: consumed {s['consumed']}  steps {s['steps']}  "
-                     f"snapshots {s['snapshots'][-1:]}  id collisions {s['id_collision_rate']:.2%} "
-                     f"of {s['id_keys']:,} ids in {s['id_buckets']:,} buckets" + _outages(s))
+                     f"snapshots {s['snapshots'][-1:]}  {_ids(s)}" + _outages(s))
             if max_events is not None and sum(s["consumed"] for s in stats) >= max_events:
                 break
             if deadline is not None and time.monotonic() >= deadline:
@@ -299,6 +298,16 @@ def train(
     except KeyboardInterrupt:
         pass
     _finish_training(group, bounded=seconds is not None or max_events is not None)
+
+
+def _ids(s: dict) -> str:
+    """The embedding tables' figures for a status line: per field, live ids and what the map did."""
+    tables = s.get("id_tables") or {}
+    if not tables:  # the shared hashed table
+        return (f"id collisions {s['id_collision_rate']:.2%} of {s['id_keys']:,} ids in "
+                f"{s['id_buckets']:,} buckets")
+    return "  ".join(f"{name}: {t['live']:,} live of {t['capacity']:,} (expired {t['expired']:,}, evicted "
+                     f"{t['evicted']:,}, collisions {t['collisions']})" for name, t in tables.items())
 
 
 def _outages(s: dict) -> str:
