@@ -29,6 +29,10 @@ every ID resolves in the first. Deleted slots are tombstones until a rebuild (wh
 ``MAX_FILL`` of the slots). Mode ``"hash"`` is the old hashing trick (row = 1 + a fixed 64-bit mix of the ID
 mod capacity, no admission or expiry); it still tracks the ``capacity`` most recently seen IDs to report
 how many of them share a row.
+
+Why one module of this size: the open-addressing table, the entry pool (rows, last-seen times, free stack) and
+the pending counts are three uses of the same arrays and probe rounds; the module is most of its length in
+the vectorised insert and eviction, which read best next to the invariants above.
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ intake thread, which owns the consumer); if that does not bring events within th
 fails. A fetch that does not return at all for that long (kafka-python looping inside ``poll``) is caught
 by :meth:`BufferedSource.check` on the training thread. Either failure ends the worker, and Ray restarts it
 from its checkpoint and the committed offsets: a stalled intake is never a worker that looks alive.
+
+Why one module of this size: the buffer, its thread and the Kafka source's commits and watchdog share one lock
+and one thread's ownership of the consumer; split apart, each part would reach into the others' state.
 """
 
 from __future__ import annotations
