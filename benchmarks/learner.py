@@ -60,7 +60,8 @@ def bare_examples_per_s(family: str, hparams: dict, steps: int) -> float:
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()  # Adam: the dense network
-        model.encoder.update_table(*model.encoder.table_gradients())  # row-wise Adagrad: the batch's rows
+        for table in model.encoder.row_tables().values():
+            table.apply_gradients()  # row-wise Adagrad: the batch's rows
 
     for _ in range(3):
         step()

@@ -81,6 +81,10 @@ def check_tables(tables: object, emb_dim: int) -> dict[str, dict[str, Any]] | No
         table = {"dim": emb_dim, **{k: int(v) if isinstance(v, str) and v.strip().isdigit() else v
                                     for k, v in table.items()}}
         at_least(f"{key}.dim", table["dim"], 1)
+        if table.get("mode", "collisionless") != "collisionless":
+            # serving maps raw ids through the published id -> row pairs, which a hashed table does not have
+            raise ValueError(f"{key}.mode must be 'collisionless' (for hashed ids set learner.tables: null, the "
+                             f"shared hashed table of learner.n_buckets rows), got {table['mode']!r}")
         try:
             IdMapConfig(**{k: v for k, v in table.items() if k != "dim"})
         except (TypeError, ValueError) as exc:
@@ -212,8 +216,7 @@ class LearnerConfig:
     """An embedding table per ID field (``user_id``, ``item_id``), each ``{capacity, dim, min_count, ttl_ms, mode}``
     (``learner.idmap``): collisionless by default, an ID gets a row of its own after ``min_count`` sightings
     (until then the shared default row), rows unseen for ``ttl_ms`` of event time are freed, and the least
-    recently seen are evicted when the table is full; ``mode: hash`` hashes into ``capacity`` rows instead. A
-    field left out gets ``DEFAULT_TABLE``. Rows are allocated as IDs arrive, so memory and snapshots follow
+    recently seen are evicted when the table is full. A field left out gets ``DEFAULT_TABLE``. Rows are allocated as IDs arrive, so memory and snapshots follow
     the live IDs, not the capacity. ``null``: the earlier single hashed table of ``n_buckets`` rows shared by
     all fields."""
     cadence: CadenceConfig = field(default_factory=CadenceConfig)

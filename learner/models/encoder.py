@@ -3,7 +3,7 @@
 IDs. Each ``(field, id)`` key is hashed into one embedding table of ``n_buckets`` rows shared by
 all fields, a :class:`~learner.models.sparse.RowwiseTable` trained by sparse row-wise Adagrad (a step updates
 the rows its batch touched and nothing else: its cost follows the batch, not the table; the learner calls
-:meth:`FeatureEncoder.apply_table_gradients` after backward). Bucket ``b`` is the table's row ``b + 1``; row 0,
+:meth:`FeatureEncoder.row_tables` and updates each after backward). Bucket ``b`` is the table's row ``b + 1``; row 0,
 the table's default row, is not used by hashing (the hashing trick: no vocabulary, so new users and items in the stream need no
 re-indexing). The hash runs in torch on int64, on any device, in 32-bit lanes so no product
 overflows. With ``mix`` a bijective 32-bit integer finaliser (xor-shift, multiply by 0x45d9f3b,
@@ -123,10 +123,10 @@ class FeatureEncoder(nn.Module):
         return torch.where(keys[pos] == ids, rows[pos], torch.zeros_like(ids))
 
     def set_map(self, field_name: str, ids: Tensor, rows: Tensor) -> None:
-        """Publish a field's ``ids -> rows`` (what the learner's ID map holds) for :meth:`map_rows`."""
-        order = torch.argsort(ids)
-        setattr(self, f"map_ids_{field_name}", ids[order].to(torch.int64).contiguous())
-        setattr(self, f"map_rows_{field_name}", rows[order].to(torch.int64).contiguous())
+        """Publish a field's ``ids -> rows`` (what the learner's ID map holds, ``ids`` ascending as
+        ``IdMap.snapshot`` gives them) for :meth:`map_rows`."""
+        setattr(self, f"map_ids_{field_name}", ids.to(torch.int64).contiguous())
+        setattr(self, f"map_rows_{field_name}", rows.to(torch.int64).contiguous())
 
     def buckets(self, ids: Mapping[str, Tensor]) -> Tensor:
         """Hashed bucket per row and field, ``(B, F)``."""
@@ -162,17 +162,6 @@ class FeatureEncoder(nn.Module):
         if self.tables is not None:
             return dict(self.tables.items())
         return {"": self.table} if self.table is not None else {}
-
-    def table_gradients(self) -> tuple[Tensor, Tensor]:
-        """The shared hashed table's looked-up rows and their gradients (taken)."""
-        if self.table is None:
-            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, self.emb_dim)
-        return self.table.gradients()
-
-    def update_table(self, rows: Tensor, grads: Tensor) -> None:
-        """Row-wise Adagrad on the shared hashed table's ``rows`` (every worker's gradients, concatenated)."""
-        if self.table is not None:
-            self.table.update(rows, grads)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """Snapshots of earlier versions held the hashed table as ``embedding.weight`` (an ``nn.Embedding``

@@ -133,7 +133,8 @@ def test_two_workers_hold_identical_maps_and_rows_equal_to_one_process_on_the_un
     ({"user_id": {"capacity": 0}, "item_id": {"capacity": 4}}, "learner.tables.user_id.capacity"),
     ({"user_id": {"capacity": 4, "ttl": 5}, "item_id": {"capacity": 4}}, "learner.tables.user_id has unknown key"),
     ({"user": {"capacity": 4}}, "not id fields"),
-    ({"user_id": {"capacity": 4, "mode": "hash", "min_count": 2}, "item_id": {"capacity": 4}}, "learner.tables.user_id"),
+    ({"user_id": {"capacity": 4, "mode": "hash"}, "item_id": {"capacity": 4}}, r"learner.tables.user_id.mode .* null"),
+    ({"user_id": {"capacity": 4, "min_count": 0}, "item_id": {"capacity": 4}}, "learner.tables.user_id.min_count"),
 ])
 def test_bad_table_settings_are_refused_naming_the_key(tables, message) -> None:
     with pytest.raises(ValueError, match=message):
