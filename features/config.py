@@ -72,6 +72,12 @@ class FeatureStoreConfig:
     checkpoint. Meanwhile the trainer does not step and commits nothing. ``0``: fail at once."""
     aggregates: AggregateConfig = field(default_factory=AggregateConfig)
     """The aggregates' priors: what the trainer folds with and what a lookup of an unknown entity returns."""
+    static_users: Path | None = None
+    static_items: Path | None = None
+    """Static attribute files (CSV or Parquet, KuaiRand-1K's format or the simulator's, ``features.static``)
+    loaded into the store when a run's trainer starts, so the trainer and the replicas read them beside the
+    aggregates: numeric attributes as dense features, categorical ones as codes a ``learner.tables`` entry can
+    embed. ``moestream features load`` loads them into a store that is already running."""
 
     def __post_init__(self) -> None:
         if self.online_store not in ("sqlite", "redis"):
@@ -85,6 +91,12 @@ class FeatureStoreConfig:
             raise ValueError(f"features.clock must be 'event' or 'wall', got {self.clock!r}")
         if not _finite(self.outage_timeout_s) or self.outage_timeout_s < 0:
             raise ValueError(f"features.outage_timeout_s must be a number of seconds >= 0, got {self.outage_timeout_s!r}")
+        for key in ("static_users", "static_items"):
+            path = getattr(self, key)
+            if path is not None:
+                object.__setattr__(self, key, Path(path))
+                if not Path(path).is_file():
+                    raise ValueError(f"features.{key}: no file at {path}")
         if not self.project or not isinstance(self.project, str):
             raise ValueError(f"features.project must be a non-empty name, got {self.project!r}")
 

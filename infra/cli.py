@@ -17,6 +17,7 @@ import typer
 from rich.table import Table
 
 from infra.console import CommandConsole
+from infra.features_cli import app as features_app
 from infra.kafka.cli import app as kafka_app
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ snapshots_app = typer.Typer(help="Published weight snapshots.", no_args_is_help=
 app.add_typer(snapshots_app, name="snapshots")
 config_app = typer.Typer(help="The effective configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(features_app, name="features")
 console = CommandConsole()
 notes = CommandConsole(stderr=True)
 """Deprecations and other notes beside a command's output (stderr: ``config show | ...`` stays YAML)."""

@@ -52,22 +52,33 @@ the least recently seen are evicted."""
 ID_FIELDS = ("user_id", "item_id")
 """``features.definitions.ID_FIELDS``, named here because loading a configuration must not import Feast (a
 test holds the two equal)."""
+CATEGORICAL_FIELDS = (
+    "u_active_degree", "u_follow_user_num_range", "u_fans_user_num_range", "u_friend_user_num_range",
+    "u_register_days_range", *(f"u_onehot_feat{i}" for i in range(18)),
+    "i_author_id", "i_music_id", "i_music_type", "i_video_type", "i_upload_type", "i_first_tag",
+)
+"""``features.definitions.CATEGORICAL_COLUMNS``: the static attributes' integer codes the feature store hands
+out beside the ids (KuaiRand-1K's user ranges and one-hot features, its videos' author, music, type and first
+tag). Each gets a table of its own only when ``learner.tables`` names it; a missing code (negative) reads the
+default row."""
 
 
 def check_tables(tables: object, emb_dim: int) -> dict[str, dict[str, Any]] | None:
-    """``learner.tables`` checked (every error names its key) and completed: every id field, ``dim`` defaulting
-    to ``emb_dim``; None stays None (the shared hashed table)."""
+    """``learner.tables`` checked (every error names its key) and completed: every id field, then the categorical
+    fields it names, in ``CATEGORICAL_FIELDS`` order; ``dim`` defaulting to ``emb_dim``; None stays None (the
+    shared hashed table, of the id fields only)."""
     from learner.idmap import IdMapConfig  # numpy only
 
     if tables is None:
         return None
     if not isinstance(tables, Mapping):
         raise ValueError(f"learner.tables must map id fields to table settings, got {tables!r}")
-    unknown = sorted(set(tables) - set(ID_FIELDS))
+    unknown = sorted(set(tables) - set(ID_FIELDS) - set(CATEGORICAL_FIELDS), key=str)
     if unknown:
-        raise ValueError(f"learner.tables names {unknown}, which are not id fields; they are {list(ID_FIELDS)}")
+        raise ValueError(f"learner.tables names {unknown}, which are neither id fields {list(ID_FIELDS)} nor "
+                         f"categorical features {list(CATEGORICAL_FIELDS)}")
     checked = {}
-    for name in ID_FIELDS:
+    for name in (*ID_FIELDS, *(f for f in CATEGORICAL_FIELDS if f in tables)):
         table = tables.get(name, DEFAULT_TABLE)
         key = f"learner.tables.{name}"
         if not isinstance(table, Mapping):
@@ -205,6 +216,11 @@ class LearnerConfig:
     embedding_lr: float = 0.2
     """Row-wise Adagrad's learning rate for the embedding table (``learner.models.sparse``): each row's steps
     shrink with the gradient it has seen, so rare IDs keep learning fast and frequent ones settle."""
+    cross_layers: int = 0
+    """DCN-v2 cross layers between the embeddings and the experts (``learner.models.interaction``): explicit
+    products of the inputs, e.g. user · item affinities; 0: none."""
+    cross_rank: int = 0
+    """Rank of each cross layer's matrix; 0: full (input width squared weights per layer)."""
     base_rates: Mapping[str, float] = field(default_factory=lambda: dict(TYPICAL_POSITIVE_RATES))
     """Each binary task's output starts at its base rate (see ``MultiTaskModel.init_output_bias``)."""
     seed: int = 0
@@ -213,7 +229,8 @@ class LearnerConfig:
     """Weight of each task's loss in the total (a task left out weighs 1). Not ``serving.task_weights``,
     which weighs the tasks' probabilities in the fused ranking score."""
     tables: Mapping[str, Mapping[str, Any]] | None = field(default_factory=dict)
-    """An embedding table per ID field (``user_id``, ``item_id``), each ``{capacity, dim, min_count, ttl_ms, mode}``
+    """An embedding table per ID field (``user_id``, ``item_id``) and per categorical feature named here (any of
+    ``CATEGORICAL_FIELDS``, e.g. ``i_author_id``), each ``{capacity, dim, min_count, ttl_ms, mode}``
     (``learner.idmap``): collisionless by default, an ID gets a row of its own after ``min_count`` sightings
     (until then the shared default row), rows unseen for ``ttl_ms`` of event time are freed, and the least
     recently seen are evicted when the table is full. A field left out gets ``DEFAULT_TABLE``. Rows are allocated as IDs arrive, so memory and snapshots follow
@@ -244,12 +261,19 @@ class LearnerConfig:
         at_least("learner.emb_dim", self.emb_dim, 1)
         at_least("learner.metric_window", self.metric_window, 1)
         at_least("learner.seed", self.seed, 0)
+        at_least("learner.cross_layers", self.cross_layers, 0)
+        at_least("learner.cross_rank", self.cross_rank, 0)
         object.__setattr__(self, "tables", check_tables(self.tables, self.emb_dim))
         for key in ("lr", "embedding_lr"):
             if not _is_number(getattr(self, key)) or getattr(self, key) <= 0:
                 raise ValueError(f"learner.{key} must be a finite number > 0, got {getattr(self, key)!r}")
         self._check_per_task("base_rates", lambda r: _is_number(r) and 0 < r < 1, "a rate in (0, 1)")
         self._check_per_task("loss_weights", lambda w: _is_number(w) and w >= 0, "a finite number >= 0")
+
+    def embedded_fields(self) -> list[str]:
+        """The fields the model embeds, in the encoder's order: the id fields, then the categorical features
+        with a table (the shared hashed table embeds the id fields only)."""
+        return list(self.tables) if self.tables else list(ID_FIELDS)
 
     def _check_per_task(self, name: str, ok, what: str) -> None:
         values = getattr(self, name)

@@ -21,7 +21,8 @@ commit of offsets wait too. The loop resumes by itself when the store answers ag
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import pandas as pd
@@ -34,37 +35,54 @@ from learner.step import column
 
 class FeatureReader(Protocol):
     def lookup(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray: ...
+    # and, when categorical codes are read, ``lookup_batch(user_ids, item_ids)`` -> ``features.store.FeatureBatch``
     def push(self, users: pd.DataFrame, items: pd.DataFrame) -> None: ...
     def flush(self) -> None: ...
 
 
+class Features(NamedTuple):
+    """A batch's features: ``dense`` (B, F) and the categorical ``codes`` the model embeds (field -> (B,) int64,
+    -1 where missing)."""
+
+    dense: np.ndarray
+    codes: dict[str, np.ndarray]
+
+
 class FeatureLoop:
     def __init__(self, store: FeatureReader, reducer: Reducer | None = None,
-                 aggregates: AggregateConfig | None = None) -> None:
+                 aggregates: AggregateConfig | None = None, codes: Sequence[str] = ()) -> None:
+        """``codes``: the categorical features to read beside the dense ones (those with a table of their own)."""
         self.store = store
+        self.codes = tuple(codes)
         self.reducer: Reducer = reducer or LocalReducer()
         self.aggregator = StreamAggregator(aggregates or AggregateConfig())
         self._pusher = ThreadPoolExecutor(1, thread_name_prefix="moestream-push")
         self._push: Future | None = None
-        self._ahead: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        """Features read ahead for the next step: (user ids, item ids, dense)."""
+        self._ahead: tuple[np.ndarray, np.ndarray, Features] | None = None
+        """Features read ahead for the next step: (user ids, item ids, features)."""
         self.read_ahead = 0
         """Steps whose features had been read ahead on the push thread."""
         self.nonfinite = 0
         """Feature values read as NaN or infinite, replaced by 0."""
 
-    def read(self, examples: pa.Table) -> np.ndarray:
-        """The examples' dense features (B, F), as the store holds them once the last push has landed. A read
-        ahead is for the very next step only: used if it was for exactly these pairs, dropped otherwise."""
+    def read(self, examples: pa.Table) -> Features:
+        """The examples' features, as the store holds them once the last push has landed. A read ahead is for
+        the very next step only: used if it was for exactly these pairs, dropped otherwise."""
         self.wait()
         ahead, self._ahead = self._ahead, None
         if examples.num_rows == 0:
-            return np.zeros((0, 0), dtype=np.float32)
+            return Features(np.zeros((0, 0), dtype=np.float32), {name: np.zeros(0, np.int64) for name in self.codes})
         users, items = column(examples, "user_id", np.int64), column(examples, "item_id", np.int64)
         if ahead is not None and np.array_equal(ahead[0], users) and np.array_equal(ahead[1], items):
             self.read_ahead += 1
-            return self._finite(ahead[2])
-        return self._finite(self.store.lookup(users, items))
+            return ahead[2]
+        return self._lookup(users, items)
+
+    def _lookup(self, users: np.ndarray, items: np.ndarray) -> Features:
+        if not self.codes:
+            return Features(self._finite(self.store.lookup(users, items)), {})
+        batch = self.store.lookup_batch(users, items)
+        return Features(self._finite(batch.dense), {name: batch.ids[name] for name in self.codes})
 
     def fold(self, examples: pa.Table, upcoming: pa.Table | None = None) -> None:
         """Fold the examples' labels into the aggregates and push the new rows on the push thread; then, on
@@ -85,7 +103,7 @@ class FeatureLoop:
         self.store.push(user_rows, item_rows)
         if upcoming is not None and upcoming.num_rows:  # after this push, as the next step's own read would be
             user_ids, item_ids = column(upcoming, "user_id", np.int64), column(upcoming, "item_id", np.int64)
-            self._ahead = (user_ids, item_ids, self.store.lookup(user_ids, item_ids))
+            self._ahead = (user_ids, item_ids, self._lookup(user_ids, item_ids))
 
     def wait(self) -> None:
         """Until the last push is in the store (raises what it raised)."""

@@ -4,9 +4,9 @@ Kafka training (``learner.worker``) and direct replay (``learner.replay_source``
 only in their source. One step reads like the pipeline:
 
     batch = source.take(n)                      # joined examples, acknowledged as they were buffered
-    dense = features.read(batch)                # as the store holds them before this batch's labels
+    read = features.read(batch)                 # as the store holds them before this batch's labels
     features.fold(batch, upcoming)              # aggregates pushed while the model steps
-    result = learner.learn(batch, dense)        # predict, score progressively, then learn
+    result = learner.learn(batch, read.dense, read.codes)  # predict, score progressively, then learn
     reporter.observe(step, result)              # losses and gates
 
 and the jobs beside it run at the cadences of ``learner.cadence`` (``CadenceConfig``), defined once:
@@ -90,7 +90,7 @@ class TrainingLoop:
         (or put in its :class:`~learner.intake.ExamplesSource` for :meth:`run`): tests and notebooks."""
         learner = Learner(config, list(ID_FIELDS), len(FEATURE_COLUMNS), device, reducer)
         reporter = Reporter(config, learner.multitask, snapshots, telemetry, writes_health=learner.reducer.rank == 0)
-        return cls(learner, FeatureLoop(store, learner.reducer), reporter, ExamplesSource(), checkpoints=None,
+        return cls(learner, FeatureLoop(store, learner.reducer, codes=learner.code_fields), reporter, ExamplesSource(), checkpoints=None,
                    cadence=config.cadence, batch_size=batch_size, telemetry=telemetry)
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -130,11 +130,11 @@ class TrainingLoop:
         features are read ahead while this step's model runs."""
         cadence = self.cadence
         batch = batch.combine_chunks()  # a batch spans many fetches: one chunk makes every column read cheap
-        dense = self.features.read(batch)  # (B, F): before this batch's labels are folded in
+        features = self.features.read(batch)  # dense (B, F) and codes: before this batch's labels are folded in
         if (self.learner.step + 1) % cadence.stats_every_steps == 0:
             self.collisions = self._collisions()  # now: no push is folding into the aggregates
         self.features.fold(batch, upcoming)
-        result = self.learner.learn(batch, dense)
+        result = self.learner.learn(batch, features.dense, features.codes)
         self._audit(batch)
         step = self.learner.step
         self.reporter.observe(step, result)

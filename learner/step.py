@@ -18,6 +18,7 @@ probing the model. Jobs beside the step (features, publishing, health) are other
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -66,10 +67,13 @@ class Learner:
         self.id_maps = {name: IdMap(IdMapConfig(**{k: v for k, v in table.items() if k != "dim"}))
                         for name, table in (config.tables or {}).items()}
         """Collisionless ID -> row maps per field (``learner.tables``); none: one hashed table for all fields."""
+        self.id_fields = list(id_fields)
+        fields = self.id_fields + [name for name in self.id_maps if name not in self.id_fields]  # + categorical
         self.model = MultiTaskRanker(
-            config.family, tasks=list(config.tasks), id_fields=id_fields, n_dense=n_dense,
+            config.family, tasks=list(config.tasks), id_fields=fields, n_dense=n_dense,
             n_buckets=config.n_buckets, emb_dim=config.emb_dim, emb_lr=config.embedding_lr,
             tables={name: {"capacity": t["capacity"], "dim": t["dim"]} for name, t in (config.tables or {}).items()} or None,
+            cross_layers=config.cross_layers, cross_rank=config.cross_rank,
             **dict(config.hparams),
         ).to(self.device)
         self.model.init_output_bias(config.base_rates)
@@ -87,9 +91,12 @@ class Learner:
         """Steps whose (group) gradient was not finite: their update was dropped."""
         self.skipped_last = False
 
-    def learn(self, examples: pa.Table, dense: np.ndarray) -> StepResult:
-        """One step on ``examples`` with their features ``dense`` (B, F); with no rows, a zero-weight step (a
-        worker whose partitions are idle still takes part in the group's collectives)."""
+    def learn(self, examples: pa.Table, dense: np.ndarray, codes: Mapping[str, np.ndarray] | None = None
+              ) -> StepResult:
+        """One step on ``examples`` with their features ``dense`` (B, F) and the categorical ``codes`` of the
+        fields with a table of their own (name -> (B,) int64, as ``FeatureBatch.ids`` holds them; negative:
+        missing); with no rows, a zero-weight step (a worker whose partitions are idle still takes part in the
+        group's collectives)."""
         if examples.num_rows == 0:
             if self.id_maps:
                 self._map_ids({name: np.zeros(0, np.int64) for name in self.id_maps}, 0)  # the group's gather
@@ -98,6 +105,7 @@ class Learner:
             return StepResult(0.0, {}, None)
         users = column(examples, "user_id", np.int64)
         raw = {"user_id": users, "item_id": column(examples, "item_id", np.int64)}
+        raw |= self._codes(codes, examples.num_rows)
         ids = {name: torch.from_numpy(values).to(self.device) for name, values in raw.items()}
         rows = self._map_ids(raw, int(pc.max(examples["ts_ms"]).as_py())) if self.id_maps else None
         labels = {t: torch.from_numpy(column(examples, t, np.float32)).to(self.device) for t in self.config.tasks}
@@ -117,6 +125,25 @@ class Learner:
         self.event_time_hwm_ms = max(self.event_time_hwm_ms, int(pc.max(examples["ts_ms"]).as_py()))
         return StepResult(total.item(), {t: v.item() for t, v in per_task.items()}, output, self.skipped_last)
 
+    @property
+    def code_fields(self) -> list[str]:
+        """The categorical features with a table of their own, whose codes :meth:`learn` takes."""
+        return [name for name in self.id_maps if name not in self.id_fields]
+
+    def _codes(self, codes: Mapping[str, np.ndarray] | None, n: int) -> dict[str, np.ndarray]:
+        """The categorical fields' codes for a batch of ``n`` rows, checked."""
+        wanted = self.code_fields
+        if not wanted:
+            return {}
+        missing = [name for name in wanted if codes is None or name not in codes]
+        if missing:
+            raise ValueError(f"learner.tables names categorical feature(s) {missing} the features did not carry")
+        out = {name: np.asarray(codes[name], dtype=np.int64) for name in wanted}
+        wrong = [name for name, values in out.items() if values.shape != (n,)]
+        if wrong:
+            raise ValueError(f"categorical codes {wrong} do not have one value per example ({n})")
+        return out
+
     def _map_ids(self, ids: dict[str, np.ndarray], now_ms: int) -> dict[str, torch.Tensor]:
         """Each field's table rows for ``ids``, admitting, expiring and evicting in the ID maps (at the batch's
         event time). In a group every worker maps the union of the group's ids, in rank order, so the maps and
@@ -135,13 +162,22 @@ class Learner:
         tables = self.model.encoder.tables
         rows = {}
         for name in names:
-            found = self.id_maps[name].rows(ids[name], now_ms, train=True)
+            values = ids[name]
+            # a categorical feature's missing code (-1) reads the default row, 0 (a negative id is the map's error)
+            missing = values < 0 if name not in self.id_fields else np.zeros(0, bool)
+            if not missing.any():
+                found = self.id_maps[name].rows(values, now_ms, train=True)
+                mapped, fresh = found.rows, found.fresh
+            else:
+                found = self.id_maps[name].rows(values[~missing], now_ms, train=True)
+                mapped, fresh = np.zeros(len(values), np.int64), found.fresh
+                mapped[~missing] = found.rows
             table = tables[name]
-            if len(found.rows):
-                table.ensure_rows(int(found.rows.max()))
-            if len(found.fresh):
-                table.reset_rows(torch.from_numpy(found.fresh))  # a reused row starts over, optimizer state too
-            rows[name] = torch.from_numpy(np.ascontiguousarray(found.rows[own])).to(self.device)
+            if len(mapped):
+                table.ensure_rows(int(mapped.max()))
+            if len(fresh):
+                table.reset_rows(torch.from_numpy(fresh))  # a reused row starts over, optimizer state too
+            rows[name] = torch.from_numpy(np.ascontiguousarray(mapped[own])).to(self.device)
         return rows
 
     def publish_maps(self) -> None:

@@ -64,7 +64,10 @@ def compose(config: WorkerConfig, source: SourceFactory, reducer: Reducer | None
         features = replace(features, push_offline=False)
     telemetry = Telemetry(config.telemetry, run_config=run_config(config))
     learner = Learner(config.learner, list(ID_FIELDS), len(FEATURE_COLUMNS), device, reducer)
-    feature_loop = FeatureLoop(OnlineFeatures(features), reducer, features.aggregates)
+    online = OnlineFeatures(features)
+    if reducer.rank == 0 and (features.static_users or features.static_items):
+        online.load_static(features.static_users, features.static_items)  # the others wait at the first collective
+    feature_loop = FeatureLoop(online, reducer, features.aggregates, codes=learner.code_fields)
     reporter = Reporter(config.learner, learner.multitask, SnapshotStore(config.snapshot_dir), telemetry,
                         writes_health=reducer.rank == 0)
     store = None

@@ -132,10 +132,100 @@ def test_two_workers_hold_identical_maps_and_rows_equal_to_one_process_on_the_un
 @pytest.mark.parametrize("tables, message", [
     ({"user_id": {"capacity": 0}, "item_id": {"capacity": 4}}, "learner.tables.user_id.capacity"),
     ({"user_id": {"capacity": 4, "ttl": 5}, "item_id": {"capacity": 4}}, "learner.tables.user_id has unknown key"),
-    ({"user": {"capacity": 4}}, "not id fields"),
+    ({"user": {"capacity": 4}}, "neither id fields"),
     ({"user_id": {"capacity": 4, "mode": "hash"}, "item_id": {"capacity": 4}}, r"learner.tables.user_id.mode .* null"),
     ({"user_id": {"capacity": 4, "min_count": 0}, "item_id": {"capacity": 4}}, "learner.tables.user_id.min_count"),
 ])
 def test_bad_table_settings_are_refused_naming_the_key(tables, message) -> None:
     with pytest.raises(ValueError, match=message):
         replace(CONFIG, tables=tables)
+
+
+CODES = {"i_author_id": {"capacity": 16, "dim": 3}, "u_active_degree": {"capacity": 8, "min_count": 2}}
+
+
+def _codes(batch: pa.Table) -> dict[str, np.ndarray]:
+    """A categorical code per example: the author of each item (-1, missing, for every fifth item), the
+    activity level of each user."""
+    items, users = np.asarray(batch["item_id"], np.int64), np.asarray(batch["user_id"], np.int64)
+    return {"i_author_id": np.where(items % 5 == 0, -1, 1000 + items % 7), "u_active_degree": users % 3}
+
+
+def test_categorical_features_get_tables_of_their_own_in_the_order_of_the_feature_store() -> None:
+    from features.definitions import CATEGORICAL_COLUMNS
+    from learner.config import CATEGORICAL_FIELDS
+
+    assert CATEGORICAL_FIELDS == CATEGORICAL_COLUMNS
+    config = replace(CONFIG, tables={**TABLES, **CODES})
+    assert list(config.tables) == ["user_id", "item_id", "u_active_degree", "i_author_id"]
+    assert config.tables["u_active_degree"]["dim"] == CONFIG.emb_dim and config.tables["i_author_id"]["dim"] == 3
+    assert config.embedded_fields() == list(config.tables)
+    assert list(CONFIG.tables) == list(ID_FIELDS)  # categorical features are embedded only when named
+    with pytest.raises(ValueError, match="learner.tables.i_author_id.capacity"):
+        replace(CONFIG, tables={"i_author_id": {"capacity": -1}})
+
+
+def test_a_categorical_table_learns_its_codes_and_serving_reads_the_same_rows() -> None:
+    torch.manual_seed(0)
+    learner = Learner(replace(CONFIG, tables={**TABLES, **CODES}), list(ID_FIELDS), len(FEATURE_COLUMNS))
+    assert learner.code_fields == ["u_active_degree", "i_author_id"]
+    encoder = learner.model.encoder
+    assert encoder.id_fields == ("user_id", "item_id", "u_active_degree", "i_author_id")
+    assert encoder.n_outputs == 4 + 8 + 4 + 3 + len(FEATURE_COLUMNS)
+    before = encoder.tables["i_author_id"].weight.detach().clone()
+    for step in range(3):
+        batch = _batch(step, 0, 64)
+        learner.learn(batch, _dense(batch), _codes(batch))
+    stats = learner.id_tables()
+    authors = {int(a) for a in _codes(pa.concat_tables([_batch(s, 0, 64) for s in range(3)]))["i_author_id"] if a >= 0}
+    assert stats["i_author_id"]["live"] == len(authors) and stats["i_author_id"]["collisions"] == 0
+    assert stats["u_active_degree"]["live"] <= 3  # admitted at the second sighting
+    after = encoder.tables["i_author_id"].weight.detach()
+    assert not torch.equal(after[1:len(authors) + 1], before[1:len(authors) + 1])  # their rows learned
+    assert 0 < encoder.tables["i_author_id"].sum_sq[0] < float("inf")  # missing codes train the default row
+
+    learner.publish_maps()
+    served = MultiTaskRanker.from_config(learner.model.config)
+    served.load_state_dict(learner.weights())
+    served.eval()
+    batch = _batch(7, 0, 32)
+    codes = _codes(batch)
+    raw = {f: np.asarray(batch[f], dtype=np.int64) for f in ID_FIELDS} | codes
+    rows = {f: torch.from_numpy(learner.id_maps[f].rows(np.maximum(v, 0), 1_003, train=False).rows * (v >= 0))
+            for f, v in raw.items()}
+    learner.model.eval()
+    dense = torch.from_numpy(_dense(batch))
+    ids = {f: torch.from_numpy(v) for f, v in raw.items()}
+    with torch.no_grad():
+        expected, got = learner.model(ids, dense, rows).logits, served(ids, dense).logits
+    for task in expected:
+        torch.testing.assert_close(got[task], expected[task])
+    assert served.encoder.map_rows("i_author_id", torch.tensor([-1])).item() == 0
+
+
+def test_a_categorical_table_without_its_codes_is_a_clear_error() -> None:
+    learner = Learner(replace(CONFIG, tables={**TABLES, **CODES}), list(ID_FIELDS), len(FEATURE_COLUMNS))
+    batch = _batch(0, 0, 8)
+    with pytest.raises(ValueError, match=r"categorical feature\(s\) \['u_active_degree', 'i_author_id'\]"):
+        learner.learn(batch, _dense(batch))
+    with pytest.raises(ValueError, match="one value per example"):
+        learner.learn(batch, _dense(batch), {"i_author_id": np.zeros(3, np.int64), "u_active_degree": np.zeros(8)})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
+def test_on_a_gpu_the_tables_and_their_optimizer_live_there_and_learn_what_they_learn_on_the_cpu() -> None:
+    config = replace(CONFIG, tables={**TABLES, **CODES}, precision="fp32")
+    learners = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        learner = Learner(config, list(ID_FIELDS), len(FEATURE_COLUMNS), device=device)
+        for step in range(4):
+            batch = _batch(step, 0, 64)
+            learner.learn(batch, _dense(batch), _codes(batch))
+        learners.append(learner)
+    cpu, gpu = learners
+    for name, table in gpu.model.encoder.tables.items():
+        assert table.weight.device.type == "cuda" and table.sum_sq.device.type == "cuda", name
+    assert cpu.id_tables() == gpu.id_tables()
+    for key, value in cpu.weights().items():
+        torch.testing.assert_close(gpu.weights()[key].cpu(), value, rtol=1e-4, atol=1e-5, msg=key)
