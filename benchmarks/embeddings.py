@@ -19,10 +19,12 @@ Rows:
 - **ID-map lookup + insert** at the largest size, IDs/s of one field's batch of 1024; goal >= 2 M IDs/s.
 - **memory per live ID** at the largest size: (table rows + row-wise state + map) bytes / live IDs, against
   the row's own 32 x 4 bytes; goal <= 2.5x.
+- **learning quality** (``benchmarks.embeddings_quality``): per task, progressive AUC of the new path against
+  the hashed one on the same simulator events, mean of 3 seeds, and the difference, goal >= -0.002.
 
-Learning quality (progressive AUC per task against the hashed path) is measured through the replay path, not
-here: docs/embeddings.md. Each figure is the median of the timed calls after warm-up, with the trainer's torch
-threads (``learner.worker``: cores - 1). Sizes run one after the other, each path freed before the next is built.
+The two paths are ``benchmarks.embedding_paths``. Each timed figure is the median of the timed calls after
+warm-up, with the trainer's torch threads (``learner.worker``: cores - 1), as are the quality rows. Sizes run one
+after the other, each path freed before the next is built.
 """
 
 from __future__ import annotations
@@ -37,30 +39,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch import Tensor, nn
 
+from benchmarks.embedding_paths import Batch, HashedAdamPath, RowwisePath, size_name
+from benchmarks.embeddings_quality import QualityPlan, add_quality_rows, measure_quality
 from benchmarks.harness import Report, Row
 from benchmarks.timing import load_average, threads
 from features.definitions import FEATURE_COLUMNS, ID_FIELDS
 from learner.allocator import retain_freed_memory
 from learner.config import LearnerConfig
-from learner.idmap import IdMap, IdMapConfig
-from learner.models import build, loss_terms
-from learner.models.encoder import field_salt, hash_ids
-from learner.models.sparse import RowwiseTable
-from learner.step import build_optimizer
 
 EMB_DIM = 32
 NEW_FRACTION = 0.01
-FILL_CHUNK = 1 << 16
 DENSE_CAP_S = 5.0
 GOAL_STEP_RATIO = 1.2
 GOAL_IDS_PER_S = 2e6
 GOAL_BYTES_RATIO = 2.5
 ROW_BYTES = EMB_DIM * 4
-
-Batch = tuple[dict[str, np.ndarray], Tensor, dict[str, Tensor]]
-"""Raw IDs per field ``(B,)``, dense features ``(B, n_dense)``, labels per task ``(B,)``."""
 
 
 @dataclass(frozen=True)
@@ -74,20 +68,18 @@ class Plan:
     budget_s: float = 30.0
     """A contender stops timing after this long (with at least 3 samples): the hashed path at 10^7 is slow."""
     dense_cap_s: float = DENSE_CAP_S
+    quality: QualityPlan | None = None
+    """The learning-quality rows' plan (``benchmarks.embeddings_quality``); None: no quality rows."""
 
 
-FULL = Plan((10**5, 10**6, 10**7))
-QUICK = Plan((10**4, 10**5, 10**6), steps=8, dense_steps=3, map_calls=100, budget_s=5.0)
+FULL = Plan((10**5, 10**6, 10**7), quality=QualityPlan(n_requests=100_000))
+QUICK = Plan((10**4, 10**5, 10**6), steps=8, dense_steps=3, map_calls=100, budget_s=5.0,
+             quality=QualityPlan(n_requests=10_000))
 
 
 def trainer_threads() -> int:
     """Intra-op threads the trainer runs with by default (``learner.worker``: every core but one)."""
     return max(1, len(os.sched_getaffinity(0)) - 1)
-
-
-def size_name(n: int) -> str:
-    exponent = round(np.log10(n))
-    return f"10^{exponent}" if 10**exponent == n else f"{n:,}"
 
 
 class Traffic:
@@ -115,84 +107,6 @@ class Traffic:
         return [(self.ids(), torch.rand(self.size, n_dense, generator=self.gen),
                  {t: (torch.rand(self.size, generator=self.gen) < 0.2).float() for t in self.tasks})
                 for _ in range(count)]
-
-
-def dense_network(n_id_fields: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The learner's default family, hparams, tasks and seed over the fields' embeddings and the dense features."""
-    config = LearnerConfig()
-    torch.manual_seed(config.seed)
-    net = build(config.family, n_inputs=n_id_fields * EMB_DIM + len(FEATURE_COLUMNS), tasks=list(config.tasks),
-                **dict(config.hparams))
-    net.init_output_bias(config.base_rates)
-    return net, build_optimizer(net.parameters(), config.lr)
-
-
-class RowwisePath:
-    """Per field an ``IdMap`` and a ``RowwiseTable`` of its capacity; the dense network by fused Adam."""
-
-    def __init__(self, capacity: int) -> None:
-        lr = LearnerConfig().embedding_lr
-        self.maps = {f: IdMap(IdMapConfig(capacity=capacity)) for f in ID_FIELDS}
-        self.tables = {f: RowwiseTable(capacity, EMB_DIM, lr=lr, seed=i) for i, f in enumerate(ID_FIELDS)}
-        self.net, self.optimizer = dense_network(len(ID_FIELDS))
-
-    def fill(self, universe: dict[str, np.ndarray], progress: Progress | None = None) -> None:
-        """Every ID of ``universe`` gets its row (at time 0), in chunks, as a stream of new IDs would."""
-        for f, ids in universe.items():
-            task = progress.add_task(f"filling {f}: {size_name(len(ids))} IDs", total=len(ids)) if progress else None
-            for i in range(0, len(ids), FILL_CHUNK):
-                chunk = ids[i:i + FILL_CHUNK]
-                self.tables[f].reset_rows(torch.from_numpy(self.maps[f].rows(chunk, 0).fresh))
-                if progress is not None and task is not None:
-                    progress.advance(task, len(chunk))
-            if progress is not None and task is not None:
-                progress.remove_task(task)
-
-    def embed(self, field: str, ids: np.ndarray, now_ms: int) -> Tensor:
-        """Look up (and admit) the IDs, reset the rows new IDs were given, read the rows: ``(B, dim)``."""
-        found = self.maps[field].rows(ids, now_ms)
-        table = self.tables[field]
-        table.reset_rows(torch.from_numpy(found.fresh))
-        return table.lookup(torch.from_numpy(found.rows))
-
-    def step(self, batch: Batch, now_ms: int) -> None:
-        ids, dense, labels = batch
-        x = torch.cat([*(self.embed(f, ids[f], now_ms) for f in ID_FIELDS), dense], dim=1)  # (B, F·dim + n_dense)
-        total, _ = loss_terms(self.net(x), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()  # Adam: the dense network
-        for table in self.tables.values():
-            table.apply_gradients()  # row-wise Adagrad: the rows this batch touched
-
-    def live_ids(self) -> int:
-        return sum(m.stats()["live"] for m in self.maps.values())
-
-    def bytes_per_live_id(self) -> float:
-        """(table rows + row-wise accumulator + map) bytes over both fields, per live ID."""
-        nbytes = sum(t.weight.nbytes + t.sum_sq.nbytes for t in self.tables.values())
-        return (nbytes + sum(m.nbytes for m in self.maps.values())) / self.live_ids()
-
-
-class HashedAdamPath:
-    """The learner before 1c96301: one hashed ``nn.Embedding`` of N rows, trained with the network by fused Adam."""
-
-    def __init__(self, n_rows: int) -> None:
-        self.n_rows = n_rows
-        self.salts = torch.tensor([field_salt(f) for f in ID_FIELDS], dtype=torch.int64)
-        self.net, _ = dense_network(len(ID_FIELDS))
-        self.embedding = nn.Embedding(n_rows, EMB_DIM)
-        nn.init.normal_(self.embedding.weight, std=EMB_DIM**-0.5)
-        self.optimizer = build_optimizer([self.embedding.weight, *self.net.parameters()], LearnerConfig().lr)
-
-    def step(self, batch: Batch, now_ms: int) -> None:
-        ids, dense, labels = batch
-        raw = torch.stack([torch.from_numpy(ids[f]) for f in ID_FIELDS], dim=-1)  # (B, F)
-        emb = self.embedding(hash_ids(raw, self.salts, self.n_rows))  # (B, F, dim)
-        total, _ = loss_terms(self.net(torch.cat([emb.flatten(1), dense], dim=1)), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()  # every row, every step
 
 
 def time_calls(call: Callable[[int], object], warmup: int, calls: int, budget_s: float,
@@ -233,7 +147,7 @@ def measure(n: int, plan: Plan, progress: Progress | None = None, *, largest: bo
     step_calls = plan.warmup + max(plan.steps, plan.dense_steps)
     batches = traffic.batches(step_calls)
     map_batches = [traffic.ids() for _ in range(plan.map_calls if largest else 0)]
-    path = RowwisePath(n + traffic.n_new * (step_calls + len(map_batches)))
+    path = RowwisePath(n + traffic.n_new * (step_calls + len(map_batches)), EMB_DIM, len(FEATURE_COLUMNS))
     started = time.perf_counter()
     path.fill(traffic.universe, progress)
     result = SizeResult(n, 0.0, None, time.perf_counter() - started)
@@ -247,10 +161,10 @@ def measure(n: int, plan: Plan, progress: Progress | None = None, *, largest: bo
         result.map_ids_per_s = plan.batch / statistics.median(map_s)
         result.bytes_per_live_id = path.bytes_per_live_id()
         result.live_ids = path.live_ids()
-    del path
+    path = None  # the tables go before the next size's are built (a lambda above still names it)
     gc.collect()
     if hashed:
-        reference = HashedAdamPath(n)
+        reference = HashedAdamPath(n, EMB_DIM, len(FEATURE_COLUMNS))
         dense_s = time_calls(lambda i: reference.step(batches[i], 1 + i), plan.warmup, plan.dense_steps,
                              plan.budget_s, cap_s=plan.dense_cap_s)
         result.hashed_ms = 1e3 * statistics.median(dense_s) if dense_s else None
@@ -272,8 +186,11 @@ def bench(plan: Plan, progress: Progress | None = None) -> Report:
         for n in plan.sizes:
             results.append(measure(n, plan, progress, largest=n == plan.sizes[-1], hashed=hashed))
             hashed = results[-1].hashed_ms is not None  # over the cap here: a larger table is slower still
+        quality = measure_quality(plan.quality, progress) if plan.quality is not None else None
     add_rows(report, results, plan)
     report.notes[-1] += f" (at start {load_at_start})"
+    if plan.quality is not None and quality is not None:
+        add_quality_rows(report, quality, plan.quality)
     return report
 
 
@@ -305,8 +222,6 @@ def add_rows(report: Report, results: list[SizeResult], plan: Plan) -> None:
     config = LearnerConfig()
     fills = ", ".join(f"{size_name(r.n)} {r.fill_s:.1f} s" for r in results)
     report.notes += [
-        "learning quality (progressive AUC per task, new path vs the hashed one, same events, 3 seeds) is not "
-        "measured here: it runs through the replay path, see docs/embeddings.md",
         f"batch {plan.batch}, fields {', '.join(ID_FIELDS)} (emb {EMB_DIM} each), {len(FEATURE_COLUMNS)} dense "
         f"features; {config.family} {dict(config.hparams) or 'default hparams'}, {len(config.tasks)} tasks; IDs "
         f"log-uniform (P(k) ~ 1/k) over N per field, {NEW_FRACTION:.0%} of each batch new; medians of {plan.steps} "
@@ -335,4 +250,4 @@ if __name__ == "__main__":
     run(quick=True).print()
 
 
-__all__ = ["FULL", "QUICK", "HashedAdamPath", "Plan", "RowwisePath", "Traffic", "bench", "measure", "run"]
+__all__ = ["FULL", "QUICK", "Plan", "Traffic", "bench", "measure", "run"]
