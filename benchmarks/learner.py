@@ -7,15 +7,28 @@ Kafka messages (impressions and feedback) consumed per second while training kee
 between the first trained step and the last message consumed; examples/s is joined impressions
 trained per second over the same span.
 
-Anchor (the ceiling): the same model, batch, loss and optimizer stepping on tensors built
-beforehand, in this process: no Kafka, no Feast, no joiner. The pipeline's examples/s over it is
-the fraction of the ceiling the plumbing leaves (reported without a goal: kafka-python's parsing alone takes
-about half of what two cores can consume; the goal is events/s). Without ``KAFKA_BOOTSTRAP_SERVERS`` a local
-broker is started for the run and stopped after it.
+Two traffics, the same simulator and seed, the same number of requests:
+
+- **today's**: the simulator's default populations (5,000 users, Zipf-like; 20,000 items, half live at the
+  start), so a run sees a few thousand users and ten thousand items over and over;
+- **10^7 users and items** (``LARGE``): populations of 10^7 each, drawn as the simulator draws them, so nearly
+  every impression brings a user or an item the run has not seen before: every step inserts ID-map entries,
+  resets embedding rows and writes new entities to the online store. Goal: >= 20,000 events/s with one
+  worker; today's figure is its anchor. A run's distinct IDs and worker 0's ID tables (live IDs, evictions
+  once a field passes ``learner.tables``' capacity) are in the notes.
+
+Anchor (the ceiling): the same model, batch, loss and optimizer stepping on tensors built beforehand, in this
+process, with the trainer's torch threads: no Kafka, no Feast, no joiner. The pipeline's examples/s over it is
+the fraction of the ceiling the plumbing leaves, reported without a goal: the goal is events/s. Without
+``KAFKA_BOOTSTRAP_SERVERS`` a local broker is started for the run and stopped after it.
+
+``python -m benchmarks.learner --family MMoE-8 --traffic 10^7 --workers 1`` runs a subset.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import time
 import uuid
 from dataclasses import replace
@@ -26,7 +39,7 @@ import torch
 from rich.progress import Progress
 
 from benchmarks.harness import Report, Row
-from benchmarks.stream import _recent_events, broker
+from benchmarks.stream import broker
 from features.definitions import FEATURE_COLUMNS, ID_FIELDS
 from learner.models import MultiTaskRanker, loss_terms
 from learner.allocator import retain_freed_memory
@@ -34,18 +47,51 @@ from learner.config import LearnerConfig
 from learner.step import build_optimizer
 from stream.events import TASKS, encode
 from stream.kafka_io import EventSink, ensure_topics
+from stream.simulator import Simulator, SimulatorConfig
 
 BATCH = 1024
+TRAINER_THREADS = max(1, len(os.sched_getaffinity(0)) - 1)
+"""Torch threads of a trainer by default (``learner.worker``: every core but one), and so of the ceiling: with
+every core on a machine that other work shares, torch's threads wait on each other (the MMoE-8 step ran 5-7k
+examples/s with 2 threads beside other work on the 2-core machine, 57-65k with 1)."""
 GOAL_EVENTS_PER_S = 20_000
 FAMILIES = {
     "MMoE-8": ("mmoe", {"n_experts": 8}),
     "HoME": ("home", {}),
 }
+TODAY = SimulatorConfig(seed=3)
+LARGE = replace(TODAY, n_users=10**7, n_items=10**7)
+TRAFFIC = {"today": TODAY, "10^7": LARGE}
+"""Traffic name -> simulator; rows of today's traffic keep their old names, the others say which they ran."""
+ROW_SUFFIX = {"today": "", "10^7": ", 10^7 users and items"}
+
+
+def traffic_events(simulator: SimulatorConfig, n_requests: int) -> tuple[list[bytes], dict[str, int]]:
+    """The simulator's events for ``n_requests``, encoded, ending a second ago (the consumer refuses event times
+    beyond its clock-skew allowance, and a run's simulated span, minutes, would otherwise reach into the
+    future); and what the traffic holds: events, impressions, distinct users and items."""
+    events = list(Simulator(simulator).events(0, n_requests))  # the simulator (1.3 GB at 10^7) is freed on return
+    shift = int(time.time() * 1000) - 1000 - max(e["ts_ms"] for e in events)
+    for event in events:
+        event["ts_ms"] += shift
+    shown = [e for e in events if e["type"] == "impression"]
+    figures = {"events": len(events), "impressions": len(shown), "users": len({e["user_id"] for e in shown}),
+               "items": len({e["item_id"] for e in shown})}
+    return [encode(e) for e in events], figures
 
 
 def bare_examples_per_s(family: str, hparams: dict, steps: int) -> float:
     """The ceiling: forward + loss + backward + Adam and the row-wise table update on pre-built tensors of the
-    trainer's shape."""
+    trainer's shape, with the trainer's torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(TRAINER_THREADS)
+    try:
+        return _bare_examples_per_s(family, hparams, steps)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bare_examples_per_s(family: str, hparams: dict, steps: int) -> float:
     config = LearnerConfig(family=family, hparams=hparams)
     model = MultiTaskRanker(family, tasks=list(TASKS), id_fields=list(ID_FIELDS), n_dense=len(FEATURE_COLUMNS),
                             n_buckets=config.n_buckets, emb_dim=config.emb_dim, **hparams)
@@ -73,7 +119,8 @@ def bare_examples_per_s(family: str, hparams: dict, steps: int) -> float:
 
 def pipeline_rates(bootstrap: str, family: str, hparams: dict, workers: int, events: list[bytes],
                    root: Path, timeout_s: float = 600) -> dict:
-    """Events/s and examples/s of ``workers`` trainer actors draining ``events`` from a fresh topic."""
+    """Events/s and examples/s of ``workers`` trainer actors draining ``events`` from a fresh topic, and worker
+    0's final ID tables."""
     import ray
 
     from features.store import OnlineFeatures
@@ -113,55 +160,93 @@ def pipeline_rates(bootstrap: str, family: str, hparams: dict, workers: int, eve
     return {
         "events_per_s": (consumed - consumed0) / elapsed if elapsed > 0 else float("nan"),
         "examples_per_s": (trained - trained0) / elapsed if elapsed > 0 else float("nan"),
-        "collisions": finals[0]["id_collision_rate"], "id_keys": finals[0]["id_keys"],
-        "buckets": finals[0]["id_buckets"],
+        "id_tables": finals[0]["id_tables"],
     }
 
 
-def run(quick: bool = False) -> Report:
+def id_tables_note(tables: dict[str, dict[str, int]]) -> str:
+    """Worker 0's ID tables in a few words: per field, live IDs of the capacity, admitted, evicted, overflow."""
+    return "; ".join(f"{field} {t['live']:,} live of {t['capacity']:,}, {t['admitted']:,} admitted, "
+                     f"{t['evicted']:,} evicted, {t['overflow']:,} overflow" for field, t in tables.items())
+
+
+def run(quick: bool = False, *, families: tuple[str, ...] | None = None, traffic: tuple[str, ...] | None = None,
+        worker_counts: tuple[int, ...] | None = None) -> Report:
+    """Every family, traffic and worker count (quick: MMoE-8 and 1 worker, both traffics, a fifth of the
+    events); ``families``, ``traffic`` and ``worker_counts`` choose a subset."""
     from infra.runtime import init_ray
 
+    for names, known in ((families or (), FAMILIES), (traffic or (), TRAFFIC)):
+        if unknown := [n for n in names if n not in known]:
+            raise KeyError(f"unknown {unknown[0]!r}; choose from {list(known)}")
     report = Report("learner")
     retain_freed_memory()  # as the trainer process does (learner.worker): the ceiling is measured alike
     n_requests = 6_000 if quick else 30_000  # about 8 events per request
-    families = {"MMoE-8": FAMILIES["MMoE-8"]} if quick else FAMILIES
-    worker_counts = (1,) if quick else (1, 2)
-    events = [encode(e) for e in _recent_events(n_requests)]
+    families = families or (("MMoE-8",) if quick else tuple(FAMILIES))
+    traffic = tuple(n for n in TRAFFIC if n in traffic) if traffic else tuple(TRAFFIC)  # today's first: the anchor
+    worker_counts = worker_counts or ((1,) if quick else (1, 2))
+    streams = {}
+    for name in traffic:
+        streams[name], seen = traffic_events(TRAFFIC[name], n_requests)
+        report.notes.append(f"traffic {name} ({TRAFFIC[name].n_users:,} users, {TRAFFIC[name].n_items:,} items): "
+                            f"{seen['events']:,} events, {seen['impressions']:,} impressions of {seen['users']:,} "
+                            f"distinct users and {seen['items']:,} distinct items")
     with broker() as bootstrap, TemporaryDirectory() as tmp, Progress(transient=True) as progress:
-        task = progress.add_task("learner benchmark", total=len(families) * (1 + len(worker_counts)))
+        runs = len(traffic) * len(worker_counts)
+        task = progress.add_task("learner benchmark", total=len(families) * (1 + runs))
         init_ray(quiet=True)
-        for label, (family, hparams) in families.items():
+        for label in families:
+            family, hparams = FAMILIES[label]
             ceiling = bare_examples_per_s(family, hparams, steps=10 if quick else 40)
             progress.advance(task)
             report.add(Row(f"{label}: bare model training (ceiling)", ceiling, "examples/s",
                            anchor="bare model", anchor_value=ceiling))
-            measured = None
-            for workers in worker_counts:
-                try:
-                    rates = pipeline_rates(bootstrap, family, hparams, workers, events, Path(tmp))
-                except Exception as exc:  # a failed configuration is reported, the others still run
-                    report.notes.append(f"{label}, {workers} workers: failed: {type(exc).__name__}: {str(exc)[:200]}")
+            today: dict[int, float] = {}  # events/s of today's traffic, per worker count: the others' anchor
+            for name in traffic:
+                for workers in worker_counts:
+                    where = f"{label}, {workers} worker(s){ROW_SUFFIX[name]}"
+                    try:
+                        rates = pipeline_rates(bootstrap, family, hparams, workers, streams[name], Path(tmp))
+                    except Exception as exc:  # a failed configuration is reported, the others still run
+                        report.notes.append(f"{where}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+                        progress.advance(task)
+                        continue
                     progress.advance(task)
-                    continue
-                progress.advance(task)
-                measured, one = rates, workers == 1
-                report.add(Row(f"{label}, {workers} worker(s): Kafka + Feast + trainer", rates["events_per_s"],
-                               "events/s", goal=f">= {GOAL_EVENTS_PER_S:,} events/s" if one else None,
-                               met=rates["events_per_s"] >= GOAL_EVENTS_PER_S if one else None))
-                report.add(Row(f"{label}, {workers} worker(s): examples trained", rates["examples_per_s"],
-                               "examples/s", anchor="bare model", anchor_value=ceiling))
-            if measured is not None:  # every configuration may have failed (each says so in a note)
-                report.notes.append(
-                    f"{label}: hashed ids, {measured['id_keys']:,} (field, id) keys seen by worker 0 in "
-                    f"{measured['buckets']:,} buckets: collision rate {measured['collisions']:.2%}"
-                )
-    report.notes.append(f"{len(events):,} simulator events ({n_requests:,} requests) per run, batch {BATCH}, "
-                        f"4 partitions; events/s counts impressions and feedback, examples/s joined impressions")
+                    events_per_s, one = rates["events_per_s"], workers == 1
+                    if name == "today":
+                        today[workers] = events_per_s
+                    anchor = today.get(workers) if name != "today" else None
+                    report.add(Row(f"{where}: Kafka + Feast + trainer", events_per_s, "events/s",
+                                   anchor="today's traffic" if anchor else None, anchor_value=anchor,
+                                   goal=f">= {GOAL_EVENTS_PER_S:,} events/s" if one else None,
+                                   met=events_per_s >= GOAL_EVENTS_PER_S if one else None))
+                    report.add(Row(f"{where}: examples trained", rates["examples_per_s"], "examples/s",
+                                   anchor="bare model", anchor_value=ceiling))
+                    report.notes.append(f"{where}: worker 0's ID tables at the end: "
+                                        f"{id_tables_note(rates['id_tables'])}")
+    report.notes.append(f"{n_requests:,} simulator requests per traffic and run, batch {BATCH}, 4 partitions; events/s "
+                        f"counts impressions and feedback, examples/s joined impressions")
     return report
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.learner", description=run.__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--family", action="append", choices=list(FAMILIES), help="repeatable; default: all")
+    parser.add_argument("--traffic", action="append", choices=list(TRAFFIC), help="repeatable; default: all")
+    parser.add_argument("--workers", action="append", type=int, help="repeatable; default: 1 and 2")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args(argv)
+    report = run(args.quick, families=tuple(args.family or ()), traffic=tuple(args.traffic or ()),
+                 worker_counts=tuple(args.workers or ()))
+    report.print()
+    if args.json:
+        report.write_json(args.json)
+
+
 if __name__ == "__main__":
-    run(quick=True).print()
+    main()
 
 
-__all__ = ["bare_examples_per_s", "pipeline_rates", "run"]
+__all__ = ["LARGE", "TODAY", "TRAFFIC", "bare_examples_per_s", "id_tables_note", "pipeline_rates", "run",
+           "traffic_events"]

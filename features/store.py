@@ -133,6 +133,8 @@ class OnlineFeatures:
             self.offline.ensure(view, offline_schema(view))
         self.store.apply(build_definitions(self._offline_dir))
         self.store.refresh_registry()
+        if isinstance(self.rows, SqliteRows):  # Feast's update has just (re)created its redundant index
+            self.rows.drop_redundant_indexes(list(PUSH_SOURCES))
 
     # ---- writes ----------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import redis
 
 from features.aggregates import StreamAggregator
 from features.codec import entity_keys
-from features.definitions import ENTITY_KEYS, STREAM_VIEWS, USER_STREAM
+from features.definitions import ENTITY_KEYS, PUSH_SOURCES, STREAM_VIEWS, USER_STREAM
 from features.store import FeatureStoreConfig, OnlineFeatures, feast_push_frame
 from tests.features.test_store import HOUR_MS, T0, examples, frame
 
@@ -135,3 +135,22 @@ def test_a_reader_that_never_pushes_judges_expiry_by_the_writers_event_time(conf
     replay = OnlineFeatures(config, apply=False)  # a replay from a day earlier: the clock is the last push's
     replay.push(*StreamAggregator().update(examples([3], [30], [1], ts=[T0 - 24 * HOUR_MS])))
     assert frame(reader.lookup(np.array([3]), np.array([30]))).loc[0, "u_log_n_1h"] == pytest.approx(np.log1p(1))
+
+
+def test_sqlite_tables_keep_only_their_primary_key_which_serves_feasts_reads(tmp_path: Path) -> None:
+    # Feast's update gives each table an index on entity_key beside the primary key that starts with it; apply
+    # drops it again after every update (here the second), and Feast's own read still seeks the primary key.
+    config = FeatureStoreConfig(data_dir=tmp_path)
+    store = OnlineFeatures(config)
+    store.apply()
+    tables = sorted(f"{config.project}_{view}" for view in PUSH_SOURCES)
+    with sqlite3.connect(tmp_path / "online.db") as conn:
+        indexes = conn.execute(f"SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' AND tbl_name IN "
+                               f"({','.join('?' * len(tables))}) ORDER BY tbl_name", tables).fetchall()
+        assert [t for _, t in indexes] == tables and len(tables) == 4  # one index per table: its primary key
+        assert all(name.startswith("sqlite_autoindex_") for name, _ in indexes)
+        table = f'"{config.project}_{STREAM_VIEWS["user"]}"'
+        plan = conn.execute(f"EXPLAIN QUERY PLAN SELECT entity_key, feature_name, value, event_ts FROM {table} "
+                            "WHERE entity_key IN (?, ?) ORDER BY entity_key", (b"a", b"b")).fetchall()
+        assert len(plan) == 1 and "USING INDEX sqlite_autoindex_" in plan[0][-1]  # a seek per key, no sort
+    test_pushed_rows_are_what_feasts_own_reader_returns(config)  # and Feast reads what is pushed
