@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "freshness": "benchmarks.freshness",
     "replay": "benchmarks.replay",
     "embeddings": "benchmarks.embeddings",
+    "quality": "benchmarks.quality",
 }
 
 

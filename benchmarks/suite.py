@@ -38,6 +38,10 @@ from benchmarks.harness import Report, machine, markdown_cells
 ALL = ("models", "stream", "features", "learner", "replay", "embeddings", "serving", "freshness")
 """What ``bench all`` runs, in this order (``synthetic`` reproduces a paper's accuracy finding, not a speed,
 and takes minutes even in its quick mode: it runs on its own)."""
+FULL_ONLY = ("quality",)
+"""Run last by ``bench all`` in full mode only: model quality against the oracle and the floor (issue #21),
+whose goals are read on its full run (every family on 2 M impressions x 3 seeds: hours on 2 cores). Its quick
+mode (minutes, longer than the rest of the quick suite together) runs on its own: ``bench quality --quick``."""
 NEEDS_KAFKA = frozenset({"stream", "learner", "freshness"})
 RESULTS = Path(__file__).parent / "results"
 
@@ -173,11 +177,12 @@ def run_all(
     quick: bool = False, names: Sequence[str] | None = None, runner: Runner | None = None,
     console: Console | None = None,
 ) -> SuiteResult:
-    """Run ``names`` (default :data:`ALL`) in turn with ``runner`` (default :func:`benchmarks.run`); failures
-    are recorded, not raised. ``console`` defaults to rich's global one, which the benchmarks draw on."""
+    """Run ``names`` (default :data:`ALL`, then :data:`FULL_ONLY` unless ``quick``) in turn with ``runner``
+    (default :func:`benchmarks.run`); failures are recorded, not raised. ``console`` defaults to rich's global
+    one, which the benchmarks draw on."""
     import benchmarks
 
-    names = ALL if names is None else tuple(names)
+    names = (ALL if quick else ALL + FULL_ONLY) if names is None else tuple(names)
     runner = runner or (lambda name, q: benchmarks.run(name, quick=q))
     result = SuiteResult(quick)
     started = time.perf_counter()
@@ -251,4 +256,4 @@ def _shut_down_ray() -> None:
         ray.shutdown()
 
 
-__all__ = ["ALL", "Outcome", "SuiteResult", "run_all"]
+__all__ = ["ALL", "FULL_ONLY", "Outcome", "SuiteResult", "run_all"]

@@ -8,6 +8,11 @@ models exploit), and a bias calibrated at start-up so the label rates match a sh
 Drift, each with a knob: item popularity cycles with a per-item phase; new items arrive at a steady rate;
 user interests take a small random walk. Everything is driven by one ``numpy`` generator, so the same seed
 gives the same stream.
+
+The oracle: ``Simulator(config, oracle=sink)`` hands ``sink`` the true per-task probabilities behind every
+request's labels, ``(request_id, user, items (k,), probs (k, T))``, as they are drawn (``benchmarks.quality``
+scores them as the best any model could do). They go to the sink only, never into an event, and recording them
+draws nothing: the same seed gives the same events with a sink or without.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,11 +50,16 @@ class SimulatorConfig:
     """Feedback arrives up to this long after its impression (keep it inside the joiner window)."""
 
 
+OracleSink = Callable[[str, int, np.ndarray, np.ndarray], None]
+"""Receives ``(request_id, user, items (k,), probs (k, T))``: the true probabilities of a request's labels."""
+
+
 class Simulator:
-    def __init__(self, config: SimulatorConfig = SimulatorConfig()) -> None:
+    def __init__(self, config: SimulatorConfig = SimulatorConfig(), oracle: OracleSink | None = None) -> None:
         if len(config.target_rates) != len(TASKS):
             raise ValueError(f"target_rates needs {len(TASKS)} values, one per task {TASKS}")
         self.config = config
+        self.oracle = oracle
         c = config
         self.rng = np.random.default_rng(c.seed)
         self.user_vec = self.rng.normal(0, 1, (c.n_users, c.dim)) / np.sqrt(c.dim)
@@ -60,9 +70,11 @@ class Simulator:
         # Each task mixes the shared affinity with a task-specific projection of it.
         self.task_mix = self.rng.normal(0, 1, (len(TASKS), c.dim, c.dim)) / np.sqrt(c.dim)
         self.task_bias = self._calibrate()
-        # Users are Zipf-like: a few heavy users, a long tail.
+        # Users are Zipf-like: a few heavy users, a long tail. Drawn by inverting the cumulative weights, as
+        # ``rng.choice(n_users, p=...)`` does (same draws), without its O(n_users) pass per request.
         weights = 1.0 / np.arange(1, c.n_users + 1) ** 0.8
-        self.user_p = weights / weights.sum()
+        self.user_cdf = np.cumsum(weights / weights.sum())
+        self.user_cdf /= self.user_cdf[-1]
         self.n_active_items = c.n_items // 2  # the other half arrive over time as "new items"
         self.requests = itertools.count()
         self._t0_s: float | None = None
@@ -127,10 +139,12 @@ class Simulator:
         c, rng = self.config, self.rng
         t_s = now_ms / 1000.0
         self._drift(t_s)
-        user = int(rng.choice(c.n_users, p=self.user_p))
+        user = int(self.user_cdf.searchsorted(rng.random(), side="right"))
         items = rng.choice(self.n_active_items, size=c.items_per_request, replace=False)  # distinct, as in a feed
         request_id = f"r{next(self.requests)}-{c.seed}"
         probs = 1 / (1 + np.exp(-(self._scores(np.full(len(items), user), items, t_s) + self.task_bias)))
+        if self.oracle is not None:
+            self.oracle(request_id, user, items.copy(), probs.copy())  # to the sink only, never into an event
         labels = rng.random(probs.shape) < probs  # (k, T)
         events: list[dict] = []
         for item, row in zip(items.tolist(), labels):
