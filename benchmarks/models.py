@@ -1,10 +1,13 @@
 """``moestream bench models``: training throughput of our model zoo against the peer libraries.
 
-Three comparisons, every figure measured beside its anchor in the same process (see
+Four comparisons, every figure measured beside its anchor in the same process (see
 docs/benchmarks-models.md for how to read the table):
 
 1. Streaming-sized MMoE (batch 256, input 128, 32 experts [64, 32], towers [16], 2 tasks) against
    torch-rechub's and DeepCTR-Torch's MMOE: forward + backward + Adam, examples/s. Goal >= 2.5x both.
+   Then the same race over a grid of streaming sizes (``streaming_grid``: the corners of batch 256-1024,
+   8-32 experts, expert widths 32-128, 2-6 tasks, its centre and the issue's probe point), one row per
+   point and peer; goal >= 2x both peers at the worst point.
 2. Large MMoE (batch 2048, input 256, 16 experts [256, 128], towers [64]): FLOP-bound, so also
    achieved GFLOP/s against a GEMM peak measured in the same run; bf16 autocast where the CPU does
    bf16 natively (goal >= 1.5x both peers, progressive AUC within 0.002 of fp32).
@@ -14,13 +17,20 @@ docs/benchmarks-models.md for how to read the table):
 
 All contenders run with 2 intra-op threads, alternating A, B, C, A, B, C after a warm-up; each row is
 the median over rounds.
+
+``python -m benchmarks.models [--quick] [--json PATH] [SECTION ...]`` runs only the sections named
+(``SECTIONS``), e.g. ``grid``; ``moestream bench models`` runs them all.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -52,6 +62,36 @@ is also run, without a goal, at ``SPARSE_HALF_BATCH``."""
 SPARSE_HALF_BATCH = LARGE_BATCH // 2
 SMES_HPARAMS = {"k_shared": 4, "k_private": 1}
 AUC_TOLERANCE = 0.002
+GRID_GOAL = 2.0
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One streaming size of the grid and why it is there: a ``corner`` of the box, its ``centre`` or the
+    issue's ``probe``."""
+
+    size: MMoESize
+    batch: int
+    kind: str
+
+
+def streaming_grid() -> list[GridPoint]:
+    """The streaming box (batch 256-1024, 8-32 experts, first expert layer 32-128 wide and the second half
+    of it, 2-6 tasks; input 128, towers [16], as at the streaming size): its 16 corners, where a ratio is
+    most likely to be extreme since each factor sits at an end, its centre (batch 512, 16 experts [64, 32],
+    4 tasks), and the issue's probe (batch 512, input 96, 24 experts [48, 24], 2 tasks)."""
+    corners = [
+        GridPoint(MMoESize(n_inputs=128, n_experts=e, expert_dims=(w, w // 2), tower_dims=(16,), n_tasks=t), b,
+                  "corner")
+        for b, e, w, t in itertools.product((256, 1024), (8, 32), (32, 128), (2, 6))
+    ]
+    return [
+        *corners,
+        GridPoint(MMoESize(n_inputs=128, n_experts=16, expert_dims=(64, 32), tower_dims=(16,), n_tasks=4), 512,
+                  "centre"),
+        GridPoint(MMoESize(n_inputs=96, n_experts=24, expert_dims=(48, 24), tower_dims=(16,), n_tasks=2), 512,
+                  "probe"),
+    ]
 
 
 @dataclass(frozen=True)
@@ -64,24 +104,44 @@ class Repeats:
 
 
 @dataclass(frozen=True)
+class GridRepeats:
+    """The grid's timing: ``warmup`` untimed steps, then ``rounds`` blocks per contender, each of as many
+    steps as take about ``block_s`` (a step takes from about 2.5 ms, ours at the smallest point, to 100 ms,
+    a peer's at the largest, so one fixed step count would not fit every point)."""
+
+    warmup: int
+    rounds: int
+    block_s: float
+
+
+@dataclass(frozen=True)
 class Plan:
     streaming: Repeats
+    grid: GridRepeats
     large: Repeats
     sparse: Repeats  # ``steps`` are SMES's; a dense 64-expert step is several SMES steps long, so it
     sparse_dense_steps: int  # takes this many per round instead
     auc_batches: int  # stream length of the bf16-vs-fp32 AUC check (only where bf16 is native)
 
 
-FULL = Plan(Repeats(5, 21, 10), Repeats(2, 11, 2), Repeats(1, 15, 2), sparse_dense_steps=1, auc_batches=60)
-QUICK = Plan(Repeats(5, 7, 5), Repeats(1, 2, 1), Repeats(1, 2, 1), sparse_dense_steps=1, auc_batches=15)
+FULL = Plan(Repeats(5, 21, 10), GridRepeats(3, 15, 0.05), Repeats(2, 11, 2), Repeats(1, 15, 2),
+            sparse_dense_steps=1, auc_batches=60)
+QUICK = Plan(Repeats(5, 7, 5), GridRepeats(2, 5, 0.02), Repeats(1, 2, 1), Repeats(1, 2, 1),
+             sparse_dense_steps=1, auc_batches=15)
+SECTIONS = ("streaming", "grid", "large", "sparse")
 
 
-def run(quick: bool = False) -> Report:
+def run(quick: bool = False, sections: Sequence[str] = SECTIONS) -> Report:
+    """Every section in ``SECTIONS`` order, or only those named in ``sections``."""
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
     plan = QUICK if quick else FULL
     report = Report(benchmark="models")
     retained = retain_freed_memory()
     report.notes.append(
-        f"{'QUICK mode: fewer rounds, same sizes' if quick else 'full mode'}; {THREADS} intra-op threads for "
+        f"{'QUICK mode: fewer rounds, same sizes' if quick else 'full mode'}; sections "
+        f"{', '.join(s for s in SECTIONS if s in sections) or 'none'}; {THREADS} intra-op threads for "
         f"every contender; load average at start {load_average()} (a shared machine: contenders alternate "
         "so a busy neighbour slows all of them alike); glibc keeps freed memory for reuse "
         f"(learner.allocator, the same process for every contender): {'yes' if retained else 'no'}."
@@ -92,9 +152,12 @@ def run(quick: bool = False) -> Report:
         for section, measure in (
             ("streaming", lambda: versus_peers(report, STREAMING, STREAMING_BATCH, plan.streaming, "streaming",
                                                progress, goal=2.5)),
+            ("grid", lambda: grid(report, streaming_grid(), plan.grid, progress)),
             ("large", lambda: large(report, plan, progress)),
             ("sparse", lambda: sparse(report, plan, progress)),
         ):
+            if section not in sections:
+                continue
             t0 = time.perf_counter()
             measure()
             seconds[section] = time.perf_counter() - t0
@@ -150,6 +213,56 @@ def versus_peers(
     shapes = "; ".join(f"{r.name} {structure(r.contender)}" for r in runs)
     report.notes.append(f"{regime}: parameters {counts}; layout {shapes}.")
     return runs
+
+
+def grid(
+    report: Report, points: Sequence[GridPoint], repeats: GridRepeats, progress: Progress | None = None
+) -> dict[str, float]:
+    """Our MMoE against both peers at every point, each point its own interleaved race on its own batches:
+    one row per point and peer (no goal), then per peer the worst point's row again with the goal. Returns
+    the minimum ratio per peer."""
+    task = progress.add_task("grid: ours vs peers", total=len(points)) if progress is not None else None
+    ratios: dict[str, list[tuple[float, Row, GridPoint]]] = {}
+    for point in points:
+        runs = [TrainingRun(c, random_batches(point.size.n_inputs, point.size.n_tasks, point.batch))
+                for c in contenders(point.size)]
+        steps = [_steps_per_block(run, repeats.warmup, repeats.block_s) for run in runs]
+        interleave(runs, rounds=repeats.rounds, steps=steps, warmup=0)
+        mine, *peers = runs
+        for peer in peers:
+            row = report.add(Row(
+                name=f"grid {point.kind}: ours MMoE train ex/s ({_describe(point.size, point.batch)})",
+                value=mine.median(), unit="ex/s", anchor=peer.name, anchor_value=peer.median(),
+            ))
+            ratios.setdefault(peer.name, []).append((mine.median() / peer.median(), row, point))
+        if progress is not None and task is not None:
+            progress.advance(task)
+    minima = {}
+    for anchor, measured in ratios.items():
+        ratio, worst, at = min(measured, key=lambda entry: entry[0])
+        minima[anchor] = ratio
+        report.add(replace(
+            worst, name=f"grid minimum over {len(points)} sizes: ours MMoE train ex/s at the worst point "
+                        f"({_describe(at.size, at.batch)})",
+            goal=f">= {GRID_GOAL:g}x", met=ratio >= GRID_GOAL,
+        ))
+    report.notes.append(
+        f"grid: {len(points)} sizes ({', '.join(sorted({p.kind for p in points}))}), {repeats.rounds} rounds of "
+        f"blocks of about {repeats.block_s * 1e3:.0f} ms per contender after {repeats.warmup} warm-up steps; "
+        "minimum ratio " + ", ".join(f"vs {anchor} {r:.2f}x" for anchor, r in minima.items()) + "."
+    )
+    return minima
+
+
+def _steps_per_block(run: TrainingRun, warmup: int, block_s: float) -> int:
+    """Warm ``run`` up and say how many of its steps fill about ``block_s`` (its fastest warm-up step,
+    the one least disturbed by a neighbour, sets the pace)."""
+    fastest = float("inf")
+    for _ in range(max(1, warmup)):
+        start = time.perf_counter()
+        run.step()
+        fastest = min(fastest, time.perf_counter() - start)
+    return max(1, round(block_s / fastest))
 
 
 def large(report: Report, plan: Plan, progress: Progress | None = None) -> None:
@@ -299,3 +412,19 @@ def executed_experts(run: TrainingRun) -> dict[str, float]:
             counts.append(model(x).extras["executed_per_instance"].float())
     every = torch.cat(counts)
     return {"mean": float(every.mean()), "max": float(every.max()), "median": statistics.median(every.tolist())}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.models", description=__doc__.split("\n")[0])
+    parser.add_argument("sections", nargs="*", default=list(SECTIONS), help=f"any of {', '.join(SECTIONS)}")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, same sizes")
+    parser.add_argument("--json", type=Path, help="also write the report as JSON here")
+    args = parser.parse_args(argv)
+    report = run(quick=args.quick, sections=args.sections)
+    report.print()
+    if args.json:
+        report.write_json(args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -481,15 +481,16 @@ def _print_summary(s) -> None:
 @app.command()
 def bench(
     name: Annotated[str, typer.Argument(
-        help="Which benchmark: models, synthetic, stream, features, learner, replay, embeddings, serving, freshness; "
-             "or all.")],
+        help="Which benchmark: models, synthetic, stream, features, learner, replay, embeddings, serving, freshness, "
+             "quality; or all.")],
     quick: Annotated[bool, typer.Option("--quick", help="Smaller sizes and fewer repeats.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
 ) -> None:
     """Run a benchmark: a table on the terminal and, with --json, the figures as JSON.
 
-    `bench all` runs models, stream, features, learner, replay, embeddings, serving and freshness in turn and writes
-    benchmarks/results/<date>-<machine>.json and .md; it exits 1 if any of them failed.
+    `bench all` runs models, stream, features, learner, replay, embeddings, serving and freshness in turn (and, in
+    full mode, quality last: hours) and writes benchmarks/results/<date>-<machine>.json and .md; it exits 1 if any
+    of them failed.
     """
     import benchmarks
 

@@ -11,7 +11,19 @@ import torch
 
 from benchmarks import BENCHMARKS
 from benchmarks.harness import Report
-from benchmarks.models import Repeats, bf16_versus_peers, executed_experts, versus_peers
+from benchmarks.models import (
+    GRID_GOAL,
+    SECTIONS,
+    GridPoint,
+    GridRepeats,
+    Repeats,
+    bf16_versus_peers,
+    executed_experts,
+    grid,
+    run,
+    streaming_grid,
+    versus_peers,
+)
 from benchmarks.peers import MMoESize, contenders, ours, parameter_count, rechub, structure
 from benchmarks.precision import ClickStream, auc_gap, progressive_auc
 from benchmarks.synthetic import (
@@ -223,3 +235,42 @@ def test_bf16_rows_hold_the_goal_against_the_peers_as_shipped() -> None:
     shipped, in_bf16 = report.rows[:2], report.rows[2:]
     assert all(r.goal == ">= 1.5x" and r.met == (r.ratio >= 1.5) for r in shipped)
     assert all(r.goal is None and r.met is None for r in in_bf16)
+
+
+def test_streaming_grid_spans_the_box_with_its_centre_and_the_probe() -> None:
+    points = streaming_grid()
+    corners = [p for p in points if p.kind == "corner"]
+    assert len(corners) == 16 and [p.kind for p in points[16:]] == ["centre", "probe"]
+    factors = {(p.batch, p.size.n_experts, p.size.expert_dims, p.size.n_tasks) for p in corners}
+    assert factors == {(b, e, (w, w // 2), t) for b in (256, 1024) for e in (8, 32) for w in (32, 128) for t in (2, 6)}
+    assert {p.size.n_inputs for p in corners} == {128} and {p.size.tower_dims for p in points} == {(16,)}
+    probe = points[-1]
+    assert (probe.batch, probe.size.n_inputs, probe.size.n_experts, probe.size.expert_dims, probe.size.n_tasks) == (
+        512, 96, 24, (48, 24), 2)
+
+
+def test_grid_rows_and_minimum_per_peer() -> None:
+    points = [GridPoint(TINY, 8, "corner"),
+              GridPoint(MMoESize(n_inputs=5, n_experts=2, expert_dims=(4, 2), tower_dims=(3,), n_tasks=3), 6, "probe")]
+    report = Report(benchmark="models")
+    minima = grid(report, points, GridRepeats(warmup=1, rounds=2, block_s=0.0))
+    per_point, summary = report.rows[:4], report.rows[4:]
+    assert [r.anchor for r in per_point] == ["torch-rechub MMOE", "DeepCTR-Torch MMOE"] * 2
+    assert all(r.goal is None and r.met is None and r.ratio and r.ratio > 0 for r in per_point)
+    assert per_point[0].name.startswith("grid corner:") and per_point[2].name.startswith("grid probe:")
+    assert set(minima) == {"torch-rechub MMOE", "DeepCTR-Torch MMOE"}
+    for row, (peer, lowest) in zip(summary, minima.items()):
+        assert row.anchor == peer and row.ratio == lowest
+        assert lowest == min(r.ratio for r in per_point if r.anchor == peer)
+        assert row.goal == f">= {GRID_GOAL:g}x" and row.met == (lowest >= GRID_GOAL)
+        worst = next(r for r in per_point if r.anchor == peer and r.ratio == lowest)
+        assert row.name.endswith(worst.name.split("(", 1)[1]) and row.value == worst.value
+    assert "minimum ratio" in report.notes[-1]
+
+
+def test_run_takes_only_the_sections_named() -> None:
+    with pytest.raises(ValueError, match="unknown section"):
+        run(quick=True, sections=["grid", "nonsense"])
+    assert SECTIONS == ("streaming", "grid", "large", "sparse")
+    nothing = run(quick=True, sections=[])
+    assert nothing.rows == [] and "sections none;" in nothing.notes[0]
