@@ -41,14 +41,11 @@ import torch
 from benchmarks.quality_stream import QualityStream
 from infra.config import load_config
 from learner.config import WorkerConfig
-from learner.intake import IntakeError
 from learner.models import MultiTaskRanker
-from learner.replay_source import ReplayIntake
+from learner.replay_source import train_replay
 from learner.step import Learner, StepResult, column
-from learner.worker import compose
 from stream.events import TASKS
-from stream.joiner import LabelJoiner
-from stream.replay import LogError, ReplayConfig, ReplaySource
+from stream.replay import ReplayConfig
 
 CONFIG_FILE = Path(__file__).resolve().parent.parent / "moestream.yaml"
 GRID_DIVISOR = 10
@@ -217,24 +214,18 @@ def train_family(stream: QualityStream, family: str, seed: int, root: Path, free
                     lagged={lag: np.full((n, len(TASKS)), np.nan, np.float32) for lag in lags_ms},
                     ages_ms={lag: np.full(n, np.nan) for lag in lags_ms}, freeze_at=freeze_at)
     started = time.perf_counter()
-    reader = ReplaySource(ReplayConfig(path=stream.log, progress=False))
-    intake = ReplayIntake(reader, LabelJoiner(config.joiner), config.read_ahead_batches * config.batch_size)
-    loop = compose(config, lambda restored: intake, checkpoints=False)
-    tap = ScoreTap(loop.learner, stream, run, lags_ms, on_examples)
-    loop.learner.learn = tap.learn  # the loop calls the instance's learn: the tap's, which calls the real one
-    try:
-        loop.run()
-    except IntakeError as exc:
-        if isinstance(exc.__cause__, LogError):
-            raise exc.__cause__ from None
-        raise
-    finally:
-        intake.close()
-        loop.close()
+    taps: list[ScoreTap] = []
+
+    def prepare(loop) -> None:
+        taps.append(ScoreTap(loop.learner, stream, run, lags_ms, on_examples))
+        loop.learner.learn = taps[0].learn  # the loop calls the instance's learn: the tap's, which calls the real one
+
+    _, stats = train_replay(config, ReplayConfig(path=stream.log, progress=False), prepare=prepare)
+    tap = taps[0]
     if tap.unscored():
         raise RuntimeError(f"{family} on seed {stream.seed}: {tap.unscored()} of {n} examples were never trained")
     run.seconds = time.perf_counter() - started
-    run.stats = {k: v for k, v in loop.stats().items() if k in ("steps", "examples_trained", "skipped_steps",
+    run.stats = {k: v for k, v in stats.items() if k in ("steps", "examples_trained", "skipped_steps",
                                                                 "nonfinite_features", "snapshots")}
     run.stats["snapshots"] = len(run.stats.get("snapshots", []))
     return run

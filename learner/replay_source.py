@@ -11,13 +11,14 @@ into the log its weights have trained.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 
 import pyarrow as pa
 
 from learner.config import WorkerConfig
 from learner.intake import BufferedSource, IntakeError
+from learner.loop import TrainingLoop
 from learner.worker import compose
 from stream.joiner import LabelJoiner
 from stream.logfile import decoded_batch
@@ -67,15 +68,18 @@ class ReplayIntake(BufferedSource):
         return {"replay/position": float(self.position), "joiner/pending": float(self.joiner.n_pending)}
 
 
-def train_replay(config: WorkerConfig, replay: ReplayConfig, max_seconds: float | None = None
-                 ) -> tuple[ReplayResult, dict]:
+def train_replay(config: WorkerConfig, replay: ReplayConfig, max_seconds: float | None = None,
+                 prepare: Callable[[TrainingLoop], None] | None = None) -> tuple[ReplayResult, dict]:
     """Replay ``replay`` into a model trained with ``config``, in this process: what was replayed, and the
-    training loop's figures. A log that turns out unreadable part-way raises ``stream.replay.LogError``."""
+    training loop's figures. ``prepare`` sees the loop before it runs (a benchmark taps its scores). A log that
+    turns out unreadable part-way raises ``stream.replay.LogError``."""
     started = time.monotonic()
     reader = ReplaySource(replay)  # LogError at once for a file that cannot be read as a log at all
     joiner = LabelJoiner(config.joiner)
     intake = ReplayIntake(reader, joiner, config.read_ahead_batches * config.batch_size)
     loop = compose(config, lambda restored: intake, checkpoints=False)
+    if prepare is not None:
+        prepare(loop)
     try:
         loop.run(max_seconds)
     except IntakeError as exc:
