@@ -17,6 +17,10 @@ Two traffics, the same simulator and seed, the same number of requests:
   worker; today's figure is its anchor. A run's distinct IDs and worker 0's ID tables (live IDs, evictions
   once a field passes ``learner.tables``' capacity) are in the notes.
 
+The online store is SQLite (the default) in every row with a goal. One more row per family runs one worker at
+10^7 on a Redis server the benchmark starts (Debian's ``redis-server``), anchored on the same run on SQLite:
+whether the production store changes the figure (``--no-redis`` leaves it out).
+
 Anchor (the ceiling): the same model, batch, loss and optimizer stepping on tensors built beforehand, in this
 process, with the trainer's torch threads: no Kafka, no Feast, no joiner. The pipeline's examples/s over it is
 the fraction of the ceiling the plumbing leaves, reported without a goal: the goal is events/s. Without
@@ -31,6 +35,7 @@ import argparse
 import os
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -39,6 +44,7 @@ import torch
 from rich.progress import Progress
 
 from benchmarks.harness import Report, Row
+from benchmarks.serving import free_port
 from benchmarks.stream import broker
 from features.definitions import FEATURE_COLUMNS, ID_FIELDS
 from learner.models import MultiTaskRanker, loss_terms
@@ -118,9 +124,9 @@ def _bare_examples_per_s(family: str, hparams: dict, steps: int) -> float:
 
 
 def pipeline_rates(bootstrap: str, family: str, hparams: dict, workers: int, events: list[bytes],
-                   root: Path, timeout_s: float = 600) -> dict:
+                   root: Path, timeout_s: float = 600, redis: str | None = None) -> dict:
     """Events/s and examples/s of ``workers`` trainer actors draining ``events`` from a fresh topic, and worker
-    0's final ID tables."""
+    0's final ID tables; the online store is SQLite, or the Redis server at ``redis`` (``host:port``)."""
     import ray
 
     from features.store import OnlineFeatures
@@ -132,6 +138,9 @@ def pipeline_rates(bootstrap: str, family: str, hparams: dict, workers: int, eve
     cadence = replace(config.learner.cadence, checkpoint_every_steps=50)
     config = replace(config, learner=replace(config.learner, hparams=hparams, cadence=cadence),
                      kafka=replace(config.kafka, max_batch=4096))
+    if redis is not None:
+        config = replace(config, features=replace(config.features, online_store="redis", redis_connection=redis,
+                                                  project=f"bench{uuid.uuid4().hex[:8]}"))
     ensure_topics(config.kafka)
     OnlineFeatures(config.features).apply()
     sink = EventSink(config.kafka)
@@ -171,9 +180,12 @@ def id_tables_note(tables: dict[str, dict[str, int]]) -> str:
 
 
 def run(quick: bool = False, *, families: tuple[str, ...] | None = None, traffic: tuple[str, ...] | None = None,
-        worker_counts: tuple[int, ...] | None = None) -> Report:
-    """Every family, traffic and worker count (quick: MMoE-8 and 1 worker, both traffics, a fifth of the
-    events); ``families``, ``traffic`` and ``worker_counts`` choose a subset."""
+        worker_counts: tuple[int, ...] | None = None, redis: bool = True) -> Report:
+    """Every family, traffic and worker count on the SQLite online store (the default; the goal's rows), then one
+    worker at 10^7 on Redis, anchored on the same run on SQLite, without a goal (quick: MMoE-8 and 1 worker, a
+    tenth of the events); ``families``, ``traffic`` and ``worker_counts`` choose a subset, ``redis=False``
+    leaves the Redis rows out."""
+    from infra.redis_server import RedisServerConfig, running
     from infra.runtime import init_ray
 
     for names, known in ((families or (), FAMILIES), (traffic or (), TRAFFIC)):
@@ -181,7 +193,7 @@ def run(quick: bool = False, *, families: tuple[str, ...] | None = None, traffic
             raise KeyError(f"unknown {unknown[0]!r}; choose from {list(known)}")
     report = Report("learner")
     retain_freed_memory()  # as the trainer process does (learner.worker): the ceiling is measured alike
-    n_requests = 6_000 if quick else 30_000  # about 8 events per request
+    n_requests = 6_000 if quick else 60_000  # about 8 events per request; a full run trains for about 25 s per row
     families = families or (("MMoE-8",) if quick else tuple(FAMILIES))
     traffic = tuple(n for n in TRAFFIC if n in traffic) if traffic else tuple(TRAFFIC)  # today's first: the anchor
     worker_counts = worker_counts or ((1,) if quick else (1, 2))
@@ -191,8 +203,11 @@ def run(quick: bool = False, *, families: tuple[str, ...] | None = None, traffic
         report.notes.append(f"traffic {name} ({TRAFFIC[name].n_users:,} users, {TRAFFIC[name].n_items:,} items): "
                             f"{seen['events']:,} events, {seen['impressions']:,} impressions of {seen['users']:,} "
                             f"distinct users and {seen['items']:,} distinct items")
-    with broker() as bootstrap, TemporaryDirectory() as tmp, Progress(transient=True) as progress:
-        runs = len(traffic) * len(worker_counts)
+    on_redis = redis and "10^7" in traffic and 1 in worker_counts
+    with broker() as bootstrap, TemporaryDirectory() as tmp, Progress(transient=True) as progress, \
+            (running(RedisServerConfig(port=free_port(), data_dir=Path(tmp) / "redis")) if on_redis
+             else nullcontext()) as redis_server:
+        runs = len(traffic) * len(worker_counts) + on_redis
         task = progress.add_task("learner benchmark", total=len(families) * (1 + runs))
         init_ray(quiet=True)
         for label in families:
@@ -202,6 +217,7 @@ def run(quick: bool = False, *, families: tuple[str, ...] | None = None, traffic
             report.add(Row(f"{label}: bare model training (ceiling)", ceiling, "examples/s",
                            anchor="bare model", anchor_value=ceiling))
             today: dict[int, float] = {}  # events/s of today's traffic, per worker count: the others' anchor
+            on_sqlite = None  # one worker at 10^7 on SQLite: the Redis row's anchor
             for name in traffic:
                 for workers in worker_counts:
                     where = f"{label}, {workers} worker(s){ROW_SUFFIX[name]}"
@@ -224,6 +240,22 @@ def run(quick: bool = False, *, families: tuple[str, ...] | None = None, traffic
                                    anchor="bare model", anchor_value=ceiling))
                     report.notes.append(f"{where}: worker 0's ID tables at the end: "
                                         f"{id_tables_note(rates['id_tables'])}")
+                    if name == "10^7" and one:
+                        on_sqlite = events_per_s
+            if on_redis:
+                where = f"{label}, 1 worker(s){ROW_SUFFIX['10^7']}, Redis online store"
+                try:
+                    rates = pipeline_rates(bootstrap, family, hparams, 1, streams["10^7"], Path(tmp),
+                                           redis=redis_server.connection_string)
+                except Exception as exc:
+                    report.notes.append(f"{where}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+                else:
+                    events_per_s = rates["events_per_s"]
+                    report.add(Row(f"{where}: Kafka + Feast + trainer", events_per_s, "events/s",
+                                   anchor="the same on SQLite", anchor_value=on_sqlite))
+                    report.add(Row(f"{where}: examples trained", rates["examples_per_s"], "examples/s",
+                                   anchor="bare model", anchor_value=ceiling))
+                progress.advance(task)
     report.notes.append(f"{n_requests:,} simulator requests per traffic and run, batch {BATCH}, 4 partitions; events/s "
                         f"counts impressions and feedback, examples/s joined impressions")
     return report
@@ -235,10 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family", action="append", choices=list(FAMILIES), help="repeatable; default: all")
     parser.add_argument("--traffic", action="append", choices=list(TRAFFIC), help="repeatable; default: all")
     parser.add_argument("--workers", action="append", type=int, help="repeatable; default: 1 and 2")
+    parser.add_argument("--no-redis", action="store_true", help="leave out the Redis online store's rows")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     report = run(args.quick, families=tuple(args.family or ()), traffic=tuple(args.traffic or ()),
-                 worker_counts=tuple(args.workers or ()))
+                 worker_counts=tuple(args.workers or ()), redis=not args.no_redis)
     report.print()
     if args.json:
         report.write_json(args.json)

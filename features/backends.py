@@ -153,22 +153,67 @@ def _primary_key(row: tuple) -> tuple[bytes, str]:
     return row[0], row[1]
 
 
+class _WalCheckpointer:
+    """Copies a writer's WAL back into the database file on a thread and connection of its own.
+
+    SQLite's automatic checkpoint runs inside the commit that crosses its threshold: a push then also copied
+    up to 64 MiB of pages and waited for two fsyncs, tens of milliseconds that the trainer's next step waited
+    for. Here the writer's connection never checkpoints; each commit pokes this thread, which runs a PASSIVE
+    checkpoint (it never blocks the writer or a reader) at most every ``every_s`` seconds. Durability is as
+    before (``synchronous=NORMAL``: the checkpoint syncs the WAL before copying it).
+    """
+
+    def __init__(self, path: Path, every_s: float = 1.0) -> None:
+        self.every_s = every_s
+        self.failures = 0
+        self._conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
+        self._due, self._closing = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="moestream-wal", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._due.set()
+
+    def _run(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            if self._closing.is_set():
+                return
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as exc:  # the next commit pokes again; the WAL only grows meanwhile
+                self.failures += 1
+                if self.failures == 1:
+                    print(f"moestream: WARNING: the online store's WAL checkpoint failed: {exc}", flush=True)
+            self._closing.wait(self.every_s)  # at most one checkpoint a period: a page rewritten often is copied once
+
+    def close(self) -> None:
+        self._closing.set()
+        self._due.set()
+        self._thread.join()
+        self._conn.close()
+
+
 class SqliteRows:
-    """Feast's SQLite online tables through one connection of our own (WAL: readers never block the writer)."""
+    """Feast's SQLite online tables through one connection of our own (WAL: readers never block the writer;
+    the writer's WAL is checkpointed on a thread of its own, see :class:`_WalCheckpointer`)."""
 
     CHUNK = 10_000  # bound parameters per statement, well under SQLite's limit
 
     def __init__(self, path: Path, project: str) -> None:
         self.project = project
-        self._lock = threading.Lock()  # one connection, shared by a replica's request threads
+        # One connection, shared by a replica's request threads; re-entrant for a read inside a write's transaction.
+        self._lock = threading.RLock()
         self._written: set[str] = set()  # views known to hold rows (see _read_one)
         self._conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")  # online rows are re-derivable: no fsync per push
         self._conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: pushes touch pages all over the key order
-        # Checkpoint every 64 MiB of WAL rather than 4: a page rewritten by many pushes is copied back once.
-        self._conn.execute("PRAGMA wal_autocheckpoint=16384")
+        self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's job, off the writer's commits
         self._conn.execute("CREATE TABLE IF NOT EXISTS moestream_clock (project TEXT PRIMARY KEY, ms INTEGER NOT NULL)")
+        self._path = path
+        self._checkpointer: _WalCheckpointer | None = None  # started by the first write: readers need none
 
     def _table(self, view: str) -> str:
         return '"' + f"{self.project}_{view}".replace('"', '""') + '"'
@@ -185,7 +230,9 @@ class SqliteRows:
                 self._conn.execute("DROP INDEX IF EXISTS " + '"' + name.replace('"', '""') + '"')
         return dropped
 
-    def write(self, batches: Sequence[ViewRows], clock_ms: int) -> None:
+    def write(self, batches: Sequence[ViewRows], clock_ms: int, before_commit: Callable[[], object] | None = None) -> None:
+        """Upsert the rows and publish ``clock_ms``, in one transaction. ``before_commit`` runs inside it, before the
+        commit, on this connection: a read there sees the rows (see ``features.store.OnlineFeatures.push``)."""
         statements = []
         for rows in batches:
             keys = entity_keys(rows.join_key, rows.ids)
@@ -197,36 +244,49 @@ class SqliteRows:
                 texts = rows.texts.get(feature, [None] * len(keys))
                 params += zip(keys, [feature] * len(keys), blobs, texts, seconds)
             params.sort(key=_primary_key)  # upserts in key order touch each B-tree page once, not at random
-            statements.append((
-                f"INSERT INTO {self._table(rows.view)} (entity_key, feature_name, value, value_text, event_ts, "
-                "created_ts) VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
-                "value = excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, "
-                "created_ts = excluded.created_ts",
-                params,
-            ))
+            # Many rows per statement: ``executemany`` steps the statement once per row, and each step lets go of
+            # the GIL and waits to get it back from the trainer's other threads.
+            per = self.CHUNK // 5  # five bound values a row
+            for start in range(0, len(params), per):
+                chunk = params[start : start + per]
+                statements.append((
+                    f"INSERT INTO {self._table(rows.view)} (entity_key, feature_name, value, value_text, event_ts, "
+                    f"created_ts) VALUES {', '.join(['(?, ?, ?, ?, ?, NULL)'] * len(chunk))} "
+                    "ON CONFLICT(entity_key, feature_name) DO UPDATE SET value = excluded.value, "
+                    "value_text = excluded.value_text, event_ts = excluded.event_ts, created_ts = excluded.created_ts",
+                    [value for row in chunk for value in row],
+                ))
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 for sql, params in statements:
-                    self._conn.executemany(sql, params)
+                    self._conn.execute(sql, params)
                 self._conn.execute("INSERT INTO moestream_clock (project, ms) VALUES (?, ?) ON CONFLICT(project) "
                                    "DO UPDATE SET ms = excluded.ms", (self.project, int(clock_ms)))
+                if before_commit is not None:
+                    before_commit()
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+            if self._checkpointer is None:
+                self._checkpointer = _WalCheckpointer(self._path)
+            self._checkpointer.poke()
 
     def read(self, requests: Sequence[ReadRequest]) -> tuple[list[dict[tuple[str, str], Blobs]], int | None]:
         out = []
         with self._lock:
-            self._conn.execute("BEGIN")  # one snapshot for every view and the clock
+            own = not self._conn.in_transaction  # else: inside a write's transaction, whose rows it reads
+            if own:
+                self._conn.execute("BEGIN")  # one snapshot for every view and the clock
             try:
                 for request in requests:
                     out.append(self._read_one(request))
                 clock = self._conn.execute("SELECT ms FROM moestream_clock WHERE project = ?",
                                            (self.project,)).fetchone()
             finally:
-                self._conn.execute("COMMIT")
+                if own:
+                    self._conn.execute("COMMIT")
         return out, None if clock is None else int(clock[0])
 
     def _read_one(self, request: ReadRequest) -> dict[tuple[str, str], Blobs]:
@@ -254,6 +314,9 @@ class SqliteRows:
 
     def close(self) -> None:
         with self._lock:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
             self._conn.close()
 
 
@@ -296,7 +359,9 @@ class RedisRows:
         self._clock_key = f"moestream:clock:{project}"
         self._sha: dict[str, str] = {}
 
-    def write(self, batches: Sequence[ViewRows], clock_ms: int) -> None:
+    def write(self, batches: Sequence[ViewRows], clock_ms: int, before_commit: Callable[[], object] | None = None) -> None:
+        """Set the rows and publish ``clock_ms`` in one round trip, then run ``before_commit`` (Redis has no
+        transaction to run it in: the rows are already visible to every reader)."""
         commands = []
         for rows in batches:
             keys = entity_keys(rows.join_key, rows.ids, self._suffix)
@@ -310,6 +375,8 @@ class RedisRows:
             values = zip([encoded[i] for i in inverse.tolist()], *rows.values.values())  # one tuple per key
             commands.append((_HSET_ALL, keys, [len(fields), *fields, *(v for row in values for v in row)]))
         self._execute(commands, ("SET", self._clock_key, int(clock_ms)))
+        if before_commit is not None:
+            before_commit()
 
     def read(self, requests: Sequence[ReadRequest]) -> tuple[list[dict[tuple[str, str], Blobs]], int | None]:
         commands = []

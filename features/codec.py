@@ -7,7 +7,8 @@ Going through Feast's per-row conversion costs tens of microseconds a row; here 
 
 - an ``int64`` entity key (serialization version 3) is a constant prefix followed by the id's 8
   little-endian bytes;
-- a ``float_list_val`` of fixed width ``W`` is a constant header followed by ``W`` little-endian float32s.
+- a ``float_list_val`` (``double_list_val``) of fixed width ``W`` is a constant header followed by ``W``
+  little-endian float32s (float64s).
 
 Everything else (``int64_val``, ``int64_list_val``) is parsed with protobuf, once per distinct blob. The
 constants come from Feast's own serializers, and ``tests/features/test_codec.py`` holds both paths together.
@@ -21,7 +22,7 @@ from functools import cache
 import numpy as np
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-from feast.protos.feast.types.Value_pb2 import FloatList
+from feast.protos.feast.types.Value_pb2 import DoubleList, FloatList
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
 ENTITY_KEY_SERIALIZATION_VERSION = 3
@@ -42,35 +43,42 @@ def entity_keys(join_key: str, ids: np.ndarray, suffix: bytes = b"") -> list[byt
     return [prefix + raw[i : i + 8] + suffix for i in range(0, len(raw), 8)]
 
 
+_LISTS = {"<f4": ("float_list_val", FloatList), "<f8": ("double_list_val", DoubleList)}
+
+
 @cache
-def _float_list_header(width: int) -> bytes:
-    blob = ValueProto(float_list_val=FloatList(val=[0.0] * width)).SerializeToString()
-    return blob[: len(blob) - 4 * width]
+def _list_header(width: int, dtype: str = "<f4") -> bytes:
+    kind, proto = _LISTS[dtype]
+    blob = ValueProto(**{kind: proto(val=[0.0] * width)}).SerializeToString()
+    return blob[: len(blob) - np.dtype(dtype).itemsize * width]
 
 
-def encode_float_lists(matrix: np.ndarray) -> list[bytes]:
-    """One serialized ``Value(float_list_val=row)`` per row of an ``(N, W)`` matrix."""
-    matrix = np.ascontiguousarray(matrix, dtype="<f4")
-    header, step = _float_list_header(matrix.shape[1]), 4 * matrix.shape[1]
+def encode_float_lists(matrix: np.ndarray, dtype: str = "<f4") -> list[bytes]:
+    """One serialized ``Value(float_list_val=row)`` per row of an ``(N, W)`` matrix (``dtype="<f8"``:
+    ``double_list_val``)."""
+    matrix = np.ascontiguousarray(matrix, dtype=dtype)
+    header, step = _list_header(matrix.shape[1], dtype), matrix.dtype.itemsize * matrix.shape[1]
     raw = matrix.tobytes()
     return [header + raw[i : i + step] for i in range(0, len(raw), step)]
 
 
-def decode_float_lists(blobs: Sequence[bytes | None], width: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(N, width)`` float32 rows and a mask of the blobs that held a ``width``-long float list.
+def decode_float_lists(blobs: Sequence[bytes | None], width: int,
+                       dtype: str = "<f4") -> tuple[np.ndarray, np.ndarray]:
+    """``(N, width)`` rows of ``dtype`` and a mask of the blobs that held a ``width``-long list of that type
+    (``"<f4"``: ``float_list_val``, ``"<f8"``: ``double_list_val``).
 
     A missing blob, or one of another type or length (a row from an older schema), is left out of the mask
     (its row is zeros) so that the caller falls back to defaults, never to garbage.
     """
-    header = _float_list_header(width)
-    size = len(header) + 4 * width
+    header = _list_header(width, dtype)
+    size = len(header) + np.dtype(dtype).itemsize * width
     sized = np.fromiter((b is not None and len(b) == size for b in blobs), bool, len(blobs))
-    out = np.zeros((len(blobs), width), np.float32)
+    out = np.zeros((len(blobs), width), np.dtype(dtype).newbyteorder("="))
     if sized.any():
         index = np.flatnonzero(sized)
         raw = np.frombuffer(b"".join([blobs[i] for i in index.tolist()]), np.uint8).reshape(len(index), size)
         ok = (raw[:, : len(header)] == np.frombuffer(header, np.uint8)).all(axis=1)
-        out[index[ok]] = raw[ok, len(header) :].copy().view("<f4")
+        out[index[ok]] = raw[ok, len(header) :].copy().view(dtype)
         sized[index[~ok]] = False
     return out, sized
 

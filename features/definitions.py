@@ -5,13 +5,14 @@ Two entities, ``user`` and ``item``. Each has two feature views:
 - ``{entity}_stream``: streaming aggregates over sliding windows (``WINDOWS``), pushed from the learner through
   a push source backed by a directory of Parquet parts (pushes land online and offline; ``features.offline``).
   The view's TTL is the longest window; a shorter window's values are valid for that window's length after
-  ``updated_ms``.
+  the row's update time, which the row carries.
 - ``{entity}_static``: attributes loaded from files (KuaiRand-1K's ``user_features_1k.csv`` /
   ``video_features_basic_1k.csv`` or the simulator's own; ``features.static``), no TTL.
 
-Each view stores its values packed in one array feature (``stats``, ``dense``, ``cats``) whose element order is
-the column order below. Reading one array per entity instead of one value per feature is what makes a
-1024-pair lookup take milliseconds (see docs/features.md); the names live here, in one place.
+Each view stores its values packed in one array feature (``aggregates``, ``dense``, ``cats``) whose element
+order is the column order below. Reading one array per entity instead of one value per feature is what makes a
+1024-pair lookup take milliseconds (see docs/features.md); the names live here, in one place. The stream view's
+array also ends with the row's update time (``STREAM_FIELD``), so that a push writes one online row per entity.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pyarrow as pa
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
-from feast.types import Array, Float32, Int64
+from feast.types import Array, Float32, Float64, Int64
 
 from stream.events import TASKS
 
@@ -71,6 +72,12 @@ ITEM_FEATURES: tuple[str, ...] = (*ITEM_STREAM, *ITEM_STATIC)
 FEATURE_COLUMNS: tuple[str, ...] = (*USER_FEATURES, *ITEM_FEATURES)
 """Column order of the dense matrix handed to models."""
 
+STREAM_FIELD = "aggregates"
+"""The stream view's one feature: the window statistics (``USER_STREAM`` / ``ITEM_STREAM`` order) and then the time
+the row was written (ms since the epoch, exact in a float64), one Float64 list. Feast's SQLite store keeps a row per
+feature, so one feature instead of statistics and time apart halves the B-tree entries a push of new entities
+inserts and a lookup reads (docs/features.md)."""
+
 ID_FIELDS: tuple[str, ...] = ("user_id", "item_id")
 """ID columns the model embeds (hashed)."""
 
@@ -90,7 +97,7 @@ def offline_schema(view: str) -> pa.Schema:
     """Arrow schema of a view's Parquet offline parts, which is also what a push to it must carry."""
     key = "user_id" if view.startswith("user") else "item_id"
     if view in STREAM_VIEWS.values():
-        values = [("stats", pa.list_(pa.float32())), ("updated_ms", pa.int64())]
+        values = [(STREAM_FIELD, pa.list_(pa.float64()))]
     else:
         values = [("dense", pa.list_(pa.float32())), ("cats", pa.list_(pa.int64()))]
     return pa.schema([(key, pa.int64()), *values, ("event_timestamp", pa.timestamp("ns", tz="UTC"))])
@@ -110,7 +117,7 @@ def build_definitions(offline_dir: Path, parts: bool = True) -> list:
             batch = FileSource(name=f"{view}_offline", path=str(path), timestamp_field="event_timestamp")
             source = PushSource(name=PUSH_SOURCES[view], batch_source=batch)
             if view in STREAM_VIEWS.values():
-                fields = [Field(name="stats", dtype=Array(Float32)), Field(name="updated_ms", dtype=Int64)]
+                fields = [Field(name=STREAM_FIELD, dtype=Array(Float64))]
             else:
                 fields = [Field(name="dense", dtype=Array(Float32)), Field(name="cats", dtype=Array(Int64))]
             schema = [Field(name=key, dtype=Int64), *fields]

@@ -9,6 +9,7 @@ under the same clocks (``"event"``: the newest stamp of the last push; ``"wall"`
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -29,7 +30,7 @@ class InMemoryFeatures:
         """The newest row stamp of the last push: "now" under the event clock, as the real store publishes."""
         self._rows: dict[str, dict[int, tuple[np.ndarray, int]]] = {"user": {}, "item": {}}  # id -> (stats, ms)
 
-    def push(self, users: pd.DataFrame, items: pd.DataFrame) -> None:
+    def push(self, users: pd.DataFrame, items: pd.DataFrame, before_commit: Callable[[], object] | None = None) -> None:
         pushed = [(kind, *stream_columns(kind, frame)) for kind, frame in (("user", users), ("item", items))]
         pushed = [p for p in pushed if len(p[1])]
         for kind, ids, stats, stamps in pushed:
@@ -37,6 +38,8 @@ class InMemoryFeatures:
             self._rows[kind].update(zip(ids[last].tolist(), zip(stats[last], stamps[last].tolist())))
         if pushed:
             self.clock_ms = max(int(stamps.max()) for _, _, _, stamps in pushed)
+        if before_commit is not None:
+            before_commit()
 
     def flush(self) -> None:
         """Nothing is written behind a push here."""

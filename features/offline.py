@@ -27,6 +27,10 @@ SCHEMA_PART = "schema.parquet"
 """An empty part holding the view's schema, so that Feast can read the schema before the first push."""
 
 
+class OfflineLayoutError(ValueError):
+    """A view's directory holds parts of another schema (written by an older version)."""
+
+
 class OfflineLog:
     def __init__(self, root: Path, fanout: int = 32) -> None:
         if fanout < 2:
@@ -49,6 +53,13 @@ class OfflineLog:
             os.replace(legacy, directory / f"legacy-{uuid.uuid4().hex[:12]}.parquet")
         if not (directory / SCHEMA_PART).exists():
             self._publish(schema.empty_table(), directory / SCHEMA_PART)
+            return
+        held = pq.read_schema(directory / SCHEMA_PART)
+        if held.names != schema.names or not held.equals(schema, check_metadata=False):
+            raise OfflineLayoutError(
+                f"{directory} holds offline parts with columns {held.names}, this version writes {schema.names} "
+                f"(the data directory was written by an older moestream): move {self.root.parent} away, or set "
+                f"features.data_dir to another directory, to start a fresh feature store")
 
     def append(self, view: str, table: pa.Table) -> None:
         """Write ``table`` as a new part of ``view``, then merge a full level if this filled one."""

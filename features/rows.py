@@ -14,11 +14,9 @@ import pyarrow as pa
 from features.aggregates import NEVER_MS, expire, no_events
 from features.config import AggregateConfig
 from features.backends import ViewRows
-from features.codec import (
-    decode_float_lists, decode_int64_lists, decode_int64s, encode_float_lists, encode_int64,
-)
+from features.codec import decode_float_lists, decode_int64_lists, encode_float_lists
 from features.definitions import (
-    ENTITY_KEYS, ITEM_CATEGORICAL, ITEM_STATIC, ITEM_STREAM, MISSING_CODE, STATIC_VIEWS, STREAM_VIEWS,
+    ENTITY_KEYS, ITEM_CATEGORICAL, ITEM_STATIC, ITEM_STREAM, MISSING_CODE, STATIC_VIEWS, STREAM_FIELD, STREAM_VIEWS,
     USER_CATEGORICAL, USER_STATIC, USER_STREAM, offline_schema,
 )
 
@@ -39,7 +37,7 @@ CATEGORICAL_BY_KIND = {"user": USER_CATEGORICAL, "item": ITEM_CATEGORICAL}
 def read_fields(kind: str) -> tuple[tuple[str, str], ...]:
     """The ``(view, feature)`` pairs a lookup reads for one entity kind, stream then static."""
     stream, static = STREAM_VIEWS[kind], STATIC_VIEWS[kind]
-    return (stream, "stats"), (stream, "updated_ms"), (static, "dense"), (static, "cats")
+    return (stream, STREAM_FIELD), (static, "dense"), (static, "cats")
 
 
 def defaults(config: AggregateConfig = AggregateConfig()) -> np.ndarray:
@@ -97,28 +95,37 @@ def newest_rows(ids: np.ndarray, stamps_ms: np.ndarray) -> np.ndarray:
     return order[np.r_[ids[order][1:] != ids[order][:-1], True]]
 
 
+def pack_stream(stats: np.ndarray, stamps_ms: np.ndarray) -> np.ndarray:
+    """The stream view's ``STREAM_FIELD`` rows: each entity's statistics, then its row's stamp (ms), as float64
+    (both exact: the statistics are float32, a stamp is far below 2^53)."""
+    return np.column_stack([np.asarray(stats, np.float64), np.asarray(stamps_ms, np.float64)])
+
+
+def unpack_stream(packed: np.ndarray, found: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Statistics (float32) and update times (int64 ms) of ``pack_stream`` rows; ``NEVER_MS`` where not ``found``."""
+    updated = packed[:, -1].astype(np.int64)
+    if found is not None:
+        updated[~found] = NEVER_MS
+    return packed[:, :-1].astype(np.float32), updated
+
+
 def online_rows(kind: str, ids: np.ndarray, stats: np.ndarray, stamps_ms: np.ndarray) -> ViewRows:
-    """The newest row of each entity, serialized for the stream view."""
+    """The newest row of each entity, serialized for the stream view: one feature, so one online row each."""
     last = newest_rows(ids, stamps_ms)
     stamps = stamps_ms[last]
-    distinct, inverse = np.unique(stamps, return_inverse=True)  # a batch shares one stamp: encode it once
-    updated = [encode_int64(ms) for ms in distinct.tolist()]
-    texts = [str(ms) for ms in distinct.tolist()]
-    return ViewRows(
-        STREAM_VIEWS[kind], ENTITY_KEYS[kind], ids[last],
-        values={"stats": encode_float_lists(stats[last]), "updated_ms": [updated[i] for i in inverse.tolist()]},
-        stamps_ms=stamps, texts={"updated_ms": [texts[i] for i in inverse.tolist()]},
-    )
+    return ViewRows(STREAM_VIEWS[kind], ENTITY_KEYS[kind], ids[last],
+                    values={STREAM_FIELD: encode_float_lists(pack_stream(stats[last], stamps), "<f8")},
+                    stamps_ms=stamps)
 
 
 def offline_table(kind: str, ids: np.ndarray, stats: np.ndarray, stamps_ms: np.ndarray) -> pa.Table:
     """Stream rows as an Arrow table of the view's offline schema, built column by column (no pandas)."""
-    width = stats.shape[1]
+    packed = pack_stream(stats, stamps_ms)
+    width = packed.shape[1]
     values = pa.ListArray.from_arrays(pa.array(np.arange(0, (len(ids) + 1) * width, width, dtype=np.int32)),
-                                      pa.array(np.ascontiguousarray(stats).ravel(), pa.float32()))
+                                      pa.array(packed.ravel(), pa.float64()))
     stamps = pa.array(stamps_ms.astype("datetime64[ms]").astype("datetime64[ns]")).cast(pa.timestamp("ns", tz="UTC"))
-    return pa.Table.from_arrays([pa.array(ids, pa.int64()), values, pa.array(stamps_ms, pa.int64()), stamps],
-                                schema=offline_schema(STREAM_VIEWS[kind]))
+    return pa.Table.from_arrays([pa.array(ids, pa.int64()), values, stamps], schema=offline_schema(STREAM_VIEWS[kind]))
 
 
 def decode_rows(kind: str, got: dict, now_ms: int, default: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -126,9 +133,8 @@ def decode_rows(kind: str, got: dict, now_ms: int, default: np.ndarray | None = 
     ``default``: the stream statistics of an entity without a row (those of the default priors if None)."""
     stream, static = STREAM_VIEWS[kind], STATIC_VIEWS[kind]
     default = STREAM_DEFAULTS[kind] if default is None else default
-    stats, found = decode_float_lists(got[(stream, "stats")], len(default))
-    updated = decode_int64s(got[(stream, "updated_ms")], missing=NEVER_MS)
-    updated[~found] = NEVER_MS  # a malformed row counts as none
+    packed, found = decode_float_lists(got[(stream, STREAM_FIELD)], len(default) + 1, "<f8")
+    stats, updated = unpack_stream(packed, found)  # a missing or malformed row counts as none
     dense, has_dense = decode_float_lists(got[(static, "dense")], STATIC_WIDTH[kind])
     cats, has_cats = decode_int64_lists(got[(static, "cats")], len(CATEGORICAL_BY_KIND[kind]), MISSING_CODE)
     complete = has_dense & has_cats  # a static row counts only whole
@@ -142,7 +148,6 @@ def feast_push_frame(kind: str, frame: pd.DataFrame) -> pd.DataFrame:
     ids, stats, stamps_ms = stream_columns(kind, frame)
     return pd.DataFrame({
         ENTITY_KEYS[kind]: ids,
-        "stats": list(stats),
-        "updated_ms": stamps_ms,
+        STREAM_FIELD: list(pack_stream(stats, stamps_ms)),
         "event_timestamp": pd.to_datetime(stamps_ms, unit="ms", utc=True),
     })

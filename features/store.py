@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,18 +33,18 @@ from feast import FeatureStore
 from feast.infra.provider import get_provider
 from feast.repo_config import RegistryConfig, RepoConfig
 
-from features.aggregates import NEVER_MS, expire
+from features.aggregates import expire
 from features.backends import Outages, ReadRequest, RedisRows, SqliteRows
 from features.codec import ENTITY_KEY_SERIALIZATION_VERSION
 from features.config import FeatureStoreConfig
 from features.definitions import (
     CATEGORICAL_COLUMNS, ENTITY_KEYS, FEATURE_COLUMNS, ID_FIELDS, MISSING_CODE, PUSH_SOURCES, STATIC_VIEWS,
-    STREAM_VIEWS, build_definitions, offline_schema,
+    STREAM_FIELD, STREAM_VIEWS, build_definitions, offline_schema,
 )
 from features.offline import OfflineLog
 from features.rows import (
     CATEGORICAL_BY_KIND, STATIC_WIDTH, decode_rows, defaults, feast_push_frame, offline_table, online_rows,
-    pair_ids, read_fields, stream_columns, stream_defaults,
+    pair_ids, read_fields, stream_columns, stream_defaults, unpack_stream,
 )
 from features.static import read_static
 
@@ -138,21 +139,27 @@ class OnlineFeatures:
 
     # ---- writes ----------------------------------------------------------------------------------
 
-    def push(self, users: pd.DataFrame, items: pd.DataFrame) -> None:
+    def push(self, users: pd.DataFrame, items: pd.DataFrame, before_commit: Callable[[], object] | None = None) -> None:
         """Write a batch of updated stream rows (``StreamAggregator.update`` output) online and offline.
 
         Online, each entity gets its newest row (the last of equals), users and items in one round trip,
         which also publishes this push's newest stamp as the event-time clock: when this returns, every read
-        sees the rows. Offline, every row is kept, appended in push order on a writer thread of its own (no
+        sees the rows. ``before_commit`` is called once the rows can be read through this store, before they
+        are committed for other readers (SQLite: inside the write's transaction, so that the trainer's read of
+        its next batch does not wait for the commit's page writes; Redis: after the write); with nothing to
+        push, at once. Offline, every row is kept, appended in push order on a writer thread of its own (no
         online read waits for the history); :meth:`flush` waits for it, and a failed append is raised by the
         next push or flush.
         """
         pushed = [(kind, *stream_columns(kind, frame)) for kind, frame in (("user", users), ("item", items))]
         pushed = [p for p in pushed if len(p[1])]
         if not pushed:
+            if before_commit is not None:
+                before_commit()
             return
         clock_ms = max(int(stamps.max()) for _, _, _, stamps in pushed)
-        self.rows.write([online_rows(kind, ids, stats, stamps) for kind, ids, stats, stamps in pushed], clock_ms)
+        self.rows.write([online_rows(kind, ids, stats, stamps) for kind, ids, stats, stamps in pushed], clock_ms,
+                        before_commit)
         if self.config.push_offline:
             self._collected.append(pushed)
             self._collected_rows += sum(len(ids) for _, ids, _, _ in pushed)
@@ -267,9 +274,9 @@ class OnlineFeatures:
         for kind, key in ENTITY_KEYS.items():
             stream, static = STREAM_VIEWS[kind], STATIC_VIEWS[kind]
             rows = entity_df[[key, "event_timestamp", "row_"]]
-            got = self._view_history(rows, stream, ("stats", "updated_ms"))
-            stats = _unpack(got[f"{stream}__stats"], self.stream_defaults[kind])
-            updated = pd.to_numeric(got[f"{stream}__updated_ms"]).fillna(NEVER_MS).to_numpy(np.int64)
+            got = self._view_history(rows, stream, (STREAM_FIELD,))
+            packed = _unpack(got[f"{stream}__{STREAM_FIELD}"], np.append(self.stream_defaults[kind], np.nan), np.float64)
+            stats, updated = unpack_stream(packed, found=~np.isnan(packed[:, -1]))
             blocks.append(expire(stats, updated, event_ms, self.stream_defaults[kind]))
             got = self._view_history(rows, static, ("dense", "cats"))
             blocks.append(_unpack(got[f"{static}__dense"], np.zeros(STATIC_WIDTH[kind], np.float32)))

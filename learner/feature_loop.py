@@ -21,7 +21,7 @@ commit of offsets wait too. The loop resumes by itself when the store answers ag
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -36,7 +36,7 @@ from learner.step import column
 class FeatureReader(Protocol):
     def lookup(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray: ...
     # and, when categorical codes are read, ``lookup_batch(user_ids, item_ids)`` -> ``features.store.FeatureBatch``
-    def push(self, users: pd.DataFrame, items: pd.DataFrame) -> None: ...
+    def push(self, users: pd.DataFrame, items: pd.DataFrame, before_commit: Callable[[], object] | None = None) -> None: ...
     def flush(self) -> None: ...
 
 
@@ -58,6 +58,8 @@ class FeatureLoop:
         self.aggregator = StreamAggregator(aggregates or AggregateConfig())
         self._pusher = ThreadPoolExecutor(1, thread_name_prefix="moestream-push")
         self._push: Future | None = None
+        self._readable: Future | None = None
+        """Done once the last push can be read through the store (before its commit: see ``read``)."""
         self._ahead: tuple[np.ndarray, np.ndarray, Features] | None = None
         """Features read ahead for the next step: (user ids, item ids, features)."""
         self.read_ahead = 0
@@ -67,8 +69,16 @@ class FeatureLoop:
 
     def read(self, examples: pa.Table) -> Features:
         """The examples' features, as the store holds them once the last push has landed. A read ahead is for
-        the very next step only: used if it was for exactly these pairs, dropped otherwise."""
-        self.wait()
+        the very next step only: used if it was for exactly these pairs, dropped otherwise.
+
+        It waits until the last push is readable, not until it is committed: the read ahead ran inside the push's
+        transaction, so the step trains while the push thread commits (a commit of a thousand new entities writes
+        megabytes of B-tree pages). Any other read of the store waits for the commit on the store's lock."""
+        readable, self._readable = self._readable, None
+        if readable is not None:
+            readable.result()
+        if self._push is not None and self._push.done():
+            self.wait()  # a commit that failed is raised here, by the next read
         ahead, self._ahead = self._ahead, None
         if examples.num_rows == 0:
             return Features(np.zeros((0, 0), dtype=np.float32), {name: np.zeros(0, np.int64) for name in self.codes})
@@ -96,18 +106,29 @@ class FeatureLoop:
         else:
             users = items = events
         if len(users) or len(items):
-            self._push = self._pusher.submit(self._fold_and_push, users, items, upcoming)
+            if self._push is not None and self._push.done():
+                self.wait()  # raise what the last push raised (its commit included) before queueing another
+            self._readable = Future()
+            self._push = self._pusher.submit(self._fold_and_push, users, items, upcoming, self._readable)
 
-    def _fold_and_push(self, users: Events, items: Events, upcoming: pa.Table | None) -> None:
-        user_rows, item_rows = self.aggregator.fold(users, items)
-        self.store.push(user_rows, item_rows)
-        if upcoming is not None and upcoming.num_rows:  # after this push, as the next step's own read would be
-            user_ids, item_ids = column(upcoming, "user_id", np.int64), column(upcoming, "item_id", np.int64)
-            self._ahead = (user_ids, item_ids, self._lookup(user_ids, item_ids))
+    def _fold_and_push(self, users: Events, items: Events, upcoming: pa.Table | None, readable: Future) -> None:
+        def read_ahead() -> None:  # after this push is readable, as the next step's own read would be
+            if upcoming is not None and upcoming.num_rows:
+                user_ids, item_ids = column(upcoming, "user_id", np.int64), column(upcoming, "item_id", np.int64)
+                self._ahead = (user_ids, item_ids, self._lookup(user_ids, item_ids))
+            readable.set_result(None)
+
+        try:
+            user_rows, item_rows = self.aggregator.fold(users, items)
+            self.store.push(user_rows, item_rows, before_commit=read_ahead)
+        except BaseException as exc:
+            if not readable.done():
+                readable.set_exception(exc)
+            raise
 
     def wait(self) -> None:
         """Until the last push is in the store (raises what it raised)."""
-        push, self._push = self._push, None
+        push, self._push, self._readable = self._push, None, None
         if push is not None:
             push.result()
 

@@ -76,7 +76,7 @@ class TrainingLoop:
         self.summary: dict[str, dict[str, float]] = {}
         """The progressive metrics as of the last health report, publish or the end of the run."""
         self._summary_step = -1
-        self.collisions = learner.collisions({})
+        self.collisions = learner.collisions(dict)
         self.checkpoint_failures = 0
         self.last_checkpoint_error: str | None = None
         self._stop = threading.Event()
@@ -250,8 +250,9 @@ class TrainingLoop:
     # -- figures ------------------------------------------------------------------------------------------
 
     def _collisions(self) -> IdCollisions:
-        """Hash collisions among the ids the aggregates hold (only between a read and the next fold)."""
-        return self.learner.collisions(self.features.seen_ids())
+        """Hash collisions among the ids the aggregates hold (only between a read and the next fold); with ID
+        maps, their own figures, without waiting for the push to read the aggregates' ids."""
+        return self.learner.collisions(self.features.seen_ids)
 
     def _log_figures(self, step: int) -> None:
         if self.telemetry is not None:

@@ -18,7 +18,7 @@ probing the model. Jobs beside the step (features, publishing, health) are other
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -87,6 +87,7 @@ class Learner:
         self.step = 0
         self.examples = 0
         self.event_time_hwm_ms = 0
+        self._id_tables: tuple[int, dict[str, dict[str, int]]] | None = None
         self.skipped_steps = 0
         """Steps whose (group) gradient was not finite: their update was dropped."""
         self.skipped_last = False
@@ -188,8 +189,11 @@ class Learner:
                                        torch.from_numpy(published["rows"]).to(self.device))
 
     def id_tables(self) -> dict[str, dict[str, int]]:
-        """Each ID map's figures: live ids, admitted, expired, evicted, overflow, collisions, bytes..."""
-        return {name: id_map.stats() for name, id_map in self.id_maps.items()}
+        """Each ID map's figures: live ids, admitted, expired, evicted, overflow, collisions, bytes... Computed
+        once per step (counting collisions sorts the live rows; ``stats`` may be polled many times a step)."""
+        if self._id_tables is None or self._id_tables[0] != self.step:
+            self._id_tables = (self.step, {name: id_map.stats() for name, id_map in self.id_maps.items()})
+        return self._id_tables[1]
 
     def _score(self, output: ModelOutput, labels: dict[str, torch.Tensor], users: np.ndarray) -> None:
         with torch.no_grad():
@@ -271,15 +275,15 @@ class Learner:
         """Each task's positive rate over the metrics' window."""
         return self.metrics.positive_rates()
 
-    def collisions(self, ids: dict[str, np.ndarray]) -> IdCollisions:
-        """How often the given ids share a hashed embedding row; with per-field ID maps, their own figures
-        (collisionless: 0 collisions among admitted ids)."""
+    def collisions(self, ids: Callable[[], dict[str, np.ndarray]]) -> IdCollisions:
+        """How often the ids ``ids()`` returns share a hashed embedding row; with per-field ID maps, their own
+        figures (collisionless: 0 collisions among admitted ids), and ``ids`` is not called."""
         if self.id_maps:
             stats = self.id_tables().values()
             live, capacity = sum(s["live"] for s in stats), sum(s["capacity"] for s in stats)
             shared = sum(s["collisions"] for s in stats)
             return IdCollisions(live, capacity, live - shared, shared / live if live else 0.0, 0.0)
-        return id_collisions(self.model.encoder, ids)
+        return id_collisions(self.model.encoder, ids())
 
     def manifest(self) -> dict:
         """What a snapshot's manifest records of the model and of how far training got."""
@@ -315,5 +319,6 @@ class Learner:
         self.optimizer.load_state_dict(optimizer)
         self.metrics.load_state(arrays)
         self.step, self.examples = counters["step"], counters["examples"]
+        self._id_tables = None
         self.event_time_hwm_ms = counters["event_time_hwm_ms"]
         self.skipped_steps = counters.get("skipped_steps", 0)  # absent from checkpoints of older versions

@@ -4,6 +4,7 @@ one read per entity; and the event-time clock that readers share with the writer
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import redis
 
 from features.aggregates import StreamAggregator
 from features.codec import entity_keys
-from features.definitions import ENTITY_KEYS, PUSH_SOURCES, STREAM_VIEWS, USER_STREAM
+from features.definitions import ENTITY_KEYS, PUSH_SOURCES, STREAM_FIELD, STREAM_VIEWS, USER_STREAM
 from features.store import FeatureStoreConfig, OnlineFeatures, feast_push_frame
 from tests.features.test_store import HOUR_MS, T0, examples, frame
 
@@ -56,12 +57,13 @@ def test_pushed_rows_are_what_feasts_own_reader_returns(config: FeatureStoreConf
     for users, items in pushed:
         store.push(users, items)
     users = pd.concat([b[0] for b in pushed]).drop_duplicates("user_id", keep="last").set_index("user_id")
-    got = store.store.get_online_features(features=["user_stream:stats", "user_stream:updated_ms"],
-                                          entity_rows=[{"user_id": u} for u in (1, 2, 3, 4)]).to_dict()
+    got = store.store.get_online_features(features=[f"user_stream:{STREAM_FIELD}"],
+                                          entity_rows=[{"user_id": u} for u in (1, 2, 3, 4)]).to_dict()[STREAM_FIELD]
     for i, user in enumerate((1, 2, 3)):
-        assert np.float32(got["stats"][i]).tobytes() == users.loc[user, list(USER_STREAM)].to_numpy(np.float32).tobytes()
-        assert got["updated_ms"][i] == users.loc[user, "event_timestamp"].value // 1_000_000
-    assert got["stats"][3] is None and got["updated_ms"][3] is None  # never pushed
+        stats, updated_ms = np.array(got[i][:-1]), got[i][-1]
+        assert np.float32(stats).tobytes() == users.loc[user, list(USER_STREAM)].to_numpy(np.float32).tobytes()
+        assert updated_ms == users.loc[user, "event_timestamp"].value // 1_000_000
+    assert got[3] is None  # never pushed
 
 
 def test_the_fast_writer_stores_the_bytes_feasts_writer_stores(config: FeatureStoreConfig, tmp_path: Path) -> None:
@@ -76,7 +78,9 @@ def test_the_fast_writer_stores_the_bytes_feasts_writer_stores(config: FeatureSt
         expected = stored_rows(theirs_config, kind, ids)
         got = stored_rows(config, kind, ids)
         assert got == expected and sorted(got) == ids  # SQLite: (feature, value, ...) rows; Redis: hash fields
-        assert all(len(fields) == (2 if config.online_store == "sqlite" else 3) for fields in got.values())
+        # one online row (SQLite) or hash field beside the view's timestamp (Redis) per entity: the statistics
+        # and the update time travel as one feature
+        assert all(len(fields) == (1 if config.online_store == "sqlite" else 2) for fields in got.values())
     users, items = np.array([1, 2, 3, 4, 1]), np.array([10, 13, 11, 12, 99])
     for as_of in (T0 + 10, T0 + HOUR_MS + 5, T0 + 3 * HOUR_MS):  # and both read back the same through lookups
         np.testing.assert_array_equal(ours.lookup_batch(users, items, as_of_ms=as_of).dense,
@@ -154,3 +158,30 @@ def test_sqlite_tables_keep_only_their_primary_key_which_serves_feasts_reads(tmp
                             "WHERE entity_key IN (?, ?) ORDER BY entity_key", (b"a", b"b")).fetchall()
         assert len(plan) == 1 and "USING INDEX sqlite_autoindex_" in plan[0][-1]  # a seek per key, no sort
     test_pushed_rows_are_what_feasts_own_reader_returns(config)  # and Feast reads what is pushed
+
+
+def test_the_writers_wal_is_checkpointed_off_its_commits_into_the_database_file(tmp_path: Path) -> None:
+    """The writer's connection never checkpoints (a push does not wait for page copies and fsyncs); the
+    checkpointer's thread copies the pushed rows into the database file itself."""
+    store = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "store"))
+    assert store.rows._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    for users, items in batches():
+        store.push(users, items)
+    expected = store.lookup_batch(np.array([1, 2, 3]), np.array([10, 11, 13])).dense
+    copied = tmp_path / "copy.db"
+    deadline = time.monotonic() + 60
+    while True:  # the database file alone (no WAL beside it) holds every pushed row once a checkpoint has run
+        copied.write_bytes((tmp_path / "store" / "online.db").read_bytes())
+        try:
+            with sqlite3.connect(copied) as conn:
+                n = conn.execute(f'SELECT count(*) FROM "{store.config.project}_user_stream"').fetchone()[0]
+        except sqlite3.DatabaseError:  # no table yet, or a copy taken while a checkpoint wrote the file
+            n = 0
+        finally:
+            conn.close()
+        if n == 3:
+            break
+        assert time.monotonic() < deadline, f"the database file holds {n} of 3 user rows after 60 s"
+        time.sleep(0.05)  # polling a condition under a deadline
+    reader = OnlineFeatures(FeatureStoreConfig(data_dir=tmp_path / "store"))  # and what is read is unchanged
+    np.testing.assert_array_equal(reader.lookup_batch(np.array([1, 2, 3]), np.array([10, 11, 13])).dense, expected)

@@ -33,6 +33,17 @@ def test_float_lists_encode_as_feast_values_and_decode_bit_for_bit(rows: list[li
     assert found.all() and decoded.tobytes() == matrix.tobytes()  # NaN payloads and -0.0 included
 
 
+@given(st.lists(st.lists(st.floats(), min_size=4, max_size=4), max_size=10))
+def test_double_lists_encode_as_feast_values_and_decode_bit_for_bit(rows: list[list[float]]) -> None:
+    matrix = np.array(rows, dtype=np.float64).reshape(len(rows), 4)
+    blobs = encode_float_lists(matrix, "<f8")
+    assert blobs == [ValueProto(double_list_val=DoubleList(val=row)).SerializeToString() for row in matrix.tolist()]
+    decoded, found = decode_float_lists(blobs, 4, "<f8")
+    assert found.all() and decoded.dtype == np.float64 and decoded.tobytes() == matrix.tobytes()
+    floats = encode_float_lists(matrix.astype(np.float32)) if len(rows) else []  # a float list is not a double list
+    assert not decode_float_lists(floats, 4, "<f8")[1].any()
+
+
 def test_blobs_of_another_type_or_width_decode_as_missing() -> None:
     good = ValueProto(float_list_val=FloatList(val=[1.0, 2.0])).SerializeToString()
     wider = ValueProto(float_list_val=FloatList(val=[1.0, 2.0, 3.0])).SerializeToString()

@@ -12,14 +12,14 @@ import pytest
 
 from features.aggregates import StreamAggregator
 from features.definitions import offline_schema
-from features.offline import SCHEMA_PART, OfflineLog
+from features.offline import SCHEMA_PART, OfflineLayoutError, OfflineLog
 from features.store import FeatureStoreConfig, OnlineFeatures
 from tests.features.test_store import HOUR_MS, T0, examples
 
 
 def rows(start: int, n: int) -> pa.Table:
     ids = np.arange(start, start + n, dtype=np.int64)
-    return pa.table({"user_id": ids, "stats": [[float(i)] for i in ids], "updated_ms": ids,
+    return pa.table({"user_id": ids, "aggregates": [[float(i), float(i)] for i in ids],
                      "event_timestamp": pd.to_datetime(ids, unit="ms", utc=True)}, schema=offline_schema("user_stream"))
 
 
@@ -68,3 +68,13 @@ def test_a_file_from_the_single_file_layout_is_adopted(tmp_path: Path) -> None:
     assert not (tmp_path / "new" / "offline" / "user_stream.parquet").exists()
     np.testing.assert_array_equal(new.historical(events).dense, old.historical(events).dense)
     assert new.historical(events).frame().loc[0, "u_log_n_1h"] == pytest.approx(np.log1p(1))
+
+
+def test_a_directory_of_an_older_layout_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    old = pa.schema([("user_id", pa.int64()), ("stats", pa.list_(pa.float32())), ("updated_ms", pa.int64()),
+                     ("event_timestamp", pa.timestamp("ns", tz="UTC"))])
+    (tmp_path / "offline" / "user_stream").mkdir(parents=True)
+    pq.write_table(old.empty_table(), tmp_path / "offline" / "user_stream" / SCHEMA_PART)
+    with pytest.raises(OfflineLayoutError, match="older moestream.*features.data_dir"):
+        OfflineLog(tmp_path / "offline").ensure("user_stream", offline_schema("user_stream"))
+    OfflineLog(tmp_path / "offline").ensure("item_stream", offline_schema("item_stream"))  # a fresh view is made

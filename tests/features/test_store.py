@@ -214,7 +214,7 @@ def test_push_lands_offline_too(tmp_path: Path) -> None:
     store.push(*StreamAggregator().update(examples([1, 2], [10, 10], [1, 0])))
     store.flush()  # the offline history is appended behind the push: flush waits for it
     offline = pd.read_parquet(tmp_path / "offline" / "user_stream")
-    assert sorted(offline["user_id"]) == [1, 2] and len(offline["stats"].iloc[0]) == len(USER_STREAM)
+    assert sorted(offline["user_id"]) == [1, 2] and len(offline["aggregates"].iloc[0]) == len(USER_STREAM) + 1
 
 
 @pytest.mark.parametrize("later_click", [0, 1])

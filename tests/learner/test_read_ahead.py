@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import pyarrow as pa
 import torch
 
@@ -99,3 +100,52 @@ def test_a_checkpoint_waits_until_every_push_is_in_the_offline_history(tmp_path:
     history = pd.read_parquet(tmp_path / "features" / "offline" / "user_stream")
     assert set(history["user_id"]) == pushed
     loop.close()
+
+
+class _RecordingSqlite(OnlineFeatures):
+    """The real SQLite store, keeping every feature matrix a lookup returned."""
+
+    def __init__(self, config: FeatureStoreConfig) -> None:
+        super().__init__(config)
+        self.reads: list = []
+
+    def lookup(self, user_ids, item_ids):
+        dense = super().lookup(user_ids, item_ids)
+        self.reads.append(dense.copy())
+        return dense
+
+
+def test_a_read_ahead_inside_the_pushs_sqlite_transaction_equals_a_read_after_its_commit(tmp_path: Path) -> None:
+    """On SQLite the next batch is read inside the push's transaction, before the commit (the step does not wait
+    for the commit's page writes): it must read what a read after the commit reads."""
+    runs = {}
+    for name, upcoming in (("plain", lambda step: None),
+                           ("ahead", lambda step: BATCHES[step + 1] if step + 1 < len(BATCHES) else None)):
+        torch.manual_seed(0)
+        store = _RecordingSqlite(FeatureStoreConfig(data_dir=tmp_path / name / "features"))
+        loop = TrainingLoop.local(CONFIG, store, SnapshotStore(tmp_path / name / "snapshots"))
+        for step, batch in enumerate(BATCHES):
+            loop.step(batch, upcoming=upcoming(step))
+        loop.close()
+        runs[name] = (loop, store.reads)
+    (plain, plain_reads), (ahead, ahead_reads) = runs["plain"], runs["ahead"]
+    assert plain.features.read_ahead == 0 and ahead.features.read_ahead == len(BATCHES) - 1
+    for got, expected in zip(ahead_reads, plain_reads, strict=True):
+        assert (got == expected).all()
+    assert any((a != b).any() for a, b in zip(plain_reads, plain_reads[1:]))  # the pushes did change features
+
+
+class _FailingCommit(InMemoryFeatures):
+    """Rows readable (the read ahead runs), then the commit fails: a full disk, say."""
+
+    def push(self, users, items, before_commit=None):
+        super().push(users, items, before_commit)
+        raise OSError("database or disk is full")
+
+
+def test_a_push_whose_commit_fails_after_the_read_ahead_is_raised_not_lost(tmp_path: Path) -> None:
+    loop = TrainingLoop.local(CONFIG, _FailingCommit(), SnapshotStore(tmp_path / "snapshots"))
+    loop.step(BATCHES[0], upcoming=BATCHES[1])
+    with pytest.raises(OSError, match="disk is full"):
+        loop.step(BATCHES[1], upcoming=BATCHES[2])  # raised by this read, or by its fold at the latest
+        loop.features.wait()
