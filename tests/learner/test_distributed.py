@@ -51,12 +51,14 @@ class _Features:
         base = (user_ids[:, None] * 7 + item_ids[:, None] * 3 + np.arange(len(FEATURE_COLUMNS))) % 11
         return base.astype(np.float32)
 
-    def push(self, users, items) -> None:
+    def push(self, users, items, before_commit=None) -> None:
         for frame, key in ((users, "user_id"), (items, "item_id")):
             values = frame.drop(columns=[key, "event_timestamp"]).to_numpy(np.float64)
             stamps = frame["event_timestamp"].astype("int64").to_numpy() // 1_000_000  # ms
             for entity, row, stamp in zip(frame[key].tolist(), values, stamps):
                 self.rows[key][int(entity)] = np.append(row, stamp)
+        if before_commit is not None:  # the rows are readable now (the store's contract)
+            before_commit()
 
     def flush(self) -> None:
         return None

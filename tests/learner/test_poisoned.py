@@ -26,8 +26,9 @@ class _Poisonable:
             return np.full((len(user_ids), len(FEATURE_COLUMNS)), self.poison, dtype=np.float32)
         return ((user_ids[:, None] + item_ids[:, None] + np.arange(len(FEATURE_COLUMNS))) % 7).astype(np.float32)
 
-    def push(self, users, items) -> None:
-        return None
+    def push(self, users, items, before_commit=None) -> None:
+        if before_commit is not None:  # nothing kept: readable at once
+            before_commit()
 
     def flush(self) -> None:
         return None
