@@ -34,7 +34,9 @@ from rich.progress import Progress
 
 from benchmarks.harness import Report, Row
 from features.aggregates import StreamAggregator
-from features.definitions import ENTITY_KEYS, PUSH_SOURCES, STATIC_VIEWS, STREAM_VIEWS, build_definitions, offline_schema
+from features.definitions import (
+    ENTITY_KEYS, PUSH_SOURCES, STATIC_VIEWS, STREAM_FIELD, STREAM_VIEWS, build_definitions, offline_schema,
+)
 from features.store import FeatureStoreConfig, OnlineFeatures, feast_push_frame, repo_config
 from stream.events import EXAMPLE_SCHEMA, LABELS, TASKS
 from stream.simulator import Simulator, SimulatorConfig
@@ -129,7 +131,7 @@ def _measure(store: OnlineFeatures, anchor: FeatureStore, traffic: pa.Table, rep
     ms = np.asarray(_median_s(lambda: store.lookup(user_ids, item_ids), reps)) * 1000
     progress.advance(task)
 
-    refs = [f"{STREAM_VIEWS[k]}:stats" for k in ENTITY_KEYS]
+    refs = [f"{STREAM_VIEWS[k]}:{STREAM_FIELD}" for k in ENTITY_KEYS]
     refs += [f"{STATIC_VIEWS[k]}:{f}" for k in ENTITY_KEYS for f in ("dense", "cats")]
     t = time.perf_counter()
     for u, i in zip(user_ids[:anchor_pairs].tolist(), item_ids[:anchor_pairs].tolist()):
