@@ -50,7 +50,8 @@ def model_bytes(config: MoestreamConfig) -> tuple[int, int]:
         model = MultiTaskRanker(learner.family, tasks=list(learner.tasks), id_fields=learner.embedded_fields(),
                                 n_dense=len(FEATURE_COLUMNS), n_buckets=learner.n_buckets, emb_dim=learner.emb_dim,
                                 tables={f: {"capacity": t["capacity"], "dim": t["dim"]} for f, t in tables.items()} or None,
-                                cross_layers=learner.cross_layers, cross_rank=learner.cross_rank,
+                                field_products=learner.field_products, cross_layers=learner.cross_layers,
+                                cross_rank=learner.cross_rank,
                                 **dict(learner.hparams))
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     # Per-field tables grow with the live ids: at most every row (weights and row-wise state) and the id map

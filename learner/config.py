@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # the worker's other sections: imported when a WorkerConfig i
     from stream.kafka_io import KafkaConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")
+FIELD_PRODUCTS = ("none", "dot", "product")
+"""``learner.models.interaction.FIELD_PRODUCTS``, named here because loading a configuration must not import torch
+(a test holds the two equal)."""
 GUARD_METRICS = ("window_auc", "window_gauc", "auc", "gauc")
 """Figures of ``ProgressiveValidation.summary()`` the publish guard may compare: higher is better for each."""
 
@@ -211,11 +214,23 @@ class LearnerConfig:
     against ``learner.families``."""
     n_buckets: int = 2**18
     emb_dim: int = 16
-    lr: float = 1e-2
-    """Adam's learning rate for the dense network."""
+    lr: float = 3e-3
+    """Adam's learning rate for the dense network. 3e-3 (0.01 until 2026-12-05): on the quality benchmark's
+    stream it raised the rare tasks' AUC by about 0.007 and left click and long_view within ±0.001
+    (docs/quality.md, "Learning better")."""
     embedding_lr: float = 0.2
     """Row-wise Adagrad's learning rate for the embedding table (``learner.models.sparse``): each row's steps
     shrink with the gradient it has seen, so rare IDs keep learning fast and frequent ones settle."""
+    embedding_accumulator: float = 0.0
+    """Where each embedding row's row-wise Adagrad accumulator starts, and restarts when its row is reused
+    (``learner.models.sparse``; TensorFlow's ``initial_accumulator_value``). 0: a row's first step is ``lr`` per
+    coordinate whatever its gradient. In the units of a row's squared gradient, which is small because the loss
+    is a mean over the batch: on the simulator at batch 512 an item row gathers about 1e-8 per impression
+    (docs/quality.md, "Learning better")."""
+    field_products: str = "none"
+    """Products of the embedded fields appended to the experts' input (``learner.models.interaction``): "dot",
+    one dot product per pair of fields of equal width (DLRM); "product", their elementwise product (GMF);
+    "none"."""
     cross_layers: int = 0
     """DCN-v2 cross layers between the embeddings and the experts (``learner.models.interaction``): explicit
     products of the inputs, e.g. user · item affinities; 0: none."""
@@ -263,6 +278,12 @@ class LearnerConfig:
         at_least("learner.seed", self.seed, 0)
         at_least("learner.cross_layers", self.cross_layers, 0)
         at_least("learner.cross_rank", self.cross_rank, 0)
+        if self.field_products not in FIELD_PRODUCTS:
+            raise ValueError(f"learner.field_products must be one of {list(FIELD_PRODUCTS)}, got "
+                             f"{self.field_products!r}")
+        if not _is_number(self.embedding_accumulator) or self.embedding_accumulator < 0:
+            raise ValueError(f"learner.embedding_accumulator must be a finite number >= 0, got "
+                             f"{self.embedding_accumulator!r}")
         object.__setattr__(self, "tables", check_tables(self.tables, self.emb_dim))
         for key in ("lr", "embedding_lr"):
             if not _is_number(getattr(self, key)) or getattr(self, key) <= 0:

@@ -72,6 +72,7 @@ class Learner:
         self.model = MultiTaskRanker(
             config.family, tasks=list(config.tasks), id_fields=fields, n_dense=n_dense,
             n_buckets=config.n_buckets, emb_dim=config.emb_dim, emb_lr=config.embedding_lr,
+            emb_accumulator=config.embedding_accumulator, field_products=config.field_products,
             tables={name: {"capacity": t["capacity"], "dim": t["dim"]} for name, t in (config.tables or {}).items()} or None,
             cross_layers=config.cross_layers, cross_rank=config.cross_rank,
             **dict(config.hparams),

@@ -68,7 +68,8 @@ class FeatureEncoder(nn.Module):
     salts: Tensor
 
     def __init__(self, id_fields: Sequence[str], n_dense: int, n_buckets: int = 2**18, emb_dim: int = 16,
-                 emb_lr: float = 0.2, tables: Mapping[str, Mapping[str, int]] | None = None) -> None:
+                 emb_lr: float = 0.2, tables: Mapping[str, Mapping[str, int]] | None = None,
+                 emb_accumulator: float = 0.0) -> None:
         super().__init__()
         if isinstance(id_fields, str):
             raise TypeError("id_fields must be a sequence of field names, not one string")
@@ -97,20 +98,27 @@ class FeatureEncoder(nn.Module):
         if tables:
             self.tables = nn.ModuleDict({
                 f: RowwiseTable(int(tables[f]["capacity"]), self.dims[f], lr=emb_lr, init_std=self.dims[f] ** -0.5,
-                                seed=seed + i, allocated=0)
+                                seed=seed + i, allocated=0, initial_accumulator=emb_accumulator)
                 for i, f in enumerate(self.id_fields)
             })
             for f in self.id_fields:  # the ID -> row maps serving reads (the learner keeps them current)
                 self.register_buffer(f"map_ids_{f}", torch.zeros(0, dtype=torch.int64))
                 self.register_buffer(f"map_rows_{f}", torch.zeros(0, dtype=torch.int64))
         elif self.id_fields:
-            self.table = RowwiseTable(n_buckets, emb_dim, lr=emb_lr, init_std=emb_dim**-0.5, seed=seed)
+            self.table = RowwiseTable(n_buckets, emb_dim, lr=emb_lr, init_std=emb_dim**-0.5, seed=seed,
+                                      initial_accumulator=emb_accumulator)
         self.dense_scale = nn.Parameter(torch.ones(n_dense))
         self.dense_shift = nn.Parameter(torch.zeros(n_dense))
 
     @property
     def n_outputs(self) -> int:
         return sum(self.dims.values()) + self.n_dense
+
+    @property
+    def field_dims(self) -> tuple[int, ...]:
+        """Each embedded field's width, in the order its embedding comes first in the output (the dense features
+        follow them)."""
+        return tuple(self.dims[f] for f in self.id_fields)
 
     def map_rows(self, field_name: str, ids: Tensor) -> Tensor:
         """Serving's side of a per-field table: each raw id's row in the published map, 0 (the default row) for

@@ -9,12 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from .encoder import FeatureEncoder
-from .interaction import CrossNetwork
+from .interaction import CrossNetwork, FieldProducts
 from .output import ModelOutput
 from .registry import build, default_hparams
 
-_CONFIG_KEYS = ("family", "tasks", "id_fields", "n_dense", "task_types", "n_buckets", "emb_dim", "emb_lr", "tables",
-                "cross_layers", "cross_rank", "hparams")
+_CONFIG_KEYS = ("family", "tasks", "id_fields", "n_dense", "task_types", "n_buckets", "emb_dim", "emb_lr",
+                "emb_accumulator", "tables", "field_products", "cross_layers", "cross_rank", "hparams")
 
 
 def _jsonable(value: Any, path: str) -> Any:
@@ -29,8 +29,9 @@ def _jsonable(value: Any, path: str) -> Any:
 
 
 class MultiTaskRanker(nn.Module):
-    """``FeatureEncoder``, then ``cross_layers`` DCN-v2 cross layers (``learner.models.interaction``; 0: none),
-    then ``build(family, ...)``.
+    """``FeatureEncoder``, then the products of its field embeddings appended (``field_products``: "none", "dot"
+    or "product"), then ``cross_layers`` DCN-v2 cross layers (both ``learner.models.interaction``; 0: none), then
+    ``build(family, ...)``.
 
     ``config`` is a plain JSON-serialisable dict (hparams with defaults filled in, so a snapshot
     does not change meaning if a default changes later); ``from_config(config)`` rebuilds the
@@ -48,15 +49,19 @@ class MultiTaskRanker(nn.Module):
         emb_dim: int = 16,
         emb_lr: float = 0.2,
         tables: Mapping[str, Mapping[str, int]] | None = None,
+        emb_accumulator: float = 0.0,
+        field_products: str = "none",
         cross_layers: int = 0,
         cross_rank: int = 0,
         **hparams: Any,
     ) -> None:
         super().__init__()
         self.encoder = FeatureEncoder(id_fields, n_dense, n_buckets=n_buckets, emb_dim=emb_dim, emb_lr=emb_lr,
-                                      tables=tables)
-        self.cross = CrossNetwork(self.encoder.n_outputs, cross_layers, cross_rank)
-        self.model = build(family, n_inputs=self.encoder.n_outputs, tasks=tasks, task_types=task_types, **hparams)
+                                      tables=tables, emb_accumulator=emb_accumulator)
+        self.products = FieldProducts(self.encoder.field_dims, field_products)
+        n_inputs = self.encoder.n_outputs + self.products.n_outputs
+        self.cross = CrossNetwork(n_inputs, cross_layers, cross_rank)
+        self.model = build(family, n_inputs=n_inputs, tasks=tasks, task_types=task_types, **hparams)
         self.config = _jsonable(
             {
                 "family": family,
@@ -67,7 +72,9 @@ class MultiTaskRanker(nn.Module):
                 "n_buckets": n_buckets,
                 "emb_dim": emb_dim,
                 "emb_lr": emb_lr,
+                "emb_accumulator": emb_accumulator,
                 "tables": {f: dict(t) for f, t in (tables or {}).items()},
+                "field_products": field_products,
                 "cross_layers": cross_layers,
                 "cross_rank": cross_rank,
                 "hparams": {**default_hparams(family), **hparams},
@@ -104,7 +111,7 @@ class MultiTaskRanker(nn.Module):
 
     def forward(self, ids: Mapping[str, Tensor], dense: Tensor, rows: Mapping[str, Tensor] | None = None) -> ModelOutput:
         """``rows``: per-field table rows from the learner's ID maps (training); serving passes raw ``ids``."""
-        x = self.encoder(ids, dense, rows)  # (B, n_inputs)
+        x = self.products(self.encoder(ids, dense, rows))  # (B, n_inputs): fields, dense, the fields' products
         return self.model(self.cross(x))  # (B, n_inputs): the input and its explicit interactions
 
     @torch.no_grad()

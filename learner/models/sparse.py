@@ -50,6 +50,12 @@ class RowwiseTable(nn.Module):
 
     ``lr`` and ``eps`` are the update's; ``init_std`` (default ``dim ** -0.5``) scales the N(0, 1) initial
     values of every row, at construction and in ``reset_rows``; ``seed`` makes those values reproducible.
+    ``initial_accumulator``: where every row's ``sum_sq`` starts (and restarts in ``reset_rows``), TensorFlow's
+    ``initial_accumulator_value``. With 0 a row's first step has norm ``lr · sqrt(dim)`` whatever the size of
+    its gradient (the gradient divided by its own root mean square), so an ID's first impression moves it as far
+    as a strong signal would; a start above the gradients' square makes the first steps plain SGD at
+    ``lr / sqrt(initial_accumulator)`` until the row has seen that much gradient. It is in the units of the
+    squared gradient, which depend on the loss's scale (the learner's loss is a mean over the batch).
     """
 
     weight: Tensor  # (n_rows + 1, dim)
@@ -59,28 +65,32 @@ class RowwiseTable(nn.Module):
 
     def __init__(
         self, n_rows: int, dim: int, lr: float, eps: float = 1e-8, init_std: float | None = None, *, seed: int = 0,
-        allocated: int | None = None,
+        allocated: int | None = None, initial_accumulator: float = 0.0,
     ) -> None:
         super().__init__()
         if n_rows < 0 or dim < 1:
             raise ValueError(f"a table needs n_rows >= 0 and dim >= 1, got n_rows={n_rows}, dim={dim}")
         if not lr > 0 or not eps > 0:
             raise ValueError(f"lr and eps must be positive, got lr={lr}, eps={eps}")
+        if not initial_accumulator >= 0:
+            raise ValueError(f"initial_accumulator must be >= 0, got {initial_accumulator}")
         self.n_rows = n_rows
         self.dim = dim
         self.lr = float(lr)
         self.eps = float(eps)
+        self.initial_accumulator = float(initial_accumulator)
         self.init_std = float(dim**-0.5 if init_std is None else init_std)
         self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.int64))
         start = n_rows if allocated is None else max(0, min(int(allocated), n_rows))
         self.register_buffer("weight", self._initial(start + 1, draw=0))
-        self.register_buffer("sum_sq", torch.zeros(start + 1))
+        self.register_buffer("sum_sq", torch.full((start + 1,), self.initial_accumulator))
         self.register_buffer("resets", torch.zeros((), dtype=torch.int64))
         # (unique rows, their leaf) per lookup since the last update; the leaf's .grad is the rows' gradient
         self._pending: list[tuple[Tensor, Tensor]] = []
 
     def extra_repr(self) -> str:
-        return f"n_rows={self.n_rows}, dim={self.dim}, lr={self.lr}, eps={self.eps}, init_std={self.init_std:.4g}"
+        return (f"n_rows={self.n_rows}, dim={self.dim}, lr={self.lr}, eps={self.eps}, init_std={self.init_std:.4g}, "
+                f"initial_accumulator={self.initial_accumulator:g}")
 
     @property
     def allocated(self) -> int:
@@ -99,7 +109,7 @@ class RowwiseTable(nn.Module):
         extra = target - self.allocated
         fresh = self._initial(extra, draw=-1 - self.allocated).to(self.weight)  # a draw index of its own per size
         self.weight = torch.cat([self.weight, fresh])
-        self.sum_sq = torch.cat([self.sum_sq, self.sum_sq.new_zeros(extra)])
+        self.sum_sq = torch.cat([self.sum_sq, self.sum_sq.new_full((extra,), self.initial_accumulator)])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """A state of another allocated size (a grown table) replaces this one's size before it is copied."""
@@ -186,7 +196,8 @@ class RowwiseTable(nn.Module):
         self._pending = []
 
     def reset_rows(self, rows: Tensor) -> None:
-        """Fresh weights and a zero accumulator for ``rows``: the ID map reuses the rows of expired IDs."""
+        """Fresh weights and a fresh accumulator (``initial_accumulator``) for ``rows``: the ID map reuses the rows
+        of expired IDs."""
         unique = torch.unique(self._rows(rows).reshape(-1), sorted=True)
         self._check_range(unique)
         if not unique.numel():
@@ -194,7 +205,7 @@ class RowwiseTable(nn.Module):
         with torch.no_grad():
             fresh = self._initial(unique.numel(), draw=int(self.resets) + 1)
             self.weight.index_copy_(0, unique, fresh.to(device=self.weight.device, dtype=self.weight.dtype))
-            self.sum_sq.index_fill_(0, unique, 0.0)
+            self.sum_sq.index_fill_(0, unique, self.initial_accumulator)
             self.resets.add_(1)
 
 

@@ -17,6 +17,7 @@ from benchmarks.harness import Report, Row
 from benchmarks.quality import QualityPlan, run
 from benchmarks.quality_floor import FloorConfig, progressive_scores, tune
 from benchmarks.quality_stream import QualityStream, simulate
+from benchmarks.quality_structural import StructuralConfig, structural_scores
 from benchmarks.quality_train import LaggedVersions, Version, train_family
 from learner.metrics import binary_auc
 from stream.events import TASKS
@@ -56,6 +57,21 @@ def test_the_floor_learns_a_bilinear_problem_and_scores_before_it_learns() -> No
     flipped[-256:] = 1 - flipped[-256:]
     again = progressive_scores(users, items, flipped, 256, FloorConfig(lr=0.1, dim=4), base_rates=np.array([0.5]))
     assert np.array_equal(again, scores)  # the last batch (of 256) is scored before its labels are seen
+
+
+def test_the_structural_learner_learns_its_form_and_scores_before_it_learns() -> None:
+    users, items, labels = _bilinear(0)
+    two = np.concatenate([labels, labels], axis=1)  # two tasks, one affinity: shared rows, a bilinear form each
+    ts_ms = np.arange(len(labels), dtype=np.int64) * 10
+    config = StructuralConfig(dim=3)
+    scores = structural_scores(users, items, ts_ms, two, 256, np.array([0.5, 0.5]), config)
+    assert np.allclose(scores[:256], 0.0, atol=0.15)  # the first batch sees the initial model: the prior (+ p·q)
+    half = len(labels) // 2
+    assert binary_auc(scores[half:, 0], labels[half:, 0]) > 0.75  # the true affinity's AUC here is about 0.85
+    flipped = two.copy()
+    flipped[-256:] = 1 - flipped[-256:]
+    again = structural_scores(users, items, ts_ms, flipped, 256, np.array([0.5, 0.5]), config)
+    assert np.array_equal(again, scores)  # the last batch is scored before its labels are seen
 
 
 def test_tuning_picks_each_tasks_best_grid_point() -> None:

@@ -237,3 +237,21 @@ def test_cuda_matches_cpu():
     assert gpu.weight.device.type == "cuda" and gpu.sum_sq.device.type == "cuda"
     torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gpu.sum_sq.cpu(), cpu.sum_sq, rtol=1e-5, atol=1e-6)
+
+
+def test_an_initial_accumulator_makes_first_steps_proportional_to_the_gradient_and_survives_growth_and_reset():
+    """With 0 the first step is lr · g / rms(g), as long for a faint gradient as for a strong one; with a start
+    ``a0`` above g² it is lr · g / sqrt(a0 + mean g²): in proportion."""
+    steps = {}
+    for a0 in (0.0, 1.0):
+        table = RowwiseTable(N, DIM, lr=LR, eps=EPS, initial_accumulator=a0, allocated=2)
+        assert torch.equal(table.sum_sq, torch.full((3,), a0))
+        before = table.weight.clone()
+        step(table, torch.tensor([1, 2]), torch.stack([torch.full((DIM,), 1e-3), torch.full((DIM,), 1e-1)]))
+        steps[a0] = (before - table.weight)[1:3].norm(dim=1)
+        table.ensure_rows(6)
+        assert torch.equal(table.sum_sq[3:], torch.full((table.allocated - 2,), a0))  # grown rows start there
+        table.reset_rows(torch.tensor([1]))
+        assert table.sum_sq[1] == a0  # a reused row starts over there too
+    torch.testing.assert_close(steps[0.0][0], steps[0.0][1])  # faint and strong: the same step
+    torch.testing.assert_close(steps[1.0][1] / steps[1.0][0], torch.tensor(100.0), rtol=1e-2, atol=0)
