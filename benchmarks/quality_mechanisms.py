@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -43,11 +42,9 @@ import yaml
 
 from benchmarks.quality import QUICK, FULL, task_figures
 from benchmarks.quality_stream import QualityStream, simulate
-from benchmarks.quality_train import CONFIG_FILE, FamilyRun, ScoreTap, worker_config
+from benchmarks.quality_train import CONFIG_FILE, FamilyRun, train_family, worker_config
 from learner.health import GateWindow, detect_degradation, detect_underfitting
-from learner.replay_source import train_replay
 from stream.events import TASKS
-from stream.replay import ReplayConfig
 
 ANOMALY_KINDS: tuple[str, ...] = ("collapse", "degradation", "underfitting")
 
@@ -145,25 +142,13 @@ class MechanismProbe:
 
 def train_probed(stream: QualityStream, variant: Variant, seed: int, root: Path, base: Path = CONFIG_FILE
                  ) -> tuple[FamilyRun, MechanismProbe]:
-    """``variant`` trained on ``stream``'s log as ``benchmarks.quality_train.train_family`` trains a family, with a
-    :class:`MechanismProbe` beside the score tap; ``root`` must be fresh."""
+    """``variant`` trained on ``stream``'s log by ``benchmarks.quality_train.train_family``, with a
+    :class:`MechanismProbe` attached to the loop beside the score tap; ``root`` must be fresh."""
     root.mkdir(parents=True)
-    config = worker_config(root, variant.family, seed, variant_config(variant, root, base))
-    run = FamilyRun(variant.family, seed, np.full((len(stream), len(TASKS)), np.nan, np.float32))
-    taps: list[tuple[ScoreTap, MechanismProbe]] = []
-
-    def prepare(loop) -> None:
-        tap = ScoreTap(loop.learner, stream, run)
-        loop.learner.learn = tap.learn
-        taps.append((tap, MechanismProbe(loop)))
-
-    started = time.perf_counter()
-    train_replay(config, ReplayConfig(path=stream.log, progress=False), prepare=prepare)
-    run.seconds = time.perf_counter() - started
-    tap, probe = taps[0]
-    if tap.unscored():
-        raise RuntimeError(f"{variant.name} on seed {seed}: {tap.unscored()} examples were never trained")
-    return run, probe
+    probes: list[MechanismProbe] = []
+    run = train_family(stream, variant.family, seed, root, config_file=variant_config(variant, root, base),
+                       attach=lambda loop: probes.append(MechanismProbe(loop)))
+    return run, probes[0]
 
 
 def anomaly_counts(reports: list[dict]) -> dict[str, dict]:

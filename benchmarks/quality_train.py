@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,10 +204,11 @@ class ScoreTap:
 
 def train_family(stream: QualityStream, family: str, seed: int, root: Path, freeze_at: int | None = None,
                  lags_ms: tuple[int, ...] = (), on_examples: Callable[[int], None] | None = None,
-                 config_file: Path = CONFIG_FILE) -> FamilyRun:
+                 config_file: Path = CONFIG_FILE, attach: Callable[[Any], None] | None = None) -> FamilyRun:
     """Train ``family`` on ``stream``'s log with the learner seeded ``seed``, its state under ``root`` (which must
     be fresh: a feature store that had seen this stream would leak its future); ``freeze_at`` examples: also keep
-    a frozen version from there on; ``lags_ms``: also score each batch with the versions that old."""
+    a frozen version from there on; ``lags_ms``: also score each batch with the versions that old; ``attach``:
+    called with the training loop once it is built, after the score tap (another benchmark's probe)."""
     config = worker_config(root, family, seed, config_file)
     n = len(stream)
     run = FamilyRun(family, seed, np.full((n, len(TASKS)), np.nan, np.float32),
@@ -219,6 +221,8 @@ def train_family(stream: QualityStream, family: str, seed: int, root: Path, free
     def prepare(loop) -> None:
         taps.append(ScoreTap(loop.learner, stream, run, lags_ms, on_examples))
         loop.learner.learn = taps[0].learn  # the loop calls the instance's learn: the tap's, which calls the real one
+        if attach is not None:
+            attach(loop)
 
     _, stats = train_replay(config, ReplayConfig(path=stream.log, progress=False), prepare=prepare)
     tap = taps[0]

@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -130,8 +130,6 @@ class ViewRows:
     ids: np.ndarray  # (N,) int64, distinct
     values: dict[str, list[bytes]]  # feature -> one serialized Value per id
     stamps_ms: np.ndarray  # (N,) event time of each row
-    texts: dict[str, list[str]] = field(default_factory=dict)
-    """Feast's SQLite ``value_text`` of scalar features (``str(value)``); lists have none."""
 
 
 @dataclass(frozen=True)
@@ -240,9 +238,8 @@ class SqliteRows:
             # Feast stores event_ts through its sqlite3 adapter: whole seconds of the naive UTC time.
             seconds = np.array([int(to_naive_utc(s).timestamp()) for s in stamps], np.int64)[inverse].tolist()
             params = []
-            for feature, blobs in rows.values.items():
-                texts = rows.texts.get(feature, [None] * len(keys))
-                params += zip(keys, [feature] * len(keys), blobs, texts, seconds)
+            for feature, blobs in rows.values.items():  # array features: Feast's SQLite ``value_text`` is NULL
+                params += zip(keys, [feature] * len(keys), blobs, [None] * len(keys), seconds)
             params.sort(key=_primary_key)  # upserts in key order touch each B-tree page once, not at random
             # Many rows per statement: ``executemany`` steps the statement once per row, and each step lets go of
             # the GIL and waits to get it back from the trainer's other threads.

@@ -10,7 +10,7 @@ Going through Feast's per-row conversion costs tens of microseconds a row; here 
 - a ``float_list_val`` (``double_list_val``) of fixed width ``W`` is a constant header followed by ``W``
   little-endian float32s (float64s).
 
-Everything else (``int64_val``, ``int64_list_val``) is parsed with protobuf, once per distinct blob. The
+Everything else (``int64_list_val``) is parsed with protobuf, once per distinct blob. The
 constants come from Feast's own serializers, and ``tests/features/test_codec.py`` holds both paths together.
 """
 
@@ -81,19 +81,6 @@ def decode_float_lists(blobs: Sequence[bytes | None], width: int,
         out[index[ok]] = raw[ok, len(header) :].copy().view(dtype)
         sized[index[~ok]] = False
     return out, sized
-
-
-def encode_int64(value: int) -> bytes:
-    return ValueProto(int64_val=int(value)).SerializeToString()
-
-
-def decode_int64s(blobs: Sequence[bytes | None], missing: int) -> np.ndarray:
-    """``int64_val`` of each blob, ``missing`` where absent or of another type; one parse per distinct blob."""
-    parsed = {}
-    for blob in set(blobs) - {None}:
-        value = ValueProto.FromString(blob)
-        parsed[blob] = value.int64_val if value.WhichOneof("val") == "int64_val" else missing
-    return np.fromiter((parsed.get(b, missing) for b in blobs), np.int64, len(blobs))
 
 
 def decode_int64_lists(blobs: Sequence[bytes | None], width: int, missing: int) -> tuple[np.ndarray, np.ndarray]:
