@@ -124,9 +124,10 @@ def _bare_examples_per_s(family: str, hparams: dict, steps: int) -> float:
 
 
 def pipeline_rates(bootstrap: str, family: str, hparams: dict, workers: int, events: list[bytes],
-                   root: Path, timeout_s: float = 600, redis: str | None = None) -> dict:
+                   root: Path, timeout_s: float = 600, redis: str | None = None, consumer: str = "process") -> dict:
     """Events/s and examples/s of ``workers`` trainer actors draining ``events`` from a fresh topic, and worker
-    0's final ID tables; the online store is SQLite, or the Redis server at ``redis`` (``host:port``)."""
+    0's final ID tables; the online store is SQLite, or the Redis server at ``redis`` (``host:port``); the
+    consumer in a process of its own or on a thread of the trainer (``kafka.consumer``)."""
     import ray
 
     from features.store import OnlineFeatures
@@ -137,7 +138,7 @@ def pipeline_rates(bootstrap: str, family: str, hparams: dict, workers: int, eve
                            window_ms=2_000, snapshot_every_steps=10**6, batch_size=BATCH, wandb_mode="disabled")
     cadence = replace(config.learner.cadence, checkpoint_every_steps=50)
     config = replace(config, learner=replace(config.learner, hparams=hparams, cadence=cadence),
-                     kafka=replace(config.kafka, max_batch=4096))
+                     kafka=replace(config.kafka, max_batch=4096, consumer=consumer))
     if redis is not None:
         config = replace(config, features=replace(config.features, online_store="redis", redis_connection=redis,
                                                   project=f"bench{uuid.uuid4().hex[:8]}"))
@@ -207,7 +208,7 @@ def run(quick: bool = False, *, families: tuple[str, ...] | None = None, traffic
     with broker() as bootstrap, TemporaryDirectory() as tmp, Progress(transient=True) as progress, \
             (running(RedisServerConfig(port=free_port(), data_dir=Path(tmp) / "redis")) if on_redis
              else nullcontext()) as redis_server:
-        runs = len(traffic) * len(worker_counts) + on_redis
+        runs = len(traffic) * len(worker_counts) + on_redis + (not quick and "10^7" in traffic and 1 in worker_counts)
         task = progress.add_task("learner benchmark", total=len(families) * (1 + runs))
         init_ray(quiet=True)
         for label in families:
@@ -242,6 +243,9 @@ def run(quick: bool = False, *, families: tuple[str, ...] | None = None, traffic
                                         f"{id_tables_note(rates['id_tables'])}")
                     if name == "10^7" and one:
                         on_sqlite = events_per_s
+                        if not quick:
+                            _thread_consumer_row(report, bootstrap, label, streams[name], Path(tmp), events_per_s)
+                            progress.advance(task)
             if on_redis:
                 where = f"{label}, 1 worker(s){ROW_SUFFIX['10^7']}, Redis online store"
                 try:
@@ -259,6 +263,21 @@ def run(quick: bool = False, *, families: tuple[str, ...] | None = None, traffic
     report.notes.append(f"{n_requests:,} simulator requests per traffic and run, batch {BATCH}, 4 partitions; events/s "
                         f"counts impressions and feedback, examples/s joined impressions")
     return report
+
+
+def _thread_consumer_row(report: Report, bootstrap: str, label: str, events: list[bytes], root: Path,
+                         in_process: float) -> None:
+    """The same run with the consumer on a thread of the trainer's process (as before ``stream.consumer_process``),
+    anchored on the consumer in a process of its own."""
+    family, hparams = FAMILIES[label]
+    where = f"{label}, 1 worker(s){ROW_SUFFIX['10^7']}, consumer on the trainer's thread"
+    try:
+        rates = pipeline_rates(bootstrap, family, hparams, 1, events, root, consumer="thread")
+    except Exception as exc:  # reported, the others still run
+        report.notes.append(f"{where}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+        return
+    report.add(Row(f"{where}: Kafka + Feast + trainer", rates["events_per_s"], "events/s",
+                   anchor="the consumer in its own process", anchor_value=in_process))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,9 @@ reads, joins and appends the examples to a bounded buffer (``max_buffered`` rows
 while it is full) from which the training loop (``learner.loop``) takes its batches. Two sources:
 
 - :class:`Intake`: Kafka, through :class:`~stream.joined.JoinedStream`. Its thread owns the consumer
-  (kafka-python's consumer is not thread-safe: every fetch, commit and lag query happens on that thread).
+  (kafka-python's consumer is not thread-safe: every fetch, commit and lag query happens on that thread), or,
+  by default (``kafka.consumer: process``), the link to the child process that fetches and decodes
+  (``stream.consumer_process``), so that kafka-python's parsing does not hold this process's GIL.
 - ``learner.replay_source.ReplayIntake``: a historical log, replayed in event-time order.
 
 Delivery is the same for both: examples are acknowledged as they enter the buffer, the buffer is part of

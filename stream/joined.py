@@ -1,6 +1,7 @@
 """Joined examples from Kafka, committed only when the caller acknowledges them.
 
-``JoinedStream`` owns an :class:`~stream.kafka_io.EventSource` and a :class:`~stream.joiner.LabelJoiner`.
+``JoinedStream`` owns an :class:`~stream.kafka_io.EventSource` (in a process of its own by default:
+``stream.consumer_process``) and a :class:`~stream.joiner.LabelJoiner`.
 ``poll`` hands out newly joined examples; ``ack(examples)`` says they are durable downstream (trained and,
 later, checkpointed), and commits every partition up to its *safe* offset: the lowest offset that is still
 pending in the joiner or handed out but not yet acknowledged. A crash therefore re-delivers exactly what
@@ -26,6 +27,7 @@ from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 
 from stream.events import DecodedBatch
 from stream.joiner import JoinerConfig, LabelJoiner
+from stream.consumer_process import ProcessEventSource
 from stream.kafka_io import EventSource, KafkaConfig, SourceBatch
 
 
@@ -98,7 +100,8 @@ class JoinedStream:
         self, kafka: KafkaConfig, joiner: JoinerConfig = JoinerConfig(), restored: LabelJoiner | None = None
     ) -> None:
         self._listener = _Revocations()
-        self.source = EventSource(kafka, listener=self._listener)
+        source = ProcessEventSource if kafka.consumer == "process" else EventSource
+        self.source: EventSource | ProcessEventSource = source(kafka, listener=self._listener)
         self.joiner = restored if restored is not None else LabelJoiner(joiner)
         self.stats = StreamStats()
         self._outstanding = _Outstanding()

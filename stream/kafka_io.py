@@ -62,6 +62,10 @@ class KafkaConfig:
     ssl_check_hostname: bool = True
     connect_timeout_s: float = 5.0
     """How long a command waits for a broker to answer at ``bootstrap_servers`` before it says none does."""
+    consumer: Literal["process", "thread"] = "process"
+    """Where a trainer's consumer fetches and decodes: a child process handing it Arrow batches
+    (``stream.consumer_process``: kafka-python's per-record parsing off the trainer's GIL), or a thread of the
+    trainer's own process."""
     delivery_timeout_s: float = 120.0
     """How long an event producer keeps retrying a batch before its send fails: a broker outage shorter than
     this is waited out (``replay`` then prints where to resume)."""
@@ -71,6 +75,8 @@ class KafkaConfig:
             raise ValueError(f"kafka.connect_timeout_s must be > 0, got {self.connect_timeout_s}")
         if not self.delivery_timeout_s >= 1:
             raise ValueError(f"kafka.delivery_timeout_s must be >= 1, got {self.delivery_timeout_s}")
+        if self.consumer not in ("process", "thread"):
+            raise ValueError(f"kafka.consumer must be process or thread, got {self.consumer!r}")
         protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
         if self.security_protocol not in protocols:
             raise ValueError(f"kafka.security_protocol must be one of {protocols}, got {self.security_protocol!r}")

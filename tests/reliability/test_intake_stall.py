@@ -12,6 +12,8 @@ leaves its group (kafka-python's ``unsubscribe``), or its fetch blocks.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from dataclasses import replace
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from learner.config import WorkerConfig
 from learner.intake import IntakeStalled
 from learner.worker import TrainerWorker
 from stream.kafka_io import EventSource
@@ -45,6 +48,12 @@ def _stall_once(monkeypatch, how) -> list[float]:
     return stalled
 
 
+def _in_process(config: WorkerConfig) -> WorkerConfig:
+    """The consumer on the trainer's own thread, where these tests reach into it (the watchdog is the same with
+    the consumer in a process of its own: ``test_a_stopped_consumer_process_fails_the_worker_loudly``)."""
+    return replace(config, kafka=replace(config.kafka, consumer="thread"))
+
+
 def _pause_everything(source: EventSource) -> None:
     source._consumer.pause(*source._consumer.assignment())
 
@@ -59,7 +68,7 @@ def test_a_stalled_consumer_rejoins_its_group_and_every_event_is_trained(
 ) -> None:
     config, impressions, n_events = audited_backlog(tmp_path, kafka_bootstrap, unique_topic, seed=19,
                                                     n_requests=1_500, every=5, batch=256)
-    config = replace(config, stall_timeout_s=STALL_S)
+    config = _in_process(replace(config, stall_timeout_s=STALL_S))
     stalled = _stall_once(monkeypatch, how)
     worker = TrainerWorker(config)
     thread = threading.Thread(target=worker.run, name="trainer", daemon=True)
@@ -87,7 +96,7 @@ def test_a_fetch_that_never_returns_fails_the_worker_loudly(kafka_bootstrap, uni
                                                            monkeypatch) -> None:
     config, _, _ = audited_backlog(tmp_path, kafka_bootstrap, unique_topic, seed=20, n_requests=300, every=5,
                                    batch=256)
-    config = replace(config, stall_timeout_s=STALL_S)
+    config = _in_process(replace(config, stall_timeout_s=STALL_S))
     release = threading.Event()
     _stall_once(monkeypatch, lambda source: release.wait(600))  # kafka-python looping inside poll, in effect
     worker = TrainerWorker(config)
@@ -106,4 +115,34 @@ def test_a_fetch_that_never_returns_fails_the_worker_loudly(kafka_bootstrap, uni
     assert not thread.is_alive(), "the worker kept running with a stuck intake"
     assert len(failure) == 1 and isinstance(failure[0], IntakeStalled), failure
     assert "trainer.stall_timeout_s" in str(failure[0])
+    worker.close()
+
+
+def test_a_stopped_consumer_process_fails_the_worker_loudly(kafka_bootstrap, unique_topic, tmp_path: Path) -> None:
+    """The consumer in its own process (the default), frozen by SIGSTOP after the trainer's first step: the fetch
+    the intake waits on never comes, and the watchdog fails the worker as it does for a fetch stuck in-process."""
+    config, _, _ = audited_backlog(tmp_path, kafka_bootstrap, unique_topic, seed=21, n_requests=300, every=5,
+                                   batch=256)
+    config = replace(config, stall_timeout_s=STALL_S)
+    assert config.kafka.consumer == "process"
+    worker = TrainerWorker(config)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:  # noqa: BLE001 - what the actor would die of
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="trainer", daemon=True)
+    thread.start()
+    _until(lambda: worker.loop.stats()["steps"] >= 1, 120, "the first training step", thread)
+    child = worker.stream.source.pid
+    os.kill(child, signal.SIGSTOP)
+    try:
+        thread.join(120)
+    finally:
+        os.kill(child, signal.SIGCONT)
+    assert not thread.is_alive(), "the worker kept running with a frozen consumer process"
+    assert len(failure) == 1 and isinstance(failure[0], IntakeStalled), failure
     worker.close()
