@@ -422,15 +422,15 @@ def config_show(config: ConfigFile = None) -> None:
 def demo(
     seconds: Annotated[float, typer.Option(help="How long the simulator produces.")] = 40.0,
     rate: Annotated[float, typer.Option(help="Simulated requests per second (4 impressions each).")] = 300.0,
-    model: Model = None,
+    model: Annotated[str, typer.Option(help="Model family, one of learner.models.FAMILIES.")] = "home",
     port: int = 18000,
     data_root: DataRoot = None,
     config: ConfigFile = None,
 ) -> None:
     """Run the whole pipeline on embedded defaults for a bounded time and print a summary.
 
-    Of the configuration, the demo takes kafka.bootstrap_servers, learner.family and paths.data_root; the rest
-    are its own small settings. With the local broker's address a local broker is started for the demo and
+    The demo trains HoME, the project's headline family (``--model`` picks another). Of the configuration it
+    takes kafka.bootstrap_servers and paths.data_root; the rest are its own small settings. With the local broker's address a local broker is started for the demo and
     stopped after it (one that was already running is left running).
     """
     cfg = load(config, learner__family=model, paths__data_root=data_root)

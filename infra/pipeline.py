@@ -226,7 +226,7 @@ DEMO_SIMULATOR = SimulatorConfig(seed=7, n_users=2_000, n_items=5_000)
 def run_demo(
     seconds: float = 40.0,
     rate: float = 300.0,
-    family: str = "mmoe",
+    family: str = "home",
     port: int = 18000,
     data_root: Path = Path(".moestream"),
     log: Callable[[str], None] = print,
