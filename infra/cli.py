@@ -44,6 +44,22 @@ Topic = Annotated[Optional[str], typer.Option(help="Kafka topic of the event str
 Model = Annotated[Optional[str], typer.Option(help="Model family, one of learner.models.FAMILIES (learner.family).")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from infra.doctor import version
+
+        typer.echo(f"moestream {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print moestream's version and exit.")] = False,
+) -> None:
+    """Streaming online learning of multi-task MoE rankers."""
+
+
 def load(path: Path | None, **overrides: Any) -> MoestreamConfig:
     """The effective configuration, with the flags given (dotted key -> value; None: not given) on top;
     an invalid one ends the command with its message and exit status 2. A key set under its old name is
@@ -580,6 +596,26 @@ def snapshots_rollback(
         console.print(f"[red]rollback refused: {exc}[/]")
         raise typer.Exit(1) from None
     console.print(f"v{int(raw)} is live again as v{manifest.version} (LATEST -> v{manifest.version}, sha256 {manifest.sha256[:12]})")
+
+
+@app.command()
+def doctor(config: ConfigFile = None) -> None:
+    """Check what moestream needs on this machine (Java, the Kafka jars and broker, Ray, Redis if configured, the
+    W&B mode, free space under the data root) and print the command that fixes what is missing. Exits 1 if
+    anything needed is missing."""
+    cfg = load(config)
+    from infra.doctor import checks, version
+
+    table = Table(title=f"moestream {version()}: doctor")
+    for col in ("check", "status", "found", "fix"):
+        table.add_column(col, overflow="fold")
+    found = checks(cfg)
+    for c in found:
+        status = {True: "[green]ok[/]", False: "[red]missing[/]", None: "[dim]not needed[/]"}[c.ok]
+        table.add_row(c.name, status, c.found, c.fix or "")
+    console.print(table)
+    if any(c.ok is False for c in found):
+        raise typer.Exit(1)
 
 
 @app.command()
