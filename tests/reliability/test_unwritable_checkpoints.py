@@ -2,12 +2,15 @@
 clear error and keeps training, commits no offset past its last durable checkpoint, and checkpoints and
 commits again once the directory is writable again; no impression goes untrained.
 
-Tests run as root, for whom permission bits do not block writes; a regular file put in the directory's
-place does: nothing can be created under it.
+Tests run as root, for whom permission bits do not block writes; a regular file in the directory's place does:
+nothing can be created under it. The checkpoint path is a symlink swapped atomically (a new link renamed over it)
+between the real directory and a regular file, so the trainer never finds the path missing, which it would
+recreate as an empty directory in the instant between taking the file away and putting the directory back.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import replace
@@ -31,6 +34,14 @@ def _until(predicate, timeout_s: float, what: str, thread: threading.Thread) -> 
         time.sleep(0.1)
 
 
+def _point(link: Path, target: Path) -> None:
+    """Make ``link`` a symlink to ``target`` in one step: the trainer sees the old target or the new, never neither."""
+    new = link.with_name(f"{link.name}.new")
+    new.unlink(missing_ok=True)
+    new.symlink_to(target)
+    os.replace(new, link)
+
+
 def _group_offsets(bootstrap: str, group: str) -> dict[int, int]:
     """What the broker holds as the trainer group's committed offsets (not what the worker believes)."""
     with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
@@ -50,26 +61,29 @@ def test_unwritable_checkpoint_dir_holds_commits_back_until_writable_again(
     config, impressions, n_events = audited_backlog(tmp_path, kafka_bootstrap, unique_topic, seed=7, n_requests=1200,
                                           every=EVERY, batch=BATCH)
 
+    ckpts, store, blocker = config.checkpoint_dir, tmp_path / "checkpoint-store", tmp_path / "not-a-directory"
+    store.mkdir()
+    if ckpts.is_dir():
+        ckpts.rmdir()  # empty: nothing has run yet
+    _point(ckpts, store)
+    blocker.write_text("not a directory: checkpoints cannot be written under this path\n")
     worker = TrainerWorker(replace(config, read_ahead_batches=2))
     thread = threading.Thread(target=worker.run, name="trainer", daemon=True)
     thread.start()
-    ckpts, aside = config.checkpoint_dir, tmp_path / "checkpoints.aside"
     group = config.kafka.group_id
     try:
         _until(lambda: (ckpts / "LATEST").exists() and _group_offsets(kafka_bootstrap, group), 120,
                "a durable checkpoint and a commit", thread)
-        ckpts.rename(aside)
-        ckpts.write_text("not a directory: checkpoints cannot be written under this path\n")
+        _point(ckpts, blocker)
         broken_at, trained_at_break = time.monotonic(), sum(_trained(tmp_path).values())
         _until(lambda: worker.loop.checkpoint_failures >= 2 and sum(_trained(tmp_path).values()) > trained_at_break + EVERY * BATCH,
                120, "two failed checkpoints while training goes on", thread)
         error = worker.loop.last_checkpoint_error
-        durable_step, durable = _durable_offsets(aside)
+        durable_step, durable = _durable_offsets(store)
         committed = _group_offsets(kafka_bootstrap, group)
         trained_while_broken = sum(_trained(tmp_path).values()) - trained_at_break
 
-        ckpts.unlink()
-        aside.rename(ckpts)
+        _point(ckpts, store)
         fixed_at, failures = time.monotonic(), worker.loop.checkpoint_failures
         _until(lambda: _durable_offsets(ckpts)[0] > durable_step and _group_offsets(kafka_bootstrap, group) != committed,
                120, "a new checkpoint and commit once the directory is writable", thread)
@@ -77,9 +91,7 @@ def test_unwritable_checkpoint_dir_holds_commits_back_until_writable_again(
         progress = _Progress(tmp_path, after=0, most=int(0.9 * len(impressions)))
         _until(progress.settled, 180, "the trainer to train the rest and go idle", thread)
     finally:
-        if ckpts.is_file():
-            ckpts.unlink()
-            aside.rename(ckpts)
+        _point(ckpts, store)
         worker.stop()
         thread.join(120)
     stats = worker.stats()
