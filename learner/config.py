@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -206,6 +206,36 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class WideConfig:
+    """``learner.wide``: the wide part beside the experts (``learner.models.wide``), per binary task a factorisation
+    machine over the embedded ID fields (with user and item alone, ``b_u + b_i + p_u · q_i``) added to the task's
+    logit, as Wide & Deep adds its wide part. Off by default (``dim`` 0). The defaults are
+    ``learner.models.wide.WIDE_DEFAULTS``, named here because loading a configuration must not import torch (a test
+    holds the two equal)."""
+
+    dim: int = 0
+    """Factor width per field and task; 0: no wide term."""
+    lr: float = 0.3
+    """Row-wise Adagrad's learning rate for its rows (the quality floor's tuning chose 0.3 on click and long_view)."""
+    initial_accumulator: float = 4e-6
+    """Where each of its rows' accumulator starts, in the units of the learner's loss (a mean over the batch):
+    4e-6 is about the floor's tuned 1.0 (a sum over the batch) at batch 512, ``1 / 512²``."""
+    tasks: list[str] = field(default_factory=list)
+    """The binary tasks that get a term; empty: every one."""
+
+    def __post_init__(self) -> None:
+        at_least("learner.wide.dim", self.dim, 0)
+        if isinstance(self.tasks, str) or not all(isinstance(t, str) for t in self.tasks):
+            raise ValueError(f"learner.wide.tasks must be a list of task names, got {self.tasks!r}")
+        object.__setattr__(self, "tasks", list(self.tasks))
+        if not _is_number(self.lr) or self.lr <= 0:
+            raise ValueError(f"learner.wide.lr must be a finite number > 0, got {self.lr!r}")
+        if not _is_number(self.initial_accumulator) or self.initial_accumulator < 0:
+            raise ValueError(f"learner.wide.initial_accumulator must be a finite number >= 0, got "
+                             f"{self.initial_accumulator!r}")
+
+
+@dataclass(frozen=True)
 class LearnerConfig:
     family: str = "mmoe"
     tasks: tuple[str, ...] = TASKS
@@ -236,6 +266,8 @@ class LearnerConfig:
     products of the inputs, e.g. user · item affinities; 0: none."""
     cross_rank: int = 0
     """Rank of each cross layer's matrix; 0: full (input width squared weights per layer)."""
+    wide: WideConfig = field(default_factory=WideConfig)
+    """Per binary task, an FM over the ID fields' rows added to its logit (``WideConfig``); off by default."""
     base_rates: Mapping[str, float] = field(default_factory=lambda: dict(TYPICAL_POSITIVE_RATES))
     """Each binary task's output starts at its base rate (see ``MultiTaskModel.init_output_bias``)."""
     seed: int = 0
@@ -284,6 +316,16 @@ class LearnerConfig:
         if not _is_number(self.embedding_accumulator) or self.embedding_accumulator < 0:
             raise ValueError(f"learner.embedding_accumulator must be a finite number >= 0, got "
                              f"{self.embedding_accumulator!r}")
+        if isinstance(self.wide, Mapping):  # built from a plain mapping (the YAML loader builds the dataclass)
+            unknown = sorted(set(self.wide) - {f.name for f in fields(WideConfig)}, key=str)
+            if unknown:
+                raise ValueError(f"learner.wide: unknown keys {unknown}; keys are dim, lr, initial_accumulator, tasks")
+            object.__setattr__(self, "wide", WideConfig(**self.wide))
+        if not isinstance(self.wide, WideConfig):
+            raise ValueError(f"learner.wide must map dim, lr and initial_accumulator to values, got {self.wide!r}")
+        stray = sorted(set(self.wide.tasks) - set(self.tasks))
+        if stray:
+            raise ValueError(f"learner.wide.tasks names task(s) {stray} not in learner.tasks {list(self.tasks)}")
         object.__setattr__(self, "tables", check_tables(self.tables, self.emb_dim))
         for key in ("lr", "embedding_lr"):
             if not _is_number(getattr(self, key)) or getattr(self, key) <= 0:
@@ -358,4 +400,4 @@ class WorkerConfig:
         positive_seconds("trainer.stall_timeout_s", self.stall_timeout_s)
 
 
-__all__ = ["CadenceConfig", "HealthConfig", "LearnerConfig", "PublishGuard", "WorkerConfig"]
+__all__ = ["CadenceConfig", "HealthConfig", "LearnerConfig", "PublishGuard", "WideConfig", "WorkerConfig"]

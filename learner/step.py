@@ -75,6 +75,7 @@ class Learner:
             emb_accumulator=config.embedding_accumulator, field_products=config.field_products,
             tables={name: {"capacity": t["capacity"], "dim": t["dim"]} for name, t in (config.tables or {}).items()} or None,
             cross_layers=config.cross_layers, cross_rank=config.cross_rank,
+            wide=asdict(config.wide) if config.wide.dim else None,
             **dict(config.hparams),
         ).to(self.device)
         self.model.init_output_bias(config.base_rates)
@@ -161,7 +162,6 @@ class Learner:
             ids = {name: union[:, 2 + i] for i, name in enumerate(names)}
         else:
             own = slice(None)
-        tables = self.model.encoder.tables
         rows = {}
         for name in names:
             values = ids[name]
@@ -174,11 +174,11 @@ class Learner:
                 found = self.id_maps[name].rows(values[~missing], now_ms, train=True)
                 mapped, fresh = np.zeros(len(values), np.int64), found.fresh
                 mapped[~missing] = found.rows
-            table = tables[name]
-            if len(mapped):
-                table.ensure_rows(int(mapped.max()))
-            if len(fresh):
-                table.reset_rows(torch.from_numpy(fresh))  # a reused row starts over, optimizer state too
+            for table in self.model.field_tables(name):  # the field's embedding and its wide rows
+                if len(mapped):
+                    table.ensure_rows(int(mapped.max()))
+                if len(fresh):
+                    table.reset_rows(torch.from_numpy(fresh))  # a reused row starts over, optimizer state too
             rows[name] = torch.from_numpy(np.ascontiguousarray(mapped[own])).to(self.device)
         return rows
 
@@ -212,7 +212,7 @@ class Learner:
             total, per_task = self._share(output, labels)
             total.backward()
         self.reducer.reduce_grads(self.model.parameters())
-        tables = self.model.encoder.row_tables()
+        tables = self.model.row_tables()
         sparse = {name: self.reducer.gather_sparse(*table.gradients()) for name, table in tables.items()}  # the group's
         grads = [p.grad for p in self.model.parameters() if p.grad is not None] + [g for _, g in sparse.values()]
         # The gradients are the group's sum, the same on every worker, so all of them skip alike.

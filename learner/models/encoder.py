@@ -144,16 +144,23 @@ class FeatureEncoder(nn.Module):
         stacked = torch.stack([ids[f].to(torch.int64) for f in self.id_fields], dim=-1)  # (B, F)
         return hash_ids(stacked, self.salts, self.n_buckets)
 
+    def field_rows(self, ids: Mapping[str, Tensor], rows: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Each field's table row, ``(B,)``: ``rows`` as given (training, per-field tables), else the published map's
+        (serving), or the hashed bucket's row in the shared table."""
+        if self.tables is None:
+            buckets = self.buckets(ids) + 1  # (B, F)
+            return {f: buckets[:, i] for i, f in enumerate(self.id_fields)}
+        missing = [f for f in self.id_fields if f not in (rows if rows is not None else ids)]
+        if missing:
+            raise ValueError(f"missing id field(s) {missing}")
+        return {f: rows[f] if rows is not None else self.map_rows(f, ids[f]) for f in self.id_fields}
+
     def forward(self, ids: Mapping[str, Tensor], dense: Tensor, rows: Mapping[str, Tensor] | None = None) -> Tensor:
         """``rows``: each field's table rows, mapped by the learner's ID maps (training); without it, per-field
         tables map ``ids`` through the published maps (serving)."""
         parts = []
         if self.tables is not None:
-            missing = [f for f in self.id_fields if f not in (rows if rows is not None else ids)]
-            if missing:
-                raise ValueError(f"missing id field(s) {missing}")
-            for f in self.id_fields:
-                parts.append(self.tables[f].lookup(rows[f] if rows is not None else self.map_rows(f, ids[f])))
+            parts += [self.tables[f].lookup(r) for f, r in self.field_rows(ids, rows).items()]  # (B, dim_f) each
         elif self.table is not None:
             emb = self.table.lookup(self.buckets(ids) + 1)  # (B, F, D)
             parts.append(emb.flatten(1))  # (B, F·D)

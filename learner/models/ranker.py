@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -12,9 +13,11 @@ from .encoder import FeatureEncoder
 from .interaction import CrossNetwork, FieldProducts
 from .output import ModelOutput
 from .registry import build, default_hparams
+from .sparse import RowwiseTable
+from .wide import WideTerm, check_wide
 
 _CONFIG_KEYS = ("family", "tasks", "id_fields", "n_dense", "task_types", "n_buckets", "emb_dim", "emb_lr",
-                "emb_accumulator", "tables", "field_products", "cross_layers", "cross_rank", "hparams")
+                "emb_accumulator", "tables", "field_products", "cross_layers", "cross_rank", "wide", "hparams")
 
 
 def _jsonable(value: Any, path: str) -> Any:
@@ -31,7 +34,8 @@ def _jsonable(value: Any, path: str) -> Any:
 class MultiTaskRanker(nn.Module):
     """``FeatureEncoder``, then the products of its field embeddings appended (``field_products``: "none", "dot"
     or "product"), then ``cross_layers`` DCN-v2 cross layers (both ``learner.models.interaction``; 0: none), then
-    ``build(family, ...)``.
+    ``build(family, ...)``; beside them, ``wide`` (``{dim, lr, initial_accumulator, tasks}``, ``learner.models.wide``;
+    None or dim 0: none), a factorisation machine per binary task over the embedded fields' rows, added to its logit.
 
     ``config`` is a plain JSON-serialisable dict (hparams with defaults filled in, so a snapshot
     does not change meaning if a default changes later); ``from_config(config)`` rebuilds the
@@ -53,6 +57,7 @@ class MultiTaskRanker(nn.Module):
         field_products: str = "none",
         cross_layers: int = 0,
         cross_rank: int = 0,
+        wide: Mapping[str, float] | None = None,
         **hparams: Any,
     ) -> None:
         super().__init__()
@@ -62,6 +67,8 @@ class MultiTaskRanker(nn.Module):
         n_inputs = self.encoder.n_outputs + self.products.n_outputs
         self.cross = CrossNetwork(n_inputs, cross_layers, cross_rank)
         self.model = build(family, n_inputs=n_inputs, tasks=tasks, task_types=task_types, **hparams)
+        wide = check_wide(wide)
+        self.wide = self._wide(wide) if wide and wide["dim"] else None  # after the rest: off draws nothing
         self.config = _jsonable(
             {
                 "family": family,
@@ -77,10 +84,27 @@ class MultiTaskRanker(nn.Module):
                 "field_products": field_products,
                 "cross_layers": cross_layers,
                 "cross_rank": cross_rank,
+                "wide": wide,
                 "hparams": {**default_hparams(family), **hparams},
             },
             "config",
         )
+
+    def _wide(self, wide: Mapping[str, float]) -> WideTerm:
+        """The wide term over the encoder's fields, reading their tables' rows (per field, or the hashed buckets)."""
+        encoder, named = self.encoder, set(wide["tasks"] or self.model.tasks)
+        unknown = sorted(named - set(self.model.tasks))
+        if unknown:
+            raise ValueError(f"wide.tasks names task(s) {unknown} the model does not have")
+        binary = [t for t, kind in self.model.task_types.items() if kind == "binary" and t in named]
+        if encoder.tables is not None:
+            fields = {f: f for f in encoder.id_fields}
+            capacities, allocated = {f: encoder.tables[f].n_rows for f in encoder.id_fields}, 0
+        else:
+            fields = dict.fromkeys(encoder.id_fields, "hashed")
+            capacities, allocated = {"hashed": encoder.n_buckets}, None
+        return WideTerm(fields, capacities, binary, int(wide["dim"]), lr=wide["lr"],
+                        initial_accumulator=wide["initial_accumulator"], allocated=allocated)
 
     def init_output_bias(self, base_rates: Mapping[str, float]) -> None:
         """See :meth:`MultiTaskModel.init_output_bias`."""
@@ -112,7 +136,22 @@ class MultiTaskRanker(nn.Module):
     def forward(self, ids: Mapping[str, Tensor], dense: Tensor, rows: Mapping[str, Tensor] | None = None) -> ModelOutput:
         """``rows``: per-field table rows from the learner's ID maps (training); serving passes raw ``ids``."""
         x = self.products(self.encoder(ids, dense, rows))  # (B, n_inputs): fields, dense, the fields' products
-        return self.model(self.cross(x))  # (B, n_inputs): the input and its explicit interactions
+        output = self.model(self.cross(x))  # (B, n_inputs): the input and its explicit interactions
+        if self.wide is None:
+            return output
+        wide = self.wide(self.encoder.field_rows(ids, rows))  # task -> (B,), binary tasks only
+        logits = {t: v + wide[t].to(v.dtype) if t in wide else v for t, v in output.logits.items()}
+        return replace(output, logits=logits)
+
+    def row_tables(self) -> dict[str, RowwiseTable]:
+        """Every table trained by row-wise Adagrad after backward: the encoder's embeddings, then the wide term's."""
+        return {**self.encoder.row_tables(), **(self.wide.row_tables() if self.wide is not None else {})}
+
+    def field_tables(self, field_name: str) -> list[RowwiseTable]:
+        """The per-field tables indexed by ``field_name``'s ID-map rows (its embedding, then its wide rows): the learner
+        grows them and resets a reused row in each alike."""
+        tables = [self.encoder.tables[field_name]]
+        return tables + (self.wide.tables_of(field_name) if self.wide is not None else [])
 
     @torch.no_grad()
     def predict_proba(self, ids: Mapping[str, Tensor], dense: Tensor) -> dict[str, Tensor]:

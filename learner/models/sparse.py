@@ -13,7 +13,7 @@ The weights are buffers, not parameters: the dense optimizer never sees them, ye
 a checkpoint or a safetensors snapshot) carries them with their optimizer state:
 
 - ``weight``  (n_rows + 1, dim): row 0 is the shared default row, rows 1..n_rows belong to admitted IDs;
-- ``sum_sq``  (n_rows + 1,): the row-wise Adagrad accumulator;
+- ``sum_sq``  (n_rows + 1,): the row-wise Adagrad accumulator (``(n_rows + 1, groups)`` with groups);
 - ``seed``, ``resets`` (): the table's seed and how many ``reset_rows`` calls it has had, which together seed
   the next re-initialisation (so a restored table draws what the original would have drawn).
 
@@ -56,26 +56,33 @@ class RowwiseTable(nn.Module):
     as a strong signal would; a start above the gradients' square makes the first steps plain SGD at
     ``lr / sqrt(initial_accumulator)`` until the row has seen that much gradient. It is in the units of the
     squared gradient, which depend on the loss's scale (the learner's loss is a mean over the batch).
+
+    ``groups``: a row's ``dim`` columns split into that many equal groups, each with an accumulator of its own
+    (``sum_sq`` then ``(n_rows + 1, groups)``): several small rows stored side by side (a wide term's tasks) that
+    Adagrad treats as separate rows, with one lookup and one update for all of them.
     """
 
     weight: Tensor  # (n_rows + 1, dim)
-    sum_sq: Tensor  # (n_rows + 1,)
+    sum_sq: Tensor  # (n_rows + 1,), or (n_rows + 1, groups)
     seed: Tensor  # ()
     resets: Tensor  # ()
 
     def __init__(
         self, n_rows: int, dim: int, lr: float, eps: float = 1e-8, init_std: float | None = None, *, seed: int = 0,
-        allocated: int | None = None, initial_accumulator: float = 0.0,
+        allocated: int | None = None, initial_accumulator: float = 0.0, groups: int = 1,
     ) -> None:
         super().__init__()
         if n_rows < 0 or dim < 1:
             raise ValueError(f"a table needs n_rows >= 0 and dim >= 1, got n_rows={n_rows}, dim={dim}")
+        if groups < 1 or dim % groups:
+            raise ValueError(f"groups must divide dim, got dim={dim}, groups={groups}")
         if not lr > 0 or not eps > 0:
             raise ValueError(f"lr and eps must be positive, got lr={lr}, eps={eps}")
         if not initial_accumulator >= 0:
             raise ValueError(f"initial_accumulator must be >= 0, got {initial_accumulator}")
         self.n_rows = n_rows
         self.dim = dim
+        self.groups = groups
         self.lr = float(lr)
         self.eps = float(eps)
         self.initial_accumulator = float(initial_accumulator)
@@ -83,14 +90,20 @@ class RowwiseTable(nn.Module):
         self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.int64))
         start = n_rows if allocated is None else max(0, min(int(allocated), n_rows))
         self.register_buffer("weight", self._initial(start + 1, draw=0))
-        self.register_buffer("sum_sq", torch.full((start + 1,), self.initial_accumulator))
+        self.register_buffer("sum_sq", torch.full((start + 1, *self._group_shape), self.initial_accumulator))
         self.register_buffer("resets", torch.zeros((), dtype=torch.int64))
         # (unique rows, their leaf) per lookup since the last update; the leaf's .grad is the rows' gradient
         self._pending: list[tuple[Tensor, Tensor]] = []
 
     def extra_repr(self) -> str:
         return (f"n_rows={self.n_rows}, dim={self.dim}, lr={self.lr}, eps={self.eps}, init_std={self.init_std:.4g}, "
-                f"initial_accumulator={self.initial_accumulator:g}")
+                f"initial_accumulator={self.initial_accumulator:g}"
+                + (f", groups={self.groups}" if self.groups > 1 else ""))
+
+    @property
+    def _group_shape(self) -> tuple[int, ...]:
+        """A row's accumulator shape: a scalar, or one per group."""
+        return (self.groups,) if self.groups > 1 else ()
 
     @property
     def allocated(self) -> int:
@@ -109,14 +122,15 @@ class RowwiseTable(nn.Module):
         extra = target - self.allocated
         fresh = self._initial(extra, draw=-1 - self.allocated).to(self.weight)  # a draw index of its own per size
         self.weight = torch.cat([self.weight, fresh])
-        self.sum_sq = torch.cat([self.sum_sq, self.sum_sq.new_full((extra,), self.initial_accumulator)])
+        fresh_state = self.sum_sq.new_full((extra, *self._group_shape), self.initial_accumulator)
+        self.sum_sq = torch.cat([self.sum_sq, fresh_state])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """A state of another allocated size (a grown table) replaces this one's size before it is copied."""
         weight = state_dict.get(prefix + "weight")
         if weight is not None and weight.shape != self.weight.shape and weight.dim() == 2 and weight.shape[1] == self.dim:
             self.weight = self.weight.new_empty(weight.shape)
-            self.sum_sq = self.sum_sq.new_empty(weight.shape[0])
+            self.sum_sq = self.sum_sq.new_empty((weight.shape[0], *self._group_shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _initial(self, count: int, draw: int) -> Tensor:
@@ -179,8 +193,9 @@ class RowwiseTable(nn.Module):
         unique, grads = _coalesce(rows, grads)  # (R,), (R, dim)
         self._check_range(unique)
         with torch.no_grad():
-            state = self.sum_sq.index_select(0, unique).add_(grads.square().mean(dim=1))  # (R,)
-            step = grads.mul_((self.lr / state.sqrt().add_(self.eps)).unsqueeze(1))  # (R, dim)
+            grouped = grads.view(len(unique), self.groups, -1)  # (R, G, dim / G)
+            state = self.sum_sq.index_select(0, unique).add_(grouped.square().mean(dim=2).view(-1, *self._group_shape))
+            step = grouped.mul_((self.lr / state.sqrt().add_(self.eps)).view(-1, self.groups, 1)).view(-1, self.dim)
             self.sum_sq.index_copy_(0, unique, state)
             self.weight.index_copy_(0, unique, self.weight.index_select(0, unique).sub_(step))
 

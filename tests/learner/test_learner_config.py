@@ -12,6 +12,9 @@ from learner.config import LearnerConfig
     ("embedding_accumulator", -1e-6, "learner.embedding_accumulator must be a finite number >= 0"),
     ("embedding_accumulator", float("nan"), "learner.embedding_accumulator must be a finite number >= 0"),
     ("embedding_accumulator", "small", "learner.embedding_accumulator must be a finite number >= 0"),
+    ("wide", {"dim": 1.5}, "learner.wide.dim must be an integer >= 0"),
+    ("wide", {"dim": 8, "initial_accumulator": -1}, "learner.wide.initial_accumulator must be a finite number >= 0"),
+    ("wide", 8, "learner.wide must map dim, lr and initial_accumulator"),
 ])
 def test_a_bad_model_key_is_refused_naming_it(key: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -20,6 +23,7 @@ def test_a_bad_model_key_is_refused_naming_it(key: str, value: object, message: 
 
 def test_the_defaults_are_the_measured_ones_and_the_shipped_file_agrees() -> None:
     """docs/quality.md, "Learning better (item 4)": products and a starting accumulator off, Adam at 3e-3."""
+    from dataclasses import asdict
     from pathlib import Path
 
     import yaml
@@ -29,6 +33,7 @@ def test_the_defaults_are_the_measured_ones_and_the_shipped_file_agrees() -> Non
     shipped = yaml.safe_load((Path(__file__).resolve().parents[2] / "moestream.yaml").read_text())["learner"]
     for key in ("lr", "embedding_lr", "embedding_accumulator", "field_products", "cross_layers"):
         assert shipped[key] == getattr(config, key), key
+    assert config.wide.dim == 0 and shipped["wide"] == asdict(config.wide)  # the wide term: off
 
 
 def test_the_learner_builds_its_model_with_them_and_a_snapshot_rebuilds_it() -> None:

@@ -255,3 +255,31 @@ def test_an_initial_accumulator_makes_first_steps_proportional_to_the_gradient_a
         assert table.sum_sq[1] == a0  # a reused row starts over there too
     torch.testing.assert_close(steps[0.0][0], steps[0.0][1])  # faint and strong: the same step
     torch.testing.assert_close(steps[1.0][1] / steps[1.0][0], torch.tensor(100.0), rtol=1e-2, atol=0)
+
+
+def test_groups_are_separate_rows_side_by_side_through_updates_growth_reset_and_state():
+    """A table of ``groups`` groups updates each group as its own table of ``dim / groups`` columns would."""
+    grouped = RowwiseTable(N, 3 * DIM, lr=LR, eps=EPS, groups=3, initial_accumulator=0.5)
+    alone = [RowwiseTable(N, DIM, lr=LR, eps=EPS, initial_accumulator=0.5) for _ in range(3)]
+    for j, table in enumerate(alone):
+        table.weight.copy_(grouped.weight[:, j * DIM:(j + 1) * DIM])
+    scale = torch.tensor([1.0, 100.0, 0.0])  # one group's gradients far larger, one group's none
+    for seed in range(3):
+        rows, up = batch(seed)
+        step(grouped, rows, torch.cat([up * s for s in scale], dim=-1))
+        for table, s in zip(alone, scale):
+            step(table, rows, up * s)
+    assert grouped.sum_sq.shape == (N + 1, 3)
+    for j, table in enumerate(alone):
+        torch.testing.assert_close(grouped.weight[:, j * DIM:(j + 1) * DIM], table.weight, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grouped.sum_sq[:, j], table.sum_sq, rtol=1e-6, atol=1e-9)
+    grouped.reset_rows(torch.tensor([1]))
+    assert torch.equal(grouped.sum_sq[1], torch.full((3,), 0.5))
+    growing = RowwiseTable(N, 3 * DIM, lr=LR, groups=3, allocated=2, initial_accumulator=0.5)
+    growing.ensure_rows(N)
+    assert growing.sum_sq.shape == (N + 1, 3) and torch.equal(growing.sum_sq, torch.full((N + 1, 3), 0.5))
+    restored = RowwiseTable(N, 3 * DIM, lr=LR, eps=EPS, groups=3, allocated=0)
+    restored.load_state_dict(grouped.state_dict())
+    assert torch.equal(restored.sum_sq, grouped.sum_sq) and torch.equal(restored.weight, grouped.weight)
+    with pytest.raises(ValueError, match="groups must divide dim"):
+        RowwiseTable(N, 5, lr=LR, groups=2)
