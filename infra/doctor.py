@@ -80,10 +80,10 @@ def _kafka_jars(config: MoestreamConfig) -> Check:
 
 def _kafka_broker(config: MoestreamConfig) -> Check:
     from infra.kafka import broker
-    from stream.kafka_io import _listens
+    from stream.kafka_io import listens
 
     address = config.kafka.bootstrap_servers
-    if any(_listens(server, min(config.kafka.connect_timeout_s, 3.0)) for server in address.split(",")):
+    if any(listens(server, min(config.kafka.connect_timeout_s, 3.0)) for server in address.split(",")):
         return Check("Kafka broker", True, f"answers at {address}")
     local = address == broker.BrokerConfig().bootstrap
     fix = "moestream kafka up" if local else f"start the broker at {address}, or set kafka.bootstrap_servers"

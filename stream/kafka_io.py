@@ -137,12 +137,12 @@ def require_broker(config: KafkaConfig) -> None:
     """Return once a broker answers at ``config.bootstrap_servers``; raise :class:`BrokerUnavailable` after
     ``config.connect_timeout_s`` otherwise. Commands call it first: without it a missing broker shows only as
     a producer's or consumer's timeout, tens of seconds later."""
-    if not any(_listens(server, config.connect_timeout_s) for server in config.bootstrap_servers.split(",")):
+    if not any(listens(server, config.connect_timeout_s) for server in config.bootstrap_servers.split(",")):
         raise _unavailable(config, "nothing accepts connections there")
     _admin(config, config.connect_timeout_s).close()
 
 
-def _listens(server: str, timeout_s: float) -> bool:
+def listens(server: str, timeout_s: float) -> bool:
     """Whether ``host:port`` accepts a TCP connection: a check that starts no client thread, so nothing of
     kafka-python is left running (or printing) when there is no broker at all."""
     host, _, port = server.strip().rpartition(":") if ":" in server else (server.strip(), "", "9092")

@@ -48,6 +48,21 @@ def _stall_once(monkeypatch, how) -> list[float]:
     return stalled
 
 
+def _start(worker: TrainerWorker) -> tuple[threading.Thread, list[BaseException]]:
+    """Run ``worker`` on a thread; what it dies of (what the actor would die of) lands in the returned list."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="trainer", daemon=True)
+    thread.start()
+    return thread, failure
+
+
 def _in_process(config: WorkerConfig) -> WorkerConfig:
     """The consumer on the trainer's own thread, where these tests reach into it (the watchdog is the same with
     the consumer in a process of its own: ``test_a_stopped_consumer_process_fails_the_worker_loudly``)."""
@@ -100,16 +115,7 @@ def test_a_fetch_that_never_returns_fails_the_worker_loudly(kafka_bootstrap, uni
     release = threading.Event()
     _stall_once(monkeypatch, lambda source: release.wait(600))  # kafka-python looping inside poll, in effect
     worker = TrainerWorker(config)
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            worker.run()
-        except BaseException as exc:  # noqa: BLE001 - what the actor would die of
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="trainer", daemon=True)
-    thread.start()
+    thread, failure = _start(worker)
     thread.join(120)
     release.set()
     assert not thread.is_alive(), "the worker kept running with a stuck intake"
@@ -126,16 +132,7 @@ def test_a_stopped_consumer_process_fails_the_worker_loudly(kafka_bootstrap, uni
     config = replace(config, stall_timeout_s=STALL_S)
     assert config.kafka.consumer == "process"
     worker = TrainerWorker(config)
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            worker.run()
-        except BaseException as exc:  # noqa: BLE001 - what the actor would die of
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="trainer", daemon=True)
-    thread.start()
+    thread, failure = _start(worker)
     _until(lambda: worker.loop.stats()["steps"] >= 1, 120, "the first training step", thread)
     child = worker.stream.source.pid
     os.kill(child, signal.SIGSTOP)
