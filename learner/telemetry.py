@@ -1,4 +1,5 @@
-"""Training telemetry to Weights & Biases: offline files under the data directory unless configured online.
+"""Training telemetry: every record goes to each sink; W&B (offline files under the data directory unless
+configured online) is one.
 
 The whole run config goes to ``wandb.init(config=...)`` so a run can be reproduced from its log. Offline
 (the default) needs no account; ``mode="online"`` with ``WANDB_API_KEY`` set streams to the W&B server.
@@ -13,7 +14,7 @@ import os
 from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -27,12 +28,22 @@ class TelemetryConfig:
     run_name: str | None = None
 
 
-class Telemetry:
+class Sink(Protocol):
+    """One place telemetry goes (W&B, ...). :class:`Telemetry` hands every record to each of its sinks."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def alert(self, title: str, text: str, level: str) -> None: ...
+
+    def summarise(self, values: dict) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class WandbSink:
+    """A W&B run: offline files under ``config.directory`` unless configured online."""
+
     def __init__(self, config: TelemetryConfig, run_config: dict) -> None:
-        self.config = config
-        self.run = None
-        if not config.enabled or config.mode == "disabled":
-            return
         import wandb
 
         directory = Path(config.directory).absolute()
@@ -47,37 +58,68 @@ class Telemetry:
             settings=wandb.Settings(console="off", x_disable_stats=True),
         )
 
-    @property
-    def run_dir(self) -> str | None:
-        return self.run.dir if self.run is not None else None
-
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.run is not None:
-            self.run.log(metrics, step=step)
+        self.run.log(metrics, step=step)
 
-    def alert(self, title: str, text: str, level: str = "WARN") -> None:
-        """A W&B alert (rate-limit before calling: W&B only holds back repeats of one title for 1 minute)."""
-        if self.run is None:
-            return
+    def alert(self, title: str, text: str, level: str) -> None:
         self.run.alert(title=title[:63], text=text, level=level)
         self.run.summary["alerts/count"] = int(self.run.summary.get("alerts/count", 0)) + 1
         self.run.summary["alerts/last"] = f"{title}: {text}"
 
     def log_image(self, key: str, path: Path, step: int) -> None:
-        if self.run is not None:
-            import wandb
+        import wandb
 
-            self.run.log({key: wandb.Image(str(path))}, step=step)
+        self.run.log({key: wandb.Image(str(path))}, step=step)
+
+    def summarise(self, values: dict) -> None:
+        self.run.summary.update(values)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+class Telemetry:
+    """Every record a trainer emits, handed to each configured sink."""
+
+    def __init__(self, config: TelemetryConfig, run_config: dict) -> None:
+        self.config = config
+        self.wandb: WandbSink | None = None
+        self.sinks: list[Sink] = []
+        if config.enabled and config.mode != "disabled":
+            self.wandb = WandbSink(config, run_config)
+            self.sinks.append(self.wandb)
+
+    @property
+    def run(self):
+        """The W&B run, if W&B is on."""
+        return self.wandb.run if self.wandb is not None else None
+
+    @property
+    def run_dir(self) -> str | None:
+        return self.wandb.run.dir if self.wandb is not None else None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for sink in self.sinks:
+            sink.log(metrics, step)
+
+    def alert(self, title: str, text: str, level: str = "WARN") -> None:
+        """An alert (rate-limit before calling: W&B only holds back repeats of one title for 1 minute)."""
+        for sink in self.sinks:
+            sink.alert(title, text, level)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        if self.wandb is not None:
+            self.wandb.log_image(key, path, step)
 
     def summarise(self, values: dict) -> None:
         """Set run-summary values (the figures a run page shows without a chart)."""
-        if self.run is not None:
-            self.run.summary.update(values)
+        for sink in self.sinks:
+            sink.summarise(values)
 
     def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
-            self.run = None
+        sinks, self.sinks, self.wandb = self.sinks, [], None
+        for sink in sinks:
+            sink.finish()
 
 
 def load_plotting() -> None:
