@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import features.feast_import  # noqa: F401 - before Feast itself: see that module
 from feast.infra.online_stores.helpers import _mmh3
 from feast.utils import to_naive_utc
 from google.protobuf.timestamp_pb2 import Timestamp

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from functools import cache
 
 import numpy as np
+import features.feast_import  # noqa: F401 - before Feast itself: see that module
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import DoubleList, FloatList

@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
+import features.feast_import  # noqa: F401 - before Feast itself: see that module
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Array, Float32, Float64, Int64
 

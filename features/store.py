@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import features.feast_import  # noqa: F401 - before Feast itself: see that module
 from feast import FeatureStore
 from feast.infra.provider import get_provider
 from feast.repo_config import RegistryConfig, RepoConfig

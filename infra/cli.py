@@ -1,8 +1,9 @@
 """The ``moestream`` command line.
 
-Every command that runs part of the pipeline reads the configuration (``--config moestream.yaml`` or
-``$MOESTREAM_CONFIG``, then ``MOESTREAM_<SECTION>__<KEY>`` variables, see ``infra.config``); its flags override
-single keys of it for one run.
+Every command that runs part of the pipeline reads the configuration (``--config FILE``, else
+``$MOESTREAM_CONFIG``, else ``./moestream.yaml`` where there is one; then ``MOESTREAM_<SECTION>__<KEY>``
+variables, see ``infra.config``) and says which file that was; its flags override single keys of it for one
+run. A run lives in ``<data_root>/runs/<run>`` (``--run`` picks one, ``latest`` the newest).
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ notes = CommandConsole(stderr=True)
 
 ConfigFile = Annotated[Optional[Path], typer.Option(
     "--config", "-c", dir_okay=False,
-    help="moestream.yaml (default: $MOESTREAM_CONFIG; without either, built-in defaults and MOESTREAM_* variables).",
+    help="The configuration file (default: $MOESTREAM_CONFIG, else ./moestream.yaml if present, else built-in "
+         "defaults); MOESTREAM_* variables apply on top.",
 )]
+RunName = Annotated[Optional[str], typer.Option(
+    "--run", help="The run, kept in <data_root>/runs/<run> (paths.run, default live); latest: the newest run.")]
 DataRoot = Annotated[Optional[Path], typer.Option(help="Where runs keep Feast stores, snapshots and W&B files "
                                                        "(paths.data_root).")]
 Topic = Annotated[Optional[str], typer.Option(help="Kafka topic of the event stream (kafka.topic).")]
@@ -60,23 +64,41 @@ def main(
     """Streaming online learning of multi-task MoE rankers."""
 
 
-def load(path: Path | None, **overrides: Any) -> MoestreamConfig:
+def load(path: Path | None, *, uses_run: bool = False, **overrides: Any) -> MoestreamConfig:
     """The effective configuration, with the flags given (dotted key -> value; None: not given) on top;
     an invalid one ends the command with its message and exit status 2. A key set under its old name is
-    noted once on stderr with the new name."""
+    noted once on stderr with the new name. Which file was read goes to stderr, and, for a command that
+    ``uses_run``, which run is meant (``--run latest`` resolved to the newest run's name)."""
     from infra.config import ConfigDeprecationWarning, ConfigError, config_path, load_config
 
+    file = config_path(path)
+    flags = {k.replace("__", "."): v for k, v in overrides.items()}
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConfigDeprecationWarning)
-            config = load_config(config_path(path), overrides={k.replace("__", "."): v for k, v in overrides.items()})
+            config = load_config(file, overrides=flags)
+            if uses_run and config.paths.run == "latest":
+                config = load_config(file, overrides={**flags, "paths.run": _latest_run(config)})
     except ConfigError as exc:
         console.print(str(exc), style="red", markup=False, highlight=False)
         raise typer.Exit(2) from None
     finally:
         for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, ConfigDeprecationWarning)):
             notes.print(f"moestream: {message}", style="yellow", markup=False, highlight=False)
+    source = str(file.absolute()) if file is not None else "built-in defaults (no ./moestream.yaml)"
+    run = f"; run {config.paths.run} in {config.layout().root}" if uses_run else ""
+    notes.print(f"config: {source}{run}", style="dim", markup=False, highlight=False)
     return config
+
+
+def _latest_run(config: MoestreamConfig) -> str:
+    from infra.layout import latest_run, runs_dir
+
+    name = latest_run(config.paths.data_root)
+    if name is None:
+        console.print(f"[red]--run latest: no run in {runs_dir(config.paths.data_root)}[/]")
+        raise typer.Exit(1)
+    return name
 
 
 def _stop_on_sigterm() -> None:
@@ -141,7 +163,7 @@ def replay(
 ) -> None:
     """Replay a historical log in event-time order to Kafka, or straight into the trainer with --direct.
 
-    The run gets a directory of its own, paths.data_root/runs/replay-<time>; rows of the log that cannot be
+    The run gets a directory of its own, <data_root>/runs/replay-<time>; rows of the log that cannot be
     replayed are skipped and listed there in rejects.jsonl (docs/replay.md). A file that cannot be read at
     all ends the command with one line saying why, and exit status 1; so does --start past the end of the log.
     To Kafka, every batch is acknowledged by the broker before the next is read, and a run that fails part-way
@@ -154,11 +176,11 @@ def replay(
     except LogError as exc:
         _say(str(exc), style="red")
         raise typer.Exit(1) from None
-    run = f"runs/replay-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = f"replay-{time.strftime('%Y%m%d-%H%M%S')}"
     if direct:
         from learner.replay_source import train_replay
 
-        cfg = load(config, learner__family=model, paths__data_root=data_root, paths__run=run)
+        cfg = load(config, uses_run=True, learner__family=model, paths__data_root=data_root, paths__run=run)
         layout = cfg.layout()
         replay_config = _replay_config(path, speed, start, limit, restamp, layout.root)
         result, stats = _replayed(train_replay, cfg.worker_config(), replay_config)
@@ -169,7 +191,9 @@ def replay(
             console.print(f"  {task:10s} progressive AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}")
     else:
         cfg = load(config, kafka__topic=topic, paths__data_root=data_root)
-        replay_config = _replay_config(path, speed, start, limit, restamp, Path(cfg.paths.data_root).absolute() / run)
+        from infra.layout import RunLayout
+
+        replay_config = _replay_config(path, speed, start, limit, restamp, RunLayout.of(cfg.paths.data_root, run).root)
         _require_topics(cfg.kafka)
         result = _replayed_to_kafka(cfg.kafka, replay_config)
         console.print(f"replayed {result.emitted} events ({result.schema}) to {cfg.kafka.topic} in {result.seconds:.1f}s")
@@ -267,15 +291,18 @@ def train(
         min=1, help="Data-parallel trainer actors in one consumer group (trainer.workers).")] = None,
     topic: Topic = None,
     data_root: DataRoot = None,
+    run: RunName = None,
     config: ConfigFile = None,
 ) -> None:
-    """Train continuously from the event topic in Ray actors, publishing snapshots.
+    """Train continuously from the event topic in Ray actors, publishing snapshots, until Ctrl-C or SIGTERM
+    (or --seconds / --max-events).
 
     One GPU per actor when the cluster has GPUs; with several workers, gradients are averaged every step. On
     a cluster the actors go to the nodes that offer ray.trainer_resources; submit the command as a Ray job:
     `ray job submit -- moestream train --config moestream.yaml`.
     """
-    cfg = load(config, learner__family=model, trainer__workers=workers, kafka__topic=topic, paths__data_root=data_root)
+    cfg = load(config, uses_run=True, learner__family=model, trainer__workers=workers, kafka__topic=topic,
+               paths__data_root=data_root, paths__run=run)
     import ray
 
     from infra.deploy import connect, start_training
@@ -297,6 +324,7 @@ def train(
     console.print(f"training {cfg.learner.family} from {cfg.kafka.topic} at {cfg.kafka.bootstrap_servers} with "
                   f"{cfg.trainer.workers} worker(s); snapshots in {cfg.layout().snapshots}")
     deadline = time.monotonic() + seconds if seconds else None
+    shown: dict[int, tuple] = {}
     try:
         while True:
             ready, _ = ray.wait(group.runs, num_returns=len(group.runs), timeout=5)
@@ -307,8 +335,10 @@ def train(
             except ray.exceptions.RayError:  # a worker died for good: stop() below says which and why
                 break
             for s in stats:
-                _say(f"worker {s['rank']}: consumed {s['consumed']}  steps {s['steps']}  "
-                     f"snapshots {s['snapshots'][-1:]}  {_ids(s)}" + _outages(s))
+                progress = (s["consumed"], s["steps"], s["snapshots"][-1:], _outages(s))
+                if shown.get(s["rank"]) != progress:  # a line when something moved, not every few seconds
+                    shown[s["rank"]] = progress
+                    _say(_status(s))
             if max_events is not None and sum(s["consumed"] for s in stats) >= max_events:
                 break
             if deadline is not None and time.monotonic() >= deadline:
@@ -318,14 +348,25 @@ def train(
     _finish_training(group, bounded=seconds is not None or max_events is not None)
 
 
+def _status(s: dict) -> str:
+    snapshot = f"v{s['snapshots'][-1]}" if s["snapshots"] else "none yet"
+    line = f"worker {s['rank']}: consumed {s['consumed']:,}  steps {s['steps']:,}  snapshot {snapshot}"
+    ids = _ids(s)
+    return line + (f"  {ids}" if ids else "") + _outages(s)
+
+
 def _ids(s: dict) -> str:
-    """The embedding tables' figures for a status line: per field, live ids and what the map did."""
+    """The embedding tables' figures for a status line: per field, live ids, and what the map did to others."""
     tables = s.get("id_tables") or {}
     if not tables:  # the shared hashed table
-        return (f"id collisions {s['id_collision_rate']:.2%} of {s['id_keys']:,} ids in "
-                f"{s['id_buckets']:,} buckets")
-    return "  ".join(f"{name}: {t['live']:,} live of {t['capacity']:,} (expired {t['expired']:,}, evicted "
-                     f"{t['evicted']:,}, collisions {t['collisions']})" for name, t in tables.items())
+        if not s.get("id_keys"):
+            return ""
+        return f"id collisions {s['id_collision_rate']:.2%} of {s['id_keys']:,} ids in {s['id_buckets']:,} buckets"
+    parts = []
+    for name, t in tables.items():
+        events = ", ".join(f"{kind} {t[kind]:,}" for kind in ("expired", "evicted", "collisions") if t.get(kind))
+        parts.append(f"{name} {t['live']:,} live" + (f" ({events})" if events else ""))
+    return "ids: " + ", ".join(parts)
 
 
 def _outages(s: dict) -> str:
@@ -348,8 +389,10 @@ def _finish_training(group, bounded: bool) -> None:
     except WorkersFailed as exc:
         results, failures = exc.results, exc.failures
     for stats in results:
-        _say(f"worker {stats['rank']}: trained {stats['examples_trained']} examples in {stats['steps']} steps; "
-             f"snapshots {stats['snapshots']}" + _outages(stats))
+        published = stats["snapshots"]
+        versions = f"v{published[0]} .. v{published[-1]}" if published else "none"
+        _say(f"worker {stats['rank']}: trained {stats['examples_trained']:,} examples in {stats['steps']:,} steps; "
+             f"snapshots {versions}" + _outages(stats))
     for failure in failures:
         _say(f"{failure} (died after its restarts, trainer.max_restarts)", style="red")
     if failures:
@@ -367,6 +410,7 @@ def _finish_training(group, bounded: bool) -> None:
 def serve(
     port: Annotated[Optional[int], typer.Option(help="HTTP port of Serve's proxy (http.port).")] = None,
     data_root: DataRoot = None,
+    run: RunName = None,
     detach: Annotated[bool, typer.Option(
         "--detach", help="Deploy and return, leaving the app running (default: serve until Ctrl-C, then remove it).",
     )] = False,
@@ -377,13 +421,14 @@ def serve(
     Deploys the Serve config that `moestream serve-config` prints, on the cluster at ray.address (or
     RAY_ADDRESS), else on a local Ray instance.
     """
-    cfg = load(config, http__port=port, paths__data_root=data_root)
+    cfg = load(config, uses_run=True, http__port=port, paths__data_root=data_root, paths__run=run)
     from infra.deploy import connect, deploy_ranking, undeploy_ranking
 
     connect(cfg)
     _stop_on_sigterm()
     url = deploy_ranking(cfg)
-    console.print(f"serving {cfg.layout().snapshots} at {url}/predict" + ("" if detach else " (Ctrl-C stops)"))
+    console.print(f"serving run {cfg.paths.run} ({cfg.layout().snapshots}): POST {url}/v1/rank, API docs at {url}/docs"
+                  + ("" if detach else " (Ctrl-C stops)"))
     if detach:
         return
     try:
@@ -490,7 +535,7 @@ def _print_summary(s) -> None:
             f"{m['positive_rate']:.2%}", f"{m['n']:.0f}",
         )
     console.print(metrics)
-    console.print(f"POST /predict {s.prediction['request']} ->")
+    console.print(f"POST /v1/rank {s.prediction['request']} ->")
     console.print_json(data=s.prediction["response"])
 
 
@@ -545,15 +590,15 @@ def _bench_all(quick: bool, json_path: Path | None) -> None:
 
 
 SnapshotDir = Annotated[Optional[Path], typer.Argument(
-    help="A snapshot directory (default: the configured run's, paths.data_root/paths.run/snapshots).")]
+    help="A snapshot directory (default: the run's, <data_root>/runs/<run>/snapshots).")]
 
 
 @snapshots_app.command("list")
-def snapshots_list(directory: SnapshotDir = None, config: ConfigFile = None) -> None:
+def snapshots_list(directory: SnapshotDir = None, run: RunName = None, config: ConfigFile = None) -> None:
     """List the snapshots in a directory (* marks the one LATEST names)."""
     from learner.snapshots import SnapshotStore
 
-    directory = directory or load(config).layout().snapshots
+    directory = directory or load(config, uses_run=True, paths__run=run).layout().snapshots
 
     if not directory.is_dir():
         console.print(f"[red]no snapshot directory at {directory}[/]")
@@ -576,12 +621,13 @@ def snapshots_list(directory: SnapshotDir = None, config: ConfigFile = None) -> 
 def snapshots_rollback(
     version: Annotated[str, typer.Argument(help="A kept version to serve again (3 or v3).")],
     directory: SnapshotDir = None,
+    run: RunName = None,
     config: ConfigFile = None,
 ) -> None:
     """Serve a kept version again: verified, then republished as the newest version (followers pick it up)."""
     from learner.snapshots import SnapshotError, SnapshotStore
 
-    directory = directory or load(config).layout().snapshots
+    directory = directory or load(config, uses_run=True, paths__run=run).layout().snapshots
 
     raw = version.lower().removeprefix("v")
     if not (raw.isascii() and raw.isdecimal()):
@@ -621,13 +667,14 @@ def doctor(config: ConfigFile = None) -> None:
 @app.command()
 def experts(
     run: Annotated[Optional[Path], typer.Argument(
-        help="A run directory or its health/experts.json (default: the configured run).")] = None,
+        help="A run directory or its health/experts.json (default: --run's).")] = None,
+    run_name: RunName = None,
     config: ConfigFile = None,
 ) -> None:
     """Latest expert utilisation per task, drift and anomalies, as the trainer last wrote them."""
     import orjson
 
-    run = run or load(config).layout().root
+    run = run or load(config, uses_run=True, paths__run=run_name).layout().root
 
     path = run if run.suffix == ".json" else run / "experts.json" if run.name == "health" else run / "health" / "experts.json"
     try:
@@ -639,18 +686,34 @@ def experts(
         console.print(f"[red]{path} is not valid JSON: {exc}[/]")
         raise typer.Exit(1) from None
     try:
-        _print_experts(report)
+        _print_experts(report, _latest_manifest(path.parent.parent / "snapshots"))
     except (KeyError, TypeError, AttributeError) as exc:
         console.print(f"[red]{path} is not an expert-health report (missing or malformed {exc})[/]")
         raise typer.Exit(1) from None
 
 
-def _print_experts(r: dict) -> None:
-    snap = r.get("snapshot") or {}
-    staleness = snap.get("staleness_s")
+def _latest_manifest(directory: Path):
+    """The manifest the run's ``LATEST`` names, or None (no snapshot yet, or no snapshot directory)."""
+    from learner.snapshots import SnapshotError, SnapshotStore
+
+    try:
+        return SnapshotStore(directory).latest_manifest() if directory.is_dir() else None
+    except (SnapshotError, OSError):
+        return None
+
+
+def _print_experts(r: dict, latest=None) -> None:
+    """The report ``r``; ``latest``, the run's newest snapshot manifest, may be newer than the report (a
+    report is written every health_every_steps steps, a snapshot every snapshot_every_steps)."""
+    reported = r.get("snapshot") or {}
+    if latest is not None:
+        snapshot = f"snapshot v{latest.version} ({time.time() - latest.created_at:.0f} s old, step {latest.data.get('step')})"
+    elif reported.get("version") is not None:
+        snapshot = f"snapshot v{reported['version']} (as of the report)"
+    else:
+        snapshot = "no snapshot published yet"
     console.print(
-        f"[bold]{r.get('family', '?')}[/] step {r['step']}  "
-        f"snapshot v{snap.get('version')} ({'-' if staleness is None else f'{staleness:.0f} s'} old)  "
+        f"[bold]{r.get('family', '?')}[/] report of step {r['step']}  {snapshot}  "
         f"load balance {r['load_balance']:.3f} (1 = even)"
     )
     table = Table(title="routing share per task (% of the task's gate mass or routing choices)")

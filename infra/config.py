@@ -97,10 +97,12 @@ def _default(cls: type, name: str) -> Any:
 @dataclass(frozen=True)
 class PathsConfig:
     data_root: Path = Path(".moestream")
-    """Everything a run writes lives under ``data_root/run``: Feast stores, snapshots, checkpoints, W&B files.
+    """Everything a run writes lives under ``data_root/runs/<run>``: Feast stores, snapshots, checkpoints, W&B files.
     Use an absolute path on a cluster: every node and replica resolves it alike (a shared volume)."""
     run: str = "live"
-    """The run directory that ``train`` writes and ``serve`` follows."""
+    """The run: its state lives in ``data_root/runs/<run>``. ``train`` and ``serve`` default to ``live``; ``demo``
+    and ``replay --direct`` start runs of their own (``demo-<time>``, ``replay-<time>``); ``latest`` names the
+    run written most recently."""
 
     def __post_init__(self) -> None:
         run = Path(self.run)
@@ -179,7 +181,7 @@ class MoestreamConfig(BaseModel):
         return self
 
     def layout(self) -> RunLayout:
-        return RunLayout(Path(self.paths.data_root).absolute() / self.paths.run)
+        return RunLayout.of(self.paths.data_root, self.paths.run)
 
     def worker_config(self) -> WorkerConfig:
         """What each trainer worker runs with."""
@@ -333,12 +335,20 @@ def _copy(data: Mapping[str, Any]) -> dict[str, Any]:
     return {key: _copy(value) if isinstance(value, Mapping) else value for key, value in data.items()}
 
 
-def config_path(option: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
-    """The file to load: ``--config``, else ``$MOESTREAM_CONFIG``, else none (defaults and environment)."""
+DEFAULT_CONFIG_FILE = Path("moestream.yaml")
+"""Read from the working directory when neither ``--config`` nor ``$MOESTREAM_CONFIG`` names a file."""
+
+
+def config_path(option: Path | None, environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path | None:
+    """The file to load: ``--config``, else ``$MOESTREAM_CONFIG``, else ``./moestream.yaml`` if there is one, else
+    none (built-in defaults and the environment)."""
     environ = os.environ if environ is None else environ
     if option is not None:
         return option
-    return Path(environ[CONFIG_ENV]) if environ.get(CONFIG_ENV) else None
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    here = (cwd or Path.cwd()) / DEFAULT_CONFIG_FILE
+    return here if here.is_file() else None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -524,6 +534,6 @@ def render(config: MoestreamConfig, environ: Mapping[str, str] | None = None) ->
 
 
 __all__ = [
-    "CONFIG_ENV", "RENAMED", "ConfigDeprecationWarning", "ConfigError", "HttpConfig", "MoestreamConfig",
+    "CONFIG_ENV", "DEFAULT_CONFIG_FILE", "RENAMED", "ConfigDeprecationWarning", "ConfigError", "HttpConfig", "MoestreamConfig",
     "PathsConfig", "SECRETS", "TrainerConfig", "config_path", "env_key", "load_config", "render",
 ]

@@ -11,6 +11,7 @@ say). Placement on the cluster comes from ``ray.ranker_resources`` and ``ray.tra
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -40,7 +41,7 @@ def serve_config(config: MoestreamConfig) -> dict[str, Any]:
         raise ConfigError("features.redis_connection carries a password, and a Serve config is no place for "
                           "credentials: give the replicas MOESTREAM_FEATURES__REDIS_CONNECTION in their environment "
                           "(a Kubernetes secret) and generate the Serve config without it")
-    replica["paths"]["data_root"] = str(config.layout().root.parent)
+    replica["paths"]["data_root"] = str(Path(config.paths.data_root).absolute())
     replica = {section: values for section, values in replica.items() if values}
     application: dict[str, Any] = {
         "name": APP_NAME,

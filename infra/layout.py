@@ -13,6 +13,11 @@ class RunLayout:
 
     root: Path
 
+    @classmethod
+    def of(cls, data_root: Path | str, run: str) -> RunLayout:
+        """The one rule for where a run lives: ``<data_root>/runs/<run>``."""
+        return cls(runs_dir(data_root) / run)
+
     @property
     def features(self) -> Path:
         return self.root / "features"
@@ -30,4 +35,22 @@ class RunLayout:
         return self.root / "checkpoints"
 
 
-__all__ = ["RunLayout"]
+def runs_dir(data_root: Path | str) -> Path:
+    return Path(data_root).absolute() / "runs"
+
+
+def latest_run(data_root: Path | str) -> str | None:
+    """The run under ``data_root`` whose files changed last (a run's snapshots, checkpoints and health
+    reports are rewritten while it trains), or None where there is no run."""
+    runs = [d for d in runs_dir(data_root).glob("*") if d.is_dir()]
+    if not runs:
+        return None
+    return max(runs, key=_last_change).name
+
+
+def _last_change(run: Path) -> float:
+    watched = [run, *(run / name for name in ("snapshots", "checkpoints", "health"))]
+    return max(p.stat().st_mtime for p in watched if p.exists())
+
+
+__all__ = ["RunLayout", "latest_run", "runs_dir"]

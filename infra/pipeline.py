@@ -217,6 +217,9 @@ class DemoSummary:
     wandb_dir: str | None
     wall_s: float
     joiner: dict = field(default_factory=dict)
+    run: str = ""
+    """The run's name: ``moestream serve --run NAME`` serves its model again."""
+    run_dir: str = ""
 
 
 DEMO_SIMULATOR = SimulatorConfig(seed=7, n_users=2_000, n_items=5_000)
@@ -233,8 +236,8 @@ def run_demo(
 ) -> DemoSummary:
     """The main job end to end on embedded defaults, bounded in time."""
     t0 = time.monotonic()
-    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    layout = RunLayout(Path(data_root).absolute() / "runs" / run_id)
+    run_id = time.strftime("demo-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+    layout = RunLayout.of(data_root, run_id)
     bootstrap = bootstrap_servers()
     config = worker_config(layout, bootstrap=bootstrap, topic=f"moestream.demo.{run_id}", family=family)
     log(f"run {run_id}: Kafka at {bootstrap}, state under {layout.root}")
@@ -255,8 +258,8 @@ def run_demo(
     stats = ray.get(run_ref)
     last = stats["snapshots"][-1]
     wait_for(lambda: httpx.get(f"{url}/healthz").json().get("model_version") == last, 60, f"serving v{last}")
-    request = {"user_id": 42, "item_ids": [1, 2, 3]}
-    response = httpx.post(f"{url}/predict", json=request, timeout=10)
+    request = {"user_id": 42, "candidates": [1, 2, 3]}
+    response = httpx.post(f"{url}/v1/rank", json=request, timeout=10)
     response.raise_for_status()
     ray.get(trainer.close.remote())
     return DemoSummary(
@@ -272,6 +275,8 @@ def run_demo(
         wandb_dir=stats["wandb_dir"],
         wall_s=time.monotonic() - t0,
         joiner=stats["joiner"],
+        run=run_id,
+        run_dir=str(layout.root),
     )
 
 

@@ -12,6 +12,7 @@ must not pay for Ray.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -108,6 +109,8 @@ def init_ray(
     else:
         kwargs.update(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
         write_private_token()
+        # Ray's notice that it turned tokens on by default is what this module sees to: not a warning for users.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         for name, value in SMALL_MACHINE_SERVE_ENV.items():
             os.environ.setdefault(name, value)  # inherited by the Serve controller and proxy
     try:

@@ -30,14 +30,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from learner.config import PublishGuard  # the guard's settings are configuration: checked without torch
+
+if TYPE_CHECKING:  # torch is imported where weights are written or read: listing versions needs only manifests
+    import torch
 
 _NAME = re.compile(r"^v(\d{6,})\.json$")
 SNAPSHOTS_KEPT = 10
@@ -156,6 +156,9 @@ class SnapshotStore:
         when ``data["metrics"]`` fails :meth:`PublishGuard.check` against the latest manifest's metrics;
         :class:`SnapshotUnwritable` (nothing left behind) when the directory refuses the write.
         """
+        import torch
+        from safetensors.torch import save as save_safetensors
+
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
@@ -231,6 +234,10 @@ class SnapshotStore:
         digest = hashlib.sha256(payload).hexdigest()
         if digest != manifest.sha256:
             raise SnapshotError(f"v{version}: sha256 {digest[:12]} does not match manifest {manifest.sha256[:12]}")
+        import torch
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
+
         try:
             tensors = load_safetensors(payload)
         except SafetensorError as exc:  # bytes that match their sha256 but are no safetensors file (a bad writer)

@@ -75,7 +75,12 @@ class WandbSink:
         self.run.summary.update(values)
 
     def finish(self) -> None:
+        import wandb
+
         self.run.finish()
+        # Now, not in wandb's atexit hook: a Ray actor's process is torn down before that hook reaches W&B's
+        # service, which printed a ConnectionResetError traceback at the end of every run.
+        wandb.teardown()
 
 
 class Telemetry:

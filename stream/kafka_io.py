@@ -37,7 +37,7 @@ from stream.events import DecodedBatch, decode_batch, encode
 class KafkaConfig:
     bootstrap_servers: str = "127.0.0.1:19092"
     topic: str = "moestream.events"
-    group_id: str = "moestream-trainer"
+    group_id: str = "moestream.events.trainer"
     partitions: int = 4
     max_batch: int = 1024
     """Most messages handed out in one batch."""

@@ -15,7 +15,9 @@ import yaml
 from typer.testing import CliRunner
 
 from infra.cli import app
-from infra.config import SECRETS, ConfigDeprecationWarning, ConfigError, MoestreamConfig, load_config, render
+from infra.config import (
+    CONFIG_ENV, SECRETS, ConfigDeprecationWarning, ConfigError, MoestreamConfig, config_path, load_config, render,
+)
 from stream.kafka_io import SASL_PASSWORD_ENV, SASL_USERNAME_ENV, SSL_KEY_PASSWORD_ENV, KafkaConfig, client_options
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,9 +35,28 @@ def test_the_shipped_example_loads_and_sets_what_it_says() -> None:
     raw = yaml.safe_load(EXAMPLE.read_text())
     assert set(raw) == set(MoestreamConfig.model_fields), "the example shows every section"
     assert config.kafka.group_id == raw["kafka"]["group_id"] == "moestream.events.trainer"
-    default = MoestreamConfig().learner.cadence.snapshot_every_steps
-    assert config.learner.cadence.snapshot_every_steps == raw["learner"]["cadence"]["snapshot_every_steps"] != default
-    assert config.features.data_dir == Path(".moestream").absolute() / "live" / "features"
+    assert config.learner.cadence.snapshot_every_steps == raw["learner"]["cadence"]["snapshot_every_steps"]
+    assert config.features.data_dir == Path(".moestream").absolute() / "runs" / "live" / "features"
+
+
+def test_the_shipped_example_states_the_built_in_defaults() -> None:
+    """A user who edits ./moestream.yaml starts from what runs without it: the file restates the defaults."""
+    assert load_config(EXAMPLE, environ={}).to_data() == MoestreamConfig().to_data()
+
+
+def test_the_working_directory_s_moestream_yaml_is_read_by_default(tmp_path: Path, monkeypatch) -> None:
+    _write(tmp_path, "learner:\n  cadence:\n    snapshot_every_steps: 7\n")
+    assert config_path(None, environ={}, cwd=tmp_path) == tmp_path / "moestream.yaml"
+    assert config_path(None, environ={}, cwd=tmp_path / "elsewhere") is None
+    (tmp_path / "elsewhere").mkdir()
+    other = _write(tmp_path / "elsewhere", "")
+    assert config_path(None, environ={CONFIG_ENV: str(other)}, cwd=tmp_path) == other  # the variable comes first
+    assert config_path(Path("x.yaml"), environ={CONFIG_ENV: str(other)}, cwd=tmp_path) == Path("x.yaml")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["config", "show"], env={"MOESTREAM_CONFIG": ""})
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.stdout)["learner"]["cadence"]["snapshot_every_steps"] == 7
+    assert f"config: {tmp_path / 'moestream.yaml'}" in result.stderr
 
 
 def test_an_unknown_key_is_an_error_naming_its_path_and_the_file(tmp_path: Path) -> None:
@@ -217,10 +238,10 @@ def test_a_redis_password_goes_in_the_environment_and_is_masked_when_shown() -> 
 
 def test_paths_of_a_run_are_derived_from_data_root(tmp_path: Path) -> None:
     config = load_config(data={"paths": {"data_root": str(tmp_path), "run": "r1"}}, environ={})
-    assert config.features.data_dir == tmp_path / "r1" / "features"
-    assert config.telemetry.directory == tmp_path / "r1" / "wandb"
+    assert config.features.data_dir == tmp_path / "runs" / "r1" / "features"
+    assert config.telemetry.directory == tmp_path / "runs" / "r1" / "wandb"
     worker = config.worker_config()
-    assert worker.snapshot_dir == tmp_path / "r1" / "snapshots" and worker.features == config.features
+    assert worker.snapshot_dir == tmp_path / "runs" / "r1" / "snapshots" and worker.features == config.features
     with pytest.raises(ConfigError, match=r"features\.data_dir .* is derived from paths\.data_root"):
         load_config(data={"features": {"data_dir": "/elsewhere"}}, environ={})
     with pytest.raises(ConfigError, match=r"paths\.run \(from config data\): must be a relative directory"):
@@ -246,7 +267,7 @@ def test_config_show_masks_secrets_and_says_which_are_set(tmp_path: Path) -> Non
             assert value not in result.output
     assert f"{SASL_PASSWORD_ENV}: set" in result.output and f"{SSL_KEY_PASSWORD_ENV}: not set" in result.output
     assert "WANDB_API_KEY: set" in result.output
-    body = yaml.safe_load(result.output)
+    body = yaml.safe_load(result.stdout)
     assert body["kafka"]["security_protocol"] == "SASL_SSL" and body["kafka"]["sasl_mechanism"] == "SCRAM-SHA-512"
     assert set(SECRETS) == {SASL_USERNAME_ENV, SASL_PASSWORD_ENV, SSL_KEY_PASSWORD_ENV, "WANDB_API_KEY"}
 
@@ -263,7 +284,7 @@ def test_moestream_config_environment_variable_names_the_file(tmp_path: Path) ->
     path = _write(tmp_path, "learner:\n  family: ple\n")
     result = CliRunner().invoke(app, ["config", "show"], env={"MOESTREAM_CONFIG": str(path)})
     assert result.exit_code == 0, result.output
-    assert yaml.safe_load(result.output)["learner"]["family"] == "ple"
+    assert yaml.safe_load(result.stdout)["learner"]["family"] == "ple"
 
 
 # -- Kafka security settings reach kafka-python, credentials only from the environment ----------------

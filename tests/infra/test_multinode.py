@@ -106,7 +106,7 @@ def test_trainer_job_and_serve_replica_run_on_different_nodes(kafka_bootstrap, u
         server = _serve(cluster, path, serve_log)
         try:
             url = f"http://127.0.0.1:{port}"
-            wait_for(lambda: server.poll() is not None or "/predict (Ctrl-C stops)" in serve_log.read_text(), 300,
+            wait_for(lambda: server.poll() is not None or "/v1/rank, API docs at" in serve_log.read_text(), 300,
                      "`moestream serve` to deploy the ranking app")
             assert server.poll() is None, serve_log.read_text()
 

@@ -89,8 +89,8 @@ def test_the_import_path_builds_the_app_from_the_args(monkeypatch: pytest.Monkey
     deployment = ranking_app(args)._bound_deployment
     assert deployment.num_replicas == 3
     snapshot_dir, features, serving = deployment.init_args
-    assert Path(snapshot_dir) == tmp_path / "live" / "snapshots"
-    assert features.data_dir == tmp_path / "live" / "features" and serving == config.serving
+    assert Path(snapshot_dir) == tmp_path / "runs" / "live" / "snapshots"
+    assert features.data_dir == tmp_path / "runs" / "live" / "features" and serving == config.serving
     # The environment of the process that builds the app applies over the args (e.g. a Kubernetes secret).
     monkeypatch.setenv("MOESTREAM_SERVING__NUM_REPLICAS", "5")
     assert ranking_app(args)._bound_deployment.num_replicas == 5
@@ -107,7 +107,7 @@ def test_serve_config_command_prints_the_same_document(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(PLACED))
     result = CliRunner().invoke(app, ["serve-config", "--config", str(path)])
     assert result.exit_code == 0, result.output
-    assert yaml.safe_load(result.output) == serve_config(load_config(path, environ={}))
+    assert yaml.safe_load(result.stdout) == serve_config(load_config(path, environ={}))
     out = tmp_path / "serve.yaml"
     assert CliRunner().invoke(app, ["serve-config", "--config", str(path), "--out", str(out)]).exit_code == 0
     validate(yaml.safe_load(out.read_text()))

@@ -276,5 +276,6 @@ def test_a_real_model_through_the_learner_writes_health_to_wandb_json_and_png(tm
     shown = CliRunner().invoke(app, ["experts", str(tmp_path / "run")], env={"COLUMNS": "200"})
     assert shown.exit_code == 0, shown.output
     assert "shared/0" in shown.output and "underfitting: task follow" in shown.output
+    assert "snapshot v2 " in shown.output  # the run's newest, published after the report was written
     missing = CliRunner().invoke(app, ["experts", str(tmp_path / "nowhere")])
     assert missing.exit_code == 1 and "no expert-health report" in missing.output
