@@ -2,23 +2,42 @@
 # tests need (a real Kafka broker, a local Ray instance) and runs them.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The interpreter's own path, not a pyenv shim's: `uv sync --python <shim>` recreates .venv on every run.
+PYTHON_EXE = $(shell $(PYTHON) -c 'import sys; print(sys.executable)')
 VENV := .venv
 BIN := $(VENV)/bin
+# uv, pinned, in a venv of its own: `uv sync` leaves in .venv exactly what uv.lock lists, so it would remove
+# a uv installed there.
+UV_VERSION := 0.13.9
+UV_VENV := .tools/uv-$(UV_VERSION)
+UV := $(UV_VENV)/bin/uv
 # uv keeps every wheel it downloads here, so the multi-GB torch wheels are fetched once per machine.
 export UV_CACHE_DIR ?= $(HOME)/.cache/uv
 export UV_LINK_MODE ?= copy
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration test-reliability bench bench-quick clean
+.PHONY: install lock lock-check demo test test-unit test-integration test-reliability bench bench-quick clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(UV):
+	$(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+# .venv holds exactly the versions in uv.lock (the project itself editable); --locked fails if
+# pyproject.toml and uv.lock disagree.
+$(STAMP): pyproject.toml uv.lock Makefile $(UV)
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"moestream needs Python 3.11, found {sys.version}"'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet --disable-pip-version-check uv
-	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -e '.[dev,bench]'
+	$(UV) sync --locked --extra dev --extra bench --python $(PYTHON_EXE) --compile-bytecode
 	touch $(STAMP)
+
+# After a pyproject.toml edit; keeps every locked version that still fits. Upgrades:
+# make lock LOCK_ARGS='--upgrade-package torch', or LOCK_ARGS=--upgrade for everything.
+lock: $(UV)
+	$(UV) lock $(LOCK_ARGS)
+
+lock-check: $(UV)  # fails when pyproject.toml and uv.lock disagree
+	$(UV) lock --check
 
 demo: install
 	$(BIN)/moestream demo
