@@ -33,8 +33,9 @@ RUN pip install --no-deps .
 # The configuration the containers start with; compose and Kubernetes mount their own over it.
 COPY moestream.yaml /etc/moestream/moestream.yaml
 
-# Runs write under /data (paths.data_root in compose and Kubernetes): a volume, owned by the runtime user.
-RUN useradd --create-home --uid 1000 moestream && mkdir -p /data && chown moestream:moestream /data
+# Runs write under /data (paths.data_root in compose and Kubernetes): a volume, owned by the runtime user. So is
+# Ray's temp dir, which compose shares between the Ray head and Prometheus (a new volume takes this ownership).
+RUN useradd --create-home --uid 1000 moestream && mkdir -p /data /tmp/ray && chown moestream:moestream /data /tmp/ray
 USER moestream
 
 # Ray Serve's HTTP proxy, the Ray dashboard and job API, the Ray GCS.

@@ -104,9 +104,9 @@ class MechanismProbe:
                 self.reports.append(kept | {"margins": self._margins(built, positive_rate)})
             return built
 
-        def observe_step(step: int, result) -> None:
+        def observe_step(step: int, result, *timing) -> None:
             self._observe(result.output)
-            observe(step, result)
+            observe(step, result, *timing)
 
         health.report, reporter.observe, health.gates.take = report, observe_step, take_window
 

@@ -305,7 +305,7 @@ def train(
                paths__data_root=data_root, paths__run=run)
     import ray
 
-    from infra.deploy import connect, start_training
+    from infra.deploy import connect, metrics_endpoints, start_training
 
     from stream.kafka_io import BrokerUnavailable, require_broker
 
@@ -323,6 +323,7 @@ def train(
     group = start_training(cfg)
     console.print(f"training {cfg.learner.family} from {cfg.kafka.topic} at {cfg.kafka.bootstrap_servers} with "
                   f"{cfg.trainer.workers} worker(s); snapshots in {cfg.layout().snapshots}")
+    _say(f"Prometheus metrics at {' '.join(metrics_endpoints(cfg))} (docs/telemetry.md)")
     deadline = time.monotonic() + seconds if seconds else None
     shown: dict[int, tuple] = {}
     try:

@@ -10,6 +10,7 @@ say). Placement on the cluster comes from ``ray.ranker_resources`` and ``ray.tra
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,23 @@ def connect(config: MoestreamConfig, quiet: bool = False) -> None:
     """Join ``ray.address`` (or ``RAY_ADDRESS``), or start a local instance, with token auth handled."""
     from infra.runtime import init_ray
 
-    init_ray(address=config.ray.address, num_cpus=config.ray.num_cpus, namespace=config.ray.namespace, quiet=quiet)
+    init_ray(address=config.ray.address, num_cpus=config.ray.num_cpus, namespace=config.ray.namespace, quiet=quiet,
+             metrics_export_port=config.ray.metrics_export_port)
 
 
-__all__ = ["APP_NAME", "IMPORT_PATH", "connect", "deploy_ranking", "ranking_app", "serve_config", "start_training",
-           "undeploy_ranking"]
+def metrics_endpoints(config: MoestreamConfig) -> list[str]:
+    """The connected cluster's Prometheus endpoints (``http://host:port/metrics``, one per node). A local
+    instance runs no dashboard to list them for Prometheus, so they are written to Ray's service-discovery
+    file here, where ``infra/prometheus/prometheus.yml`` looks (docs/telemetry.md)."""
+    from infra.runtime import metrics_targets, write_service_discovery
+
+    if not (config.ray.address or os.environ.get("RAY_ADDRESS")):
+        try:
+            write_service_discovery()
+        except OSError as exc:
+            print(f"moestream: cannot write Ray's service-discovery file for Prometheus: {exc}", flush=True)
+    return [f"http://{target}/metrics" for target in metrics_targets()]
+
+
+__all__ = ["APP_NAME", "IMPORT_PATH", "connect", "deploy_ranking", "metrics_endpoints", "ranking_app", "serve_config",
+           "start_training", "undeploy_ranking"]

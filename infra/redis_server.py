@@ -1,15 +1,13 @@
 """A real ``redis-server`` on loopback for tests and benchmarks: the production online store, run locally.
 
 ``ensure_installed`` installs Debian's ``redis-server`` package with ``apt-get`` when the binary is missing
-(which needs root, as in our CI and dev containers). :func:`running` starts a private, non-persistent server
+(``infra.packages``; root, as in our CI and dev containers). :func:`running` starts a private, non-persistent server
 on the given port in the foreground of a child process, waits until it answers ``PING`` (a condition with a
 deadline, not a sleep), and stops it on exit: ``SHUTDOWN NOSAVE``, then terminate, then kill.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -18,6 +16,8 @@ from pathlib import Path
 
 import redis
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from infra import packages
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 20.0
@@ -44,23 +44,10 @@ class RedisServerConfig:
 
 def ensure_installed(binary: str = "redis-server") -> str:
     """Path of ``redis-server``, installing Debian's package first if it is missing."""
-    found = shutil.which(binary)
-    if found:
-        return found
-    if os.geteuid() != 0:
-        raise RedisServerError(f"{binary} is not installed and installing it needs root: apt-get install -y redis-server")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "redis-server"]
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-        # A fresh container has no package lists yet.
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False)
-        done = subprocess.run(install, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RedisServerError(f"apt-get install redis-server failed: {done.stderr[-2000:]}")
-    found = shutil.which(binary)
-    if not found:
-        raise RedisServerError(f"apt-get installed redis-server but {binary} is not on PATH")
-    return found
+    try:
+        return packages.ensure_installed(binary, "redis-server")
+    except packages.PackageError as exc:
+        raise RedisServerError(str(exc)) from exc
 
 
 def _ping(config: RedisServerConfig) -> None:

@@ -25,6 +25,9 @@ SMALL_MACHINE_SERVE_ENV = {
 """Serve's proxy must answer its readiness check within 5 s by default; on a loaded 2-core machine starting
 a trainer beside it, it sometimes cannot, and the controller kills it. Local instances get more slack."""
 
+SERVICE_DISCOVERY_FILE = "prom_metrics_service_discovery.json"
+"""The name of the file a Ray head lists its nodes' metrics endpoints in, in Ray's temp dir."""
+
 
 @dataclass(frozen=True)
 class RayConfig:
@@ -40,8 +43,15 @@ class RayConfig:
     nodes started with them (``ray start --resources``)."""
     ranker_resources: Mapping[str, float] = field(default_factory=dict)
     """The same for each ranking replica (written into the Serve config's ``ray_actor_options``)."""
+    metrics_export_port: int | None = None
+    """Where a local instance serves Prometheus metrics (``http://<node>:<port>/metrics``); None: a free port Ray
+    picks, which ``moestream train`` prints and writes into the service-discovery file. A cluster's nodes take
+    theirs from ``ray start --metrics-export-port``."""
 
     def __post_init__(self) -> None:
+        port = self.metrics_export_port
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+            raise ValueError(f"ray.metrics_export_port must be a port number or null, got {port!r}")
         if self.num_cpus is not None and (isinstance(self.num_cpus, bool) or not isinstance(self.num_cpus, int)
                                           or self.num_cpus < 1):
             raise ValueError(f"ray.num_cpus must be an integer >= 1 or null, got {self.num_cpus!r}")
@@ -89,9 +99,11 @@ def write_private_token() -> None:
 
 
 def init_ray(
-    address: str | None = None, num_cpus: int | None = None, namespace: str = "moestream", quiet: bool = False
+    address: str | None = None, num_cpus: int | None = None, namespace: str = "moestream", quiet: bool = False,
+    metrics_export_port: int | None = None,
 ) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local instance."""
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local instance (serving Prometheus
+    metrics on ``metrics_export_port``; None: a free port)."""
     import ray
 
     if ray.is_initialized():
@@ -108,6 +120,8 @@ def init_ray(
         kwargs["address"] = address
     else:
         kwargs.update(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+        if metrics_export_port is not None:
+            kwargs["_metrics_export_port"] = metrics_export_port
         write_private_token()
         # Ray's notice that it turned tokens on by default is what this module sees to: not a warning for users.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -132,3 +146,34 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def metrics_targets() -> list[str]:
+    """``host:port`` of every live node's Prometheus endpoint (Ray's metrics agent) in the connected cluster."""
+    import ray
+
+    return [f"{node['NodeManagerAddress']}:{node['MetricsExportPort']}" for node in ray.nodes()
+            if node["alive"] and node.get("MetricsExportPort")]
+
+
+def service_discovery_file() -> Path:
+    """Where a Ray head writes the nodes' metrics endpoints for Prometheus (``file_sd_configs``), and where
+    ``infra/prometheus/prometheus.yml`` reads them: ``<Ray's temp dir>/prom_metrics_service_discovery.json``."""
+    import ray
+
+    return Path(ray.get_runtime_context().get_temp_dir()) / SERVICE_DISCOVERY_FILE
+
+
+def write_service_discovery(path: Path | None = None) -> Path:
+    """Write the connected cluster's metrics endpoints in the format of Ray's service-discovery file to
+    ``path`` (default :func:`service_discovery_file`), atomically. A head with its dashboard writes that file
+    itself and keeps it current; a local instance started without the dashboard (:func:`init_ray`) does not,
+    so ``moestream train`` writes it once (a local instance has one node, whose port does not change)."""
+    import json
+
+    path = path or service_discovery_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": metrics_targets()}]))
+    tmp.replace(path)
+    return path

@@ -353,7 +353,9 @@ class Intake(BufferedSource):
         return self.stream.safe_offsets()
 
     def figures(self) -> dict[str, float]:
-        return {"kafka/lag": float(sum(self._lag.values())), "kafka/consumed": float(self.stream.stats.consumed),
+        lag = self._lag
+        return {"kafka/lag": float(sum(lag.values())), **{f"kafka/partition_lag/{p}": float(n) for p, n in lag.items()},
+                "kafka/consumed": float(self.stream.stats.consumed),
                 "joiner/pending": float(self.stream.joiner.n_pending), "kafka/stalls": float(self.stalls),
                 "kafka/broker_retries": float(self.stream.source.poll_errors),
                 "kafka/stall_recoveries": float(self.recoveries)}

@@ -7,7 +7,7 @@ only in their source. One step reads like the pipeline:
     read = features.read(batch)                 # as the store holds them before this batch's labels
     features.fold(batch, upcoming)              # aggregates pushed while the model steps
     result = learner.learn(batch, read.dense, read.codes)  # predict, score progressively, then learn
-    reporter.observe(step, result)              # losses and gates
+    reporter.observe(step, result, seconds)     # losses, gates and the step's time
 
 and the jobs beside it run at the cadences of ``learner.cadence`` (``CadenceConfig``), defined once:
 checkpoints (and, once durable, the commit of the offsets they cover), snapshots, the progressive-metrics
@@ -120,6 +120,7 @@ class TrainingLoop:
             self.publish()
             self._summarise()
             self.collisions = self._collisions()
+            self._log_figures(self.learner.step)  # the run's totals (consumed, trained), not the last cadence's
         finally:
             self.source.stop()
             self._running.clear()
@@ -129,6 +130,7 @@ class TrainingLoop:
         then whatever the cadences say is due. ``upcoming``: what the next step will most likely get, whose
         features are read ahead while this step's model runs."""
         cadence = self.cadence
+        started = time.perf_counter()
         batch = batch.combine_chunks()  # a batch spans many fetches: one chunk makes every column read cheap
         features = self.features.read(batch)  # dense (B, F) and codes: before this batch's labels are folded in
         if (self.learner.step + 1) % cadence.stats_every_steps == 0:
@@ -137,7 +139,7 @@ class TrainingLoop:
         result = self.learner.learn(batch, features.dense, features.codes)
         self._audit(batch)
         step = self.learner.step
-        self.reporter.observe(step, result)
+        self.reporter.observe(step, result, time.perf_counter() - started)
         if step % cadence.health_every_steps == 0:
             self.reporter.report(step, self._summarise(), self.learner.positive_rates())
         if step % cadence.checkpoint_every_steps == 0:
@@ -255,9 +257,13 @@ class TrainingLoop:
         return self.learner.collisions(self.features.seen_ids)
 
     def _log_figures(self, step: int) -> None:
-        if self.telemetry is not None:
-            self.telemetry.log({**self.source.figures(), "ids/collision_rate": self.collisions.rate,
-                                "ids/keys": float(self.collisions.n_keys)}, step=step)
+        if self.telemetry is None:
+            return
+        figures = {**self.source.figures(), "learner/examples": float(self.learner.examples),
+                   "ids/collision_rate": self.collisions.rate, "ids/keys": float(self.collisions.n_keys)}
+        if self.learner.event_time_hwm_ms:
+            figures["learner/event_time_hwm_s"] = self.learner.event_time_hwm_ms / 1000
+        self.telemetry.log(figures, step=step)
 
     def stats(self) -> dict:
         """The loop's figures (the source's own are its owner's to add)."""

@@ -67,12 +67,15 @@ class Reporter:
         """The heatmap being drawn."""
         load_plotting()  # at start-up, not while the first steps train
 
-    def observe(self, step: int, result: StepResult) -> None:
-        """One step's forward pass and losses."""
+    def observe(self, step: int, result: StepResult, seconds: float | None = None) -> None:
+        """One step's forward pass and losses; ``seconds``: the step's wall time."""
         if result.output is None:
             return
         self.health.observe(result.output)
-        self._log({"loss/total": result.loss, **{f"loss/{t}": v for t, v in result.task_losses.items()}}, step)
+        record = {"loss/total": result.loss, **{f"loss/{t}": v for t, v in result.task_losses.items()}}
+        if seconds is not None:
+            record["time/step_s"] = seconds
+        self._log(record, step)
 
     def report(self, step: int, summary: dict[str, dict[str, float]], positive_rates: dict[str, float]) -> None:
         """The progressive metrics and, on the health-writing worker, the expert-health report."""

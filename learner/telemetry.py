@@ -1,5 +1,5 @@
 """Training telemetry: every record goes to each sink; W&B (offline files under the data directory unless
-configured online) is one.
+configured online) is one, Prometheus metrics through Ray (``learner.prometheus``, in a Ray process) another.
 
 The whole run config goes to ``wandb.init(config=...)`` so a run can be reproduced from its log. Offline
 (the default) needs no account; ``mode="online"`` with ``WANDB_API_KEY`` set streams to the W&B server.
@@ -26,6 +26,9 @@ class TelemetryConfig:
     project: str = "moestream"
     directory: Path = Path(".moestream/wandb")
     run_name: str | None = None
+    prometheus: bool = True
+    """Also export the figures as Prometheus metrics through Ray's metrics API when the trainer runs in Ray
+    (``learner.prometheus``)."""
 
 
 class Sink(Protocol):
@@ -93,6 +96,11 @@ class Telemetry:
         if config.enabled and config.mode != "disabled":
             self.wandb = WandbSink(config, run_config)
             self.sinks.append(self.wandb)
+        if config.enabled and config.prometheus:
+            from learner.prometheus import PrometheusSink, ray_running
+
+            if ray_running():
+                self.sinks.append(PrometheusSink())
 
     @property
     def run(self):

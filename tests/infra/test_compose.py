@@ -26,7 +26,7 @@ COMPOSE = COMPOSE_DIR / "docker-compose.yml"
 ENV_FILE = COMPOSE_DIR / ".env"
 TOKEN = "0123456789abcdef" * 4
 MOESTREAM_SERVICES = ("ray-head", "ray-worker", "trainer", "serve", "simulator", "replayer")
-LONG_RUNNING = ("kafka", "redis", "ray-head", "ray-worker", "serve")
+LONG_RUNNING = ("kafka", "redis", "ray-head", "ray-worker", "serve", "prometheus", "grafana")
 
 # Variables that are neither moestream's config nor its credentials, with the tool that reads each.
 OTHER_TOOLS = {
@@ -122,9 +122,11 @@ def mounts(service: dict) -> dict[str, str]:
 
 
 def test_the_stack_has_every_role(services) -> None:
-    assert set(services) == {"kafka", "redis", *MOESTREAM_SERVICES}
+    assert set(services) == {"kafka", "redis", "prometheus", "grafana", *MOESTREAM_SERVICES}
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert services["redis"]["image"].startswith("redis:")
+    assert services["prometheus"]["image"].startswith("prom/prometheus:")
+    assert services["grafana"]["image"].startswith("grafana/grafana:")
     for name in MOESTREAM_SERVICES:
         build = services[name]["build"]
         assert (COMPOSE_DIR / build["context"] / build["dockerfile"]).resolve() == ROOT / "Dockerfile"
@@ -225,7 +227,45 @@ def test_volumes_hold_the_run_layout_and_the_config(services, compose, config) -
     (config_path,) = config_paths
     for name in MOESTREAM_SERVICES:  # jobs read it on the head; the one-shot services in their own container
         assert (COMPOSE_DIR / mounts(services[name])[config_path]).resolve() == ROOT / "moestream.yaml", name
-    assert set(compose["volumes"]) == {"kafka-data", "moestream-data", "moestream-snapshots", "moestream-wandb"}
+    assert set(compose["volumes"]) == {"kafka-data", "moestream-data", "moestream-snapshots", "moestream-wandb",
+                                       "ray-tmp", "prometheus-data"}
+
+
+def test_prometheus_scrapes_the_ray_nodes_the_head_lists(services) -> None:
+    """Prometheus runs the shipped scrape configuration, whose service-discovery file lies in the Ray temp dir
+    the head writes it to, shared under the same path (the file names the session's files by absolute path)."""
+    from infra.prometheus_server import RAY_SERVICE_DISCOVERY, SCRAPE_CONFIG
+
+    prometheus = services["prometheus"]
+    args = command_of(prometheus)
+    mounted = mounts(prometheus)
+    config_file = option(args, "--config.file")
+    assert (COMPOSE_DIR / mounted[config_file]).resolve() == SCRAPE_CONFIG
+    (job,) = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]
+    assert job["file_sd_configs"][0]["files"] == [RAY_SERVICE_DISCOVERY]
+    temp_dir = str(Path(RAY_SERVICE_DISCOVERY).parent)
+    assert mounted[temp_dir] == mounts(services["ray-head"])[temp_dir] == "ray-tmp"
+    assert "--dashboard-host=0.0.0.0" in command_of(services["ray-head"]), "the head's dashboard writes the file"
+    assert mounted[option(args, "--storage.tsdb.path")] == "prometheus-data"
+    port = option(args, "--web.listen-address").rsplit(":", 1)[1]
+    assert f"127.0.0.1:{port}:{port}" in prometheus["ports"]
+    assert f"localhost:{port}/" in " ".join(prometheus["healthcheck"]["test"])
+
+
+def test_grafana_is_provisioned_with_the_datasource_and_the_dashboard(services) -> None:
+    grafana = services["grafana"]
+    mounted = {target: (COMPOSE_DIR / source).resolve() for target, source in mounts(grafana).items()}
+    grafana_dir = ROOT / "infra" / "grafana"
+    assert mounted["/etc/grafana/provisioning"] == grafana_dir / "provisioning"
+    (provider,) = yaml.safe_load((grafana_dir / "provisioning/dashboards/moestream.yml").read_text())["providers"]
+    assert mounted[provider["options"]["path"]] == grafana_dir / "dashboards"
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (grafana_dir / "dashboards" / Path(home).relative_to(provider["options"]["path"])).is_file()
+    (source,) = yaml.safe_load((grafana_dir / "provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    url = urlparse(source["url"])
+    prometheus_port = option(command_of(services["prometheus"]), "--web.listen-address").rsplit(":", 1)[1]
+    assert (url.hostname, str(url.port)) == (services["prometheus"]["hostname"], prometheus_port)
+    assert "prometheus" in grafana["depends_on"]
 
 
 def test_healthchecks_gate_the_dependencies(services) -> None:
