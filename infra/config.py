@@ -67,7 +67,9 @@ _SECRET_KEYS = {
     "ssl_password": SSL_KEY_PASSWORD_ENV, "ssl_key_password": SSL_KEY_PASSWORD_ENV,
     "api_key": WANDB_KEY_ENV, "wandb_api_key": WANDB_KEY_ENV,
 }
-DERIVED = {("features", "data_dir"): "features", ("telemetry", "directory"): "wandb"}
+DERIVED = {
+    ("features", "data_dir"): "features", ("telemetry", "directory"): "wandb", ("telemetry", "history"): "history",
+}
 """Keys set from ``paths`` (the run layout), not by hand: ``RunLayout`` attribute of each."""
 RENAMED: dict[tuple[str, ...], tuple[str, ...]] = {
     ("learner", "task_weights"): ("learner", "loss_weights"),
@@ -174,7 +176,7 @@ class MoestreamConfig(BaseModel):
         # whoever reads ``config.features`` gets the store the trainer and the replicas really share.
         layout = self.layout()
         object.__setattr__(self, "features", replace(self.features, data_dir=layout.features))
-        object.__setattr__(self, "telemetry", replace(self.telemetry, directory=layout.wandb))
+        object.__setattr__(self, "telemetry", replace(self.telemetry, directory=layout.wandb, history=layout.history))
         if self.trainer.workers > self.kafka.partitions:
             raise ValueError(f"trainer.workers ({self.trainer.workers}) exceeds kafka.partitions "
                              f"({self.kafka.partitions}): each worker reads its own share of the partitions")
@@ -267,7 +269,8 @@ def load_config(
         if isinstance(raw.get(section), Mapping) and key in raw[section]:
             where = sources.get((section, key), origin)
             raise ConfigError(f"{section}.{key} (from {where}) is derived from paths.data_root and paths.run "
-                              f"(<data_root>/<run>/{DERIVED[(section, key)]}); set those instead")
+                              f"({getattr(RunLayout(Path('<data_root>', 'runs', '<run>')), DERIVED[(section, key)])}); "
+                              "set those instead")
     try:
         return MoestreamConfig.model_validate(raw)
     except ValidationError as exc:
@@ -527,7 +530,8 @@ def render(config: MoestreamConfig, environ: Mapping[str, str] | None = None) ->
     body = yaml.safe_dump(masked(config.to_data()), sort_keys=False, default_flow_style=False)
     layout = config.layout()
     lines = ["# derived from paths:"]
-    lines += [f"#   {name}: {getattr(layout, name)}" for name in ("features", "snapshots", "checkpoints", "wandb")]
+    lines += [f"#   {name}: {getattr(layout, name)}"
+              for name in ("features", "snapshots", "checkpoints", "wandb", "history")]
     lines.append("# credentials (environment only, never shown):")
     lines += [f"#   {name}: {'set' if environ.get(name) else 'not set'}  ({what})" for name, what in SECRETS.items()]
     return body + "\n".join(lines) + "\n"

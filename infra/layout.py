@@ -9,7 +9,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Where one run keeps its state: Feast stores, snapshots, checkpoints, W&B files."""
+    """Where one run keeps its state: Feast stores, snapshots, checkpoints, W&B files, the run history."""
 
     root: Path
 
@@ -33,6 +33,19 @@ class RunLayout:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def telemetry(self) -> Path:
+        return self.root / "telemetry"
+
+    @property
+    def history(self) -> Path:
+        """Every telemetry record of the run (``learner.history``), what ``moestream report`` draws."""
+        return self.telemetry / "history.jsonl"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
 
 
 def runs_dir(data_root: Path | str) -> Path:

@@ -53,7 +53,8 @@ def worker_config(
         joiner=JoinerConfig(window_ms=window_ms),
         features=FeatureStoreConfig(data_dir=layout.features),
         learner=LearnerConfig(family=family, cadence=cadence),
-        telemetry=TelemetryConfig(mode=wandb_mode, directory=layout.wandb),  # type: ignore[arg-type]
+        telemetry=TelemetryConfig(mode=wandb_mode, directory=layout.wandb,  # type: ignore[arg-type]
+                                  history=layout.history),
         snapshot_dir=layout.snapshots,
         checkpoint_dir=layout.checkpoints,
         batch_size=batch_size,

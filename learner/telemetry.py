@@ -1,5 +1,6 @@
 """Training telemetry: every record goes to each sink; W&B (offline files under the data directory unless
-configured online) is one, Prometheus metrics through Ray (``learner.prometheus``, in a Ray process) another.
+configured online) is one, Prometheus metrics through Ray (``learner.prometheus``, in a Ray process) another,
+the run history that ``moestream report`` draws (``learner.history``) a third.
 
 The whole run config goes to ``wandb.init(config=...)`` so a run can be reproduced from its log. Offline
 (the default) needs no account; ``mode="online"`` with ``WANDB_API_KEY`` set streams to the W&B server.
@@ -18,6 +19,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from learner.history import HistorySink
+
 
 @dataclass(frozen=True)
 class TelemetryConfig:
@@ -29,6 +32,9 @@ class TelemetryConfig:
     prometheus: bool = True
     """Also export the figures as Prometheus metrics through Ray's metrics API when the trainer runs in Ray
     (``learner.prometheus``)."""
+    history: Path | None = None
+    """The run history (JSON lines, ``learner.history``) that ``moestream report`` reads, written whatever W&B's
+    mode; None: none. Derived from ``paths`` by the root config."""
 
 
 class Sink(Protocol):
@@ -101,6 +107,8 @@ class Telemetry:
 
             if ray_running():
                 self.sinks.append(PrometheusSink())
+        if config.enabled and config.history is not None:
+            self.sinks.append(HistorySink(config.history, run_config))
 
     @property
     def run(self):

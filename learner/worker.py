@@ -40,7 +40,7 @@ from learner.loop import TrainingLoop
 from learner.reporter import Reporter
 from learner.snapshots import SnapshotStore
 from learner.step import Learner
-from learner.telemetry import Telemetry
+from learner.telemetry import Telemetry, TelemetryConfig
 from stream.joined import JoinedStream
 from stream.joiner import LabelJoiner
 from stream.kafka_io import ensure_topics
@@ -62,7 +62,7 @@ def compose(config: WorkerConfig, source: SourceFactory, reducer: Reducer | None
         # Feast's file offline store rewrites one Parquet file per push: several writers corrupt it. A group
         # pushes online only; offline history for point-in-time replay comes from replaying the log.
         features = replace(features, push_offline=False)
-    telemetry = Telemetry(config.telemetry, run_config=run_config(config))
+    telemetry = Telemetry(_rank_telemetry(config.telemetry, reducer.rank), run_config=run_config(config))
     learner = Learner(config.learner, list(ID_FIELDS), len(FEATURE_COLUMNS), device, reducer)
     online = OnlineFeatures(features)
     if reducer.rank == 0 and (features.static_users or features.static_items):
@@ -159,6 +159,13 @@ def rank_partitions(n_partitions: int, world_size: int, rank: int) -> tuple[int,
     if world_size > n_partitions:
         raise ValueError(f"kafka.partitions ({n_partitions}) must be at least the number of workers ({world_size})")
     return tuple(range(rank, n_partitions, world_size))
+
+
+def _rank_telemetry(config: TelemetryConfig, rank: int) -> TelemetryConfig:
+    """Rank 0 writes the run history ``moestream report`` draws; every other rank a file of its own beside it."""
+    if rank == 0 or config.history is None:
+        return config
+    return replace(config, history=config.history.with_name(f"{config.history.stem}.rank-{rank}.jsonl"))
 
 
 def run_config(config: WorkerConfig) -> dict:

@@ -240,10 +240,14 @@ def test_paths_of_a_run_are_derived_from_data_root(tmp_path: Path) -> None:
     config = load_config(data={"paths": {"data_root": str(tmp_path), "run": "r1"}}, environ={})
     assert config.features.data_dir == tmp_path / "runs" / "r1" / "features"
     assert config.telemetry.directory == tmp_path / "runs" / "r1" / "wandb"
+    assert config.telemetry.history == tmp_path / "runs" / "r1" / "telemetry" / "history.jsonl"
     worker = config.worker_config()
     assert worker.snapshot_dir == tmp_path / "runs" / "r1" / "snapshots" and worker.features == config.features
+    assert worker.telemetry.history == config.telemetry.history
     with pytest.raises(ConfigError, match=r"features\.data_dir .* is derived from paths\.data_root"):
         load_config(data={"features": {"data_dir": "/elsewhere"}}, environ={})
+    with pytest.raises(ConfigError, match=r"telemetry\.history .*\(<data_root>/runs/<run>/telemetry/history\.jsonl\)"):
+        load_config(data={"telemetry": {"history": "/elsewhere.jsonl"}}, environ={})
     with pytest.raises(ConfigError, match=r"paths\.run \(from config data\): must be a relative directory"):
         load_config(data={"paths": {"run": "../outside"}}, environ={})
 
