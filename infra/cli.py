@@ -346,7 +346,10 @@ def train(
                 break
     except KeyboardInterrupt:
         pass
-    _finish_training(group, bounded=seconds is not None or max_events is not None)
+    try:
+        _finish_training(group, bounded=seconds is not None or max_events is not None)
+    finally:
+        _report_after_run(cfg.layout().root)
 
 
 def _status(s: dict) -> str:
@@ -524,6 +527,7 @@ def _print_summary(s) -> None:
     table.add_row("examples trained / steps", f"{s.examples_trained} / {s.steps}")
     table.add_row("snapshot versions", f"{len(s.snapshots)} (v{s.snapshots[0]} .. v{s.snapshots[-1]})")
     table.add_row("W&B (offline) run", str(s.wandb_dir))
+    table.add_row("report (opens offline)", str(s.report) if s.report else "none")
     table.add_row("wall time", f"{s.wall_s:.1f} s")
     console.print(table)
     metrics = Table(title="progressive validation (scored before learning)")
@@ -536,8 +540,36 @@ def _print_summary(s) -> None:
             f"{m['positive_rate']:.2%}", f"{m['n']:.0f}",
         )
     console.print(metrics)
+    if s.health:
+        _print_health(s.health)
     console.print(f"POST /v1/rank {s.prediction['request']} ->")
     console.print_json(data=s.prediction["response"])
+
+
+def _print_health(r: dict) -> None:
+    """Per task: the experts it routes most to, its drift, its anomalies; then every anomaly by kind."""
+    table = Table(title=f"expert health at step {r['step']} ({r.get('family', '?')}; load balance "
+                        f"{r['load_balance']:.2f}, 1 = even)")
+    for col in ("task", "top experts (routing share)", "drift vs published", "drift vs reference", "anomalies"):
+        table.add_column(col)
+    by_task: dict[str, list[str]] = {}
+    for a in r["anomalies"]:
+        by_task.setdefault(a["subject"].removeprefix("task "), []).append(a["kind"])
+    for t, task in enumerate(r["tasks"]):
+        share = r["routing_share"][t]
+        top = sorted(range(len(share)), key=lambda e: -share[e])[:3]
+        drift = [(r.get(f"drift_vs_{kind}") or {}).get(task) for kind in ("published", "reference")]
+        table.add_row(task, ", ".join(f"{r['experts'][e]} {share[e]:.0%}" for e in top),
+                      *("-" if d is None else f"{d:.4f}" for d in drift), ", ".join(by_task.get(task, [])) or "-")
+    console.print(table)
+    kinds: dict[str, list[str]] = {}
+    for a in r["anomalies"]:
+        kinds.setdefault(a["kind"], []).append(a["subject"])
+    if kinds:
+        _say("anomalies: " + "; ".join(f"{kind} {len(subjects)} ({', '.join(subjects)})"
+                                        for kind, subjects in sorted(kinds.items())), style="yellow")
+    else:
+        _say("anomalies: none", style="green")
 
 
 @app.command()
@@ -691,6 +723,43 @@ def experts(
     except (KeyError, TypeError, AttributeError) as exc:
         console.print(f"[red]{path} is not an expert-health report (missing or malformed {exc})[/]")
         raise typer.Exit(1) from None
+
+
+@app.command()
+def report(
+    run: Annotated[Optional[str], typer.Argument(
+        help="A run directory, or a run's name (<data_root>/runs/<name>; latest: the newest). Default: --run's, "
+             "else paths.run.")] = None,
+    run_name: RunName = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", dir_okay=False, help="Where to write the page (default: <run>/report.html).")] = None,
+    config: ConfigFile = None,
+) -> None:
+    """Write one self-contained HTML page about a run and print its path: progressive AUC and losses, expert
+    utilisation over time, drift, anomalies, snapshot versions and freshness. It opens offline (no server, no
+    network): the local way to look at a run whose W&B files are offline."""
+    from infra.report import ReportError, write_report
+
+    if run is not None and Path(run).is_dir():
+        root = Path(run)
+    else:
+        root = load(config, uses_run=True, paths__run=run or run_name).layout().root
+    try:
+        path = write_report(root, output)
+    except ReportError as exc:
+        _say(str(exc), style="red")
+        raise typer.Exit(1) from None
+    _say(f"wrote {path}")
+
+
+def _report_after_run(run: Path) -> None:
+    """Render the run's report at the end of a run and say where it is (or why there is none)."""
+    from infra.report import ReportError, write_report
+
+    try:
+        _say(f"report: {write_report(run)}")
+    except ReportError as exc:
+        _say(f"no report: {exc}", style="yellow")
 
 
 def _latest_manifest(directory: Path):

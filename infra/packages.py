@@ -1,4 +1,4 @@
-"""Debian packages the local servers need (``redis-server``, ``prometheus``), installed with ``apt-get`` when
+"""Debian packages the local servers need (``redis-server``, ``prometheus``, ``chromium``), installed with ``apt-get`` when
 their binary is missing. Installing needs root, as in our CI and dev containers; elsewhere the error says
 which package to install."""
 

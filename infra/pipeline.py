@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
+import orjson
 import ray
 from ray import serve
 
@@ -22,6 +23,7 @@ from features.config import FeatureStoreConfig
 from features.store import OnlineFeatures
 from infra.kafka.broker import bootstrap_servers
 from infra.layout import RunLayout
+from infra.report import write_report
 from infra.runtime import cluster_has_gpus, init_ray
 from learner.config import CadenceConfig, LearnerConfig, WorkerConfig
 from learner.distributed import GroupConfig, PeerLost, host_store
@@ -221,6 +223,10 @@ class DemoSummary:
     run: str = ""
     """The run's name: ``moestream serve --run NAME`` serves its model again."""
     run_dir: str = ""
+    health: dict | None = None
+    """The last expert-health report (``health/experts.json``), if the trainer wrote one."""
+    report: str | None = None
+    """The run's HTML report (``moestream report``)."""
 
 
 DEMO_SIMULATOR = SimulatorConfig(seed=7, n_users=2_000, n_items=5_000)
@@ -262,7 +268,10 @@ def run_demo(
     request = {"user_id": 42, "candidates": [1, 2, 3]}
     response = httpx.post(f"{url}/v1/rank", json=request, timeout=10)
     response.raise_for_status()
-    ray.get(trainer.close.remote())
+    ray.get(trainer.close.remote())  # the run history is complete once the trainer closed its telemetry
+    health = _read_json(layout.root / "health" / "experts.json")
+    log("writing the run report ...")
+    report = write_report(layout.root)
     return DemoSummary(
         produced=produced,
         consumed=stats["consumed"],
@@ -278,7 +287,16 @@ def run_demo(
         joiner=stats["joiner"],
         run=run_id,
         run_dir=str(layout.root),
+        health=health,
+        report=str(report),
     )
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
 
 
 def shutdown() -> None:
