@@ -263,6 +263,8 @@ class TrainingLoop:
                    "ids/collision_rate": self.collisions.rate, "ids/keys": float(self.collisions.n_keys)}
         if self.learner.event_time_hwm_ms:
             figures["learner/event_time_hwm_s"] = self.learner.event_time_hwm_ms / 1000
+        for field, table in self.learner.id_tables().items():  # counted once a step: _collisions did it
+            figures.update({f"ids/{field}/{k}": float(v) for k, v in table.items()})
         self.telemetry.log(figures, step=step)
 
     def stats(self) -> dict:

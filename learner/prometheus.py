@@ -109,6 +109,18 @@ METRICS: tuple[MetricSpec, ...] = (
     # ID tables
     MetricSpec("moestream_id_collision_rate", "gauge", "Share of ids that share an embedding row with another."),
     MetricSpec("moestream_id_keys", "gauge", "Distinct ids the embedding tables hold."),
+    MetricSpec("moestream_id_table_live", "gauge", "Live ids in the field's ID map.", ("field",)),
+    MetricSpec("moestream_id_table_capacity", "gauge", "Rows of the field's ID map.", ("field",)),
+    MetricSpec("moestream_id_table_pending", "gauge", "Ids of the field waiting for admission.", ("field",)),
+    MetricSpec("moestream_id_table_collisions", "gauge", "Live ids of the field sharing a row (hashed mode).",
+               ("field",)),
+    MetricSpec("moestream_id_table_bytes", "gauge", "Memory of the field's ID map.", ("field",)),
+    MetricSpec("moestream_id_table_admitted_total", "counter", "Ids the field's map admitted.", ("field",)),
+    MetricSpec("moestream_id_table_expired_total", "counter", "Ids of the field expired (ttl).", ("field",)),
+    MetricSpec("moestream_id_table_evicted_total", "counter", "Ids of the field evicted for room.", ("field",)),
+    MetricSpec("moestream_id_table_overflow_total", "counter", "Ids of the field that found no row.", ("field",)),
+    MetricSpec("moestream_id_table_pending_dropped_total", "counter",
+               "Ids of the field dropped while waiting for admission.", ("field",)),
 )
 SPECS = {spec.name: spec for spec in METRICS}
 
@@ -146,6 +158,10 @@ ROUTES: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("snapshot/outage_s", "moestream_snapshot_outage_seconds", {}),
     ("ids/collision_rate", "moestream_id_collision_rate", {}),
     ("ids/keys", "moestream_id_keys", {}),
+    *((f"ids/{{field}}/{figure}", f"moestream_id_table_{figure}", {})
+      for figure in ("live", "capacity", "pending", "collisions", "bytes")),
+    *((f"ids/{{field}}/{counter}", f"moestream_id_table_{counter}_total", {})
+      for counter in ("admitted", "expired", "evicted", "overflow", "pending_dropped")),
 )
 ALERTS = "moestream_alerts_total"
 """Fed by :meth:`PrometheusSink.alert`, not by a record key."""

@@ -125,6 +125,11 @@ def test_ray_serves_the_trainers_metrics(trained: Run) -> None:
     assert any("/" in expert for _, expert in shares), "HoME's experts are named <pool>/<i>"
     assert set(by(final["ray_moestream_expert_anomalies"], "kind")) == {"collapse", "degradation", "underfitting"}
 
+    tables = stats["id_tables"]  # the run's ID maps (user_id and item_id by default), at the end of the run
+    assert tables and by(final["ray_moestream_id_table_live"], "field") == {f: t["live"] for f, t in tables.items()}
+    assert by(final["ray_moestream_id_table_admitted_total"], "field") == {f: t["admitted"] for f, t in tables.items()}
+    assert all(t["live"] > 0 for t in tables.values())
+
 
 def test_the_shipped_prometheus_config_scrapes_the_run_and_answers_the_dashboard(trained: Run, tmp_path: Path) -> None:
     targets = write_service_discovery(tmp_path / "ray_targets.json")  # Ray's format, for this session's node
