@@ -416,7 +416,8 @@ def serve(
     data_root: DataRoot = None,
     run: RunName = None,
     detach: Annotated[bool, typer.Option(
-        "--detach", help="Deploy and return, leaving the app running (default: serve until Ctrl-C, then remove it).",
+        "--detach", help="Deploy on the cluster (ray.address or RAY_ADDRESS) and return, leaving the app running "
+                         "(default: serve until Ctrl-C, then remove it).",
     )] = False,
     config: ConfigFile = None,
 ) -> None:
@@ -426,6 +427,12 @@ def serve(
     RAY_ADDRESS), else on a local Ray instance.
     """
     cfg = load(config, uses_run=True, http__port=port, paths__data_root=data_root, paths__run=run)
+    import os
+
+    if detach and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        _say("--detach needs a Ray cluster (ray.address or RAY_ADDRESS): a local Ray instance ends with this command, "
+             "and the app with it", style="red")
+        raise typer.Exit(2)
     from infra.deploy import connect, deploy_ranking, undeploy_ranking
 
     connect(cfg)
@@ -522,6 +529,7 @@ def demo(
 
 def _print_summary(s) -> None:
     table = Table(title="moestream demo", show_header=False)
+    table.add_row("run (serve it again: moestream serve --run NAME)", s.run)
     table.add_row("events produced / consumed", f"{s.produced} / {s.consumed}")
     table.add_row("dead-lettered", ", ".join(f"{k}: {v}" for k, v in s.dead_lettered.items()) or "0")
     table.add_row("examples trained / steps", f"{s.examples_trained} / {s.steps}")

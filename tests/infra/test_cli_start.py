@@ -42,3 +42,13 @@ def test_everyday_commands_import_neither_torch_ray_feast_nor_wandb(tmp_path: Pa
                           timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "", f"the everyday commands imported {done.stdout.strip()}"
+
+
+def test_serve_detach_without_a_cluster_says_why_instead_of_serving_nothing(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from infra.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--detach", "--data-root", str(tmp_path)], env={"RAY_ADDRESS": ""})
+    assert result.exit_code == 2
+    assert "--detach needs a Ray cluster" in result.output and "Traceback" not in result.output
