@@ -635,11 +635,12 @@ SnapshotDir = Annotated[Optional[Path], typer.Argument(
 
 
 @snapshots_app.command("list")
-def snapshots_list(directory: SnapshotDir = None, run: RunName = None, config: ConfigFile = None) -> None:
+def snapshots_list(directory: SnapshotDir = None, run: RunName = None, data_root: DataRoot = None,
+                   config: ConfigFile = None) -> None:
     """List the snapshots in a directory (* marks the one LATEST names)."""
     from learner.snapshots import SnapshotStore
 
-    directory = directory or load(config, uses_run=True, paths__run=run).layout().snapshots
+    directory = directory or load(config, uses_run=True, paths__run=run, paths__data_root=data_root).layout().snapshots
 
     if not directory.is_dir():
         console.print(f"[red]no snapshot directory at {directory}[/]")
@@ -663,12 +664,13 @@ def snapshots_rollback(
     version: Annotated[str, typer.Argument(help="A kept version to serve again (3 or v3).")],
     directory: SnapshotDir = None,
     run: RunName = None,
+    data_root: DataRoot = None,
     config: ConfigFile = None,
 ) -> None:
     """Serve a kept version again: verified, then republished as the newest version (followers pick it up)."""
     from learner.snapshots import SnapshotError, SnapshotStore
 
-    directory = directory or load(config, uses_run=True, paths__run=run).layout().snapshots
+    directory = directory or load(config, uses_run=True, paths__run=run, paths__data_root=data_root).layout().snapshots
 
     raw = version.lower().removeprefix("v")
     if not (raw.isascii() and raw.isdecimal()):
@@ -710,12 +712,13 @@ def experts(
     run: Annotated[Optional[Path], typer.Argument(
         help="A run directory or its health/experts.json (default: --run's).")] = None,
     run_name: RunName = None,
+    data_root: DataRoot = None,
     config: ConfigFile = None,
 ) -> None:
     """Latest expert utilisation per task, drift and anomalies, as the trainer last wrote them."""
     import orjson
 
-    run = run or load(config, uses_run=True, paths__run=run_name).layout().root
+    run = run or load(config, uses_run=True, paths__run=run_name, paths__data_root=data_root).layout().root
 
     path = run if run.suffix == ".json" else run / "experts.json" if run.name == "health" else run / "health" / "experts.json"
     try:
@@ -739,6 +742,7 @@ def report(
         help="A run directory, or a run's name (<data_root>/runs/<name>; latest: the newest). Default: --run's, "
              "else paths.run.")] = None,
     run_name: RunName = None,
+    data_root: DataRoot = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", dir_okay=False, help="Where to write the page (default: <run>/report.html).")] = None,
     config: ConfigFile = None,
@@ -751,7 +755,7 @@ def report(
     if run is not None and Path(run).is_dir():
         root = Path(run)
     else:
-        root = load(config, uses_run=True, paths__run=run or run_name).layout().root
+        root = load(config, uses_run=True, paths__run=run or run_name, paths__data_root=data_root).layout().root
     try:
         path = write_report(root, output)
     except ReportError as exc:

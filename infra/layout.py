@@ -62,7 +62,7 @@ def latest_run(data_root: Path | str) -> str | None:
 
 
 def _last_change(run: Path) -> float:
-    watched = [run, *(run / name for name in ("snapshots", "checkpoints", "health"))]
+    watched = [run, *(run / name for name in ("snapshots", "checkpoints", "health", "telemetry"))]
     return max(p.stat().st_mtime for p in watched if p.exists())
 
 

@@ -52,3 +52,24 @@ def test_serve_detach_without_a_cluster_says_why_instead_of_serving_nothing(tmp_
     result = CliRunner().invoke(app, ["serve", "--detach", "--data-root", str(tmp_path)], env={"RAY_ADDRESS": ""})
     assert result.exit_code == 2
     assert "--detach needs a Ray cluster" in result.output and "Traceback" not in result.output
+
+
+def test_run_latest_is_the_run_written_last_and_every_run_lives_under_runs(tmp_path: Path) -> None:
+    import os
+
+    from typer.testing import CliRunner
+
+    from infra.cli import app
+
+    data = tmp_path / "data"
+    empty = CliRunner().invoke(app, ["snapshots", "list", "--run", "latest", "--data-root", str(data)], env={})
+    assert empty.exit_code == 1 and "no run in" in empty.output
+    for age, name in ((200, "demo-old"), (100, "replay-new")):
+        snapshots = data / "runs" / name / "snapshots"
+        SnapshotStore(snapshots).publish({"w": torch.zeros(2)}, {"family": name, "step": 1, "examples": 1})
+        for path in (snapshots.parent, snapshots):
+            os.utime(path, (1_000_000 - age, 1_000_000 - age))
+    result = CliRunner().invoke(app, ["snapshots", "list", "--run", "latest", "--data-root", str(data)], env={})
+    assert result.exit_code == 0, result.output
+    assert "replay-new" in result.stdout and "demo-old" not in result.stdout  # the family column holds the name
+    assert f"run replay-new in {data / 'runs' / 'replay-new'}" in result.stderr
