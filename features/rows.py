@@ -7,6 +7,8 @@ rows alike.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -128,9 +130,41 @@ def offline_table(kind: str, ids: np.ndarray, stats: np.ndarray, stamps_ms: np.n
     return pa.Table.from_arrays([pa.array(ids, pa.int64()), values, stamps], schema=offline_schema(STREAM_VIEWS[kind]))
 
 
-def decode_rows(kind: str, got: dict, now_ms: int, default: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Dense rows (stream then static) and categorical codes of distinct entities from their stored blobs;
-    ``default``: the stream statistics of an entity without a row (those of the default priors if None)."""
+@dataclass(frozen=True)
+class StoredRows:
+    """Distinct entities' rows as stored, decoded but not yet expired: what an item cache may keep, since
+    window expiry depends on "now" and is applied per lookup (:meth:`as_of`)."""
+
+    stats: np.ndarray  # (n, S) float32, the stream statistics as written
+    updated: np.ndarray  # (n,) int64 ms, when the stream row was written (``NEVER_MS``: no row)
+    static: np.ndarray  # (n, D) float32, 0 where no whole static row
+    cats: np.ndarray  # (n, K) int64, ``MISSING_CODE`` where no whole static row
+
+    def __len__(self) -> int:
+        return len(self.updated)
+
+    def take(self, index: np.ndarray) -> StoredRows:
+        return StoredRows(self.stats[index], self.updated[index], self.static[index], self.cats[index])
+
+    @classmethod
+    def merge(cls, first: np.ndarray, rows_first: StoredRows, rows_rest: StoredRows) -> StoredRows:
+        """Rows of ``len(first)`` entities: where the mask ``first`` holds from ``rows_first``, in order, the
+        others from ``rows_rest``."""
+        def column(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            out = np.empty((len(first), *a.shape[1:]), a.dtype)
+            out[first], out[~first] = a, b
+            return out
+
+        return cls(*(column(getattr(rows_first, f), getattr(rows_rest, f)) for f in ("stats", "updated", "static", "cats")))
+
+    def as_of(self, now_ms: int, default: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Dense rows (stream then static) and categorical codes as of ``now_ms``."""
+        return np.concatenate([expire(self.stats, self.updated, now_ms, default), self.static], axis=1), self.cats
+
+
+def decode_stored(kind: str, got: dict, default: np.ndarray | None = None) -> StoredRows:
+    """The rows of distinct entities from their stored blobs; ``default``: the stream statistics of an entity
+    without a row (those of the default priors if None), which fixes the stream width."""
     stream, static = STREAM_VIEWS[kind], STATIC_VIEWS[kind]
     default = STREAM_DEFAULTS[kind] if default is None else default
     packed, found = decode_float_lists(got[(stream, STREAM_FIELD)], len(default) + 1, "<f8")
@@ -139,7 +173,14 @@ def decode_rows(kind: str, got: dict, now_ms: int, default: np.ndarray | None = 
     cats, has_cats = decode_int64_lists(got[(static, "cats")], len(CATEGORICAL_BY_KIND[kind]), MISSING_CODE)
     complete = has_dense & has_cats  # a static row counts only whole
     dense[~complete], cats[~complete] = 0.0, MISSING_CODE
-    return np.concatenate([expire(stats, updated, now_ms, default), dense], axis=1), cats
+    return StoredRows(stats, updated, dense, cats)
+
+
+def decode_rows(kind: str, got: dict, now_ms: int, default: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Dense rows (stream then static) and categorical codes of distinct entities from their stored blobs, as
+    of ``now_ms``; ``default``: the stream statistics of an entity without a row (the default priors' if None)."""
+    default = STREAM_DEFAULTS[kind] if default is None else default
+    return decode_stored(kind, got, default).as_of(now_ms, default)
 
 
 def feast_push_frame(kind: str, frame: pd.DataFrame) -> pd.DataFrame:

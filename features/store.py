@@ -36,6 +36,7 @@ from feast.repo_config import RegistryConfig, RepoConfig
 
 from features.aggregates import expire
 from features.backends import Outages, ReadRequest, RedisRows, SqliteRows
+from features.cache import RowCache
 from features.codec import ENTITY_KEY_SERIALIZATION_VERSION
 from features.config import FeatureStoreConfig
 from features.definitions import (
@@ -44,7 +45,7 @@ from features.definitions import (
 )
 from features.offline import OfflineLog
 from features.rows import (
-    CATEGORICAL_BY_KIND, STATIC_WIDTH, decode_rows, defaults, feast_push_frame, offline_table, online_rows,
+    CATEGORICAL_BY_KIND, STATIC_WIDTH, StoredRows, decode_stored, defaults, feast_push_frame, offline_table, online_rows,
     pair_ids, read_fields, stream_columns, stream_defaults, unpack_stream,
 )
 from features.static import read_static
@@ -227,20 +228,42 @@ class OnlineFeatures:
         """
         return self.lookup_batch(user_ids, item_ids).dense
 
-    def lookup_batch(self, user_ids: np.ndarray, item_ids: np.ndarray, as_of_ms: int | None = None) -> FeatureBatch:
+    def lookup_batch(self, user_ids: np.ndarray, item_ids: np.ndarray, as_of_ms: int | None = None,
+                     item_cache: RowCache | None = None) -> FeatureBatch:
         """Dense matrix plus the ID and categorical columns; ``as_of_ms`` is "now" for window expiry
-        (``None``: the configured clock)."""
+        (``None``: the configured clock). With ``item_cache``, the items it holds are not read: only the users
+        and the other items are, and those items' rows are kept in it. Either way the batch is the same for
+        the same rows, since windows expire per lookup."""
         user_ids, item_ids = pair_ids(user_ids, item_ids)
         users, u_inverse = np.unique(user_ids, return_inverse=True)
         items, i_inverse = np.unique(item_ids, return_inverse=True)
-        got, published_ms = self.rows.read([ReadRequest(ENTITY_KEYS["user"], users, read_fields("user")),
-                                            ReadRequest(ENTITY_KEYS["item"], items, read_fields("item"))])
+        requests = [ReadRequest(ENTITY_KEYS["user"], users, read_fields("user"))]
+        if item_cache is None:
+            got, published_ms = self.rows.read([*requests, ReadRequest(ENTITY_KEYS["item"], items, read_fields("item"))])
+            item_rows = decode_stored("item", got[1], self.stream_defaults["item"])
+        else:
+            hit, cached = item_cache.lookup(items)
+            missed = items[~hit]
+            read_ns = item_cache.now_ns()
+            if len(missed):
+                requests.append(ReadRequest(ENTITY_KEYS["item"], missed, read_fields("item")))
+            got, published_ms = self.rows.read(requests)
+            item_rows = cached
+            if len(missed):
+                fresh = decode_stored("item", got[1], self.stream_defaults["item"])
+                item_cache.fill(missed, fresh, read_ns)
+                item_rows = StoredRows.merge(hit, cached, fresh)
         now_ms = as_of_ms if as_of_ms is not None else self.now_ms(published_ms)
-        u_dense, u_cats = decode_rows("user", got[0], now_ms, self.stream_defaults["user"])
-        i_dense, i_cats = decode_rows("item", got[1], now_ms, self.stream_defaults["item"])
+        u_dense, u_cats = decode_stored("user", got[0], self.stream_defaults["user"]).as_of(now_ms, self.stream_defaults["user"])
+        i_dense, i_cats = item_rows.as_of(now_ms, self.stream_defaults["item"])
         ids = {"user_id": user_ids, "item_id": item_ids}
         ids |= dict(zip(CATEGORICAL_COLUMNS, np.concatenate([u_cats[u_inverse], i_cats[i_inverse]], axis=1).T))
         return FeatureBatch(np.concatenate([u_dense[u_inverse], i_dense[i_inverse]], axis=1), ids)
+
+    def item_cache(self, capacity: int, ttl_ms: float) -> RowCache:
+        """An empty cache of this store's item rows for :meth:`lookup_batch` (``features.cache``)."""
+        return RowCache(capacity, ttl_ms, len(self.stream_defaults["item"]), STATIC_WIDTH["item"],
+                        len(CATEGORICAL_BY_KIND["item"]))
 
     def now_ms(self, published_ms: int | None = None) -> int:
         """What "now" is for window expiry under the configured clock, given the clock the store published."""

@@ -1,11 +1,12 @@
 """The HTTP API of the ranking service (FastAPI; OpenAPI at ``/openapi.json``, docs at ``/docs``).
 
-- ``POST /v1/rank {user_id, candidates, context?}``: the candidates sorted by fused score, best first, each
-  with its per-task probabilities, plus the model version that scored them and the replica that answered.
+- ``POST /v1/rank {user_id, candidates, context?, compact?}``: the candidates sorted by fused score, best
+  first, each with its per-task probabilities, plus the model version that scored them and the replica that
+  answered; with ``"compact": true`` only the sorted ids and their scores, as two parallel lists.
 - ``POST /predict {user_id, item_ids}``: the walking skeleton's call, kept: probabilities in request order.
 - ``GET /v1/model``: family, version, event-time high-water mark and age of the snapshot being served.
 - ``GET /healthz``: readiness (200 once a model is served, 503 with the reason before), the served version,
-  swaps, refused snapshots.
+  swaps, refused snapshots, the item cache's hit rate and staleness.
 
 Bad input is the client's error, never the server's: bodies over ``max_body_bytes`` are refused with 413
 before parsing, a ``Content-Type`` other than JSON with 415, bodies that are not UTF-8 text with 400;
@@ -122,6 +123,21 @@ class RankResponse(BaseModel):
     items: list[ScoredItem]
 
 
+class CompactRankResponse(BaseModel):
+    """``/v1/rank`` with ``"compact": true``: the candidates best first and their fused scores, as two
+    parallel lists, for callers that only sort (no per-task probabilities)."""
+
+    model_version: int
+    family: str
+    replica: str
+    pid: int
+    batch: int
+    item_ids: list[int]
+    """The candidates, best first (ties in request order)."""
+    scores: list[float]
+    """The fused score of each of ``item_ids``, in the same order (non-increasing)."""
+
+
 class ItemPrediction(BaseModel):
     item_id: int
     probabilities: dict[str, float]
@@ -150,6 +166,27 @@ class ModelInfo(BaseModel):
     rollback_of: int | None
 
 
+class ItemCacheHealth(BaseModel):
+    """The replica's item-feature cache (``serving.item_cache_ttl_ms``), since the replica started."""
+
+    ttl_ms: float
+    """Longest a cached item row is served after it was read from the store."""
+    capacity: int
+    entries: int
+    """Items held and still fresh."""
+    bytes: int
+    hits: int
+    """Distinct candidate items of a batch answered from the cache."""
+    misses: int
+    """Distinct candidate items of a batch read from the store."""
+    hit_rate: float | None
+    """``hits / (hits + misses)``; None before the first batch."""
+    oldest_entry_age_ms: float
+    """Age of the oldest fresh entry now."""
+    max_staleness_served_ms: float
+    """The oldest row ever served from the cache: how long after its read (at most ``ttl_ms``)."""
+
+
 class Health(BaseModel):
     ok: bool
     """Ready: a model is served. False (with status 503) before the first snapshot is."""
@@ -161,6 +198,8 @@ class Health(BaseModel):
     batches: int
     pid: int
     replica: str
+    item_cache: ItemCacheHealth | None
+    """None when the cache is off (``serving.item_cache_ttl_ms: 0``)."""
 
 
 def request_models(max_candidates: int) -> tuple[type[BaseModel], type[BaseModel]]:
@@ -185,6 +224,9 @@ def request_models(max_candidates: int) -> tuple[type[BaseModel], type[BaseModel
         context: Annotated[dict[Annotated[str, Field(max_length=64)], ContextValue] | None,
                            Field(max_length=MAX_CONTEXT_KEYS)] = None
         """Request context (surface, device, ...); accepted and validated, not yet a model input."""
+        compact: StrictBool = False
+        """Answer with the candidates best first and their scores only (``CompactRankResponse``), without the
+        per-task probabilities: a smaller response, cheaper to encode, for callers that only sort."""
 
         _distinct = field_validator("candidates")(distinct)
 
@@ -263,11 +305,21 @@ def build_api(service: RankingService, rank: Rank, replica: str) -> FastAPI:
     async def no_features(_: Request, exc: FeatureStoreUnavailable) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
 
-    @app.post("/v1/rank", response_model=RankResponse, responses=ERRORS, summary="Rank candidates for a user")
+    @app.post("/v1/rank", response_model=RankResponse | CompactRankResponse, responses=ERRORS,
+              summary="Rank candidates for a user",
+              description="The candidates best first with their fused scores and per-task probabilities "
+                          "(`RankResponse`), or with `\"compact\": true` their ids and scores only, as two "
+                          "parallel lists (`CompactRankResponse`).")
     async def rank_candidates(request: RankRequest) -> Response:  # type: ignore[valid-type]
         started = time.perf_counter()
         ranking = await rank(RankQuery(request.user_id, np.asarray(request.candidates, dtype=np.int64)))
         order = ranking.order
+        if request.compact:  # whole arrays: orjson writes numpy arrays without a Python object per item
+            response = _json({"model_version": ranking.version, "family": ranking.family, "replica": replica,
+                              "pid": pid, "batch": ranking.batch, "item_ids": ranking.items[order],
+                              "scores": ranking.scores[order]})
+            service.metrics.observe_request("/v1/rank", time.perf_counter() - started)
+            return response
         probabilities = ranking.probabilities[order].tolist()
         # Shaping JSON is per item by nature; everything numeric above it ran on whole arrays.
         items = [{"item_id": i, "score": s, "probabilities": dict(zip(ranking.tasks, p))}
@@ -312,4 +364,4 @@ def unbatched(service: RankingService) -> Rank:
     return rank
 
 
-__all__ = ["BodyLimit", "ModelInfo", "RankResponse", "build_api", "request_models", "unbatched"]
+__all__ = ["BodyLimit", "CompactRankResponse", "ModelInfo", "RankResponse", "build_api", "request_models", "unbatched"]

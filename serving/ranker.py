@@ -7,6 +7,10 @@ task probabilities into one score with the configured weights, and splits the re
 The model is read from the weight follower once per batch, so a whole batch is scored by one snapshot and
 every request reports the version that scored it. Users and items the store does not know get the
 store's defaults, and hashed ID embeddings need no vocabulary, so unknown IDs are scored like any other.
+
+Item rows are read through the replica's item cache (``serving.item_cache_ttl_ms``; ``features.cache``): an
+item read within the TTL is not read again, so a row the trainer pushes is served at most that long after
+the push. Users are read on every batch. Scores are the same with the cache on and off for the same rows.
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ class RankingService:
         # A request does not wait out a feature-store outage as the trainer does: it gets a 503 within a second.
         self.features = OnlineFeatures(replace(features, outage_timeout_s=min(features.outage_timeout_s, SERVING_OUTAGE_S)),
                                        apply=False)
+        self.item_cache = (self.features.item_cache(config.item_cache_size, config.item_cache_ttl_ms)
+                           if config.item_cache_ttl_ms > 0 else None)
+        """Item rows read within ``serving.item_cache_ttl_ms``, kept in this replica (``features.cache``)."""
         self.batches = 0
         self._batch_seq = itertools.count(1)  # next() is atomic: batches scored on any thread get distinct numbers
         self.weights = WeightFollower(Path(snapshot_dir), config.poll_s, on_swap=self._swapped)
@@ -92,7 +99,7 @@ class RankingService:
         lengths = np.fromiter((len(q.candidates) for q in queries), np.int64, len(queries))
         items = np.concatenate([q.candidates for q in queries])  # (N,)
         users = np.repeat(np.fromiter((q.user_id for q in queries), np.int64, len(queries)), lengths)  # (N,)
-        features = self.features.lookup_batch(users, items)
+        features = self.features.lookup_batch(users, items, item_cache=self.item_cache)
         ids = {name: torch.from_numpy(features.ids[name]) for name in current.model.encoder.id_fields}
         tasks = current.model.tasks
         with torch.inference_mode():
@@ -101,6 +108,8 @@ class RankingService:
             scores = probs @ self.task_weights(tasks)  # (N,)
         probs_np, scores_np = probs.numpy(), scores.numpy()
         self.metrics.observe_batch(len(queries), len(items), len(self.weights.rejected))
+        if self.item_cache is not None:
+            self.metrics.observe_cache(*self.item_cache.report(), entries=self.item_cache.occupied)
         bounds = np.cumsum(lengths)[:-1]
         return [
             Ranking(current.version, current.family, batch, tasks, i, s, p)
@@ -143,6 +152,7 @@ class RankingService:
             "rejected_versions": sorted(self.weights.rejected),
             "batches": self.batches,
             "pid": os.getpid(),
+            "item_cache": self.item_cache.figures() if self.item_cache is not None else None,
         }
 
     def close(self) -> None:
