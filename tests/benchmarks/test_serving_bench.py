@@ -1,0 +1,43 @@
+"""``bench serving``'s rows: the 1000-candidate goal on the default cell, the variants beside it, and compact
+request bodies (no Ray here: the cells are made up)."""
+
+from __future__ import annotations
+
+import orjson
+
+from benchmarks.harness import Report
+from benchmarks.http_load import Sample
+from benchmarks.serving import GOAL_1000_AT, VARIANTS, Cell, add_rows, bodies, cache_note
+
+
+def cell(latency_s: float, count: int) -> Cell:
+    return Cell([Sample([latency_s] * count, 1.0, 0)], [Sample([0.005] * 1000, 1.0, 0)])
+
+
+def test_the_1000_candidate_goal_is_read_on_the_default_cell_and_the_variants_sit_beside_it() -> None:
+    cells = {(1000, 8, "/v1/rank", False): cell(0.020, 450)}
+    cells |= {(*GOAL_1000_AT, route, compact): cell(0.040, 200) for route, compact in VARIANTS.values()}
+    report = Report("serving")
+    add_rows(report, "haproxy", cells)
+    rows = {r.name: r for r in report.rows}
+    default = "haproxy: 1000 candidates, concurrency 8"
+    assert rows[f"{default}: p99"].met is True and rows[f"{default}: p99"].goal == "<= 30 ms"
+    assert rows[f"{default}: candidates"].value == 450_000 and rows[f"{default}: candidates"].met is True
+    for name in VARIANTS:
+        assert rows[f"{default}, {name}: p99"].goal is None
+        assert rows[f"{default}, {name}: candidates"].value == 200_000
+    slow = Report("serving")
+    add_rows(slow, "haproxy", {(1000, 8, "/v1/rank", False): cell(0.040, 300)})
+    assert [r.met for r in slow.rows if r.goal] == [False, False]
+
+
+def test_compact_bodies_ask_for_compact_responses() -> None:
+    full, compact = bodies(5, 3, seed=1), bodies(5, 3, seed=1, compact=True)
+    assert [orjson.loads(b) | {"compact": True} for b in full] == [orjson.loads(b) for b in compact]
+
+
+def test_the_cache_note_names_hit_rates_and_staleness() -> None:
+    figures = {"a": {"hit_rate": 0.8, "max_staleness_served_ms": 480.0, "ttl_ms": 500.0},
+               "b": {"hit_rate": 0.75, "max_staleness_served_ms": 499.0, "ttl_ms": 500.0}}
+    note = cache_note("haproxy", figures)
+    assert "80%, hit rate 75%" in note and "499 ms" in note and "TTL 500 ms" in note
