@@ -203,6 +203,21 @@ def test_predict_model_docs_and_unknown_ids_over_http(served) -> None:
         assert "/v1/rank" in http.get("/openapi.json").json()["paths"]
 
 
+def test_compact_rankings_and_the_item_cache_over_http(served) -> None:
+    url, _ = served
+    candidates = list(range(1, 150))
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for _ in range(4):
+            compact = http.post("/v1/rank", json={"user_id": 1, "candidates": candidates, "compact": True})
+            assert compact.status_code == 200, compact.text
+            body = compact.json()
+            assert sorted(body["item_ids"]) == candidates and body["scores"] == sorted(body["scores"], reverse=True)
+            assert "items" not in body
+        caches = [http.get("/healthz").json()["item_cache"] for _ in range(6)]
+    assert all(c["ttl_ms"] == ServingConfig().item_cache_ttl_ms and c["entries"] <= c["capacity"] for c in caches)
+    assert any(c["misses"] > 0 for c in caches)
+
+
 def test_replicas_run_user_code_on_their_main_loop(served) -> None:
     """``ServingConfig.user_code_thread`` is off by default: Serve's switch reaches every replica's process."""
     url, _ = served
@@ -250,3 +265,4 @@ def test_ray_metrics_report_version_and_swaps(served) -> None:
     swaps = sample("ray_moestream_model_swaps_total")
     assert len(swaps) == REPLICAS and all(v >= 2 for v in swaps.values()), swaps
     assert sample("ray_moestream_rank_latency_ms_count") and sample("ray_moestream_rank_batch_candidates_count")
+    wait_for(lambda: sample("ray_moestream_item_cache_misses_total"), 60, "the item cache's counters exported")
