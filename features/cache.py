@@ -10,8 +10,8 @@ is exactly what the store held when it was read.
 The structure is a set-associative cache in numpy arrays, as a CPU's cache is: ``capacity`` slots in sets
 of ``WAYS``, an item's set fixed by a 64-bit mix of its id. A lookup gathers the batch's sets in one step
 and compares all ways at once (no per-item Python); a fill writes each miss over the way of its set read
-longest ago (its own expired copy first), so an entry lives at most ``ttl_ms`` and the oldest goes first.
-Misses beyond ``WAYS`` in one set in one fill are not kept. Memory is fixed at construction
+longest ago (its own expired copy first), so an entry lives at most ``ttl_ms`` and the oldest goes first;
+misses that share a set are placed in rounds, and those beyond ``WAYS`` in one set in one fill are not kept. Memory is fixed at construction
 (:attr:`nbytes`). Thread-safe: one lock around each lookup and fill (in-process callers score on threads).
 """
 
@@ -54,8 +54,10 @@ class RowCache:
         """Monotonic nanoseconds; a test may set its own clock."""
         self._keys = np.full((self.n_sets, WAYS), _EMPTY, np.int64)
         self._read_ns = np.full((self.n_sets, WAYS), _NEVER_NS, np.int64)
-        self._rows = StoredRows(np.zeros((self.capacity, stats_width), np.float32), np.zeros(self.capacity, np.int64),
-                                np.zeros((self.capacity, static_width), np.float32), np.zeros((self.capacity, n_cats), np.int64))
+        self._stats_width = stats_width
+        # Two tables, not four columns: a hit's row is two gathers (floats: stats then static; ints: updated then cats).
+        self._floats = np.zeros((self.capacity, stats_width + static_width), np.float32)
+        self._ints = np.zeros((self.capacity, 1 + n_cats), np.int64)
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -67,7 +69,7 @@ class RowCache:
 
     @property
     def nbytes(self) -> int:
-        return self._keys.nbytes + self._read_ns.nbytes + sum(a.nbytes for a in vars(self._rows).values())
+        return self._keys.nbytes + self._read_ns.nbytes + self._floats.nbytes + self._ints.nbytes
 
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, StoredRows]:
         """Which of the distinct ``ids`` the cache holds fresh (a mask), and their rows, in ``ids`` order."""
@@ -79,7 +81,7 @@ class RowCache:
             hit = valid.any(axis=1)
             way = valid.argmax(axis=1)
             slots = sets[hit] * WAYS + way[hit]
-            rows = self._rows.take(slots)
+            floats, ints = self._floats[slots], self._ints[slots]
             n_hits = int(hit.sum())
             self.hits += n_hits
             self.misses += len(ids) - n_hits
@@ -90,7 +92,8 @@ class RowCache:
             if oldest is not None and unreported is not None:
                 oldest = max(oldest, unreported)
             self._unreported = (hits + n_hits, misses + len(ids) - n_hits, unreported if oldest is None else oldest)
-        return hit, rows
+        width = self._stats_width
+        return hit, StoredRows(floats[:, :width], ints[:, 0], floats[:, width:], ints[:, 1:])
 
     def fill(self, ids: np.ndarray, rows: StoredRows, read_ns: int) -> None:
         """Keep the rows of distinct ``ids`` read from the store at ``read_ns`` (this cache's clock, taken
@@ -98,26 +101,28 @@ class RowCache:
         if not len(ids):
             return
         sets = (mix64(ids) % np.uint64(self.n_sets)).astype(np.int64)
+        order = np.argsort(sets, kind="stable")
+        sorted_sets = sets[order]
+        starts = np.r_[0, np.flatnonzero(sorted_sets[1:] != sorted_sets[:-1]) + 1]
+        rank = np.empty(len(ids), np.int64)  # 0 for the first miss of its set in this fill, 1 for the next, ...
+        rank[order] = np.arange(len(ids)) - np.repeat(starts, np.diff(np.r_[starts, len(ids)]))
+        floats = np.concatenate([rows.stats, rows.static], axis=1)
+        ints = np.column_stack([rows.updated, rows.cats])
         with self._lock:
-            # Victims, best first: the way holding this id's own (expired) copy, then the way read longest ago.
-            age_rank = np.where(self._keys[sets] == ids[:, None], _NEVER_NS - 1, self._read_ns[sets])  # (n, WAYS)
-            victims = np.argsort(age_rank, axis=1, kind="stable")
-            order = np.argsort(sets, kind="stable")
-            sorted_sets = sets[order]
-            starts = np.r_[0, np.flatnonzero(sorted_sets[1:] != sorted_sets[:-1]) + 1]
-            rank = np.empty(len(ids), np.int64)
-            rank[order] = np.arange(len(ids)) - np.repeat(starts, np.diff(np.r_[starts, len(ids)]))
-            kept = np.flatnonzero(rank < WAYS)  # the n-th miss of a set takes its n-th victim
-            slots = sets[kept] * WAYS + victims[kept, rank[kept]]
-            # Two misses may pick one way (each its own copy first): the first keeps it, the other is not kept.
-            slots, first = np.unique(slots, return_index=True)
-            kept = kept[first]
-            ways = slots % WAYS
-            self.occupied += int((self._keys[sets[kept], ways] == _EMPTY).sum())
-            self._keys[sets[kept], ways] = ids[kept]
-            self._read_ns[sets[kept], ways] = read_ns
-            for name, column in vars(self._rows).items():
-                column[slots] = getattr(rows, name)[kept]
+            for r in range(WAYS):  # a round per rank: the misses of a round are in distinct sets
+                at = np.flatnonzero(rank == r)
+                if not len(at):
+                    break
+                s = sets[at]
+                keys = self._keys[s]  # (m, WAYS)
+                # The victim: the way holding this id's own (expired) copy, else the one read longest ago.
+                way = np.where(keys == ids[at, None], _NEVER_NS - 1, self._read_ns[s]).argmin(axis=1)
+                self.occupied += int((keys[np.arange(len(at)), way] == _EMPTY).sum())
+                self._keys[s, way] = ids[at]
+                self._read_ns[s, way] = read_ns
+                slots = s * WAYS + way
+                self._floats[slots] = floats[at]
+                self._ints[slots] = ints[at]
 
     def report(self) -> tuple[int, int, float | None]:
         """Hits, misses and the oldest row served (ms; None without hits) since the last call: what a metrics
