@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-import torch
 
 CLOCK = time.thread_time
 """CPU time of this thread: the machine may be busy with other work, and a stage's CPU is what it costs the

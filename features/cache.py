@@ -11,8 +11,8 @@ The structure is a set-associative cache in numpy arrays, as a CPU's cache is: `
 of ``WAYS``, an item's set fixed by a 64-bit mix of its id. A lookup gathers the batch's sets in one step
 and compares all ways at once (no per-item Python); a fill writes each miss over the way of its set read
 longest ago (its own expired copy first), so an entry lives at most ``ttl_ms`` and the oldest goes first;
-misses that share a set are placed in rounds, and those beyond ``WAYS`` in one set in one fill are not kept. Memory is fixed at construction
-(:attr:`nbytes`). Thread-safe: one lock around each lookup and fill (in-process callers score on threads).
+misses that share a set are placed in rounds, and those beyond ``WAYS`` in one set in one fill are not kept.
+Memory is fixed at construction (:attr:`nbytes`). Thread-safe: one lock around each lookup and fill (in-process callers score on threads).
 """
 
 from __future__ import annotations

@@ -140,22 +140,17 @@ class StoredRows:
     static: np.ndarray  # (n, D) float32, 0 where no whole static row
     cats: np.ndarray  # (n, K) int64, ``MISSING_CODE`` where no whole static row
 
-    def __len__(self) -> int:
-        return len(self.updated)
-
-    def take(self, index: np.ndarray) -> StoredRows:
-        return StoredRows(self.stats[index], self.updated[index], self.static[index], self.cats[index])
-
     @classmethod
-    def merge(cls, first: np.ndarray, rows_first: StoredRows, rows_rest: StoredRows) -> StoredRows:
-        """Rows of ``len(first)`` entities: where the mask ``first`` holds from ``rows_first``, in order, the
-        others from ``rows_rest``."""
+    def merge(cls, mask: np.ndarray, where_true: StoredRows, where_false: StoredRows) -> StoredRows:
+        """Rows of ``len(mask)`` entities: where ``mask`` holds the rows of ``where_true`` in order, elsewhere
+        those of ``where_false``."""
         def column(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-            out = np.empty((len(first), *a.shape[1:]), a.dtype)
-            out[first], out[~first] = a, b
+            out = np.empty((len(mask), *a.shape[1:]), a.dtype)
+            out[mask], out[~mask] = a, b
             return out
 
-        return cls(*(column(getattr(rows_first, f), getattr(rows_rest, f)) for f in ("stats", "updated", "static", "cats")))
+        fields = ("stats", "updated", "static", "cats")
+        return cls(*(column(getattr(where_true, f), getattr(where_false, f)) for f in fields))
 
     def as_of(self, now_ms: int, default: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Dense rows (stream then static) and categorical codes as of ``now_ms``."""

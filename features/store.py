@@ -12,7 +12,8 @@ round trip per push (``features.backends``); offline, the pushes of ``offline_pa
 Parquet part of the view's directory (``features.offline``), and every flush writes what is collected. Feast reads both exactly as it reads its own writes.
 
 A lookup reads each distinct user and item of a batch once, every view of both kinds in one round trip, and
-fills what the store lacks or has expired with the defaults of :func:`defaults`.
+fills what the store lacks or has expired with the defaults of :func:`defaults`; given an item cache
+(``features.cache``, a serving replica's), it reads only the items the cache does not hold fresh.
 :meth:`OnlineFeatures.historical` is the point-in-time counterpart for replay and backfill: Feast's
 ``get_historical_features`` over the Parquet parts that pushes append.
 """
@@ -45,8 +46,8 @@ from features.definitions import (
 )
 from features.offline import OfflineLog
 from features.rows import (
-    CATEGORICAL_BY_KIND, STATIC_WIDTH, StoredRows, decode_stored, defaults, feast_push_frame, offline_table, online_rows,
-    pair_ids, read_fields, stream_columns, stream_defaults, unpack_stream,
+    CATEGORICAL_BY_KIND, STATIC_WIDTH, StoredRows, decode_stored, defaults, feast_push_frame, offline_table,
+    online_rows, pair_ids, read_fields, stream_columns, stream_defaults, unpack_stream,
 )
 from features.static import read_static
 
@@ -239,7 +240,8 @@ class OnlineFeatures:
         items, i_inverse = np.unique(item_ids, return_inverse=True)
         requests = [ReadRequest(ENTITY_KEYS["user"], users, read_fields("user"))]
         if item_cache is None:
-            got, published_ms = self.rows.read([*requests, ReadRequest(ENTITY_KEYS["item"], items, read_fields("item"))])
+            requests.append(ReadRequest(ENTITY_KEYS["item"], items, read_fields("item")))
+            got, published_ms = self.rows.read(requests)
             item_rows = decode_stored("item", got[1], self.stream_defaults["item"])
         else:
             hit, cached = item_cache.lookup(items)
@@ -254,7 +256,8 @@ class OnlineFeatures:
                 item_cache.fill(missed, fresh, read_ns)
                 item_rows = StoredRows.merge(hit, cached, fresh)
         now_ms = as_of_ms if as_of_ms is not None else self.now_ms(published_ms)
-        u_dense, u_cats = decode_stored("user", got[0], self.stream_defaults["user"]).as_of(now_ms, self.stream_defaults["user"])
+        user_default = self.stream_defaults["user"]
+        u_dense, u_cats = decode_stored("user", got[0], user_default).as_of(now_ms, user_default)
         i_dense, i_cats = item_rows.as_of(now_ms, self.stream_defaults["item"])
         ids = {"user_id": user_ids, "item_id": item_ids}
         ids |= dict(zip(CATEGORICAL_COLUMNS, np.concatenate([u_cats[u_inverse], i_cats[i_inverse]], axis=1).T))

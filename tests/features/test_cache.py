@@ -87,7 +87,7 @@ def test_every_hit_is_the_last_fill_of_that_id_within_the_ttl(steps, capacity: i
         ids = np.array(ids, np.int64)
         hit, got = cache.lookup(ids)
         looked_up += len(ids)
-        for i, row in zip(ids[hit].tolist(), range(len(got))):
+        for row, i in enumerate(ids[hit].tolist()):
             stamp, read_ns = filled[i]
             assert clock.ns - read_ns <= 50 * MS
             assert got.cats[row].tolist() == [i, stamp] and got.updated[row] == i * 10 + stamp

@@ -26,7 +26,8 @@ ITEM = KNOWN_ITEMS[0]
 
 
 def ranking_service(snapshot_dir: Path, features: FeatureStoreConfig, ttl_ms: float) -> RankingService:
-    return RankingService(snapshot_dir, features, ServingConfig(max_candidates=200, poll_s=NEVER, item_cache_ttl_ms=ttl_ms))
+    config = ServingConfig(max_candidates=200, poll_s=NEVER, item_cache_ttl_ms=ttl_ms)
+    return RankingService(snapshot_dir, features, config)
 
 
 @pytest.fixture
@@ -131,7 +132,8 @@ def test_healthz_reports_the_item_cache(client: TestClient) -> None:
         assert client.post("/v1/rank", json={"user_id": 1, "candidates": [*KNOWN_ITEMS, 5]}).status_code == 200
     cache = client.get("/healthz").json()["item_cache"]
     assert cache["ttl_ms"] == 60_000.0 and cache["capacity"] == ServingConfig().item_cache_size
-    assert (cache["hits"], cache["misses"], cache["entries"]) == (10, 5, 5) and cache["hit_rate"] == pytest.approx(2 / 3)
+    assert (cache["hits"], cache["misses"], cache["entries"]) == (10, 5, 5)
+    assert cache["hit_rate"] == pytest.approx(2 / 3)
     assert 0.0 < cache["max_staleness_served_ms"] <= 60_000.0 and cache["bytes"] > 0
 
 
