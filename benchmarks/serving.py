@@ -5,7 +5,9 @@ learner's default model (MMoE, 2^18 hashed-ID buckets) with features from a real
 holds streaming aggregates of simulator traffic, so candidates are a mix of known and unknown items. A
 closed-loop client (``benchmarks.http_load``, in this process) keeps ``concurrency`` requests in flight,
 each ranking ``candidates`` distinct items of a 20k-item catalog for a Zipf-drawn user, and records every
-latency.
+latency. Beside that grid, the 1000-candidate cell at concurrency 8 (issue #24's goal: p99 <= 30 ms, >= 400k
+candidates/s) is measured again with compact responses and against a second ranker with the item cache off
+(``VARIANTS``), and each replica's cache hit rate and staleness (``/healthz``) go into the notes.
 
 Anchor: an echo deployment behind the same Serve proxy, sent the same bodies at the same concurrency, that
 returns the body it got (no parsing): what Ray Serve's HTTP path costs by itself on this machine. The two
