@@ -413,6 +413,7 @@ def _finish_training(group, bounded: bool) -> None:
 @app.command()
 def serve(
     port: Annotated[Optional[int], typer.Option(help="HTTP port of Serve's proxy (http.port).")] = None,
+    grpc_port: Annotated[Optional[int], typer.Option(help="gRPC port of Serve's proxy (grpc.port).")] = None,
     data_root: DataRoot = None,
     run: RunName = None,
     detach: Annotated[bool, typer.Option(
@@ -421,24 +422,26 @@ def serve(
     )] = False,
     config: ConfigFile = None,
 ) -> None:
-    """Serve the latest snapshots of the run over HTTP.
+    """Serve the latest snapshots of the run over HTTP and gRPC.
 
     Deploys the Serve config that `moestream serve-config` prints, on the cluster at ray.address (or
     RAY_ADDRESS), else on a local Ray instance.
     """
-    cfg = load(config, uses_run=True, http__port=port, paths__data_root=data_root, paths__run=run)
+    cfg = load(config, uses_run=True, http__port=port, grpc__port=grpc_port, paths__data_root=data_root,
+               paths__run=run)
     import os
 
     if detach and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         _say("--detach needs a Ray cluster (ray.address or RAY_ADDRESS): a local Ray instance ends with this command, "
              "and the app with it", style="red")
         raise typer.Exit(2)
-    from infra.deploy import connect, deploy_ranking, undeploy_ranking
+    from infra.deploy import connect, deploy_ranking, grpc_address, undeploy_ranking
 
     connect(cfg)
     _stop_on_sigterm()
-    url = deploy_ranking(cfg)
+    url, grpc_at = deploy_ranking(cfg), grpc_address(cfg)
     console.print(f"serving run {cfg.paths.run} ({cfg.layout().snapshots}): POST {url}/v1/rank, API docs at {url}/docs"
+                  + (f", gRPC moestream.v1.Ranking/Rank at {grpc_at}" if grpc_at else "")
                   + ("" if detach else " (Ctrl-C stops)"))
     if detach:
         return

@@ -153,6 +153,20 @@ class HttpConfig:
             raise ValueError(f"http.port must be in 1..65535, got {self.port!r}")
 
 
+@dataclass(frozen=True)
+class GrpcConfig:
+    """Ray Serve's gRPC proxy beside the HTTP one: ``moestream.v1.Ranking`` (``serving/proto/ranking.proto``) on
+    the same replicas. Serve binds it on every interface (``[::]``), whatever ``http.host`` says."""
+
+    port: int | None = 9000
+    """Serve's default; null: no gRPC proxy (HTTP only)."""
+
+    def __post_init__(self) -> None:
+        if self.port is not None and (isinstance(self.port, bool) or not isinstance(self.port, int)
+                                      or not 1 <= self.port <= 65535):
+            raise ValueError(f"grpc.port must be in 1..65535 or null, got {self.port!r}")
+
+
 class MoestreamConfig(BaseModel):
     """The whole configuration; each field is one section of ``moestream.yaml``."""
 
@@ -167,6 +181,7 @@ class MoestreamConfig(BaseModel):
     trainer: TrainerConfig = TrainerConfig()
     serving: ServingConfig = ServingConfig()
     http: HttpConfig = HttpConfig()
+    grpc: GrpcConfig = GrpcConfig()
     ray: RayConfig = RayConfig()
     simulator: SimulatorConfig = SimulatorConfig()
 
@@ -538,6 +553,6 @@ def render(config: MoestreamConfig, environ: Mapping[str, str] | None = None) ->
 
 
 __all__ = [
-    "CONFIG_ENV", "DEFAULT_CONFIG_FILE", "RENAMED", "ConfigDeprecationWarning", "ConfigError", "HttpConfig", "MoestreamConfig",
-    "PathsConfig", "SECRETS", "TrainerConfig", "config_path", "env_key", "load_config", "render",
+    "CONFIG_ENV", "DEFAULT_CONFIG_FILE", "RENAMED", "ConfigDeprecationWarning", "ConfigError", "GrpcConfig", "HttpConfig",
+    "MoestreamConfig", "PathsConfig", "SECRETS", "TrainerConfig", "config_path", "env_key", "load_config", "render",
 ]

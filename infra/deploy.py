@@ -22,6 +22,7 @@ from features.redact import redact_connection
 from infra.config import ConfigError, MoestreamConfig, load_config
 from infra.pipeline import TrainerGroup, start_trainers
 from serving.app import RankerDeployment, build_app
+from serving.grpc_service import SERVICER_FUNCTION
 
 APP_NAME = "moestream"
 IMPORT_PATH = "infra.deploy:ranking_app"
@@ -31,7 +32,7 @@ DEPLOY_TIMEOUT_S = 300.0
 
 
 def serve_config(config: MoestreamConfig) -> dict[str, Any]:
-    """The Serve config (``ServeDeploySchema``) of the ranking app: the HTTP proxy and the application.
+    """The Serve config (``ServeDeploySchema``) of the ranking app: the HTTP and gRPC proxies and the application.
 
     The application's ``args`` carry the keys of the replica's sections that differ from their defaults (the
     defaults are the image's own), and ``paths.data_root`` always, absolute, resolved here: replicas do not
@@ -56,11 +57,14 @@ def serve_config(config: MoestreamConfig) -> dict[str, Any]:
         actor = dict(config.serving.deployment_options().get("ray_actor_options", {}))
         actor["resources"] = dict(config.ray.ranker_resources)
         application["deployments"] = [{"name": RankerDeployment.name, "ray_actor_options": actor}]
-    return {
+    document: dict[str, Any] = {
         "proxy_location": config.http.proxy_location,
         "http_options": {"host": config.http.host, "port": config.http.port},
-        "applications": [application],
     }
+    if config.grpc.port is not None:
+        document["grpc_options"] = {"port": config.grpc.port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
+    document["applications"] = [application]
+    return document
 
 
 def ranking_app(args: dict[str, Any]):
@@ -72,13 +76,14 @@ def ranking_app(args: dict[str, Any]):
 
 def deploy_ranking(config: MoestreamConfig, timeout_s: float = DEPLOY_TIMEOUT_S) -> str:
     """Deploy the ranking app from :func:`serve_config` on the connected cluster; wait until it runs and
-    return its URL. The same path as ``serve run <config file>``; Ray has no public call that deploys a
+    return its URL (:func:`grpc_address` is its gRPC address). The same path as ``serve run <config file>``; Ray has no public call that deploys a
     Serve config document from Python, so this uses the one its CLI uses."""
     from ray.serve._private import api as serve_api
 
     schema = ServeDeploySchema.model_validate(serve_config(config))
     client = serve_api.serve_start(
-        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
+        http_options=schema.http_options.model_dump(), grpc_options=schema.grpc_options.model_dump(),
+        proxy_location=schema.proxy_location,
     )
     client.deploy_apps(schema, _blocking=False)
     deadline = time.monotonic() + timeout_s
@@ -93,8 +98,17 @@ def deploy_ranking(config: MoestreamConfig, timeout_s: float = DEPLOY_TIMEOUT_S)
             raise TimeoutError(f"the ranking app was not running after {timeout_s:.0f}s ({status}): "
                                f"{app.message if app else ''}")
         time.sleep(0.5)  # poll interval of the app status, not a guess at how long deploying takes
-    host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
-    return f"http://{host}:{config.http.port}"
+    return f"http://{_local(config.http.host)}:{config.http.port}"
+
+
+def grpc_address(config: MoestreamConfig) -> str | None:
+    """Where ``moestream.v1.Ranking`` answers (``host:port``), or None without a gRPC proxy. Serve binds it on
+    every interface; the address named is ``http.host``'s, where the HTTP proxy answers too."""
+    return None if config.grpc.port is None else f"{_local(config.http.host)}:{config.grpc.port}"
+
+
+def _local(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
 def undeploy_ranking() -> None:
@@ -129,5 +143,5 @@ def metrics_endpoints(config: MoestreamConfig) -> list[str]:
     return [f"http://{target}/metrics" for target in metrics_targets()]
 
 
-__all__ = ["APP_NAME", "IMPORT_PATH", "connect", "deploy_ranking", "metrics_endpoints", "ranking_app", "serve_config",
-           "start_training", "undeploy_ranking"]
+__all__ = ["APP_NAME", "IMPORT_PATH", "connect", "deploy_ranking", "grpc_address", "metrics_endpoints", "ranking_app",
+           "serve_config", "start_training", "undeploy_ranking"]

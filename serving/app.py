@@ -18,11 +18,15 @@ from pathlib import Path
 
 import torch
 from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
 
 from features.store import FeatureStoreConfig
 from learner.allocator import retain_freed_memory
 from serving.api import build_api
+from serving.auth import load_tokens
 from serving.config import ServingConfig
+from serving.grpc_api import RankingGrpc
+from serving.proto.ranking_pb2 import HealthResponse, RankResponse
 from serving.ranker import Ranking, RankingService, RankQuery, candidates_of
 
 
@@ -54,9 +58,17 @@ class RankerDeployment:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.rank_batch.set_max_batch_size(config.max_batch_candidates)
         self.rank_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.grpc = RankingGrpc(self.service, self.rank_batch, self.replica, load_tokens(config.api_tokens_file))
 
     def __serve_build_asgi_app__(self):
         return build_api(self.service, self.rank_batch, self.replica)
+
+    async def Rank(self, request: bytes, grpc_context: RayServegRPCContext) -> RankResponse:  # noqa: N802
+        """``moestream.v1.Ranking/Rank`` from Serve's gRPC proxy: batched with the HTTP requests."""
+        return await self.grpc.rank(request, grpc_context)
+
+    async def Health(self, request: bytes, grpc_context: RayServegRPCContext) -> HealthResponse:  # noqa: N802
+        return await self.grpc.health(request, grpc_context)
 
     @serve.batch(max_batch_size=ServingConfig.max_batch_candidates, batch_wait_timeout_s=ServingConfig.batch_wait_timeout_s,
                  batch_size_fn=candidates_of)
