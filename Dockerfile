@@ -38,6 +38,6 @@ COPY moestream.yaml /etc/moestream/moestream.yaml
 RUN useradd --create-home --uid 1000 moestream && mkdir -p /data /tmp/ray && chown moestream:moestream /data /tmp/ray
 USER moestream
 
-# Ray Serve's HTTP proxy, the Ray dashboard and job API, the Ray GCS.
-EXPOSE 8000 8265 6379
+# Ray Serve's HTTP and gRPC proxies, the Ray dashboard and job API, the Ray GCS.
+EXPOSE 8000 9000 8265 6379
 CMD ["moestream", "--help"]

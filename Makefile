@@ -15,8 +15,13 @@ UV := $(UV_VENV)/bin/uv
 export UV_CACHE_DIR ?= $(HOME)/.cache/uv
 export UV_LINK_MODE ?= copy
 STAMP := $(VENV)/.installed
+# protoc and the gRPC plugin, pinned, in a venv of their own like uv: only `make proto` needs them, and the code
+# they generate (serving/proto/*_pb2*.py) is checked in. Its protobuf must not be newer than the runtime's
+# (pyproject.toml's lower bound on protobuf names the version the checked-in code was generated with).
+GRPC_TOOLS_VERSION := 1.85.1
+GRPC_TOOLS := .tools/grpcio-tools-$(GRPC_TOOLS_VERSION)/bin/python
 
-.PHONY: install lock lock-check demo test test-unit test-integration test-reliability bench bench-quick clean
+.PHONY: install lock lock-check proto demo test test-unit test-integration test-reliability bench bench-quick clean
 
 install: $(STAMP)
 
@@ -38,6 +43,14 @@ lock: $(UV)
 
 lock-check: $(UV)  # fails when pyproject.toml and uv.lock disagree
 	$(UV) lock --check
+
+$(GRPC_TOOLS):
+	$(PYTHON) -m venv .tools/grpcio-tools-$(GRPC_TOOLS_VERSION)
+	$@ -m pip install --quiet --disable-pip-version-check grpcio-tools==$(GRPC_TOOLS_VERSION)
+
+# After a serving/proto/*.proto edit: regenerate the Python modules beside it (checked in).
+proto: $(GRPC_TOOLS)
+	$(GRPC_TOOLS) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. serving/proto/*.proto
 
 demo: install
 	$(BIN)/moestream demo

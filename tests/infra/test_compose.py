@@ -199,6 +199,7 @@ def test_addresses_and_ports_match_the_config(services, config) -> None:
     head_ports = {p.rsplit(":", 1)[1]: p for p in services["ray-head"]["ports"]}
     assert f"127.0.0.1:{dashboard_port}:{dashboard_port}" in services["ray-head"]["ports"]
     assert str(config.http.port) in head_ports and config.http.host == "0.0.0.0"
+    assert str(config.grpc.port) in head_ports
     health = urlparse(re.search(r"http://[^']+", " ".join(services["serve"]["healthcheck"]["test"])).group(0))
     assert (health.hostname, health.port, health.path) == (services["ray-head"]["hostname"], config.http.port, "/healthz")
 

@@ -83,6 +83,7 @@ def test_an_unknown_section_is_an_error() -> None:
     ({"kafka": {"partitions": 2.5}}, "kafka.partitions"),
     ({"joiner": {"late_policy": "keep"}}, "joiner.late_policy"),
     ({"http": {"port": 70000}}, "http.port"),
+    ({"grpc": {"port": 0}}, "grpc.port"),
     ({"learner": {"guard": {"max_auc_drop": 5}}}, "learner.guard.max_auc_drop"),
     ({"kafka": {"security_protocol": "SASL_SSL"}}, "kafka.security_protocol"),
     ({"ray": {"trainer_resources": {"GPU": 1}}}, "ray.trainer_resources.GPU"),

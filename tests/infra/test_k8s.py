@@ -206,11 +206,12 @@ def test_ports_match_the_config(config) -> None:
         ports = {p["name"]: p["containerPort"] for p in head["ports"]}
         assert ports["gcs-server"] == 6379 and ports["dashboard"] == 8265
         if kind == "RayService":
-            assert ports["serve"] == config.http.port
+            assert ports["serve"] == config.http.port and ports["grpc"] == config.grpc.port
     for name, group in groups(clusters()["RayService"]):
         if name == "cpu":
             (worker,) = group["template"]["spec"]["containers"]
-            assert {p["name"]: p["containerPort"] for p in worker["ports"]}["serve"] == config.http.port
+            ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
+            assert ports["serve"] == config.http.port and ports["grpc"] == config.grpc.port
 
 
 def test_ray_version_is_one_with_token_authentication() -> None:

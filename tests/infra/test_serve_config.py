@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import yaml
 from pydantic import BaseModel
 from ray.serve.schema import (
     DeploymentSchema, HTTPOptionsSchema, RayActorOptionsSchema, ServeApplicationSchema, ServeDeploySchema,
+    gRPCOptionsSchema,
 )
 from typer.testing import CliRunner
 
@@ -26,6 +29,7 @@ PLACED = {"ray": {"ranker_resources": {"ranker_node": 1}},
 LEVELS: dict[tuple[str, ...], type[BaseModel]] = {
     (): ServeDeploySchema,
     ("http_options",): HTTPOptionsSchema,
+    ("grpc_options",): gRPCOptionsSchema,
     ("applications", "*"): ServeApplicationSchema,
     ("applications", "*", "deployments", "*"): DeploymentSchema,
     ("applications", "*", "deployments", "*", "ray_actor_options"): RayActorOptionsSchema,
@@ -78,6 +82,25 @@ def test_generated_config_is_a_valid_serve_deploy_schema_with_placement() -> Non
 def test_without_placement_the_deployment_keeps_its_own_options() -> None:
     schema = validate(serve_config(load_config(environ={})))
     assert "deployments" not in schema.applications[0].model_fields_set
+
+
+def test_the_grpc_proxy_serves_the_ranking_service_unless_its_port_is_null() -> None:
+    schema = validate(serve_config(load_config(data={"grpc": {"port": 9123}}, environ={})))
+    assert schema.grpc_options.port == 9123
+    assert schema.grpc_options.grpc_servicer_functions == ["serving.grpc_service.add_ranking_servicer"]
+    off = serve_config(load_config(data={"grpc": {"port": None}}, environ={}))
+    assert "grpc_options" not in off and validate(off).grpc_options.grpc_servicer_functions == []
+
+
+def test_the_servicer_function_loads_in_the_proxy_without_the_model_stack() -> None:
+    """Serve's proxy imports it in its own process: grpc and the generated messages, not torch, Feast or the
+    HTTP API."""
+    probe = ("import sys; from ray.serve.config import gRPCOptions; "
+             "(f,) = gRPCOptions(grpc_servicer_functions=['serving.grpc_service.add_ranking_servicer'])"
+             ".grpc_servicer_func_callable; heavy = {'torch', 'feast', 'serving.api', 'serving.ranker'} & "
+             "set(sys.modules); assert not heavy, heavy; print(f.__qualname__)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "add_ranking_servicer", result.stderr
 
 
 def test_the_import_path_builds_the_app_from_the_args(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
