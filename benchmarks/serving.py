@@ -1,4 +1,4 @@
-"""``moestream bench serving``: ranking latency and throughput over HTTP, beside Ray Serve's own overhead.
+"""``moestream bench serving``: ranking latency and throughput over HTTP and gRPC, beside Ray Serve's own overhead.
 
 The ranking app (``serving.app``, one replica, default ``ServingConfig``) serves a snapshot of the
 learner's default model (MMoE, 2^18 hashed-ID buckets) with features from a real Feast SQLite store that
@@ -13,6 +13,10 @@ Anchor: an echo deployment behind the same Serve proxy, sent the same bodies at 
 returns the body it got (no parsing): what Ray Serve's HTTP path costs by itself on this machine. The two
 alternate in short rounds so a busy neighbour hits both alike. With ``RAY_SERVE_ENABLE_HA_PROXY=1`` Serve puts
 HAProxy in front instead of its Python proxy; that mode is measured the same way in a fresh Ray instance.
+
+gRPC: the same requests, as ``moestream.v1.Ranking/Rank`` messages, through Serve's gRPC proxy to the same
+replicas, at the same concurrency, in the same rounds (``benchmarks.grpc_load``); its rows are anchored on the
+HTTP ranking of the same cell, so their ratio is gRPC's over HTTP's.
 
 The client shares the machine's CPUs with the proxy and the replicas: on a 2-core box it is part of what
 is measured, which is why it is a lean HTTP/1.1 client rather than aiohttp (a third of the CPU per request;
@@ -34,6 +38,7 @@ import numpy as np
 import orjson
 from rich.progress import Progress
 
+from benchmarks.grpc_load import closed_loop_grpc
 from benchmarks.harness import Report, Row
 from benchmarks.http_load import Sample, closed_loop
 from benchmarks.timing import load_average
@@ -65,6 +70,14 @@ QUICK_MODES = ("haproxy",)
 """The ingress a quick run measures: the faster of the two here, the one the latency goal is read on."""
 
 
+def messages(bodies_: list[bytes]) -> list[bytes]:
+    """The same requests as serialized ``RankRequest`` messages."""
+    from serving.proto.ranking_pb2 import RankRequest
+
+    return [RankRequest(user_id=b["user_id"], candidates=b["candidates"]).SerializeToString()
+            for b in map(orjson.loads, bodies_)]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -84,6 +97,7 @@ def bodies(n_candidates: int, count: int, seed: int, compact: bool = False) -> l
 class Cell:
     ranker: list[Sample]
     echo: list[Sample]
+    grpc: list[Sample]
 
 
 def _pct(samples: list[Sample], q: float) -> float:
@@ -137,6 +151,7 @@ def measure_mode(env: dict[str, str], features, snapshots: Path, quick: bool, pr
     from infra.runtime import init_ray
     from serving.app import build_app
     from serving.config import ServingConfig
+    from serving.grpc_service import SERVICER_FUNCTION
 
     @serve.deployment(num_replicas=REPLICAS, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
                       logging_config={"log_level": "WARNING", "enable_access_log": False})
@@ -146,10 +161,11 @@ def measure_mode(env: dict[str, str], features, snapshots: Path, quick: bool, pr
 
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     try:
         init_ray(num_cpus=3 * REPLICAS, quiet=True)  # logical CPUs: the two rankers' and the echo's replicas
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"},
+                    grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]})
         no_cache = ServingConfig(num_replicas=REPLICAS, item_cache_ttl_ms=0)
         serve.run_many([  # all at once: their replicas start side by side
             serve.RunTarget(build_app(snapshots, features, ServingConfig(num_replicas=REPLICAS)), name="ranker",
@@ -162,14 +178,19 @@ def measure_mode(env: dict[str, str], features, snapshots: Path, quick: bool, pr
         cells: dict[tuple[int, int], Cell] = {}
         task = progress.add_task(f"serving ({','.join(env) or 'serve proxy'})",
                                  total=(len(CANDIDATES) * len(CONCURRENCY) + len(VARIANTS)) * rounds)
+        target, metadata = f"127.0.0.1:{grpc_port}", (("application", "ranker"),)
         grid = [(n, c, "/v1/rank", False) for n in CANDIDATES for c in CONCURRENCY]
         grid += [(*GOAL_1000_AT, route, compact) for route, compact in VARIANTS.values()]
         for n, c, route, compact in grid:
             payloads = bodies(n, 256, seed=n, compact=compact)
-            cell = cells[(n, c, route, compact)] = Cell([], [])
+            grpc = route == "/v1/rank" and not compact  # gRPC beside HTTP in the grid's own cells
+            protos = messages(payloads) if grpc else None
+            cell = cells[(n, c, route, compact)] = Cell([], [], [])
             for _ in range(rounds):
                 cell.echo.append(asyncio.run(closed_loop(f"{base}/echo", payloads, c, seconds, warmup)))
                 cell.ranker.append(asyncio.run(closed_loop(f"{base}{route}", payloads, c, seconds, warmup)))
+                if grpc:
+                    cell.grpc.append(asyncio.run(closed_loop_grpc(target, protos, c, seconds, warmup, metadata)))
                 progress.advance(task)
         return {"cells": cells, "rounds": rounds, "seconds": seconds, "item_cache": _cache_figures(base)}
     finally:
@@ -218,8 +239,10 @@ def add_rows(report: Report, mode: str, cells: dict) -> None:
         label = f"{mode}: {n} candidates, concurrency {c}" + (f", {variant}" if variant else "")
         errors = sum(s.errors for s in cell.ranker)
         echo_errors = sum(s.errors for s in cell.echo)
-        if errors or echo_errors:
-            report.notes.append(f"{label}: {errors} failed ranking requests, {echo_errors} failed echo requests")
+        grpc_errors = sum(s.errors for s in cell.grpc)
+        if errors or echo_errors or grpc_errors:
+            report.notes.append(f"{label}: {errors} failed ranking requests, {echo_errors} failed echo requests, "
+                                f"{grpc_errors} failed gRPC calls")
         goal_100 = (n, c) == GOAL_AT and variant is None
         goal_1000 = (n, c) == GOAL_1000_AT and variant is None
         goal_ms = GOAL_P99_MS if goal_100 else GOAL_1000_P99_MS if goal_1000 else None
@@ -235,6 +258,15 @@ def add_rows(report: Report, mode: str, cells: dict) -> None:
             report.add(Row(f"{label}: candidates", rate, "candidates/s",
                            goal=f">= {GOAL_1000_CANDIDATES_S:,.0f} candidates/s" if goal_1000 else None,
                            met=rate >= GOAL_1000_CANDIDATES_S if goal_1000 else None))
+    for (n, c, route, compact), cell in cells.items():  # gRPC after HTTP, each against HTTP's ranking of the same cell
+        if not cell.grpc:
+            continue
+        label = f"{mode}: gRPC, {n} candidates, concurrency {c}"
+        for q in (50, 99):
+            report.add(Row(f"{label}: p{q}", _pct(cell.grpc, q), "ms", anchor="HTTP ranking, same cell",
+                           anchor_value=_pct(cell.ranker, q)))
+        report.add(Row(f"{label}: throughput", _rate(cell.grpc), "req/s", anchor="HTTP ranking, same cell",
+                       anchor_value=_rate(cell.ranker)))
 
 
 def cache_note(mode: str, figures: dict[str, dict]) -> str:
@@ -265,8 +297,9 @@ def run(quick: bool = False) -> Report:
                 continue
             add_rows(report, mode, result["cells"])
             report.notes.append(cache_note(mode, result["item_cache"]))
-            report.notes.append(f"{mode}: {result['rounds']} round(s) of {result['seconds']:g} s per cell, ranker and "
-                                "echo alternating; p50/p99 pooled over rounds, throughput the median round")
+            report.notes.append(f"{mode}: {result['rounds']} round(s) of {result['seconds']:g} s per cell, echo, HTTP "
+                                "ranking and (in the grid's cells) gRPC ranking in turn; p50/p99 pooled over rounds, "
+                                "throughput the median round")
     defaults = ServingConfig()
     report.notes.append(f"{', '.join(VARIANTS)}: the {GOAL_1000_AT[0]}-candidate cell at concurrency {GOAL_1000_AT[1]} "
                         "with compact responses (\"compact\": true) and against a second ranker of as many replicas "
@@ -276,7 +309,8 @@ def run(quick: bool = False) -> Report:
                         f"{defaults.torch_threads} each), otherwise the default ServingConfig (batches of up to "
                         f"{defaults.max_batch_candidates} candidates, batch wait {defaults.batch_wait_timeout_s * 1000:g} ms); "
                         f"echo: {REPLICAS} replicas; MMoE of the learner's defaults; {N_USERS:,} users, "
-                        f"{N_ITEMS:,} items, aggregates of {TRAFFIC_QUICK if quick else TRAFFIC:,} impressions in the feature store; client in the same process (benchmarks.http_load, HTTP/1.1 keep-alive); load average at the end "
+                        f"{N_ITEMS:,} items, aggregates of {TRAFFIC_QUICK if quick else TRAFFIC:,} impressions in the feature store; client in the same process (benchmarks.http_load, HTTP/1.1 keep-alive; "
+                        f"benchmarks.grpc_load, one grpc.aio channel); load average at the end "
                         f"{load_average()}")
     return report
 

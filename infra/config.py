@@ -553,6 +553,6 @@ def render(config: MoestreamConfig, environ: Mapping[str, str] | None = None) ->
 
 
 __all__ = [
-    "CONFIG_ENV", "DEFAULT_CONFIG_FILE", "RENAMED", "ConfigDeprecationWarning", "ConfigError", "GrpcConfig", "HttpConfig",
-    "MoestreamConfig", "PathsConfig", "SECRETS", "TrainerConfig", "config_path", "env_key", "load_config", "render",
+    "CONFIG_ENV", "DEFAULT_CONFIG_FILE", "RENAMED", "ConfigDeprecationWarning", "ConfigError", "GrpcConfig",
+    "HttpConfig", "MoestreamConfig", "PathsConfig", "SECRETS", "TrainerConfig", "config_path", "env_key", "load_config", "render",
 ]

@@ -76,8 +76,8 @@ def ranking_app(args: dict[str, Any]):
 
 def deploy_ranking(config: MoestreamConfig, timeout_s: float = DEPLOY_TIMEOUT_S) -> str:
     """Deploy the ranking app from :func:`serve_config` on the connected cluster; wait until it runs and
-    return its URL (:func:`grpc_address` is its gRPC address). The same path as ``serve run <config file>``; Ray has no public call that deploys a
-    Serve config document from Python, so this uses the one its CLI uses."""
+    return its URL (:func:`grpc_address` is its gRPC address). The same path as ``serve run <config file>``;
+    Ray has no public call that deploys a Serve config document from Python, so this uses the one its CLI uses."""
     from ray.serve._private import api as serve_api
 
     schema = ServeDeploySchema.model_validate(serve_config(config))

@@ -30,6 +30,7 @@ gRPC adds one thing HTTP has not: ``task_weights``, per-request fused-score weig
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Annotated, Any, Literal
@@ -38,7 +39,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
-from pydantic import BaseModel, Field, StrictBool, StrictFloat, ValidationError, model_validator
+from pydantic import BaseModel, Field, StrictBool, StrictFloat, ValidationError, field_validator
 
 from features.backends import FeatureStoreUnavailable
 from serving.api import Rank, _summary, request_models
@@ -47,6 +48,8 @@ from serving.proto import ranking_pb2 as pb
 from serving.ranker import NoModelYet, Ranking, RankingService, RankQuery
 from stream.events import TASKS
 
+RANK_ROUTE = "/moestream.v1.Ranking/Rank"
+"""The ``route`` of gRPC ranking calls in the request-latency metric, beside ``/v1/rank``."""
 TaskName = Literal[TASKS]  # type: ignore[valid-type]
 Weight = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 
@@ -59,11 +62,12 @@ def grpc_request_model(max_candidates: int, configured: Mapping[str, float]) -> 
         task_weights: dict[TaskName, Weight] = {}
         compact: StrictBool = False
 
-        @model_validator(mode="after")
-        def _some_weight(self) -> GrpcRankRequest:
-            if self.task_weights and not any({**configured, **self.task_weights}.values()):
-                raise ValueError("task_weights leave every task a weight of 0; some task must count")
-            return self
+        @field_validator("task_weights")
+        @classmethod
+        def _some_weight(cls, weights: dict[str, float]) -> dict[str, float]:
+            if weights and not any({**configured, **weights}.values()):
+                raise ValueError("would leave every task a weight of 0; some task must count")
+            return weights
 
     return GrpcRankRequest
 
@@ -92,6 +96,7 @@ class RankingGrpc:
 
     async def rank(self, raw: bytes, context) -> pb.RankResponse:
         """``Rank``: the candidates best first, or an empty message with the status set on ``context``."""
+        started = time.perf_counter()
         try:
             request = self._read(raw, context)
             ranking = await self.rank_query(RankQuery(request.user_id, np.asarray(request.candidates, dtype=np.int64)))
@@ -101,7 +106,9 @@ class RankingGrpc:
             return Refusal(grpc.StatusCode.UNAVAILABLE, str(exc)).answer(context, pb.RankResponse())
         if request.task_weights:
             ranking = reweighted(ranking, {**self.config.task_weights, **request.task_weights})
-        return self._response(ranking, request.compact)
+        response = self._response(ranking, request.compact)
+        self.service.metrics.observe_request(RANK_ROUTE, time.perf_counter() - started)
+        return response
 
     def _read(self, raw: bytes, context) -> BaseModel:
         """The request, checked as HTTP checks it: token, size, then the fields; raises :class:`Refusal`."""
@@ -165,4 +172,4 @@ def reweighted(ranking: Ranking, weights: Mapping[str, float]) -> Ranking:
     return replace(ranking, scores=(ranking.probabilities @ w).astype(np.float32))  # (n,)
 
 
-__all__ = ["RankingGrpc", "Refusal", "grpc_request_model", "reweighted"]
+__all__ = ["RANK_ROUTE", "RankingGrpc", "Refusal", "grpc_request_model", "reweighted"]

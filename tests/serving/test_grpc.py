@@ -143,7 +143,7 @@ REFUSED = [
     (pb.RankRequest(user_id=1, candidates=[1], task_weights={"click": math.nan}), CODE.INVALID_ARGUMENT,
      "task_weights.click: Input should be a finite number", None),
     (pb.RankRequest(user_id=1, candidates=[1], task_weights={t: 0.0 for t in TASKS}), CODE.INVALID_ARGUMENT,
-     "task_weights leave every task a weight of 0", None),
+     "task_weights: Value error, would leave every task a weight of 0", None),
     (pb.RankRequest(user_id=1, candidates=range(10**15, 10**15 + 9000)), CODE.RESOURCE_EXHAUSTED,
      "bytes exceeds the limit of 65536", None),
 ]

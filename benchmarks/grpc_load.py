@@ -1,0 +1,57 @@
+"""A closed-loop gRPC load generator: ``benchmarks.http_load``'s loop over one HTTP/2 channel.
+
+Each worker sends its next ``Rank`` when the previous answer has arrived, so ``concurrency`` calls are in flight
+at all times and the latency of each is recorded. Requests are serialized before the run and responses are
+received as bytes, not parsed, as the HTTP client sends prepared bytes and reads bodies by their framing: the
+client spends its CPU on the calls alone. All workers share one channel (one HTTP/2 connection, calls
+multiplexed on it), as a gRPC client normally does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from benchmarks.http_load import REQUEST_TIMEOUT_S, Sample
+
+RANK = "/moestream.v1.Ranking/Rank"
+
+
+async def closed_loop_grpc(target: str, payloads: list[bytes], concurrency: int, seconds: float, warmup_s: float,
+                           metadata: tuple[tuple[str, str], ...] = ()) -> Sample:
+    """``concurrency`` workers each call ``Rank`` at ``target`` (``host:port``) one call after the other for
+    ``seconds`` (after a warm-up), cycling through the serialized ``payloads`` (worker ``k`` starts at
+    ``payloads[k]``). A call that ends in a status other than OK, or takes over 30 s, counts as an error."""
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        rank = channel.unary_unary(RANK)  # bytes in, bytes out
+        await asyncio.wait_for(channel.channel_ready(), REQUEST_TIMEOUT_S)
+        start = time.perf_counter()
+        measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
+
+        async def worker(k: int) -> None:
+            nonlocal errors
+            i = k
+            while (now := time.perf_counter()) < stop_at:
+                raw = payloads[i % len(payloads)]
+                i += concurrency
+                try:
+                    await rank(raw, metadata=metadata, timeout=REQUEST_TIMEOUT_S)
+                    ok = True
+                except grpc.RpcError:
+                    ok = False
+                done = time.perf_counter()
+                if now >= measure_from:
+                    if ok:
+                        latencies.append(done - now)
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    return Sample(latencies, stop_at - measure_from, errors)
+
+
+__all__ = ["closed_loop_grpc"]
