@@ -8,7 +8,8 @@ requests/s at concurrency 8 on the 2-core machine (``docs/serving.md``). That lo
 loop, beside its HTTP server, unless ``ServingConfig.user_code_thread`` asks for Ray Serve's default, a
 thread of its own (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD``). Weights come from the snapshot directory through
 :class:`serving.weights.WeightFollower`: new snapshots are swapped in without redeploying (redeploying would
-restart replicas).
+restart replicas). Serve's gRPC proxy calls ``Rank`` and ``Health`` (``moestream.v1.Ranking``,
+``serving.grpc_api``) on the same replicas: gRPC requests join the same batches and see the same swaps.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class RankerDeployment:
         return await self.grpc.rank(request, grpc_context)
 
     async def Health(self, request: bytes, grpc_context: RayServegRPCContext) -> HealthResponse:  # noqa: N802
+        """``moestream.v1.Ranking/Health``: ``/healthz`` over gRPC."""
         return await self.grpc.health(request, grpc_context)
 
     @serve.batch(max_batch_size=ServingConfig.max_batch_candidates, batch_wait_timeout_s=ServingConfig.batch_wait_timeout_s,
