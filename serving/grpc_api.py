@@ -16,7 +16,8 @@ request larger than ``serving.max_body_bytes``                 413           RES
 bytes that are not a ``RankRequest``; a field of the wrong     400, 422      INVALID_ARGUMENT
 wire type or one the server does not know (as HTTP refuses
 unknown keys); ids out of range; no, too many or repeated
-candidates; task weights of unknown tasks or not finite
+candidates; task weights of unknown tasks, not finite, or
+beyond +-1e6
 no model served yet; feature store unreachable                 503           UNAVAILABLE
 ============================================================  ============  ===================
 
@@ -51,7 +52,11 @@ from stream.events import TASKS
 RANK_ROUTE = "/moestream.v1.Ranking/Rank"
 """The ``route`` of gRPC ranking calls in the request-latency metric, beside ``/v1/rank``."""
 TaskName = Literal[TASKS]  # type: ignore[valid-type]
-Weight = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+MAX_TASK_WEIGHT = 1e6
+"""Largest weight (in magnitude) a request may give a task: fused scores are float32, and a weight of 1e39 or a
+few of 1e38 would make them infinite (Hypothesis found it); a million times a probability is still exact enough
+to order by."""
+Weight = Annotated[StrictFloat, Field(allow_inf_nan=False, ge=-MAX_TASK_WEIGHT, le=MAX_TASK_WEIGHT)]
 
 
 def grpc_request_model(max_candidates: int, configured: Mapping[str, float]) -> type[BaseModel]:
@@ -172,4 +177,4 @@ def reweighted(ranking: Ranking, weights: Mapping[str, float]) -> Ranking:
     return replace(ranking, scores=(ranking.probabilities @ w).astype(np.float32))  # (n,)
 
 
-__all__ = ["RANK_ROUTE", "RankingGrpc", "Refusal", "grpc_request_model", "reweighted"]
+__all__ = ["MAX_TASK_WEIGHT", "RANK_ROUTE", "RankingGrpc", "Refusal", "grpc_request_model", "reweighted"]

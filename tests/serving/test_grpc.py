@@ -30,7 +30,8 @@ from tests.serving.conftest import feature_store, publish
 pytestmark = pytest.mark.integration
 
 APP = "ranking-grpc"
-MAX_CANDIDATES = 200
+MAX_CANDIDATES = 1000
+"""The default cap: hot swaps are exercised at full-size requests."""
 MAX_ID = 2**53 - 1
 CODE = grpc.StatusCode
 ROUTE = (("application", APP),)
@@ -127,7 +128,7 @@ REFUSED = [
     (pb.RankRequest(user_id=1), CODE.INVALID_ARGUMENT, "candidates: List should have at least 1 item",
      {"user_id": 1, "candidates": []}),
     (pb.RankRequest(user_id=1, candidates=range(MAX_CANDIDATES + 1)), CODE.INVALID_ARGUMENT,
-     f"candidates: List should have at most {MAX_CANDIDATES} items", {"user_id": 1, "candidates": list(range(201))}),
+     f"candidates: List should have at most {MAX_CANDIDATES} items", {"user_id": 1, "candidates": list(range(MAX_CANDIDATES + 1))}),
     (pb.RankRequest(user_id=1, candidates=[5, 7, 5, 7, 9]), CODE.INVALID_ARGUMENT,
      "candidates: Value error, must be distinct; repeated: [5, 7]", {"user_id": 1, "candidates": [5, 7, 5, 7, 9]}),
     (pb.RankRequest(user_id=-1, candidates=[1]), CODE.INVALID_ARGUMENT, "user_id: Input should be greater than or "
@@ -142,6 +143,8 @@ REFUSED = [
      "task_weights.clicks.[key]: Input should be 'click', 'long_view',", None),
     (pb.RankRequest(user_id=1, candidates=[1], task_weights={"click": math.nan}), CODE.INVALID_ARGUMENT,
      "task_weights.click: Input should be a finite number", None),
+    (pb.RankRequest(user_id=1, candidates=[1], task_weights={"like": 1e39}), CODE.INVALID_ARGUMENT,
+     "task_weights.like: Input should be less than or equal to 1000000", None),  # float32 scores would be inf
     (pb.RankRequest(user_id=1, candidates=[1], task_weights={t: 0.0 for t in TASKS}), CODE.INVALID_ARGUMENT,
      "task_weights: Value error, would leave every task a weight of 0", None),
     (pb.RankRequest(user_id=1, candidates=range(10**15, 10**15 + 9000)), CODE.RESOURCE_EXHAUSTED,
@@ -233,7 +236,8 @@ def test_before_the_first_model_and_without_a_token(served: Served, tmp_path: Pa
 
 
 def test_snapshots_swap_in_under_grpc_load_with_nothing_dropped(served: Served) -> None:
-    """gRPC requests share the replicas' hot swaps: every one is answered while new versions are published."""
+    """gRPC requests share the replicas' hot swaps: every one (of 1000 candidates) is answered while new versions
+    are published."""
     stop, rows = threading.Event(), [[] for _ in range(3)]  # per client: (code, replica, version, batch)
 
     def client(k: int) -> None:
@@ -279,7 +283,7 @@ def _acceptable(request: pb.RankRequest) -> bool:
     return (0 <= request.user_id <= MAX_ID and 1 <= len(request.candidates) <= MAX_CANDIDATES
             and len(set(request.candidates)) == len(request.candidates)
             and all(0 <= c <= MAX_ID for c in request.candidates)
-            and set(weights) <= set(TASKS) and all(math.isfinite(w) for w in weights.values())
+            and set(weights) <= set(TASKS) and all(abs(w) <= 1e6 for w in weights.values())
             and (not weights or any(merged.values())))
 
 
@@ -289,10 +293,12 @@ REQUESTS = st.builds(
     pb.RankRequest,
     user_id=IDS,
     candidates=st.one_of(st.lists(st.integers(0, 10_000), max_size=8), st.lists(IDS, max_size=12),
-                         st.lists(st.integers(0, 300), min_size=MAX_CANDIDATES - 2, max_size=MAX_CANDIDATES + 2)),
+                         st.lists(st.integers(0, 10**6), min_size=MAX_CANDIDATES - 1, max_size=MAX_CANDIDATES + 1,
+                                  unique=True)),
     task_weights=st.dictionaries(st.one_of(st.sampled_from(TASKS), st.text(st.characters(exclude_categories=("Cs",)),
                                                                             max_size=12)),
-                                 st.one_of(st.floats(-10, 10), st.floats(allow_nan=True)), max_size=4),
+                                 st.one_of(st.floats(-10, 10), st.floats(allow_nan=True), st.sampled_from([1e6, -1e6])),
+                                 max_size=4),
     compact=st.booleans(),
 )
 
