@@ -115,7 +115,7 @@ class RankingGrpc:
         self.service.metrics.observe_request(RANK_ROUTE, time.perf_counter() - started)
         return response
 
-    def _read(self, raw: bytes, context) -> BaseModel:
+    def _read(self, raw: bytes, context) -> Any:  # a GrpcRankRequest, a class built per configured cap
         """The request, checked as HTTP checks it: token, size, then the fields; raises :class:`Refusal`."""
         if self.tokens:
             header = dict(context.invocation_metadata()).get("authorization", "")
