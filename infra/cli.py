@@ -755,7 +755,7 @@ def report(
     network): the local way to look at a run whose W&B files are offline."""
     from infra.report import ReportError, write_report
 
-    if run is not None and Path(run).is_dir():
+    if run is not None and (Path(run).is_dir() or Path(run).is_absolute() or "/" in run):  # a path, not a name
         root = Path(run)
     else:
         root = load(config, uses_run=True, paths__run=run or run_name, paths__data_root=data_root).layout().root

@@ -93,7 +93,9 @@ def test_ray_serves_the_trainers_metrics(trained: Run) -> None:
         final.clear()
         final.update(scrape(trained.worker_id))
         trained_total = final.get("ray_moestream_examples_trained_total", [({}, 0)])[0][1]
-        return trained_total == stats["examples_trained"] and "ray_moestream_expert_routing_share" in final
+        version = final.get("ray_moestream_snapshot_version", [({}, 0)])[0][1]
+        return (trained_total == stats["examples_trained"] and version == stats["snapshots"][-1]
+                and "ray_moestream_expert_routing_share" in final)
 
     wait_for(complete, SCRAPE_TIMEOUT_S, "Ray's metrics endpoint to serve the run's final figures", every_s=1.0)
     assert set(final) <= exported_names()
