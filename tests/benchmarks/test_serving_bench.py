@@ -10,12 +10,13 @@ from benchmarks.http_load import Sample
 from benchmarks.serving import GOAL_1000_AT, VARIANTS, Cell, add_rows, bodies, cache_note
 
 
-def cell(latency_s: float, count: int) -> Cell:
-    return Cell([Sample([latency_s] * count, 1.0, 0)], [Sample([0.005] * 1000, 1.0, 0)])
+def cell(latency_s: float, count: int, grpc: bool = False) -> Cell:
+    samples = [Sample([latency_s] * count, 1.0, 0)]
+    return Cell(samples, [Sample([0.005] * 1000, 1.0, 0)], samples if grpc else [])
 
 
 def test_the_1000_candidate_goal_is_read_on_the_default_cell_and_the_variants_sit_beside_it() -> None:
-    cells = {(1000, 8, "/v1/rank", False): cell(0.020, 450)}
+    cells = {(1000, 8, "/v1/rank", False): cell(0.020, 450, grpc=True)}
     cells |= {(*GOAL_1000_AT, route, compact): cell(0.040, 200) for route, compact in VARIANTS.values()}
     report = Report("serving")
     add_rows(report, "haproxy", cells)
@@ -26,6 +27,9 @@ def test_the_1000_candidate_goal_is_read_on_the_default_cell_and_the_variants_si
     for name in VARIANTS:
         assert rows[f"{default}, {name}: p99"].goal is None
         assert rows[f"{default}, {name}: candidates"].value == 200_000
+    grpc = [name for name in rows if ": gRPC, " in name]  # beside the grid's own cell, not the variants
+    assert grpc and all(name.startswith("haproxy: gRPC, 1000 candidates, concurrency 8: ") for name in grpc)
+    assert rows["haproxy: gRPC, 1000 candidates, concurrency 8: p99"].anchor_value == rows[f"{default}: p99"].value
     slow = Report("serving")
     add_rows(slow, "haproxy", {(1000, 8, "/v1/rank", False): cell(0.040, 300)})
     assert [r.met for r in slow.rows if r.goal] == [False, False]
