@@ -14,7 +14,7 @@ import time
 
 import grpc
 
-from benchmarks.http_load import REQUEST_TIMEOUT_S, Sample
+from benchmarks.http_load import REQUEST_TIMEOUT_S, Sample, Tally
 
 RANK = "/moestream.v1.Ranking/Rank"
 
@@ -24,18 +24,14 @@ async def closed_loop_grpc(target: str, payloads: list[bytes], concurrency: int,
     """``concurrency`` workers each call ``Rank`` at ``target`` (``host:port``) one call after the other for
     ``seconds`` (after a warm-up), cycling through the serialized ``payloads`` (worker ``k`` starts at
     ``payloads[k]``). A call that ends in a status other than OK, or takes over 30 s, counts as an error."""
-    latencies: list[float] = []
-    errors = 0
     async with grpc.aio.insecure_channel(target) as channel:
         rank = channel.unary_unary(RANK)  # bytes in, bytes out
         await asyncio.wait_for(channel.channel_ready(), REQUEST_TIMEOUT_S)
-        start = time.perf_counter()
-        measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
+        tally = Tally(warmup_s, seconds)
 
         async def worker(k: int) -> None:
-            nonlocal errors
             i = k
-            while (now := time.perf_counter()) < stop_at:
+            while (now := time.perf_counter()) < tally.stop_at:
                 raw = payloads[i % len(payloads)]
                 i += concurrency
                 try:
@@ -43,15 +39,10 @@ async def closed_loop_grpc(target: str, payloads: list[bytes], concurrency: int,
                     ok = True
                 except grpc.RpcError:
                     ok = False
-                done = time.perf_counter()
-                if now >= measure_from:
-                    if ok:
-                        latencies.append(done - now)
-                    else:
-                        errors += 1
+                tally.record(now, ok)
 
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    return Sample(latencies, stop_at - measure_from, errors)
+    return tally.sample()
 
 
 __all__ = ["closed_loop_grpc"]

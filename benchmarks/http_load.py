@@ -108,20 +108,37 @@ def post_requests(url: str, bodies: list[bytes]) -> tuple[str, int, list[bytes]]
     return parts.hostname, port, [f"{head}Content-Length: {len(b)}\r\n\r\n".encode("ascii") + b for b in bodies]
 
 
+class Tally:
+    """Latencies of the calls that started inside the measured window (after the warm-up), and their failures."""
+
+    def __init__(self, warmup_s: float, seconds: float) -> None:
+        start = time.perf_counter()
+        self.measure_from, self.stop_at = start + warmup_s, start + warmup_s + seconds
+        self.latencies: list[float] = []
+        self.errors = 0
+
+    def record(self, started: float, ok: bool) -> None:
+        """A call that started at ``started`` (``time.perf_counter``) has just ended, ``ok`` or not."""
+        if started >= self.measure_from:
+            if ok:
+                self.latencies.append(time.perf_counter() - started)
+            else:
+                self.errors += 1
+
+    def sample(self) -> Sample:
+        return Sample(self.latencies, self.stop_at - self.measure_from, self.errors)
+
+
 async def closed_loop(url: str, payloads: list[bytes], concurrency: int, seconds: float, warmup_s: float) -> Sample:
     """``concurrency`` workers each send one request after the other for ``seconds`` (after a warm-up), cycling
     through ``payloads`` (worker ``k`` starts at ``payloads[k]``)."""
     host, port, requests = post_requests(url, payloads)
-    latencies: list[float] = []
-    errors = 0
-    start = time.perf_counter()
-    measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
+    tally = Tally(warmup_s, seconds)
 
     async def worker(k: int) -> None:
-        nonlocal errors
         connection, i = Connection(host, port), k
         try:
-            while (now := time.perf_counter()) < stop_at:
+            while (now := time.perf_counter()) < tally.stop_at:
                 raw = requests[i % len(requests)]
                 i += concurrency
                 try:
@@ -132,17 +149,12 @@ async def closed_loop(url: str, payloads: list[bytes], concurrency: int, seconds
                     # (IncompleteReadError is an EOFError; ProtocolError an OSError.) Start afresh.
                     connection.close()
                     ok = False
-                done = time.perf_counter()
-                if now >= measure_from:
-                    if ok:
-                        latencies.append(done - now)
-                    else:
-                        errors += 1
+                tally.record(now, ok)
         finally:
             connection.close()
 
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    return Sample(latencies, stop_at - measure_from, errors)
+    return tally.sample()
 
 
-__all__ = ["Connection", "ProtocolError", "Sample", "closed_loop", "post_requests"]
+__all__ = ["Connection", "ProtocolError", "Sample", "Tally", "closed_loop", "post_requests"]

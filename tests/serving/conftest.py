@@ -96,3 +96,22 @@ def snapshot_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "snapshots"
     publish(SnapshotStore(directory), seed=1)
     return directory
+
+
+def deploy_locked(tmp_path: Path, name: str, route_prefix: str) -> tuple[SnapshotStore, str]:
+    """A ranking app with an API token and no snapshot yet, deployed on the running Serve instance as ``name``:
+    its snapshot store (publish to it to make it ready) and the token."""
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.config import ServingConfig
+
+    token = "0123456789abcdef" * 4
+    tokens = tmp_path / "tokens"
+    tokens.write_text(token + "\n")
+    tokens.chmod(0o600)
+    store = SnapshotStore(tmp_path / "snapshots")
+    config = ServingConfig(num_cpus=0.5, poll_s=0.05, api_tokens_file=str(tokens))
+    serve.run(build_app(store.directory, feature_store(tmp_path / "features"), config), name=name,
+              route_prefix=route_prefix)
+    return store, token

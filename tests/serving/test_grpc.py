@@ -25,7 +25,7 @@ from serving.proto import ranking_pb2 as pb
 from serving.proto.ranking_pb2_grpc import RankingStub
 from stream.events import TASKS
 from tests.conftest import free_ports
-from tests.serving.conftest import feature_store, publish
+from tests.serving.conftest import deploy_locked, feature_store, publish
 
 pytestmark = pytest.mark.integration
 
@@ -197,14 +197,7 @@ def test_before_the_first_model_and_without_a_token(served: Served, tmp_path: Pa
     UNAUTHENTICATED without the token and UNAVAILABLE with it, naming no server path; then both answer."""
     from ray import serve
 
-    token = "0123456789abcdef" * 4
-    tokens = tmp_path / "tokens"
-    tokens.write_text(token + "\n")
-    tokens.chmod(0o600)
-    store = SnapshotStore(tmp_path / "snapshots")
-    config = ServingConfig(num_cpus=0.5, poll_s=0.05, api_tokens_file=str(tokens))
-    serve.run(build_app(store.directory, feature_store(tmp_path / "features"), config), name="grpc-locked",
-              route_prefix="/locked")
+    store, token = deploy_locked(tmp_path, "grpc-locked", "/locked")
     try:
         route, request = (("application", "grpc-locked"),), pb.RankRequest(user_id=1, candidates=[10, 11])
         with pytest.raises(grpc.RpcError) as health:

@@ -17,7 +17,7 @@ from learner.snapshots import SnapshotStore
 from serving.app import build_app
 from serving.config import ServingConfig
 from tests.conftest import free_port
-from tests.serving.conftest import feature_store, publish
+from tests.serving.conftest import deploy_locked, feature_store, publish
 
 pytestmark = pytest.mark.integration
 
@@ -142,14 +142,7 @@ def test_a_locked_replica_before_and_after_its_first_snapshot(served, tmp_path: 
     from ray import serve
 
     url, _ = served
-    token = "0123456789abcdef" * 4
-    tokens = tmp_path / "tokens"
-    tokens.write_text(token + "\n")
-    tokens.chmod(0o600)
-    store = SnapshotStore(tmp_path / "snapshots")
-    config = ServingConfig(num_cpus=0.5, poll_s=0.05, api_tokens_file=str(tokens))
-    serve.run(build_app(store.directory, feature_store(tmp_path / "features"), config), name="ranking-locked",
-              route_prefix="/locked")
+    store, token = deploy_locked(tmp_path, "ranking-locked", "/locked")
     try:
         base, body = f"{url}/locked", {"user_id": 1, "candidates": [10, 11]}
         with httpx.Client(base_url=base, timeout=30) as http:
