@@ -156,11 +156,20 @@ def test_the_shipped_prometheus_config_scrapes_the_run_and_answers_the_dashboard
         assert float(result["value"][1]) == trained.stats["examples_trained"]
         assert result["metric"]["job"] == "ray"  # the shipped job, through the service-discovery file
 
-        silent = []
-        for expr in dashboard_queries():  # Grafana's variables, as Grafana would substitute them
-            result = query(expr.replace("$__rate_interval", "1m").replace("$task", "click"))  # valid PromQL
-            # A rate needs two scrapes, and Ray exports a counter once it has counted something (a refusal,
-            # a stall); every other panel shows the run.
-            if not result and "[" not in expr and not any(n.endswith("_total") for n in metric_names(expr)):
-                silent.append(expr)
-        assert not silent, f"dashboard queries without data for a run that trained: {silent}"
+        silent: list[str] = []
+
+        def every_panel_answers() -> bool:
+            silent.clear()
+            for expr in dashboard_queries():  # Grafana's variables, as Grafana would substitute them
+                result = query(expr.replace("$__rate_interval", "1m").replace("$task", "click"))  # valid PromQL
+                # A rate needs two scrapes, and Ray exports a counter once it has counted something (a refusal,
+                # a stall); every other panel shows the run once Ray's agent has exported its gauges (each on
+                # its own interval) and Prometheus has scraped them.
+                if not result and "[" not in expr and not any(n.endswith("_total") for n in metric_names(expr)):
+                    silent.append(expr)
+            return not silent
+
+        try:
+            wait_for(every_panel_answers, SCRAPE_TIMEOUT_S, "every dashboard query to have data", every_s=2.0)
+        except TimeoutError:
+            pytest.fail(f"dashboard queries without data for a run that trained: {silent}")
