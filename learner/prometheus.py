@@ -13,6 +13,13 @@ record costs a dict look-up and one ``set``, ``inc`` or ``observe`` per key; the
 once per process and shared by every sink in it. Counters are fed cumulative figures (events consumed so
 far) and increase by the difference from the last figure the sink saw, so ``rate()`` gives events/s; Ray
 takes only positive increments, so a counter that has counted nothing yet (no refusal, no stall) has no series.
+
+Ray's agent drops a gauge series that its process has not set for two report intervals
+(``metrics_report_interval_ms``, 10 s by default): a trainer waiting for events, or one whose run has ended,
+would lose its lag, snapshot version and AUC from the dashboard while its counters stay. So the process keeps
+the last value of every gauge it set (:class:`_GaugeKeeper`, one per process like the metric objects) and
+sets it again every half interval, from a daemon thread, until the process ends: what a scrape sees is the
+newest value of every series, as with an in-process ``prometheus_client`` registry.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 import math
 import re
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache, partial
@@ -257,6 +266,50 @@ def _ignore(value: float) -> None:
     pass
 
 
+def _report_interval_s() -> float:
+    """How often this process's metrics reach Ray's agent (Ray floors the setting at 1 s)."""
+    import ray
+
+    return max(ray._config.metrics_report_interval_ms(), 1000) / 1000
+
+
+class _GaugeKeeper:
+    """The last value of every gauge series the process set, set again every ``every_s`` so that Ray's agent
+    keeps serving it (see the module docstring)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last: dict[tuple, tuple[Callable[[float], None], float]] = {}
+        self._thread = threading.Thread(target=self._run, name="moestream-gauge-keeper", daemon=True)
+        self._thread.start()
+
+    def setter(self, name: str, tags: dict[str, str] | None) -> Callable[[float], None]:
+        """The ``set`` of one gauge series, remembering each value it sets (one slot per series, whichever
+        sink of the process sets it)."""
+        slot, last = (name, tuple(sorted((tags or {}).items()))), self._last
+        set_value = partial(_metric(name).set, tags=tags)
+
+        def set_and_keep(value: float) -> None:
+            set_value(value)
+            last[slot] = (set_value, value)
+
+        return set_and_keep
+
+    def refresh(self) -> None:
+        for set_value, value in list(self._last.values()):
+            set_value(value)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.every_s)
+            self.refresh()
+
+
+@cache
+def _keeper() -> _GaugeKeeper:
+    return _GaugeKeeper(every_s=_report_interval_s() / 2)
+
+
 class PrometheusSink:
     """Telemetry records as Ray metrics (see the module docstring)."""
 
@@ -285,7 +338,7 @@ class PrometheusSink:
             return _Increments(metric, tags)
         if kind == "histogram":
             return partial(metric.observe, tags=tags)
-        return partial(metric.set, tags=tags)
+        return _keeper().setter(name, tags)
 
     def alert(self, title: str, text: str, level: str) -> None:
         self._alerts.inc(1.0, tags={"title": title})
@@ -294,7 +347,7 @@ class PrometheusSink:
         """Run-summary values are text for a run page; a metric has them already."""
 
     def finish(self) -> None:
-        """Ray serves the last values until the process ends."""
+        """The last values stay served until the process ends (:class:`_GaugeKeeper`)."""
 
 
 __all__ = ["EXPORTED_PREFIX", "LEFT_OUT", "METRICS", "MetricSpec", "PrometheusSink", "ROUTES", "exported_names",

@@ -37,6 +37,8 @@ class Run:
     """The trainer actor's Ray worker: Ray's ``WorkerId`` label on every series it exports."""
     event_times_s: tuple[float, float]
     """The first and the last event time produced."""
+    stopped_at: float
+    """``time.monotonic()`` when the run had ended: no gauge was set by the run after it."""
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +63,10 @@ def trained(ray_session, kafka_bootstrap, tmp_path_factory) -> Run:
         wait_for(lambda: ray.get(actor.stats.remote())["consumed"] >= len(events), 240, "the backlog consumed")
         actor.stop.remote()
         stats = ray.get(run_ref, timeout=180)
+        stopped_at = time.monotonic()
         worker_id = ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_worker_id()))
         times = [e["ts_ms"] / 1000 for e in events]
-        yield Run(config, stats, worker_id, (min(times), max(times)))
+        yield Run(config, stats, worker_id, (min(times), max(times)), stopped_at)
     finally:
         ray.get(actor.close.remote(), timeout=120)
         ray.kill(actor)
@@ -131,6 +134,27 @@ def test_ray_serves_the_trainers_metrics(trained: Run) -> None:
     assert tables and by(final["ray_moestream_id_table_live"], "field") == {f: t["live"] for f, t in tables.items()}
     assert by(final["ray_moestream_id_table_admitted_total"], "field") == {f: t["admitted"] for f, t in tables.items()}
     assert all(t["live"] > 0 for t in tables.values())
+
+
+def test_gauges_stay_served_after_the_run_while_the_process_lives(trained: Run) -> None:
+    """Ray's agent drops a gauge not set for two report intervals; the sink's keeper sets them again, so an
+    ended (or idle) run's lag, version and AUC stay on the dashboard as long as its counters."""
+    import ray
+
+    ttl_s = 2 * max(ray._config.metrics_report_interval_ms(), 1000) / 1000
+    gauges = ("ray_moestream_snapshot_version", "ray_moestream_consumer_lag", "ray_moestream_progressive_auc",
+              "ray_moestream_expert_routing_share", "ray_moestream_id_table_live")
+    seen: dict = {}
+
+    def served_past_the_ttl() -> bool:
+        after_s = time.monotonic() - trained.stopped_at
+        seen.clear()
+        seen.update(scrape(trained.worker_id))
+        return after_s > ttl_s + 2 and all(name in seen for name in gauges)
+
+    wait_for(served_past_the_ttl, SCRAPE_TIMEOUT_S, f"the run's gauges served {ttl_s:.0f} s after it ended",
+             every_s=1.0)
+    assert seen["ray_moestream_snapshot_version"][0][1] == trained.stats["snapshots"][-1]
 
 
 def test_the_shipped_prometheus_config_scrapes_the_run_and_answers_the_dashboard(trained: Run, tmp_path: Path) -> None:

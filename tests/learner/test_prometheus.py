@@ -10,6 +10,7 @@ from pathlib import Path
 from features.memory import InMemoryFeatures
 from learner.config import CadenceConfig, LearnerConfig
 from learner.loop import TrainingLoop
+from learner import prometheus
 from learner.prometheus import ALERTS, METRICS, ROUTES, SPECS, exported_names, left_out, route
 from learner.snapshots import SnapshotStore
 from learner.telemetry import Telemetry, TelemetryConfig
@@ -92,3 +93,26 @@ def test_the_docs_list_every_metric() -> None:
     assert "ray_moestream_events_consumed_total" in exported_names()
     histogram = {"ray_moestream_step_duration_seconds_bucket", "ray_moestream_step_duration_seconds_count"}
     assert histogram <= exported_names()
+
+
+def test_the_keeper_sets_every_gauge_series_again_with_its_newest_value(monkeypatch) -> None:
+    """Ray's agent drops a gauge series not set for two report intervals; the keeper sets each one again with
+    the newest value any sink of the process gave it (the real agent: tests/infra/test_prometheus.py)."""
+    sets: list[tuple[str, float, tuple]] = []
+
+    class Gauge:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def set(self, value: float, tags: dict | None = None) -> None:
+            sets.append((self.name, value, tuple(sorted((tags or {}).items()))))
+
+    monkeypatch.setattr(prometheus, "_metric", Gauge)
+    keeper = prometheus._GaugeKeeper(every_s=3600.0)  # refreshed by hand below, not by its thread
+    lag0, lag1 = keeper.setter("lag", {"partition": "0"}), keeper.setter("lag", {"partition": "1"})
+    lag0(5.0), lag1(7.0), lag0(3.0)
+    again = keeper.setter("lag", {"partition": "0"})  # a second sink of the process, same series
+    again(2.0)
+    sets.clear()
+    keeper.refresh()
+    assert sorted(sets) == [("lag", 2.0, (("partition", "0"),)), ("lag", 7.0, (("partition", "1"),))]
