@@ -1,0 +1,239 @@
+"""A model version as the change from its parent: what delta publishing ships instead of the whole model.
+
+A snapshot's state dict (``MultiTaskRanker.state_dict()``) has three kinds of entries, told apart by name:
+
+- **tables**: a row-wise embedding table's ``<prefix>weight (rows, dim)`` and ``<prefix>sum_sq (rows, ...)``
+  (:class:`~learner.models.sparse.RowwiseTable`): the bulk of the bytes, and a step changes only the rows its
+  batch touched;
+- **maps**: a field's published ``<prefix>map_ids_<field>`` (ascending raw ids) and ``<prefix>map_rows_<field>``
+  (each id's row): what serving maps raw ids with; a step admits, expires and evicts a few ids;
+- **dense**: everything else (the experts, gates, towers, the tables' ``seed`` and ``resets``): small, and
+  every step moves all of it.
+
+A :class:`Delta` holds all the dense entries, each table's rows that changed since the parent (their numbers,
+weights and accumulators, and the table's size now), and each map's changes: ids now mapped to a row they were
+not mapped to before (``ids``, ``rows``) and ids no longer mapped at all (``tombstones``: expired or evicted,
+so serving must score them with the default row, never with their old one).
+
+``materialise(parent_state, delta)`` is the version's whole state, equal entry for entry to the state dict the
+trainer had when it published (``tests/learner/test_delta.py``); ``diff(old, new)`` is the reference delta
+between two states, computed the slow way (whole tables compared), which the trainer's tracked deltas must
+reproduce. A delta travels as flat safetensors (:func:`to_tensors`, :func:`from_tensors`, no pickle): names
+``dense/<key>``, ``table/<prefix>/{rows,weight,sum_sq,size}``, ``map/<ids key>/{ids,rows,tombstones}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+_MAP_IDS, _MAP_ROWS = "map_ids_", "map_rows_"
+
+
+class DeltaError(ValueError):
+    """A delta that does not fit its parent, or tensors that are no delta."""
+
+
+@dataclass(frozen=True)
+class TableRows:
+    """The rows of one table that changed since the parent, and the table's row count now (tables grow)."""
+
+    rows: Tensor  # (k,) int64, ascending, each < size
+    weight: Tensor  # (k, dim)
+    sum_sq: Tensor  # (k,) or (k, groups)
+    size: int  # the table's rows now: weight.shape[0] of the version
+
+
+@dataclass(frozen=True)
+class MapChanges:
+    """A field map's changes since the parent: ``ids`` now map to ``rows``; ``tombstones`` map to nothing."""
+
+    ids: Tensor  # (u,) int64, ascending
+    rows: Tensor  # (u,) int64
+    tombstones: Tensor  # (t,) int64, ascending, disjoint from ids
+
+
+@dataclass(frozen=True)
+class Delta:
+    dense: dict[str, Tensor]
+    tables: dict[str, TableRows] = field(default_factory=dict)
+    """By table prefix (``encoder.tables.user_id.``)."""
+    maps: dict[str, MapChanges] = field(default_factory=dict)
+    """By the map's ids key (``encoder.map_ids_user_id``)."""
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.dense.values(), *(t for r in self.tables.values() for t in (r.rows, r.weight, r.sum_sq)),
+                   *(t for m in self.maps.values() for t in (m.ids, m.rows, m.tombstones))]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def changed_rows(self) -> int:
+        return sum(int(r.rows.numel()) for r in self.tables.values())
+
+    @property
+    def tombstones(self) -> int:
+        return sum(int(m.tombstones.numel()) for m in self.maps.values())
+
+
+@dataclass(frozen=True)
+class StateParts:
+    dense: dict[str, Tensor]
+    tables: dict[str, tuple[Tensor, Tensor]]
+    """prefix -> (weight, sum_sq)"""
+    maps: dict[str, tuple[Tensor, Tensor]]
+    """ids key -> (ids, rows)"""
+
+
+def table_prefixes(state: dict[str, Tensor]) -> list[str]:
+    """The prefixes of the row-wise tables in a state dict: ``P`` with both ``Pweight`` and ``Psum_sq``."""
+    return sorted(k[: -len("sum_sq")] for k in state if k.endswith("sum_sq") and k[: -len("sum_sq")] + "weight" in state)
+
+
+def map_keys(state: dict[str, Tensor]) -> list[str]:
+    """The ids keys of the published maps in a state dict (each with its ``map_rows_`` sibling)."""
+    return sorted(k for k in state if _MAP_IDS in k and rows_key(k) in state)
+
+
+def rows_key(ids_key: str) -> str:
+    head, _, field_name = ids_key.rpartition(_MAP_IDS)
+    return f"{head}{_MAP_ROWS}{field_name}"
+
+
+def split_state(state: dict[str, Tensor]) -> StateParts:
+    tables = {p: (state[p + "weight"], state[p + "sum_sq"]) for p in table_prefixes(state)}
+    maps = {k: (state[k], state[rows_key(k)]) for k in map_keys(state)}
+    taken = {p + s for p in tables for s in ("weight", "sum_sq")} | {k for m in maps for k in (m, rows_key(m))}
+    return StateParts({k: v for k, v in state.items() if k not in taken}, tables, maps)
+
+
+def map_changes(old_ids: Tensor, old_rows: Tensor, new_ids: Tensor, new_rows: Tensor) -> MapChanges:
+    """What turns map ``old`` into map ``new`` (both with ascending ids)."""
+    kept_old = torch.isin(old_ids, new_ids)
+    tombstones = old_ids[~kept_old]
+    at = torch.searchsorted(old_ids, new_ids).clamp_(max=max(old_ids.numel() - 1, 0))
+    same = (old_ids[at] == new_ids) & (old_rows[at] == new_rows) if old_ids.numel() else torch.zeros_like(new_ids, dtype=torch.bool)
+    return MapChanges(new_ids[~same].clone(), new_rows[~same].clone(), tombstones.clone())
+
+
+def diff(old: dict[str, Tensor], new: dict[str, Tensor]) -> Delta:
+    """The reference delta from state ``old`` to state ``new``: every row that differs, or that ``new``'s larger
+    table added; every map entry added, moved or removed. Costs the whole model: for tests and verification."""
+    a, b = split_state(old), split_state(new)
+    if set(a.tables) != set(b.tables) or set(a.maps) != set(b.maps):
+        raise DeltaError("the two states have different tables or maps")
+    tables = {}
+    for prefix, (weight, sum_sq) in b.tables.items():
+        old_weight, old_sum_sq = a.tables[prefix]
+        shared = min(old_weight.shape[0], weight.shape[0])
+        moved = (weight[:shared] != old_weight[:shared]).reshape(shared, -1).any(1)
+        moved |= (sum_sq[:shared] != old_sum_sq[:shared]).reshape(shared, -1).any(1)
+        rows = torch.cat([moved.nonzero().flatten(), torch.arange(shared, weight.shape[0])])
+        tables[prefix] = TableRows(rows, weight[rows].clone(), sum_sq[rows].clone(), int(weight.shape[0]))
+    maps = {k: map_changes(*a.maps[k], *b.maps[k]) for k in b.maps}
+    return Delta({k: v.clone() for k, v in b.dense.items()}, tables, maps)
+
+
+def materialise(parent: dict[str, Tensor], delta: Delta) -> dict[str, Tensor]:
+    """The version's whole state: ``parent`` (left unchanged) with ``delta`` applied."""
+    parts = split_state(parent)
+    check_fits(parts, delta)
+    state = dict(delta.dense)
+    for prefix, (weight, sum_sq) in parts.tables.items():
+        change = delta.tables.get(prefix)
+        if change is None:
+            state[prefix + "weight"], state[prefix + "sum_sq"] = weight, sum_sq
+            continue
+        weight, sum_sq = _resized(weight, change.size), _resized(sum_sq, change.size)
+        weight[change.rows], sum_sq[change.rows] = change.weight.to(weight.dtype), change.sum_sq.to(sum_sq.dtype)
+        state[prefix + "weight"], state[prefix + "sum_sq"] = weight, sum_sq
+    for key, (ids, rows) in parts.maps.items():
+        change = delta.maps.get(key)
+        state[key], state[rows_key(key)] = (ids, rows) if change is None else apply_map(ids, rows, change)
+    return state
+
+
+def apply_map(ids: Tensor, rows: Tensor, change: MapChanges) -> tuple[Tensor, Tensor]:
+    """A map (ascending ``ids``) with ``change`` applied, as new tensors."""
+    drop = torch.isin(ids, torch.cat([change.tombstones, change.ids]))
+    merged_ids = torch.cat([ids[~drop], change.ids.to(ids.dtype)])
+    merged_rows = torch.cat([rows[~drop], change.rows.to(rows.dtype)])
+    order = torch.argsort(merged_ids, stable=True)
+    return merged_ids[order].contiguous(), merged_rows[order].contiguous()
+
+
+def _resized(tensor: Tensor, size: int) -> Tensor:
+    """A copy with ``size`` rows: cut, or grown with zero rows (a delta carries every row added since)."""
+    if size <= tensor.shape[0]:
+        return tensor[:size].clone()
+    out = tensor.new_zeros((size, *tensor.shape[1:]))
+    out[: tensor.shape[0]] = tensor
+    return out
+
+
+def check_fits(parent: StateParts, delta: Delta) -> None:
+    """Raise :class:`DeltaError` unless ``delta`` can apply to a state with ``parent``'s entries."""
+    if set(delta.dense) != set(parent.dense):
+        missing, extra = sorted(set(parent.dense) - set(delta.dense)), sorted(set(delta.dense) - set(parent.dense))
+        raise DeltaError(f"dense entries differ from the parent's: missing {missing[:3]}, unknown {extra[:3]}")
+    for key, value in delta.dense.items():
+        if value.shape != parent.dense[key].shape:
+            raise DeltaError(f"{key}: shape {tuple(value.shape)} where the parent has {tuple(parent.dense[key].shape)}")
+    if not set(delta.tables) <= set(parent.tables) or not set(delta.maps) <= set(parent.maps):
+        raise DeltaError("the delta names a table or map its parent does not have")
+    for prefix, change in delta.tables.items():
+        weight, sum_sq = parent.tables[prefix]
+        k = change.rows.numel()
+        if change.weight.shape != (k, *weight.shape[1:]) or change.sum_sq.shape != (k, *sum_sq.shape[1:]):
+            raise DeltaError(f"{prefix}: rows of shape {tuple(change.weight.shape)} for a table of {tuple(weight.shape)}")
+        if k and (int(change.rows.min()) < 0 or int(change.rows.max()) >= change.size):
+            raise DeltaError(f"{prefix}: a row beyond the table's {change.size}")
+        if change.size > weight.shape[0]:  # every added row must come with the delta
+            added = torch.isin(torch.arange(weight.shape[0], change.size), change.rows).all()
+            if not bool(added):
+                raise DeltaError(f"{prefix}: the table grew to {change.size} rows without all of them")
+
+
+def to_tensors(delta: Delta) -> dict[str, Tensor]:
+    out = {f"dense/{k}": v for k, v in delta.dense.items()}
+    for prefix, t in delta.tables.items():
+        out |= {f"table/{prefix}/rows": t.rows, f"table/{prefix}/weight": t.weight,
+                f"table/{prefix}/sum_sq": t.sum_sq, f"table/{prefix}/size": torch.tensor(t.size, dtype=torch.int64)}
+    for key, m in delta.maps.items():
+        out |= {f"map/{key}/ids": m.ids, f"map/{key}/rows": m.rows, f"map/{key}/tombstones": m.tombstones}
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def from_tensors(tensors: dict[str, Tensor]) -> Delta:
+    dense, tables, maps = {}, {}, {}
+    table_parts: dict[str, dict[str, Tensor]] = {}
+    map_parts: dict[str, dict[str, Tensor]] = {}
+    for name, value in tensors.items():
+        kind, _, rest = name.partition("/")
+        key, _, part = rest.rpartition("/")
+        if kind == "dense":
+            dense[rest] = value
+        elif kind == "table" and part in ("rows", "weight", "sum_sq", "size"):
+            table_parts.setdefault(key, {})[part] = value
+        elif kind == "map" and part in ("ids", "rows", "tombstones"):
+            map_parts.setdefault(key, {})[part] = value
+        else:
+            raise DeltaError(f"not a delta entry: {name!r}")
+    for key, p in table_parts.items():
+        if set(p) != {"rows", "weight", "sum_sq", "size"} or p["rows"].dtype != torch.int64:
+            raise DeltaError(f"table {key!r} lacks a part or has non-integer rows")
+        tables[key] = TableRows(p["rows"], p["weight"], p["sum_sq"], int(p["size"]))
+    for key, p in map_parts.items():
+        if set(p) != {"ids", "rows", "tombstones"} or any(v.dtype != torch.int64 for v in p.values()):
+            raise DeltaError(f"map {key!r} lacks a part or is not int64")
+        if p["ids"].shape != p["rows"].shape:
+            raise DeltaError(f"map {key!r}: {p['ids'].numel()} ids but {p['rows'].numel()} rows")
+        maps[key] = MapChanges(p["ids"], p["rows"], p["tombstones"])
+    return Delta(dense, tables, maps)
+
+
+__all__ = ["Delta", "DeltaError", "MapChanges", "StateParts", "TableRows", "apply_map", "check_fits", "diff",
+           "from_tensors", "map_changes", "map_keys", "materialise", "rows_key", "split_state", "table_prefixes",
+           "to_tensors"]
