@@ -1,28 +1,47 @@
-"""Versioned weight snapshots: safetensors + a JSON manifest carrying the file's sha256.
+"""Versioned weight snapshots as chains: a base (the whole model), then deltas (each the change from the
+version before it), each one a safetensors payload beside a JSON manifest that carries the payload's sha256.
 
-Layout of a snapshot directory (the long-lived weight store serving follows)::
+A store is a local directory or a folder of any ``pyarrow.fs`` filesystem (``learner.snapshot_files``)::
 
-    v000003.safetensors   weights (no pickle anywhere: safetensors only holds tensors)
-    v000003.json          manifest: version, sha256 of the weights file, model config, step, offsets, ...
-    LATEST                the newest published version, written last
+    v000003.safetensors         a base: the whole state dict (no pickle anywhere: safetensors only holds tensors)
+    v000004.delta.safetensors   a delta: ``learner.delta.to_tensors`` (dense entries, changed rows, map changes)
+    v000004.json                manifest: version, kind, parent (+ its sha256), base, depth, bytes, sha256, ...
+    LATEST                      the newest published version, written last
 
-Every file is written to a temporary name, fsynced and renamed, so a reader sees a whole snapshot or none.
-A reader verifies the sha256 before it trusts the bytes. A publish that cannot write (a full disk, a
-read-only directory) raises :class:`SnapshotUnwritable` and leaves nothing of itself behind: no temporary
-file, no weights without their manifest; ``LATEST`` still names the last whole version.
+**Chains.** A delta's parent is the version ``LATEST`` named when it was published; ``base`` is the base its
+chain starts from. Loading a version reads its chain base first and applies the deltas one after another onto
+one state (linear in the chain's length). Every file's sha256 is checked before its bytes are trusted, and every
+link: the parent exists, belongs to the same chain, and is the very bytes the delta was made from (the child's
+manifest records the parent's sha256), so a gap, a re-pointed parent or a flipped byte is a
+:class:`SnapshotError` naming the version, never a silently wrong model.
 
-Publishing is guarded: a snapshot is refused (:class:`SnapshotRefused`, with the reason) when any weight is
-not finite, or, given a :class:`PublishGuard`, when a task's recent progressive AUC fell more than
+**Compaction.** A delta is small to publish, but a reader starting cold reads the whole chain, and a bad link
+takes every later version of its chain with it. So the publisher asks :meth:`SnapshotStore.base_due` before
+each publish: a base is due after ``max_deltas`` deltas (default 20) or once the chain's delta bytes reach
+``max_delta_bytes`` (default half of the base's bytes: a cold reader then reads at most 1.5 models, and a chain
+costs at most 1.5 models of space).
+
+**Crash safety.** A publish writes the payload, then its manifest, then ``LATEST``, each whole (a local file
+goes to a temporary name, is fsynced and renamed; an object store shows an object only once it is whole).
+Readers start from ``LATEST`` and follow manifests, so a publish killed at any point leaves ``LATEST`` on the
+last whole version. What it left (a temporary file, a payload without its manifest, a manifest ``LATEST``
+never named) is removed by the next publish, which never reuses its number. A publish that cannot write (a
+full disk, a read-only directory) raises :class:`SnapshotUnwritable` and leaves nothing of itself behind.
+Local writers take turns through an ``flock``; an object store has no lock: one publisher per store.
+
+**Pruning** keeps the newest ``keep`` bases and every delta of their chains: never part of a chain.
+
+Publishing is guarded: a snapshot (base or delta) is refused (:class:`SnapshotRefused`, with the reason) when
+any value is not finite, or, given a :class:`PublishGuard`, when a task's recent progressive AUC fell more than
 ``max_auc_drop`` below the one recorded in the manifest ``LATEST`` points at. Versions only grow: a
-:meth:`SnapshotStore.rollback` republishes a kept version's verified bytes under a new number (its manifest
-says ``rollback_of``), so every follower of ``LATEST`` picks it up like any other new version.
+:meth:`SnapshotStore.rollback` republishes a kept version's verified state as a new base (its manifest says
+``rollback_of``), so every follower of ``LATEST`` picks it up like any other new version.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import os
 import re
@@ -35,23 +54,32 @@ from typing import TYPE_CHECKING
 import orjson
 
 from learner.config import PublishGuard  # the guard's settings are configuration: checked without torch
+from learner.snapshot_files import ArrowFiles, LocalFiles, is_leftover_tmp, open_files, write_atomic
 
 if TYPE_CHECKING:  # torch is imported where weights are written or read: listing versions needs only manifests
+    import pyarrow.fs
     import torch
 
-_NAME = re.compile(r"^v(\d{6,})\.json$")
+    from learner.delta import Delta
+
+_FILE = re.compile(r"^v(\d{6,})\.(json|safetensors|delta\.safetensors)$")
 SNAPSHOTS_KEPT = 10
-"""Versions a store keeps by default (older ones are pruned after each publish)."""
+"""Chains (bases, each with its deltas) a store keeps by default; older ones are pruned after each publish."""
+MAX_DELTAS = 20
+"""Deltas after which a base is due: bounds the files a cold reader opens and the deltas it applies."""
+DELTA_BYTES_FRACTION = 0.5
+"""Without ``max_delta_bytes``, a base is due once the chain's deltas hold this fraction of the base's bytes."""
+_CHAIN_FIELDS = ("kind", "parent", "parent_sha256", "base", "depth", "bytes", "chain_bytes")
 
 
 class SnapshotError(RuntimeError):
-    """A snapshot that must not be published or loaded (non-finite, corrupt, missing)."""
+    """A snapshot that must not be published or loaded (non-finite, corrupt, missing, not linked to its chain)."""
 
 
 class SnapshotUnwritable(SnapshotError):
-    """The directory refused the write (``errno`` 28: full, 30: read-only, ...); nothing of it was left."""
+    """The store refused the write (``errno`` 28: full, 30: read-only, ...); nothing of it was left."""
 
-    def __init__(self, directory: Path, error: OSError) -> None:
+    def __init__(self, directory: Path | str, error: OSError) -> None:
         name = errno.errorcode.get(error.errno, "?") if error.errno is not None else "?"
         super().__init__(f"cannot write a snapshot to {directory}: [Errno {error.errno}] {name}: {error.strerror or error}")
         self.directory = directory
@@ -68,72 +96,118 @@ class SnapshotRefused(SnapshotError):
 
 @dataclass(frozen=True)
 class Manifest:
+    """What a version is and how it links to its chain. Manifests written before chains existed read as bases
+    (``bytes`` None: their size was not recorded)."""
+
     version: int
     sha256: str
     created_at: float
     data: dict
     """Everything else the publisher recorded: model config, step, offsets, metrics, ..."""
+    kind: str = "base"
+    """``base`` (the whole state) or ``delta`` (the change from ``parent``)."""
+    parent: int | None = None
+    parent_sha256: str | None = None
+    """The sha256 of the parent's payload this delta was made from: a parent replaced or re-pointed is caught."""
+    base: int | None = None
+    """The version the chain starts from (a base's own version)."""
+    depth: int = 0
+    """Deltas from the chain's base up to this version (0 for a base)."""
+    bytes: int | None = None
+    """Bytes of this version's payload."""
+    chain_bytes: int = 0
+    """Bytes of the chain's deltas up to this version (0 for a base)."""
+
+    def __post_init__(self) -> None:
+        if self.base is None and self.kind == "base":
+            object.__setattr__(self, "base", self.version)
+        if reserved := sorted({"version", "sha256", "created_at", *_CHAIN_FIELDS} & set(self.data)):
+            raise ValueError(f"manifest data may not set {reserved}: the store writes them")
+        if self.kind == "base":
+            ok = self.parent is None and self.parent_sha256 is None and self.base == self.version and self.depth == 0
+        elif self.kind == "delta":
+            ok = (isinstance(self.parent, int) and isinstance(self.base, int) and self.base <= self.parent < self.version
+                  and isinstance(self.parent_sha256, str) and self.depth >= 1)
+        else:
+            ok = False
+        if not ok:
+            raise ValueError(f"v{self.version}: kind {self.kind!r}, parent {self.parent}, base {self.base} and "
+                             f"depth {self.depth} do not make a base or a delta")
 
     def to_json(self) -> bytes:
-        return orjson.dumps(
-            {"version": self.version, "sha256": self.sha256, "created_at": self.created_at, **self.data},
-            option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY,
-        )
+        fields = {"version": self.version, "sha256": self.sha256, "created_at": self.created_at,
+                  **{name: getattr(self, name) for name in _CHAIN_FIELDS}}
+        return orjson.dumps({**fields, **self.data}, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
         obj = orjson.loads(raw)
         version, sha, created = obj.pop("version"), obj.pop("sha256"), obj.pop("created_at")
-        return cls(version=version, sha256=sha, created_at=created, data=obj)
+        chain = {name: obj.pop(name) for name in _CHAIN_FIELDS if name in obj}
+        return cls(version=version, sha256=sha, created_at=created, data=obj, **chain)
 
 
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Write to a temporary name, fsync, rename, fsync the directory: readers see all of it or none."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # a full disk still lets a file be removed; a read-only one made none
-            tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+@dataclass(frozen=True)
+class ChainStatus:
+    """Where the chain ``LATEST`` ends in stands: what :meth:`SnapshotStore.base_due` decides on, for telemetry."""
+
+    version: int
+    """The version ``LATEST`` names."""
+    base: int
+    chain_length: int
+    """Deltas since the base."""
+    delta_bytes: int
+    """Their payloads' bytes."""
+    base_bytes: int
+
+
+def _payload_name(version: int, kind: str) -> str:
+    return f"v{version:06d}.delta.safetensors" if kind == "delta" else f"v{version:06d}.safetensors"
+
+
+def _manifest_name(version: int) -> str:
+    return f"v{version:06d}.json"
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    import torch
+
+    return [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 class SnapshotStore:
-    def __init__(self, directory: Path, keep: int = SNAPSHOTS_KEPT) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.keep = keep
+    """A chain of versions at ``location``: a local path, a ``file://``/``s3://``/``gs://``/... URI, or a path
+    inside ``filesystem`` (any ``pyarrow.fs.FileSystem``). ``directory`` is the local directory (None for a
+    store elsewhere), ``uri`` the store's address."""
 
-    def _weights(self, version: int) -> Path:
-        return self.directory / f"v{version:06d}.safetensors"
+    def __init__(self, location: str | os.PathLike, keep: int = SNAPSHOTS_KEPT, *, max_deltas: int = MAX_DELTAS,
+                 max_delta_bytes: int | None = None, filesystem: pyarrow.fs.FileSystem | None = None) -> None:
+        if keep < 1 or max_deltas < 0 or (max_delta_bytes is not None and max_delta_bytes < 0):
+            raise ValueError(f"keep must be >= 1 and max_deltas, max_delta_bytes >= 0, got {keep}, {max_deltas}, "
+                             f"{max_delta_bytes}")
+        self.files: LocalFiles | ArrowFiles = open_files(location, filesystem)
+        self.directory: Path | None = self.files.directory if isinstance(self.files, LocalFiles) else None
+        self.uri = self.files.uri
+        self.keep, self.max_deltas, self.max_delta_bytes = keep, max_deltas, max_delta_bytes
 
-    def _manifest(self, version: int) -> Path:
-        return self.directory / f"v{version:06d}.json"
+    # -- reading manifests ------------------------------------------------------------------------------------
 
     def versions(self) -> list[int]:
-        return sorted(int(m.group(1)) for p in self.directory.iterdir() if (m := _NAME.match(p.name)))
+        return sorted(int(m.group(1)) for name in self.files.names()
+                      if (m := _FILE.match(name)) and m.group(2) == "json")
 
     def latest_version(self) -> int | None:
         try:
-            return int((self.directory / "LATEST").read_text().strip())
+            return int(self.files.read("LATEST").decode().strip())
         except (FileNotFoundError, ValueError):
             return None
 
     def manifest(self, version: int) -> Manifest:
         try:
-            return Manifest.from_json(self._manifest(version).read_bytes())
+            return Manifest.from_json(self.files.read(_manifest_name(version)))
         except FileNotFoundError:
-            raise SnapshotError(f"no snapshot v{version} in {self.directory}") from None
-        except (orjson.JSONDecodeError, KeyError) as exc:
+            raise SnapshotError(f"no snapshot v{version} in {self.files.location}") from None
+        except (ValueError, KeyError, TypeError) as exc:  # orjson's JSONDecodeError is a ValueError
             raise SnapshotError(f"manifest of v{version} is unreadable: {exc}") from None
 
     def list(self) -> list[Manifest]:
@@ -149,106 +223,275 @@ class SnapshotStore:
         except SnapshotError:
             return None
 
+    def chain(self, version: int) -> list[Manifest]:
+        """The manifests ``version`` is made of, base first, each link checked (not the payloads: :meth:`load`)."""
+        chain = [self.manifest(version)]
+        while (child := chain[-1]).kind == "delta":
+            try:
+                parent = self.manifest(child.parent)
+            except SnapshotError as exc:
+                raise SnapshotError(f"v{version}'s chain has a gap: v{child.version}'s parent is gone ({exc})") from None
+            if parent.sha256 != child.parent_sha256:
+                raise SnapshotError(f"v{child.version} was made from another v{parent.version}: its parent's sha256 "
+                                    f"is {parent.sha256[:12]}, the delta was made from {child.parent_sha256[:12]}")
+            if parent.base != child.base or parent.depth + 1 != child.depth:
+                raise SnapshotError(f"v{child.version} (chain of v{child.base}, depth {child.depth}) does not follow "
+                                    f"its parent v{parent.version} (chain of v{parent.base}, depth {parent.depth})")
+            chain.append(parent)
+        return chain[::-1]
+
+    # -- compaction -------------------------------------------------------------------------------------------
+
+    def chain_status(self) -> ChainStatus | None:
+        """The chain ``LATEST`` ends in; None when nothing usable is published (then a base is due)."""
+        try:
+            head = self._head()
+            base = head if head.kind == "base" else self.manifest(head.base)
+        except SnapshotError:
+            return None
+        base_bytes = base.bytes if base.bytes is not None else self.files.size(_payload_name(base.version, "base"))
+        return ChainStatus(head.version, base.version, head.depth, head.chain_bytes, base_bytes or 0)
+
+    def delta_budget(self, base_bytes: int) -> int:
+        """Delta bytes a chain on a base of ``base_bytes`` may hold before a base is due."""
+        return self.max_delta_bytes if self.max_delta_bytes is not None else int(base_bytes * DELTA_BYTES_FRACTION)
+
+    def base_due(self) -> bool:
+        """Whether the next version should be a base: nothing usable is published, the chain holds ``max_deltas``
+        deltas, or their bytes reached the budget (:meth:`delta_budget`)."""
+        status = self.chain_status()
+        return (status is None or status.chain_length >= self.max_deltas
+                or status.delta_bytes >= self.delta_budget(status.base_bytes))
+
+    # -- publishing -------------------------------------------------------------------------------------------
+
     def publish(self, state_dict: dict[str, torch.Tensor], data: dict, guard: PublishGuard | None = None) -> Manifest:
-        """Write a new version and point ``LATEST`` at it. Returns its manifest.
+        """Write a new base version (the whole state) and point ``LATEST`` at it. Returns its manifest.
 
         Raises :class:`SnapshotRefused` (nothing written) for non-finite weights, or, with a ``guard``,
         when ``data["metrics"]`` fails :meth:`PublishGuard.check` against the latest manifest's metrics;
-        :class:`SnapshotUnwritable` (nothing left behind) when the directory refuses the write.
+        :class:`SnapshotUnwritable` (nothing left behind) when the store refuses the write.
         """
-        import torch
-        from safetensors.torch import save as save_safetensors
-
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
+        if bad := _non_finite(tensors):
             raise SnapshotRefused("non-finite", f"refusing to publish non-finite weights: {bad[:5]}")
-        payload = save_safetensors(tensors)
+        payload = _safetensors(tensors)
         with self._exclusive():  # the guard reads the latest manifest: no other writer may slip in between
-            if guard is not None and (latest := self.latest_manifest()) is not None:
-                why = guard.check(data.get("metrics", {}), latest.data.get("metrics", {}))
-                if why:
-                    raise SnapshotRefused("auc-drop", f"progressive AUC fell below v{latest.version}'s: {why}")
-            return self._write(payload, data)
+            self._guard(data, guard)
+            return self._write(payload, data, parent=None)
+
+    def publish_delta(self, delta: Delta, data: dict, guard: PublishGuard | None = None) -> Manifest:
+        """Write a delta version on top of the one ``LATEST`` names, and point ``LATEST`` at it.
+
+        Refused like :meth:`publish` (non-finite values, the guard); a :class:`SnapshotError` when there is no
+        parent to apply it to (nothing published, or ``LATEST``'s manifest or payload is gone). That the delta
+        fits its parent is the publisher's promise, checked by every reader. :meth:`base_due` is advice: a
+        delta published past it is written all the same.
+        """
+        from learner.delta import to_tensors
+
+        tensors = to_tensors(delta)
+        if bad := _non_finite(tensors):
+            raise SnapshotRefused("non-finite", f"refusing to publish a delta with non-finite values: {bad[:5]}")
+        payload = _safetensors(tensors)
+        with self._exclusive():
+            parent = self._head()
+            self._guard(data, guard)
+            return self._write(payload, data, parent=parent)
 
     def rollback(self, version: int) -> Manifest:
-        """Serve a kept version again: verify it, then republish its bytes as a new version.
+        """Serve a kept version again: verify it (its whole chain), then republish it as a new base.
 
-        The new manifest carries the old one's data plus ``rollback_of``; ``LATEST`` names the new
-        version, so followers that only move forward pick it up.
+        A base's bytes are republished as they are; a delta's materialised state is written whole. The new
+        manifest carries the old one's data plus ``rollback_of``; ``LATEST`` names the new version, so
+        followers that only move forward pick it up.
         """
         with self._exclusive():  # a publish racing this one could prune the version or take its number
             kept = self.versions()
             if version not in kept:
                 have = ", ".join(f"v{v}" for v in kept) or "none"
-                raise SnapshotError(f"no snapshot v{version} in {self.directory} (kept: {have})")
-            manifest, _ = self.load(version)  # sha256 and finiteness checked
-            payload = self._weights(version).read_bytes()
-            if hashlib.sha256(payload).hexdigest() != manifest.sha256:
-                raise SnapshotError(f"v{version} changed on disk while rolling back")
-            return self._write(payload, {**manifest.data, "rollback_of": version})
+                raise SnapshotError(f"no snapshot v{version} in {self.files.location} (kept: {have})")
+            chain = self.chain(version)
+            manifest = chain[-1]
+            if manifest.kind == "base":
+                payload = self._payload(manifest)
+                self._tensors(manifest, payload)  # readable and finite
+            else:
+                payload = _safetensors({k: v.contiguous() for k, v in self._materialise(version, chain).items()})
+            return self._write(payload, {**manifest.data, "rollback_of": version}, parent=None)
+
+    def _head(self) -> Manifest:
+        """The manifest ``LATEST`` names, if its payload is there whole; else why not (:class:`SnapshotError`)."""
+        version = self.latest_version()
+        if version is None:
+            raise SnapshotError(f"no snapshot published in {self.files.location}")
+        head = self.manifest(version)
+        size = self.files.size(_payload_name(version, head.kind))
+        if size is None or (head.bytes is not None and size != head.bytes):
+            raise SnapshotError(f"v{version}, which LATEST names, has {'no' if size is None else 'a cut'} payload")
+        return head
+
+    def _guard(self, data: dict, guard: PublishGuard | None) -> None:
+        if guard is not None and (latest := self.latest_manifest()) is not None:
+            why = guard.check(data.get("metrics", {}), latest.data.get("metrics", {}))
+            if why:
+                raise SnapshotRefused("auc-drop", f"progressive AUC fell below v{latest.version}'s: {why}")
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
-        """Writers of this directory (the trainer publishing, ``moestream snapshots rollback``) take turns:
-        each numbers its version from what is on disk, so two at once could pick the same number.
-        Readers (serving) need no lock: every file is replaced atomically. A directory where even the lock
-        file cannot be opened (read-only, full) is :class:`SnapshotUnwritable`."""
+        """Writers of a local store (the trainer publishing, ``moestream snapshots rollback``) take turns: each
+        numbers its version from what is there, so two at once could pick the same number. Readers (serving)
+        need no lock: every file is replaced whole. A directory where even the lock file cannot be opened
+        (read-only, full) is :class:`SnapshotUnwritable`. An object store has no lock: one writer per store."""
         try:
-            handle = open(self.directory / ".lock", "a+b")
+            held = self.files.lock()
         except OSError as exc:
-            raise SnapshotUnwritable(self.directory, exc) from exc
-        with handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            raise SnapshotUnwritable(self.files.location, exc) from exc
+        with held:
+            yield
 
-    def _write(self, payload: bytes, data: dict) -> Manifest:
-        version = max([*self.versions(), self.latest_version() or 0], default=0) + 1
-        manifest = Manifest(version, hashlib.sha256(payload).hexdigest(), time.time(), data)
+    def _write(self, payload: bytes, data: dict, parent: Manifest | None) -> Manifest:
+        """Number, write (payload, manifest, then ``LATEST``), prune. Call with the writers' lock held."""
         try:
-            write_atomic(self._weights(version), payload)
-            write_atomic(self._manifest(version), manifest.to_json())
-            write_atomic(self.directory / "LATEST", str(version).encode())
+            names = self.files.names()
+            latest = self.latest_version()
+            version = max([*(int(m.group(1)) for n in names if (m := _FILE.match(n))), latest or 0]) + 1
+            self._remove_leftovers(names, latest)
         except OSError as exc:
-            if self.latest_version() != version:  # not published: its weights alone would only take space
-                for path in (self._manifest(version), self._weights(version)):
-                    with contextlib.suppress(OSError):
-                        path.unlink(missing_ok=True)
-            raise SnapshotUnwritable(self.directory, exc) from exc
+            raise SnapshotUnwritable(self.files.location, exc) from exc
+        size = len(payload)
+        if parent is None:
+            manifest = Manifest(version, hashlib.sha256(payload).hexdigest(), time.time(), data, bytes=size)
+        else:
+            manifest = Manifest(version, hashlib.sha256(payload).hexdigest(), time.time(), data, kind="delta",
+                                parent=parent.version, parent_sha256=parent.sha256, base=parent.base,
+                                depth=parent.depth + 1, bytes=size, chain_bytes=parent.chain_bytes + size)
+        try:
+            self.files.write(_payload_name(version, manifest.kind), payload)
+            self.files.write(_manifest_name(version), manifest.to_json())
+            self.files.write("LATEST", str(version).encode())
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                if self.latest_version() != version:  # not published: its files alone would only take space
+                    self._remove_version(version)
+            raise SnapshotUnwritable(self.files.location, exc) from exc
         self._prune()
         return manifest
 
+    def _remove_leftovers(self, names: list[str], latest: int | None) -> None:
+        """What killed publishes left: temporary files, payloads without a manifest, and manifests newer than
+        ``LATEST`` (written, never published). Only with the writers' lock held, when no publish is under way."""
+        manifests = {int(m.group(1)) for n in names if (m := _FILE.match(n)) and m.group(2) == "json"}
+        for name in names:
+            m = _FILE.match(name)
+            orphan = m is not None and m.group(2) != "json" and int(m.group(1)) not in manifests
+            if is_leftover_tmp(name) or orphan:
+                with contextlib.suppress(OSError):
+                    self.files.remove(name)
+        if latest is not None:  # without LATEST nothing says which versions were published: keep them all
+            for version in sorted(v for v in manifests if v > latest):
+                with contextlib.suppress(OSError):
+                    self._remove_version(version)
+
+    def _remove_version(self, version: int) -> None:
+        """The manifest first: a removal cut short leaves a payload without a manifest, which nothing reads."""
+        self.files.remove(_manifest_name(version))
+        for kind in ("base", "delta"):
+            self.files.remove(_payload_name(version, kind))
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep`` bases and every version after the oldest of them (their chains' deltas);
+        remove the older ones, oldest first (what cannot be removed now goes next time). A chain's versions
+        are never older than its base, so no kept chain loses a link."""
+        names = set(self.files.names())
+        versions = self.versions()
+        bases = [v for v in versions if _payload_name(v, "base") in names]
+        if len(bases) <= self.keep:
+            return
+        oldest_kept = bases[-self.keep]
+        if (latest := self.latest_manifest()) is not None:  # LATEST's chain whatever else happened
+            oldest_kept = min(oldest_kept, latest.base)
+        for version in versions:
+            if version < oldest_kept:
+                with contextlib.suppress(OSError):
+                    self._remove_version(version)
+
+    # -- reading versions -------------------------------------------------------------------------------------
+
     def load(self, version: int | None = None) -> tuple[Manifest, dict[str, torch.Tensor]]:
-        """Read and verify a version (default: the latest)."""
+        """Read, verify and materialise a version (default: the latest): its base and every delta up to it."""
         version = version if version is not None else self.latest_version()
         if version is None:
-            raise SnapshotError(f"no snapshot published in {self.directory}")
+            raise SnapshotError(f"no snapshot published in {self.files.location}")
+        chain = self.chain(version)
+        return chain[-1], self._materialise(version, chain)
+
+    def read_delta(self, version: int) -> tuple[Manifest, Delta]:
+        """A delta version's manifest and change, verified (sha256, finite values, a delta's entries), for a
+        follower that applies versions one by one onto the state it serves (``learner.delta.materialise``)."""
         manifest = self.manifest(version)
+        if manifest.kind != "delta":
+            raise SnapshotError(f"v{version} is a base, not a delta: load it whole")
+        return manifest, self._delta(manifest)
+
+    def _materialise(self, version: int, chain: list[Manifest]) -> dict[str, torch.Tensor]:
+        """The chain's base with its deltas applied one after another: each copies only the tables it touches."""
+        from learner.delta import DeltaError, materialise
+
+        current = chain[0]
         try:
-            payload = self._weights(version).read_bytes()
+            state = self._tensors(current, self._payload(current))
+            for current in chain[1:]:
+                try:
+                    state = materialise(state, self._delta(current))
+                except DeltaError as exc:
+                    raise SnapshotError(f"v{current.version} does not fit its parent v{current.parent}: {exc}") from None
+        except SnapshotError as exc:
+            if current.version == version:
+                raise
+            raise SnapshotError(f"v{version} cannot be loaded, its chain breaks at v{current.version}: {exc}") from None
+        return state
+
+    def _payload(self, manifest: Manifest) -> bytes:
+        """The payload's bytes, once their sha256 matches the manifest's."""
+        name = _payload_name(manifest.version, manifest.kind)
+        try:
+            payload = self.files.read(name)
         except FileNotFoundError:
-            raise SnapshotError(f"weights of v{version} are missing") from None
+            raise SnapshotError(f"weights of v{manifest.version} are missing ({name})") from None
+        except OSError as exc:
+            raise SnapshotError(f"weights of v{manifest.version} are unreadable ({name}): {exc}") from None
         digest = hashlib.sha256(payload).hexdigest()
         if digest != manifest.sha256:
-            raise SnapshotError(f"v{version}: sha256 {digest[:12]} does not match manifest {manifest.sha256[:12]}")
-        import torch
+            raise SnapshotError(f"v{manifest.version}: sha256 {digest[:12]} does not match manifest {manifest.sha256[:12]}")
+        return payload
+
+    def _tensors(self, manifest: Manifest, payload: bytes) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load as load_safetensors
 
         try:
             tensors = load_safetensors(payload)
         except SafetensorError as exc:  # bytes that match their sha256 but are no safetensors file (a bad writer)
-            raise SnapshotError(f"v{version} is not a readable safetensors file: {exc}") from None
-        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors.values()):
-            raise SnapshotError(f"v{version} holds non-finite weights")
-        return manifest, tensors
+            raise SnapshotError(f"v{manifest.version} is not a readable safetensors file: {exc}") from None
+        if _non_finite(tensors):
+            raise SnapshotError(f"v{manifest.version} holds non-finite weights")
+        return tensors
 
-    def _prune(self) -> None:
-        """Remove all but the newest ``keep`` versions (a version that cannot be removed now goes next time)."""
-        for version in self.versions()[: -self.keep]:
-            with contextlib.suppress(OSError):
-                self._weights(version).unlink(missing_ok=True)
-                self._manifest(version).unlink(missing_ok=True)
+    def _delta(self, manifest: Manifest) -> Delta:
+        from learner.delta import DeltaError, from_tensors
+
+        try:
+            return from_tensors(self._tensors(manifest, self._payload(manifest)))
+        except DeltaError as exc:
+            raise SnapshotError(f"v{manifest.version} is no delta: {exc}") from None
+
+
+def _safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save as save_safetensors
+
+    return save_safetensors(tensors)
+
+
+__all__ = ["DELTA_BYTES_FRACTION", "MAX_DELTAS", "SNAPSHOTS_KEPT", "ChainStatus", "Manifest", "PublishGuard",
+           "SnapshotError", "SnapshotRefused", "SnapshotStore", "SnapshotUnwritable", "write_atomic"]

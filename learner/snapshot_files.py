@@ -1,0 +1,150 @@
+"""Where a snapshot store keeps its files: a local directory, or a folder of any ``pyarrow.fs`` filesystem.
+
+Both give :class:`~learner.snapshots.SnapshotStore` the same few operations on flat names in one folder, and
+each write is whole or absent, never half there:
+
+- :class:`LocalFiles` writes a file to a temporary name, fsyncs it, renames it into place and fsyncs the
+  directory (:func:`write_atomic`), so a reader, or a restart after a power cut, sees all of it or none. Writers
+  (the trainer publishing, ``moestream snapshots rollback``) take turns through an ``flock`` on ``.lock``.
+- :class:`ArrowFiles` writes a file as one object through ``pyarrow.fs`` (``s3://``, ``gs://``, ``hdfs://``, ...):
+  an object store shows an object only once it is whole, so there is no temporary name to rename (S3 and GCS
+  have no rename). Object stores have no lock either, so **one writer per store**: the trainer's publishing
+  rank, and no ``rollback`` against a remote store while it publishes.
+
+A temporary name starts with ``.`` and holds ``.tmp-``; the store removes those a killed writer left
+(:func:`is_leftover_tmp`) when it next publishes, under its lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write to a temporary name, fsync, rename, fsync the directory: readers see all of it or none."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk still lets a file be removed; a read-only one made none
+            tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def is_leftover_tmp(name: str) -> bool:
+    """A temporary name of :func:`write_atomic` (a writer killed before its rename leaves one)."""
+    return name.startswith(".") and ".tmp-" in name
+
+
+class LocalFiles:
+    """A local directory (created if missing): crash-safe renames, and an ``flock`` for writers."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.uri = self.directory.absolute().as_uri()
+        self.location: Path | str = self.directory
+
+    def names(self) -> list[str]:
+        return [entry.name for entry in os.scandir(self.directory)]
+
+    def read(self, name: str) -> bytes:
+        return (self.directory / name).read_bytes()
+
+    def size(self, name: str) -> int | None:
+        """Bytes of ``name``, or None when there is no such file."""
+        try:
+            return (self.directory / name).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def write(self, name: str, payload: bytes) -> None:
+        write_atomic(self.directory / name, payload)
+
+    def remove(self, name: str) -> None:
+        (self.directory / name).unlink(missing_ok=True)
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """The writers' turn: opens ``.lock`` now (an ``OSError`` here means the directory is unwritable) and
+        holds an exclusive ``flock`` on it inside the ``with``."""
+        handle = open(self.directory / ".lock", "a+b")
+        return _flocked(handle)
+
+
+@contextlib.contextmanager
+def _flocked(handle) -> Iterator[None]:
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class ArrowFiles:
+    """A folder of a ``pyarrow.fs`` filesystem; each file is written as one whole object."""
+
+    def __init__(self, filesystem: pafs.FileSystem, path: str, uri: str) -> None:
+        self.filesystem, self.path, self.uri = filesystem, path.rstrip("/"), uri
+        self.location: Path | str = uri
+        with contextlib.suppress(OSError):  # object stores need no folder; a reader may not be allowed to make one
+            filesystem.create_dir(self.path, recursive=True)
+
+    def _at(self, name: str) -> str:
+        return f"{self.path}/{name}" if self.path else name
+
+    def names(self) -> list[str]:
+        selector = pafs.FileSelector(self.path, allow_not_found=True)
+        return [info.base_name for info in self.filesystem.get_file_info(selector) if info.type == pafs.FileType.File]
+
+    def read(self, name: str) -> bytes:
+        with self.filesystem.open_input_stream(self._at(name), compression=None) as stream:
+            return stream.read()
+
+    def size(self, name: str) -> int | None:
+        info = self.filesystem.get_file_info(self._at(name))
+        return info.size if info.type == pafs.FileType.File else None
+
+    def write(self, name: str, payload: bytes) -> None:
+        with self.filesystem.open_output_stream(self._at(name), compression=None) as stream:
+            stream.write(payload)
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.filesystem.delete_file(self._at(name))
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """No lock exists on an object store: one writer per store (see the module docstring)."""
+        return contextlib.nullcontext()
+
+
+def open_files(location: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -> LocalFiles | ArrowFiles:
+    """The files at ``location``: a local path (``str`` or ``Path``), a URI ``pyarrow.fs.FileSystem.from_uri``
+    knows (``file://`` is local), or a path inside ``filesystem`` when one is given."""
+    if filesystem is None and isinstance(location, str) and "://" in location:
+        filesystem, path = pafs.FileSystem.from_uri(location)
+        uri = location
+    else:
+        path = os.fspath(location)
+        uri = f"{filesystem.type_name}://{path}" if filesystem is not None else ""
+    if filesystem is None or isinstance(filesystem, pafs.LocalFileSystem):
+        return LocalFiles(Path(path))
+    return ArrowFiles(filesystem, path, uri)
+
+
+__all__ = ["ArrowFiles", "LocalFiles", "is_leftover_tmp", "open_files", "write_atomic"]
