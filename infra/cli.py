@@ -640,7 +640,7 @@ SnapshotDir = Annotated[Optional[Path], typer.Argument(
 @snapshots_app.command("list")
 def snapshots_list(directory: SnapshotDir = None, run: RunName = None, data_root: DataRoot = None,
                    config: ConfigFile = None) -> None:
-    """List the snapshots in a directory (* marks the one LATEST names)."""
+    """List the snapshots in a directory (* marks the one LATEST names; a delta names its parent)."""
     from learner.snapshots import SnapshotStore
 
     directory = directory or load(config, uses_run=True, paths__run=run, paths__data_root=data_root).layout().snapshots
@@ -650,14 +650,15 @@ def snapshots_list(directory: SnapshotDir = None, run: RunName = None, data_root
         raise typer.Exit(1)
     store = SnapshotStore(directory)
     table = Table()
-    for col in ("version", "family", "step", "examples", "sha256", "created", "note"):
+    for col in ("version", "kind", "parent", "family", "step", "examples", "sha256", "created", "note"):
         table.add_column(col)
     latest = store.latest_version()
     for m in store.list():
         mark = " *" if m.version == latest else ""
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created_at))
         note = f"rollback of v{m.data['rollback_of']}" if "rollback_of" in m.data else ""
-        table.add_row(f"v{m.version}{mark}", m.data.get("family", "?"), str(m.data.get("step")),
+        parent = f"v{m.parent}" if m.parent is not None else ""
+        table.add_row(f"v{m.version}{mark}", m.kind, parent, m.data.get("family", "?"), str(m.data.get("step")),
                       str(m.data.get("examples")), m.sha256[:12], created, note)
     console.print(table)
 

@@ -169,6 +169,17 @@ def _manifest_name(version: int) -> str:
     return f"v{version:06d}.json"
 
 
+def _broken_link(child: Manifest, parent: Manifest) -> str | None:
+    """Why ``parent`` is not the version the delta ``child`` was made from; None when it is."""
+    if parent.sha256 != child.parent_sha256:
+        return (f"it was made from another v{parent.version} (whose sha256 was {child.parent_sha256[:12]}, "
+                f"not {parent.sha256[:12]})")
+    if parent.base != child.base or parent.depth + 1 != child.depth:
+        return (f"it (chain of v{child.base}, depth {child.depth}) does not follow its parent v{parent.version} "
+                f"(chain of v{parent.base}, depth {parent.depth})")
+    return None
+
+
 def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     import torch
 
@@ -230,13 +241,11 @@ class SnapshotStore:
             try:
                 parent = self.manifest(child.parent)
             except SnapshotError as exc:
-                raise SnapshotError(f"v{version}'s chain has a gap: v{child.version}'s parent is gone ({exc})") from None
-            if parent.sha256 != child.parent_sha256:
-                raise SnapshotError(f"v{child.version} was made from another v{parent.version}: its parent's sha256 "
-                                    f"is {parent.sha256[:12]}, the delta was made from {child.parent_sha256[:12]}")
-            if parent.base != child.base or parent.depth + 1 != child.depth:
-                raise SnapshotError(f"v{child.version} (chain of v{child.base}, depth {child.depth}) does not follow "
-                                    f"its parent v{parent.version} (chain of v{parent.base}, depth {parent.depth})")
+                why = f"a gap: its parent v{child.parent} is missing or unreadable ({exc})"
+            else:
+                why = _broken_link(child, parent)
+            if why:
+                raise SnapshotError(f"v{version}'s chain breaks at v{child.version}: {why}")
             chain.append(parent)
         return chain[::-1]
 

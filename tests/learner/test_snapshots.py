@@ -1,23 +1,32 @@
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
+import pyarrow.fs as pafs
 import pytest
 import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from features.memory import InMemoryFeatures
 from infra.cli import app
 from learner.config import CadenceConfig, LearnerConfig
 from learner import reporter
+from learner.delta import Delta, diff, materialise, to_tensors
 from learner.loop import TrainingLoop
 from learner.models import MultiTaskRanker
-from learner.snapshots import PublishGuard, SnapshotError, SnapshotRefused, SnapshotStore, SnapshotUnwritable
+from learner.snapshots import (Manifest, PublishGuard, SnapshotError, SnapshotRefused, SnapshotStore,
+                               SnapshotUnwritable)
 from serving.weights import WeightFollower
+from tests.learner.test_delta import _equal, _versions
 
 
 def _weights(scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -301,3 +310,351 @@ def test_the_loop_counts_failed_publishes_backs_off_and_publishes_again(small_fs
     log = capsys.readouterr().out
     assert log.count("WARNING: cannot write a snapshot to") == 1  # once per outage, with the directory
     assert log.count("publishing snapshots to") == 1 and "after 2 failed attempts" in log
+
+
+# -- chains: a base, then deltas (issue 22) ---------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+ROOMY = 1 << 30
+"""A delta byte budget no test chain reaches, where a test is about something else."""
+
+
+@pytest.fixture(scope="module")
+def trained() -> list[dict[str, torch.Tensor]]:
+    """The states a real learner publishes after each of 5 steps (ids admitted, evicted and expired)."""
+    return _versions(5)
+
+
+def _state(step: int) -> dict[str, torch.Tensor]:
+    """A small state of the shape deltas know (a table that grows a row a step, a map that drops its smallest id
+    and gains one, dense weights), for tests about the store rather than the model."""
+    g = torch.Generator().manual_seed(step)
+    rows = 8 + step
+    return {"t.weight": torch.randn(rows, 4, generator=g), "t.sum_sq": torch.rand(rows, generator=g),
+            "map_ids_user": torch.arange(step, step + 6) * 3, "map_rows_user": torch.arange(6) + step,
+            "w": torch.randn(3, generator=g)}
+
+
+def _publish_next(store: SnapshotStore, states: list[dict[str, torch.Tensor]], i: int) -> Manifest:
+    """Publish ``states[i]`` as the trainer will: a base when one is due, else the delta from ``states[i - 1]``."""
+    if store.base_due():
+        return store.publish(states[i], {"step": i})
+    return store.publish_delta(diff(states[i - 1], states[i]), {"step": i})
+
+
+def _flip_a_byte(path: Path) -> None:
+    payload = bytearray(path.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF
+    path.write_bytes(bytes(payload))
+
+
+def test_a_chain_of_deltas_loads_every_version_as_the_trainer_had_it(tmp_path: Path, trained) -> None:
+    store = SnapshotStore(tmp_path, max_delta_bytes=ROOMY)
+    published = [store.publish(trained[0], {"step": 0})]
+    published += [store.publish_delta(diff(old, new), {"step": i + 1}) for i, (old, new) in
+                  enumerate(zip(trained, trained[1:]))]
+    assert [(m.kind, m.parent, m.base, m.depth) for m in published] == [
+        ("base", None, 1, 0), *(("delta", v, 1, v) for v in range(1, 5))]
+    assert all(m.bytes == (tmp_path / name).stat().st_size for m, name in zip(published, [
+        "v000001.safetensors", *(f"v{v:06d}.delta.safetensors" for v in range(2, 6))]))
+    assert published[-1].chain_bytes == sum(m.bytes for m in published[1:])
+    for version, state in enumerate(trained, start=1):
+        manifest, loaded = store.load(version)
+        assert manifest == published[version - 1]
+        _equal(loaded, state)
+    assert [m.version for m in store.chain(5)] == [1, 2, 3, 4, 5]
+
+    follower = SnapshotStore(tmp_path)  # serving, applying each new version onto the state it serves
+    _, state = follower.load(1)
+    for version in range(2, 6):
+        manifest, delta = follower.read_delta(version)
+        state = materialise(state, delta)
+        _equal(state, trained[version - 1])
+    with pytest.raises(SnapshotError, match="v1 is a base"):
+        follower.read_delta(1)
+
+
+def test_a_base_is_due_after_max_deltas(tmp_path: Path) -> None:
+    states = [_state(i) for i in range(6)]
+    store = SnapshotStore(tmp_path, max_deltas=3, max_delta_bytes=ROOMY)
+    assert store.base_due() and store.chain_status() is None  # nothing published
+    due = []
+    for i in range(6):
+        manifest = _publish_next(store, states, i)
+        due.append((manifest.kind, store.chain_status().chain_length, store.base_due()))
+    assert due == [("base", 0, False), ("delta", 1, False), ("delta", 2, False), ("delta", 3, True),
+                   ("base", 0, False), ("delta", 1, False)]
+    status = store.chain_status()
+    assert (status.version, status.base, status.delta_bytes) == (6, 5, store.manifest(6).bytes)
+    assert status.base_bytes == (tmp_path / "v000005.safetensors").stat().st_size
+
+
+def test_a_base_is_due_once_the_deltas_reach_the_byte_budget(tmp_path: Path, trained) -> None:
+    probe = diff(trained[0], trained[1])
+    first = SnapshotStore(tmp_path / "probe")
+    first.publish(trained[0], {})
+    delta_bytes = first.publish_delta(probe, {}).bytes
+    # The budget is just over one delta: the first leaves room, the second fills it.
+    store = SnapshotStore(tmp_path / "budget", max_delta_bytes=delta_bytes + 1)
+    store.publish(trained[0], {})
+    store.publish_delta(probe, {})
+    assert not store.base_due()
+    store.publish_delta(diff(trained[1], trained[2]), {})
+    assert store.base_due() and store.chain_status().chain_length == 2
+    # By default the budget is half the base: this tiny model's deltas (all dense) are about its size.
+    assert first.base_due() and first.delta_budget(first.chain_status().base_bytes) == first.manifest(1).bytes // 2
+
+
+BREAKS = ("gap", "re-pointed parent", "bit flip", "missing payload", "does not fit")
+
+
+@pytest.mark.parametrize("kind", BREAKS)
+def test_a_broken_chain_is_refused_by_name_and_the_versions_before_it_still_load(tmp_path: Path, kind: str) -> None:
+    states = [_state(i) for i in range(4)]
+    store = SnapshotStore(tmp_path, max_delta_bytes=ROOMY)
+    store.publish(states[0], {})
+    store.publish_delta(diff(states[0], states[1]), {})
+    third = diff(states[1], states[2])
+    if kind == "does not fit":  # the publisher's promise broken: a dense entry left out
+        third = Delta({k: v for k, v in third.dense.items() if k != "w"}, third.tables, third.maps)
+    store.publish_delta(third, {})
+    store.publish_delta(diff(states[2], states[3]), {})
+    v3 = tmp_path / "v000003.json"
+    if kind == "gap":
+        v3.unlink()
+    elif kind == "re-pointed parent":
+        manifest = orjson.loads(v3.read_bytes())
+        v3.write_bytes(orjson.dumps({**manifest, "parent": 1}))
+    elif kind == "bit flip":
+        _flip_a_byte(tmp_path / "v000003.delta.safetensors")
+    elif kind == "missing payload":
+        (tmp_path / "v000003.delta.safetensors").unlink()
+    expected = {"gap": r"chain breaks at v4: a gap: its parent v3 is missing or unreadable \(no snapshot v3",
+                "re-pointed parent": "chain breaks at v3: it was made from another v1",
+                "bit flip": "v3: sha256", "missing payload": r"weights of v3 are missing",
+                "does not fit": "v3 does not fit its parent v2: dense entries differ"}[kind]
+    with pytest.raises(SnapshotError, match=expected) as broken:
+        store.load()
+    assert "v4" in str(broken.value)
+    if kind != "gap":
+        with pytest.raises(SnapshotError, match=expected):
+            store.load(3)
+    _equal(store.load(2)[1], states[1])
+    _equal(store.load(1)[1], states[0])
+
+
+def test_a_delta_with_non_finite_values_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    with pytest.raises(SnapshotError, match="no snapshot published in"):
+        store.publish_delta(diff(_state(0), _state(1)), {})
+    store.publish(_state(0), {})
+    delta = diff(_state(0), _state(1))
+    delta.tables["t."].weight[0, 0] = float("inf")
+    with pytest.raises(SnapshotRefused, match=r"non-finite values: \['table/t\./weight'\]") as refused:
+        store.publish_delta(delta, {})
+    assert refused.value.reason == "non-finite"
+    assert store.versions() == [1] and sorted(p.name for p in tmp_path.iterdir()) == [
+        ".lock", "LATEST", "v000001.json", "v000001.safetensors"]
+
+
+def test_the_guard_refuses_a_delta_like_a_base(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    guard = PublishGuard(max_auc_drop=0.02)
+    store.publish(_state(0), {"metrics": {"click": _metrics(0.75)}}, guard=guard)
+    with pytest.raises(SnapshotRefused, match=r"click window_auc 0\.7000 < 0\.7500") as refused:
+        store.publish_delta(diff(_state(0), _state(1)), {"metrics": {"click": _metrics(0.70)}}, guard=guard)
+    assert refused.value.reason == "auc-drop" and store.versions() == [1]
+    assert store.publish_delta(diff(_state(0), _state(1)), {"metrics": {"click": _metrics(0.74)}}, guard=guard).version == 2
+
+
+def test_pruning_keeps_whole_chains_and_a_delta_rolls_back_as_a_base(tmp_path: Path) -> None:
+    states = [_state(i) for i in range(8)]
+    store = SnapshotStore(tmp_path, keep=2, max_deltas=2, max_delta_bytes=ROOMY)
+    for i in range(8):
+        _publish_next(store, states, i)  # bases v1, v4, v7
+    assert store.versions() == [4, 5, 6, 7, 8]  # v1's chain went whole; v4's stays whole
+    assert {f"v{v:06d}.{ext}" for v in (1, 2, 3) for ext in ("json", "safetensors", "delta.safetensors")}.isdisjoint(
+        p.name for p in tmp_path.iterdir())
+    for version in store.versions():
+        _equal(store.load(version)[1], states[version - 1])
+
+    rolled = store.rollback(5)
+    assert (rolled.version, rolled.kind, rolled.parent, rolled.data["rollback_of"]) == (9, "base", None, 5)
+    assert store.latest_version() == 9 and not store.base_due()
+    _equal(store.load()[1], states[4])
+    assert store.versions() == [7, 8, 9]  # bases v7, v9 kept with v8
+
+
+def test_the_cli_lists_each_version_with_its_kind_and_parent(tmp_path: Path) -> None:
+    states = [_state(i) for i in range(3)]
+    store = SnapshotStore(tmp_path, max_delta_bytes=ROOMY)
+    for i in range(3):
+        _publish_next(store, states, i)
+    listing = CliRunner().invoke(app, ["snapshots", "list", str(tmp_path)], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0, listing.output
+    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:4]]
+            for line in listing.output.splitlines() if line.startswith("│ v")}
+    assert rows == {"v1": ["base", ""], "v2": ["delta", "v1"], "v3 *": ["delta", "v2"]}
+
+
+# -- where a store lives: URIs and pyarrow filesystems ---------------------------------------------------------
+
+
+def test_a_store_is_addressed_by_path_or_file_uri(tmp_path: Path) -> None:
+    by_uri = SnapshotStore(tmp_path.as_uri())
+    assert by_uri.directory == tmp_path and by_uri.uri == tmp_path.as_uri()
+    by_uri.publish(_state(0), {})
+    by_uri.publish_delta(diff(_state(0), _state(1)), {})
+    for store in (SnapshotStore(tmp_path), SnapshotStore(str(tmp_path))):
+        _equal(store.load()[1], _state(1))
+
+
+class _Killed(BaseException):
+    """A publisher dying between two writes: not an OSError, so nothing of the publish cleans up after it."""
+
+
+def test_a_store_on_a_pyarrow_filesystem_round_trips_a_chain_and_outlives_a_killed_publish(monkeypatch) -> None:
+    fs = pafs.SubTreeFileSystem("bucket", pafs._MockFileSystem())
+    writer = SnapshotStore("runs/r1/snapshots", filesystem=fs, max_delta_bytes=ROOMY)
+    reader = SnapshotStore("runs/r1/snapshots", filesystem=fs)
+    assert reader.directory is None and reader.uri == "subtree://runs/r1/snapshots"
+    states = [_state(i) for i in range(5)]
+    for i in range(4):
+        _publish_next(writer, states, i)
+    assert [m.kind for m in reader.list()] == ["base", "delta", "delta", "delta"]
+    for version in range(1, 5):
+        _equal(reader.load(version)[1], states[version - 1])
+
+    write = writer.files.write
+
+    def die_before_latest(name: str, payload: bytes) -> None:
+        if name == "LATEST":
+            raise _Killed
+        write(name, payload)
+
+    monkeypatch.setattr(writer.files, "write", die_before_latest)
+    with pytest.raises(_Killed):
+        writer.publish_delta(diff(states[3], states[4]), {})
+    assert reader.latest_version() == 4 and reader.versions() == [1, 2, 3, 4, 5]  # v5 written, never published
+    _equal(reader.load()[1], states[3])
+    monkeypatch.setattr(writer.files, "write", write)
+    following = writer.publish_delta(diff(states[3], states[4]), {})
+    assert (following.version, following.parent) == (6, 4) and reader.versions() == [1, 2, 3, 4, 6]
+    _equal(reader.load()[1], states[4])
+
+
+def test_a_mock_uri_store_round_trips_a_chain() -> None:
+    store = SnapshotStore("mock:///snapshots", max_delta_bytes=ROOMY)
+    assert store.directory is None and store.uri == "mock:///snapshots"
+    store.publish(_state(0), {})
+    store.publish_delta(diff(_state(0), _state(1)), {})
+    _equal(store.load()[1], _state(1))
+
+
+# -- a publisher killed (SIGKILL) in the middle of a publish ------------------------------------------------------
+
+_STOPPED_PUBLISH = """
+import os, sys
+from safetensors.torch import load_file
+from learner.delta import from_tensors
+from learner.snapshots import SnapshotStore
+
+directory, delta_file, stop_at = sys.argv[1:]
+rename = os.replace
+
+def replace(src, dst):  # the publish renames each file into place: wait (to be killed) before the one named
+    if os.path.basename(dst) == stop_at:
+        print("stopped before renaming", stop_at, flush=True)
+        sys.stdin.read()
+    rename(src, dst)
+
+os.replace = replace
+SnapshotStore(directory).publish_delta(from_tensors(load_file(delta_file)), {"step": 2})
+print("published", flush=True)
+"""
+
+_PUBLISHING_LOOP = """
+import itertools, sys
+from safetensors.torch import load_file
+from learner.delta import diff
+from learner.snapshots import SnapshotStore
+
+directory, *files = sys.argv[1:]
+states = [load_file(f) for f in files]
+store = SnapshotStore(directory, max_deltas=3, max_delta_bytes=1 << 30)
+for i in itertools.count():
+    new, old = states[i % 2], states[(i + 1) % 2]
+    manifest = store.publish(new, {"i": i}) if store.base_due() else store.publish_delta(diff(old, new), {"i": i})
+    print(manifest.version, flush=True)
+"""
+
+
+def _child(code: str, *args: object) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _kill(child: subprocess.Popen) -> None:
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize(("stop_at", "next_version"), [
+    ("v000003.delta.safetensors", 3),  # the payload written to its temporary name only: nothing took number 3
+    ("v000003.json", 4),  # the payload in place, its manifest not
+    ("LATEST", 4),  # payload and manifest in place, LATEST not moved
+])
+def test_a_publisher_killed_mid_publish_leaves_latest_loadable_and_the_next_publish_cleans_up(
+        tmp_path: Path, stop_at: str, next_version: int) -> None:
+    states = [_state(i) for i in range(3)]
+    store = SnapshotStore(tmp_path / "snapshots", max_delta_bytes=ROOMY)
+    store.publish(states[0], {"step": 0})
+    store.publish_delta(diff(states[0], states[1]), {"step": 1})
+    save_file(to_tensors(diff(states[1], states[2])), tmp_path / "delta.safetensors")
+    child = _child(_STOPPED_PUBLISH, store.directory, tmp_path / "delta.safetensors", stop_at)
+    try:
+        said = child.stdout.readline()
+        assert said.startswith("stopped"), said + child.stderr.read()
+    finally:
+        _kill(child)
+    assert any(p.name.startswith(".") and ".tmp-" in p.name for p in store.directory.iterdir())  # killed mid-write
+    assert store.latest_version() == 2
+    _equal(store.load()[1], states[1])
+    assert not store.base_due()
+
+    following = store.publish_delta(diff(states[1], states[2]), {"step": 2})
+    assert (following.version, following.parent) == (next_version, 2)
+    _equal(store.load()[1], states[2])
+    assert sorted(p.name for p in store.directory.iterdir()) == sorted([
+        ".lock", "LATEST", "v000001.json", "v000001.safetensors", "v000002.json", "v000002.delta.safetensors",
+        f"v{next_version:06d}.json", f"v{next_version:06d}.delta.safetensors"])
+
+
+def test_a_publisher_killed_while_publishing_in_a_loop_leaves_every_published_version_loadable(tmp_path: Path) -> None:
+    states = [_state(0), _state(1)]
+    for i, state in enumerate(states):
+        save_file(state, tmp_path / f"s{i}.safetensors")
+    directory = tmp_path / "snapshots"
+    child = _child(_PUBLISHING_LOOP, directory, tmp_path / "s0.safetensors", tmp_path / "s1.safetensors")
+    try:
+        printed = [child.stdout.readline() for _ in range(12)]
+        assert printed[-1].strip() == "12", "".join(printed) + child.stderr.read()
+    finally:
+        _kill(child)  # somewhere in the 13th publish
+    store = SnapshotStore(directory, keep=100, max_deltas=3, max_delta_bytes=ROOMY)
+    latest = store.latest_version()
+    assert latest in (12, 13)
+    for version in store.versions():
+        if version <= latest:
+            manifest, state = store.load(version)
+            _equal(state, states[manifest.data["i"] % 2])
+    published = store.latest_manifest().data["i"]  # the child's publish i was states[i % 2]
+    manifest = store.publish_delta(diff(states[published % 2], states[(published + 1) % 2]), {"i": published + 1})
+    _equal(store.load()[1], states[(published + 1) % 2])
+    names = {p.name for p in directory.iterdir()}
+    assert not [n for n in names if n.startswith(".") and ".tmp-" in n]
+    assert all(f"v{v:06d}.json" in names for v in range(1, manifest.version + 1) if f"v{v:06d}.safetensors" in names
+               or f"v{v:06d}.delta.safetensors" in names)  # no payload without its manifest
+    assert manifest.version == max(store.versions())
