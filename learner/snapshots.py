@@ -18,18 +18,20 @@ manifest records the parent's sha256), so a gap, a re-pointed parent or a flippe
 **Compaction.** A delta is small to publish, but a reader starting cold reads the whole chain, and a bad link
 takes every later version of its chain with it. So the publisher asks :meth:`SnapshotStore.base_due` before
 each publish: a base is due after ``max_deltas`` deltas (default 20) or once the chain's delta bytes reach
-``max_delta_bytes`` (default half of the base's bytes: a cold reader then reads at most 1.5 models, and a chain
-costs at most 1.5 models of space).
+``max_delta_bytes`` (default half of the base's bytes: a cold reader then reads about 1.5 models at most, and
+a chain takes about 1.5 models of space). ``chain_status`` gives the figures (deltas and their bytes since the
+base) for telemetry.
 
 **Crash safety.** A publish writes the payload, then its manifest, then ``LATEST``, each whole (a local file
 goes to a temporary name, is fsynced and renamed; an object store shows an object only once it is whole).
 Readers start from ``LATEST`` and follow manifests, so a publish killed at any point leaves ``LATEST`` on the
 last whole version. What it left (a temporary file, a payload without its manifest, a manifest ``LATEST``
-never named) is removed by the next publish, which never reuses its number. A publish that cannot write (a
+never named) is removed by the next publish, which numbers its version past every file it finds, so no number
+a reader could have seen is used twice. A publish that cannot write (a
 full disk, a read-only directory) raises :class:`SnapshotUnwritable` and leaves nothing of itself behind.
 Local writers take turns through an ``flock``; an object store has no lock: one publisher per store.
 
-**Pruning** keeps the newest ``keep`` bases and every delta of their chains: never part of a chain.
+**Pruning** keeps the newest ``keep`` bases and every delta of their chains: a chain goes whole or not at all.
 
 Publishing is guarded: a snapshot (base or delta) is refused (:class:`SnapshotRefused`, with the reason) when
 any value is not finite, or, given a :class:`PublishGuard`, when a task's recent progressive AUC fell more than
@@ -44,17 +46,15 @@ import contextlib
 import errno
 import hashlib
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import orjson
-
 from learner.config import PublishGuard  # the guard's settings are configuration: checked without torch
 from learner.snapshot_files import ArrowFiles, LocalFiles, is_leftover_tmp, open_files, write_atomic
+from learner.snapshot_manifest import FILE_NAME, Manifest, broken_link, manifest_name, payload_name
 
 if TYPE_CHECKING:  # torch is imported where weights are written or read: listing versions needs only manifests
     import pyarrow.fs
@@ -62,14 +62,12 @@ if TYPE_CHECKING:  # torch is imported where weights are written or read: listin
 
     from learner.delta import Delta
 
-_FILE = re.compile(r"^v(\d{6,})\.(json|safetensors|delta\.safetensors)$")
 SNAPSHOTS_KEPT = 10
 """Chains (bases, each with its deltas) a store keeps by default; older ones are pruned after each publish."""
 MAX_DELTAS = 20
 """Deltas after which a base is due: bounds the files a cold reader opens and the deltas it applies."""
 DELTA_BYTES_FRACTION = 0.5
 """Without ``max_delta_bytes``, a base is due once the chain's deltas hold this fraction of the base's bytes."""
-_CHAIN_FIELDS = ("kind", "parent", "parent_sha256", "base", "depth", "bytes", "chain_bytes")
 
 
 class SnapshotError(RuntimeError):
@@ -95,59 +93,6 @@ class SnapshotRefused(SnapshotError):
 
 
 @dataclass(frozen=True)
-class Manifest:
-    """What a version is and how it links to its chain. Manifests written before chains existed read as bases
-    (``bytes`` None: their size was not recorded)."""
-
-    version: int
-    sha256: str
-    created_at: float
-    data: dict
-    """Everything else the publisher recorded: model config, step, offsets, metrics, ..."""
-    kind: str = "base"
-    """``base`` (the whole state) or ``delta`` (the change from ``parent``)."""
-    parent: int | None = None
-    parent_sha256: str | None = None
-    """The sha256 of the parent's payload this delta was made from: a parent replaced or re-pointed is caught."""
-    base: int | None = None
-    """The version the chain starts from (a base's own version)."""
-    depth: int = 0
-    """Deltas from the chain's base up to this version (0 for a base)."""
-    bytes: int | None = None
-    """Bytes of this version's payload."""
-    chain_bytes: int = 0
-    """Bytes of the chain's deltas up to this version (0 for a base)."""
-
-    def __post_init__(self) -> None:
-        if self.base is None and self.kind == "base":
-            object.__setattr__(self, "base", self.version)
-        if reserved := sorted({"version", "sha256", "created_at", *_CHAIN_FIELDS} & set(self.data)):
-            raise ValueError(f"manifest data may not set {reserved}: the store writes them")
-        if self.kind == "base":
-            ok = self.parent is None and self.parent_sha256 is None and self.base == self.version and self.depth == 0
-        elif self.kind == "delta":
-            ok = (isinstance(self.parent, int) and isinstance(self.base, int) and self.base <= self.parent < self.version
-                  and isinstance(self.parent_sha256, str) and self.depth >= 1)
-        else:
-            ok = False
-        if not ok:
-            raise ValueError(f"v{self.version}: kind {self.kind!r}, parent {self.parent}, base {self.base} and "
-                             f"depth {self.depth} do not make a base or a delta")
-
-    def to_json(self) -> bytes:
-        fields = {"version": self.version, "sha256": self.sha256, "created_at": self.created_at,
-                  **{name: getattr(self, name) for name in _CHAIN_FIELDS}}
-        return orjson.dumps({**fields, **self.data}, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> Manifest:
-        obj = orjson.loads(raw)
-        version, sha, created = obj.pop("version"), obj.pop("sha256"), obj.pop("created_at")
-        chain = {name: obj.pop(name) for name in _CHAIN_FIELDS if name in obj}
-        return cls(version=version, sha256=sha, created_at=created, data=obj, **chain)
-
-
-@dataclass(frozen=True)
 class ChainStatus:
     """Where the chain ``LATEST`` ends in stands: what :meth:`SnapshotStore.base_due` decides on, for telemetry."""
 
@@ -159,25 +104,6 @@ class ChainStatus:
     delta_bytes: int
     """Their payloads' bytes."""
     base_bytes: int
-
-
-def _payload_name(version: int, kind: str) -> str:
-    return f"v{version:06d}.delta.safetensors" if kind == "delta" else f"v{version:06d}.safetensors"
-
-
-def _manifest_name(version: int) -> str:
-    return f"v{version:06d}.json"
-
-
-def _broken_link(child: Manifest, parent: Manifest) -> str | None:
-    """Why ``parent`` is not the version the delta ``child`` was made from; None when it is."""
-    if parent.sha256 != child.parent_sha256:
-        return (f"it was made from another v{parent.version} (whose sha256 was {child.parent_sha256[:12]}, "
-                f"not {parent.sha256[:12]})")
-    if parent.base != child.base or parent.depth + 1 != child.depth:
-        return (f"it (chain of v{child.base}, depth {child.depth}) does not follow its parent v{parent.version} "
-                f"(chain of v{parent.base}, depth {parent.depth})")
-    return None
 
 
 def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -205,7 +131,7 @@ class SnapshotStore:
 
     def versions(self) -> list[int]:
         return sorted(int(m.group(1)) for name in self.files.names()
-                      if (m := _FILE.match(name)) and m.group(2) == "json")
+                      if (m := FILE_NAME.match(name)) and m.group(2) == "json")
 
     def latest_version(self) -> int | None:
         try:
@@ -215,7 +141,7 @@ class SnapshotStore:
 
     def manifest(self, version: int) -> Manifest:
         try:
-            return Manifest.from_json(self.files.read(_manifest_name(version)))
+            return Manifest.from_json(self.files.read(manifest_name(version)))
         except FileNotFoundError:
             raise SnapshotError(f"no snapshot v{version} in {self.files.location}") from None
         except (ValueError, KeyError, TypeError) as exc:  # orjson's JSONDecodeError is a ValueError
@@ -243,7 +169,7 @@ class SnapshotStore:
             except SnapshotError as exc:
                 why = f"a gap: its parent v{child.parent} is missing or unreadable ({exc})"
             else:
-                why = _broken_link(child, parent)
+                why = broken_link(child, parent)
             if why:
                 raise SnapshotError(f"v{version}'s chain breaks at v{child.version}: {why}")
             chain.append(parent)
@@ -258,7 +184,7 @@ class SnapshotStore:
             base = head if head.kind == "base" else self.manifest(head.base)
         except SnapshotError:
             return None
-        base_bytes = base.bytes if base.bytes is not None else self.files.size(_payload_name(base.version, "base"))
+        base_bytes = base.bytes if base.bytes is not None else self.files.size(payload_name(base.version, "base"))
         return ChainStatus(head.version, base.version, head.depth, head.chain_bytes, base_bytes or 0)
 
     def delta_budget(self, base_bytes: int) -> int:
@@ -335,7 +261,7 @@ class SnapshotStore:
         if version is None:
             raise SnapshotError(f"no snapshot published in {self.files.location}")
         head = self.manifest(version)
-        size = self.files.size(_payload_name(version, head.kind))
+        size = self.files.size(payload_name(version, head.kind))
         if size is None or (head.bytes is not None and size != head.bytes):
             raise SnapshotError(f"v{version}, which LATEST names, has {'no' if size is None else 'a cut'} payload")
         return head
@@ -364,7 +290,7 @@ class SnapshotStore:
         try:
             names = self.files.names()
             latest = self.latest_version()
-            version = max([*(int(m.group(1)) for n in names if (m := _FILE.match(n))), latest or 0]) + 1
+            version = max([*(int(m.group(1)) for n in names if (m := FILE_NAME.match(n))), latest or 0]) + 1
             self._remove_leftovers(names, latest)
         except OSError as exc:
             raise SnapshotUnwritable(self.files.location, exc) from exc
@@ -376,8 +302,8 @@ class SnapshotStore:
                                 parent=parent.version, parent_sha256=parent.sha256, base=parent.base,
                                 depth=parent.depth + 1, bytes=size, chain_bytes=parent.chain_bytes + size)
         try:
-            self.files.write(_payload_name(version, manifest.kind), payload)
-            self.files.write(_manifest_name(version), manifest.to_json())
+            self.files.write(payload_name(version, manifest.kind), payload)
+            self.files.write(manifest_name(version), manifest.to_json())
             self.files.write("LATEST", str(version).encode())
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -390,9 +316,9 @@ class SnapshotStore:
     def _remove_leftovers(self, names: list[str], latest: int | None) -> None:
         """What killed publishes left: temporary files, payloads without a manifest, and manifests newer than
         ``LATEST`` (written, never published). Only with the writers' lock held, when no publish is under way."""
-        manifests = {int(m.group(1)) for n in names if (m := _FILE.match(n)) and m.group(2) == "json"}
+        manifests = {int(m.group(1)) for n in names if (m := FILE_NAME.match(n)) and m.group(2) == "json"}
         for name in names:
-            m = _FILE.match(name)
+            m = FILE_NAME.match(name)
             orphan = m is not None and m.group(2) != "json" and int(m.group(1)) not in manifests
             if is_leftover_tmp(name) or orphan:
                 with contextlib.suppress(OSError):
@@ -404,9 +330,9 @@ class SnapshotStore:
 
     def _remove_version(self, version: int) -> None:
         """The manifest first: a removal cut short leaves a payload without a manifest, which nothing reads."""
-        self.files.remove(_manifest_name(version))
+        self.files.remove(manifest_name(version))
         for kind in ("base", "delta"):
-            self.files.remove(_payload_name(version, kind))
+            self.files.remove(payload_name(version, kind))
 
     def _prune(self) -> None:
         """Keep the newest ``keep`` bases and every version after the oldest of them (their chains' deltas);
@@ -414,7 +340,7 @@ class SnapshotStore:
         are never older than its base, so no kept chain loses a link."""
         names = set(self.files.names())
         versions = self.versions()
-        bases = [v for v in versions if _payload_name(v, "base") in names]
+        bases = [v for v in versions if payload_name(v, "base") in names]
         if len(bases) <= self.keep:
             return
         oldest_kept = bases[-self.keep]
@@ -463,7 +389,7 @@ class SnapshotStore:
 
     def _payload(self, manifest: Manifest) -> bytes:
         """The payload's bytes, once their sha256 matches the manifest's."""
-        name = _payload_name(manifest.version, manifest.kind)
+        name = payload_name(manifest.version, manifest.kind)
         try:
             payload = self.files.read(name)
         except FileNotFoundError:
