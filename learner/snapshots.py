@@ -363,7 +363,8 @@ class SnapshotStore:
 
     def read_delta(self, version: int) -> tuple[Manifest, Delta]:
         """A delta version's manifest and change, verified (sha256, finite values, a delta's entries), for a
-        follower that applies versions one by one onto the state it serves (``learner.delta.materialise``)."""
+        follower that applies versions one by one onto the state it serves (``learner.delta.materialise``): only
+        onto version ``manifest.parent`` whose payload's sha256 is ``manifest.parent_sha256``."""
         manifest = self.manifest(version)
         if manifest.kind != "delta":
             raise SnapshotError(f"v{version} is a base, not a delta: load it whole")
