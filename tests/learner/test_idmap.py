@@ -323,7 +323,8 @@ def _changes(idmap: IdMap) -> tuple[list[int], list[int], list[int]]:
 
 def _snapshot_diff(old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> tuple[list[int], list[int], list[int]]:
     """The reference: two snapshots compared id by id."""
-    before, after = dict(zip(old["ids"].tolist(), old["rows"].tolist())), dict(zip(new["ids"].tolist(), new["rows"].tolist()))
+    before = dict(zip(old["ids"].tolist(), old["rows"].tolist()))
+    after = dict(zip(new["ids"].tolist(), new["rows"].tolist()))
     upserts = sorted(i for i in after if before.get(i) != after[i])
     return upserts, [after[i] for i in upserts], sorted(i for i in before if i not in after)
 
