@@ -20,6 +20,16 @@ trainer had when it published (``tests/learner/test_delta.py``); ``diff(old, new
 between two states, computed the slow way (whole tables compared), which the trainer's tracked deltas must
 reproduce. A delta travels as flat safetensors (:func:`to_tensors`, :func:`from_tensors`, no pickle): names
 ``dense/<key>``, ``table/<prefix>/{rows,weight,sum_sq,size}``, ``map/<ids key>/{ids,rows,tombstones}``.
+
+The trainer's deltas are tracked, not diffed (``Learner.delta``): each table keeps the rows changed since the
+publisher's last mark and each ID map journals the ids it moved, so a delta costs what changed, not the model.
+
+A serving replica applies a delta to its live model in place with :func:`apply_delta`: checked whole first (a
+delta that does not fit raises :class:`DeltaError` with the model untouched), then the dense entries copied into
+the parameters and buffers, the rows written into the tables and the map changes merged into each field's map
+overlay (``learner.models.encoder``). The result is bit for bit the model that ``materialise`` loaded into a fresh
+one would be. The overlay folds into the map beside the requests (:func:`plan_fold` off the serving lock,
+:func:`install_fold` under it); past ``FOLD_SLACK`` times its bound, ``apply_delta`` folds it itself.
 """
 
 from __future__ import annotations
@@ -27,8 +37,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from learner.models.encoder import FeatureEncoder, MapFold
+from learner.models.sparse import RowwiseTable
+
+FOLD_SLACK = 4
+"""``apply_delta`` folds a field's map itself once its overlay passes this many times the bound at which a fold is
+due: a replica that folds beside its requests never gets there, one that never folds still keeps lookups cheap."""
 _MAP_IDS, _MAP_ROWS = "map_ids_", "map_rows_"
 
 
@@ -196,6 +212,111 @@ def check_fits(parent: StateParts, delta: Delta) -> None:
                 raise DeltaError(f"{prefix}: the table grew to {change.size} rows without all of them")
 
 
+def row_tables(model: nn.Module) -> dict[str, RowwiseTable]:
+    """The model's row-wise tables by their state-dict prefix (``encoder.tables.user_id.``)."""
+    return {f"{name}." if name else "": m for name, m in model.named_modules() if isinstance(m, RowwiseTable)}
+
+
+def field_maps(model: nn.Module) -> dict[str, tuple[FeatureEncoder, str]]:
+    """The model's published maps by their ids key (``encoder.map_ids_user_id``): the encoder and the field."""
+    return {f"{name}.{_MAP_IDS}{f}" if name else f"{_MAP_IDS}{f}": (m, f) for name, m in model.named_modules()
+            if isinstance(m, FeatureEncoder) and m.tables is not None for f in m.id_fields}
+
+
+def _entries(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state-dict entries, the tensors themselves: its parameters and persistent buffers, read as
+    ``Module._save_to_state_dict`` reads them, without ``state_dict``'s work (a replica's folds the overlays)."""
+    out: dict[str, Tensor] = {}
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        out |= {prefix + k: p for k, p in m._parameters.items() if p is not None}
+        skip = m._non_persistent_buffers_set
+        out |= {prefix + k: b for k, b in m._buffers.items() if b is not None and k not in skip}
+    return out
+
+
+def _ascending(values: Tensor) -> bool:
+    return values.numel() < 2 or bool((values[1:] > values[:-1]).all())
+
+
+def _check_applies(delta: Delta, tables: dict[str, RowwiseTable], maps: dict[str, tuple[FeatureEncoder, str]]) -> None:
+    """What ``check_fits`` leaves to a live model: distinct rows, sizes within capacity, and map changes a map
+    can take (int64, ids and tombstones ascending and disjoint, rows inside the field's table)."""
+    for prefix, change in delta.tables.items():
+        table = tables[prefix]
+        if change.rows.dtype != torch.int64 or change.rows.dim() != 1 or not _ascending(change.rows):
+            raise DeltaError(f"{prefix}: rows must be distinct int64, ascending")
+        if not 1 <= change.size <= table.n_rows + 1:
+            raise DeltaError(f"{prefix}: {change.size} rows for a table of {table.n_rows} (+ the default row)")
+    for key, change in delta.maps.items():
+        encoder, field_name = maps[key]
+        parts = (change.ids, change.rows, change.tombstones)
+        if any(t.dtype != torch.int64 or t.dim() != 1 for t in parts) or change.ids.shape != change.rows.shape:
+            raise DeltaError(f"{key}: ids, rows and tombstones must be int64 vectors, as many rows as ids")
+        if not _ascending(change.ids) or not _ascending(change.tombstones):
+            raise DeltaError(f"{key}: ids and tombstones must be distinct and ascending")
+        if change.tombstones.numel() and change.ids.numel():
+            at = torch.searchsorted(change.ids, change.tombstones).clamp_(max=change.ids.numel() - 1)
+            if bool((change.ids[at] == change.tombstones).any()):
+                raise DeltaError(f"{key}: an id both mapped and tombstoned")
+        table = encoder.tables[field_name]
+        prefix = next(p for p, t in tables.items() if t is table)
+        size = delta.tables[prefix].size if prefix in delta.tables else table.weight.shape[0]
+        if change.rows.numel() and (int(change.rows.min()) < 1 or int(change.rows.max()) >= size):
+            raise DeltaError(f"{key}: rows must lie in [1, {size - 1}], the field's table")
+
+
+def apply_delta(model: nn.Module, delta: Delta) -> None:
+    """Apply ``delta`` to ``model`` (the version it is the delta of, as loaded from a base and earlier deltas)
+    in place: afterwards the model is the one ``materialise`` gives, loaded, bit for bit. Costs the delta, not the
+    model: dense entries copied into the parameters and buffers, table rows written (``RowwiseTable.load_rows``),
+    map changes merged into the maps' overlays (folded here only past ``FOLD_SLACK`` times their bound).
+
+    Everything is checked before anything is written: a delta that does not fit raises :class:`DeltaError` and
+    leaves the model as it was. The caller keeps requests out while it runs (serving's lock)."""
+    entries, tables, maps = _entries(model), row_tables(model), field_maps(model)
+    check_fits(split_state(entries), delta)
+    _check_applies(delta, tables, maps)
+    with torch.no_grad():
+        for key, value in delta.dense.items():
+            entries[key].copy_(value)
+    for prefix, change in delta.tables.items():
+        tables[prefix].load_rows(change.rows, change.weight, change.sum_sq, change.size)
+    for key, change in delta.maps.items():
+        encoder, field_name = maps[key]
+        encoder.update_map(field_name, change.ids, change.rows, change.tombstones)
+    for encoder in _encoders(model).values():
+        if encoder.fold_due(FOLD_SLACK):
+            encoder.fold_maps()
+
+
+def _encoders(model: nn.Module) -> dict[str, FeatureEncoder]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, FeatureEncoder) and m.tables is not None}
+
+
+def fold_due(model: nn.Module) -> bool:
+    """Whether a map's overlay has grown past the bound where it should be folded (``learner.models.encoder``)."""
+    return any(encoder.fold_due() for encoder in _encoders(model).values())
+
+
+def plan_fold(model: nn.Module) -> dict[str, MapFold]:
+    """The model's maps with their overlays folded in, changing nothing: O(map), to run beside the requests
+    (outside serving's lock). Install it with :func:`install_fold`; one folder at a time."""
+    return {name: encoder.plan_fold() for name, encoder in _encoders(model).items()}
+
+
+def install_fold(model: nn.Module, fold: dict[str, MapFold]) -> bool:
+    """Install a :func:`plan_fold` in O(overlay) (under serving's lock); False, changing nothing, if a map was
+    replaced since it was planned (a load or another fold)."""
+    encoders = _encoders(model)
+    if set(fold) - set(encoders):
+        raise DeltaError(f"a fold of encoders {sorted(set(fold) - set(encoders))} the model does not have")
+    stale = [name for name, planned in fold.items() if not encoders[name].fold_is_current(planned)]
+    if stale:
+        return False
+    return all([encoders[name].install_fold(planned) for name, planned in fold.items()])
+
+
 def to_tensors(delta: Delta) -> dict[str, Tensor]:
     out = {f"dense/{k}": v for k, v in delta.dense.items()}
     for prefix, t in delta.tables.items():
@@ -234,6 +355,6 @@ def from_tensors(tensors: dict[str, Tensor]) -> Delta:
     return Delta(dense, tables, maps)
 
 
-__all__ = ["Delta", "DeltaError", "MapChanges", "StateParts", "TableRows", "apply_map", "check_fits", "diff",
-           "from_tensors", "map_changes", "map_keys", "materialise", "rows_key", "split_state", "table_prefixes",
-           "to_tensors"]
+__all__ = ["FOLD_SLACK", "Delta", "DeltaError", "MapChanges", "StateParts", "TableRows", "apply_delta", "apply_map",
+           "check_fits", "diff", "field_maps", "fold_due", "from_tensors", "install_fold", "map_changes", "map_keys",
+           "materialise", "plan_fold", "row_tables", "rows_key", "split_state", "table_prefixes", "to_tensors"]

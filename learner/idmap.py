@@ -19,6 +19,9 @@ reads (not admitted yet, unknown, expired, or left over when the table is full o
   selection runs once per many calls. IDs left without a row (every row was seen in this call) read row 0
   and are counted as ``overflow``; a pending ID among them keeps its count.
 - **Serving reads only.** ``rows(ids, now_ms, train=False)`` changes nothing.
+- **Changes since the last publish.** ``changes()`` gives the IDs whose row changed since ``mark_published()``
+  (admitted, moved, expired, evicted) in O(IDs changed), as a delta of ``snapshot()`` (``learner.delta``): every
+  change of the mapping goes through the row pool, which journals each key it moves with the row it had.
 
 IDs are int64 values >= 0, as ``stream.events`` decodes them; negative IDs, values above 2**63-1,
 non-integers, NaN and object arrays are refused with a ``ValueError`` that names the problem (``as_ids``).
@@ -57,6 +60,8 @@ EVICT_DIVISOR = 100
 """A full table evicts at least ``capacity // EVICT_DIVISOR`` rows at once (and at least one)."""
 SWEEP_DIVISOR = 8
 """The expiry sweep runs when event time has advanced ``ttl_ms // SWEEP_DIVISOR`` since the last one."""
+JOURNAL_MIN = 1 << 16
+"""Journal records held before the first compaction (``_Journal``)."""
 INT64_MAX = np.iinfo(np.int64).max
 _NONE = np.zeros(0, np.int64)
 _COUNTERS = ("admitted", "expired", "evicted", "overflow", "pending_dropped")
@@ -240,8 +245,49 @@ class _KeyIndex:
         self.insert(keys, live)
 
 
+class _Journal:
+    """The keys whose entry may have changed since the last mark, each with the entry it had then (0: none).
+
+    Every change of a pool's key -> entry mapping is a ``take`` or a ``release``, and each records the keys it
+    moved with their entry before the move. A key's first record since the mark holds its entry at the mark, so
+    the changes are the keys whose first-recorded entry differs from their entry now: a key admitted and freed
+    again within the interval comes out unchanged. The records are compacted to those keys whenever they
+    double, so the journal holds O(keys changed since the mark) however long the interval; a mark empties it."""
+
+    def __init__(self, pool: _Pool) -> None:
+        self.pool = pool
+        self.clear()
+
+    def clear(self) -> None:
+        self.keys: list[np.ndarray] = []
+        self.before: list[np.ndarray] = []
+        self.size, self.compact_at = 0, JOURNAL_MIN
+
+    def record(self, keys: np.ndarray, before: np.ndarray) -> None:
+        if not len(keys):
+            return
+        self.keys.append(np.array(keys, np.int64))
+        self.before.append(np.array(before, np.int64))
+        self.size += len(keys)
+        if self.size > self.compact_at:
+            keys, before, _ = self.changed()
+            self.keys, self.before, self.size = [keys], [before], len(keys)
+            self.compact_at = max(JOURNAL_MIN, 2 * len(keys))
+
+    def changed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The keys (ascending) whose entry differs from the mark's, their entry then and now (0: none)."""
+        if not self.keys:
+            return _NONE, _NONE, _NONE
+        keys, first = np.unique(np.concatenate(self.keys), return_index=True)  # first: each key's first record
+        before = np.concatenate(self.before)[first]
+        now = self.pool.find(keys)
+        moved = now != before
+        return keys[moved], before[moved], now[moved]
+
+
 class _Pool:
-    """Keys held in entries ``1..n``: the index, a free stack, and when each entry was last seen."""
+    """Keys held in entries ``1..n``: the index, a free stack, and when each entry was last seen; with a
+    ``journal``, every key whose entry changes is recorded there."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -250,6 +296,7 @@ class _Pool:
         self.seen_tick = np.zeros(n + 1, np.int64)
         self.free: np.ndarray = np.arange(n, 0, -1, dtype=_index_dtype(n + 1))  # popped from the end: 1, 2, 3, ...
         self.n_free = n
+        self.journal: _Journal | None = None
 
     @property
     def nbytes(self) -> int:
@@ -269,11 +316,17 @@ class _Pool:
         self.index.insert(keys, got)
         self.seen_ms[got] = now
         self.seen_tick[got] = tick
+        if self.journal is not None:
+            self.journal.record(keys, np.zeros(len(keys), np.int64))
         return got
 
     def release(self, entries: np.ndarray) -> None:
         entries = np.sort(entries)
+        journal = self.journal
+        keys = None if journal is None else self.index.key_of(entries)
         self.index.remove(entries)
+        if journal is not None:
+            journal.record(keys, entries)
         self.free[self.n_free:self.n_free + len(entries)] = entries[::-1]
         self.n_free += len(entries)
 
@@ -334,6 +387,33 @@ class IdMap:
         self._tick = 0
         self._next_sweep = np.iinfo(np.int64).min
         self._counters = dict.fromkeys(_COUNTERS, 0)
+        self._track_changes()
+
+    def _track_changes(self) -> None:
+        """Journal the row pool's changes (mode "hash" has no map to publish), relative to an empty map: what is
+        live now counts as changed until the first mark."""
+        if self.config.mode == "hash":
+            return
+        pool = self._rows
+        pool.journal = _Journal(pool)
+        live = pool.live()
+        pool.journal.record(pool.index.key_of(live), np.zeros(len(live), np.int64))
+
+    def changes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What turns the map at the last :meth:`mark_published` (or an empty one, before the first) into
+        ``snapshot()`` now: ``ids`` (ascending) now on a row they were not on, their ``rows``, and ``tombstones``
+        (ascending): ids on a row then and on none now. An id admitted and freed within the interval is in
+        neither. O(ids changed since the mark), not O(map); reads only. Mode "hash": no changes."""
+        if self._rows.journal is None:
+            return _NONE, _NONE, _NONE
+        keys, _, now = self._rows.journal.changed()
+        mapped = now > 0
+        return keys[mapped], now[mapped], keys[~mapped]
+
+    def mark_published(self) -> None:
+        """The map as it is now is published: :meth:`changes` starts again from here."""
+        if self._rows.journal is not None:
+            self._rows.journal.clear()
 
     def rows(self, ids: ArrayLike, now_ms: int, train: bool = True) -> Lookup:
         """Row per ID at event time ``now_ms``; with ``train`` counts, admits, expires and evicts."""
@@ -469,6 +549,7 @@ class IdMap:
         if idmap._pending is not None:
             idmap._pending = _Pool.from_arrays(config.pending_entries, arrays, "pending.")
             idmap._count[:] = _array(arrays, "pending.count", config.pending_entries + 1)
+        idmap._track_changes()  # nothing of a restored map is known to be published
         return idmap
 
     def snapshot(self) -> dict[str, np.ndarray]:

@@ -14,6 +14,12 @@ whose features were read before their labels were counted (``learner.feature_loo
 
 What the step needs of a family comes from the model contract (``lb_experts``, ``lb_coef``), never from
 probing the model. Jobs beside the step (features, publishing, health) are other objects' (``learner.loop``).
+
+Publishing reads the model two ways: :meth:`Learner.weights`, the whole state (a base), and :meth:`Learner.delta`,
+the change since the publisher's last :meth:`Learner.mark_published` (``learner.delta``), tracked as it happens
+(the tables' changed rows, the ID maps' journals) so that it costs what changed. The invariant: ``materialise``
+of the last marked version and ``delta()`` is ``weights()``, entry for entry. A mark is the publisher's word that
+the version read just before it is durable; nothing may learn in between.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 
 from learner.collisions import IdCollisions, id_collisions
 from learner.config import LearnerConfig
+from learner.delta import Delta, DeltaError, MapChanges, TableRows, field_maps, row_tables, split_state
 from learner.distributed import LocalReducer, Reducer
 from learner.idmap import IdMap, IdMapConfig
 from learner.metrics import ProgressiveValidation
@@ -93,6 +100,8 @@ class Learner:
         self.skipped_steps = 0
         """Steps whose (group) gradient was not finite: their update was dropped."""
         self.skipped_last = False
+        self._marked = False
+        """Whether a version was marked published since construction or restore: deltas need a parent."""
 
     def learn(self, examples: pa.Table, dense: np.ndarray, codes: Mapping[str, np.ndarray] | None = None
               ) -> StepResult:
@@ -272,6 +281,35 @@ class Learner:
         self.publish_maps()
         return self.model.state_dict()
 
+    def delta(self) -> Delta:
+        """The change since the last :meth:`mark_published`: every dense entry, each table's changed rows and each
+        ID map's changes, so that ``materialise(marked version, delta())`` equals :meth:`weights` entry for entry.
+        Reads only (a refused publish leaves the changes for the next delta) and costs what changed: no table
+        copied, no map listed. A :class:`~learner.delta.DeltaError` before the first mark (after construction or
+        restore the last published version is unknown: publish a base first)."""
+        if not self._marked:
+            raise DeltaError("no version marked published since this learner was built or restored: publish "
+                             "weights() as a base and mark_published() first")
+        dense = {k: v.detach().clone() for k, v in split_state(self.model.state_dict()).dense.items()}
+        tables = {}
+        for prefix, table in row_tables(self.model).items():
+            rows = table.changed_rows()
+            tables[prefix] = TableRows(rows, table.weight.index_select(0, rows), table.sum_sq.index_select(0, rows),
+                                       int(table.weight.shape[0]))
+        maps = {}
+        for key, (_, name) in field_maps(self.model).items():
+            maps[key] = MapChanges(*(torch.from_numpy(a).to(self.device) for a in self.id_maps[name].changes()))
+        return Delta(dense, tables, maps)
+
+    def mark_published(self) -> None:
+        """The version as it is now (what :meth:`weights` or :meth:`delta` just gave) is durably published: the
+        next delta starts from it. Only after the publish succeeded, with no step in between."""
+        for table in row_tables(self.model).values():
+            table.mark_published()
+        for id_map in self.id_maps.values():
+            id_map.mark_published()
+        self._marked = True
+
     def positive_rates(self) -> dict[str, float]:
         """Each task's positive rate over the metrics' window."""
         return self.metrics.positive_rates()
@@ -323,3 +361,4 @@ class Learner:
         self._id_tables = None
         self.event_time_hwm_ms = counters["event_time_hwm_ms"]
         self.skipped_steps = counters.get("skipped_steps", 0)  # absent from checkpoints of older versions
+        self._marked = False  # the tables and maps count as all changed: publish a base next

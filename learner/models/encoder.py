@@ -20,6 +20,17 @@ n_buckets``, a given key shares its bucket with at least one other key with prob
 something. Reducing 64-bit ids to a 32-bit hash adds collisions at rate about ``N / 2^32``,
 negligible beside that.
 
+Published maps. With per-field tables, serving maps a raw id to its row through the field's published map: the
+ids ascending (``map_ids_<field>``) and their rows (``map_rows_<field>``), one ``searchsorted`` for a batch. A
+replica applying a version's delta (``learner.delta.apply_delta``) must not re-sort 10^7 ids for a few thousand
+changes, so the changes go to a small *overlay* per field first: its ids ascending with their rows, 0 for an id
+removed (a tombstone: served the default row). A lookup reads the overlay first, then the map (two
+``searchsorted``); a delta merges into the overlay in O(overlay + changes). Once the overlay passes
+``max(OVERLAY_MIN, map / OVERLAY_DIVISOR)`` entries it is due to be folded into the map, an O(map) merge that a
+replica computes beside the requests (:meth:`FeatureEncoder.plan_fold`, reading tensors that are never written in
+place) and installs in O(overlay) (:meth:`FeatureEncoder.install_fold`). ``state_dict`` reads the maps folded,
+so a replica's state after deltas is the plain maps, entry for entry.
+
 Dense features. ``symlog(x) = sign(x) · log1p(|x|)`` compresses heavy-tailed counts and
 durations to a few units without statistics, then a learnable per-feature scale and shift. No
 BatchNorm: batch statistics drift with the stream, break on batches of one and make a row's output
@@ -32,6 +43,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +52,9 @@ from .sparse import RowwiseTable
 
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # < 2**31, so a 32-bit lane times it stays inside int64
+OVERLAY_MIN = 1 << 16
+OVERLAY_DIVISOR = 16
+"""A field's overlay is due to be folded into its map past ``max(OVERLAY_MIN, map entries // OVERLAY_DIVISOR)``."""
 
 
 def _mix32(h: Tensor) -> Tensor:
@@ -104,6 +119,9 @@ class FeatureEncoder(nn.Module):
             for f in self.id_fields:  # the ID -> row maps serving reads (the learner keeps them current)
                 self.register_buffer(f"map_ids_{f}", torch.zeros(0, dtype=torch.int64))
                 self.register_buffer(f"map_rows_{f}", torch.zeros(0, dtype=torch.int64))
+                # (2, n): ids ascending over rows (0: removed), changes not yet folded into the map; one tensor,
+                # so a reader beside the writer never sees ids of one version with rows of another
+                self.register_buffer(f"map_overlay_{f}", torch.zeros(2, 0, dtype=torch.int64), persistent=False)
         elif self.id_fields:
             self.table = RowwiseTable(n_buckets, emb_dim, lr=emb_lr, init_std=emb_dim**-0.5, seed=seed,
                                       initial_accumulator=emb_accumulator)
@@ -122,19 +140,95 @@ class FeatureEncoder(nn.Module):
 
     def map_rows(self, field_name: str, ids: Tensor) -> Tensor:
         """Serving's side of a per-field table: each raw id's row in the published map, 0 (the default row) for
-        an id it does not hold (never admitted, expired, or new since the snapshot)."""
+        an id it does not hold (never admitted, expired, or new since the snapshot). The overlay's entries
+        (changes applied since the last fold) win over the map's."""
         keys, rows = getattr(self, f"map_ids_{field_name}"), getattr(self, f"map_rows_{field_name}")
+        overlay = getattr(self, f"map_overlay_{field_name}")
         ids = ids.to(device=keys.device, dtype=torch.int64)
-        if keys.numel() == 0:
-            return torch.zeros_like(ids)
-        pos = torch.searchsorted(keys, ids).clamp_(max=keys.numel() - 1)
-        return torch.where(keys[pos] == ids, rows[pos], torch.zeros_like(ids))
+        found = _find(keys, rows, ids)
+        if overlay.shape[1] == 0:
+            return found
+        at = torch.searchsorted(overlay[0], ids).clamp_(max=overlay.shape[1] - 1)
+        return torch.where(overlay[0][at] == ids, overlay[1][at], found)
 
     def set_map(self, field_name: str, ids: Tensor, rows: Tensor) -> None:
         """Publish a field's ``ids -> rows`` (what the learner's ID map holds, ``ids`` ascending as
-        ``IdMap.snapshot`` gives them) for :meth:`map_rows`."""
+        ``IdMap.snapshot`` gives them) for :meth:`map_rows`; it replaces any overlay."""
         setattr(self, f"map_ids_{field_name}", ids.to(torch.int64).contiguous())
         setattr(self, f"map_rows_{field_name}", rows.to(torch.int64).contiguous())
+        setattr(self, f"map_overlay_{field_name}", self._no_overlay())
+
+    def update_map(self, field_name: str, ids: Tensor, rows: Tensor, tombstones: Tensor) -> None:
+        """Apply a version's changes to a field's map: ``ids`` (ascending, distinct) now map to ``rows`` (>= 1),
+        ``tombstones`` (ascending, distinct, none in ``ids``) to nothing. Merged into the overlay in
+        O(overlay + changes); the caller checks the changes (``learner.delta.apply_delta``) and folds when due."""
+        overlay = getattr(self, f"map_overlay_{field_name}")
+        device = overlay.device
+        ids, rows, tombstones = (t.to(device=device, dtype=torch.int64) for t in (ids, rows, tombstones))
+        if tombstones.numel():  # one sorted change: the tombstones are entries with row 0
+            change = _merge(ids, rows, tombstones, torch.zeros_like(tombstones), keep_removed=True)
+        else:
+            change = torch.stack([ids, rows])
+        setattr(self, f"map_overlay_{field_name}",
+                _merge(overlay[0], overlay[1], change[0], change[1], keep_removed=True))
+
+    def overlay_entries(self) -> dict[str, int]:
+        """Each per-field map's overlay entries: changes applied since the last fold."""
+        return {f: int(getattr(self, f"map_overlay_{f}").shape[1]) for f in self._mapped_fields()}
+
+    def fold_due(self, slack: int = 1) -> bool:
+        """Whether an overlay has grown past ``slack`` times its bound (see the module doc)."""
+        return any(n > slack * max(OVERLAY_MIN, getattr(self, f"map_ids_{f}").numel() // OVERLAY_DIVISOR)
+                   for f, n in self.overlay_entries().items())
+
+    def plan_fold(self) -> MapFold:
+        """The maps with their overlays folded in, computed without changing anything: O(map), and safe beside
+        requests and :meth:`update_map` (it reads tensors that are only ever replaced, never written in place).
+        One folder at a time: install it with :meth:`install_fold`."""
+        fields = {}
+        for f in self._mapped_fields():
+            # the map first, then its overlay: a map replaced in between (a load) fails install_fold's check
+            ids, rows = getattr(self, f"map_ids_{f}"), getattr(self, f"map_rows_{f}")
+            overlay = getattr(self, f"map_overlay_{f}")
+            if overlay.shape[1]:
+                folded = _merge(ids, rows, overlay[0], overlay[1], keep_removed=False, stacked=False)
+                fields[f] = _FieldFold(ids, rows, overlay, *folded)
+        return MapFold(fields)
+
+    def install_fold(self, fold: MapFold) -> bool:
+        """Install a :meth:`plan_fold`: each map becomes the folded one, and its overlay keeps only the entries
+        applied since the plan (O(overlay)). False, changing nothing, if a map was replaced since the plan (a
+        load, ``set_map`` or another fold): plan again."""
+        if not self.fold_is_current(fold):
+            return False
+        for f, planned in fold.fields.items():
+            overlay = getattr(self, f"map_overlay_{f}")
+            setattr(self, f"map_ids_{f}", planned.folded_ids)
+            setattr(self, f"map_rows_{f}", planned.folded_rows)
+            setattr(self, f"map_overlay_{f}", _without(overlay, planned.overlay))
+        return True
+
+    def fold_is_current(self, fold: MapFold) -> bool:
+        """Whether every map ``fold`` folded is still the encoder's (so :meth:`install_fold` would take it)."""
+        return all(getattr(self, f"map_ids_{f}") is planned.ids and getattr(self, f"map_rows_{f}") is planned.rows
+                   for f, planned in fold.fields.items())
+
+    def fold_maps(self) -> None:
+        """Fold every overlay into its map now (:meth:`plan_fold` and :meth:`install_fold` in one call)."""
+        self.install_fold(self.plan_fold())
+
+    def _mapped_fields(self) -> tuple[str, ...]:
+        return self.id_fields if self.tables is not None else ()
+
+    def _no_overlay(self) -> Tensor:
+        return torch.zeros(2, 0, dtype=torch.int64, device=self.salts.device)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """The maps as the plain ascending arrays, any overlay folded in (without folding it here)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for f, planned in self.plan_fold().fields.items():
+            destination[prefix + f"map_ids_{f}"] = planned.folded_ids
+            destination[prefix + f"map_rows_{f}"] = planned.folded_rows
 
     def buckets(self, ids: Mapping[str, Tensor]) -> Tensor:
         """Hashed bucket per row and field, ``(B, F)``."""
@@ -181,11 +275,12 @@ class FeatureEncoder(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """Snapshots of earlier versions held the hashed table as ``embedding.weight`` (an ``nn.Embedding``
         trained by Adam): read it as the table's rows 1.. with a fresh accumulator."""
-        for f in self.id_fields if self.tables is not None else ():  # maps of any size: take the stored one's
+        for f in self._mapped_fields():  # maps of any size: take the stored one's; a loaded map has no overlay
             for name in (f"map_ids_{f}", f"map_rows_{f}"):
                 stored = state_dict.get(prefix + name)
                 if stored is not None:
                     setattr(self, name, torch.empty_like(stored, device=getattr(self, name).device))
+            setattr(self, f"map_overlay_{f}", self._no_overlay())
         old = state_dict.pop(prefix + "embedding.weight", None)
         if old is not None and self.table is not None:
             state_dict[prefix + "table.weight"] = torch.cat([self.table.weight[:1].to(old), old])
@@ -193,3 +288,72 @@ class FeatureEncoder(nn.Module):
             state_dict[prefix + "table.seed"] = self.table.seed.clone()
             state_dict[prefix + "table.resets"] = self.table.resets.clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class _FieldFold:
+    ids: Tensor  # the map and overlay the fold read
+    rows: Tensor
+    overlay: Tensor
+    folded_ids: Tensor  # the map with that overlay folded in
+    folded_rows: Tensor
+
+
+@dataclass(frozen=True)
+class MapFold:
+    """The folded maps of :meth:`FeatureEncoder.plan_fold`, by field (those with an overlay)."""
+
+    fields: dict[str, _FieldFold]
+
+
+def _find(keys: Tensor, rows: Tensor, ids: Tensor) -> Tensor:
+    """Each id's row in the map ``keys (ascending) -> rows``, 0 where it has none."""
+    if keys.numel() == 0:
+        return torch.zeros_like(ids)
+    pos = torch.searchsorted(keys, ids).clamp_(max=keys.numel() - 1)
+    return torch.where(keys[pos] == ids, rows[pos], torch.zeros_like(ids))
+
+
+def _merge(base_ids: Tensor, base_rows: Tensor, ids: Tensor, rows: Tensor, keep_removed: bool,
+           stacked: bool = True) -> Tensor | tuple[Tensor, Tensor]:
+    """The map ``base`` (ids ascending) with the entries ``ids -> rows`` (ascending, distinct) written over it:
+    stacked ``(2, n)``, or as two tensors. Rows 0 are removals: kept as entries with ``keep_removed`` (an
+    overlay's tombstones), else dropped with the base entries they remove (a fold into the map).
+
+    A linear merge, not a sort: O(base + k log base). An entry's place in the output is its place in the base
+    (``searchsorted``) plus the entries written before it, less the base entries they replaced."""
+    m = base_ids.numel()
+    at = torch.searchsorted(base_ids, ids)  # (k,): base entries below each id
+    hit = base_ids[at.clamp(max=m - 1)] == ids if m else torch.zeros_like(ids, dtype=torch.bool)
+    kept_ids, kept_rows = base_ids, base_rows
+    if bool(hit.any()):
+        keep = torch.ones(m, dtype=torch.bool, device=base_ids.device)
+        keep[at[hit]] = False
+        kept_ids, kept_rows = base_ids.masked_select(keep), base_rows.masked_select(keep)
+        at = at - (torch.cumsum(hit, 0) - hit.long())  # below each id among the kept: less the replaced ones
+    if not keep_removed:
+        written = rows != 0
+        ids, rows, at = ids[written], rows[written], at[written]
+    n = kept_ids.numel() + ids.numel()
+    place = at + torch.arange(ids.numel(), device=at.device)  # (k,): each written entry's index in the output
+    if stacked:
+        out = base_ids.new_empty((2, n))
+        out_ids, out_rows = out[0], out[1]
+    else:
+        out_ids, out_rows = base_ids.new_empty(n), base_rows.new_empty(n)
+    written_at = torch.zeros(n, dtype=torch.bool, device=base_ids.device)
+    written_at[place] = True
+    out_ids[place], out_rows[place] = ids, rows
+    out_ids.masked_scatter_(~written_at, kept_ids)
+    out_rows.masked_scatter_(~written_at, kept_rows)
+    return out if stacked else (out_ids, out_rows)
+
+
+def _without(overlay: Tensor, folded: Tensor) -> Tensor:
+    """``overlay`` less the entries it shares, id and row alike, with ``folded`` (an overlay folded into the map
+    since: those entries are in the map now; an entry updated since the fold differs, so stays)."""
+    if overlay is folded or folded.shape[1] == 0:
+        return overlay[:, :0] if overlay is folded else overlay
+    at = torch.searchsorted(folded[0], overlay[0]).clamp_(max=folded.shape[1] - 1)
+    same = (folded[0][at] == overlay[0]) & (folded[1][at] == overlay[1])
+    return overlay[:, ~same].contiguous()

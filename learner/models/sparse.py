@@ -30,6 +30,12 @@ summed through ``embedding_dense_backward`` (deterministic on CPU and CUDA, no a
 distinct rows only, and initial values come from a CPU generator seeded by ``(seed, resets)``, so every
 data-parallel replica that resets the same rows in the same order draws the same values on any device.
 
+Delta publishing: the table keeps the set of rows that changed since the publisher's last mark (an update's rows,
+a reset's, the rows a growth added; a ``load_state_dict`` changes them all), so a version can ship only those rows
+(``learner.delta``): :meth:`RowwiseTable.changed_rows` reads the set, :meth:`RowwiseTable.mark_published` empties
+it. Keeping it costs O(rows changed) per step (a bit per row and the list of rows set since the mark), not
+O(table). A serving replica writes a version's rows with :meth:`RowwiseTable.load_rows`.
+
 Data parallel (replicated tables): each worker takes its local ``gradients()``, the caller all-gathers the
 ``(rows, grads)`` pairs (padding to the longest, or ``all_gather_object``), concatenates them in rank order
 and calls ``update(rows, grads)`` on every worker; ``update`` sums duplicates, so every worker applies the same
@@ -94,6 +100,14 @@ class RowwiseTable(nn.Module):
         self.register_buffer("resets", torch.zeros((), dtype=torch.int64))
         # (unique rows, their leaf) per lookup since the last update; the leaf's .grad is the rows' gradient
         self._pending: list[tuple[Tensor, Tensor]] = []
+        # Rows changed since the last mark: a bit per row, and the rows whose bit was set since, each once (None
+        # once they pass a fraction of the table: then the bits are read instead). Not in the state dict.
+        self._changed: Tensor
+        self._changed_list: list[Tensor] | None
+        self._changed_count: int
+        # (weight, sum_sq) storage with room to grow into, when load_rows grew the table (weight is a view of it)
+        self._room: tuple[Tensor, Tensor] | None
+        self._forget_published()  # nothing is published yet: every row counts as changed
 
     def extra_repr(self) -> str:
         return (f"n_rows={self.n_rows}, dim={self.dim}, lr={self.lr}, eps={self.eps}, init_std={self.init_std:.4g}, "
@@ -124,6 +138,7 @@ class RowwiseTable(nn.Module):
         self.weight = torch.cat([self.weight, fresh])
         fresh_state = self.sum_sq.new_full((extra, *self._group_shape), self.initial_accumulator)
         self.sum_sq = torch.cat([self.sum_sq, fresh_state])
+        self._mark_changed(torch.arange(self.weight.shape[0] - extra, self.weight.shape[0], device=self.weight.device))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """A state of another allocated size (a grown table) replaces this one's size before it is copied."""
@@ -132,6 +147,93 @@ class RowwiseTable(nn.Module):
             self.weight = self.weight.new_empty(weight.shape)
             self.sum_sq = self.sum_sq.new_empty((weight.shape[0], *self._group_shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._forget_published()  # every row may differ from what was published
+
+    # -- what changed since the last publish ----------------------------------------------------------------
+
+    def changed_rows(self) -> Tensor:
+        """The rows changed since the last :meth:`mark_published` (or since construction or a load), ascending
+        int64 on the table's device. Reads the set and leaves it as it is: a publish that fails keeps them."""
+        mask = self._changed_mask()
+        if self._changed_list is None:
+            return mask.nonzero().flatten()
+        if not self._changed_list:
+            return torch.zeros(0, dtype=torch.int64, device=self.weight.device)
+        listed = torch.cat(self._changed_list).to(self.weight.device)
+        self._changed_list = [listed]  # one tensor from now on: the next read does not concatenate again
+        return torch.sort(listed).values
+
+    def mark_published(self) -> None:
+        """The rows as they are now are published: empties the set of changed rows, in O(rows in it)."""
+        mask = self._changed_mask()
+        if self._changed_list is None:
+            mask.zero_()
+        elif self._changed_list:
+            mask[torch.cat(self._changed_list).to(mask.device)] = False
+        self._changed_list, self._changed_count = [], 0
+
+    def _changed_mask(self) -> Tensor:
+        """The bit per row, on the weights' device (``module.to`` moves buffers, not this) and as long as they."""
+        mask, rows = self._changed, self.weight.shape[0]
+        if mask.device != self.weight.device:
+            mask = mask.to(self.weight.device)
+        if mask.shape[0] < rows:  # rows added by growth are marked by their grower
+            mask = torch.cat([mask, mask.new_zeros(rows - mask.shape[0])])
+        elif mask.shape[0] > rows:  # a replica cut to fewer rows: the rows beyond are no longer the table's
+            mask = mask[:rows].clone()
+            if self._changed_list is not None:
+                self._changed_list = [listed[listed < rows] for listed in self._changed_list]
+        self._changed = mask
+        return mask
+
+    def _mark_changed(self, rows: Tensor) -> None:
+        """Adds distinct ``rows`` to the changed set: O(len(rows))."""
+        mask = self._changed_mask()
+        new = rows[~mask[rows]]
+        mask[new] = True
+        if self._changed_list is None:
+            return
+        self._changed_count += int(new.numel())
+        if self._changed_count > max(1024, self.weight.shape[0] // 8):  # a list as long as the mask's 1/8: read it
+            self._changed_list = None
+        else:
+            self._changed_list.append(new)
+
+    def _forget_published(self) -> None:
+        """Every row counts as changed (nothing of this table's contents is known to be published)."""
+        rows = self.weight.shape[0]
+        self._changed = torch.ones(rows, dtype=torch.bool, device=self.weight.device)
+        self._changed_list, self._changed_count = None, rows
+        self._room = None
+
+    def load_rows(self, rows: Tensor, weight: Tensor, sum_sq: Tensor, size: int) -> None:
+        """A version's changed rows written in place (a serving replica applying a delta): the table holds ``size``
+        rows, then ``rows`` (distinct) get ``weight`` and ``sum_sq``. A growth keeps room for the trainer's next
+        one (:meth:`ensure_rows` grows by half: the table is a view of a larger storage), so a replica copies its
+        whole table on every other growth, not on every version that adds rows;
+        the rows a growth adds hold nothing until written, and a delta carries every one of them. The caller
+        checks shapes and ranges (``learner.delta.apply_delta``)."""
+        if size != self.weight.shape[0]:
+            self._resize(size)
+        with torch.no_grad():
+            rows = rows.to(self.weight.device)
+            self.weight.index_copy_(0, rows, weight.to(device=self.weight.device, dtype=self.weight.dtype))
+            self.sum_sq.index_copy_(0, rows, sum_sq.to(device=self.sum_sq.device, dtype=self.sum_sq.dtype))
+        self._mark_changed(rows)
+
+    def _resize(self, size: int) -> None:
+        """``size`` rows (1..n_rows + 1), the first ones kept; growth into room kept by an earlier growth."""
+        if not 1 <= size <= self.n_rows + 1:
+            raise IndexError(f"a table of {self.n_rows} rows cannot hold {size - 1}")
+        room = self._room
+        if room is None or room[0].shape[0] < size or room[0].data_ptr() != self.weight.data_ptr():
+            held = self.weight.shape[0]
+            capacity = min(self.n_rows + 1, size + size // 2 + 2)  # room for the trainer's next growth by half
+            keep = min(held, size)
+            room = (self.weight.new_empty((capacity, self.dim)), self.sum_sq.new_empty((capacity, *self._group_shape)))
+            room[0][:keep], room[1][:keep] = self.weight[:keep], self.sum_sq[:keep]
+            self._room = room
+        self.weight, self.sum_sq = room[0][:size], room[1][:size]
 
     def _initial(self, count: int, draw: int) -> Tensor:
         """``count`` fresh rows of N(0, init_std^2), drawn on the CPU so that every device gets the same."""
@@ -198,6 +300,7 @@ class RowwiseTable(nn.Module):
             step = grouped.mul_((self.lr / state.sqrt().add_(self.eps)).view(-1, self.groups, 1)).view(-1, self.dim)
             self.sum_sq.index_copy_(0, unique, state)
             self.weight.index_copy_(0, unique, self.weight.index_select(0, unique).sub_(step))
+        self._mark_changed(unique)
 
     def apply_gradients(self) -> int:
         """Updates exactly the rows looked up since the last update and clears them; returns how many rows.
@@ -222,6 +325,7 @@ class RowwiseTable(nn.Module):
             self.weight.index_copy_(0, unique, fresh.to(device=self.weight.device, dtype=self.weight.dtype))
             self.sum_sq.index_fill_(0, unique, self.initial_accumulator)
             self.resets.add_(1)
+        self._mark_changed(unique)
 
 
 def _coalesce(rows: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,14 +1,22 @@
 """Deltas between model versions (issue 22): a version is its parent plus the dense entries, the table rows
 that changed and the map entries added or removed; materialising the chain gives back the trainer's state
-entry for entry, and tombstoned ids leave the map."""
+entry for entry, and tombstoned ids leave the map. The trainer's tracked deltas against the reference diff, a
+refused publish included; a replica applying deltas in place against a fresh model loaded with the
+materialised version, scores of tombstoned ids included; a delta that does not fit leaves a replica untouched."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from learner.delta import (Delta, DeltaError, MapChanges, apply_map, diff, from_tensors, materialise, split_state,
-                           to_tensors)
+import learner.delta
+import learner.models.encoder
+from learner.delta import (Delta, DeltaError, MapChanges, TableRows, apply_delta, apply_map, diff, from_tensors,
+                           install_fold, materialise, plan_fold, row_tables, split_state, to_tensors)
+from learner.models import MultiTaskRanker
+from learner.models.sparse import RowwiseTable
+from learner.step import Learner
 from tests.learner.test_id_tables import _batch, _dense, _learner
 
 
@@ -70,3 +78,216 @@ def test_a_delta_that_does_not_fit_its_parent_is_refused() -> None:
         materialise(states[0], missing)
     with pytest.raises(DeltaError, match="not a delta entry"):
         from_tensors({"weights/x": torch.zeros(1)})
+
+
+# ---- the trainer's tracked deltas ----------------------------------------------------------------------------
+
+def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in state.items()}
+
+
+def _learn(trainer: Learner, step: int) -> None:
+    batch = _batch(step, 0, 64)
+    trainer.learn(batch, _dense(batch))
+
+
+@pytest.fixture
+def touched(monkeypatch) -> dict[RowwiseTable, set[int]]:
+    """The rows each table's update, reset_rows and ensure_rows were handed (a spy on the real methods)."""
+    seen: dict[RowwiseTable, set[int]] = {}
+
+    def spy(method, rows_of):
+        def wrapper(table, *args):
+            before = table.allocated
+            out = method(table, *args)
+            seen.setdefault(table, set()).update(rows_of(table, before, *args))
+            return out
+        return wrapper
+
+    monkeypatch.setattr(RowwiseTable, "update", spy(RowwiseTable.update, lambda t, b, rows, grads: rows.tolist()))
+    monkeypatch.setattr(RowwiseTable, "reset_rows", spy(RowwiseTable.reset_rows, lambda t, b, rows: rows.tolist()))
+    monkeypatch.setattr(RowwiseTable, "ensure_rows",
+                        spy(RowwiseTable.ensure_rows, lambda t, b, highest: range(b + 1, t.allocated + 1)))
+    return seen
+
+
+def test_tracked_deltas_materialise_every_published_version_and_carry_what_changed(touched) -> None:
+    torch.manual_seed(0)
+    trainer = _learner()
+    with pytest.raises(DeltaError, match="publish"):
+        trainer.delta()  # no base yet: a delta of what?
+    _learn(trainer, 0)
+    published = _clone(trainer.weights())  # the base
+    trainer.mark_published()
+    touched.clear()
+    tables = row_tables(trainer.model)
+    refused, tombstones, covered = 6, 0, 0
+    for step in range(1, 16):
+        _learn(trainer, step)
+        if step > 8 and step % 3:
+            continue  # every step at first, then every third
+        delta = trainer.delta()
+        now = _clone(trainer.weights())
+        reference = diff(published, now)
+        for prefix, table in tables.items():
+            tracked = set(delta.tables[prefix].rows.tolist())
+            assert set(reference.tables[prefix].rows.tolist()) <= tracked <= touched.get(table, set()), prefix
+        for key, change in reference.maps.items():
+            for part in ("ids", "rows", "tombstones"):
+                assert torch.equal(getattr(delta.maps[key], part), getattr(change, part)), (key, part)
+        tombstones += delta.tombstones
+        if step == refused:  # the publish fails: no mark, so the next delta covers this interval too
+            held = delta.changed_rows
+            continue
+        if step == refused + 1:
+            covered = delta.changed_rows
+        published = materialise(published, from_tensors(to_tensors(delta)))
+        for key in now:
+            assert torch.equal(published[key], now[key]), (step, key)
+        assert set(published) == set(now)
+        trainer.mark_published()
+        touched.clear()
+    assert tombstones > 0 and covered > held  # ids expired and evicted; the refused interval's rows came along
+
+
+def test_a_restored_learner_publishes_a_base_before_deltas() -> None:
+    torch.manual_seed(0)
+    trainer = _learner()
+    _learn(trainer, 0)
+    trainer.mark_published()
+    restored = _learner()
+    restored.restore(*trainer.state())
+    with pytest.raises(DeltaError, match="base"):
+        restored.delta()
+    base = _clone(restored.weights())
+    restored.mark_published()
+    _learn(restored, 1)
+    state = materialise(base, restored.delta())
+    assert all(torch.equal(state[k], v) for k, v in restored.weights().items())
+
+
+# ---- a replica applying deltas in place ----------------------------------------------------------------------
+
+def _replica(state: dict[str, torch.Tensor], config: dict) -> MultiTaskRanker:
+    model = MultiTaskRanker.from_config(config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _scores(model: MultiTaskRanker, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
+    batch = _batch(99, 0, len(users))
+    with torch.no_grad():
+        return model({"user_id": users, "item_id": items}, torch.from_numpy(_dense(batch))).logits
+
+
+def _deltas(steps: int) -> tuple[Learner, dict[str, torch.Tensor], list[Delta]]:
+    """A learner, its base after one step, and its delta after each next step."""
+    torch.manual_seed(0)
+    trainer = _learner()
+    _learn(trainer, 0)
+    base = _clone(trainer.weights())
+    trainer.mark_published()
+    deltas = []
+    for step in range(1, steps + 1):
+        _learn(trainer, step)
+        deltas.append(from_tensors(to_tensors(trainer.delta())))
+        trainer.mark_published()
+    return trainer, base, deltas
+
+
+def test_a_replica_applying_deltas_in_place_is_the_materialised_model_bit_for_bit(monkeypatch) -> None:
+    monkeypatch.setattr(learner.models.encoder, "OVERLAY_MIN", 8)  # a fold is due within a delta or two
+    monkeypatch.setattr(learner.delta, "FOLD_SLACK", 10**6)  # and apply_delta does not fold: the plans below do
+    trainer, base, deltas = _deltas(10)
+    replica, state = _replica(base, trainer.model.config), base
+    users, items = torch.arange(0, 52).repeat(2), torch.arange(0, 104) % 82  # held, tombstoned and unknown ids
+    for i, delta in enumerate(deltas):
+        apply_delta(replica, delta)
+        state = materialise(state, delta)
+        if i in (2, 6):
+            plan = plan_fold(replica)  # beside the requests; the next delta lands before its install
+        if i == 3:
+            assert install_fold(replica, plan) and 0 < sum(replica.encoder.overlay_entries().values())
+        if i == 6:
+            monkeypatch.setattr(learner.delta, "FOLD_SLACK", 1)  # from here apply_delta folds whenever due
+        if i == 7:
+            assert sum(replica.encoder.overlay_entries().values()) == 0  # folded by the apply
+            assert not install_fold(replica, plan)  # so the plan of the map before is refused
+        fresh = _replica(state, trainer.model.config)
+        applied, loaded = _scores(replica, users, items), _scores(fresh, users, items)
+        for task in loaded:
+            assert torch.equal(applied[task], loaded[task]), (i, task)
+        got = replica.state_dict()
+        assert set(got) == set(state) and all(torch.equal(got[k], v) for k, v in state.items()), i
+    assert all(torch.equal(v, trainer.weights()[k]) for k, v in replica.state_dict().items())
+
+
+def test_a_tombstoned_id_scores_with_the_default_row_never_its_old_one() -> None:
+    trainer, base, deltas = _deltas(4)
+    replica = _replica(base, trainer.model.config)
+    for delta in deltas:
+        tombstones = delta.maps["encoder.map_ids_user_id"].tombstones
+        old_rows = replica.encoder.map_rows("user_id", tombstones)
+        apply_delta(replica, delta)
+        if tombstones.numel():
+            break
+    assert tombstones.numel() and (old_rows > 0).all()  # mapped to a row of their own until this delta
+    assert (replica.encoder.map_rows("user_id", tombstones) == 0).all()
+    unknown = torch.full_like(tombstones, 10**12)
+    items = torch.zeros_like(tombstones)
+    dead, never = _scores(replica, tombstones, items), _scores(replica, unknown, items)
+    with torch.no_grad():  # what the old rows would score: not what the tombstoned ids get
+        old = replica({"user_id": tombstones, "item_id": items}, torch.from_numpy(_dense(_batch(99, 0, len(items)))),
+                      {"user_id": old_rows, "item_id": replica.encoder.map_rows("item_id", items)}).logits
+    for task in dead:
+        assert torch.equal(dead[task], never[task]), task
+    assert any(not torch.equal(dead[task], old[task]) for task in dead)  # (a task's head may not read users yet)
+
+
+def _bad(delta: Delta, what: str) -> Delta:
+    """``delta`` broken in one way, everything else left as it was."""
+    dense, tables, maps = dict(delta.dense), dict(delta.tables), dict(delta.maps)
+    prefix, key = "encoder.tables.user_id.", "encoder.map_ids_user_id"
+    t, m = tables[prefix], maps[key]
+    if what == "dense shape":
+        first = next(iter(dense))
+        dense[first] = torch.zeros(*dense[first].shape, 2)
+    elif what == "dense missing":
+        dense.pop(next(iter(dense)))
+    elif what == "unknown table":
+        tables["encoder.tables.nobody."] = t
+    elif what == "row beyond the table":
+        tables[prefix] = TableRows(torch.cat([t.rows, torch.tensor([t.size])]), torch.cat([t.weight, t.weight[:1]]),
+                                   torch.cat([t.sum_sq, t.sum_sq[:1]]), t.size)
+    elif what == "rows out of order":
+        tables[prefix] = TableRows(t.rows.flip(0), t.weight.flip(0), t.sum_sq.flip(0), t.size)
+    elif what == "beyond capacity":  # every added row comes along, but the table holds 40 ids
+        rows = torch.cat([t.rows, torch.arange(t.size, 42)])
+        zeros = t.weight.new_zeros(len(rows), t.weight.shape[1])
+        tables[prefix] = TableRows(rows, zeros, t.sum_sq.new_zeros(len(rows)), 42)
+    elif what == "ids out of order":
+        maps[key] = MapChanges(m.ids.flip(0), m.rows.flip(0), m.tombstones)
+    elif what == "row 0 mapped":
+        maps[key] = MapChanges(m.ids, torch.zeros_like(m.rows), m.tombstones)
+    elif what == "mapped and tombstoned":
+        maps[key] = MapChanges(m.ids, m.rows, torch.unique(torch.cat([m.tombstones, m.ids[:1]])))
+    return Delta(dense, tables, maps)
+
+
+@pytest.mark.parametrize("what", ["dense shape", "dense missing", "unknown table", "row beyond the table",
+                                  "rows out of order", "beyond capacity", "ids out of order", "row 0 mapped",
+                                  "mapped and tombstoned"])
+def test_a_delta_that_does_not_fit_is_refused_before_anything_is_written(what: str) -> None:
+    trainer, base, deltas = _deltas(2)
+    replica = _replica(base, trainer.model.config)
+    apply_delta(replica, deltas[0])
+    before = _clone(replica.state_dict())
+    overlays = replica.encoder.overlay_entries()
+    assert deltas[1].maps["encoder.map_ids_user_id"].ids.numel() > 1  # so that each way of breaking it breaks it
+    assert deltas[1].tables["encoder.tables.user_id."].rows.numel() > 1
+    with pytest.raises(DeltaError):
+        apply_delta(replica, _bad(deltas[1], what))
+    after = replica.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()) and replica.encoder.overlay_entries() == overlays
+    apply_delta(replica, deltas[1])  # the good one still applies
+    assert all(torch.equal(v, trainer.weights()[k]) for k, v in replica.state_dict().items())

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load, save
 
+import learner.idmap
 from learner.idmap import EVICT_DIVISOR, SWEEP_DIVISOR, IdMap, IdMapConfig, _KeyIndex, as_ids, hashed_rows, mix64
 
 M64 = (1 << 64) - 1
@@ -311,6 +312,76 @@ def test_hash_mode_counts_ids_sharing_a_row() -> None:
     idmap.rows(ids, 0)
     _, per_row = np.unique(hashed_rows(ids, 64), return_counts=True)
     assert idmap.stats()["collisions"] == per_row[per_row > 1].sum() > 0
+
+
+# ---- changes since the last publish -------------------------------------------------------------------------
+
+def _changes(idmap: IdMap) -> tuple[list[int], list[int], list[int]]:
+    ids, rows, tombstones = idmap.changes()
+    return ids.tolist(), rows.tolist(), tombstones.tolist()
+
+
+def _snapshot_diff(old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> tuple[list[int], list[int], list[int]]:
+    """The reference: two snapshots compared id by id."""
+    before = dict(zip(old["ids"].tolist(), old["rows"].tolist()))
+    after = dict(zip(new["ids"].tolist(), new["rows"].tolist()))
+    upserts = sorted(i for i in after if before.get(i) != after[i])
+    return upserts, [after[i] for i in upserts], sorted(i for i in before if i not in after)
+
+
+def test_changes_are_admissions_moves_and_tombstones_of_ids_published_at_the_mark() -> None:
+    idmap = IdMap(IdMapConfig(capacity=2))
+    _learn(idmap, [5, 7], 0)
+    assert _changes(idmap) == ([5, 7], [1, 2], [])  # nothing published yet: the whole map
+    idmap.mark_published()
+    assert _changes(idmap) == ([], [], [])
+    _learn(idmap, [9], 1)  # full: evicts 5 (least recently seen, then lowest row), 9 takes its row
+    assert _changes(idmap) == ([9], [1], [5])
+    _learn(idmap, [5], 2)  # evicts 7; 5 comes back on row 2: published on row 1, so an upsert, not unchanged
+    assert _changes(idmap) == ([5, 9], [2, 1], [7])
+    assert _changes(idmap) == ([5, 9], [2, 1], [7])  # reading does not clear
+    idmap.mark_published()
+    assert _changes(idmap) == ([], [], [])
+
+
+def test_an_id_admitted_and_freed_within_the_interval_leaves_no_trace() -> None:
+    idmap = IdMap(IdMapConfig(capacity=4, ttl_ms=10))
+    _learn(idmap, [5], 0)
+    idmap.mark_published()
+    _learn(idmap, [6], 1)
+    _learn(idmap, [7], 20)  # the sweep expires 5 (published) and 6 (never published)
+    assert _changes(idmap) == ([7], idmap.snapshot()["rows"].tolist(), [5])
+    hashed = IdMap(IdMapConfig(capacity=4, mode="hash"))
+    _learn(hashed, [1, 2, 3], 0)
+    assert _changes(hashed) == ([], [], [])  # no map to publish
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.mode}-cap{c.capacity}-min{c.min_count}-ttl{c.ttl_ms}")
+def test_changes_are_the_difference_of_the_snapshots_over_random_calls(config: IdMapConfig, monkeypatch) -> None:
+    monkeypatch.setattr(learner.idmap, "JOURNAL_MIN", 8)  # compact the journal often
+    rng = np.random.default_rng(config.capacity + 1)
+    idmap = IdMap(config)
+    published = idmap.snapshot()
+    seen = 0
+    for _ in range(1500):
+        ids = rng.zipf(1.2, int(rng.integers(0, 12))) % (3 * config.capacity)
+        idmap.rows(ids, int(rng.integers(0, 8)) + seen, train=bool(rng.random() < 0.9))
+        seen += 3
+        if rng.random() < 0.3:  # a publish attempt; a third of them fail, and the next delta covers both
+            now = idmap.snapshot()
+            assert _changes(idmap) == _snapshot_diff(published, now)
+            if rng.random() < 0.66:
+                idmap.mark_published()
+                published = now
+    assert config.mode == "hash" or idmap.stats()["expired"] + idmap.stats()["evicted"] > 0
+
+
+def test_a_restored_map_has_published_nothing() -> None:
+    idmap = IdMap(IdMapConfig(capacity=8))
+    _learn(idmap, [3, 1, 2], 0)
+    idmap.mark_published()
+    restored = IdMap.from_state(idmap.config, idmap.state())
+    assert _changes(restored) == ([1, 2, 3], idmap.snapshot()["rows"].tolist(), [])
 
 
 # ---- state and serving --------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""FeatureEncoder: ID hashing (range, stability, field salts, collision rate) and dense normalisation."""
+"""FeatureEncoder: ID hashing (range, stability, field salts, collision rate), dense normalisation, and the
+published maps' overlay (updates in place, lookups, folds) against a dict."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import learner.models.encoder
 from learner.models import FeatureEncoder, hash_ids
 from learner.models.encoder import field_salt
 
@@ -81,3 +83,85 @@ def test_missing_field_is_an_error():
 def test_bad_sizes_are_rejected(kwargs):
     with pytest.raises(ValueError):
         FeatureEncoder(["user"], n_dense=1, **kwargs)
+
+
+# ---- the published maps: an overlay updated in place ----------------------------------------------------------
+
+def _mapped() -> FeatureEncoder:
+    return FeatureEncoder(["user"], n_dense=0, emb_dim=2, tables={"user": {"capacity": 1000}})
+
+
+def _random_update(g: torch.Generator, reference: dict[int, int]) -> tuple[torch.Tensor, ...]:
+    """Upserts and tombstones over ids 0..59 (some held, some not), applied to ``reference`` too."""
+    ids = torch.unique(torch.randint(0, 60, (int(torch.randint(0, 12, (), generator=g)),), generator=g))
+    tombstones = torch.unique(torch.randint(0, 60, (int(torch.randint(0, 12, (), generator=g)),), generator=g))
+    tombstones = tombstones[~torch.isin(tombstones, ids)]
+    rows = torch.randint(1, 999, ids.shape, generator=g)
+    reference.update(zip(ids.tolist(), rows.tolist()))
+    for i in tombstones.tolist():
+        reference.pop(i, None)
+    return ids, rows, tombstones
+
+
+def _check(enc: FeatureEncoder, reference: dict[int, int]) -> None:
+    queries = torch.arange(-2, 64)
+    assert enc.map_rows("user", queries).tolist() == [reference.get(i, 0) for i in queries.tolist()]
+    state = enc.state_dict()  # the plain map, whatever the overlay holds
+    assert state["map_ids_user"].tolist() == sorted(reference)
+    assert state["map_rows_user"].tolist() == [reference[i] for i in sorted(reference)]
+    assert "map_overlay_user" not in state
+
+
+def test_map_updates_read_like_the_map_they_make_through_overlays_and_folds():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        enc, reference = _mapped(), {}
+        ids, rows, _ = _random_update(g, reference)
+        enc.set_map("user", ids, rows)
+        for step in range(8):
+            enc.update_map("user", *_random_update(g, reference))
+            _check(enc, reference)
+            if step % 3 == 2:
+                enc.fold_maps()
+                assert enc.overlay_entries() == {"user": 0}
+                _check(enc, reference)
+    assert enc.overlay_entries()["user"] > 0  # the last updates are still in the overlay
+
+
+def test_a_fold_planned_beside_updates_keeps_the_updates_made_since():
+    g = torch.Generator().manual_seed(1)
+    enc, reference = _mapped(), {}
+    enc.set_map("user", *_random_update(g, reference)[:2])
+    for _ in range(3):
+        enc.update_map("user", *_random_update(g, reference))
+    plan = enc.plan_fold()
+    held = {i: r for i, r in reference.items()}
+    _check(enc, reference)
+    for _ in range(2):  # applied between the plan and its install: stay in the overlay, win over the fold
+        enc.update_map("user", *_random_update(g, reference))
+    assert reference != held
+    assert enc.install_fold(plan)
+    _check(enc, reference)
+    assert 0 < enc.overlay_entries()["user"]
+    assert not enc.install_fold(plan)  # the map it folded is gone: refused, nothing changed
+    _check(enc, reference)
+    stale = enc.plan_fold()
+    enc.set_map("user", torch.tensor([3]), torch.tensor([4]))
+    assert not enc.install_fold(stale) and enc.map_rows("user", torch.tensor([3, 5])).tolist() == [4, 0]
+
+
+def test_a_loaded_map_drops_the_overlay_and_a_fold_falls_due_past_its_bound(monkeypatch):
+    monkeypatch.setattr(learner.models.encoder, "OVERLAY_MIN", 4)
+    enc = _mapped()
+    enc.set_map("user", torch.arange(0, 64, 2), torch.arange(1, 33))  # 32 ids: due past max(4, 32 // 16) = 4
+    enc.update_map("user", torch.tensor([1, 3]), torch.tensor([40, 41]), torch.tensor([0, 2]))
+    assert enc.overlay_entries() == {"user": 4} and not enc.fold_due()
+    enc.update_map("user", torch.tensor([5]), torch.tensor([42]), torch.zeros(0, dtype=torch.int64))
+    assert enc.fold_due() and not enc.fold_due(slack=2)
+    loaded = _mapped()
+    loaded.update_map("user", torch.tensor([7]), torch.tensor([9]), torch.zeros(0, dtype=torch.int64))
+    loaded.load_state_dict(enc.state_dict())
+    assert loaded.overlay_entries() == {"user": 0}
+    queries = torch.arange(0, 10)
+    assert torch.equal(loaded.map_rows("user", queries), enc.map_rows("user", queries))
+    assert loaded.map_rows("user", torch.tensor([0, 1, 2, 7])).tolist() == [0, 40, 0, 0]

@@ -283,3 +283,68 @@ def test_groups_are_separate_rows_side_by_side_through_updates_growth_reset_and_
     assert torch.equal(restored.sum_sq, grouped.sum_sq) and torch.equal(restored.weight, grouped.weight)
     with pytest.raises(ValueError, match="groups must divide dim"):
         RowwiseTable(N, 5, lr=LR, groups=2)
+
+
+# ---- changed rows (delta publishing) ------------------------------------------------------------------------
+
+def _moved(table: RowwiseTable, weight: torch.Tensor, sum_sq: torch.Tensor) -> set[int]:
+    """The rows whose weights or accumulator differ from a copy (rows added since count as moved)."""
+    shared = weight.shape[0]
+    differ = (table.weight[:shared] != weight).any(1) | (table.sum_sq[:shared] != sum_sq)
+    return set(differ.nonzero().flatten().tolist()) | set(range(shared, table.weight.shape[0]))
+
+
+def test_changed_rows_are_those_an_update_a_reset_or_a_growth_touched_since_the_mark():
+    table = RowwiseTable(N, DIM, lr=LR, allocated=6)
+    assert table.changed_rows().tolist() == list(range(7))  # nothing published yet: every row
+    table.mark_published()
+    assert table.changed_rows().tolist() == []
+    weight, sum_sq = table.weight.clone(), table.sum_sq.clone()
+    step(table, torch.tensor([[4, 2], [2, 0]]), torch.randn(2, 2, DIM))
+    table.reset_rows(torch.tensor([5, 5]))
+    table.ensure_rows(8)  # grows by half: rows 7..10
+    changed = table.changed_rows()
+    assert changed.dtype == torch.int64 and changed.tolist() == [0, 2, 4, 5, 7, 8, 9, 10]
+    assert _moved(table, weight, sum_sq) <= set(changed.tolist())
+    assert table.changed_rows().tolist() == changed.tolist()  # reading does not clear
+    table.mark_published()
+    assert table.changed_rows().tolist() == []
+    step(table, torch.tensor([9]), torch.ones(1, DIM))
+    assert table.changed_rows().tolist() == [9]
+
+
+def test_a_load_changes_every_row_and_many_changes_are_read_from_the_bits():
+    table = RowwiseTable(4000, DIM, lr=LR)
+    table.mark_published()
+    rows = torch.randperm(4001)[:1500]  # past an eighth of the table: the list gives way to the bits
+    step(table, rows, torch.randn(1500, DIM))
+    assert table.changed_rows().tolist() == sorted(rows.tolist())
+    table.mark_published()
+    assert table.changed_rows().tolist() == []
+    step(table, torch.tensor([7, 3]), torch.ones(2, DIM))
+    assert table.changed_rows().tolist() == [3, 7]
+    table.mark_published()
+    other = RowwiseTable(10, DIM, lr=LR, seed=5)
+    table.load_state_dict(other.state_dict())  # a table of another size: all its rows are new
+    assert table.changed_rows().tolist() == list(range(11))
+
+
+def test_load_rows_writes_a_versions_rows_and_grows_into_room_it_keeps():
+    source = RowwiseTable(N, DIM, lr=LR, allocated=3)
+    replica = RowwiseTable(N, DIM, lr=LR, allocated=3, seed=9)
+    replica.load_state_dict(source.state_dict())
+    for seed, grow_to in ((0, 4), (1, 6), (2, 6)):
+        source.mark_published()
+        source.ensure_rows(grow_to)  # 3 rows -> 5 -> 8, as the trainer grows them
+        step(source, torch.randint(0, grow_to + 1, (3,), generator=torch.Generator().manual_seed(seed)),
+             torch.randn(3, DIM))
+        rows = source.changed_rows()
+        room = replica._room
+        replica.load_rows(rows, source.weight[rows], source.sum_sq[rows], source.weight.shape[0])
+        for key, value in source.state_dict().items():
+            assert torch.equal(replica.state_dict()[key], value), key
+        if seed == 1:  # the first growth kept room for the trainer's next: the second grew into it, no copy
+            assert replica._room is room
+    assert replica.weight.shape == (source.allocated + 1, DIM) and replica.weight.is_contiguous()
+    with torch.no_grad():
+        assert torch.equal(replica.lookup(torch.arange(source.allocated + 1)), source.weight)
