@@ -42,6 +42,7 @@ from infra.layout import RunLayout
 from infra.runtime import RayConfig
 from learner.config import LearnerConfig, WorkerConfig, positive_seconds
 from learner.telemetry import TelemetryConfig
+from learner.weight_store import actor_name
 from serving.config import ServingConfig
 from stream.joiner import JoinerConfig
 from stream.kafka_io import SASL_PASSWORD_ENV, SASL_USERNAME_ENV, SSL_KEY_PASSWORD_ENV, KafkaConfig
@@ -214,6 +215,7 @@ class MoestreamConfig(BaseModel):
             batch_size=self.trainer.batch_size,
             device=self.trainer.device,
             stall_timeout_s=self.trainer.stall_timeout_s,
+            weight_store=actor_name(self.paths.run) if self.learner.publish.via_ray else None,
         )
 
     def to_data(self, sections: tuple[str, ...] | None = None, changed_only: bool = False) -> dict[str, Any]:

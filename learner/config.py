@@ -175,6 +175,37 @@ class PublishGuard:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    """How versions are published (``learner.snapshots``, ``learner.weight_store``; docs/snapshots.md).
+
+    A version is a base (the whole model) or a delta (the dense part, the table rows touched and the ids
+    admitted or tombstoned since its parent). A new base is written once the chain has ``max_deltas`` deltas or
+    its deltas add up to ``max_delta_fraction`` times its base's bytes, after a trainer restart, and on a
+    rollback; ``max_deltas: 0`` publishes every version whole, as before deltas existed.
+    """
+
+    store: str | None = None
+    """The durable snapshot store: a directory or a ``pyarrow.fs`` URI (``s3://bucket/prefix``, ``gs://...``);
+    null: the run's ``snapshots`` directory. What a restarted trainer, a cold replica and ``moestream snapshots``
+    read."""
+    max_deltas: int = 20
+    max_delta_fraction: float = 0.5
+    keep_bases: int = 3
+    """Bases kept in the store, each with its chain (rollback reaches any version of them)."""
+    via_ray: bool = True
+    """Versions also reach replicas through Ray (the run's weight-store actor): replicas on any node follow the
+    trainer without a shared filesystem."""
+
+    def __post_init__(self) -> None:
+        at_least("learner.publish.max_deltas", self.max_deltas, 0)
+        at_least("learner.publish.keep_bases", self.keep_bases, 1)
+        if not _is_number(self.max_delta_fraction) or not self.max_delta_fraction > 0:
+            raise ValueError(f"learner.publish.max_delta_fraction must be a positive number, got {self.max_delta_fraction!r}")
+        if self.store is not None and (not isinstance(self.store, str) or not self.store.strip()):
+            raise ValueError(f"learner.publish.store must be a directory or a URI, or null, got {self.store!r}")
+
+
+@dataclass(frozen=True)
 class HealthConfig:
     """The expert-health report's thresholds (``learner.health``); how often it runs is
     ``learner.cadence.health_every_steps``."""
@@ -286,6 +317,8 @@ class LearnerConfig:
     cadence: CadenceConfig = field(default_factory=CadenceConfig)
     guard: PublishGuard = field(default_factory=PublishGuard)
     """When a snapshot is refused for a drop in progressive AUC (non-finite weights always are)."""
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    """Bases and deltas, the durable store's URI, delivery through Ray."""
     health: HealthConfig = field(default_factory=HealthConfig)
     precision: str = "auto"
     """Forward pass under autocast: "bf16" on any device, "fp32" never, "auto" bf16 on CUDA only. On a
@@ -392,6 +425,14 @@ class WorkerConfig:
     actor's CPU reservation (1)."""
     group: GroupConfig | None = None
     """Data-parallel group this worker belongs to (None: it trains alone)."""
+    weight_store: str | None = None
+    """The run's weight-store actor (``learner.weight_store.actor_name``) the publisher offers each version to;
+    None: the durable store only."""
+
+    @property
+    def snapshot_store(self) -> str | Path:
+        """The durable store's URI (``learner.publish.store``), else the run's snapshot directory."""
+        return self.learner.publish.store or self.snapshot_dir
 
     def __post_init__(self) -> None:
         at_least("trainer.batch_size", self.batch_size, 1)
@@ -400,4 +441,4 @@ class WorkerConfig:
         positive_seconds("trainer.stall_timeout_s", self.stall_timeout_s)
 
 
-__all__ = ["CadenceConfig", "HealthConfig", "LearnerConfig", "PublishGuard", "WideConfig", "WorkerConfig"]
+__all__ = ["CadenceConfig", "HealthConfig", "LearnerConfig", "PublishConfig", "PublishGuard", "WideConfig", "WorkerConfig"]

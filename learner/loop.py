@@ -182,14 +182,21 @@ class TrainingLoop:
     # -- publishing and checkpoints -----------------------------------------------------------------------
 
     def publish(self) -> Manifest | None:
-        """A guarded snapshot of the current weights, covering the offsets trained so far (rank 0 only); its
-        manifest, or None when the guard refused it, the directory could not take it (retried after a
-        backoff: see ``learner.reporter``) or this worker does not publish."""
+        """A guarded version of the current weights, covering the offsets trained so far (rank 0 only): a delta
+        from the last published version, or a base when the store says one is due (``learner.publish``) or the
+        learner has no published parent (a new run, a restored checkpoint). Its manifest, or None when the guard
+        refused it, the store could not take it (retried after a backoff: see ``learner.reporter``) or this
+        worker does not publish. The learner's changes are marked published only once the version is durable."""
         if self.rank != 0 or not self.reporter.publish_due():
             return None
         data = {**self.learner.manifest(), "metrics": self._summarise(),
                 "offsets": {str(p): o for p, o in self.source.trained_offsets().items()}}
-        return self.reporter.publish(self.learner.weights(), data, self.learner.step)
+        base = not self.learner.has_published_parent or self.reporter.snapshots.base_due()
+        content = self.learner.weights() if base else self.learner.delta()
+        manifest = self.reporter.publish(content, data, self.learner.step)
+        if manifest is not None:
+            self.learner.mark_published()
+        return manifest
 
     def resume(self, restored: Checkpoint) -> None:
         """Load a checkpoint's state into the step, the feature loop and the reporter (its joiner state and

@@ -1,6 +1,7 @@
 """What a training run tells the world: guarded snapshots, expert-health reports, losses and heatmaps.
 
-- :meth:`Reporter.publish` writes a snapshot unless the guard refuses it (non-finite weights, or a recent
+- :meth:`Reporter.publish` writes a version (a base: the whole model; or a delta: the change since the last
+  version, ``learner.delta``) unless the guard refuses it (non-finite weights, or a recent
   progressive AUC more than ``guard.max_auc_drop`` below the last published one); a refusal is counted and
   logged with its reason, never fatal. A directory that cannot take the write (full, read-only) is an
   outage, not a refusal: counted (``publish_failures``), logged once when it starts (the directory and the
@@ -11,6 +12,12 @@
   logs its losses; :meth:`Reporter.report`, at the health cadence, logs the progressive metrics and writes
   the expert-health report (``<run>/health/experts.json``, read by ``moestream experts``) with a
   task x expert utilisation heatmap drawn on a thread of its own, so a drawing never holds up a step.
+
+A published version is then offered to the run's weight-store actor (``learner.weight_store``), through which
+replicas on any node follow it; the durable store has it already, so an actor that cannot be reached (Ray
+restarting it) costs replicas only the Ray path until the next offer: they read the store meanwhile. An actor
+that lost its state (restarted) refuses a delta whose base it does not hold; the chain up to the new version
+is then offered again from the store.
 
 Only one worker of a data-parallel group reports health and publishes (rank 0): each rank sees only its own
 gates, and one writer keeps the files consistent.
@@ -27,6 +34,7 @@ import numpy as np
 import orjson
 
 from learner.config import LearnerConfig
+from learner.delta import Delta
 from learner.health import HealthMonitor, report_metrics
 from learner.models import MultiTaskModel
 from learner.snapshots import (
@@ -42,14 +50,22 @@ PUBLISH_BACKOFF_MAX_S = 60.0
 
 class Reporter:
     def __init__(self, config: LearnerConfig, model: MultiTaskModel, snapshots: SnapshotStore,
-                 telemetry: Telemetry | None = None, writes_health: bool = True) -> None:
+                 telemetry: Telemetry | None = None, writes_health: bool = True, health_dir: Path | None = None,
+                 weight_store=None) -> None:
+        """``health_dir``: where the expert-health report goes (default: beside a local snapshot directory);
+        ``weight_store``: the run's weight-store actor handle (None: the durable store only)."""
         self.config = config
         self.snapshots = snapshots
+        self.weight_store = weight_store
+        self.offer_failures = 0
+        self.last_offer_error: str | None = None
         self.telemetry = telemetry
         self.writes_health = writes_health
         latest = snapshots.latest_manifest()
         self.health = HealthMonitor(config.health, config.tasks, model, latest.data.get("experts") if latest else None)
-        self.health_dir = snapshots.directory.parent / "health"
+        if health_dir is None and snapshots.directory is None:
+            raise ValueError("a snapshot store that is no local directory needs health_dir")
+        self.health_dir = health_dir if health_dir is not None else snapshots.directory.parent / "health"
         self.published: list[int] = []
         self.refused: dict[str, int] = {}
         """Refused publishes by reason (``non-finite``, ``auc-drop``, ``error``)."""
@@ -88,13 +104,17 @@ class Reporter:
         """False while backing off after a failed write (the snapshot directory is full or read-only)."""
         return time.monotonic() >= self._retry_at
 
-    def publish(self, weights: dict, data: dict, step: int) -> Manifest | None:
-        """Publish ``weights`` with manifest ``data`` (offsets, metrics, ...) unless the guard refuses or the
-        directory cannot take it (an outage: see the module docstring)."""
+    def publish(self, content: dict | Delta, data: dict, step: int) -> Manifest | None:
+        """Publish ``content`` (a whole state: a base; or a :class:`~learner.delta.Delta`) with manifest ``data``
+        (offsets, metrics, ...) unless the guard refuses it or the store cannot take it (an outage: see the
+        module docstring)."""
         self.last_publish_attempt = time.monotonic()
+        data = {**data, "experts": self.health.record()}
         try:
-            manifest = self.snapshots.publish(weights, {**data, "experts": self.health.record()},
-                                              guard=self.config.guard)
+            if isinstance(content, Delta):
+                manifest = self.snapshots.publish_delta(content, data, guard=self.config.guard)
+            else:
+                manifest = self.snapshots.publish(content, data, guard=self.config.guard)
         except SnapshotUnwritable as exc:
             self._publish_failed(exc, step)
             return None
@@ -106,6 +126,7 @@ class Reporter:
                 self.telemetry.summarise({"snapshot/last_refusal": f"step {step}: {exc}"})
             print(f"moestream: snapshot refused at step {step} ({reason}): {exc}", flush=True)
             return None
+        self._offer(manifest)
         self.published.append(manifest.version)
         self.health.published(manifest.data.get("experts"))
         self._log({"snapshot/version": float(manifest.version)}, step)
@@ -116,6 +137,30 @@ class Reporter:
             self._outage_since, self._outage_failures, self._retry_at = None, 0, 0.0
             self._log({"snapshot/outage_s": 0.0}, step)
         return manifest
+
+    def _offer(self, manifest: Manifest) -> None:
+        """Hand the version to the weight-store actor; if it no longer holds the version's chain (restarted),
+        the chain from the store. A failure is counted and logged once, never fatal."""
+        if self.weight_store is None:
+            return
+        try:
+            if not self._offer_one(manifest.version):
+                for link in self.snapshots.chain(manifest.version):
+                    self._offer_one(link.version)
+        except Exception as exc:  # Ray down or restarting the actor: the durable store has the version
+            self.offer_failures += 1
+            if self.last_offer_error is None:
+                print(f"moestream: WARNING: cannot offer v{manifest.version} to the weight store ({exc}); replicas "
+                      f"read the snapshot store until it is back", flush=True)
+            self.last_offer_error = str(exc)
+        else:
+            self.last_offer_error = None
+
+    def _offer_one(self, version: int) -> bool:
+        from learner.weight_store import offer
+
+        manifest, payload = self.snapshots.payload(version)
+        return offer(self.weight_store, manifest.version, manifest.base, manifest.to_json(), payload)
 
     def _publish_failed(self, exc: SnapshotUnwritable, step: int) -> None:
         now = time.monotonic()

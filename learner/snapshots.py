@@ -118,7 +118,8 @@ class SnapshotStore:
     store elsewhere), ``uri`` the store's address."""
 
     def __init__(self, location: str | os.PathLike, keep: int = SNAPSHOTS_KEPT, *, max_deltas: int = MAX_DELTAS,
-                 max_delta_bytes: int | None = None, filesystem: pyarrow.fs.FileSystem | None = None) -> None:
+                 max_delta_bytes: int | None = None, delta_fraction: float = DELTA_BYTES_FRACTION,
+                 filesystem: pyarrow.fs.FileSystem | None = None) -> None:
         if keep < 1 or max_deltas < 0 or (max_delta_bytes is not None and max_delta_bytes < 0):
             raise ValueError(f"keep must be >= 1 and max_deltas, max_delta_bytes >= 0, got {keep}, {max_deltas}, "
                              f"{max_delta_bytes}")
@@ -126,6 +127,8 @@ class SnapshotStore:
         self.directory: Path | None = self.files.directory if isinstance(self.files, LocalFiles) else None
         self.uri = self.files.uri
         self.keep, self.max_deltas, self.max_delta_bytes = keep, max_deltas, max_delta_bytes
+        self.delta_fraction = delta_fraction
+        """Without ``max_delta_bytes``, a chain's deltas may weigh this fraction of its base."""
 
     # -- reading manifests ------------------------------------------------------------------------------------
 
@@ -189,7 +192,7 @@ class SnapshotStore:
 
     def delta_budget(self, base_bytes: int) -> int:
         """Delta bytes a chain on a base of ``base_bytes`` may hold before a base is due."""
-        return self.max_delta_bytes if self.max_delta_bytes is not None else int(base_bytes * DELTA_BYTES_FRACTION)
+        return self.max_delta_bytes if self.max_delta_bytes is not None else int(base_bytes * self.delta_fraction)
 
     def base_due(self) -> bool:
         """Whether the next version should be a base: nothing usable is published, the chain holds ``max_deltas``
@@ -388,6 +391,12 @@ class SnapshotStore:
             raise SnapshotError(f"v{version} cannot be loaded, its chain breaks at v{current.version}: {exc}") from None
         return state
 
+    def payload(self, version: int) -> tuple[Manifest, bytes]:
+        """A version's manifest and payload bytes, verified against its sha256: what the publisher offers to the
+        run's weight-store actor (``learner.weight_store``) and a follower there decodes with :func:`decode`."""
+        manifest = self.manifest(version)
+        return manifest, self._payload(manifest)
+
     def _payload(self, manifest: Manifest) -> bytes:
         """The payload's bytes, once their sha256 matches the manifest's."""
         name = payload_name(manifest.version, manifest.kind)
@@ -397,30 +406,50 @@ class SnapshotStore:
             raise SnapshotError(f"weights of v{manifest.version} are missing ({name})") from None
         except OSError as exc:
             raise SnapshotError(f"weights of v{manifest.version} are unreadable ({name}): {exc}") from None
-        digest = hashlib.sha256(payload).hexdigest()
-        if digest != manifest.sha256:
-            raise SnapshotError(f"v{manifest.version}: sha256 {digest[:12]} does not match manifest {manifest.sha256[:12]}")
+        _verify(manifest, payload)
         return payload
 
     def _tensors(self, manifest: Manifest, payload: bytes) -> dict[str, torch.Tensor]:
-        from safetensors import SafetensorError
-        from safetensors.torch import load as load_safetensors
-
-        try:
-            tensors = load_safetensors(payload)
-        except SafetensorError as exc:  # bytes that match their sha256 but are no safetensors file (a bad writer)
-            raise SnapshotError(f"v{manifest.version} is not a readable safetensors file: {exc}") from None
-        if _non_finite(tensors):
-            raise SnapshotError(f"v{manifest.version} holds non-finite weights")
-        return tensors
+        return _tensors(manifest, payload)
 
     def _delta(self, manifest: Manifest) -> Delta:
-        from learner.delta import DeltaError, from_tensors
+        return _as_delta(manifest, _tensors(manifest, self._payload(manifest)))
 
-        try:
-            return from_tensors(self._tensors(manifest, self._payload(manifest)))
-        except DeltaError as exc:
-            raise SnapshotError(f"v{manifest.version} is no delta: {exc}") from None
+
+def _verify(manifest: Manifest, payload: bytes) -> None:
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != manifest.sha256:
+        raise SnapshotError(f"v{manifest.version}: sha256 {digest[:12]} does not match manifest {manifest.sha256[:12]}")
+
+
+def _tensors(manifest: Manifest, payload: bytes) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        tensors = load_safetensors(payload)
+    except SafetensorError as exc:  # bytes that match their sha256 but are no safetensors file (a bad writer)
+        raise SnapshotError(f"v{manifest.version} is not a readable safetensors file: {exc}") from None
+    if _non_finite(tensors):
+        raise SnapshotError(f"v{manifest.version} holds non-finite weights")
+    return tensors
+
+
+def _as_delta(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> Delta:
+    from learner.delta import DeltaError, from_tensors
+
+    try:
+        return from_tensors(tensors)
+    except DeltaError as exc:
+        raise SnapshotError(f"v{manifest.version} is no delta: {exc}") from None
+
+
+def decode(manifest: Manifest, payload: bytes) -> dict[str, torch.Tensor] | Delta:
+    """A version's payload, verified as a file of the store is (sha256, safetensors, finite values): a base's
+    whole state, or a delta. For payloads that did not come from the store's files (the weight-store actor)."""
+    _verify(manifest, payload)
+    tensors = _tensors(manifest, payload)
+    return tensors if manifest.kind == "base" else _as_delta(manifest, tensors)
 
 
 def _safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -430,4 +459,4 @@ def _safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 __all__ = ["DELTA_BYTES_FRACTION", "MAX_DELTAS", "SNAPSHOTS_KEPT", "ChainStatus", "Manifest", "PublishGuard",
-           "SnapshotError", "SnapshotRefused", "SnapshotStore", "SnapshotUnwritable", "write_atomic"]
+           "SnapshotError", "SnapshotRefused", "SnapshotStore", "SnapshotUnwritable", "decode", "write_atomic"]

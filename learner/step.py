@@ -301,6 +301,11 @@ class Learner:
             maps[key] = MapChanges(*(torch.from_numpy(a).to(self.device) for a in self.id_maps[name].changes()))
         return Delta(dense, tables, maps)
 
+    @property
+    def has_published_parent(self) -> bool:
+        """Whether :meth:`delta` has a version to be the change from (False: publish a base next)."""
+        return self._marked
+
     def mark_published(self) -> None:
         """The version as it is now (what :meth:`weights` or :meth:`delta` just gave) is durably published: the
         next delta starts from it. Only after the publish succeeded, with no step in between."""

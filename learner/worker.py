@@ -68,8 +68,16 @@ def compose(config: WorkerConfig, source: SourceFactory, reducer: Reducer | None
     if reducer.rank == 0 and (features.static_users or features.static_items):
         online.load_static(features.static_users, features.static_items)  # the others wait at the first collective
     feature_loop = FeatureLoop(online, reducer, features.aggregates, codes=learner.code_fields)
-    reporter = Reporter(config.learner, learner.multitask, SnapshotStore(config.snapshot_dir), telemetry,
-                        writes_health=reducer.rank == 0)
+    publish = config.learner.publish
+    snapshots = SnapshotStore(config.snapshot_store, keep=publish.keep_bases, max_deltas=publish.max_deltas,
+                              delta_fraction=publish.max_delta_fraction)
+    weights = None
+    if config.weight_store is not None and reducer.rank == 0:
+        from learner.weight_store import weight_store_if_ray
+
+        weights = weight_store_if_ray(config.weight_store)  # direct replay outside Ray: the durable store only
+    reporter = Reporter(config.learner, learner.multitask, snapshots, telemetry, writes_health=reducer.rank == 0,
+                        health_dir=config.snapshot_dir.parent / "health", weight_store=weights)
     store = None
     if checkpoints:
         store = CheckpointStore(config.checkpoint_dir / f"rank-{reducer.rank}" if grouped else config.checkpoint_dir)

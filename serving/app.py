@@ -51,11 +51,12 @@ class _CandidatesAreNotRequests(logging.Filter):
 @serve.deployment
 @serve.ingress()
 class RankerDeployment:
-    def __init__(self, snapshot_dir: str, features: FeatureStoreConfig, config: ServingConfig) -> None:
+    def __init__(self, snapshots: str, features: FeatureStoreConfig, config: ServingConfig,
+                 weight_store: str | None = None) -> None:
         set_threads(config.torch_threads)
         retain_freed_memory()  # every batch re-allocates the same activations: keep them instead of page-faulting
         logging.getLogger("ray.serve").addFilter(_CandidatesAreNotRequests())
-        self.service = RankingService(Path(snapshot_dir), features, config)
+        self.service = RankingService(snapshots, features, config, weight_store=weight_store)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.rank_batch.set_max_batch_size(config.max_batch_candidates)
         self.rank_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
@@ -82,10 +83,12 @@ class RankerDeployment:
             self.service.close()
 
 
-def build_app(snapshot_dir: Path, features: FeatureStoreConfig, config: ServingConfig = ServingConfig()):
-    return RankerDeployment.options(**config.deployment_options()).bind(
-        str(Path(snapshot_dir).absolute()), features, config
-    )
+def build_app(snapshots: Path | str, features: FeatureStoreConfig, config: ServingConfig = ServingConfig(),
+              weight_store: str | None = None):
+    """``snapshots``: the durable store (a directory, or a ``pyarrow.fs`` URI); ``weight_store``: the name of the
+    run's weight-store actor, which replicas follow through Ray (``learner.weight_store``)."""
+    where = str(snapshots) if "://" in str(snapshots) else str(Path(snapshots).absolute())
+    return RankerDeployment.options(**config.deployment_options()).bind(where, features, config, weight_store)
 
 
 __all__ = ["RankerDeployment", "build_app", "set_threads"]

@@ -4,8 +4,9 @@
 up the features of every (user, candidate) pair of all of them in one ``OnlineFeatures.lookup_batch``
 (each distinct user and item read once), runs the model once under ``torch.inference_mode``, fuses the
 task probabilities into one score with the configured weights, and splits the result back per request.
-The model is read from the weight follower once per batch, so a whole batch is scored by one snapshot and
-every request reports the version that scored it. Users and items the store does not know get the
+The model is read from the weight follower once per batch, under its lock (deltas are applied to the live model
+between batches), so a whole batch is scored by one version and every request reports the version that scored
+it. Users and items the store does not know get the
 store's defaults, and hashed ID embeddings need no vocabulary, so unknown IDs are scored like any other.
 
 Item rows are read through the replica's item cache (``serving.item_cache_ttl_ms``; ``features.cache``): an
@@ -28,7 +29,7 @@ import torch
 from features.store import FeatureStoreConfig, OnlineFeatures
 from serving.config import ServingConfig
 from serving.metrics import ServingMetrics
-from serving.weights import LoadedModel, WeightFollower
+from serving.weights import LoadedModel, RaySource, Sources, StoreSource, VersionSource, WeightFollower
 
 
 class NoModelYet(RuntimeError):
@@ -69,9 +70,23 @@ SERVING_OUTAGE_S = 1.0
 """Longest a ranking request waits for an unreachable online store before it is answered 503."""
 
 
+def version_source(snapshots: Path | str, weight_store: str | None) -> VersionSource:
+    """Where a replica finds versions: the run's weight-store actor through Ray when it is named (any node, no
+    shared filesystem), and the durable snapshot store (a directory or a ``pyarrow.fs`` URI) for what the
+    actor does not hold."""
+    from learner.snapshots import SnapshotStore
+
+    store = StoreSource(SnapshotStore(snapshots))
+    if weight_store is None:
+        return store
+    from learner.weight_store import weight_store as attach
+
+    return Sources(RaySource(attach(weight_store)), store)
+
+
 class RankingService:
-    def __init__(self, snapshot_dir: Path, features: FeatureStoreConfig, config: ServingConfig = ServingConfig(),
-                 metrics: ServingMetrics | None = None) -> None:
+    def __init__(self, snapshots: Path | str, features: FeatureStoreConfig, config: ServingConfig = ServingConfig(),
+                 metrics: ServingMetrics | None = None, weight_store: str | None = None) -> None:
         self.config = config
         self.metrics = metrics or ServingMetrics()
         # A request does not wait out a feature-store outage as the trainer does: it gets a 503 within a second.
@@ -82,7 +97,7 @@ class RankingService:
         """Item rows read within ``serving.item_cache_ttl_ms``, kept in this replica (``features.cache``)."""
         self.batches = 0
         self._batch_seq = itertools.count(1)  # next() is atomic: batches scored on any thread get distinct numbers
-        self.weights = WeightFollower(Path(snapshot_dir), config.poll_s, on_swap=self._swapped)
+        self.weights = WeightFollower(version_source(snapshots, weight_store), config.poll_s, on_swap=self._swapped)
 
     def _swapped(self, loaded: LoadedModel) -> None:
         self.metrics.swapped(loaded.version)
@@ -92,20 +107,21 @@ class RankingService:
 
     def score(self, queries: Sequence[RankQuery]) -> list[Ranking]:
         """Score a batch of requests with one snapshot. Raises :class:`NoModelYet` before the first one."""
-        current = self.weights.current  # read once: the whole batch sees one model
-        if current is None:
+        if self.weights.current is None:
             raise NoModelYet(self.not_ready())
         batch = self.batches = next(self._batch_seq)
         lengths = np.fromiter((len(q.candidates) for q in queries), np.int64, len(queries))
         items = np.concatenate([q.candidates for q in queries])  # (N,)
         users = np.repeat(np.fromiter((q.user_id for q in queries), np.int64, len(queries)), lengths)  # (N,)
         features = self.features.lookup_batch(users, items, item_cache=self.item_cache)
-        ids = {name: torch.from_numpy(features.ids[name]) for name in current.model.encoder.id_fields}
-        tasks = current.model.tasks
-        with torch.inference_mode():
-            per_task = current.model.predict_proba(ids, torch.from_numpy(features.dense))
-            probs = torch.stack([per_task[t].float() for t in tasks], dim=1)  # (N, T)
-            scores = probs @ self.task_weights(tasks)  # (N,)
+        with self.weights.lock:  # no delta is applied while the batch is scored: it sees one version, whole
+            current = self.weights.current
+            ids = {name: torch.from_numpy(features.ids[name]) for name in current.model.encoder.id_fields}
+            tasks = current.model.tasks
+            with torch.inference_mode():
+                per_task = current.model.predict_proba(ids, torch.from_numpy(features.dense))
+                probs = torch.stack([per_task[t].float() for t in tasks], dim=1)  # (N, T)
+                scores = probs @ self.task_weights(tasks)  # (N,)
         probs_np, scores_np = probs.numpy(), scores.numpy()
         self.metrics.observe_batch(len(queries), len(items), len(self.weights.rejected))
         if self.item_cache is not None:
@@ -149,6 +165,7 @@ class RankingService:
             "reason": None if current is not None else self.not_ready(),
             "model_version": current.version if current else None,
             "swaps": self.weights.swaps,
+            "weights": self.weights.figures(),
             "rejected_versions": sorted(self.weights.rejected),
             "batches": self.batches,
             "pid": os.getpid(),

@@ -1,28 +1,42 @@
-"""Follows the snapshot directory and swaps verified models in, off the request path.
+"""Follows the trainer's published versions and brings each into the replica's model, off the request path.
 
-A background thread polls ``LATEST``; a newer version is loaded (sha256 and finiteness verified by
-``SnapshotStore.load``), rebuilt from its manifest's model config, put in eval mode, and installed with one
-reference assignment. Readers take ``current`` once per batch, so a batch is scored by one model, whole,
-and the version it reports is the one that scored it. Versions only move forward. A snapshot that fails
-verification is refused and remembered, and the previous model keeps serving (a replica that has none yet, or
-missed a good version published just before the bad one, takes the newest kept version that verifies); one
-that was superseded while being read (the publisher prunes old versions) is skipped without being held
-against it.
+Versions form chains (``learner.snapshots``): a base holds the whole model, each delta after it the change from
+its parent (``learner.delta``). A background thread polls the source for a version newer than the one serving:
+
+- **the next deltas** of the chain the replica serves are verified (sha256, finiteness, parent, shapes) and
+  applied to the live model in place, each under :attr:`WeightFollower.lock`, which the ranker holds while it
+  scores a batch: no batch ever sees a half-applied version, and an apply costs what the delta changed;
+- **a new base** (compaction, a rollback, a replica that starts late or lost its place) is loaded with its chain
+  into a new model while the old one keeps serving, then installed with one reference assignment.
+
+Versions only move forward. A version that fails verification is refused and remembered. A delta that cannot
+be applied (a gap, a wrong parent, a bad checksum) makes the replica rebuild from the newest base and its chain
+as far as it verifies, still serving what it has meanwhile; a replica whose newest version is refused serves
+the newest kept version below it that verifies (so one that starts while ``LATEST`` is corrupt serves
+something). A version superseded while being read (the publisher pruned it) is skipped, not held against it.
+
+Sources: :class:`StoreSource` reads the durable snapshot store (a directory or any ``pyarrow.fs`` URI);
+:class:`RaySource` reads the run's weight-store actor (``learner.weight_store``), so that a replica on a node
+without the trainer's filesystem follows every version.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+from learner.delta import Delta, DeltaError, apply_delta, fold_due, install_fold, materialise, plan_fold
 from learner.models import MultiTaskRanker
-from learner.snapshots import Manifest, SnapshotError, SnapshotStore
+from learner.snapshots import Manifest, SnapshotError, SnapshotStore, decode
 
 log = logging.getLogger(__name__)
-_SUPERSEDED = object()
+APPLY_TIMES_KEPT = 1000
 
 
 @dataclass(frozen=True)
@@ -39,68 +53,275 @@ class LoadedModel:
         return str(self.manifest.data.get("family", "unknown"))
 
 
-class WeightFollower:
-    """``current`` is the newest verified model (None before the first snapshot); ``on_swap`` is called,
-    on the follower thread, with each model just installed."""
+@dataclass(frozen=True)
+class Entry:
+    """One version a source offers: its manifest, and how to read its verified contents (a base's whole
+    state, or a delta)."""
 
-    def __init__(self, snapshot_dir: Path, poll_s: float = 0.25,
+    manifest: Manifest
+    read: Callable[[], dict | Delta]
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def is_base(self) -> bool:
+        return self.manifest.kind == "base"
+
+
+class Superseded(Exception):
+    """The version was pruned or replaced while it was read: nothing against it, the next poll goes on."""
+
+
+class VersionSource(Protocol):
+    def latest(self) -> int | None:
+        """The newest version published (None: nothing yet)."""
+
+    def chain(self, target: int) -> list[Entry]:
+        """``target``'s chain, base first: every version from its base to ``target``. Raises
+        :class:`SnapshotError` when a link is missing, :class:`Superseded` when ``target`` is gone."""
+
+    def below(self, version: int) -> int | None:
+        """The newest version held below ``version`` (None: none)."""
+
+
+class StoreSource:
+    """Versions from the durable snapshot store."""
+
+    def __init__(self, store: SnapshotStore) -> None:
+        self.store = store
+
+    def latest(self) -> int | None:
+        return self.store.latest_version()
+
+    def chain(self, target: int) -> list[Entry]:
+        listed_at = self.store.latest_version()
+        if target not in self.store.versions():
+            raise Superseded
+        return [Entry(m, self._reader(m, listed_at)) for m in self.store.chain(target)]
+
+    def _reader(self, manifest: Manifest, listed_at: int | None) -> Callable[[], dict | Delta]:
+        def read() -> dict | Delta:
+            try:
+                if manifest.kind == "base":
+                    return self.store.load(manifest.version)[1]
+                return self.store.read_delta(manifest.version)[1]
+            except SnapshotError:  # pruned or replaced by a newer publish while read: nothing against it
+                if self.store.latest_version() != listed_at or manifest.version not in self.store.versions():
+                    raise Superseded from None
+                raise
+        return read
+
+    def below(self, version: int) -> int | None:
+        return max((v for v in self.store.versions() if v < version), default=None)
+
+
+class RaySource:
+    """Versions from the run's weight-store actor: each payload fetched from Ray's object store and verified
+    against its manifest like a file of the store."""
+
+    def __init__(self, actor) -> None:
+        self.actor = actor
+
+    def latest(self) -> int | None:
+        import ray
+
+        return ray.get(self.actor.latest.remote())
+
+    def chain(self, target: int) -> list[Entry]:
+        import ray
+
+        entries = []
+        for version, raw, payload in ray.get(self.actor.chain_to.remote(target)):
+            manifest = Manifest.from_json(raw)
+
+            def read(manifest=manifest, ref=payload[0]) -> dict | Delta:
+                return decode(manifest, ray.get(ref).tobytes())  # a uint8 array in the object store
+            entries.append(Entry(manifest, read))
+        if not entries or entries[-1].version != target:
+            raise Superseded
+        return entries
+
+    def below(self, version: int) -> int | None:
+        import ray
+
+        return max((v for v in ray.get(self.actor.held.remote()) if v < version), default=None)
+
+
+class Sources:
+    """Several sources as one: the newest version any of them holds, each version's chain from the first that
+    has it. A replica follows the weight-store actor and falls back to the durable store for what the actor no
+    longer (or does not yet) hold: a restarted actor, a run whose trainer is not running."""
+
+    def __init__(self, *sources: VersionSource) -> None:
+        self.sources = sources
+
+    def latest(self) -> int | None:
+        return max((v for s in self.sources if (v := s.latest()) is not None), default=None)
+
+    def chain(self, target: int) -> list[Entry]:
+        for source in self.sources:
+            latest = source.latest()
+            if latest is None or latest < target:
+                continue
+            try:
+                return source.chain(target)
+            except Superseded:
+                continue
+        raise Superseded
+
+    def below(self, version: int) -> int | None:
+        return max((v for s in self.sources if (v := s.below(version)) is not None), default=None)
+
+
+class WeightFollower:
+    """``current`` is the newest verified version (None before the first); ``on_swap`` is called, on the follower
+    thread, with each version installed (a new base or an applied delta)."""
+
+    def __init__(self, source: VersionSource | Path | str, poll_s: float = 0.25,
                  on_swap: Callable[[LoadedModel], None] | None = None) -> None:
-        self.store = SnapshotStore(snapshot_dir)
+        self.source = source if hasattr(source, "chain") else StoreSource(SnapshotStore(source))
         self.poll_s = poll_s
         self.on_swap = on_swap
         self.current: LoadedModel | None = None
+        self.lock = threading.Lock()
+        """Held by the ranker while a batch is scored and by the follower while it applies a delta."""
         self.swaps = 0
+        self.deltas_applied = 0
+        self.rebuilds = 0
+        self.folds = 0
+        self.apply_s: deque[float] = deque(maxlen=APPLY_TIMES_KEPT)
+        """Wall time of the latest delta applies, lock held (what a batch may wait)."""
         self.rejected: dict[int, str] = {}
         self._stop = threading.Event()
         self.refresh()
         self._thread = threading.Thread(target=self._follow, name="weight-follower", daemon=True)
         self._thread.start()
 
+    @property
+    def store(self) -> SnapshotStore | None:
+        return self.source.store if isinstance(self.source, StoreSource) else None
+
     def refresh(self) -> None:
-        """Install the newest version above the one serving that verifies.
-
-        That is ``LATEST`` unless it is refused; then the versions between the one serving and ``LATEST`` are
-        tried, newest first. So a replica that starts while ``LATEST`` is corrupt serves the newest good
-        snapshot rather than nothing, and one that missed a good version published just before a corrupt one
-        still gets it."""
-        latest = self.store.latest_version()
+        """Bring the newest version in: its deltas when it continues the chain served, else its chain
+        rebuilt; on a refusal, the newest version below it that verifies."""
+        target = self.source.latest()
         serving = self.current.version if self.current is not None else 0
-        if latest is None or latest <= serving:
-            return
-        for version in self._candidates(latest, serving):
-            loaded = self._load(version, latest)
-            if loaded is _SUPERSEDED:
+        while target is not None and target > serving:
+            if target in self.rejected:
+                target = self.source.below(target)
+                continue
+            try:
+                chain = self.source.chain(target)
+            except Superseded:
                 return  # the next poll takes the newer one
-            if loaded is not None:
-                self.current = loaded  # the atomic swap: one reference assignment
-                self.swaps += 1
-                if self.on_swap is not None:
-                    self.on_swap(loaded)
+            except SnapshotError as exc:  # a link of its chain is missing
+                self._refuse(target, str(exc))
+                target = self.source.below(target)
+                continue
+            if self._advance(chain, serving):
                 return
+            target = self.source.below(chain[0].version)  # nothing of this chain beyond serving verifies
 
-    def _candidates(self, latest: int, serving: int) -> Iterator[int]:
-        """``LATEST``, then, once it is refused, the kept versions between it and the one serving, newest first."""
-        if latest not in self.rejected:
-            yield latest
-        if latest in self.rejected:  # refused just now or on an earlier poll
-            yield from (v for v in sorted(self.store.versions(), reverse=True)
-                        if serving < v < latest and v not in self.rejected)
+    def _advance(self, chain: list[Entry], serving: int) -> bool:
+        """Serve ``chain``'s last version (or the furthest of it that verifies, when newer than ``serving``).
+        False when nothing newer could be installed."""
+        versions = [e.version for e in chain]
+        if self.current is not None and serving in versions and not chain[versions.index(serving) + 1].is_base:
+            applied = self._apply(chain[versions.index(serving) + 1:])
+            if applied is None:  # every delta in; else rebuild from the base, as far as it verifies
+                return True
+            self.rebuilds += 1
+        return self._rebuild(chain, serving)
 
-    def _load(self, version: int, latest: int) -> LoadedModel | None | object:
-        """The verified model of ``version``; None if refused (and remembered); ``_SUPERSEDED`` if a newer
-        publish replaced ``LATEST`` or pruned the version while it was read, which says nothing against it."""
+    def _apply(self, deltas: list[Entry]) -> int | None:
+        """Apply ``deltas`` in order to the live model; the version that failed, or None."""
+        for entry in deltas:
+            if entry.version in self.rejected:
+                return entry.version
+            try:
+                delta = entry.read()
+                if entry.manifest.parent != self.current.version:
+                    raise SnapshotError(f"v{entry.version}'s parent is v{entry.manifest.parent}, "
+                                        f"the replica serves v{self.current.version}")
+                with self.lock:
+                    started = time.perf_counter()
+                    apply_delta(self.current.model, delta)  # checks the delta fits before it writes anything
+                    self.current = LoadedModel(entry.manifest, self.current.model)
+                    self.apply_s.append(time.perf_counter() - started)
+            except Superseded:
+                return entry.version
+            except (SnapshotError, DeltaError, KeyError, RuntimeError, ValueError, TypeError) as exc:
+                self._refuse(entry.version, str(exc))
+                return entry.version
+            self.deltas_applied += 1
+            self._swapped()
+        self._fold()
+        return None
+
+    def _fold(self) -> None:
+        """Fold the maps' overlays of applied deltas into the maps once they have grown: planned beside the
+        requests (O(map)), installed under the lock (O(overlay))."""
+        model = self.current.model
+        if fold_due(model):
+            planned = plan_fold(model)
+            with self.lock:
+                install_fold(model, planned)
+            self.folds += 1
+
+    def _rebuild(self, chain: list[Entry], serving: int) -> bool:
+        """A new model from ``chain``'s base and its deltas, as far as they verify; installed if newer."""
+        usable = chain[: next((i for i, e in enumerate(chain) if e.version in self.rejected), len(chain))]
+        if not usable or usable[-1].version <= serving:
+            return False  # already served, or refused: read nothing
+        state, last = None, None
+        for entry in usable:
+            try:
+                content = entry.read()
+                if entry.is_base:
+                    state = content
+                else:
+                    if last is None or entry.manifest.parent != last.version:
+                        raise SnapshotError(f"v{entry.version}'s parent v{entry.manifest.parent} is not "
+                                            f"v{last.version if last else None}")
+                    state = materialise(state, content)
+                last = entry.manifest
+            except Superseded:
+                return True  # the next poll starts over from the newer version
+            except (SnapshotError, DeltaError, KeyError, RuntimeError, ValueError, TypeError) as exc:
+                self._refuse(entry.version, str(exc))
+                break
+        if last is None or last.version <= serving:
+            return False
         try:
-            manifest, tensors = self.store.load(version)
-            model = MultiTaskRanker.from_config(manifest.data["model_config"])
-            model.load_state_dict(tensors)
+            model = MultiTaskRanker.from_config(last.data["model_config"])
+            model.load_state_dict(state)
             model.eval()
-        except (SnapshotError, KeyError, RuntimeError, ValueError, TypeError) as exc:
-            if self.store.latest_version() != latest or version not in self.store.versions():
-                return _SUPERSEDED
-            self.rejected[version] = str(exc)
-            log.warning("refusing snapshot v%s: %s", version, exc)
-            return None
-        return LoadedModel(manifest, model)
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            self._refuse(last.version, str(exc))
+            return False
+        self.current = LoadedModel(last, model)  # the atomic swap: one reference assignment
+        self._swapped()
+        return True
+
+    def _refuse(self, version: int, why: str) -> None:
+        if version not in self.rejected:
+            self.rejected[version] = why
+            log.warning("refusing snapshot v%s: %s", version, why)
+
+    def _swapped(self) -> None:
+        self.swaps += 1
+        if self.on_swap is not None:
+            self.on_swap(self.current)
+
+    def figures(self) -> dict:
+        """What ``/healthz`` reports of the follower: swaps, deltas applied, rebuilds, folds, apply times."""
+        times = sorted(self.apply_s)
+        def at(q: float) -> float | None:
+            return round(times[min(len(times) - 1, int(q * len(times)))] * 1000, 3) if times else None
+        return {"swaps": self.swaps, "deltas_applied": self.deltas_applied, "rebuilds": self.rebuilds,
+                "folds": self.folds, "apply_ms_p50": at(0.5), "apply_ms_p99": at(0.99), "apply_ms_max": at(1.0)}
 
     def _follow(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -114,4 +335,4 @@ class WeightFollower:
         self._thread.join(timeout=5)
 
 
-__all__ = ["LoadedModel", "WeightFollower"]
+__all__ = ["Entry", "LoadedModel", "RaySource", "Sources", "StoreSource", "Superseded", "VersionSource", "WeightFollower"]

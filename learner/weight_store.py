@@ -1,0 +1,103 @@
+"""Live model versions through Ray: replicas on any node follow the trainer without a shared filesystem.
+
+The trainer writes every version durably to the snapshot store first (``learner.snapshots``: what a restarted
+trainer or a cold replica without Ray reads), then offers it here. :class:`WeightStore` is a detached Ray actor
+(one per run, named :func:`actor_name`) holding the newest chains: for each version its manifest (JSON bytes)
+and a reference to its payload bytes (the same safetensors file the store holds, verified against the
+manifest's sha256 by whoever reads it). The payload reaches the actor as a uint8 array (read from Ray's object
+store without a copy) and the actor puts it in the object store itself, so the reference it hands out is its
+own: it outlives a trainer that crashes or restarts, and each replica's node fetches it from wherever it lies.
+
+A replica asks :meth:`WeightStore.chain_to` for the newest version's chain (its base and every delta up to
+it) and applies what comes after the version it serves (``serving.weights``). The actor keeps the newest ``keep_bases`` chains (a replica one compaction behind still finds its deltas);
+versions are accepted only in increasing order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACTOR_PREFIX = "moestream-weights-"
+NAMESPACE = "moestream"
+
+
+def actor_name(run: str) -> str:
+    """The weight store of run ``run`` (``<data_root>/runs/<run>``)."""
+    return f"{ACTOR_PREFIX}{run}"
+
+
+@dataclass(frozen=True)
+class Offered:
+    version: int
+    base: int
+    manifest: bytes
+    payload: list  # [ObjectRef]: a list, so that Ray hands the reference over rather than the bytes
+
+
+class WeightStore:
+    """The actor's class (wrapped by :func:`weight_store`); every method is cheap: it holds references only."""
+
+    def __init__(self, keep_bases: int = 2) -> None:
+        if keep_bases < 1:
+            raise ValueError(f"keep_bases must be >= 1, got {keep_bases}")
+        self.keep_bases = keep_bases
+        self._versions: dict[int, Offered] = {}
+
+    def offer(self, version: int, base: int, manifest: bytes, payload) -> bool:
+        """Hold ``version`` (a base when ``base == version``; ``payload`` its bytes as a uint8 array). False, and
+        nothing held, for a version not newer than the newest held, or a delta whose base is not held (a replica
+        could not reach it)."""
+        import ray
+
+        newest = max(self._versions, default=0)
+        if version <= newest or (base != version and base not in self._versions):
+            return False
+        self._versions[version] = Offered(version, base, manifest, [ray.put(payload)])
+        bases = sorted(v for v, o in self._versions.items() if o.base == v)
+        for dropped in bases[: -self.keep_bases]:
+            self._versions = {v: o for v, o in self._versions.items() if o.base != dropped}
+        return True
+
+    def latest(self) -> int | None:
+        return max(self._versions, default=None)
+
+    def chain_to(self, target: int) -> list[tuple[int, bytes, list]]:
+        """``target``'s chain, base first, as ``(version, manifest, [payload ref])``; empty when it is not held."""
+        held = self._versions.get(target)
+        if held is None:
+            return []
+        return [(v, o.manifest, o.payload) for v, o in sorted(self._versions.items())
+                if o.base == held.base and v <= target]
+
+    def held(self) -> list[int]:
+        return sorted(self._versions)
+
+
+def weight_store(name: str, keep_bases: int = 2):
+    """The weight store actor called ``name`` (:func:`actor_name`), started detached if it is not running yet:
+    the trainer and the replicas each call this, whichever starts first."""
+    import ray
+
+    actor = ray.remote(num_cpus=0, max_restarts=-1)(WeightStore)
+    return actor.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote(keep_bases)
+
+
+def weight_store_if_ray(name: str, keep_bases: int = 2):
+    """:func:`weight_store` in a process connected to Ray; None outside Ray (direct replay, a notebook)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return weight_store(name, keep_bases)
+
+
+def offer(actor, version: int, base: int, manifest: bytes, payload: bytes) -> bool:
+    """Offer a version to the weight-store ``actor``: True once it holds it."""
+    import numpy as np
+    import ray
+
+    return bool(ray.get(actor.offer.remote(version, base, manifest, np.frombuffer(payload, dtype=np.uint8))))
+
+
+__all__ = ["ACTOR_PREFIX", "NAMESPACE", "WeightStore", "actor_name", "offer", "weight_store", "weight_store_if_ray"]

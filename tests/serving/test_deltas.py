@@ -1,0 +1,205 @@
+"""A replica following a chain of versions (issue 22): deltas applied in place to the live model, equal to the
+version materialised from the store; tombstoned ids scored with the default row; a bad delta refused while
+the previous version keeps serving; a gap rebuilt from the next base; a late replica loading base and chain;
+and the same through Ray's weight-store actor for a replica whose filesystem has none of the store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from learner.delta import map_keys, rows_key
+from infra.pipeline import wait_for
+from learner.snapshots import SnapshotStore
+from serving.weights import RaySource, WeightFollower
+from tests.learner.test_id_tables import _batch, _dense, _learner
+
+NEVER = 3600.0  # these tests call refresh() themselves
+
+
+class Publisher:
+    """A learner with ID maps that admit, expire (ttl 3 ms of event time) and evict, publishing a base and then
+    deltas as the trainer's loop does (mark only once a version is published)."""
+
+    def __init__(self, store: SnapshotStore) -> None:
+        torch.manual_seed(0)
+        self.store, self.learner, self.steps = store, _learner(), 0
+
+    def step(self) -> None:
+        batch = _batch(self.steps, 0, 64)
+        self.learner.learn(batch, _dense(batch))
+        self.steps += 1
+
+    def data(self) -> dict:
+        return {"family": "mmoe", **self.learner.manifest(), "offsets": {"0": self.steps}}
+
+    def base(self) -> int:
+        self.step()
+        manifest = self.store.publish(self.learner.weights(), self.data())
+        self.learner.mark_published()
+        return manifest.version
+
+    def delta(self) -> int:
+        self.step()
+        manifest = self.store.publish_delta(self.learner.delta(), self.data())
+        self.learner.mark_published()
+        return manifest.version
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SnapshotStore:
+    return SnapshotStore(tmp_path / "snapshots", max_deltas=1000)
+
+
+@contextmanager
+def following(source) -> Iterator[WeightFollower]:
+    follower = WeightFollower(source, poll_s=NEVER)
+    try:
+        yield follower
+    finally:
+        follower.close()
+
+
+def assert_serves(follower: WeightFollower, store: SnapshotStore, version: int) -> None:
+    """The replica's model is, entry for entry, ``version`` as the store materialises it."""
+    assert follower.current.version == version
+    _, expected = store.load(version)
+    served = follower.current.model.state_dict()
+    assert set(served) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(served[key], value), key
+
+
+def test_deltas_are_applied_in_place_and_equal_the_materialised_version(store: SnapshotStore) -> None:
+    publisher = Publisher(store)
+    publisher.base()
+    with following(store.directory) as follower:
+        model = follower.current.model
+        for _ in range(5):
+            version = publisher.delta()
+            follower.refresh()
+            assert_serves(follower, store, version)
+        assert follower.current.model is model, "deltas go into the live model, not a new one"
+        assert follower.deltas_applied == 5 and follower.rebuilds == 0 and not follower.rejected
+        assert follower.figures()["apply_ms_p99"] is not None
+
+
+def test_a_tombstoned_id_is_scored_with_the_default_row_never_its_old_one(store: SnapshotStore) -> None:
+    publisher = Publisher(store)
+    publisher.base()
+    with following(store.directory) as follower:
+        key = next(k for k in map_keys(follower.current.model.state_dict()) if k.endswith("user_id"))
+        field = "user_id"
+        mapped_before = follower.current.model.state_dict()[key].clone()
+        tombstoned = set()
+        for _ in range(6):  # ttl 3 ms of event time, one ms per step: ids of the base expire
+            publisher.delta()
+            follower.refresh()
+            tombstoned |= {int(i) for m in [store.read_delta(follower.current.version)[1].maps[key]]
+                           for i in m.tombstones}
+        gone = sorted(tombstoned - set(follower.current.model.state_dict()[key].tolist()))
+        assert gone and set(gone) & set(mapped_before.tolist()), "ids the base mapped were tombstoned"
+        encoder = follower.current.model.encoder
+        rows = encoder.map_rows(field, torch.tensor(gone))
+        assert rows.eq(0).all(), "a tombstoned id reads the default row"
+        state = follower.current.model.state_dict()
+        assert not torch.isin(torch.tensor(gone), state[key]).any()
+        assert state[rows_key(key)].ne(0).all()
+
+
+def test_a_corrupt_delta_is_refused_and_the_previous_version_keeps_serving(store: SnapshotStore) -> None:
+    publisher = Publisher(store)
+    publisher.base()
+    good = publisher.delta()
+    with following(store.directory) as follower:
+        assert follower.current.version == good
+        bad = publisher.delta()
+        payload = store.directory / f"v{bad:06d}.delta.safetensors"
+        corrupted = bytearray(payload.read_bytes())
+        corrupted[len(corrupted) // 2] ^= 0xFF
+        payload.write_bytes(bytes(corrupted))
+        follower.refresh()
+        assert follower.current.version == good and "sha256" in follower.rejected[bad]
+        after = publisher.delta()  # its parent is the refused one: unreachable until the next base
+        follower.refresh()
+        assert follower.current.version == good and after > bad
+        newest = publisher.base()
+        follower.refresh()
+        assert_serves(follower, store, newest)
+
+
+def test_a_gap_in_the_chain_keeps_the_version_serving_until_a_base_arrives(store: SnapshotStore) -> None:
+    publisher = Publisher(store)
+    publisher.base()
+    with following(store.directory) as follower:
+        served = follower.current.version
+        lost, after = publisher.delta(), publisher.delta()
+        (store.directory / f"v{lost:06d}.json").unlink()
+        (store.directory / f"v{lost:06d}.delta.safetensors").unlink()
+        follower.refresh()
+        assert follower.current.version == served and "gap" in follower.rejected[after]
+        newest = publisher.base()
+        follower.refresh()
+        assert_serves(follower, store, newest)
+
+
+def test_a_late_replica_loads_the_newest_base_and_its_chain(store: SnapshotStore) -> None:
+    publisher = Publisher(store)
+    publisher.base()
+    for _ in range(3):
+        publisher.delta()
+    publisher.base()
+    versions = [publisher.delta() for _ in range(4)]
+    with following(store.directory) as follower:
+        assert_serves(follower, store, versions[-1])
+        assert follower.swaps == 1 and follower.deltas_applied == 0
+
+
+@pytest.mark.integration
+def test_a_replica_without_the_store_follows_every_version_through_the_weight_store(ray_session, tmp_path: Path,
+                                                                                  store: SnapshotStore) -> None:
+    """The replica's source is Ray only (its own filesystem has no snapshots): base and deltas arrive through the
+    weight-store actor; after the actor restarts empty, the publisher's next offer brings the chain back."""
+    import ray
+
+    from learner.weight_store import offer, weight_store
+
+    actor = weight_store(f"test-{tmp_path.name}")
+    try:
+        publisher = Publisher(store)
+
+        def publish(kind) -> int:
+            version = kind()
+            manifest, payload = store.payload(version)
+            if not offer(actor, version, manifest.base, manifest.to_json(), payload):
+                for link in store.chain(version):  # what learner.reporter does for an actor that lost its state
+                    offer(actor, link.version, link.base, link.to_json(), store.payload(link.version)[1])
+            return version
+
+        publish(publisher.base)
+        with following(RaySource(actor)) as follower:
+            for _ in range(3):
+                version = publish(publisher.delta)
+                follower.refresh()
+                assert_serves(follower, store, version)
+            assert follower.deltas_applied == 3
+            ray.kill(actor, no_restart=False)  # restarts empty (max_restarts=-1)
+
+            def restarted_empty() -> bool:
+                try:
+                    return ray.get(actor.held.remote(), timeout=10) == []
+                except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                    return False
+
+            wait_for(restarted_empty, 60, "the weight store to restart")
+            version = publish(publisher.delta)
+            wait = [ray.get(actor.held.remote())]
+            assert wait[0][-1] == version and len(wait[0]) >= 2, "the chain was offered again"
+            follower.refresh()
+            assert_serves(follower, store, version)
+    finally:
+        ray.kill(actor, no_restart=True)
