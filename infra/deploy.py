@@ -71,7 +71,8 @@ def ranking_app(args: dict[str, Any]):
     """Serve application builder named by :data:`IMPORT_PATH`: ``args["config"]`` holds the config sections a
     replica needs, over which the environment of the process building the app applies."""
     config = load_config(data=args.get("config") or {})
-    return build_app(config.layout().snapshots, config.features, config.serving)
+    worker = config.worker_config()
+    return build_app(worker.snapshot_store, config.features, config.serving, weight_store=worker.weight_store)
 
 
 def deploy_ranking(config: MoestreamConfig, timeout_s: float = DEPLOY_TIMEOUT_S) -> str:

@@ -29,6 +29,7 @@ from learner.config import CadenceConfig, LearnerConfig, WorkerConfig
 from learner.distributed import GroupConfig, PeerLost, host_store
 from learner.telemetry import TelemetryConfig
 from learner.worker import TrainerWorker
+from learner.weight_store import actor_name
 from serving.app import build_app
 from serving.config import ServingConfig
 from stream.joiner import JoinerConfig
@@ -60,6 +61,7 @@ def worker_config(
         snapshot_dir=layout.snapshots,
         checkpoint_dir=layout.checkpoints,
         batch_size=batch_size,
+        weight_store=actor_name(layout.root.name, layout.snapshots),
     )
 
 
@@ -179,8 +181,8 @@ def start_trainers(
 
 def start_serving(config: WorkerConfig, port: int, serving: ServingConfig | None = None) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-    serve.run(build_app(config.snapshot_dir, config.features, serving or ServingConfig()), name="moestream",
-              route_prefix="/")
+    serve.run(build_app(config.snapshot_store, config.features, serving or ServingConfig(), config.weight_store),
+              name="moestream", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 

@@ -183,9 +183,10 @@ class Learner:
                 found = self.id_maps[name].rows(values[~missing], now_ms, train=True)
                 mapped, fresh = np.zeros(len(values), np.int64), found.fresh
                 mapped[~missing] = found.rows
+            zeros = self.id_maps[name].config.mode != "hash"  # every row it hands out is reset first: see below
             for table in self.model.field_tables(name):  # the field's embedding and its wide rows
                 if len(mapped):
-                    table.ensure_rows(int(mapped.max()))
+                    table.ensure_rows(int(mapped.max()), zeros=zeros)
                 if len(fresh):
                     table.reset_rows(torch.from_numpy(fresh))  # a reused row starts over, optimizer state too
             rows[name] = torch.from_numpy(np.ascontiguousarray(mapped[own])).to(self.device)

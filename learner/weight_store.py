@@ -2,7 +2,7 @@
 
 The trainer writes every version durably to the snapshot store first (``learner.snapshots``: what a restarted
 trainer or a cold replica without Ray reads), then offers it here. :class:`WeightStore` is a detached Ray actor
-(one per run, named :func:`actor_name`) holding the newest chains: for each version its manifest (JSON bytes)
+(one per run and store, named :func:`actor_name`) holding the newest chains: for each version its manifest (JSON bytes)
 and a reference to its payload bytes (the same safetensors file the store holds, verified against the
 manifest's sha256 by whoever reads it). The payload reaches the actor as a uint8 array (read from Ray's object
 store without a copy) and the actor puts it in the object store itself, so the reference it hands out is its
@@ -15,15 +15,20 @@ versions are accepted only in increasing order.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 ACTOR_PREFIX = "moestream-weights-"
 NAMESPACE = "moestream"
 
 
-def actor_name(run: str) -> str:
-    """The weight store of run ``run`` (``<data_root>/runs/<run>``)."""
-    return f"{ACTOR_PREFIX}{run}"
+def actor_name(run: str, store: str | os.PathLike) -> str:
+    """The weight store of run ``run`` publishing to ``store`` (its durable store's path or URI): two runs of one
+    name on one cluster (another data root, a store wiped and started over) never share an actor."""
+    where = str(store) if "://" in str(store) else str(Path(store).absolute())
+    return f"{ACTOR_PREFIX}{run}-{hashlib.sha256(where.encode()).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)

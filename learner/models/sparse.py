@@ -125,15 +125,24 @@ class RowwiseTable(nn.Module):
         memory, checkpoints and snapshots follow the rows in use, not the capacity."""
         return self.weight.shape[0] - 1
 
-    def ensure_rows(self, highest: int) -> None:
+    def ensure_rows(self, highest: int, zeros: bool = False) -> None:
         """Hold rows up to ``highest`` (at most ``n_rows``): grows by at least half, new rows drawn as fresh
-        ones (the same values on every replica that grows alike)."""
+        ones (the same values on every replica that grows alike) and counted as changed.
+
+        ``zeros``: the new rows are zeros (weights and accumulator) and not changed, for a caller that resets every
+        row before it is first read (a collisionless ID map hands each new ID a row through ``reset_rows``): a
+        delta then carries its table's new size but none of the rows it added, and a replica that grows by a
+        delta (:meth:`load_rows`) fills them with zeros alike."""
         if highest <= self.allocated:
             return
         if highest > self.n_rows:
             raise IndexError(f"row {highest} is beyond the table's {self.n_rows} rows")
         target = min(self.n_rows, max(highest, self.allocated + self.allocated // 2 + 1))
         extra = target - self.allocated
+        if zeros:
+            self.weight = torch.cat([self.weight, self.weight.new_zeros((extra, self.dim))])
+            self.sum_sq = torch.cat([self.sum_sq, self.sum_sq.new_zeros((extra, *self._group_shape))])
+            return
         fresh = self._initial(extra, draw=-1 - self.allocated).to(self.weight)  # a draw index of its own per size
         self.weight = torch.cat([self.weight, fresh])
         fresh_state = self.sum_sq.new_full((extra, *self._group_shape), self.initial_accumulator)
@@ -211,7 +220,7 @@ class RowwiseTable(nn.Module):
         rows, then ``rows`` (distinct) get ``weight`` and ``sum_sq``. A growth keeps room for the trainer's next
         one (:meth:`ensure_rows` grows by half: the table is a view of a larger storage), so a replica copies its
         whole table on every other growth, not on every version that adds rows;
-        the rows a growth adds hold nothing until written, and a delta carries every one of them. The caller
+        the rows a growth adds are zeros until written (a delta carries those the trainer drew). The caller
         checks shapes and ranges (``learner.delta.apply_delta``)."""
         if size != self.weight.shape[0]:
             self._resize(size)
@@ -233,7 +242,11 @@ class RowwiseTable(nn.Module):
             room = (self.weight.new_empty((capacity, self.dim)), self.sum_sq.new_empty((capacity, *self._group_shape)))
             room[0][:keep], room[1][:keep] = self.weight[:keep], self.sum_sq[:keep]
             self._room = room
+        held = self.weight.shape[0]
         self.weight, self.sum_sq = room[0][:size], room[1][:size]
+        if size > held:  # rows a delta does not carry are zeros, as the trainer grew them (``ensure_rows(zeros=True)``)
+            self.weight[held:].zero_()
+            self.sum_sq[held:].zero_()
 
     def _initial(self, count: int, draw: int) -> Tensor:
         """``count`` fresh rows of N(0, init_std^2), drawn on the CPU so that every device gets the same."""

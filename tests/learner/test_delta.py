@@ -93,21 +93,23 @@ def _learn(trainer: Learner, step: int) -> None:
 
 @pytest.fixture
 def touched(monkeypatch) -> dict[RowwiseTable, set[int]]:
-    """The rows each table's update, reset_rows and ensure_rows were handed (a spy on the real methods)."""
+    """The rows each table's update, reset_rows and ensure_rows (unless growing by zeros) were handed (a spy on the
+    real methods)."""
     seen: dict[RowwiseTable, set[int]] = {}
 
     def spy(method, rows_of):
-        def wrapper(table, *args):
+        def wrapper(table, *args, **kwargs):
             before = table.allocated
-            out = method(table, *args)
-            seen.setdefault(table, set()).update(rows_of(table, before, *args))
+            out = method(table, *args, **kwargs)
+            seen.setdefault(table, set()).update(rows_of(table, before, *args, **kwargs))
             return out
         return wrapper
 
     monkeypatch.setattr(RowwiseTable, "update", spy(RowwiseTable.update, lambda t, b, rows, grads: rows.tolist()))
     monkeypatch.setattr(RowwiseTable, "reset_rows", spy(RowwiseTable.reset_rows, lambda t, b, rows: rows.tolist()))
     monkeypatch.setattr(RowwiseTable, "ensure_rows",
-                        spy(RowwiseTable.ensure_rows, lambda t, b, highest: range(b + 1, t.allocated + 1)))
+                        spy(RowwiseTable.ensure_rows,  # rows grown as zeros are reset before they are read: unchanged
+                            lambda t, b, highest, zeros=False: () if zeros else range(b + 1, t.allocated + 1)))
     return seen
 
 
