@@ -53,7 +53,7 @@ from .sparse import RowwiseTable
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # < 2**31, so a 32-bit lane times it stays inside int64
 OVERLAY_MIN = 1 << 16
-OVERLAY_DIVISOR = 16
+OVERLAY_DIVISOR = 64
 """A field's overlay is due to be folded into its map past ``max(OVERLAY_MIN, map entries // OVERLAY_DIVISOR)``."""
 
 
