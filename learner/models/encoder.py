@@ -53,7 +53,7 @@ from .sparse import RowwiseTable
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # < 2**31, so a 32-bit lane times it stays inside int64
 OVERLAY_MIN = 1 << 16
-OVERLAY_DIVISOR = 16
+OVERLAY_DIVISOR = 64
 """A field's overlay is due to be folded into its map past ``max(OVERLAY_MIN, map entries // OVERLAY_DIVISOR)``."""
 
 
@@ -352,8 +352,10 @@ def _merge(base_ids: Tensor, base_rows: Tensor, ids: Tensor, rows: Tensor, keep_
 def _without(overlay: Tensor, folded: Tensor) -> Tensor:
     """``overlay`` less the entries it shares, id and row alike, with ``folded`` (an overlay folded into the map
     since: those entries are in the map now; an entry updated since the fold differs, so stays)."""
-    if overlay is folded or folded.shape[1] == 0:
-        return overlay[:, :0] if overlay is folded else overlay
+    if overlay is folded:
+        return overlay.new_zeros(2, 0)
+    if folded.shape[1] == 0:
+        return overlay
     at = torch.searchsorted(folded[0], overlay[0]).clamp_(max=folded.shape[1] - 1)
     same = (folded[0][at] == overlay[0]) & (folded[1][at] == overlay[1])
     return overlay[:, ~same].contiguous()

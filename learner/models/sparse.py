@@ -198,10 +198,11 @@ class RowwiseTable(nn.Module):
     def _mark_changed(self, rows: Tensor) -> None:
         """Adds distinct ``rows`` to the changed set: O(len(rows))."""
         mask = self._changed_mask()
+        if self._changed_list is None:  # the bits alone say it
+            mask[rows] = True
+            return
         new = rows[~mask[rows]]
         mask[new] = True
-        if self._changed_list is None:
-            return
         self._changed_count += int(new.numel())
         if self._changed_count > max(1024, self.weight.shape[0] // 8):  # a list as long as the mask's 1/8: read it
             self._changed_list = None

@@ -16,8 +16,11 @@ from learner.delta import (Delta, DeltaError, MapChanges, TableRows, apply_delta
                            install_fold, materialise, plan_fold, row_tables, split_state, to_tensors)
 from learner.models import MultiTaskRanker
 from learner.models.sparse import RowwiseTable
+from dataclasses import replace
+
+from features.definitions import FEATURE_COLUMNS, ID_FIELDS
 from learner.step import Learner
-from tests.learner.test_id_tables import _batch, _dense, _learner
+from tests.learner.test_id_tables import CONFIG, _batch, _dense, _learner
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -244,6 +247,26 @@ def test_a_tombstoned_id_scores_with_the_default_row_never_its_old_one() -> None
     for task in dead:
         assert torch.equal(dead[task], never[task]), task
     assert any(not torch.equal(dead[task], old[task]) for task in dead)  # (a task's head may not read users yet)
+
+
+@pytest.mark.parametrize("tables", [CONFIG.tables, None], ids=["per-field", "hashed"])
+def test_deltas_of_every_kind_of_table_apply_to_a_replica(tables) -> None:
+    """The wide term's tables beside the embeddings, per field (grown and reset with them) or hashed."""
+    torch.manual_seed(0)
+    trainer = Learner(replace(CONFIG, tables=tables, n_buckets=128, wide={"dim": 2}), list(ID_FIELDS),
+                      len(FEATURE_COLUMNS))
+    _learn(trainer, 0)
+    replica = _replica(trainer.weights(), trainer.model.config)
+    trainer.mark_published()
+    moving = ({"encoder.table.", "wide.factors.hashed.", "wide.biases.hashed."} if tables is None else
+              {f"{t}.{f}." for t in ("encoder.tables", "wide.factors", "wide.biases") for f in ID_FIELDS})
+    for step in range(1, 5):
+        _learn(trainer, step)
+        delta = trainer.delta()
+        assert {p for p, t in delta.tables.items() if t.rows.numel()} == moving
+        apply_delta(replica, delta)
+        trainer.mark_published()
+    assert all(torch.equal(v, trainer.weights()[k]) for k, v in replica.state_dict().items())
 
 
 def _bad(delta: Delta, what: str) -> Delta:
