@@ -215,8 +215,7 @@ class MoestreamConfig(BaseModel):
             batch_size=self.trainer.batch_size,
             device=self.trainer.device,
             stall_timeout_s=self.trainer.stall_timeout_s,
-            weight_store=(actor_name(self.paths.run, self.learner.publish.store or layout.snapshots)
-                          if self.learner.publish.via_ray else None),
+            weight_store=actor_name(self.paths.run) if self.learner.publish.via_ray else None,
         )
 
     def to_data(self, sections: tuple[str, ...] | None = None, changed_only: bool = False) -> dict[str, Any]:

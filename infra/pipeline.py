@@ -12,6 +12,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from hashlib import sha256
 from pathlib import Path
 
 import httpx
@@ -61,7 +62,7 @@ def worker_config(
         snapshot_dir=layout.snapshots,
         checkpoint_dir=layout.checkpoints,
         batch_size=batch_size,
-        weight_store=actor_name(layout.root.name, layout.snapshots),
+        weight_store=actor_name(f"{layout.root.name}-{sha256(str(layout.root.absolute()).encode()).hexdigest()[:10]}"),
     )
 
 

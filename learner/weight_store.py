@@ -10,25 +10,23 @@ own: it outlives a trainer that crashes or restarts, and each replica's node fet
 
 A replica asks :meth:`WeightStore.chain_to` for the newest version's chain (its base and every delta up to
 it) and applies what comes after the version it serves (``serving.weights``). The actor keeps the newest ``keep_bases`` chains (a replica one compaction behind still finds its deltas);
-versions are accepted only in increasing order.
+versions are accepted only in increasing order, but for a base numbered at or below the newest held that was
+created after it: the run's store started over (emptied by hand, or another store under the same run name),
+and the actor holds the new lineage from then on (replicas follow it: ``serving.weights``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 ACTOR_PREFIX = "moestream-weights-"
 NAMESPACE = "moestream"
 
 
-def actor_name(run: str, store: str | os.PathLike) -> str:
-    """The weight store of run ``run`` publishing to ``store`` (its durable store's path or URI): two runs of one
-    name on one cluster (another data root, a store wiped and started over) never share an actor."""
-    where = str(store) if "://" in str(store) else str(Path(store).absolute())
-    return f"{ACTOR_PREFIX}{run}-{hashlib.sha256(where.encode()).hexdigest()[:12]}"
+def actor_name(run: str) -> str:
+    """The weight store of run ``run`` on a cluster: the trainer and every replica configured with that run name
+    share it, whatever data directory each node has."""
+    return f"{ACTOR_PREFIX}{run}"
 
 
 @dataclass(frozen=True)
@@ -55,6 +53,9 @@ class WeightStore:
         import ray
 
         newest = max(self._versions, default=0)
+        if base == version and version <= newest and self._restarted(manifest):
+            self._versions.clear()  # the run's store started over (emptied, or a new store): a new lineage
+            newest = 0
         if version <= newest or (base != version and base not in self._versions):
             return False
         self._versions[version] = Offered(version, base, manifest, [ray.put(payload)])
@@ -62,6 +63,14 @@ class WeightStore:
         for dropped in bases[: -self.keep_bases]:
             self._versions = {v: o for v, o in self._versions.items() if o.base != dropped}
         return True
+
+    def _restarted(self, manifest: bytes) -> bool:
+        """Whether a base numbered at or below what is held comes from a store that started over: it was
+        created after the newest version held."""
+        import orjson
+
+        newest = self._versions[max(self._versions)]
+        return orjson.loads(manifest)["created_at"] > orjson.loads(newest.manifest)["created_at"]
 
     def latest(self) -> int | None:
         return max(self._versions, default=None)

@@ -208,6 +208,10 @@ class WeightFollower:
         rebuilt; on a refusal, the newest version below it that verifies."""
         target = self.source.latest()
         serving = self.current.version if self.current is not None else 0
+        if target is not None and target < serving:  # versions never go back: the run's store started over
+            log.warning("the newest version published, v%s, is older than v%s served: the store started over; "
+                        "following its new versions", target, serving)
+            serving, self.rejected = 0, {}
         while target is not None and target > serving:
             if target in self.rejected:
                 target = self.source.below(target)

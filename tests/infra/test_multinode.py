@@ -1,7 +1,9 @@
 """Multi-node for real: a two-node Ray cluster on this machine with token authentication, the trainer submitted
 as a Ray job (`ray job submit -- moestream train`), the ranking app deployed by `moestream serve` from the Serve
 config; the trainer and the replica placed on different nodes by their custom resources, as Ray's state API
-reports it."""
+reports it. The replica's node has a data directory of its own, with no snapshot in it: every version reaches
+the replica through Ray (the run's weight-store actor), none through a shared filesystem; the online features
+are in Redis, which both nodes reach."""
 
 from __future__ import annotations
 
@@ -36,9 +38,11 @@ REPORT = os.environ.get("MOESTREAM_PLACEMENT_REPORT")
 """Write what Ray reported about placement here as JSON (for the record of a run)."""
 
 
-def _config_file(tmp_path: Path, bootstrap: str, topic: str, port: int) -> Path:
+def _config_file(tmp_path: Path, bootstrap: str, topic: str, port: int, redis: str, data_root: str = "data",
+                 name: str = "moestream.yaml") -> Path:
     data = {
-        "paths": {"data_root": str(tmp_path / "data")},
+        "paths": {"data_root": str(tmp_path / data_root)},
+        "features": {"online_store": "redis", "redis_connection": redis},
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "group_id": f"{topic}.trainer", "partitions": 2},
         "joiner": {"window_ms": 2_000},
         "learner": {"cadence": {"snapshot_every_steps": 2}},
@@ -48,7 +52,7 @@ def _config_file(tmp_path: Path, bootstrap: str, topic: str, port: int) -> Path:
         "http": {"host": "127.0.0.1", "port": port, "proxy_location": "HeadOnly"},
         "ray": {"trainer_resources": TRAINER_NODE, "ranker_resources": RANKER_NODE},
     }
-    path = tmp_path / "moestream.yaml"
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -87,10 +91,15 @@ def _token_errors(cluster: LocalCluster, tmp_path: Path) -> tuple[str, str]:
 
 
 @pytest.mark.timeout(1500)
-def test_trainer_job_and_serve_replica_run_on_different_nodes(kafka_bootstrap, unique_topic, tmp_path: Path) -> None:
+def test_trainer_job_and_serve_replica_run_on_different_nodes(kafka_bootstrap, unique_topic, redis_server,
+                                                             tmp_path: Path) -> None:
     port = free_port()
-    path = _config_file(tmp_path, kafka_bootstrap, unique_topic, port)
+    path = _config_file(tmp_path, kafka_bootstrap, unique_topic, port, redis_server)
+    replica_path = _config_file(tmp_path, kafka_bootstrap, unique_topic, port, redis_server, "replica-data",
+                                "replica.yaml")  # shares Kafka and Redis with the trainer's node, not a filesystem
     config = load_config(path, environ={})
+    replica_snapshots = load_config(replica_path, environ={}).layout().snapshots
+    assert replica_snapshots != config.layout().snapshots
     produced = _produce(config)
     serve_log = tmp_path / "serve.log"
 
@@ -103,7 +112,7 @@ def test_trainer_job_and_serve_replica_run_on_different_nodes(kafka_bootstrap, u
         assert "uses token authentication and no token was found" in no_token
         assert "refused our token" in wrong_token
 
-        server = _serve(cluster, path, serve_log)
+        server = _serve(cluster, replica_path, serve_log)
         try:
             url = f"http://127.0.0.1:{port}"
             wait_for(lambda: server.poll() is not None or "/v1/rank, API docs at" in serve_log.read_text(), 300,
@@ -119,10 +128,17 @@ def test_trainer_job_and_serve_replica_run_on_different_nodes(kafka_bootstrap, u
             assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
             assert "trained" in job.stdout and f"Job '{submission}' succeeded" in job.stdout + job.stderr
 
-            latest = SnapshotStore(config.layout().snapshots).latest_version()
+            store = SnapshotStore(config.layout().snapshots)
+            latest = store.latest_version()
             assert latest is not None
             wait_for(lambda: httpx.get(f"{url}/healthz", timeout=5).json().get("model_version") == latest, 120,
                      f"the replica to serve v{latest}")
+            assert SnapshotStore(replica_snapshots).latest_version() is None, "the replica's own store stays empty"
+            health = httpx.get(f"{url}/healthz", timeout=5).json()
+            kinds = [m.kind for m in store.chain(latest)]
+            assert kinds[0] == "base" and health["rejected_versions"] == []
+            if len(kinds) > 1:  # the trainer published deltas after its base: the replica applied them
+                assert health["weights"]["deltas_applied"] >= 1
             response = httpx.post(f"{url}/predict", json={"user_id": 7, "item_ids": [1, 2, 3]}, timeout=30)
             assert response.status_code == 200, response.text
             assert response.json()["model_version"] == latest and len(response.json()["items"]) == 3
