@@ -191,11 +191,13 @@ class TrainingLoop:
             return None
         data = {**self.learner.manifest(), "metrics": self._summarise(),
                 "offsets": {str(p): o for p, o in self.source.trained_offsets().items()}}
+        started = time.perf_counter()
         base = not self.learner.has_published_parent or self.reporter.snapshots.base_due()
         content = self.learner.weights() if base else self.learner.delta()
         manifest = self.reporter.publish(content, data, self.learner.step)
         if manifest is not None:
             self.learner.mark_published()
+            self.reporter.published_in(manifest, time.perf_counter() - started)
         return manifest
 
     def resume(self, restored: Checkpoint) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -57,6 +58,9 @@ class Reporter:
         self.config = config
         self.snapshots = snapshots
         self.weight_store = weight_store
+        self.publish_times: dict[str, deque[tuple[int, float]]] = {"base": deque(maxlen=1000), "delta": deque(maxlen=1000)}
+        """Per kind, ``(bytes, seconds)`` of the latest versions published: reading the learner, writing the
+        store, offering to the weight store."""
         self.offer_failures = 0
         self.last_offer_error: str | None = None
         self.telemetry = telemetry
@@ -138,6 +142,10 @@ class Reporter:
             self._log({"snapshot/outage_s": 0.0}, step)
         return manifest
 
+    def published_in(self, manifest: Manifest, seconds: float) -> None:
+        """Record how long ``manifest``'s version took to publish, from reading the learner to its offer."""
+        self.publish_times[manifest.kind].append((manifest.bytes or 0, seconds))
+
     def _offer(self, manifest: Manifest) -> None:
         """Hand the version to the weight-store actor; if it no longer holds the version's chain (restarted),
         the chain from the store. A failure is counted and logged once, never fatal."""
@@ -180,12 +188,22 @@ class Reporter:
             self.telemetry.summarise({"snapshot/last_publish_error": f"step {step}: {exc}"})
 
     def publish_figures(self) -> dict:
-        """The snapshot store's outage figures: failed writes in all, and how long the current outage has
-        lasted (0: publishing works)."""
+        """The snapshot store's outage figures (failed writes in all, how long the current outage has lasted: 0
+        when publishing works), offers the weight store did not take, and per kind of version the count, median
+        bytes and publish time percentiles (seconds)."""
         since = self._outage_since
+        kinds = {}
+        for kind, times in self.publish_times.items():
+            if times:
+                sizes, seconds = np.array([b for b, _ in times]), np.array([t for _, t in times])
+                kinds[kind] = {"n": len(times), "bytes_p50": float(np.median(sizes)),
+                               "seconds_p50": float(np.percentile(seconds, 50)),
+                               "seconds_p99": float(np.percentile(seconds, 99))}
         return {"publish_failures": self.publish_failures,
                 "snapshot_outage_s": 0.0 if since is None else time.monotonic() - since,
-                "last_publish_error": self.last_publish_error}
+                "last_publish_error": self.last_publish_error,
+                "offer_failures": self.offer_failures,
+                "published_versions": kinds}
 
     def close(self, step: int) -> None:
         """Wait for a heatmap being drawn and log it (before the W&B run ends)."""

@@ -192,6 +192,17 @@ class Learner:
             rows[name] = torch.from_numpy(np.ascontiguousarray(mapped[own])).to(self.device)
         return rows
 
+    def admit(self, ids: Mapping[str, np.ndarray], now_ms: int) -> None:
+        """Sight ``ids`` (one array per ID field, of equal length) at event time ``now_ms`` without training: the
+        ID maps admit them as a batch would (``min_count`` sightings), their rows start fresh. For a population
+        known in advance: a vocabulary carried over from another system, or a benchmark's live IDs."""
+        if not self.id_maps:
+            return
+        n = {len(np.asarray(ids[name])) for name in self.id_maps}
+        if len(n) != 1:
+            raise ValueError(f"admit needs one array of ids per field, all of one length; got lengths {sorted(n)}")
+        self._map_ids({name: np.asarray(ids[name], dtype=np.int64) for name in self.id_maps}, now_ms)
+
     def publish_maps(self) -> None:
         """Copy each ID map's live ``id -> row`` pairs into the model (what serving maps raw ids with)."""
         for name, id_map in self.id_maps.items():

@@ -229,3 +229,18 @@ def test_on_a_gpu_the_tables_and_their_optimizer_live_there_and_learn_what_they_
     assert cpu.id_tables() == gpu.id_tables()
     for key, value in cpu.weights().items():
         torch.testing.assert_close(gpu.weights()[key].cpu(), value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_known_population_is_admitted_without_training() -> None:
+    learner = Learner(replace(CONFIG, tables={"user_id": {"capacity": 5000}, "item_id": {"capacity": 5000}}),
+                      list(ID_FIELDS), len(FEATURE_COLUMNS))
+    before = {k: v.clone() for k, v in learner.model.state_dict().items() if "tables" not in k and "map_" not in k}
+    learner.admit({"user_id": np.arange(3000), "item_id": np.arange(10_000, 13_000)}, now_ms=1)
+    assert {f: s["live"] for f, s in learner.id_tables().items()} == {"user_id": 3000, "item_id": 3000}
+    assert learner.step == 0 and all(torch.equal(learner.model.state_dict()[k], v) for k, v in before.items())
+    rows = learner.model.encoder
+    learner.publish_maps()
+    assert rows.map_rows("item_id", torch.tensor([10_000, 12_999, 5])).tolist()[2] == 0
+    assert (rows.map_rows("item_id", torch.tensor([10_000, 12_999])) > 0).all()
+    with pytest.raises(ValueError, match="one length"):
+        learner.admit({"user_id": np.arange(3), "item_id": np.arange(4)}, now_ms=1)
