@@ -20,6 +20,8 @@ from training to serving at minute intervals (60 s taken as its figure). Neither
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import threading
 import time
 import uuid
@@ -83,6 +85,8 @@ class ManifestWatcher(threading.Thread):
         self.store, self.error = SnapshotStore(directory), SnapshotError
         self.every_s = every_s
         self.offsets: dict[int, dict[int, int]] = {}
+        self.kinds: dict[int, tuple[str, int | None]] = {}
+        """Each version's kind (base or delta) and payload bytes."""
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -94,6 +98,7 @@ class ManifestWatcher(threading.Thread):
                     except self.error:  # pruned between the listing and the read
                         continue
                     self.offsets[version] = {int(p): int(o) for p, o in manifest.data.get("offsets", {}).items()}
+                    self.kinds[version] = (manifest.kind, manifest.bytes)
 
     def stop(self) -> None:
         self._halt.set()
@@ -199,77 +204,233 @@ def produce(producer, topic: str, events, until: float, produced: Produced | Non
     return n
 
 
-def run(quick: bool = False) -> Report:
+@dataclass
+class Measured:
+    """One pipeline run: each measured event's freshness, and what the trainer, replica and store said."""
+
+    ages: np.ndarray
+    unknown: int
+    stats: dict
+    health: dict
+    kinds: dict[int, tuple[str, int | None]]
+    offsets: dict[int, dict[int, int]]
+    lags: list[int]
+    responses: int
+    versions_seen: int
+    failed: int
+    produce_failed: int
+    notes: list[str] = field(default_factory=list)
+
+
+def measure(config, layout, bootstrap: str, simulator, measure_s: float, tail_s: float,
+            warmup_limit_s: float = WARMUP_LIMIT_S) -> Measured:
+    """Start a trainer actor and a Serve replica on ``config``, produce paced traffic until the trainer keeps
+    up and a model is served, then measure ``measure_s`` seconds of events (module docstring)."""
+    import httpx
     import ray
     from kafka import KafkaProducer
+    from ray import serve
 
     from features.store import OnlineFeatures
-    from infra.pipeline import RunLayout, shutdown, start_serving, start_trainer, wait_for, worker_config
-    from infra.runtime import init_ray
+    from infra.pipeline import start_serving, start_trainer, wait_for
+    from learner.weight_store import NAMESPACE
     from serving.config import ServingConfig
     from stream.kafka_io import ensure_topics
-    from stream.simulator import Simulator, SimulatorConfig
+    from stream.simulator import Simulator
 
-    # The tail outlasts the attribution window (1 s) plus the longest feedback delay, so the last measured
-    # impressions are joined and trained.
-    measure_s, tail_s = (6.0, 3.0) if quick else (40.0, 8.0)
-    report = Report("freshness")
-    with broker() as bootstrap, TemporaryDirectory() as tmp:
-        init_ray(quiet=True)
-        topic = f"bench.freshness.{uuid.uuid4().hex[:8]}"
-        layout = RunLayout(Path(tmp))
-        config = worker_config(layout, bootstrap=bootstrap, topic=topic, window_ms=WINDOW_MS,
-                               snapshot_every_steps=10**9, batch_size=BATCH, wandb_mode="disabled")
-        cadence = replace(config.learner.cadence, snapshot_every_s=PUBLISH_EVERY_S)
-        config = replace(config, learner=replace(config.learner, cadence=cadence))
-        ensure_topics(config.kafka)
-        OnlineFeatures(config.features).apply()
-        trainer, run_ref = start_trainer(config, max_restarts=0)  # starts while the replica below does
-        url = start_serving(config, free_port(), ServingConfig(poll_s=0.05))
-        watcher, client = ManifestWatcher(layout.snapshots), RankingClient(url)
-        watcher.start()
-        client.start()
-        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=10)
-        sim = Simulator(SimulatorConfig(seed=5, n_users=2_000, n_items=5_000, max_delay_s=MAX_DELAY_S))
-        events = sim.events(int(time.time() * 1000), 10**9, rate=RATE)
-        produced = Produced()
-        try:
-            # Warm-up traffic until a model is served and the trainer has worked off the backlog that built up
-            # while its actor started: measuring before that would time the backlog, not the pipeline.
-            warm_until, caught_up = time.time() + WARMUP_LIMIT_S, 0
-            while caught_up < 3 and time.time() < warm_until:
-                produce(producer, topic, events, time.time() + 1.0, None)
-                lag = sum(ray.get(trainer.stats.remote())["lag"].values())
-                caught_up = caught_up + 1 if client.seen and lag <= READY_LAG else 0
-            if caught_up < 3:
-                report.notes.append(f"warm-up: the trainer had not caught up with the traffic (lag <= {READY_LAG} "
-                                    f"messages for 3 s) after {WARMUP_LIMIT_S} s; measured anyway")
-            start = time.time()
-            lags = LagSampler(trainer)
-            lags.start()
-            n_measured = produce(producer, topic, events, start + measure_s, produced)
-            producer.flush()
-            produce(producer, topic, events, time.time() + tail_s, None)  # lets the last measured windows close
-            producer.flush()
-            lags.stop()
-            wait_for(lambda: len(produced.offsets) + produced.failed >= n_measured, 30, "the broker's acknowledgements")
-        finally:
-            client.stop()
-            watcher.stop()
-            producer.close()
-            trainer.stop.remote()
-            stats = ray.get(run_ref)
-            ray.get(trainer.close.remote())
-            shutdown()
-
+    ensure_topics(config.kafka)
+    OnlineFeatures(config.features).apply()
+    trainer, run_ref = start_trainer(config, max_restarts=0)  # starts while the replica below does
+    url = start_serving(config, free_port(), ServingConfig(poll_s=0.05))
+    watcher, client = ManifestWatcher(layout.snapshots), RankingClient(url)
+    watcher.start()
+    client.start()
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=10)
+    events = Simulator(simulator).events(int(time.time() * 1000), 10**9, rate=RATE)
+    produced, notes, health = Produced(), [], {}
+    lags = LagSampler(trainer)
+    try:
+        # Warm-up traffic until a model is served and the trainer has worked off the backlog that built up
+        # while its actor started: measuring before that would time the backlog, not the pipeline.
+        warm_until, caught_up = time.time() + warmup_limit_s, 0
+        while caught_up < 3 and time.time() < warm_until:
+            produce(producer, config.kafka.topic, events, time.time() + 1.0, None)
+            lag = sum(ray.get(trainer.stats.remote())["lag"].values())
+            caught_up = caught_up + 1 if client.seen and lag <= READY_LAG else 0
+        if caught_up < 3:
+            notes.append(f"warm-up: the trainer had not caught up with the traffic (lag <= {READY_LAG} messages for "
+                         f"3 s) after {warmup_limit_s:g} s; measured anyway")
+        start = time.time()
+        lags.start()
+        n_measured = produce(producer, config.kafka.topic, events, start + measure_s, produced)
+        producer.flush()
+        produce(producer, config.kafka.topic, events, time.time() + tail_s, None)  # the last windows close
+        producer.flush()
+        lags.stop()
+        wait_for(lambda: len(produced.offsets) + produced.failed >= n_measured, 30, "the broker's acknowledgements")
+        health = httpx.get(f"{url}/healthz", timeout=30).json()
+    finally:
+        client.stop()
+        watcher.stop()
+        producer.close()
+        trainer.stop.remote()
+        stats = ray.get(run_ref)
+        ray.get(trainer.close.remote())
+        ray.kill(trainer)
+        serve.shutdown()  # the next run starts its own app, on its own port
+        if config.weight_store is not None:  # detached: it would hold this run's versions for the session
+            with contextlib.suppress(ValueError):
+                ray.kill(ray.get_actor(config.weight_store, namespace=NAMESPACE))
     ages, unknown = freshness(produced, client.seen, watcher.offsets)
     covered = np.isfinite(ages)
     uncovered = sorted({int(p) for p, ok in zip(produced.partitions, covered) if not ok})
     if uncovered:
         last = watcher.offsets[max(watcher.offsets)] if watcher.offsets else {}
-        report.notes.append(f"events never covered are in partitions {uncovered}; the last manifest's offsets: "
-                            f"{last}; the trainer's lag at the end: {stats.get('lag')}")
-    p50, p99 = (float(np.percentile(ages, q)) for q in (50, 99))
+        notes.append(f"events never covered are in partitions {uncovered}; the last manifest's offsets: {last}; "
+                     f"the trainer's lag at the end: {stats.get('lag')}")
+    return Measured(ages, unknown, stats, health, dict(watcher.kinds), dict(watcher.offsets), list(lags.lags),
+                    len(client.seen), len({v for _, v in client.seen}), client.failed, produced.failed, notes)
+
+
+def seed_population(config, live_ids: int) -> None:
+    """A checkpoint of an untrained learner whose ID maps hold ``live_ids`` ids (half users, half items, ids from 0),
+    which the trainer actor resumes from: the tables a feed with that many live ids would have, without the hours
+    of traffic that would admit them (``Learner.admit``)."""
+    import gc
+
+    from learner.worker import TrainerWorker
+
+    worker = TrainerWorker(config)
+    try:
+        half = live_ids // 2
+        for start in range(0, half, 1_000_000):
+            ids = np.arange(start, min(half, start + 1_000_000), dtype=np.int64)
+            worker.loop.learner.admit({"user_id": ids, "item_id": ids}, now_ms=int(time.time() * 1000))
+        if not worker.loop.checkpoint():
+            raise RuntimeError(f"the seeded checkpoint was not written: {worker.loop.last_checkpoint_error}")
+    finally:
+        worker.close()
+    del worker
+    gc.collect()
+
+
+SIZES = (10**5, 10**6, 10**7)
+"""Live ids of the sized runs (``--quick``: the first)."""
+EMB_DIM = 32
+GOAL_DELTA_SHARE = 0.05
+GOAL_APPLY_P99_MS = 50.0
+GOAL_SIZED_P50_S, GOAL_SIZED_P99_S = 2.0, 3.0
+
+
+def sized_config(layout, bootstrap: str, topic: str, live_ids: int, deltas: bool):
+    """The pipeline's configuration for a run at ``live_ids``: per-field tables of ``EMB_DIM`` with room for them,
+    a version at most every ``PUBLISH_EVERY_S``, and no checkpoint while measuring (a checkpoint still writes the
+    whole model: at 10^7 ids it would stall the trainer every few seconds, which is not what this measures).
+    ``deltas`` False: every version is a base (``learner.publish.max_deltas: 0``), full-snapshot publishing."""
+    from infra.pipeline import worker_config
+    from learner.config import PublishConfig
+
+    config = worker_config(layout, bootstrap=bootstrap, topic=topic, window_ms=WINDOW_MS, snapshot_every_steps=10**9,
+                           checkpoint_every_steps=10**9, batch_size=BATCH, wandb_mode="disabled")
+    capacity = max(1 << 16, int(live_ids // 2 * 1.25))
+    tables = {field: {"capacity": capacity, "dim": EMB_DIM} for field in ("user_id", "item_id")}
+    cadence = replace(config.learner.cadence, snapshot_every_s=PUBLISH_EVERY_S)
+    publish = PublishConfig(max_deltas=20 if deltas else 0)
+    return replace(config, learner=replace(config.learner, cadence=cadence, tables=tables, publish=publish))
+
+
+def sized_simulator(live_ids: int):
+    """Traffic over the seeded population (its ids are live), at most 10^6 users and items of it: the simulator
+    keeps vectors per user and item, and a few thousand ids a second touch a small share of any of them."""
+    from stream.simulator import SimulatorConfig
+
+    population = max(1_000, min(live_ids // 2, 1_000_000))
+    return SimulatorConfig(seed=5, n_users=population, n_items=population, max_delay_s=MAX_DELAY_S)
+
+
+def sized_rows(report: Report, live_ids: int, mode: str, m: Measured, full: Measured | None) -> None:
+    """Rows of one sized run; ``full``: the same size with full-snapshot publishing, measured in this run."""
+    label = f"{live_ids:.0e} live ids, {mode}".replace("e+0", "e")
+    p50, p99 = (float(np.percentile(m.ages, q)) for q in (50, 99))
+    published = m.stats.get("published_versions", {})
+    at_goal = live_ids == SIZES[-1] and mode == "deltas"
+    anchor = full is not None
+    full_p50 = float(np.percentile(full.ages, 50)) if anchor else None
+    full_p99 = float(np.percentile(full.ages, 99)) if anchor else None
+    report.add(Row(f"freshness p50 ({label})", p50, "s", anchor="full-snapshot publishing, same size, this run"
+                   if anchor else None, anchor_value=full_p50,
+                   goal=f"<= {GOAL_SIZED_P50_S:g} s" if at_goal else None, met=p50 <= GOAL_SIZED_P50_S if at_goal else None))
+    report.add(Row(f"freshness p99 ({label})", p99, "s", anchor="full-snapshot publishing, same size, this run"
+                   if anchor else None, anchor_value=full_p99,
+                   goal=f"<= {GOAL_SIZED_P99_S:g} s" if at_goal else None, met=p99 <= GOAL_SIZED_P99_S if at_goal else None))
+    for kind in ("base", "delta"):
+        figures = published.get(kind)
+        if not figures:
+            continue
+        report.add(Row(f"{kind} bytes p50 ({label})", figures["bytes_p50"], "B"))
+        report.add(Row(f"{kind} publish time p50 ({label})", figures["seconds_p50"] * 1000, "ms"))
+        report.add(Row(f"{kind} publish time p99 ({label})", figures["seconds_p99"] * 1000, "ms"))
+    base, delta = published.get("base"), published.get("delta")
+    if base and delta:
+        share = delta["bytes_p50"] / base["bytes_p50"]
+        report.add(Row(f"delta bytes / base bytes ({label})", share * 100, "%", anchor="a base (the whole model)",
+                       anchor_value=100.0, goal=f"<= {GOAL_DELTA_SHARE:.0%}" if at_goal else None,
+                       met=share <= GOAL_DELTA_SHARE if at_goal else None))
+    weights = m.health.get("weights") or {}
+    for q in ("p50", "p99"):
+        value = weights.get(f"apply_ms_{q}")
+        if value is not None:
+            goal = q == "p99" and at_goal
+            report.add(Row(f"replica delta apply {q} ({label})", value, "ms",
+                           goal=f"<= {GOAL_APPLY_P99_MS:g} ms" if goal else None,
+                           met=value <= GOAL_APPLY_P99_MS if goal else None))
+    kinds = [k for k, _ in m.kinds.values()]
+    report.notes.append(
+        f"{label}: {m.stats['steps']} steps, {len(m.stats['snapshots'])} versions published ({kinds.count('base')} "
+        f"bases, {kinds.count('delta')} deltas seen by the watcher), replica: {weights.get('deltas_applied', 0)} deltas "
+        f"applied, {weights.get('rebuilds', 0)} rebuilds, {weights.get('folds', 0)} map folds, {m.health.get('swaps')} "
+        f"swaps, rejected {m.health.get('rejected_versions')}; client: {m.responses:,} responses, {m.versions_seen} "
+        f"versions seen, {m.failed} failed; consumer lag while measuring max {max(m.lags, default=0):,} messages; "
+        f"{int(np.isinf(m.ages).sum())} of {len(m.ages)} events never seen covered" + "".join(f"; {n}" for n in m.notes))
+
+
+def run(quick: bool = False, sizes: tuple[int, ...] | None = None) -> Report:
+    from infra.pipeline import RunLayout, shutdown, worker_config
+    from infra.runtime import init_ray
+    from stream.simulator import SimulatorConfig
+
+    # The tail outlasts the attribution window (1 s) plus the longest feedback delay, so the last measured
+    # impressions are joined and trained.
+    measure_s, tail_s = (6.0, 3.0) if quick else (40.0, 8.0)
+    sizes = sizes if sizes is not None else SIZES[:1] if quick else SIZES
+    report = Report("freshness")
+    with broker() as bootstrap, TemporaryDirectory() as tmp:
+        init_ray(quiet=True)
+        layout = RunLayout(Path(tmp) / "default")
+        config = worker_config(layout, bootstrap=bootstrap, topic=f"bench.freshness.{uuid.uuid4().hex[:8]}",
+                               window_ms=WINDOW_MS, snapshot_every_steps=10**9, batch_size=BATCH, wandb_mode="disabled")
+        cadence = replace(config.learner.cadence, snapshot_every_s=PUBLISH_EVERY_S)
+        config = replace(config, learner=replace(config.learner, cadence=cadence))
+        default = measure(config, layout, bootstrap,
+                          SimulatorConfig(seed=5, n_users=2_000, n_items=5_000, max_delay_s=MAX_DELAY_S),
+                          measure_s, tail_s)
+        sized: dict[tuple[int, str], Measured] = {}
+        for live_ids in sizes:
+            for mode in ("full", "deltas"):
+                run_layout = RunLayout(Path(tmp) / f"{live_ids}-{mode}")
+                topic = f"bench.freshness.{live_ids}.{mode}.{uuid.uuid4().hex[:6]}"
+                sized_cfg = sized_config(run_layout, bootstrap, topic, live_ids, deltas=mode == "deltas")
+                from stream.kafka_io import ensure_topics
+
+                ensure_topics(sized_cfg.kafka)
+                seed_population(sized_cfg, live_ids)
+                sized[(live_ids, mode)] = measure(sized_cfg, run_layout, bootstrap, sized_simulator(live_ids),
+                                                  measure_s, tail_s)
+                shutil.rmtree(run_layout.root, ignore_errors=True)  # gigabytes at 10^7
+        shutdown()
+
+    m = default
+    p50, p99 = (float(np.percentile(m.ages, q)) for q in (50, 99))
     window_s = WINDOW_MS / 1000
     literature = "(literature, not measured here)"
     report.add(Row("freshness p50", p50, "s", anchor=f"Ekko model-update latency {literature}", anchor_value=EKKO_S,
@@ -280,24 +441,38 @@ def run(quick: bool = False) -> Report:
                    anchor_value=MONOLITH_S))
     report.add(Row(f"after the {window_s:g} s attribution window closes: p50", p50 - window_s, "s"))
     report.add(Row(f"after the {window_s:g} s attribution window closes: p99", p99 - window_s, "s"))
-    report.add(Row("events measured", float(len(ages)), "events"))
-    report.add(Row("events never seen covered in the run", float((~covered).sum()), "events"))
+    report.add(Row("events measured", float(len(m.ages)), "events"))
+    report.add(Row("events never seen covered in the run", float(np.isinf(m.ages).sum()), "events"))
     report.notes += [
         f"{measure_s:g} s of simulator traffic at {RATE:g} requests/s measured (after warm-up traffic until a model "
-        f"was served and the trainer's lag stayed under {READY_LAG} messages for 3 s), {tail_s:g} s of traffic after it; joiner window {WINDOW_MS} ms, feedback "
-        f"delays up to {MAX_DELAY_S} s; batch {BATCH}; a snapshot at most every {PUBLISH_EVERY_S:g} s; 1 trainer, 1 Serve replica polling "
-        "every 50 ms; the default model (MMoE, 2^18 hashed-ID buckets) and pipeline otherwise",
-        f"trainer: consumer lag while measuring (sampled each second) max {max(lags.lags, default=0):,}, "
-        f"last {lags.lags[-1] if lags.lags else 0:,} messages; {stats['steps']} steps, {stats['examples_trained']:,} examples, {len(stats['snapshots'])} "
-        f"snapshots published; client: {len(client.seen):,} ranking responses, {len({v for _, v in client.seen})} "
-        f"versions seen, {client.failed} failed requests, {unknown} responses of a version whose manifest was not read; "
-        f"{produced.failed} produce failures",
+        f"was served and the trainer's lag stayed under {READY_LAG} messages for 3 s), {tail_s:g} s of traffic after "
+        f"it; joiner window {WINDOW_MS} ms, feedback delays up to {MAX_DELAY_S} s; batch {BATCH}; a version at most "
+        f"every {PUBLISH_EVERY_S:g} s; 1 trainer, 1 Serve replica polling every 50 ms; the first rows: the default "
+        "model and pipeline (MMoE, per-field tables of 16, a base then deltas, delivered through the run's "
+        "weight-store actor) on 2,000 users and 5,000 items",
+        f"default run: trainer consumer lag while measuring max {max(m.lags, default=0):,}, last "
+        f"{m.lags[-1] if m.lags else 0:,} messages; {m.stats['steps']} steps, {m.stats['examples_trained']:,} examples, "
+        f"{len(m.stats['snapshots'])} versions published; client: {m.responses:,} ranking responses, {m.versions_seen} "
+        f"versions seen, {m.failed} failed requests, {m.unknown} responses of a version whose manifest was not read; "
+        f"{m.produce_failed} produce failures" + "".join(f"; {n}" for n in m.notes),
         "an event counts as trained on when the manifest's offsets pass it: the trainer publishes, per partition, "
         "the offset below which every example was stepped on (learner.intake.Intake.trained_offsets: examples "
         "still in its read-ahead buffer hold it back)",
         "anchors are figures reported in papers, for other systems and hardware: context, not a same-run comparison",
-        f"load average at the end {load_average()}",
     ]
+    if sizes:
+        report.notes.append(
+            f"sized runs: per-field tables of {EMB_DIM} (user_id, item_id) seeded with the live ids (half each) by a "
+            "checkpoint the trainer resumes from (benchmarks.freshness.seed_population), traffic from a simulator over "
+            "at most 10^6 users and items of that population; 'full' publishes every version whole "
+            "(learner.publish.max_deltas 0), 'deltas' a base then deltas (max_deltas 20); both deliver through the "
+            "run's weight-store actor and the durable store; no checkpoint while measuring (it still writes the whole "
+            "model)")
+    for live_ids in sizes:
+        for mode in ("full", "deltas"):
+            sized_rows(report, live_ids, mode, sized[(live_ids, mode)],
+                       sized.get((live_ids, "full")) if mode == "deltas" else None)
+    report.notes.append(f"load average at the end {load_average()}")
     return report
 
 
@@ -305,4 +480,4 @@ if __name__ == "__main__":
     run(quick=True).print()
 
 
-__all__ = ["ManifestWatcher", "RankingClient", "freshness", "run"]
+__all__ = ["ManifestWatcher", "Measured", "RankingClient", "freshness", "measure", "run", "seed_population"]
