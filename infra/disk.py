@@ -67,9 +67,18 @@ def disk_needs(config: MoestreamConfig) -> list[DiskNeed]:
     checkpoint = weights + 2 * dense + CHECKPOINT_ARRAYS_BYTES  # the state, then Adam's exp_avg and exp_avg_sq
     layout, workers = config.layout(), config.trainer.workers
     pinned = 1 if workers > 1 else 0  # a group's last agreed step, kept beside the newest ones
+    publish = config.learner.publish
+    # Each kept chain: its base and deltas up to max_delta_fraction of it (every version whole with max_deltas 0).
+    chain = snapshot * (1 + (publish.max_delta_fraction if publish.max_deltas else 0))
+    chains = publish.keep_bases if publish.max_deltas else SNAPSHOTS_KEPT
+    remote = publish.store is not None and "://" in publish.store and not publish.store.startswith("file://")
+    where = Path(publish.store.removeprefix("file://")) if publish.store and not remote else layout.snapshots
+    needs = [] if remote else [  # an object store's space is not this machine's
+        DiskNeed(where, int((chains + 1) * chain),
+                 f"{chains} + 1 chains of a {_size(snapshot)} base and its deltas" if publish.max_deltas
+                 else f"{chains} + 1 snapshots of {_size(snapshot)}")]
     return [
-        DiskNeed(layout.snapshots, (SNAPSHOTS_KEPT + 1) * snapshot,
-                 f"{SNAPSHOTS_KEPT} + 1 snapshots of {_size(snapshot)}"),
+        *needs,
         DiskNeed(layout.checkpoints, workers * (CHECKPOINTS_KEPT + pinned + 1) * checkpoint,
                  f"{CHECKPOINTS_KEPT + pinned} + 1 checkpoints of {_size(checkpoint)} x {workers} worker(s)"),
     ]

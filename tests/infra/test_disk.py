@@ -12,7 +12,7 @@ import torch
 
 from infra import disk
 from infra.config import MoestreamConfig, PathsConfig
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, PublishConfig
 from learner.snapshots import SnapshotStore
 
 Usage = namedtuple("Usage", "total used free")
@@ -26,7 +26,7 @@ def _free(monkeypatch, free: int) -> None:
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10 * free + 1, 0, free))
 
 
-def test_the_snapshot_need_is_the_models_bytes_times_the_versions_kept(tmp_path: Path) -> None:
+def test_the_snapshot_need_is_the_models_bytes_times_the_chains_kept(tmp_path: Path) -> None:
     config = _config(tmp_path)
     weights, dense = disk.model_bytes(config)
     learner = config.learner
@@ -37,7 +37,11 @@ def test_the_snapshot_need_is_the_models_bytes_times_the_versions_kept(tmp_path:
     assert hashed > learner.n_buckets * (learner.emb_dim + 1) * 4  # the shared hashed table instead
     snapshots, checkpoints = disk.disk_needs(config)
     assert snapshots.path == config.layout().snapshots and checkpoints.path == config.layout().checkpoints
-    assert snapshots.bytes == 11 * (weights + disk.MANIFEST_BYTES)
+    publish = learner.publish  # keep_bases chains and the one being written, each a base and deltas up to a fraction
+    assert snapshots.bytes == int((publish.keep_bases + 1) * (weights + disk.MANIFEST_BYTES)
+                                  * (1 + publish.max_delta_fraction))
+    whole, _ = disk.disk_needs(_config(tmp_path, publish=PublishConfig(max_deltas=0)))  # every version a base, as before chains
+    assert whole.bytes == 11 * (weights + disk.MANIFEST_BYTES)
     assert checkpoints.bytes == 3 * (weights + 2 * dense + disk.CHECKPOINT_ARRAYS_BYTES)  # Adam: dense only
 
 
