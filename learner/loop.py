@@ -192,7 +192,11 @@ class TrainingLoop:
         data = {**self.learner.manifest(), "metrics": self._summarise(),
                 "offsets": {str(p): o for p, o in self.source.trained_offsets().items()}}
         started = time.perf_counter()
-        base = not self.learner.has_published_parent or self.reporter.snapshots.base_due()
+        store, published = self.reporter.snapshots, self.reporter.published
+        # A base when due, when the learner's changes have no published parent, or when LATEST is no longer this
+        # trainer's last version (a rollback came in between: serving follows that one now).
+        base = (not self.learner.has_published_parent or not published or store.base_due()
+                or store.latest_version() != published[-1])
         content = self.learner.weights() if base else self.learner.delta()
         manifest = self.reporter.publish(content, data, self.learner.step)
         if manifest is not None:

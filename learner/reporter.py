@@ -115,8 +115,9 @@ class Reporter:
         self.last_publish_attempt = time.monotonic()
         data = {**data, "experts": self.health.record()}
         try:
-            if isinstance(content, Delta):
-                manifest = self.snapshots.publish_delta(content, data, guard=self.config.guard)
+            if isinstance(content, Delta):  # the change from the version this trainer published last
+                manifest = self.snapshots.publish_delta(content, data, guard=self.config.guard,
+                                                        parent=self.published[-1] if self.published else None)
             else:
                 manifest = self.snapshots.publish(content, data, guard=self.config.guard)
         except SnapshotUnwritable as exc:

@@ -218,13 +218,16 @@ class SnapshotStore:
             self._guard(data, guard)
             return self._write(payload, data, parent=None)
 
-    def publish_delta(self, delta: Delta, data: dict, guard: PublishGuard | None = None) -> Manifest:
+    def publish_delta(self, delta: Delta, data: dict, guard: PublishGuard | None = None,
+                      parent: int | None = None) -> Manifest:
         """Write a delta version on top of the one ``LATEST`` names, and point ``LATEST`` at it.
 
         Refused like :meth:`publish` (non-finite values, the guard); a :class:`SnapshotError` when there is no
-        parent to apply it to (nothing published, or ``LATEST``'s manifest or payload is gone). That the delta
-        fits its parent is the publisher's promise, checked by every reader. :meth:`base_due` is advice: a
-        delta published past it is written all the same.
+        parent to apply it to (nothing published, or ``LATEST``'s manifest or payload is gone), and
+        ``SnapshotRefused("parent-moved")`` when ``parent`` is given and ``LATEST`` names another version (a
+        rollback, or another publisher, came in between: the delta is the change from ``parent``, not from
+        what ``LATEST`` is now; publish a base). That the delta fits its parent is the publisher's promise,
+        checked by every reader. :meth:`base_due` is advice: a delta published past it is written all the same.
         """
         from learner.delta import to_tensors
 
@@ -233,9 +236,12 @@ class SnapshotStore:
             raise SnapshotRefused("non-finite", f"refusing to publish a delta with non-finite values: {bad[:5]}")
         payload = _safetensors(tensors)
         with self._exclusive():
-            parent = self._head()
+            head = self._head()
+            if parent is not None and head.version != parent:
+                raise SnapshotRefused("parent-moved", f"LATEST names v{head.version}, not v{parent} this delta is "
+                                                      "the change from (a rollback?): a base is due")
             self._guard(data, guard)
-            return self._write(payload, data, parent=parent)
+            return self._write(payload, data, parent=head)
 
     def rollback(self, version: int) -> Manifest:
         """Serve a kept version again: verify it (its whole chain), then republish it as a new base.

@@ -661,3 +661,22 @@ def test_a_publisher_killed_while_publishing_in_a_loop_leaves_every_published_ve
     assert all(f"v{v:06d}.json" in names for v in range(1, manifest.version + 1) if f"v{v:06d}.safetensors" in names
                or f"v{v:06d}.delta.safetensors" in names)  # no payload without its manifest
     assert manifest.version == max(store.versions())
+
+
+def test_the_loop_publishes_a_base_then_deltas_and_a_base_again_after_a_rollback(tmp_path: Path) -> None:
+    """A delta is the change from the trainer's own last version: after a rollback (LATEST is another version)
+    the trainer publishes a base, and a delta aimed at a parent that moved is refused by the store."""
+    config = LearnerConfig(family="mmoe", hparams={"n_experts": 2, "expert_dims": (4,), "tower_dims": ()}, emb_dim=2)
+    store = SnapshotStore(tmp_path / "snapshots", max_delta_bytes=ROOMY)  # a tiny model's deltas weigh its base
+    loop = TrainingLoop.local(config, InMemoryFeatures(), store)
+    kinds = [loop.publish().kind for _ in range(3)]
+    assert kinds == ["base", "delta", "delta"]
+    rolled = store.rollback(1)
+    with pytest.raises(SnapshotRefused, match="v3") as refused:
+        store.publish_delta(loop.learner.delta(), {}, parent=3)
+    assert refused.value.reason == "parent-moved"
+    after = loop.publish()
+    assert after.kind == "base" and after.version == rolled.version + 1
+    assert loop.publish().kind == "delta"
+    _, served = store.load()
+    _equal(served, {k: v for k, v in loop.learner.weights().items()})
