@@ -232,12 +232,16 @@ class WeightFollower:
         """Serve ``chain``'s last version (or the furthest of it that verifies, when newer than ``serving``).
         False when nothing newer could be installed."""
         versions = [e.version for e in chain]
-        if self.current is not None and serving in versions and not chain[versions.index(serving) + 1].is_base:
-            applied = self._apply(chain[versions.index(serving) + 1:])
-            if applied is None:  # every delta in; else rebuild from the base, as far as it verifies
-                return True
-            self.rebuilds += 1
-        return self._rebuild(chain, serving)
+        incremental = self.current is not None and serving in versions and not chain[versions.index(serving) + 1].is_base
+        if incremental and self._apply(chain[versions.index(serving) + 1:]) is None:
+            return True  # every delta in; else rebuild from the base, as far as it verifies
+        installed = self._rebuild(chain, serving)
+        self.rebuilds += installed and incremental
+        refused = next((v for v in versions if v in self.rejected), None)
+        if not installed and refused is not None and refused != chain[-1].version:
+            # unreachable until a new base: remembered, so later polls do not walk this chain again
+            self._refuse(chain[-1].version, f"its chain holds v{refused}, which was refused")
+        return installed
 
     def _apply(self, deltas: list[Entry]) -> int | None:
         """Apply ``deltas`` in order to the live model; the version that failed, or None."""
