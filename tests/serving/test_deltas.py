@@ -16,38 +16,9 @@ from learner.delta import map_keys, rows_key
 from infra.pipeline import wait_for
 from learner.snapshots import SnapshotStore
 from serving.weights import RaySource, WeightFollower
-from tests.learner.test_id_tables import _batch, _dense, _learner
+from tests.serving.conftest import Publisher
 
 NEVER = 3600.0  # these tests call refresh() themselves
-
-
-class Publisher:
-    """A learner with ID maps that admit, expire (ttl 3 ms of event time) and evict, publishing a base and then
-    deltas as the trainer's loop does (mark only once a version is published)."""
-
-    def __init__(self, store: SnapshotStore) -> None:
-        torch.manual_seed(0)
-        self.store, self.learner, self.steps = store, _learner(), 0
-
-    def step(self) -> None:
-        batch = _batch(self.steps, 0, 64)
-        self.learner.learn(batch, _dense(batch))
-        self.steps += 1
-
-    def data(self) -> dict:
-        return {"family": "mmoe", **self.learner.manifest(), "offsets": {"0": self.steps}}
-
-    def base(self) -> int:
-        self.step()
-        manifest = self.store.publish(self.learner.weights(), self.data())
-        self.learner.mark_published()
-        return manifest.version
-
-    def delta(self) -> int:
-        self.step()
-        manifest = self.store.publish_delta(self.learner.delta(), self.data())
-        self.learner.mark_published()
-        return manifest.version
 
 
 @pytest.fixture
