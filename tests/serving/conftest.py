@@ -102,8 +102,9 @@ class Publisher:
         return self._published(manifest.version)
 
     def next(self) -> int:
-        """The next version as ``learner.loop`` picks it: a base when the store says one is due, else a delta."""
-        return self.base() if self.store.base_due() else self.delta()
+        """The next version as ``learner.loop`` picks it: a base when the learner published nothing yet or the
+        store says one is due, else a delta."""
+        return self.base() if not self.learner.has_published_parent or self.store.base_due() else self.delta()
 
     def corrupt_delta(self) -> int:
         """The next delta, published with its manifest's sha256 taken over its true bytes and one byte of the
@@ -134,6 +135,13 @@ class Publisher:
                 return version  # learner.reporter counts a failed offer; replicas read the store for it
             offer(self.actor, version, manifest.base, manifest.to_json(), payload)
         return version
+
+
+def chain_store(directory: Path, max_deltas: int) -> SnapshotStore:
+    """A store where a base is due after ``max_deltas`` deltas whatever their bytes: the :class:`Publisher`'s
+    tiny model has tables of a few rows, so each of its deltas weighs about as much as its base, and the
+    default budget (half the base's bytes) would make every other version a base."""
+    return SnapshotStore(directory, max_deltas=max_deltas, max_delta_bytes=2**40)
 
 
 def feature_store(directory: Path) -> FeatureStoreConfig:
