@@ -143,12 +143,22 @@ def test_a_replica_without_the_store_follows_every_version_through_the_weight_st
     try:
         publisher = Publisher(store)
 
+        def offered(version: int) -> bool:
+            """Offer ``version`` as learner.reporter does (its chain to an actor that lost its state); False while
+            the actor is restarting (after the kill below, or after Ray's memory monitor killed it), which the
+            reporter survives and makes up for with its next offer."""
+            try:
+                manifest, payload = store.payload(version)
+                if not offer(actor, version, manifest.base, manifest.to_json(), payload):
+                    for link in store.chain(version):
+                        offer(actor, link.version, link.base, link.to_json(), store.payload(link.version)[1])
+            except ray.exceptions.ActorUnavailableError:
+                return False
+            return True
+
         def publish(kind) -> int:
             version = kind()
-            manifest, payload = store.payload(version)
-            if not offer(actor, version, manifest.base, manifest.to_json(), payload):
-                for link in store.chain(version):  # what learner.reporter does for an actor that lost its state
-                    offer(actor, link.version, link.base, link.to_json(), store.payload(link.version)[1])
+            wait_for(lambda: offered(version), 60, f"the weight store to take v{version}")
             return version
 
         publish(publisher.base)
