@@ -21,6 +21,9 @@ class Answer:
     version: int | None = None
     replica: str | None = None
     pid: int | None = None
+    received_at: float | None = None
+    """``time.monotonic()`` once the answer was in (None when no response came): a version that answered before
+    a publish was serving before it."""
 
     @property
     def ok(self) -> bool:
@@ -57,10 +60,11 @@ class RankingLoad:
             r = http.post(self.path, json=body)
         except httpx.HTTPError as exc:
             return Answer(sent_at, repr(exc))
+        received_at = time.monotonic()
         if r.status_code != 200:
-            return Answer(sent_at, r.status_code)
+            return Answer(sent_at, r.status_code, received_at=received_at)
         result = r.json()
-        return Answer(sent_at, 200, result["model_version"], result["replica"], result["pid"])
+        return Answer(sent_at, 200, result["model_version"], result["replica"], result["pid"], received_at)
 
     def start(self) -> RankingLoad:
         for t in self._threads:

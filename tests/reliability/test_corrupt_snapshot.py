@@ -5,7 +5,8 @@ Over Ray Serve's real HTTP path, under load: good v1 serves; then each kind of c
 half a file under a matching sha256, NaN weights). Every ranking request still succeeds with v1, every replica
 refuses each bad version (``/healthz`` lists it, the replica logs why, ``moestream_snapshots_rejected`` counts
 it), a replica that starts while the newest version is corrupt serves v1 too, and the next good version is
-picked up by all of them.
+picked up by all of them. Then the same for a corrupt delta in a chain (issue 22): refused, the version before
+it serving until the next base, through the store and through Ray's weight-store actor.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from serving.app import build_app
 from serving.config import ServingConfig
 from tests.conftest import free_port
 from tests.reliability.ranking_load import RankingLoad, tally
-from tests.serving.conftest import CORRUPTIONS, feature_store, publish, publish_corrupt
+from tests.serving.conftest import CORRUPTIONS, Publisher, chain_store, feature_store, publish, publish_corrupt
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 REPLICAS = 2
@@ -128,3 +129,110 @@ def test_corrupt_snapshots_are_refused_and_v1_keeps_serving(ray_session, tmp_pat
     assert set(versions) == {first, good} and not set(versions) & set(bad)
     assert all(r.status_code == 200 and r.json()["model_version"] == first for r in late)
     assert late_health["rejected_versions"] == bad
+
+
+MAX_DELTAS = 6
+"""The delta scenario's chains: a base is due after this many deltas (``learner.publish.max_deltas``)."""
+
+
+def test_a_corrupt_delta_is_refused_and_the_version_before_serves_until_the_next_base(ray_session, tmp_path) -> None:
+    """A chain (base, then deltas from a learning :class:`Publisher`) under load over HTTP; one delta's payload has
+    a byte flipped, its manifest's sha256 that of the true bytes; the deltas after it are its children. Every
+    replica refuses it and keeps serving the delta before it (0 failed requests, no answer from the corrupt
+    delta or its children); the next base (compaction after ``MAX_DELTAS``) and a delta on it are served.
+
+    Where the corruption happens, and why: the delta is published by hand with the byte flipped *before* its
+    files reach the store (payload, manifest, ``LATEST`` last, as the store writes). Flipping a byte of a file the
+    store already published would race the replicas' 50 ms poll (one could apply the intact bytes first), and
+    would miss any replica reading through Ray, which gets the bytes that were offered, not the file. Two apps
+    follow the store: one reads it alone (``weight_store`` None: the replica reads exactly the corrupted file),
+    the other follows the run's weight-store actor first and the store second, as replicas do with
+    ``learner.publish.via_ray``. Each version is offered as ``learner.reporter`` offers it, read back verified
+    from the store, so the corrupt delta never reaches Ray: that replica meets it through its store fallback,
+    and its children through Ray with a parent it does not serve.
+    """
+    import ray
+    from ray import serve
+
+    from learner.weight_store import weight_store
+
+    features = feature_store(tmp_path / "features")
+    store = chain_store(tmp_path / "snapshots", MAX_DELTAS)
+    actor_name = f"test-corrupt-delta-{tmp_path.name}"
+    actor = weight_store(actor_name)
+    publisher = Publisher(store, actor)
+    first = publisher.base()
+    port = free_port()
+    serve.shutdown()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    url = f"http://127.0.0.1:{port}"
+    config = ServingConfig(num_replicas=REPLICAS, num_cpus=0.5, poll_s=0.05, max_candidates=200)
+    apps = {f"{APP}-delta": ("/", None), f"{APP}-delta-ray": ("/ray", actor_name)}
+    for name, (prefix, through) in apps.items():
+        serve.run(build_app(store.directory, features, config, weight_store=through), name=name, route_prefix=prefix)
+    urls = {"store": url, "ray": f"{url}/ray"}
+    loads = {k: RankingLoad(u, clients=2).start() for k, u in urls.items()}
+    replicas = {k: Replicas(u) for k, u in urls.items()}
+
+    def everywhere(check) -> bool:
+        return all(check(r) for r in replicas.values())
+
+    try:
+        wait_for(lambda: all(len(load.outcomes) >= 20 for load in loads.values()), 60, "the clients' first responses")
+        goods = [publisher.next() for _ in range(2)]
+        assert [store.manifest(v).kind for v in goods] == ["delta", "delta"]
+        wait_for(lambda: everywhere(lambda r: r.all_serve(goods[-1], REPLICAS)), 60,
+                 f"every replica to serve v{goods[-1]}")
+
+        corrupt_at = time.monotonic()
+        bad = publisher.corrupt_delta()
+        wait_for(lambda: everywhere(lambda r: r.all_refused(bad, REPLICAS)), 60, f"every replica to refuse v{bad}")
+        children = []
+        while not store.base_due():
+            children.append(publisher.next())
+        children_at = time.monotonic()
+        assert children and all(store.manifest(v).kind == "delta" for v in children)
+        wait_for(lambda: all(sum(a.sent_at >= children_at and a.version == goods[-1] for a in load.outcomes) >= 20
+                             for load in loads.values()), 60, f"answers of v{goods[-1]} with v{children[-1]} LATEST")
+        held = ray.get(actor.held.remote())
+
+        base_at = time.monotonic()
+        newest = publisher.next()
+        assert store.manifest(newest).kind == "base"
+        wait_for(lambda: everywhere(lambda r: r.all_serve(newest, REPLICAS)), 60, f"every replica to serve v{newest}")
+        final = publisher.next()
+        assert store.manifest(final).kind == "delta"
+        wait_for(lambda: everywhere(lambda r: r.all_serve(final, REPLICAS)), 60, f"every replica to serve v{final}")
+        wait_for(lambda: all(sum(a.version == final for a in load.outcomes) >= 10 for load in loads.values()), 60,
+                 f"responses of v{final}")
+        applied = len(goods) + 1  # the good deltas of each chain: into the live model, none loaded whole
+        wait_for(lambda: everywhere(lambda r: all(h["weights"]["deltas_applied"] >= applied
+                                                  for h in r.poll().values())),
+                 60, "the replicas to count the deltas they applied")
+        health = {k: dict(r.health) for k, r in replicas.items()}
+    finally:
+        for load in loads.values():
+            load.stop()
+        for name in apps:
+            serve.delete(name)
+        ray.kill(actor, no_restart=True)
+
+    for k, load in loads.items():
+        outcomes = load.outcomes
+        versions = Counter(a.version for a in outcomes if a.ok)
+        while_corrupt = [a for a in outcomes if corrupt_at <= a.sent_at and a.received_at is not None
+                         and a.received_at < base_at]
+        print(f"\ncorrupt delta, replicas following {k}: {len(outcomes)} ranking requests, "
+              f"{sum(not a.ok for a in outcomes)} failed ({tally(outcomes)}); versions answered "
+              f"{dict(sorted(versions.items()))}; v{bad} corrupt, its children {children}; {len(while_corrupt)} "
+              f"answered while they were LATEST, by {dict(Counter(a.version for a in while_corrupt))}; replicas' "
+              f"weights {[h['weights'] for h in health[k].values()]}, rejected "
+              f"{[h['rejected_versions'] for h in health[k].values()]}")
+        assert all(a.ok for a in outcomes), tally(outcomes)
+        assert set(versions) <= {first, *goods, newest, final} and final in versions
+        assert while_corrupt and all(a.version == goods[-1] for a in while_corrupt)
+        assert len(health[k]) == REPLICAS
+        for h in health[k].values():
+            assert h["model_version"] == final and bad in h["rejected_versions"]
+            assert h["weights"]["deltas_applied"] == applied, "each good delta went into the live model once"
+    assert bad not in held and children[-1] in held, "the corrupt delta never reached Ray; its children did"

@@ -1,4 +1,5 @@
-"""Fixtures of the serving tests: a real Feast store (SQLite) and real snapshots written by learner.snapshots."""
+"""Fixtures of the serving tests: a real Feast store (SQLite) and real snapshots written by learner.snapshots,
+whole (:func:`publish`) or as chains of a base and deltas from a learning :class:`Publisher`."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from safetensors.torch import save as save_safetensors
 from features.aggregates import StreamAggregator
 from features.definitions import FEATURE_COLUMNS, ID_FIELDS
 from features.store import FeatureStoreConfig, OnlineFeatures
+from learner.delta import to_tensors
 from learner.models import MultiTaskRanker
-from learner.snapshots import Manifest, SnapshotStore, write_atomic
+from learner.snapshots import Manifest, SnapshotError, SnapshotStore, write_atomic
 from stream.events import TASKS
+from tests.learner.test_id_tables import _batch, _dense, _learner
 
 KNOWN_USERS = (1, 2, 3)
 KNOWN_ITEMS = (10, 11, 12, 13)
@@ -68,6 +71,77 @@ def publish_corrupt(store: SnapshotStore, kind: str, seed: int) -> int:
     write_atomic(store.directory / f"v{version:06d}.json", manifest.to_json())
     write_atomic(store.directory / "LATEST", str(version).encode())
     return version
+
+
+class Publisher:
+    """A learner with ID maps that admit, expire (ttl 3 ms of event time) and evict, publishing a base and then
+    deltas as the trainer's loop does (mark only once a version is published). With a weight-store ``actor``,
+    each version is then offered to it as ``learner.reporter`` offers: its payload read back verified from the
+    store, so a version whose file does not verify never reaches Ray."""
+
+    def __init__(self, store: SnapshotStore, actor=None) -> None:
+        torch.manual_seed(0)
+        self.store, self.actor, self.learner, self.steps = store, actor, _learner(), 0
+
+    def step(self) -> None:
+        batch = _batch(self.steps, 0, 64)
+        self.learner.learn(batch, _dense(batch))
+        self.steps += 1
+
+    def data(self) -> dict:
+        return {"family": "mmoe", **self.learner.manifest(), "offsets": {"0": self.steps}}
+
+    def base(self) -> int:
+        self.step()
+        manifest = self.store.publish(self.learner.weights(), self.data())
+        return self._published(manifest.version)
+
+    def delta(self) -> int:
+        self.step()
+        manifest = self.store.publish_delta(self.learner.delta(), self.data())
+        return self._published(manifest.version)
+
+    def next(self) -> int:
+        """The next version as ``learner.loop`` picks it: a base when the learner published nothing yet or the
+        store says one is due, else a delta."""
+        return self.base() if not self.learner.has_published_parent or self.store.base_due() else self.delta()
+
+    def corrupt_delta(self) -> int:
+        """The next delta, published with its manifest's sha256 taken over its true bytes and one byte of the
+        payload flipped before it reaches the store (files first, ``LATEST`` last): a writer or a disk that
+        corrupted it. The learner marks it published, as a trainer that trusted its write would, so the deltas
+        after it are its children."""
+        self.step()
+        payload = bytearray(save_safetensors(to_tensors(self.learner.delta())))
+        parent = self.store.latest_manifest()
+        version = max([*self.store.versions(), parent.version]) + 1
+        manifest = Manifest(version, hashlib.sha256(payload).hexdigest(), time.time(), self.data(), kind="delta",
+                            parent=parent.version, parent_sha256=parent.sha256, base=parent.base,
+                            depth=parent.depth + 1, bytes=len(payload), chain_bytes=parent.chain_bytes + len(payload))
+        payload[len(payload) // 2] ^= 0xFF
+        write_atomic(self.store.directory / f"v{version:06d}.delta.safetensors", bytes(payload))
+        write_atomic(self.store.directory / f"v{version:06d}.json", manifest.to_json())
+        write_atomic(self.store.directory / "LATEST", str(version).encode())
+        return self._published(version)
+
+    def _published(self, version: int) -> int:
+        self.learner.mark_published()
+        if self.actor is not None:
+            from learner.weight_store import offer
+
+            try:
+                manifest, payload = self.store.payload(version)
+            except SnapshotError:
+                return version  # learner.reporter counts a failed offer; replicas read the store for it
+            offer(self.actor, version, manifest.base, manifest.to_json(), payload)
+        return version
+
+
+def chain_store(directory: Path, max_deltas: int) -> SnapshotStore:
+    """A store where a base is due after ``max_deltas`` deltas whatever their bytes: the :class:`Publisher`'s
+    tiny model has tables of a few rows, so each of its deltas weighs about as much as its base, and the
+    default budget (half the base's bytes) would make every other version a base."""
+    return SnapshotStore(directory, max_deltas=max_deltas, max_delta_bytes=2**40)
 
 
 def feature_store(directory: Path) -> FeatureStoreConfig:

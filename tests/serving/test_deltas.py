@@ -16,38 +16,9 @@ from learner.delta import map_keys, rows_key
 from infra.pipeline import wait_for
 from learner.snapshots import SnapshotStore
 from serving.weights import RaySource, WeightFollower
-from tests.learner.test_id_tables import _batch, _dense, _learner
+from tests.serving.conftest import Publisher
 
 NEVER = 3600.0  # these tests call refresh() themselves
-
-
-class Publisher:
-    """A learner with ID maps that admit, expire (ttl 3 ms of event time) and evict, publishing a base and then
-    deltas as the trainer's loop does (mark only once a version is published)."""
-
-    def __init__(self, store: SnapshotStore) -> None:
-        torch.manual_seed(0)
-        self.store, self.learner, self.steps = store, _learner(), 0
-
-    def step(self) -> None:
-        batch = _batch(self.steps, 0, 64)
-        self.learner.learn(batch, _dense(batch))
-        self.steps += 1
-
-    def data(self) -> dict:
-        return {"family": "mmoe", **self.learner.manifest(), "offsets": {"0": self.steps}}
-
-    def base(self) -> int:
-        self.step()
-        manifest = self.store.publish(self.learner.weights(), self.data())
-        self.learner.mark_published()
-        return manifest.version
-
-    def delta(self) -> int:
-        self.step()
-        manifest = self.store.publish_delta(self.learner.delta(), self.data())
-        self.learner.mark_published()
-        return manifest.version
 
 
 @pytest.fixture
@@ -172,12 +143,22 @@ def test_a_replica_without_the_store_follows_every_version_through_the_weight_st
     try:
         publisher = Publisher(store)
 
+        def offered(version: int) -> bool:
+            """Offer ``version`` as learner.reporter does (its chain to an actor that lost its state); False while
+            the actor is restarting (after the kill below, or after Ray's memory monitor killed it), which the
+            reporter survives and makes up for with its next offer."""
+            try:
+                manifest, payload = store.payload(version)
+                if not offer(actor, version, manifest.base, manifest.to_json(), payload):
+                    for link in store.chain(version):
+                        offer(actor, link.version, link.base, link.to_json(), store.payload(link.version)[1])
+            except ray.exceptions.ActorUnavailableError:
+                return False
+            return True
+
         def publish(kind) -> int:
             version = kind()
-            manifest, payload = store.payload(version)
-            if not offer(actor, version, manifest.base, manifest.to_json(), payload):
-                for link in store.chain(version):  # what learner.reporter does for an actor that lost its state
-                    offer(actor, link.version, link.base, link.to_json(), store.payload(link.version)[1])
+            wait_for(lambda: offered(version), 60, f"the weight store to take v{version}")
             return version
 
         publish(publisher.base)

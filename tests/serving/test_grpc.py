@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import threading
-import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -25,7 +25,7 @@ from serving.proto import ranking_pb2 as pb
 from serving.proto.ranking_pb2_grpc import RankingStub
 from stream.events import TASKS
 from tests.conftest import free_ports
-from tests.serving.conftest import deploy_locked, feature_store, publish
+from tests.serving.conftest import Publisher, chain_store, deploy_locked, feature_store, publish
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +33,8 @@ APP = "ranking-grpc"
 MAX_CANDIDATES = 1000
 """The default cap: hot swaps are exercised at full-size requests."""
 MAX_ID = 2**53 - 1
+MAX_DELTAS = 5
+"""The delta hot swap's chains: a base is due after this many deltas."""
 CODE = grpc.StatusCode
 ROUTE = (("application", APP),)
 """Serve's gRPC proxy picks the application by this metadata when it serves several."""
@@ -228,45 +230,113 @@ def test_before_the_first_model_and_without_a_token(served: Served, tmp_path: Pa
         serve.delete("grpc-locked")
 
 
-def test_snapshots_swap_in_under_grpc_load_with_nothing_dropped(served: Served) -> None:
-    """gRPC requests share the replicas' hot swaps: every one (of 1000 candidates) is answered while new versions
-    are published."""
-    stop, rows = threading.Event(), [[] for _ in range(3)]  # per client: (code, replica, version, batch)
+class GrpcLoad:
+    """Three gRPC clients, each ranking ``MAX_CANDIDATES`` of 5000 ids for a random user, one request after the
+    other, until stopped. ``rows``: per client, in send order, ``(code, replica, version, batch, items)``."""
 
-    def client(k: int) -> None:
+    def __init__(self, served: Served) -> None:
+        self.served = served
+        self.rows: list[list[tuple]] = [[] for _ in range(3)]
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(k,), daemon=True) for k in range(len(self.rows))]
+
+    def _client(self, k: int) -> None:
         rng = np.random.default_rng(k)
-        while not stop.is_set():
+        while not self._stop.is_set():
             request = pb.RankRequest(user_id=int(rng.integers(0, 50)),
                                      candidates=rng.choice(5000, MAX_CANDIDATES, replace=False).tolist())
             try:
-                r = served.rank(request)
-                rows[k].append(("OK", r.replica, r.model_version, r.batch, len(r.items)))
+                r = self.served.rank(request)
+                self.rows[k].append(("OK", r.replica, r.model_version, r.batch, len(r.items)))
             except grpc.RpcError as exc:
-                rows[k].append((exc.code(), exc.details(), None, None, 0))
+                self.rows[k].append((exc.code(), exc.details(), None, None, 0))
 
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(len(rows))]
-    for t in threads:
-        t.start()
-    wait_for(lambda: sum(map(len, rows)) >= 10, 60, "the clients' first responses")
-    published = {1}
-    for i in range(10):
-        published.add(publish(served.store, seed=200 + i).version)
-        time.sleep(0.1)
-    final = max(published)
-    wait_for(lambda: any(r[2] == final for per in rows for r in list(per)), 60, f"a response from v{final}")
-    stop.set()
-    for t in threads:
-        t.join(timeout=60)
-    answered = [r for per in rows for r in per]
-    failed = [r for r in answered if r[0] != "OK"]
-    assert not failed, f"{len(failed)} of {len(answered)} gRPC requests failed, e.g. {failed[:3]}"
-    assert all(r[4] == MAX_CANDIDATES for r in answered) and {r[2] for r in answered} <= published
-    assert len({r[2] for r in answered}) >= 3, "the test did not exercise swapping under load"
-    for per in rows:  # each client waits for its answer: a replica never goes back a version
-        last: dict[str, int] = {}
-        for _, replica, version, *_ in per:
-            assert version >= last.get(replica, 0)
-            last[replica] = version
+    def __enter__(self) -> GrpcLoad:
+        for t in self._threads:
+            t.start()
+        try:
+            wait_for(lambda: self.answered() >= 10, 60, "the clients' first responses")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def answered(self) -> int:
+        return sum(map(len, self.rows))
+
+    def publish_paced(self, publish, n: int) -> list[int]:
+        """``n`` versions from ``publish``, each after a client was answered by the one before: every version is
+        served under load, however fast or slow the machine."""
+        versions = []
+        for _ in range(n):
+            versions.append(publish())
+            wait_for(lambda: any(row[2] == versions[-1] for rows in self.rows for row in list(rows)), 60,
+                     f"an answer from v{versions[-1]}", every_s=0.02)
+        return versions
+
+    def assert_nothing_dropped(self, published: set[int]) -> list[tuple]:
+        """Every request answered in full by a published version, and no replica went back a version."""
+        answered = [r for per in self.rows for r in per]
+        failed = [r for r in answered if r[0] != "OK"]
+        assert not failed, f"{len(failed)} of {len(answered)} gRPC requests failed, e.g. {failed[:3]}"
+        assert all(r[4] == MAX_CANDIDATES for r in answered) and {r[2] for r in answered} <= published
+        by_batch: dict[str, list[tuple[int, int]]] = {}
+        for _, replica, version, batch, _ in answered:
+            by_batch.setdefault(replica, []).append((batch, version))
+        for replica, seen in by_batch.items():  # in the order the replica scored them
+            ordered = [v for _, v in sorted(seen)]
+            assert ordered == sorted(ordered), f"replica {replica} went back a version"
+        for per in self.rows:  # each client waits for its answer: a replica never goes back a version
+            last: dict[str, int] = {}
+            for _, replica, version, *_ in per:
+                assert version >= last.get(replica, 0)
+                last[replica] = version
+        return answered
+
+
+def test_snapshots_swap_in_under_grpc_load_with_nothing_dropped(served: Served) -> None:
+    """gRPC requests share the replicas' hot swaps: every one (of 1000 candidates) is answered while new versions
+    are published."""
+    seeds = iter(range(200, 210))
+    with GrpcLoad(served) as load:
+        published = {1, *load.publish_paced(lambda: publish(served.store, seed=next(seeds)).version, 10)}
+    answered = load.assert_nothing_dropped(published)
+    assert {r[2] for r in answered} == published, "every version answered: swapped in under load"
+
+
+def test_deltas_swap_in_under_grpc_load_with_nothing_dropped(served: Served) -> None:
+    """Versions as the trainer publishes them since issue 22 (a base, deltas applied in place, a new base every
+    ``MAX_DELTAS``), from a learning publisher, under gRPC load of 1000 candidates per request: nothing fails, no
+    replica goes back a version, every replica applied deltas in place (``/healthz`` ``weights``), and answers
+    came from deltas."""
+    store = chain_store(served.store.directory, MAX_DELTAS)  # the app's store, compacted by count
+    publisher = Publisher(store)
+    health: dict[str, dict] = {}
+
+    def every_replica_applied_deltas_up_to(version: int) -> bool:
+        for _ in range(4):
+            answer = httpx.get(f"{served.http}/healthz", timeout=10).json()
+            health[answer["replica"]] = answer
+        return len(health) == 2 and all(h["model_version"] == version and h["weights"]["deltas_applied"] > 0
+                                        for h in health.values())
+
+    before = store.latest_version()
+    with GrpcLoad(served) as load:
+        chain = load.publish_paced(publisher.next, 12)  # base, 5 deltas, base, 5 deltas
+        final = chain[-1]
+        assert store.manifest(final).kind == "delta"
+        wait_for(lambda: every_replica_applied_deltas_up_to(final), 60,
+                 f"both replicas to serve v{final}, having applied deltas")
+    answered = load.assert_nothing_dropped({before, *chain})
+    kinds = Counter(store.manifest(v).kind for v in {r[2] for r in answered} & set(chain))
+    print(f"\ndeltas under gRPC load: {len(answered)} requests of {MAX_CANDIDATES} candidates, versions answered by "
+          f"kind {dict(kinds)}; replicas' weights {[h['weights'] for h in health.values()]}")
+    assert kinds == {"base": 2, "delta": 10}, f"answers came from {dict(kinds)}"
 
 
 def _acceptable(request: pb.RankRequest) -> bool:

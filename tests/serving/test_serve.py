@@ -1,11 +1,12 @@
-"""The ranking deployment on a real local Ray Serve, over real HTTP: hot swap under load, hardening, metrics."""
+"""The ranking deployment on a real local Ray Serve, over real HTTP: hot swap under load (whole versions, and
+chains of a base and deltas), hardening, metrics."""
 
 from __future__ import annotations
 
 import re
 import threading
-import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -17,13 +18,17 @@ from learner.snapshots import SnapshotStore
 from serving.app import build_app
 from serving.config import ServingConfig
 from tests.conftest import free_port
-from tests.serving.conftest import deploy_locked, feature_store, publish
+from tests.serving.conftest import Publisher, chain_store, deploy_locked, feature_store, publish
 
 pytestmark = pytest.mark.integration
 
 REPLICAS = 2
 SNAPSHOTS = 50
 CLIENTS = 4
+DELTA_VERSIONS = 22
+MAX_DELTAS = 5
+CANDIDATES = 1000
+"""Issue 24's request size: the delta hot swap is exercised at it."""
 
 
 @pytest.fixture(scope="module")
@@ -45,68 +50,144 @@ def served(ray_session, tmp_path_factory: pytest.TempPathFactory):
     serve.shutdown()
 
 
-def test_fifty_snapshots_swap_in_under_load_with_nothing_dropped(served) -> None:
-    url, store = served
-    published = {1}
-    stop = threading.Event()
-    responses: list[list[tuple]] = [[] for _ in range(CLIENTS)]  # per client, in send order
+class Load:
+    """``CLIENTS`` threads, each ranking ``candidates`` of ``items`` ids for a random user, one request after the
+    other, until stopped. ``rows``: per client, in send order, ``(status, replica, version, batch, pid, items)``."""
 
-    def client(k: int) -> None:
+    def __init__(self, url: str, candidates: int = 20, items: int = 500) -> None:
+        self.url, self.candidates, self.items = url, candidates, items
+        self.rows: list[list[tuple]] = [[] for _ in range(CLIENTS)]
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(k,), daemon=True) for k in range(CLIENTS)]
+
+    def _client(self, k: int) -> None:
         rng = np.random.default_rng(k)
-        with httpx.Client(base_url=url, timeout=30) as http:
-            while not stop.is_set():
-                body = {"user_id": int(rng.integers(0, 50)), "candidates": rng.choice(500, 20, replace=False).tolist()}
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            while not self._stop.is_set():
+                body = {"user_id": int(rng.integers(0, 50)),
+                        "candidates": rng.choice(self.items, self.candidates, replace=False).tolist()}
                 try:
                     r = http.post("/v1/rank", json=body)
                     result = r.json() if r.status_code == 200 else {}
-                    responses[k].append((r.status_code, result.get("replica"), result.get("model_version"),
+                    self.rows[k].append((r.status_code, result.get("replica"), result.get("model_version"),
                                          result.get("batch"), result.get("pid"), len(result.get("items", []))))
                 except httpx.HTTPError as exc:
-                    responses[k].append((repr(exc), None, None, None, None, 0))
+                    self.rows[k].append((repr(exc), None, None, None, None, 0))
 
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    wait_for(lambda: sum(map(len, responses)) >= 20, 60, "the clients' first responses")
-    for i in range(SNAPSHOTS):
-        published.add(publish(store, seed=100 + i).version)
-        time.sleep(0.1)
-    final = max(published)
+    def start(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
 
-    def every_replica_served_final() -> bool:
-        last = {}
-        for rows in responses:
-            for status, replica, version, *_ in list(rows):
-                if status == 200:
-                    last[replica] = max(last.get(replica, 0), version)
-        return len(last) == REPLICAS and all(v == final for v in last.values())
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
 
-    wait_for(every_replica_served_final, 60, f"both replicas to serve v{final}")
-    stop.set()
-    for t in threads:
-        t.join(timeout=60)
+    def answered(self) -> int:
+        return sum(map(len, self.rows))
 
-    rows = [row for per_client in responses for row in per_client]
-    failed = [row for row in rows if row[0] != 200]
-    assert not failed, f"{len(failed)} of {len(rows)} requests failed, e.g. {failed[:3]}"
-    assert all(n == 20 for *_, n in rows)
-    versions = {row[2] for row in rows}
-    assert versions <= published, f"versions never published: {sorted(versions - published)}"
-    assert len(versions) >= 10, f"only {len(versions)} versions seen: the test did not exercise swapping under load"
-    pids = defaultdict(set)
-    by_batch = defaultdict(list)
-    for _, replica, version, batch, pid, _ in rows:
-        pids[replica].add(pid)
-        by_batch[replica].append((batch, version))
-    assert len(pids) == REPLICAS and all(len(p) == 1 for p in pids.values()), f"replicas restarted: {dict(pids)}"
-    for replica, seen in by_batch.items():  # in the order the replica scored them
-        ordered = [v for _, v in sorted(seen)]
-        assert ordered == sorted(ordered), f"replica {replica} went back a version"
-    for per_client in responses:  # each client waits for its response before sending again
+    def all_answer_with(self, version: int) -> bool:
+        """Whether every replica's newest answer so far came from ``version``."""
         last: dict[str, int] = {}
-        for _, replica, version, *_ in per_client:
-            assert version >= last.get(replica, 0), f"replica {replica} answered v{version} after v{last[replica]}"
-            last[replica] = version
+        for rows in self.rows:
+            for status, replica, answered, *_ in list(rows):
+                if status == 200:
+                    last[replica] = max(last.get(replica, 0), answered)
+        return len(last) == REPLICAS and set(last.values()) == {version}
+
+    def publish_paced(self, publish: Callable[[], int], n: int) -> list[int]:
+        """``n`` versions from ``publish``, each after a client was answered by the one before: every version is
+        served under load, however fast or slow the machine."""
+        versions = []
+        for _ in range(n):
+            versions.append(publish())
+            wait_for(lambda: any(row[2] == versions[-1] for rows in self.rows for row in list(rows)), 60,
+                     f"an answer from v{versions[-1]}", every_s=0.02)
+        return versions
+
+    def assert_nothing_dropped(self, published: set[int]) -> list[tuple]:
+        """Every request answered in full by a published version; no replica restarted or went back a version.
+        Returns every row."""
+        rows = [row for per_client in self.rows for row in per_client]
+        failed = [row for row in rows if row[0] != 200]
+        assert not failed, f"{len(failed)} of {len(rows)} requests failed, e.g. {failed[:3]}"
+        assert all(n == self.candidates for *_, n in rows)
+        versions = {row[2] for row in rows}
+        assert versions <= published, f"versions never published: {sorted(versions - published)}"
+        pids = defaultdict(set)
+        by_batch = defaultdict(list)
+        for _, replica, version, batch, pid, _ in rows:
+            pids[replica].add(pid)
+            by_batch[replica].append((batch, version))
+        assert len(pids) == REPLICAS and all(len(p) == 1 for p in pids.values()), f"replicas restarted: {dict(pids)}"
+        for replica, seen in by_batch.items():  # in the order the replica scored them
+            ordered = [v for _, v in sorted(seen)]
+            assert ordered == sorted(ordered), f"replica {replica} went back a version"
+        for per_client in self.rows:  # each client waits for its response before sending again
+            last: dict[str, int] = {}
+            for _, replica, version, *_ in per_client:
+                assert version >= last.get(replica, 0), f"replica {replica} answered v{version} after v{last[replica]}"
+                last[replica] = version
+        return rows
+
+
+def test_fifty_snapshots_swap_in_under_load_with_nothing_dropped(served) -> None:
+    url, store = served
+    load = Load(url).start()
+    try:
+        wait_for(lambda: load.answered() >= 20, 60, "the clients' first responses")
+        seeds = iter(range(100, 100 + SNAPSHOTS))
+        published = {1, *load.publish_paced(lambda: publish(store, seed=next(seeds)).version, SNAPSHOTS)}
+        final = max(published)
+        wait_for(lambda: load.all_answer_with(final), 60, f"both replicas to serve v{final}")
+    finally:
+        load.stop()
+    rows = load.assert_nothing_dropped(published)
+    assert {row[2] for row in rows} == published, "every version answered: swapped in under load"
+
+
+def test_a_chain_of_deltas_swaps_in_under_load_with_nothing_dropped(served, tmp_path: Path) -> None:
+    """Versions as the trainer publishes them since issue 22: a base, then deltas applied in place to the live
+    model under the ranker's lock, a new base every ``MAX_DELTAS`` (compaction). An app of its own (1000
+    candidates per request, issue 24's size) follows a chain from a learning publisher: no request fails, no
+    replica goes back a version, every replica applied deltas (``/healthz`` ``weights.deltas_applied``) and the
+    answers came from deltas and from bases."""
+    from ray import serve
+
+    url, _ = served
+    store = chain_store(tmp_path / "snapshots", MAX_DELTAS)
+    publisher = Publisher(store)
+    published = {publisher.base()}
+    config = ServingConfig(num_replicas=REPLICAS, num_cpus=0.5, poll_s=0.05, max_candidates=CANDIDATES)
+    serve.run(build_app(store.directory, feature_store(tmp_path / "features"), config), name="ranking-deltas",
+              route_prefix="/deltas")
+    load = Load(f"{url}/deltas", candidates=CANDIDATES, items=5000).start()
+    health: dict[str, dict] = {}
+
+    def every_replica_applied_deltas_up_to(version: int) -> bool:
+        for _ in range(4):
+            answer = httpx.get(f"{url}/deltas/healthz", timeout=10).json()
+            health[answer["replica"]] = answer
+        return len(health) == REPLICAS and all(h["model_version"] == version and h["weights"]["deltas_applied"] > 0
+                                               for h in health.values())
+
+    try:
+        wait_for(lambda: load.answered() >= 8, 60, "the clients' first responses")
+        published.update(load.publish_paced(publisher.next, DELTA_VERSIONS))
+        final = max(published)
+        assert store.manifest(final).kind == "delta"
+        wait_for(lambda: every_replica_applied_deltas_up_to(final), 60,
+                 f"both replicas to serve v{final}, having applied deltas")
+        wait_for(lambda: load.all_answer_with(final), 60, f"both replicas to answer with v{final}")
+    finally:
+        load.stop()
+        serve.delete("ranking-deltas")
+    rows = load.assert_nothing_dropped(published)
+    kinds = Counter(store.manifest(v).kind for v in {row[2] for row in rows})
+    print(f"\ndeltas under load: {len(rows)} requests of {CANDIDATES} candidates, versions answered by kind "
+          f"{dict(kinds)}; replicas' weights {[h['weights'] for h in health.values()]}")
+    assert kinds == {"base": 4, "delta": DELTA_VERSIONS - 3}, f"answers came from {dict(kinds)}"
 
 
 @pytest.mark.parametrize(
