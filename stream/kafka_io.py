@@ -16,6 +16,7 @@ never sit in a config object, so they cannot reach a log, a W&B run config or a 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -26,11 +27,13 @@ from typing import Any, Literal
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError, TopicAlreadyExistsError
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata
 
 from stream.events import DecodedBatch, decode_batch, encode
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,10 @@ def ensure_topics(config: KafkaConfig, timeout_s: float = 30.0) -> None:
         admin.close()
 
 
+FLUSH_MARGIN_S = 5.0
+"""How long past its delivery timeout a flush may wait for the producer's last answers."""
+
+
 class EventSink:
     """Produces events keyed by user id, so a user's impressions and feedback share a partition."""
 
@@ -226,7 +233,7 @@ class EventSink:
         futures = [self._producer.send(self.config.topic, value=encode(e), key=str(e.get("user_id", "")).encode())
                    for e in events]
         self.sent += len(futures)
-        self._producer.flush()
+        self._flush_bounded()
         failed = next((f for f in futures if f.failed()), None)
         if failed is not None:
             raise failed.exception
@@ -234,9 +241,27 @@ class EventSink:
     def flush(self, timeout_s: float = 60.0) -> None:
         self._producer.flush(timeout=timeout_s)
 
+    def _flush_bounded(self) -> None:
+        """Flush, waiting at most the delivery timeout and a margin: kafka-python expires a batch after its
+        delivery timeout only while its sender gets to run a cycle for it, and with the broker gone a flush
+        without a bound was seen to wait for good (a replay that never exited)."""
+        bound_s = self.config.delivery_timeout_s + FLUSH_MARGIN_S
+        try:
+            self._producer.flush(timeout=bound_s)
+        except KafkaTimeoutError:
+            raise KafkaTimeoutError(f"KafkaTimeoutError: the broker acknowledged nothing more within {bound_s:g} s "
+                                    f"(kafka.delivery_timeout_s {self.config.delivery_timeout_s:g} s and "
+                                    f"{FLUSH_MARGIN_S:g} s more)") from None
+
     def close(self) -> None:
-        self._producer.flush()
-        self._producer.close()
+        """Deliver what is pending (within the bound of :meth:`_flush_bounded`), then close; a broker that is gone
+        loses the unacknowledged sends, which no caller counted as delivered."""
+        try:
+            self._flush_bounded()
+        except KafkaTimeoutError as exc:
+            log.warning("closing the event producer: %s; the sends not acknowledged are dropped", exc)
+        finally:
+            self._producer.close(timeout=FLUSH_MARGIN_S)
 
 
 class DeadLetterSink:
