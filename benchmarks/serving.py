@@ -18,6 +18,11 @@ gRPC: the same requests, as ``moestream.v1.Ranking/Rank`` messages, through Serv
 replicas, at the same concurrency, in the same rounds (``benchmarks.grpc_load``); its rows are anchored on the
 HTTP ranking of the same cell, so their ratio is gRPC's over HTTP's.
 
+While deltas arrive (issue #22, ``benchmarks.serving_deltas``): the goal's cell (100 candidates, concurrency 8) again,
+in a Ray instance of its own, on replicas of a model with 10^7 live IDs (10^5 quick) in tables of dim 32, with and
+without a publisher writing a delta every half second into their store; the replicas' apply times and the deltas'
+bytes beside it.
+
 The client shares the machine's CPUs with the proxy and the replicas: on a 2-core box it is part of what
 is measured, which is why it is a lean HTTP/1.1 client rather than aiohttp (a third of the CPU per request;
 see ``benchmarks.http_load``).
@@ -38,6 +43,7 @@ import numpy as np
 import orjson
 from rich.progress import Progress
 
+from benchmarks import serving_deltas
 from benchmarks.grpc_load import closed_loop_grpc
 from benchmarks.harness import Report, Row
 from benchmarks.http_load import Sample, closed_loop
@@ -68,6 +74,8 @@ TRAFFIC, TRAFFIC_QUICK = 40_000, 10_000
 MODES = {"serve proxy": {}, "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}}
 QUICK_MODES = ("haproxy",)
 """The ingress a quick run measures: the faster of the two here, the one the latency goal is read on."""
+DELTAS_MODE = "haproxy"
+"""The ingress the goal's cell is measured on again while deltas arrive (``benchmarks.serving_deltas``)."""
 
 
 def messages(bodies_: list[bytes]) -> list[bytes]:
@@ -300,6 +308,9 @@ def run(quick: bool = False) -> Report:
             report.notes.append(f"{mode}: {result['rounds']} round(s) of {result['seconds']:g} s per cell, echo, HTTP "
                                 "ranking and (in the grid's cells) gRPC ranking in turn; p50/p99 pooled over rounds, "
                                 "throughput the median round")
+        # Its own Ray instance: 10^7 IDs' replicas load a 1.5 GB base each, which the grid's replicas need not hold.
+        serving_deltas.measure_into(report, features, Path(tmp) / "deltas", serving_deltas.QUICK if quick else
+                                    serving_deltas.FULL, DELTAS_MODE, MODES[DELTAS_MODE], progress)
     defaults = ServingConfig()
     report.notes.append(f"{', '.join(VARIANTS)}: the {GOAL_1000_AT[0]}-candidate cell at concurrency {GOAL_1000_AT[1]} "
                         "with compact responses (\"compact\": true) and against a second ranker of as many replicas "
