@@ -23,8 +23,9 @@ then deltas) so a busy neighbour hits both alike. "Unchanged" is read as: the p9
 each apply under the lock (``/healthz`` ``weights``); the manifests give each delta's bytes, the issue's goal is a
 delta of at most 5% of the base.
 
-Memory at 10^7 IDs: the learner (about 2 GB: rows, accumulators, ID maps) is freed before the replicas start;
-each replica then holds its copy of the model (about 1.5 GB with the published maps) and reads a 1.5 GB base once.
+Memory at 10^7 IDs: the benchmark's process peaks at about 6 GB while it publishes the base (the learner's rows,
+accumulators and ID maps, and the base's bytes), and frees the learner before the replicas start; each replica then
+holds its copy of the model (2.4 GB resident against 0.8 GB at 10^5) after reading the 1.5 GB base once.
 
 ``python -m benchmarks.serving_deltas [--quick] [--ids N]`` runs this scenario alone.
 """
@@ -101,6 +102,8 @@ class Chain:
     base_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
     """Preparation: admitting the population, publishing the base, training and staging the deltas."""
+    load: str = "?"
+    """The load average when the preparation began (what the machine was doing before this benchmark)."""
 
 
 def learner_config(ids: int):
@@ -150,7 +153,7 @@ def prepare_chain(root: Path, ids: int, n_deltas: int, steps_per_delta: int = ST
     from learner.snapshots import SnapshotStore
     from learner.step import Learner
 
-    seconds = {}
+    seconds, load = {}, load_average()
     learner = Learner(learner_config(ids), list(ID_FIELDS), len(FEATURE_COLUMNS))
     per_field, now_ms = ids // 2, 1_000_000
     started = time.perf_counter()
@@ -186,7 +189,7 @@ def prepare_chain(root: Path, ids: int, n_deltas: int, steps_per_delta: int = ST
     seconds["deltas"] = time.perf_counter() - started
     if progress is not None:
         progress.remove_task(task)
-    return Chain(root / "snapshots", staged, base.bytes or 0, seconds)
+    return Chain(root / "snapshots", staged, base.bytes or 0, seconds, load)
 
 
 def publish_one(snapshots, path: Path):
@@ -236,7 +239,7 @@ class Outcome:
     rss: dict[str, int] = field(default_factory=dict)
     """Per replica: resident bytes at the end."""
     load: tuple[str, str] = ("?", "?")
-    """Load average before the first round and after the last."""
+    """Load average before the first round (the replicas have just loaded the base) and after the last."""
 
 
 def replica_figures(base: str, replicas: int, asks: int = 64) -> dict[str, dict]:
@@ -396,7 +399,8 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
         f"{max(sizes, default=0):,} B; each delta {plan.steps_per_delta} steps of batch {BATCH}, IDs Zipf-like over "
         f"the population with {NEW_ID_SHARE:.0%} new; {plan.replicas} replicas (default ServingConfig); preparation "
         + ", ".join(f"{k} {v:.1f} s" for k, v in chain.seconds.items())
-        + f"; load average {outcome.load[0]} before, {outcome.load[1]} after")
+        + f"; load average {chain.load} before the preparation, {outcome.load[0]} before the first round (after "
+        f"the replicas loaded the base), {outcome.load[1]} after the last")
 
 
 def measure_into(report: Report, features, root: Path, plan: Plan, mode: str, env: dict[str, str],
