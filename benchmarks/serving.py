@@ -43,7 +43,6 @@ import numpy as np
 import orjson
 from rich.progress import Progress
 
-from benchmarks import serving_deltas
 from benchmarks.grpc_load import closed_loop_grpc
 from benchmarks.harness import Report, Row
 from benchmarks.http_load import Sample, closed_loop
@@ -288,6 +287,7 @@ def cache_note(mode: str, figures: dict[str, dict]) -> str:
 
 
 def run(quick: bool = False) -> Report:
+    from benchmarks import serving_deltas  # which builds on this module
     from serving.config import ServingConfig
 
     report = Report("serving")

@@ -1,21 +1,14 @@
 """``bench serving`` while deltas arrive: the goal's cell on replicas that apply a stream of deltas (issue #22).
 
 Issue #22's goal for serving: p99 at 100 candidates and concurrency 8 unchanged while deltas arrive, at 10^7 live
-IDs. The model is the learner's default family and hparams with a collisionless table of dim 32 per ID field,
-10^7 live IDs split evenly over ``user_id`` and ``item_id`` (10^5 with ``--quick``): a :class:`~learner.step.Learner`
-admits the whole population (``Learner.admit``, 10^6 IDs a call; each field's capacity is its population, so the
-tables are full) and publishes it as the base the replicas load.
-
-The deltas are computed before the replicas start, each as the trainer makes one: ``STEPS_PER_DELTA`` steps (the
-learner's default ``snapshot_every_steps``) of batch 512, IDs drawn Zipf-like over the population (log-uniform
-ranks, P(k) ~ 1/k, as ``bench embeddings`` draws them; rank k is raw ID k - 1, so the requests' users and items are
-the popular ones) with 1% brand-new IDs, which evict the least recently seen (the first eviction frees 1% of a
-field at once, ``learner.idmap``), then ``Learner.delta()`` and ``mark_published()``. Each is staged in the wire
-format, and a publisher process (nice 10) publishes them one after the other into the replicas' store every
-``interval_s`` (``SnapshotStore.publish_delta``), so each delta's parent is the version before it, as the
-trainer's would be. Replaying them keeps the trainer's CPU off the two cores the replicas and the client share:
-what is measured is the cost of *applying* deltas on the replicas (each under the lock a batch is scored under,
-``serving.weights``), plus the publisher's own writing, whose CPU is reported.
+IDs. The replicas (two, as in the grid, HAProxy ingress, default ``ServingConfig``) serve the base of a chain made
+by ``benchmarks.delta_chain``: the learner's default family and hparams with a collisionless table of dim 32 per
+ID field, 10^7 live IDs split evenly over ``user_id`` and ``item_id`` (10^5 with ``--quick``), the tables full. Its
+deltas are made beforehand, each as the trainer makes one (20 steps of batch 512, IDs Zipf-like over the
+population, 1% new), and a publisher process at nice 10 publishes them one after the other into the replicas'
+store every ``interval_s``. Replaying them keeps the trainer's CPU off the two cores the replicas and the client
+share: what is measured is the cost of *applying* deltas on the replicas (each under the lock a batch is scored
+under, ``serving.weights``), plus the publisher's own writing, whose CPU is reported.
 
 Anchor: the same load on the same replicas with no publisher, in the same run, alternating in rounds (no deltas,
 then deltas) so a busy neighbour hits both alike. "Unchanged" is read as: the p99 with deltas within
@@ -23,8 +16,9 @@ then deltas) so a busy neighbour hits both alike. "Unchanged" is read as: the p9
 each apply under the lock (``/healthz`` ``weights``); the manifests give each delta's bytes, the issue's goal is a
 delta of at most 5% of the base.
 
-Memory at 10^7 IDs: the learner (about 2 GB: rows, accumulators, ID maps) is freed before the replicas start;
-each replica then holds its copy of the model (about 1.5 GB with the published maps) and reads a 1.5 GB base once.
+Memory at 10^7 IDs: the benchmark's process peaks at about 6 GB while it publishes the base (the learner's rows,
+accumulators and ID maps, and the base's bytes), and frees the learner before the replicas start; each replica then
+holds its copy of the model (2.4 GB resident against 0.8 GB at 10^5) after reading the 1.5 GB base once.
 
 ``python -m benchmarks.serving_deltas [--quick] [--ids N]`` runs this scenario alone.
 """
@@ -44,30 +38,22 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-import orjson
-
+from benchmarks.delta_chain import (BATCH, DIM, NEW_ID_SHARE, PUBLISHER_NICE, STEPS_PER_DELTA, Chain, prepare_chain,
+                                    publish_staged)
+from benchmarks.embedding_paths import size_name
 from benchmarks.harness import Report, Row
 from benchmarks.http_load import Sample, closed_loop
+from benchmarks.serving import (GOAL_AT, MODES, REPLICAS, TRAFFIC, TRAFFIC_QUICK, _pct, _stop_serve, bodies,
+                                free_port, prepare)
 from benchmarks.timing import load_average
 
-DIM = 32
-ADMIT_CHUNK = 10**6
-BATCH = 512
-STEPS_PER_DELTA = 20
-"""Steps per delta: the learner's default ``learner.cadence.snapshot_every_steps``."""
-NEW_ID_SHARE = 0.01
-ZIPF_SEED = 7
 INTERVAL_S = 0.5
-PUBLISHER_NICE = 10
 SETTLE_S = 1.0
 """After a delta round, the replicas' time to apply the last delta published (they poll every 0.1 s)."""
 UNCHANGED_SHARE, UNCHANGED_MS = 0.10, 2.0
 """p99 with deltas "unchanged": at most ``max(UNCHANGED_SHARE * anchor, UNCHANGED_MS)`` above the anchor's."""
 GOAL_DELTA_SHARE = 0.05
 """Issue #22: a delta of at most 5% of the base's bytes."""
-CELL = (100, 8)
-"""The goal's cell (``benchmarks.serving.GOAL_AT``): 100 candidates at concurrency 8."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +64,7 @@ class Plan:
     seconds: float
     warmup_s: float
     interval_s: float = INTERVAL_S
-    replicas: int = 2
+    replicas: int = REPLICAS
     """As many as ``bench serving``'s grid: one per core of the 2-core machine."""
     steps_per_delta: int = STEPS_PER_DELTA
 
@@ -90,136 +76,6 @@ class Plan:
 
 FULL = Plan(10**7, rounds=3, seconds=5.0, warmup_s=1.0)
 QUICK = Plan(10**5, rounds=1, seconds=2.0, warmup_s=0.5)
-
-
-@dataclass
-class Chain:
-    """A store holding the base, and the deltas staged to publish onto it in order."""
-
-    store: Path
-    staged: list[Path]
-    base_bytes: int
-    seconds: dict[str, float] = field(default_factory=dict)
-    """Preparation: admitting the population, publishing the base, training and staging the deltas."""
-
-
-def learner_config(ids: int):
-    from learner.config import LearnerConfig
-
-    per_field = ids // 2
-    return LearnerConfig(tables={f: {"capacity": per_field, "dim": DIM} for f in ("user_id", "item_id")})
-
-
-class Traffic:
-    """Batches of ``BATCH`` examples over a population of raw IDs ``0..n-1`` per field, Zipf-like, with
-    ``NEW_ID_SHARE`` of each field's IDs never seen before (numbered on from ``n``)."""
-
-    def __init__(self, n: int, seed: int = ZIPF_SEED) -> None:
-        from features.definitions import FEATURE_COLUMNS
-        from stream.events import TASKS, TYPICAL_POSITIVE_RATES
-
-        self.n, self.rng = n, np.random.default_rng(seed)
-        self.next_new = {f: n for f in ("user_id", "item_id")}
-        self.n_new = max(1, int(BATCH * NEW_ID_SHARE))
-        self.n_dense = len(FEATURE_COLUMNS)
-        self.rates = {t: TYPICAL_POSITIVE_RATES.get(t, 0.1) for t in TASKS}
-
-    def ids(self, name: str) -> np.ndarray:
-        ranks = np.floor(float(self.n) ** self.rng.random(BATCH - self.n_new)).astype(np.int64)  # log-uniform
-        new = np.arange(self.next_new[name], self.next_new[name] + self.n_new, dtype=np.int64)
-        self.next_new[name] += self.n_new
-        return np.concatenate([np.clip(ranks, 1, self.n) - 1, new])
-
-    def batch(self, ts_ms: int):
-        import pyarrow as pa
-
-        columns = {"user_id": self.ids("user_id"), "item_id": self.ids("item_id"),
-                   "ts_ms": np.full(BATCH, ts_ms, np.int64)}
-        columns |= {t: (self.rng.random(BATCH) < rate).astype(np.float32) for t, rate in self.rates.items()}
-        return pa.table(columns), self.rng.standard_normal((BATCH, self.n_dense), dtype=np.float32)
-
-
-def prepare_chain(root: Path, ids: int, n_deltas: int, steps_per_delta: int = STEPS_PER_DELTA, progress=None
-                  ) -> Chain:
-    """A learner with ``ids`` live IDs publishes its base into ``root/snapshots``, then trains and stages
-    ``n_deltas`` deltas of ``steps_per_delta`` steps each in ``root/staged``; the learner is freed on return."""
-    from safetensors.torch import save_file
-
-    from features.definitions import FEATURE_COLUMNS, ID_FIELDS
-    from learner.delta import to_tensors
-    from learner.snapshots import SnapshotStore
-    from learner.step import Learner
-
-    seconds = {}
-    learner = Learner(learner_config(ids), list(ID_FIELDS), len(FEATURE_COLUMNS))
-    per_field, now_ms = ids // 2, 1_000_000
-    started = time.perf_counter()
-    task = progress.add_task(f"deltas: admitting {ids:,} IDs", total=per_field) if progress else None
-    for start in range(0, per_field, ADMIT_CHUNK):
-        chunk = np.arange(start, min(per_field, start + ADMIT_CHUNK), dtype=np.int64)
-        learner.admit({name: chunk for name in ID_FIELDS}, now_ms)
-        if progress is not None:
-            progress.advance(task, len(chunk))
-    seconds["admit"] = time.perf_counter() - started
-    started = time.perf_counter()
-    store = SnapshotStore(root / "snapshots")
-    base = store.publish(learner.weights(), learner.manifest())
-    learner.mark_published()
-    seconds["base"] = time.perf_counter() - started
-    started = time.perf_counter()
-    staged_dir = root / "staged"
-    staged_dir.mkdir(parents=True, exist_ok=True)
-    traffic, staged = Traffic(per_field), []
-    if progress is not None:
-        progress.update(task, description=f"deltas: staging {n_deltas}", completed=0, total=n_deltas)
-    for k in range(n_deltas):
-        for _ in range(steps_per_delta):
-            now_ms += 25
-            learner.learn(*traffic.batch(now_ms))
-        path = staged_dir / f"{k:05d}.safetensors"
-        save_file(to_tensors(learner.delta()), path)
-        path.with_suffix(".json").write_bytes(orjson.dumps(learner.manifest()))
-        learner.mark_published()  # as the publisher would, once the version is durable
-        staged.append(path)
-        if progress is not None:
-            progress.advance(task)
-    seconds["deltas"] = time.perf_counter() - started
-    if progress is not None:
-        progress.remove_task(task)
-    return Chain(root / "snapshots", staged, base.bytes or 0, seconds)
-
-
-def publish_one(snapshots, path: Path):
-    """Publish the staged delta at ``path`` onto the version ``LATEST`` names; its manifest."""
-    from safetensors.torch import load_file
-
-    from learner.delta import from_tensors
-
-    return snapshots.publish_delta(from_tensors(load_file(path)), orjson.loads(path.with_suffix(".json").read_bytes()))
-
-
-def publish_staged(store: str, staged: list[str], interval_s: float, go, stop, ready, published, cpu_s) -> None:
-    """The publisher process: while ``go`` is set, publish the next staged delta every ``interval_s``; counts what
-    it published and the CPU it took (loading, verifying, writing) in ``published`` and ``cpu_s``."""
-    os.nice(PUBLISHER_NICE)
-    import torch
-
-    from learner.snapshots import SnapshotStore
-
-    torch.set_num_threads(1)
-    snapshots = SnapshotStore(store)
-    ready.set()
-    for path in staged:
-        while not go.wait(0.05):
-            if stop.is_set():
-                return
-        if stop.is_set():
-            return
-        started, cpu = time.monotonic(), time.process_time()
-        publish_one(snapshots, Path(path))
-        cpu_s.value += time.process_time() - cpu
-        published.value += 1
-        stop.wait(max(0.0, started + interval_s - time.monotonic()))
 
 
 @dataclass
@@ -236,7 +92,7 @@ class Outcome:
     rss: dict[str, int] = field(default_factory=dict)
     """Per replica: resident bytes at the end."""
     load: tuple[str, str] = ("?", "?")
-    """Load average before the first round and after the last."""
+    """Load average before the first round (the replicas have just loaded the base) and after the last."""
 
 
 def replica_figures(base: str, replicas: int, asks: int = 64) -> dict[str, dict]:
@@ -262,7 +118,6 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
     import ray
     from ray import serve
 
-    from benchmarks.serving import _stop_serve, bodies, free_port
     from infra.runtime import init_ray
     from serving.app import build_app
     from serving.config import ServingConfig
@@ -288,7 +143,7 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
         if not ready.wait(120):
             raise RuntimeError("the delta publisher did not start within 120 s")
         base = f"http://127.0.0.1:{port}"
-        n, c = CELL
+        n, c = GOAL_AT
         payloads = bodies(n, 256, seed=n)
         outcome = Outcome([], [], 0, {}, {}, 0.0, load=(load_average(), "?"))
         task = progress.add_task("serving while deltas arrive", total=2 * plan.rounds) if progress else None
@@ -335,11 +190,6 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
                 os.environ[k] = v
 
 
-def _pct(samples: list[Sample], q: float) -> float:
-    pooled = np.concatenate([s.latencies_s for s in samples]) if samples else np.zeros(0)
-    return float(np.percentile(pooled, q) * 1000) if len(pooled) else float("nan")
-
-
 def delta_bytes(store: Path) -> list[int]:
     """Each published delta's bytes, from the manifests."""
     from learner.snapshots import SnapshotStore
@@ -348,9 +198,7 @@ def delta_bytes(store: Path) -> list[int]:
 
 
 def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outcome) -> None:
-    from benchmarks.embedding_paths import size_name
-
-    n, c = CELL
+    n, c = GOAL_AT
     scenario = f"{mode}: while deltas arrive ({size_name(plan.ids)} IDs, emb {DIM})"
     label = f"{scenario}: {n} candidates, concurrency {c}"
     anchor = "no deltas, same replicas"
@@ -396,7 +244,8 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
         f"{max(sizes, default=0):,} B; each delta {plan.steps_per_delta} steps of batch {BATCH}, IDs Zipf-like over "
         f"the population with {NEW_ID_SHARE:.0%} new; {plan.replicas} replicas (default ServingConfig); preparation "
         + ", ".join(f"{k} {v:.1f} s" for k, v in chain.seconds.items())
-        + f"; load average {outcome.load[0]} before, {outcome.load[1]} after")
+        + f"; load average {chain.load} before the preparation, {outcome.load[0]} before the first round (after "
+        f"the replicas loaded the base), {outcome.load[1]} after the last")
 
 
 def measure_into(report: Report, features, root: Path, plan: Plan, mode: str, env: dict[str, str],
@@ -416,8 +265,6 @@ def measure_into(report: Report, features, root: Path, plan: Plan, mode: str, en
 def run(quick: bool = False, ids: int | None = None) -> Report:
     """This scenario alone, with ``bench serving``'s feature store."""
     from rich.progress import Progress
-
-    from benchmarks.serving import MODES, TRAFFIC, TRAFFIC_QUICK, prepare
 
     plan = QUICK if quick else FULL
     if ids is not None:
@@ -446,5 +293,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["FULL", "QUICK", "Chain", "Outcome", "Plan", "add_rows", "measure", "measure_into", "prepare_chain",
-           "publish_one", "run"]
+__all__ = ["FULL", "QUICK", "Outcome", "Plan", "add_rows", "delta_bytes", "measure", "measure_into", "run"]
