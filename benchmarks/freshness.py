@@ -326,7 +326,9 @@ def sized_config(layout, bootstrap: str, topic: str, live_ids: int, deltas: bool
     """The pipeline's configuration for a run at ``live_ids``: per-field tables of ``EMB_DIM`` with room for them,
     a version at most every ``PUBLISH_EVERY_S``, and no checkpoint while measuring (a checkpoint still writes the
     whole model: at 10^7 ids it would stall the trainer every few seconds, which is not what this measures).
-    ``deltas`` False: every version is a base (``learner.publish.max_deltas: 0``), full-snapshot publishing."""
+    ``deltas`` False: every version is a base (``learner.publish.max_deltas: 0``) that replicas read from the
+    snapshot directory, as before chains: full-snapshot publishing (through Ray, a whole model per version would
+    be put in the object store and, at 10^7 ids, spilled to disk)."""
     from infra.pipeline import worker_config
     from learner.config import PublishConfig
 
@@ -335,8 +337,9 @@ def sized_config(layout, bootstrap: str, topic: str, live_ids: int, deltas: bool
     capacity = max(1 << 16, int(live_ids // 2 * 1.25))
     tables = {field: {"capacity": capacity, "dim": EMB_DIM} for field in ("user_id", "item_id")}
     cadence = replace(config.learner.cadence, snapshot_every_s=PUBLISH_EVERY_S)
-    publish = PublishConfig(max_deltas=20 if deltas else 0)
-    return replace(config, learner=replace(config.learner, cadence=cadence, tables=tables, publish=publish))
+    publish = PublishConfig(max_deltas=20 if deltas else 0, via_ray=deltas)
+    return replace(config, learner=replace(config.learner, cadence=cadence, tables=tables, publish=publish),
+                   weight_store=config.weight_store if deltas else None)
 
 
 def sized_simulator(live_ids: int):
@@ -465,9 +468,9 @@ def run(quick: bool = False, sizes: tuple[int, ...] | None = None) -> Report:
             f"sized runs: per-field tables of {EMB_DIM} (user_id, item_id) seeded with the live ids (half each) by a "
             "checkpoint the trainer resumes from (benchmarks.freshness.seed_population), traffic from a simulator over "
             "at most 10^6 users and items of that population; 'full' publishes every version whole "
-            "(learner.publish.max_deltas 0), 'deltas' a base then deltas (max_deltas 20); both deliver through the "
-            "run's weight-store actor and the durable store; no checkpoint while measuring (it still writes the whole "
-            "model)")
+            "(learner.publish.max_deltas 0) that replicas read from the snapshot directory, as before chains; 'deltas' "
+            "a base then deltas (max_deltas 20) delivered through the run's weight-store actor and the durable store; "
+            "no checkpoint while measuring (it still writes the whole model)")
     for live_ids in sizes:
         for mode in ("full", "deltas"):
             sized_rows(report, live_ids, mode, sized[(live_ids, mode)],
