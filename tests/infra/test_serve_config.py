@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from infra.cli import app
 from infra.config import ConfigError, load_config
 from infra.deploy import APP_NAME, IMPORT_PATH, ranking_app, serve_config
+from learner.weight_store import actor_name
 
 ROOT = Path(__file__).resolve().parents[2]
 PLACED = {"ray": {"ranker_resources": {"ranker_node": 1}},
@@ -111,8 +112,9 @@ def test_the_import_path_builds_the_app_from_the_args(monkeypatch: pytest.Monkey
     monkeypatch.delenv("MOESTREAM_SERVING__NUM_REPLICAS", raising=False)
     deployment = ranking_app(args)._bound_deployment
     assert deployment.num_replicas == 3
-    snapshot_dir, features, serving = deployment.init_args
+    snapshot_dir, features, serving, weight_store = deployment.init_args
     assert Path(snapshot_dir) == tmp_path / "runs" / "live" / "snapshots"
+    assert weight_store == actor_name("live")  # replicas follow the run's versions through Ray
     assert features.data_dir == tmp_path / "runs" / "live" / "features" and serving == config.serving
     # The environment of the process that builds the app applies over the args (e.g. a Kubernetes secret).
     monkeypatch.setenv("MOESTREAM_SERVING__NUM_REPLICAS", "5")
