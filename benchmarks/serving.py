@@ -211,8 +211,9 @@ def measure_mode(env: dict[str, str], features, snapshots: Path, quick: bool, pr
                 os.environ[k] = v
 
 
-def _cache_figures(base: str, asks: int = 16) -> dict[str, dict]:
-    """The item cache's figures of each ranking replica (``/healthz`` answers from whichever the proxy picks)."""
+def replica_health(base: str, replicas: int | None = None, asks: int = 16) -> dict[str, dict]:
+    """``/healthz`` of each ranking replica, by replica name: the proxy picks which one answers, so it is asked
+    ``asks`` times at most, or until ``replicas`` were seen."""
     import httpx
 
     seen: dict[str, dict] = {}
@@ -221,9 +222,16 @@ def _cache_figures(base: str, asks: int = 16) -> dict[str, dict]:
             health = httpx.get(f"{base}/healthz", timeout=5.0).json()
         except (httpx.HTTPError, ValueError):
             continue
-        if health.get("item_cache"):
-            seen[health["replica"]] = health["item_cache"]
+        seen[health["replica"]] = health
+        if replicas is not None and len(seen) >= replicas:
+            break
     return seen
+
+
+def _cache_figures(base: str) -> dict[str, dict]:
+    """The item cache's figures of each ranking replica."""
+    return {replica: health["item_cache"] for replica, health in replica_health(base).items()
+            if health.get("item_cache")}
 
 
 def _stop_serve(timeout_s: float = 5.0) -> None:

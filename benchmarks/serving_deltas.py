@@ -44,7 +44,7 @@ from benchmarks.embedding_paths import size_name
 from benchmarks.harness import Report, Row
 from benchmarks.http_load import Sample, closed_loop
 from benchmarks.serving import (GOAL_AT, MODES, REPLICAS, TRAFFIC, TRAFFIC_QUICK, _pct, _stop_serve, bodies,
-                                free_port, prepare)
+                                free_port, prepare, replica_health)
 from benchmarks.timing import load_average
 
 INTERVAL_S = 0.5
@@ -95,22 +95,6 @@ class Outcome:
     """Load average before the first round (the replicas have just loaded the base) and after the last."""
 
 
-def replica_figures(base: str, replicas: int, asks: int = 64) -> dict[str, dict]:
-    """``/healthz`` of each replica (whichever one the proxy picks answers: asked until all were seen)."""
-    import httpx
-
-    seen: dict[str, dict] = {}
-    for _ in range(asks):
-        try:
-            health = httpx.get(f"{base}/healthz", timeout=5.0).json()
-        except (httpx.HTTPError, ValueError):
-            continue
-        seen[health["replica"]] = health
-        if len(seen) >= replicas:
-            break
-    return seen
-
-
 def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=None) -> Outcome:
     """Deploy ``plan.replicas`` rankers on ``chain``'s store (Ray started with ``env``, or the instance already
     running, which is left running), then per round the goal's cell without deltas and with the publisher on."""
@@ -149,7 +133,7 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
         task = progress.add_task("serving while deltas arrive", total=2 * plan.rounds) if progress else None
         for _ in range(plan.rounds):
             outcome.anchor.append(asyncio.run(closed_loop(f"{base}/v1/rank", payloads, c, plan.seconds, plan.warmup_s)))
-            before, count = replica_figures(base, plan.replicas), published.value
+            before, count = replica_health(base, plan.replicas, asks=64), published.value
             go.set()
             try:
                 outcome.deltas.append(asyncio.run(closed_loop(f"{base}/v1/rank", payloads, c, plan.seconds,
@@ -157,14 +141,14 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
             finally:
                 go.clear()
             time.sleep(SETTLE_S)  # the last delta published reaches the replicas before they are asked
-            after = replica_figures(base, plan.replicas)
+            after = replica_health(base, plan.replicas, asks=64)
             outcome.published += published.value - count
             for replica in before.keys() & after.keys():
                 done = after[replica]["weights"]["deltas_applied"] - before[replica]["weights"]["deltas_applied"]
                 outcome.applied[replica] = outcome.applied.get(replica, 0) + done
             if progress is not None:
                 progress.advance(task, 2)
-        final = replica_figures(base, plan.replicas)
+        final = replica_health(base, plan.replicas, asks=64)
         outcome.weights = {replica: health["weights"] for replica, health in final.items()}
         for replica, health in final.items():
             try:

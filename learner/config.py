@@ -174,35 +174,62 @@ class PublishGuard:
         return "; ".join(drops) or None
 
 
+STORE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+"""URI schemes ``pyarrow.fs.FileSystem.from_uri`` opens (``learner.snapshot_files``)."""
+
+
+def _check_store_uri(uri: str) -> None:
+    """A store URI whose form is wrong is refused here, naming the key, rather than by ``pyarrow.fs`` inside
+    the trainer actor. Whether the store can be reached is known only when it is opened (no network here)."""
+    scheme, _, rest = uri.partition("://")
+    if scheme.lower() not in STORE_SCHEMES:
+        raise ValueError(f"learner.publish.store: unknown filesystem {scheme!r} in {uri!r}; a directory, or a URI "
+                         f"of one of {', '.join(STORE_SCHEMES)}")
+    if scheme.lower() == "file" and not rest.startswith("/"):
+        raise ValueError(f"learner.publish.store: a file:// URI needs an absolute path (file:///data/snapshots), "
+                         f"got {uri!r}")
+    if scheme.lower() != "file" and not rest.strip("/"):
+        raise ValueError(f"learner.publish.store: {uri!r} names no bucket or path")
+
+
 @dataclass(frozen=True)
 class PublishConfig:
-    """How versions are published (``learner.snapshots``, ``learner.weight_store``; docs/snapshots.md).
+    """How versions are published (``learner.snapshots``, ``learner.weight_store``; docs/telemetry.md, "Snapshots").
 
     A version is a base (the whole model) or a delta (the dense part, the table rows touched and the ids
     admitted or tombstoned since its parent). A new base is written once the chain has ``max_deltas`` deltas or
     its deltas add up to ``max_delta_fraction`` times its base's bytes, after a trainer restart, and on a
-    rollback; ``max_deltas: 0`` publishes every version whole, as before deltas existed.
+    rollback; ``max_deltas: 0`` publishes every version whole, as before deltas existed. The byte budget is what
+    sizes a chain to the model (a delta of a 10^7-id model weighs about a thousandth of its base, of a 10^5-id
+    one a few percent); the count bounds what a cold replica applies to catch up.
     """
 
     store: str | None = None
     """The durable snapshot store: a directory or a ``pyarrow.fs`` URI (``s3://bucket/prefix``, ``gs://...``);
     null: the run's ``snapshots`` directory. What a restarted trainer, a cold replica and ``moestream snapshots``
     read."""
-    max_deltas: int = 20
+    max_deltas: int = 1000
     max_delta_fraction: float = 0.5
     keep_bases: int = 3
     """Bases kept in the store, each with its chain (rollback reaches any version of them)."""
     via_ray: bool = True
     """Versions also reach replicas through Ray (the run's weight-store actor): replicas on any node follow the
     trainer without a shared filesystem."""
+    ray_max_bytes: int = 256 * 2**20
+    """A version larger than this (the base of a large model) goes to the weight-store actor as its manifest only,
+    and replicas read its payload from the durable store: the object store holds live deltas and small bases, not
+    gigabytes per base per copy. Replicas on other nodes then need a store they can reach (``s3://...``)."""
 
     def __post_init__(self) -> None:
         at_least("learner.publish.max_deltas", self.max_deltas, 0)
+        at_least("learner.publish.ray_max_bytes", self.ray_max_bytes, 0)
         at_least("learner.publish.keep_bases", self.keep_bases, 1)
         if not _is_number(self.max_delta_fraction) or not self.max_delta_fraction > 0:
             raise ValueError(f"learner.publish.max_delta_fraction must be a positive number, got {self.max_delta_fraction!r}")
         if self.store is not None and (not isinstance(self.store, str) or not self.store.strip()):
             raise ValueError(f"learner.publish.store must be a directory or a URI, or null, got {self.store!r}")
+        if isinstance(self.store, str) and "://" in self.store:
+            _check_store_uri(self.store)
 
 
 @dataclass(frozen=True)

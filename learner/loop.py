@@ -81,6 +81,7 @@ class TrainingLoop:
         self.last_checkpoint_error: str | None = None
         self._stop = threading.Event()
         self._running = threading.Event()
+        self._closing = False  # the group is training on what it holds before it stops (see run)
 
     @classmethod
     def local(cls, config: LearnerConfig, store: FeatureReader, snapshots: SnapshotStore, *,
@@ -99,18 +100,29 @@ class TrainingLoop:
         """Train until :meth:`stop`, ``max_seconds``, or the end of the source's input; on the way out, train
         on everything pending, checkpoint and publish."""
         self._running.set()
+        self._closing = False
         deadline = time.monotonic() + max_seconds if max_seconds else None
         agree, n = self.reducer.agree, self.batch_size
+
+        def asked() -> bool:
+            return self._stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
+
         try:
             self.source.start()
             while True:
                 self.source.check()
-                stop = self._stop.is_set() or self.source.ended or (deadline is not None and time.monotonic() >= deadline)
-                if agree([stop])[0]:  # any worker stopping stops the group at the same step
+                if agree([asked() or self.source.ended])[0]:  # any worker stopping stops the group at the same step
                     break
                 self.source.wait(n, self.wait_s)
-                while agree([self.source.buffered() >= n])[0]:
+                while True:  # a trainer behind its input still stops within a step of being asked
+                    full, stop = agree([self.source.buffered() >= n, asked()])
+                    if not full or stop:
+                        break
                     self.step(self.source.take(n), upcoming=self.source.peek(n))
+            # Asked to stop, the group trains on what it holds with one checkpoint and one version at the end rather
+            # than on every step's cadence (a version of a large model takes seconds); at the end of its input
+            # (a replay) the rest is trained as the rest was.
+            self._closing = agree([asked()])[0]
             self.source.stop()
             self.source.check()
             self.source.drain()
@@ -142,9 +154,9 @@ class TrainingLoop:
         self.reporter.observe(step, result, time.perf_counter() - started)
         if step % cadence.health_every_steps == 0:
             self.reporter.report(step, self._summarise(), self.learner.positive_rates())
-        if step % cadence.checkpoint_every_steps == 0:
+        if step % cadence.checkpoint_every_steps == 0 and not self._closing:
             self.checkpoint()
-        if self.snapshot_due(step):
+        if self.snapshot_due(step) and not self._closing:
             self.publish()
         if step % cadence.stats_every_steps == 0:
             self._log_figures(step)

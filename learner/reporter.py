@@ -14,7 +14,8 @@
   task x expert utilisation heatmap drawn on a thread of its own, so a drawing never holds up a step.
 
 A published version is then offered to the run's weight-store actor (``learner.weight_store``), through which
-replicas on any node follow it; the durable store has it already, so an actor that cannot be reached (Ray
+replicas on any node follow it (a version over ``learner.publish.ray_max_bytes`` as its manifest only: replicas read
+its payload from the durable store); the durable store has it already, so an actor that cannot be reached (Ray
 restarting it) costs replicas only the Ray path until the next offer: they read the store meanwhile. An actor
 that lost its state (restarted) refuses a delta whose base it does not hold; the chain up to the new version
 is then offered again from the store.
@@ -168,6 +169,9 @@ class Reporter:
     def _offer_one(self, version: int) -> bool:
         from learner.weight_store import offer
 
+        manifest = self.snapshots.manifest(version)
+        if (manifest.bytes or 0) > self.config.publish.ray_max_bytes:  # replicas read it from the durable store
+            return offer(self.weight_store, manifest.version, manifest.base, manifest.to_json(), None)
         manifest, payload = self.snapshots.payload(version)
         return offer(self.weight_store, manifest.version, manifest.base, manifest.to_json(), payload)
 

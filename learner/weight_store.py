@@ -8,6 +8,10 @@ manifest's sha256 by whoever reads it). The payload reaches the actor as a uint8
 store without a copy) and the actor puts it in the object store itself, so the reference it hands out is its
 own: it outlives a trainer that crashes or restarts, and each replica's node fetches it from wherever it lies.
 
+A version larger than ``learner.publish.ray_max_bytes`` (the base of a large model) is offered as its manifest
+only: replicas read its payload from the durable store, so the object store holds live deltas and small bases
+rather than gigabytes per base and copy.
+
 A replica asks :meth:`WeightStore.chain_to` for the newest version's chain (its base and every delta up to
 it) and applies what comes after the version it serves (``serving.weights``). The actor keeps the newest ``keep_bases`` chains (a replica one compaction behind still finds its deltas);
 versions are accepted only in increasing order, but for a base numbered at or below the newest held that was
@@ -47,7 +51,8 @@ class WeightStore:
         self._versions: dict[int, Offered] = {}
 
     def offer(self, version: int, base: int, manifest: bytes, payload) -> bool:
-        """Hold ``version`` (a base when ``base == version``; ``payload`` its bytes as a uint8 array). False, and
+        """Hold ``version`` (a base when ``base == version``; ``payload`` its bytes as a uint8 array, or None for
+        a version whose payload is read from the durable store: ``learner.publish.ray_max_bytes``). False, and
         nothing held, for a version not newer than the newest held, or a delta whose base is not held (a replica
         could not reach it)."""
         import ray
@@ -58,7 +63,7 @@ class WeightStore:
             newest = 0
         if version <= newest or (base != version and base not in self._versions):
             return False
-        self._versions[version] = Offered(version, base, manifest, [ray.put(payload)])
+        self._versions[version] = Offered(version, base, manifest, [] if payload is None else [ray.put(payload)])
         bases = sorted(v for v, o in self._versions.items() if o.base == v)
         for dropped in bases[: -self.keep_bases]:
             self._versions = {v: o for v, o in self._versions.items() if o.base != dropped}
@@ -76,7 +81,8 @@ class WeightStore:
         return max(self._versions, default=None)
 
     def chain_to(self, target: int) -> list[tuple[int, bytes, list]]:
-        """``target``'s chain, base first, as ``(version, manifest, [payload ref])``; empty when it is not held."""
+        """``target``'s chain, base first, as ``(version, manifest, [payload ref])`` (``[]`` for a payload in the
+        durable store only); empty when it is not held."""
         held = self._versions.get(target)
         if held is None:
             return []
@@ -106,12 +112,14 @@ def weight_store_if_ray(name: str, keep_bases: int = 2):
     return weight_store(name, keep_bases)
 
 
-def offer(actor, version: int, base: int, manifest: bytes, payload: bytes) -> bool:
-    """Offer a version to the weight-store ``actor``: True once it holds it."""
+def offer(actor, version: int, base: int, manifest: bytes, payload: bytes | None) -> bool:
+    """Offer a version to the weight-store ``actor`` (``payload`` None: its manifest only, the payload being read
+    from the durable store): True once it holds it."""
     import numpy as np
     import ray
 
-    return bool(ray.get(actor.offer.remote(version, base, manifest, np.frombuffer(payload, dtype=np.uint8))))
+    array = None if payload is None else np.frombuffer(payload, dtype=np.uint8)
+    return bool(ray.get(actor.offer.remote(version, base, manifest, array)))
 
 
 __all__ = ["ACTOR_PREFIX", "NAMESPACE", "WeightStore", "actor_name", "offer", "weight_store", "weight_store_if_ray"]

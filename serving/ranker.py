@@ -81,7 +81,7 @@ def version_source(snapshots: Path | str, weight_store: str | None) -> VersionSo
         return store
     from learner.weight_store import weight_store as attach
 
-    return Sources(RaySource(attach(weight_store)), store)
+    return Sources(RaySource(attach(weight_store), store), store)
 
 
 class RankingService:

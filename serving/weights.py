@@ -101,6 +101,10 @@ class StoreSource:
             raise Superseded
         return [Entry(m, self._reader(m, listed_at)) for m in self.store.chain(target)]
 
+    def reader(self, manifest: Manifest) -> Callable[[], dict | Delta]:
+        """Reads ``manifest``'s version from the store (verified) when called."""
+        return self._reader(manifest, self.store.latest_version())
+
     def _reader(self, manifest: Manifest, listed_at: int | None) -> Callable[[], dict | Delta]:
         def read() -> dict | Delta:
             try:
@@ -119,10 +123,11 @@ class StoreSource:
 
 class RaySource:
     """Versions from the run's weight-store actor: each payload fetched from Ray's object store and verified
-    against its manifest like a file of the store."""
+    against its manifest like a file of the store. A version the actor holds as its manifest only (larger than
+    ``learner.publish.ray_max_bytes``) is read from ``store``, the durable store."""
 
-    def __init__(self, actor) -> None:
-        self.actor = actor
+    def __init__(self, actor, store: StoreSource | None = None) -> None:
+        self.actor, self.store = actor, store
 
     def latest(self) -> int | None:
         import ray
@@ -135,6 +140,9 @@ class RaySource:
         entries = []
         for version, raw, payload in ray.get(self.actor.chain_to.remote(target)):
             manifest = Manifest.from_json(raw)
+            if not payload:
+                entries.append(Entry(manifest, self._from_store(manifest)))
+                continue
 
             def read(manifest=manifest, ref=payload[0]) -> dict | Delta:
                 return decode(manifest, ray.get(ref).tobytes())  # a uint8 array in the object store
@@ -142,6 +150,24 @@ class RaySource:
         if not entries or entries[-1].version != target:
             raise Superseded
         return entries
+
+    def _from_store(self, manifest: Manifest) -> Callable[[], dict | Delta]:
+        """A reader of a version whose payload is in the durable store only; its error says so."""
+        why = (f"v{manifest.version} ({manifest.bytes or 0:,} bytes, over learner.publish.ray_max_bytes) is in the "
+               "durable store only")
+        if self.store is None:
+            def unreachable() -> dict | Delta:
+                raise SnapshotError(f"{why}, and this replica has none")
+            return unreachable
+        read, where = self.store.reader(manifest), self.store.store.uri
+
+        def from_store() -> dict | Delta:
+            try:
+                return read()
+            except SnapshotError as exc:
+                raise SnapshotError(f"{why}, which this replica cannot read at {where} (a store every node "
+                                    f"reaches, e.g. s3://, is needed): {exc}") from exc
+        return from_store
 
     def below(self, version: int) -> int | None:
         import ray

@@ -88,6 +88,10 @@ def test_an_unknown_section_is_an_error() -> None:
     ({"kafka": {"security_protocol": "SASL_SSL"}}, "kafka.security_protocol"),
     ({"ray": {"trainer_resources": {"GPU": 1}}}, "ray.trainer_resources.GPU"),
     ({"trainer": {"device": "tpu"}}, "trainer.device"),
+    ({"learner": {"publish": {"store": "foo://bucket/snapshots"}}}, "learner.publish.store"),
+    ({"learner": {"publish": {"store": "file://relative/snapshots"}}}, "learner.publish.store"),
+    ({"learner": {"publish": {"store": "s3://"}}}, "learner.publish.store"),
+    ({"learner": {"publish": {"store": 42}}}, "learner.publish.store"),
 ])
 def test_a_bad_value_names_its_key(data: dict, key: str) -> None:
     with pytest.raises(ConfigError) as error:

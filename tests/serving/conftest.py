@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from safetensors.torch import save as save_safetensors
 from features.aggregates import StreamAggregator
 from features.definitions import FEATURE_COLUMNS, ID_FIELDS
 from features.store import FeatureStoreConfig, OnlineFeatures
+from infra.pipeline import wait_for
 from learner.delta import to_tensors
 from learner.models import MultiTaskRanker
 from learner.snapshots import Manifest, SnapshotError, SnapshotStore, write_atomic
@@ -189,3 +191,32 @@ def deploy_locked(tmp_path: Path, name: str, route_prefix: str) -> tuple[Snapsho
     serve.run(build_app(store.directory, feature_store(tmp_path / "features"), config), name=name,
               route_prefix=route_prefix)
     return store, token
+
+
+def publish_paced(answers: Sequence[Sequence[tuple]], publish: Callable[[], int], n: int) -> list[int]:
+    """``n`` versions from ``publish``, each once a client was answered by the one before, so every version is
+    served under load however fast or slow the machine. ``answers``: each client's rows so far, as ``(status,
+    replica, version, batch, ...)``."""
+    versions: list[int] = []
+    for _ in range(n):
+        versions.append(publish())
+        wait_for(lambda: any(row[2] == versions[-1] for rows in answers for row in list(rows)), 60,
+                 f"an answer from v{versions[-1]}", every_s=0.02)
+    return versions
+
+
+def assert_no_replica_went_back(answers: Sequence[Sequence[tuple]]) -> None:
+    """No replica answered an older version after a newer one: in the order it scored its batches, and as each
+    client, waiting for every answer before it asks again, saw them. Rows as in :func:`publish_paced`."""
+    by_batch: dict[str, list[tuple[int, int]]] = {}
+    for rows in answers:
+        for _, replica, version, batch, *_ in rows:
+            by_batch.setdefault(replica, []).append((batch, version))
+    for replica, seen in by_batch.items():
+        ordered = [version for _, version in sorted(seen)]
+        assert ordered == sorted(ordered), f"replica {replica} went back a version"
+    for rows in answers:
+        last: dict[str, int] = {}
+        for _, replica, version, *_ in rows:
+            assert version >= last.get(replica, 0), f"replica {replica} answered v{version} after v{last[replica]}"
+            last[replica] = version

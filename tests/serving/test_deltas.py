@@ -184,3 +184,69 @@ def test_a_replica_without_the_store_follows_every_version_through_the_weight_st
             assert_serves(follower, store, version)
     finally:
         ray.kill(actor, no_restart=True)
+
+
+@pytest.mark.integration
+def test_a_version_over_ray_max_bytes_reaches_replicas_from_the_durable_store(ray_session, tmp_path: Path,
+                                                                               store: SnapshotStore) -> None:
+    """A large model's base goes to the weight store as its manifest only (``learner.publish.ray_max_bytes``):
+    a replica reads it from the durable store and its deltas through Ray; a replica with no store refuses it,
+    saying why, and serves nothing rather than something half-loaded."""
+    from learner.weight_store import offer, weight_store
+    from serving.weights import StoreSource
+
+    actor = weight_store(f"test-large-{tmp_path.name}")
+    try:
+        publisher = Publisher(store)
+        base = publisher.base()
+        manifest = store.manifest(base)
+        assert offer(actor, base, base, manifest.to_json(), None)  # as learner.reporter offers one over the cap
+        versions = []
+        for _ in range(3):
+            versions.append(publisher.delta())
+            manifest, payload = store.payload(versions[-1])
+            assert offer(actor, manifest.version, manifest.base, manifest.to_json(), payload)
+        import ray
+
+        held = ray.get(actor.chain_to.remote(versions[-1]))
+        assert [len(payload) for _, _, payload in held] == [0, 1, 1, 1]
+        with following(RaySource(actor, StoreSource(store))) as follower:
+            assert_serves(follower, store, versions[-1])
+            assert follower.rebuilds + follower.swaps >= 1 and not follower.rejected
+        with following(RaySource(actor)) as follower:
+            assert follower.current is None
+            assert "durable store only" in follower.rejected[base]
+    finally:
+        import ray
+
+        ray.kill(actor, no_restart=True)
+
+
+def test_the_reporter_offers_a_version_over_ray_max_bytes_as_its_manifest_only(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """learner.reporter reads no payload for a version over the cap and hands the actor its manifest only."""
+    from dataclasses import replace
+
+    import learner.weight_store
+    from features.memory import InMemoryFeatures
+    from learner.config import PublishConfig
+    from learner.loop import TrainingLoop
+    from tests.learner.test_read_ahead import CONFIG
+
+    offers: list[tuple[int, bytes | None]] = []
+
+    def offer(actor, version, base, manifest, payload) -> bool:  # the actor's side is the test above's
+        offers.append((version, payload))
+        return True
+
+    monkeypatch.setattr(learner.weight_store, "offer", offer)
+    for cap, expect_payload in ((0, False), (1 << 30, True)):
+        offers.clear()
+        config = replace(CONFIG, publish=PublishConfig(ray_max_bytes=cap))
+        loop = TrainingLoop.local(config, InMemoryFeatures(), SnapshotStore(tmp_path / str(cap)))
+        loop.reporter.weight_store = object()  # a handle: only the patched offer sees it
+        try:
+            assert loop.publish() is not None
+        finally:
+            loop.close()
+        assert len(offers) == 1 and (offers[0][1] is not None) == expect_payload, cap

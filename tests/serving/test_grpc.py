@@ -25,7 +25,8 @@ from serving.proto import ranking_pb2 as pb
 from serving.proto.ranking_pb2_grpc import RankingStub
 from stream.events import TASKS
 from tests.conftest import free_ports
-from tests.serving.conftest import Publisher, chain_store, deploy_locked, feature_store, publish
+from tests.serving.conftest import (Publisher, assert_no_replica_went_back, chain_store, deploy_locked, feature_store,
+                                    publish, publish_paced)
 
 pytestmark = pytest.mark.integration
 
@@ -270,14 +271,7 @@ class GrpcLoad:
         return sum(map(len, self.rows))
 
     def publish_paced(self, publish, n: int) -> list[int]:
-        """``n`` versions from ``publish``, each after a client was answered by the one before: every version is
-        served under load, however fast or slow the machine."""
-        versions = []
-        for _ in range(n):
-            versions.append(publish())
-            wait_for(lambda: any(row[2] == versions[-1] for rows in self.rows for row in list(rows)), 60,
-                     f"an answer from v{versions[-1]}", every_s=0.02)
-        return versions
+        return publish_paced(self.rows, publish, n)
 
     def assert_nothing_dropped(self, published: set[int]) -> list[tuple]:
         """Every request answered in full by a published version, and no replica went back a version."""
@@ -285,17 +279,7 @@ class GrpcLoad:
         failed = [r for r in answered if r[0] != "OK"]
         assert not failed, f"{len(failed)} of {len(answered)} gRPC requests failed, e.g. {failed[:3]}"
         assert all(r[4] == MAX_CANDIDATES for r in answered) and {r[2] for r in answered} <= published
-        by_batch: dict[str, list[tuple[int, int]]] = {}
-        for _, replica, version, batch, _ in answered:
-            by_batch.setdefault(replica, []).append((batch, version))
-        for replica, seen in by_batch.items():  # in the order the replica scored them
-            ordered = [v for _, v in sorted(seen)]
-            assert ordered == sorted(ordered), f"replica {replica} went back a version"
-        for per in self.rows:  # each client waits for its answer: a replica never goes back a version
-            last: dict[str, int] = {}
-            for _, replica, version, *_ in per:
-                assert version >= last.get(replica, 0)
-                last[replica] = version
+        assert_no_replica_went_back(self.rows)
         return answered
 
 

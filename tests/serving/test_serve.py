@@ -18,7 +18,8 @@ from learner.snapshots import SnapshotStore
 from serving.app import build_app
 from serving.config import ServingConfig
 from tests.conftest import free_port
-from tests.serving.conftest import Publisher, chain_store, deploy_locked, feature_store, publish
+from tests.serving.conftest import (Publisher, assert_no_replica_went_back, chain_store, deploy_locked, feature_store,
+                                    publish, publish_paced)
 
 pytestmark = pytest.mark.integration
 
@@ -97,14 +98,7 @@ class Load:
         return len(last) == REPLICAS and set(last.values()) == {version}
 
     def publish_paced(self, publish: Callable[[], int], n: int) -> list[int]:
-        """``n`` versions from ``publish``, each after a client was answered by the one before: every version is
-        served under load, however fast or slow the machine."""
-        versions = []
-        for _ in range(n):
-            versions.append(publish())
-            wait_for(lambda: any(row[2] == versions[-1] for rows in self.rows for row in list(rows)), 60,
-                     f"an answer from v{versions[-1]}", every_s=0.02)
-        return versions
+        return publish_paced(self.rows, publish, n)
 
     def assert_nothing_dropped(self, published: set[int]) -> list[tuple]:
         """Every request answered in full by a published version; no replica restarted or went back a version.
@@ -116,19 +110,10 @@ class Load:
         versions = {row[2] for row in rows}
         assert versions <= published, f"versions never published: {sorted(versions - published)}"
         pids = defaultdict(set)
-        by_batch = defaultdict(list)
-        for _, replica, version, batch, pid, _ in rows:
+        for _, replica, _, _, pid, _ in rows:
             pids[replica].add(pid)
-            by_batch[replica].append((batch, version))
         assert len(pids) == REPLICAS and all(len(p) == 1 for p in pids.values()), f"replicas restarted: {dict(pids)}"
-        for replica, seen in by_batch.items():  # in the order the replica scored them
-            ordered = [v for _, v in sorted(seen)]
-            assert ordered == sorted(ordered), f"replica {replica} went back a version"
-        for per_client in self.rows:  # each client waits for its response before sending again
-            last: dict[str, int] = {}
-            for _, replica, version, *_ in per_client:
-                assert version >= last.get(replica, 0), f"replica {replica} answered v{version} after v{last[replica]}"
-                last[replica] = version
+        assert_no_replica_went_back(self.rows)
         return rows
 
 
