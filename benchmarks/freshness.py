@@ -391,12 +391,16 @@ def sized_rows(report: Report, live_ids: int, mode: str, m: Measured, full: Meas
                        met=share <= GOAL_DELTA_SHARE if at_goal else None))
     weights = m.health.get("weights") or {}
     for q in ("p50", "p99"):
-        value = weights.get(f"apply_ms_{q}")
+        prepare, value = weights.get(f"prepare_ms_{q}"), weights.get(f"apply_ms_{q}")
         if value is not None:
+            # the whole apply once the delta is read: its checks and map merges beside the requests, then the
+            # writes under the lock a batch is scored under (the percentiles of each, added: an upper bound)
+            whole = value + (prepare or 0.0)
             goal = q == "p99" and at_goal
-            report.add(Row(f"replica delta apply {q} ({label})", value, "ms",
+            report.add(Row(f"replica delta apply {q}, prepare + install ({label})", whole, "ms",
                            goal=f"<= {GOAL_APPLY_P99_MS:g} ms" if goal else None,
-                           met=value <= GOAL_APPLY_P99_MS if goal else None))
+                           met=whole <= GOAL_APPLY_P99_MS if goal else None))
+            report.add(Row(f"replica delta install {q}, lock held ({label})", value, "ms"))
     kinds = [k for k, _ in m.kinds.values()]
     report.notes.append(
         f"{label}: {m.stats['steps']} steps, {len(m.stats['snapshots'])} versions published ({kinds.count('base')} "

@@ -203,7 +203,11 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
                    anchor_value=outcome.published))
     for q in (50, 99):
         worst = [w[f"apply_ms_p{q}"] for w in outcome.weights.values() if w.get(f"apply_ms_p{q}") is not None]
-        report.add(Row(f"{scenario}: apply time on a replica: p{q}", max(worst) if worst else float("nan"), "ms"))
+        report.add(Row(f"{scenario}: apply time on a replica (lock held): p{q}", max(worst) if worst else float("nan"),
+                       "ms"))
+        worst = [w[f"prepare_ms_p{q}"] for w in outcome.weights.values() if w.get(f"prepare_ms_p{q}") is not None]
+        report.add(Row(f"{scenario}: prepare time on a replica (checks, map merges; no lock): p{q}",
+                       max(worst) if worst else float("nan"), "ms"))
     sizes = delta_bytes(chain.store)
     median = statistics.median(sizes) if sizes else float("nan")
     report.add(Row(f"{scenario}: base", chain.base_bytes / 1e6, "MB"))
@@ -215,7 +219,8 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
     report.add(Row(f"{scenario}: publisher CPU per delta", per_delta, "ms"))
     replicas = "; ".join(
         f"{r}: {outcome.applied.get(r, '?')} applied, apply p50/p99/max {w['apply_ms_p50']}/{w['apply_ms_p99']}/"
-        f"{w['apply_ms_max']} ms, {w['folds']} folds, {w['rebuilds']} rebuilds"
+        f"{w['apply_ms_max']} ms, prepare p50/p99 {w.get('prepare_ms_p50')}/{w.get('prepare_ms_p99')} ms, "
+        f"{w['folds']} folds, {w['rebuilds']} rebuilds"
         + (f", RSS {outcome.rss[r] / 2**30:.2f} GiB" if r in outcome.rss else "")
         for r, w in outcome.weights.items())
     report.notes.append(f"{scenario}: per replica over the run: {replicas or 'no replica answered /healthz'}")

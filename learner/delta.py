@@ -27,7 +27,8 @@ publisher's last mark and each ID map journals the ids it moved, so a delta cost
 A serving replica applies a delta to its live model in place with :func:`apply_delta`: checked whole first (a
 delta that does not fit raises :class:`DeltaError` with the model untouched), then the dense entries copied into
 the parameters and buffers, the rows written into the tables and the map changes merged into each field's map
-overlay (``learner.models.encoder``). The result is bit for bit the model that ``materialise`` loaded into a fresh
+overlay (``learner.models.encoder``). The checks and the merges run beside the requests (:func:`prepare_delta`);
+only the writes need the serving lock (:func:`install_delta`). The result is bit for bit the model that ``materialise`` loaded into a fresh
 one would be. The overlay folds into the map beside the requests (:func:`plan_fold` off the serving lock,
 :func:`install_fold` under it); past ``FOLD_SLACK`` times its bound, ``apply_delta`` folds it itself.
 """
@@ -268,28 +269,60 @@ def _check_applies(delta: Delta, tables: dict[str, RowwiseTable], maps: dict[str
             raise DeltaError(f"{key}: rows must lie in [1, {size - 1}], the field's table")
 
 
-def apply_delta(model: nn.Module, delta: Delta) -> None:
-    """Apply ``delta`` to ``model`` (the version it is the delta of, as loaded from a base and earlier deltas)
-    in place: afterwards the model is the one ``materialise`` gives, loaded, bit for bit. Costs the delta, not the
-    model: dense entries copied into the parameters and buffers, table rows written (``RowwiseTable.load_rows``),
-    map changes merged into the maps' overlays (folded here only past ``FOLD_SLACK`` times their bound).
+@dataclass(frozen=True)
+class PreparedDelta:
+    """A delta checked against a model, with each changed map's new overlay already merged (:func:`prepare_delta`):
+    what is left is writing it (:func:`install_delta`)."""
 
-    Everything is checked before anything is written: a delta that does not fit raises :class:`DeltaError` and
-    leaves the model as it was. The caller keeps requests out while it runs (serving's lock)."""
+    delta: Delta
+    overlays: dict[str, tuple[FeatureEncoder, str, Tensor, Tensor]]
+    """Per ids key: the encoder, the field, the overlay merged from and the merged one."""
+
+
+def prepare_delta(model: nn.Module, delta: Delta) -> PreparedDelta:
+    """Check ``delta`` against ``model`` and merge its map changes into new overlays, writing nothing: O(overlay +
+    changes), the part of an apply that can run beside requests. A delta that does not fit raises
+    :class:`DeltaError`."""
     entries, tables, maps = _entries(model), row_tables(model), field_maps(model)
     check_fits(split_state(entries), delta)
     _check_applies(delta, tables, maps)
+    overlays = {}
+    for key, change in delta.maps.items():
+        encoder, field_name = maps[key]
+        overlays[key] = (encoder, field_name, encoder.overlay(field_name),
+                         encoder.merged_overlay(field_name, change.ids, change.rows, change.tombstones))
+    return PreparedDelta(delta, overlays)
+
+
+def install_delta(model: nn.Module, prepared: PreparedDelta) -> None:
+    """Write a prepared delta into ``model``: dense entries copied into the parameters and buffers, table rows
+    written (``RowwiseTable.load_rows``), the merged overlays put in place, and a map folded only past
+    ``FOLD_SLACK`` times its bound. What serving's lock must cover; costs the rows the delta carries. Raises
+    :class:`DeltaError`, writing nothing, if an overlay was replaced since the delta was prepared."""
+    stale = [key for key, (encoder, name, merged_from, _) in prepared.overlays.items()
+             if encoder.overlay(name) is not merged_from]
+    if stale:
+        raise DeltaError(f"maps {stale} changed since the delta was prepared: prepare it again")
+    delta, entries, tables = prepared.delta, _entries(model), row_tables(model)
     with torch.no_grad():
         for key, value in delta.dense.items():
             entries[key].copy_(value)
     for prefix, change in delta.tables.items():
         tables[prefix].load_rows(change.rows, change.weight, change.sum_sq, change.size)
-    for key, change in delta.maps.items():
-        encoder, field_name = maps[key]
-        encoder.update_map(field_name, change.ids, change.rows, change.tombstones)
+    for encoder, name, _, merged in prepared.overlays.values():
+        encoder.set_overlay(name, merged)
     for encoder in _encoders(model).values():
         if encoder.fold_due(FOLD_SLACK):
             encoder.fold_maps()
+
+
+def apply_delta(model: nn.Module, delta: Delta) -> None:
+    """Apply ``delta`` to ``model`` (the version it is the delta of, as loaded from a base and earlier deltas)
+    in place: afterwards the model is the one ``materialise`` gives, loaded, bit for bit. Costs the delta, not the
+    model. Everything is checked before anything is written: a delta that does not fit raises :class:`DeltaError`
+    and leaves the model as it was. A replica runs the two halves apart: :func:`prepare_delta` beside its
+    requests, :func:`install_delta` under its lock."""
+    install_delta(model, prepare_delta(model, delta))
 
 
 def _encoders(model: nn.Module) -> dict[str, FeatureEncoder]:
@@ -357,6 +390,7 @@ def from_tensors(tensors: dict[str, Tensor]) -> Delta:
     return Delta(dense, tables, maps)
 
 
-__all__ = ["FOLD_SLACK", "Delta", "DeltaError", "MapChanges", "StateParts", "TableRows", "apply_delta", "apply_map",
+__all__ = ["FOLD_SLACK", "Delta", "DeltaError", "MapChanges", "PreparedDelta", "StateParts", "TableRows", "apply_delta",
+           "apply_map", "install_delta", "prepare_delta",
            "check_fits", "diff", "field_maps", "fold_due", "from_tensors", "install_fold", "map_changes", "map_keys",
            "materialise", "plan_fold", "row_tables", "rows_key", "split_state", "table_prefixes", "to_tensors"]

@@ -162,15 +162,27 @@ class FeatureEncoder(nn.Module):
         """Apply a version's changes to a field's map: ``ids`` (ascending, distinct) now map to ``rows`` (>= 1),
         ``tombstones`` (ascending, distinct, none in ``ids``) to nothing. Merged into the overlay in
         O(overlay + changes); the caller checks the changes (``learner.delta.apply_delta``) and folds when due."""
-        overlay = getattr(self, f"map_overlay_{field_name}")
+        self.set_overlay(field_name, self.merged_overlay(field_name, ids, rows, tombstones))
+
+    def merged_overlay(self, field_name: str, ids: Tensor, rows: Tensor, tombstones: Tensor) -> Tensor:
+        """The overlay :meth:`update_map` would leave, computed without changing anything (it reads the overlay,
+        which is only ever replaced, never written in place): a replica merges beside its requests and installs
+        the result with :meth:`set_overlay` under its lock."""
+        overlay = self.overlay(field_name)
         device = overlay.device
         ids, rows, tombstones = (t.to(device=device, dtype=torch.int64) for t in (ids, rows, tombstones))
         if tombstones.numel():  # one sorted change: the tombstones are entries with row 0
             change = _merge(ids, rows, tombstones, torch.zeros_like(tombstones), keep_removed=True)
         else:
             change = torch.stack([ids, rows])
-        setattr(self, f"map_overlay_{field_name}",
-                _merge(overlay[0], overlay[1], change[0], change[1], keep_removed=True))
+        return _merge(overlay[0], overlay[1], change[0], change[1], keep_removed=True)
+
+    def overlay(self, field_name: str) -> Tensor:
+        """A field's map overlay, ``(2, n)``: ids ascending over rows (0: removed)."""
+        return getattr(self, f"map_overlay_{field_name}")
+
+    def set_overlay(self, field_name: str, overlay: Tensor) -> None:
+        setattr(self, f"map_overlay_{field_name}", overlay)
 
     def overlay_entries(self) -> dict[str, int]:
         """Each per-field map's overlay entries: changes applied since the last fold."""

@@ -316,3 +316,25 @@ def test_a_delta_that_does_not_fit_is_refused_before_anything_is_written(what: s
     assert all(torch.equal(after[k], v) for k, v in before.items()) and replica.encoder.overlay_entries() == overlays
     apply_delta(replica, deltas[1])  # the good one still applies
     assert all(torch.equal(v, trainer.weights()[k]) for k, v in replica.state_dict().items())
+
+
+def test_a_prepared_delta_writes_nothing_until_installed_and_a_stale_one_is_refused() -> None:
+    """A replica prepares a delta (checks, map merges) beside its requests and installs it under its lock: the
+    preparing changes nothing; installing gives what apply_delta gives; one prepared against maps that have
+    changed since is refused whole."""
+    trainer, base, deltas = _deltas(3)
+    replica = _replica(base, trainer.model.config)
+    before = _clone(replica.state_dict())
+    first, second = learner.delta.prepare_delta(replica, deltas[0]), learner.delta.prepare_delta(replica, deltas[1])
+    assert all(torch.equal(replica.state_dict()[k], v) for k, v in before.items())
+    learner.delta.install_delta(replica, first)
+    reference = _replica(base, trainer.model.config)
+    apply_delta(reference, deltas[0])
+    _equal(replica.state_dict(), reference.state_dict())
+    installed = _clone(replica.state_dict())
+    with pytest.raises(DeltaError, match="changed since the delta was prepared"):
+        learner.delta.install_delta(replica, second)  # merged into the overlays before the first went in
+    assert all(torch.equal(replica.state_dict()[k], v) for k, v in installed.items())
+    learner.delta.install_delta(replica, learner.delta.prepare_delta(replica, deltas[1]))
+    apply_delta(reference, deltas[1])
+    _equal(replica.state_dict(), reference.state_dict())

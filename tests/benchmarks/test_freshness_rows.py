@@ -1,0 +1,42 @@
+"""`bench freshness`'s sized rows from one run's figures: goals read at the largest size on the deltas run, the
+replica's whole apply (prepare + install) against its goal, and percentiles among never-covered events inf."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from benchmarks.freshness import GOAL_APPLY_P99_MS, SIZES, Measured, age_at, sized_rows
+from benchmarks.harness import Report
+
+
+def _measured(ages: list[float], prepare_ms: float, apply_ms: float) -> Measured:
+    published = {"base": {"bytes_p50": 1e9, "seconds_p50": 9.0, "seconds_p99": 9.0},
+                 "delta": {"bytes_p50": 2e5, "seconds_p50": 0.02, "seconds_p99": 0.1}}
+    weights = {"apply_ms_p50": apply_ms / 2, "apply_ms_p99": apply_ms, "prepare_ms_p50": prepare_ms / 2,
+               "prepare_ms_p99": prepare_ms, "deltas_applied": 3}
+    return Measured(np.asarray(ages), 0, {"published_versions": published, "steps": 4, "snapshots": [1, 2, 3, 4]},
+                    {"weights": weights, "swaps": 4, "rejected_versions": []}, {1: ("base", None), 2: ("delta", 1)},
+                    {}, [0], 10, 4, 0, 0)
+
+
+def test_the_goals_are_read_on_the_largest_deltas_run_with_the_whole_apply() -> None:
+    report = Report("freshness")
+    full = _measured([1.5] * 50 + [math.inf] * 50, 0.0, 0.0)
+    sized_rows(report, SIZES[-1], "deltas", _measured([1.0] * 99 + [2.5], 30.0, 25.0), full)
+    rows = {r.name.split(" (")[0]: r for r in report.rows}
+    apply = rows["replica delta apply p99, prepare + install"]
+    assert apply.value == 55.0 and apply.goal == f"<= {GOAL_APPLY_P99_MS:g} ms" and apply.met is False
+    assert rows["replica delta install p99, lock held"].value == 25.0
+    assert rows["freshness p99"].met is True and rows["freshness p99"].anchor_value == math.inf
+    assert rows["delta bytes / base bytes"].value == 0.02 and rows["delta bytes / base bytes"].met is True
+
+    smaller = Report("freshness")
+    sized_rows(smaller, SIZES[0], "deltas", _measured([1.0] * 100, 1.0, 1.0), None)
+    assert all(r.goal is None for r in smaller.rows), "goals are read at the largest size only"
+
+
+def test_a_percentile_among_never_covered_events_is_inf_not_nan() -> None:
+    ages = np.asarray([1.0] * 98 + [math.inf] * 2)
+    assert age_at(ages, 50) == 1.0 and age_at(ages, 99) == math.inf
