@@ -4,8 +4,10 @@ Versions form chains (``learner.snapshots``): a base holds the whole model, each
 its parent (``learner.delta``). A background thread polls the source for a version newer than the one serving:
 
 - **the next deltas** of the chain the replica serves are verified (sha256, finiteness, parent, shapes) and
-  applied to the live model in place, each under :attr:`WeightFollower.lock`, which the ranker holds while it
-  scores a batch: no batch ever sees a half-applied version, and an apply costs what the delta changed;
+  applied to the live model in place: checked and their map changes merged beside the requests
+  (``learner.delta.prepare_delta``), then written under :attr:`WeightFollower.lock`, which the ranker holds while
+  it scores a batch (``install_delta``): no batch ever sees a half-applied version, and an apply costs what the
+  delta changed;
 - **a new base** (compaction, a rollback, a replica that starts late or lost its place) is loaded with its chain
   into a new model while the old one keeps serving, then installed with one reference assignment.
 
