@@ -154,9 +154,9 @@ class Reporter:
         if self.weight_store is None:
             return
         try:
-            if not self._offer_one(manifest.version):
+            if not self._offer_one(manifest):
                 for link in self.snapshots.chain(manifest.version):
-                    self._offer_one(link.version)
+                    self._offer_one(link)
         except Exception as exc:  # Ray down or restarting the actor: the durable store has the version
             self.offer_failures += 1
             if self.last_offer_error is None:
@@ -166,13 +166,12 @@ class Reporter:
         else:
             self.last_offer_error = None
 
-    def _offer_one(self, version: int) -> bool:
+    def _offer_one(self, manifest: Manifest) -> bool:
         from learner.weight_store import offer
 
-        manifest = self.snapshots.manifest(version)
-        if (manifest.bytes or 0) > self.config.publish.ray_max_bytes:  # replicas read it from the durable store
-            return offer(self.weight_store, manifest.version, manifest.base, manifest.to_json(), None)
-        manifest, payload = self.snapshots.payload(version)
+        payload = None  # over the cap: the manifest only, replicas read the payload from the durable store
+        if (manifest.bytes or 0) <= self.config.publish.ray_max_bytes:
+            manifest, payload = self.snapshots.payload(manifest.version)  # verified against its sha256
         return offer(self.weight_store, manifest.version, manifest.base, manifest.to_json(), payload)
 
     def _publish_failed(self, exc: SnapshotUnwritable, step: int) -> None:
