@@ -323,16 +323,22 @@ EMB_DIM = 32
 GOAL_DELTA_SHARE = 0.05
 GOAL_APPLY_P99_MS = 50.0
 GOAL_SIZED_P50_S, GOAL_SIZED_P99_S = 2.0, 3.0
+MODES = ("full", "deltas", "compaction")
+"""Publishing in the sized runs: every version whole; the shipped chains; the shipped chains with a base due
+every ``COMPACTION_DELTAS`` deltas, so that bases are written (beside training) inside the measured window."""
+COMPACTION_DELTAS = 30
+"""At a version every ``PUBLISH_EVERY_S`` or so, a base every few seconds to about twenty: two or more in 40 s,
+where the shipped 1000 deltas (or half a base's bytes) put one every several minutes."""
 
 
-def sized_config(layout, bootstrap: str, topic: str, live_ids: int, deltas: bool):
+def sized_config(layout, bootstrap: str, topic: str, live_ids: int, mode: str):
     """The pipeline's configuration for a run at ``live_ids``: per-field tables of ``EMB_DIM`` with room for them,
     a version at most every ``PUBLISH_EVERY_S``, and no checkpoint while measuring (a checkpoint still writes the
     whole model: at 10^7 ids it would stall the trainer every few seconds, which is not what this measures).
-    ``deltas``: the shipped ``learner.publish`` (a base, then deltas through the weight-store actor until the
-    chain's deltas weigh half the base; a base over ``ray_max_bytes`` read from the store). False: every version
-    is a base (``learner.publish.max_deltas: 0``) that replicas read from the snapshot directory, as before
-    chains: full-snapshot publishing."""
+    ``mode`` "deltas": the shipped ``learner.publish`` (a base, then deltas through the weight-store actor until the
+    chain's deltas weigh half the base; a base over ``ray_max_bytes`` read from the store); "compaction": the same
+    with a base due after ``COMPACTION_DELTAS`` deltas, each written beside training; "full": every version is a
+    base (``learner.publish.max_deltas: 0``) that replicas read from the snapshot directory, as before chains."""
     from infra.pipeline import worker_config
     from learner.config import PublishConfig
 
@@ -341,9 +347,10 @@ def sized_config(layout, bootstrap: str, topic: str, live_ids: int, deltas: bool
     capacity = max(1 << 16, int(live_ids // 2 * 1.25))
     tables = {field: {"capacity": capacity, "dim": EMB_DIM} for field in ("user_id", "item_id")}
     cadence = replace(config.learner.cadence, snapshot_every_s=PUBLISH_EVERY_S)
-    publish = PublishConfig() if deltas else PublishConfig(max_deltas=0, via_ray=False)
+    publish = {"full": PublishConfig(max_deltas=0, via_ray=False), "deltas": PublishConfig(),
+               "compaction": PublishConfig(max_deltas=COMPACTION_DELTAS)}[mode]
     return replace(config, learner=replace(config.learner, cadence=cadence, tables=tables, publish=publish),
-                   weight_store=config.weight_store if deltas else None)
+                   weight_store=config.weight_store if publish.via_ray else None)
 
 
 def sized_simulator(live_ids: int):
@@ -366,7 +373,7 @@ def sized_rows(report: Report, live_ids: int, mode: str, m: Measured, full: Meas
     label = f"{live_ids:.0e} live ids, {mode}".replace("e+0", "e")
     p50, p99 = (age_at(m.ages, q) for q in (50, 99))
     published = m.stats.get("published_versions", {})
-    at_goal = live_ids == SIZES[-1] and mode == "deltas"
+    at_goal = live_ids == SIZES[-1] and mode in ("deltas", "compaction")
     anchor = full is not None
     full_p50 = age_at(full.ages, 50) if anchor else None
     full_p99 = age_at(full.ages, 99) if anchor else None
@@ -383,6 +390,10 @@ def sized_rows(report: Report, live_ids: int, mode: str, m: Measured, full: Meas
         report.add(Row(f"{kind} bytes p50 ({label})", figures["bytes_p50"], "B"))
         report.add(Row(f"{kind} publish time p50 ({label})", figures["seconds_p50"] * 1000, "ms"))
         report.add(Row(f"{kind} publish time p99 ({label})", figures["seconds_p99"] * 1000, "ms"))
+    if capture := published.get("capture"):  # what a base written beside training took of the training thread
+        report.add(Row(f"base copies on the training thread, max ({label})", capture["seconds_max"] * 1000, "ms",
+                       anchor="the base's whole write, p50", anchor_value=published["base"]["seconds_p50"] * 1000
+                       if published.get("base") else None))
     base, delta = published.get("base"), published.get("delta")
     if base and delta:
         share = delta["bytes_p50"] / base["bytes_p50"]
@@ -404,14 +415,16 @@ def sized_rows(report: Report, live_ids: int, mode: str, m: Measured, full: Meas
     kinds = [k for k, _ in m.kinds.values()]
     report.notes.append(
         f"{label}: {m.stats['steps']} steps, {len(m.stats['snapshots'])} versions published ({kinds.count('base')} "
-        f"bases, {kinds.count('delta')} deltas seen by the watcher), replica: {weights.get('deltas_applied', 0)} deltas "
-        f"applied, {weights.get('rebuilds', 0)} rebuilds, {weights.get('folds', 0)} map folds, {m.health.get('swaps')} "
+        f"bases, {kinds.count('delta')} deltas seen by the watcher; {published.get('capture', {}).get('n', 0)} bases "
+        f"written beside training), replica: {weights.get('deltas_applied', 0)} deltas applied, "
+        f"{weights.get('bases_adopted', 0)} bases taken through their delta alone, {weights.get('rebuilds', 0)} rebuilds, {weights.get('folds', 0)} map folds, {m.health.get('swaps')} "
         f"swaps, rejected {m.health.get('rejected_versions')}; client: {m.responses:,} responses, {m.versions_seen} "
         f"versions seen, {m.failed} failed; consumer lag while measuring max {max(m.lags, default=0):,} messages; "
         f"{int(np.isinf(m.ages).sum())} of {len(m.ages)} events never seen covered" + "".join(f"; {n}" for n in m.notes))
 
 
-def run(quick: bool = False, sizes: tuple[int, ...] | None = None) -> Report:
+def run(quick: bool = False, sizes: tuple[int, ...] | None = None, modes: tuple[str, ...] = MODES) -> Report:
+    """``sizes`` and ``modes``: the sized runs (default: ``SIZES``, or its first with ``quick``; every mode)."""
     from infra.pipeline import RunLayout, shutdown, worker_config
     from infra.runtime import init_ray
     from stream.simulator import SimulatorConfig
@@ -433,10 +446,10 @@ def run(quick: bool = False, sizes: tuple[int, ...] | None = None) -> Report:
                           measure_s, tail_s)
         sized: dict[tuple[int, str], Measured] = {}
         for live_ids in sizes:
-            for mode in ("full", "deltas"):
+            for mode in modes:
                 run_layout = RunLayout(Path(tmp) / f"{live_ids}-{mode}")
                 topic = f"bench.freshness.{live_ids}.{mode}.{uuid.uuid4().hex[:6]}"
-                sized_cfg = sized_config(run_layout, bootstrap, topic, live_ids, deltas=mode == "deltas")
+                sized_cfg = sized_config(run_layout, bootstrap, topic, live_ids, mode)
                 from stream.kafka_io import ensure_topics
 
                 ensure_topics(sized_cfg.kafka)
@@ -484,12 +497,14 @@ def run(quick: bool = False, sizes: tuple[int, ...] | None = None) -> Report:
             "at most 10^6 users and items of that population; 'full' publishes every version whole "
             "(learner.publish.max_deltas 0) that replicas read from the snapshot directory, as before chains; 'deltas' "
             "the shipped learner.publish: a base then deltas until they weigh half of it, delivered through the run's "
-            "weight-store actor (a base over ray_max_bytes, 256 MiB, read from the durable store); "
+            "weight-store actor (a base over ray_max_bytes, 256 MiB, read from the durable store); 'compaction' the same "
+            f"with a base due every {COMPACTION_DELTAS} deltas, so that bases written beside training fall inside the "
+            "measured window; "
             "no checkpoint while measuring (it still writes the whole model)")
     for live_ids in sizes:
-        for mode in ("full", "deltas"):
+        for mode in modes:
             sized_rows(report, live_ids, mode, sized[(live_ids, mode)],
-                       sized.get((live_ids, "full")) if mode == "deltas" else None)
+                       sized.get((live_ids, "full")) if mode != "full" else None)
     report.notes.append(f"load average at the end {load_average()}")
     return report
 

@@ -215,6 +215,10 @@ class PublishConfig:
     via_ray: bool = True
     """Versions also reach replicas through Ray (the run's weight-store actor): replicas on any node follow the
     trainer without a shared filesystem."""
+    base_beside: bool = True
+    """A base that compaction makes due is written on a thread of its own while training and deltas go on, then
+    published with the delta that brings it up to date (``learner.beside``); false: on the training thread, which
+    stops for as long as a whole model takes to serialise and write."""
     ray_max_bytes: int = 256 * 2**20
     """A version larger than this (the base of a large model) goes to the weight-store actor as its manifest only,
     and replicas read its payload from the durable store: the object store holds live deltas and small bases, not

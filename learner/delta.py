@@ -158,6 +158,43 @@ def _rows_any(flags: Tensor) -> Tensor:
     return flags.flatten(1).any(1) if flags.dim() > 1 else flags
 
 
+def compose(deltas: list[Delta]) -> Delta:
+    """One delta for ``deltas`` applied in order: every row and map entry any of them carries, at the value the last
+    one carrying it gave, and the last one's dense entries and table sizes. ``materialise(s, compose(ds))`` is
+    ``materialise`` of each in turn; and since whatever it does not carry is unchanged since the first one's
+    parent, it also brings any version of that stretch of the chain to the last one (a replica adopting a base
+    written beside training: ``learner.loop``, ``serving.weights``)."""
+    if not deltas:
+        raise DeltaError("no deltas to compose")
+    tables = {}
+    for prefix in sorted({p for d in deltas for p in d.tables}):
+        parts = [d.tables[prefix] for d in deltas if prefix in d.tables]
+        rows = torch.cat([p.rows for p in parts])
+        keep = _last_of_each(rows)
+        size = parts[-1].size
+        keep = keep[rows[keep] < size]
+        tables[prefix] = TableRows(rows[keep], torch.cat([p.weight for p in parts])[keep],
+                                   torch.cat([p.sum_sq for p in parts])[keep], size)
+    maps = {}
+    for key in sorted({k for d in deltas for k in d.maps}):
+        parts = [d.maps[key] for d in deltas if key in d.maps]
+        ids = torch.cat([t for p in parts for t in (p.ids, p.tombstones)])
+        rows = torch.cat([t for p in parts for t in (p.rows, torch.zeros_like(p.tombstones))])  # 0: no row
+        keep = _last_of_each(ids)
+        ids, rows = ids[keep], rows[keep]
+        mapped = rows > 0
+        maps[key] = MapChanges(ids[mapped], rows[mapped], ids[~mapped])
+    return Delta(dict(deltas[-1].dense), tables, maps)
+
+
+def _last_of_each(values: Tensor) -> Tensor:
+    """The position of each distinct value's last occurrence in ``values``, in ascending order of the values."""
+    distinct, inverse = torch.unique(values, sorted=True, return_inverse=True)
+    positions = torch.arange(values.numel(), device=values.device)
+    return torch.full((distinct.numel(),), -1, dtype=torch.int64, device=values.device).scatter_reduce_(
+        0, inverse, positions, "amax")
+
+
 def materialise(parent: dict[str, Tensor], delta: Delta) -> dict[str, Tensor]:
     """The version's whole state: ``parent`` (left unchanged) with ``delta`` applied."""
     parts = split_state(parent)
@@ -391,6 +428,6 @@ def from_tensors(tensors: dict[str, Tensor]) -> Delta:
 
 
 __all__ = ["FOLD_SLACK", "Delta", "DeltaError", "MapChanges", "PreparedDelta", "StateParts", "TableRows", "apply_delta",
-           "apply_map", "install_delta", "prepare_delta",
+           "apply_map", "compose", "install_delta", "prepare_delta",
            "check_fits", "diff", "field_maps", "fold_due", "from_tensors", "install_fold", "map_changes", "map_keys",
            "materialise", "plan_fold", "row_tables", "rows_key", "split_state", "table_prefixes", "to_tensors"]

@@ -554,16 +554,25 @@ class IdMap:
 
     def snapshot(self) -> dict[str, np.ndarray]:
         """What serving needs: the live IDs, ascending, and their rows."""
+        return sort_snapshot(*self.capture())
+
+    def capture(self) -> tuple[np.ndarray, np.ndarray]:
+        """The live IDs and their rows now, unordered (new arrays): :meth:`snapshot` but for its sort, which
+        :func:`sort_snapshot` does later, on another thread if need be (a base written beside training)."""
         if self.config.mode == "hash":
-            return {"ids": _NONE, "rows": _NONE}
+            return _NONE, _NONE
         live = self._rows.live()
-        keys = self._rows.index.key_of(live)
-        order = np.argsort(keys)
-        return {"ids": keys[order], "rows": live[order]}
+        return self._rows.index.key_of(live), live
 
     @staticmethod
     def for_serving(config: IdMapConfig, arrays: dict[str, np.ndarray]) -> ServingIdMap:
         return ServingIdMap(config, arrays)
+
+
+def sort_snapshot(keys: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """An :meth:`IdMap.capture` as :meth:`IdMap.snapshot` gives it: ids ascending, each with its row."""
+    order = np.argsort(keys)
+    return {"ids": keys[order], "rows": rows[order]}
 
 
 class ServingIdMap:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from learner.beside import BaseBeside
 from learner.checkpoint import Checkpoint, CheckpointError, CheckpointStore, write_group_step
 from learner.collisions import IdCollisions
 from features.definitions import FEATURE_COLUMNS, ID_FIELDS
@@ -82,6 +83,8 @@ class TrainingLoop:
         self._stop = threading.Event()
         self._running = threading.Event()
         self._closing = False  # the group is training on what it holds before it stops (see run)
+        self.beside = BaseBeside(reporter.snapshots)
+        """The base being written beside training, if any (``learner.beside``)."""
 
     @classmethod
     def local(cls, config: LearnerConfig, store: FeatureReader, snapshots: SnapshotStore, *,
@@ -129,7 +132,7 @@ class TrainingLoop:
             while agree([self.source.buffered() > 0])[0]:
                 self.step(self.source.take(n), upcoming=self.source.peek(n))
             self.checkpoint()
-            self.publish()
+            self.publish(final=True)
             self._summarise()
             self.collisions = self._collisions()
             self._log_figures(self.learner.step)  # the run's totals (consumed, trained), not the last cadence's
@@ -193,27 +196,50 @@ class TrainingLoop:
 
     # -- publishing and checkpoints -----------------------------------------------------------------------
 
-    def publish(self) -> Manifest | None:
+    def publish(self, final: bool = False) -> Manifest | None:
         """A guarded version of the current weights, covering the offsets trained so far (rank 0 only): a delta
-        from the last published version, or a base when the store says one is due (``learner.publish``) or the
-        learner has no published parent (a new run, a restored checkpoint). Its manifest, or None when the guard
-        refused it, the store could not take it (retried after a backoff: see ``learner.reporter``) or this
-        worker does not publish. The learner's changes are marked published only once the version is durable."""
+        from the last published version, or a base. Its manifest, or None when the guard refused it, the store
+        could not take it (retried after a backoff: see ``learner.reporter``) or this worker does not publish.
+        The learner's changes are marked published only once the version is durable.
+
+        A base is written here, on the training thread, when there is no chain to continue: the learner has no
+        published parent (a new run, a restored checkpoint) or ``LATEST`` is no longer this trainer's last version
+        (a rollback came in between: serving follows that one now), or when every version is whole
+        (``learner.publish.max_deltas: 0``). When compaction makes one due, it is written beside training
+        (``learner.beside``; ``learner.publish.base_beside``) and goes out with its catch-up delta once written;
+        the run's ``final`` publish gives up a base still pending (a restarted trainer publishes a base first)."""
         if self.rank != 0 or not self.reporter.publish_due():
             return None
         data = {**self.learner.manifest(), "metrics": self._summarise(),
                 "offsets": {str(p): o for p, o in self.source.trained_offsets().items()}}
         started = time.perf_counter()
-        store, published = self.reporter.snapshots, self.reporter.published
-        # A base when due, when the learner's changes have no published parent, or when LATEST is no longer this
-        # trainer's last version (a rollback came in between: serving follows that one now).
-        base = (not self.learner.has_published_parent or not published or store.base_due()
-                or store.latest_version() != published[-1])
+        store, published, beside = self.reporter.snapshots, self.reporter.published, self.beside
+        chained = self.learner.has_published_parent and bool(published) and store.latest_version() == published[-1]
+        if beside.running and (final or not chained):
+            beside.abandon()
+        if beside.running and (pending := beside.ready()) is not None:
+            manifest = self.reporter.publish(beside.catch_up(self.learner.delta()), data, self.learner.step,
+                                             beside=pending)
+            beside.finish(pending, published=manifest is not None)
+            if manifest is not None:
+                self.learner.mark_published()
+                self.reporter.publish_times["base"].append((pending.bytes, beside.seconds or 0.0))
+                self.reporter.published_in(manifest, time.perf_counter() - started)
+            return manifest  # refused or not written: the next publish goes on along the old chain
+        base_beside = self.learner.config.publish.base_beside and store.max_deltas > 0
+        base = not chained or (not base_beside and store.base_due())
         content = self.learner.weights() if base else self.learner.delta()
         manifest = self.reporter.publish(content, data, self.learner.step)
-        if manifest is not None:
-            self.learner.mark_published()
-            self.reporter.published_in(manifest, time.perf_counter() - started)
+        if manifest is None:
+            return None
+        self.learner.mark_published()
+        self.reporter.published_in(manifest, time.perf_counter() - started)
+        if not base:
+            beside.published(content)
+            if base_beside and not final and not beside.running and store.base_due():  # copies of this version
+                captured = time.perf_counter()
+                beside.start(self.learner.capture(), manifest)
+                self.reporter.publish_times["capture"].append((0, time.perf_counter() - captured))
         return manifest
 
     def resume(self, restored: Checkpoint) -> None:
@@ -319,6 +345,7 @@ class TrainingLoop:
     def close(self) -> None:
         """The last push lands and the last heatmap is logged before the W&B run ends."""
         self.features.close()
+        self.beside.close()
         self.reporter.close(self.learner.step)
         if self.telemetry is not None:
             self.telemetry.finish()

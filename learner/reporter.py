@@ -40,7 +40,7 @@ from learner.delta import Delta
 from learner.health import HealthMonitor, report_metrics
 from learner.models import MultiTaskModel
 from learner.snapshots import (
-    Manifest, SnapshotError, SnapshotRefused, SnapshotStore, SnapshotUnwritable, write_atomic,
+    Manifest, PendingBase, SnapshotError, SnapshotRefused, SnapshotStore, SnapshotUnwritable, write_atomic,
 )
 from learner.step import StepResult
 from learner.telemetry import Telemetry, load_plotting, plot_utilisation
@@ -59,9 +59,11 @@ class Reporter:
         self.config = config
         self.snapshots = snapshots
         self.weight_store = weight_store
-        self.publish_times: dict[str, deque[tuple[int, float]]] = {"base": deque(maxlen=1000), "delta": deque(maxlen=1000)}
+        self.publish_times: dict[str, deque[tuple[int, float]]] = {
+            "base": deque(maxlen=1000), "delta": deque(maxlen=1000), "capture": deque(maxlen=1000)}
         """Per kind, ``(bytes, seconds)`` of the latest versions published: reading the learner, writing the
-        store, offering to the weight store."""
+        store, offering to the weight store (a base written beside training: its writing thread's time); and
+        ``capture``, what a base written beside training took of the training thread (its copies)."""
         self.offer_failures = 0
         self.last_offer_error: str | None = None
         self.telemetry = telemetry
@@ -109,14 +111,20 @@ class Reporter:
         """False while backing off after a failed write (the snapshot directory is full or read-only)."""
         return time.monotonic() >= self._retry_at
 
-    def publish(self, content: dict | Delta, data: dict, step: int) -> Manifest | None:
+    def publish(self, content: dict | Delta, data: dict, step: int, beside: PendingBase | None = None) -> Manifest | None:
         """Publish ``content`` (a whole state: a base; or a :class:`~learner.delta.Delta`) with manifest ``data``
         (offsets, metrics, ...) unless the guard refuses it or the store cannot take it (an outage: see the
-        module docstring)."""
+        module docstring). With ``beside`` (a base written beside training), ``content`` is the delta that brings
+        it up to date and both become versions (``SnapshotStore.publish_beside``); the delta's manifest is
+        returned."""
         self.last_publish_attempt = time.monotonic()
         data = {**data, "experts": self.health.record()}
+        base = None
         try:
-            if isinstance(content, Delta):  # the change from the version this trainer published last
+            if beside is not None:
+                base, manifest = self.snapshots.publish_beside(beside, content, data, guard=self.config.guard,
+                                                               parent=self.published[-1] if self.published else None)
+            elif isinstance(content, Delta):  # the change from the version this trainer published last
                 manifest = self.snapshots.publish_delta(content, data, guard=self.config.guard,
                                                         parent=self.published[-1] if self.published else None)
             else:
@@ -132,6 +140,9 @@ class Reporter:
                 self.telemetry.summarise({"snapshot/last_refusal": f"step {step}: {exc}"})
             print(f"moestream: snapshot refused at step {step} ({reason}): {exc}", flush=True)
             return None
+        if base is not None:
+            self._offer(base)
+            self.published.append(base.version)
         self._offer(manifest)
         self.published.append(manifest.version)
         self.health.published(manifest.data.get("experts"))
@@ -202,7 +213,7 @@ class Reporter:
                 sizes, seconds = np.array([b for b, _ in times]), np.array([t for _, t in times])
                 kinds[kind] = {"n": len(times), "bytes_p50": float(np.median(sizes)),
                                "seconds_p50": float(np.percentile(seconds, 50)),
-                               "seconds_p99": float(np.percentile(seconds, 99))}
+                               "seconds_p99": float(np.percentile(seconds, 99)), "seconds_max": float(seconds.max())}
         return {"publish_failures": self.publish_failures,
                 "snapshot_outage_s": 0.0 if since is None else time.monotonic() - since,
                 "last_publish_error": self.last_publish_error,

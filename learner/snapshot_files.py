@@ -39,7 +39,11 @@ def write_atomic(path: Path, payload: bytes) -> None:
         with contextlib.suppress(OSError):  # a full disk still lets a file be removed; a read-only one made none
             tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -78,6 +82,11 @@ class LocalFiles:
 
     def remove(self, name: str) -> None:
         (self.directory / name).unlink(missing_ok=True)
+
+    def move(self, name: str, to: str) -> None:
+        """Rename ``name`` to ``to`` (replacing it) and fsync the directory: one metadata write, whatever the size."""
+        os.replace(self.directory / name, self.directory / to)
+        _fsync_dir(self.directory)
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
         """The writers' turn: opens ``.lock`` now (an ``OSError`` here means the directory is unwritable) and
@@ -127,6 +136,10 @@ class ArrowFiles:
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.filesystem.delete_file(self._at(name))
+
+    def move(self, name: str, to: str) -> None:
+        """``pyarrow.fs`` move: a rename where the filesystem has one; on S3 and GCS a copy then a delete."""
+        self.filesystem.move(self._at(name), self._at(to))
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
         """No lock exists on an object store: one writer per store (see the module docstring)."""

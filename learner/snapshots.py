@@ -22,6 +22,13 @@ each publish: a base is due after ``max_deltas`` deltas (default 20) or once the
 a chain takes about 1.5 models of space). ``chain_status`` gives the figures (deltas and their bytes since the
 base) for telemetry.
 
+**Bases beside training.** A base of a large model takes seconds to serialise and write (about 9 s at 10^7 ids).
+The trainer writes one beside training (``learner.beside``): :meth:`SnapshotStore.write_pending` puts the state of a
+published version under a temporary name, with no lock and nothing published, while deltas go on along the old
+chain; :meth:`SnapshotStore.publish_beside` then numbers it past those deltas, with the delta that brings it up to
+date (their composition) as its child, and points ``LATEST`` at that child. The base's manifest names the version
+whose state it holds (``same_as``), so a replica that went through that version takes the child alone.
+
 **Crash safety.** A publish writes the payload, then its manifest, then ``LATEST``, each whole (a local file
 goes to a temporary name, is fsynced and renamed; an object store shows an object only once it is whole).
 Readers start from ``LATEST`` and follow manifests, so a publish killed at any point leaves ``LATEST`` on the
@@ -47,6 +54,7 @@ import errno
 import hashlib
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +101,18 @@ class SnapshotRefused(SnapshotError):
 
 
 @dataclass(frozen=True)
+class PendingBase:
+    """A base written beside training (:meth:`SnapshotStore.write_pending`) that is no version yet: its payload
+    under a temporary name, and the version whose state it holds."""
+
+    name: str
+    sha256: str
+    bytes: int
+    same_as: Manifest
+    """The published version whose state the payload holds, entry for entry."""
+
+
+@dataclass(frozen=True)
 class ChainStatus:
     """Where the chain ``LATEST`` ends in stands: what :meth:`SnapshotStore.base_due` decides on, for telemetry."""
 
@@ -129,6 +149,8 @@ class SnapshotStore:
         self.keep, self.max_deltas, self.max_delta_bytes = keep, max_deltas, max_delta_bytes
         self.delta_fraction = delta_fraction
         """Without ``max_delta_bytes``, a chain's deltas may weigh this fraction of its base."""
+        self._pending: set[str] = set()
+        """Temporary names of bases this store is writing beside training: not leftovers."""
 
     # -- reading manifests ------------------------------------------------------------------------------------
 
@@ -243,6 +265,59 @@ class SnapshotStore:
             self._guard(data, guard)
             return self._write(payload, data, parent=head)
 
+    def write_pending(self, state_dict: dict[str, torch.Tensor], same_as: Manifest) -> PendingBase:
+        """Write a base beside training: the whole state of published version ``same_as``, under a temporary name,
+        with no lock held and nothing published (:meth:`publish_beside` makes it a version). Refused like
+        :meth:`publish` for non-finite weights; :class:`SnapshotUnwritable` when the store refuses the write."""
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        if bad := _non_finite(tensors):
+            raise SnapshotRefused("non-finite", f"refusing to publish non-finite weights: {bad[:5]}")
+        payload = _safetensors(tensors)
+        del tensors
+        name = f".base.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}.safetensors"
+        self._pending.add(name)
+        try:
+            self.files.write(name, payload)
+        except OSError as exc:
+            self.discard_pending(name)
+            raise SnapshotUnwritable(self.files.location, exc) from exc
+        return PendingBase(name, hashlib.sha256(payload).hexdigest(), len(payload), same_as)
+
+    def discard_pending(self, pending: PendingBase | str) -> None:
+        """Give up a base written beside training: its file goes."""
+        name = pending if isinstance(pending, str) else pending.name
+        self._pending.discard(name)
+        with contextlib.suppress(OSError):
+            self.files.remove(name)
+
+    def publish_beside(self, pending: PendingBase, delta: Delta, data: dict, guard: PublishGuard | None = None,
+                       parent: int | None = None) -> tuple[Manifest, Manifest]:
+        """Make a base written beside training a version, with the delta that brings it up to now: the base
+        (the state of ``pending.same_as``, its manifest saying so in ``data["same_as"]``) and on it ``delta``,
+        the change since that version (``learner.delta.compose`` of every delta published after it and the
+        change since the last), then ``LATEST`` straight to the delta: the base alone is never ``LATEST``.
+
+        Both are numbered past the deltas published while the base was written, so the old chain ends where
+        the new one starts and every number only grows. A publish killed anywhere before ``LATEST`` leaves two
+        versions newer than ``LATEST``, which the next publish removes. Refused like :meth:`publish_delta`
+        (``parent-moved`` when ``LATEST`` is not ``parent``); a :class:`SnapshotError` when the pending payload
+        is gone (another writer took it for a leftover): write another."""
+        from learner.delta import to_tensors
+
+        tensors = to_tensors(delta)
+        if bad := _non_finite(tensors):
+            raise SnapshotRefused("non-finite", f"refusing to publish a delta with non-finite values: {bad[:5]}")
+        payload = _safetensors(tensors)
+        with self._exclusive():
+            head = self._head()
+            if parent is not None and head.version != parent:
+                raise SnapshotRefused("parent-moved", f"LATEST names v{head.version}, not v{parent} this delta is "
+                                                      "the change from (a rollback?): a base is due")
+            self._guard(data, guard)
+            if self.files.size(pending.name) != pending.bytes:
+                raise SnapshotError(f"the base written beside training ({pending.name}) is gone or cut")
+            return self._write_beside(pending, payload, data)
+
     def rollback(self, version: int) -> Manifest:
         """Serve a kept version again: verify it (its whole chain), then republish it as a new base.
 
@@ -322,6 +397,41 @@ class SnapshotStore:
         self._prune()
         return manifest
 
+    def _write_beside(self, pending: PendingBase, payload: bytes, data: dict) -> tuple[Manifest, Manifest]:
+        """Number both (base, then delta), move the base's payload into place, write the delta, the manifests,
+        then ``LATEST``; prune. Call with the writers' lock held."""
+        try:
+            names = self.files.names()
+            latest = self.latest_version()
+            version = max([*(int(m.group(1)) for n in names if (m := FILE_NAME.match(n))), latest or 0]) + 1
+            self._remove_leftovers(names, latest)
+        except OSError as exc:
+            raise SnapshotUnwritable(self.files.location, exc) from exc
+        same = pending.same_as
+        now = time.time()
+        base = Manifest(version, pending.sha256, now, {**same.data, "same_as": {"version": same.version,
+                                                                               "sha256": same.sha256}},
+                        bytes=pending.bytes)
+        delta = Manifest(version + 1, hashlib.sha256(payload).hexdigest(), now, data, kind="delta", parent=version,
+                         parent_sha256=base.sha256, base=version, depth=1, bytes=len(payload),
+                         chain_bytes=len(payload))
+        try:
+            self.files.move(pending.name, payload_name(version, "base"))
+            self._pending.discard(pending.name)
+            self.files.write(payload_name(delta.version, "delta"), payload)
+            self.files.write(manifest_name(version), base.to_json())
+            self.files.write(manifest_name(delta.version), delta.to_json())
+            self.files.write("LATEST", str(delta.version).encode())
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                if self.latest_version() != delta.version:
+                    self._remove_version(delta.version)
+                    self._remove_version(version)
+            self.discard_pending(pending)
+            raise SnapshotUnwritable(self.files.location, exc) from exc
+        self._prune()
+        return base, delta
+
     def _remove_leftovers(self, names: list[str], latest: int | None) -> None:
         """What killed publishes left: temporary files, payloads without a manifest, and manifests newer than
         ``LATEST`` (written, never published). Only with the writers' lock held, when no publish is under way."""
@@ -329,7 +439,7 @@ class SnapshotStore:
         for name in names:
             m = FILE_NAME.match(name)
             orphan = m is not None and m.group(2) != "json" and int(m.group(1)) not in manifests
-            if is_leftover_tmp(name) or orphan:
+            if (is_leftover_tmp(name) and name not in self._pending) or orphan:
                 with contextlib.suppress(OSError):
                     self.files.remove(name)
         if latest is not None:  # without LATEST nothing says which versions were published: keep them all
@@ -464,5 +574,5 @@ def _safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_safetensors(tensors)
 
 
-__all__ = ["DELTA_BYTES_FRACTION", "MAX_DELTAS", "SNAPSHOTS_KEPT", "ChainStatus", "Manifest", "PublishGuard",
+__all__ = ["DELTA_BYTES_FRACTION", "MAX_DELTAS", "SNAPSHOTS_KEPT", "ChainStatus", "Manifest", "PendingBase", "PublishGuard",
            "SnapshotError", "SnapshotRefused", "SnapshotStore", "SnapshotUnwritable", "decode", "write_atomic"]

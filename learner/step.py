@@ -34,9 +34,9 @@ import torch
 
 from learner.collisions import IdCollisions, id_collisions
 from learner.config import LearnerConfig
-from learner.delta import Delta, DeltaError, MapChanges, TableRows, field_maps, row_tables, split_state
+from learner.delta import Delta, DeltaError, MapChanges, TableRows, field_maps, row_tables, rows_key, split_state
 from learner.distributed import LocalReducer, Reducer
-from learner.idmap import IdMap, IdMapConfig
+from learner.idmap import IdMap, IdMapConfig, sort_snapshot
 from learner.metrics import ProgressiveValidation
 from learner.models import ModelOutput, MultiTaskModel, MultiTaskRanker, load_balance_loss, loss_terms
 
@@ -292,6 +292,26 @@ class Learner:
         as they are now."""
         self.publish_maps()
         return self.model.state_dict()
+
+    def capture(self) -> Callable[[], dict[str, torch.Tensor]]:
+        """:meth:`weights` in two halves, for a base written beside training (``learner.loop``): copies taken now
+        (every entry but the maps, and each ID map's live pairs unordered: memory copies, no sort), and the
+        function returned, which orders the maps and assembles the state dict from the copies alone, so it may run
+        on another thread while training goes on. What it returns equals what :meth:`weights` returns now."""
+        maps = field_maps(self.model)
+        skip = {*maps, *(rows_key(k) for k in maps)}
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k not in skip}
+        captured = {key: self.id_maps[name].capture() for key, (_, name) in maps.items()}
+        device = self.device
+
+        def assemble() -> dict[str, torch.Tensor]:
+            out = dict(state)
+            for key, (keys, rows) in captured.items():
+                published = sort_snapshot(keys, rows)
+                out[key] = torch.from_numpy(published["ids"]).to(device)
+                out[rows_key(key)] = torch.from_numpy(published["rows"]).to(device)
+            return out
+        return assemble
 
     def delta(self) -> Delta:
         """The change since the last :meth:`mark_published`: every dense entry, each table's changed rows and each

@@ -12,6 +12,9 @@ A version larger than ``learner.publish.ray_max_bytes`` (the base of a large mod
 only: replicas read its payload from the durable store, so the object store holds live deltas and small bases
 rather than gigabytes per base and copy.
 
+A base written beside training (``learner.loop``) is offered just before the delta that brings it up to date
+(``learner.snapshots.SnapshotStore.publish_beside``); :meth:`WeightStore.latest` never names it on its own.
+
 A replica asks :meth:`WeightStore.chain_to` for the newest version's chain (its base and every delta up to
 it) and applies what comes after the version it serves (``serving.weights``). The actor keeps the newest ``keep_bases`` chains (a replica one compaction behind still finds its deltas);
 versions are accepted only in increasing order, but for a base numbered at or below the newest held that was
@@ -39,6 +42,9 @@ class Offered:
     base: int
     manifest: bytes
     payload: list  # [ObjectRef]: a list, so that Ray hands the reference over rather than the bytes
+    target: bool = True
+    """False for a base written beside training (its manifest's ``same_as``): offered just before the delta that
+    brings it up to date, it is never the newest version a replica should move to on its own."""
 
 
 class WeightStore:
@@ -63,7 +69,11 @@ class WeightStore:
             newest = 0
         if version <= newest or (base != version and base not in self._versions):
             return False
-        self._versions[version] = Offered(version, base, manifest, [] if payload is None else [ray.put(payload)])
+        import orjson
+
+        target = "same_as" not in orjson.loads(manifest)
+        self._versions[version] = Offered(version, base, manifest, [] if payload is None else [ray.put(payload)],
+                                          target)
         bases = sorted(v for v, o in self._versions.items() if o.base == v)
         for dropped in bases[: -self.keep_bases]:
             self._versions = {v: o for v, o in self._versions.items() if o.base != dropped}
@@ -78,7 +88,7 @@ class WeightStore:
         return orjson.loads(manifest)["created_at"] > orjson.loads(newest.manifest)["created_at"]
 
     def latest(self) -> int | None:
-        return max(self._versions, default=None)
+        return max((v for v, o in self._versions.items() if o.target), default=None)
 
     def chain_to(self, target: int) -> list[tuple[int, bytes, list]]:
         """``target``'s chain, base first, as ``(version, manifest, [payload ref])`` (``[]`` for a payload in the

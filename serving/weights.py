@@ -8,8 +8,13 @@ its parent (``learner.delta``). A background thread polls the source for a versi
   (``learner.delta.prepare_delta``), then written under :attr:`WeightFollower.lock`, which the ranker holds while
   it scores a batch (``install_delta``): no batch ever sees a half-applied version, and an apply costs what the
   delta changed;
-- **a new base** (compaction, a rollback, a replica that starts late or lost its place) is loaded with its chain
-  into a new model while the old one keeps serving, then installed with one reference assignment.
+- **a base written beside training** (compaction: its manifest's ``same_as`` names the version whose state it
+  holds) is not read at all by a replica whose model went through that version: the delta published with it
+  brings any later version of the old chain up to date (``learner.delta.compose``), so it is applied in place
+  like any other and the replica follows the new chain without loading a whole model;
+- **a new base** otherwise (a rollback, a trainer restart, a replica that starts late or lost its place) is
+  loaded with its chain into a new model while the old one keeps serving, then installed with one reference
+  assignment.
 
 Versions only move forward. A version that fails verification is refused and remembered. A delta that cannot
 be applied (a gap, a wrong parent, a bad checksum) makes the replica rebuild from the newest base and its chain
@@ -218,7 +223,11 @@ class WeightFollower:
         self.swaps = 0
         self.deltas_applied = 0
         self.rebuilds = 0
+        self.adopted = 0
+        """Bases written beside training taken through their delta alone, without loading them."""
         self.folds = 0
+        self._lineage: dict[int, str] = {}
+        """The versions the served model went through since it was last loaded whole, with their sha256."""
         self.apply_s: deque[float] = deque(maxlen=APPLY_TIMES_KEPT)
         """Wall time of the latest delta applies, lock held (what a batch may wait)."""
         self.prepare_s: deque[float] = deque(maxlen=APPLY_TIMES_KEPT)
@@ -265,6 +274,9 @@ class WeightFollower:
         incremental = self.current is not None and serving in versions and not chain[versions.index(serving) + 1].is_base
         if incremental and self._apply(chain[versions.index(serving) + 1:]) is None:
             return True  # every delta in; else rebuild from the base, as far as it verifies
+        if not incremental and self._adoptable(chain) and self._apply(chain[1:], adopting=chain[0]) is None:
+            self.adopted += 1
+            return True
         installed = self._rebuild(chain, serving)
         self.rebuilds += installed and incremental
         refused = next((v for v in versions if v in self.rejected), None)
@@ -273,14 +285,25 @@ class WeightFollower:
             self._refuse(chain[-1].version, f"its chain holds v{refused}, which was refused")
         return installed
 
-    def _apply(self, deltas: list[Entry]) -> int | None:
-        """Apply ``deltas`` in order to the live model; the version that failed, or None."""
+    def _adoptable(self, chain: list[Entry]) -> bool:
+        """Whether ``chain`` starts with a base written beside training whose state is that of a version the served
+        model went through (its manifest's ``same_as``, sha256 included), followed by a delta: that delta then
+        brings the served model up to date without the base being read."""
+        same = chain[0].manifest.data.get("same_as")
+        return (self.current is not None and len(chain) > 1 and chain[0].is_base and not chain[1].is_base
+                and isinstance(same, dict) and self.current.version < chain[0].version
+                and self._lineage.get(same.get("version")) == same.get("sha256"))
+
+    def _apply(self, deltas: list[Entry], adopting: Entry | None = None) -> int | None:
+        """Apply ``deltas`` in order to the live model (the first on ``adopting``, a base written beside training,
+        in place of the version served: :meth:`_adoptable`); the version that failed, or None."""
+        expected = adopting.version if adopting is not None else self.current.version
         for entry in deltas:
             if entry.version in self.rejected:
                 return entry.version
             try:
                 delta = entry.read()
-                if entry.manifest.parent != self.current.version:
+                if entry.manifest.parent != expected:
                     raise SnapshotError(f"v{entry.version}'s parent is v{entry.manifest.parent}, "
                                         f"the replica serves v{self.current.version}")
                 started = time.perf_counter()
@@ -296,6 +319,10 @@ class WeightFollower:
             except (SnapshotError, DeltaError, KeyError, RuntimeError, ValueError, TypeError) as exc:
                 self._refuse(entry.version, str(exc))
                 return entry.version
+            if adopting is not None:  # the model is on the new chain now: its lineage starts at the adopted base
+                self._lineage, adopting = {adopting.version: adopting.manifest.sha256}, None
+            self._lineage[entry.version] = entry.manifest.sha256
+            expected = entry.version
             self.deltas_applied += 1
             self._swapped()
         self._fold()
@@ -316,7 +343,7 @@ class WeightFollower:
         usable = chain[: next((i for i, e in enumerate(chain) if e.version in self.rejected), len(chain))]
         if not usable or usable[-1].version <= serving:
             return False  # already served, or refused: read nothing
-        state, last = None, None
+        state, last, lineage = None, None, {}
         for entry in usable:
             try:
                 content = entry.read()
@@ -328,6 +355,7 @@ class WeightFollower:
                                             f"v{last.version if last else None}")
                     state = materialise(state, content)
                 last = entry.manifest
+                lineage[last.version] = last.sha256
             except Superseded:
                 return True  # the next poll starts over from the newer version
             except (SnapshotError, DeltaError, KeyError, RuntimeError, ValueError, TypeError) as exc:
@@ -343,6 +371,7 @@ class WeightFollower:
             self._refuse(last.version, str(exc))
             return False
         self.current = LoadedModel(last, model)  # the atomic swap: one reference assignment
+        self._lineage = lineage
         self._swapped()
         return True
 
@@ -363,6 +392,7 @@ class WeightFollower:
             times = sorted(seconds)
             return round(times[min(len(times) - 1, int(q * len(times)))] * 1000, 3) if times else None
         return {"swaps": self.swaps, "deltas_applied": self.deltas_applied, "rebuilds": self.rebuilds,
+                "bases_adopted": self.adopted,
                 "folds": self.folds, "apply_ms_p50": at(self.apply_s, 0.5), "apply_ms_p99": at(self.apply_s, 0.99),
                 "apply_ms_max": at(self.apply_s, 1.0), "prepare_ms_p50": at(self.prepare_s, 0.5),
                 "prepare_ms_p99": at(self.prepare_s, 0.99)}

@@ -40,3 +40,16 @@ def test_the_goals_are_read_on_the_largest_deltas_run_with_the_whole_apply() -> 
 def test_a_percentile_among_never_covered_events_is_inf_not_nan() -> None:
     ages = np.asarray([1.0] * 98 + [math.inf] * 2)
     assert age_at(ages, 50) == 1.0 and age_at(ages, 99) == math.inf
+
+
+def test_the_compaction_run_is_held_to_the_goals_and_reports_what_a_base_took_of_the_training_thread() -> None:
+    m = _measured([1.0] * 99 + [3.5], 1.0, 1.0)
+    m.stats["published_versions"]["capture"] = {"n": 2, "bytes_p50": 0.0, "seconds_p50": 0.3, "seconds_p99": 0.4,
+                                                "seconds_max": 0.4}
+    report = Report("freshness")
+    sized_rows(report, SIZES[-1], "compaction", m, None)
+    rows = {r.name.split(" (")[0]: r for r in report.rows}
+    copies = rows["base copies on the training thread, max"]
+    assert copies.value == 400.0 and copies.anchor_value == 9000.0
+    assert rows["freshness p99"].met is False and rows["freshness p50"].met is True
+    assert "2 bases written beside training" in report.notes[-1]

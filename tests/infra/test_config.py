@@ -94,6 +94,7 @@ def test_an_unknown_section_is_an_error() -> None:
     ({"learner": {"publish": {"store": 42}}}, "learner.publish.store"),
     ({"learner": {"publish": {"ray_max_bytes": -1}}}, "learner.publish.ray_max_bytes"),
     ({"learner": {"publish": {"ray_max_bytes": "256MB"}}}, "learner.publish.ray_max_bytes"),
+    ({"learner": {"publish": {"base_beside": "sometimes"}}}, "learner.publish.base_beside"),
 ])
 def test_a_bad_value_names_its_key(data: dict, key: str) -> None:
     with pytest.raises(ConfigError) as error:

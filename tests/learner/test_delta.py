@@ -12,7 +12,7 @@ import torch
 
 import learner.delta
 import learner.models.encoder
-from learner.delta import (Delta, DeltaError, MapChanges, TableRows, apply_delta, apply_map, diff, from_tensors,
+from learner.delta import (Delta, DeltaError, MapChanges, TableRows, apply_delta, apply_map, compose, diff, from_tensors,
                            install_fold, materialise, plan_fold, row_tables, split_state, to_tensors)
 from learner.models import MultiTaskRanker
 from learner.models.sparse import RowwiseTable
@@ -338,3 +338,36 @@ def test_a_prepared_delta_writes_nothing_until_installed_and_a_stale_one_is_refu
     learner.delta.install_delta(replica, learner.delta.prepare_delta(replica, deltas[1]))
     apply_delta(reference, deltas[1])
     _equal(replica.state_dict(), reference.state_dict())
+
+
+# ---- a base written beside training ---------------------------------------------------------------------------
+
+def test_a_composed_delta_brings_every_version_of_its_stretch_to_the_last() -> None:
+    """What a base written beside training goes out with: the deltas published while it was written, composed
+    with the change since the last. A replica on any version of that stretch applies it in place of the base."""
+    trainer, base, deltas = _deltas(12)
+    states = [base]
+    for delta in deltas:
+        states.append(materialise(states[-1], delta))
+    assert sum(d.tombstones for d in deltas[3:]) > 0  # ids expired or evicted within the stretch
+    composed = from_tensors(to_tensors(compose(deltas[3:])))
+    assert composed.changed_rows <= sum(d.changed_rows for d in deltas[3:])
+    for start in range(3, len(states)):
+        _equal(materialise(states[start], composed), states[-1])
+    replica = _replica(states[6], trainer.model.config)
+    apply_delta(replica, composed)
+    _equal(replica.state_dict(), states[-1])
+    with pytest.raises(DeltaError):
+        compose([])
+
+
+def test_a_captured_state_is_the_weights_of_its_moment_whatever_is_learned_after() -> None:
+    torch.manual_seed(0)
+    trainer = _learner()
+    for step in range(4):
+        _learn(trainer, step)
+    assemble = trainer.capture()
+    expected = _clone(trainer.weights())
+    for step in range(4, 9):
+        _learn(trainer, step)  # rows move, ids come and go, tables may grow
+    _equal(assemble(), expected)
