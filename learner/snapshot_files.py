@@ -20,18 +20,27 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
 
-def write_atomic(path: Path, payload: bytes) -> None:
+Payload = bytes | Sequence[memoryview]
+"""A file's bytes, whole or as the parts it is written from one after another (no joined copy)."""
+
+
+def _parts(payload: Payload) -> Sequence[bytes | memoryview]:
+    return [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
+
+
+def write_atomic(path: Path, payload: Payload) -> None:
     """Write to a temporary name, fsync, rename, fsync the directory: readers see all of it or none."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(payload)
+            for part in _parts(payload):
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -77,7 +86,7 @@ class LocalFiles:
         except FileNotFoundError:
             return None
 
-    def write(self, name: str, payload: bytes) -> None:
+    def write(self, name: str, payload: Payload) -> None:
         write_atomic(self.directory / name, payload)
 
     def remove(self, name: str) -> None:
@@ -129,9 +138,10 @@ class ArrowFiles:
         info = self.filesystem.get_file_info(self._at(name))
         return info.size if info.type == pafs.FileType.File else None
 
-    def write(self, name: str, payload: bytes) -> None:
+    def write(self, name: str, payload: Payload) -> None:
         with self.filesystem.open_output_stream(self._at(name), compression=None) as stream:
-            stream.write(payload)
+            for part in _parts(payload):
+                stream.write(part)
 
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):

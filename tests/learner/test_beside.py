@@ -265,3 +265,39 @@ def test_a_publisher_killed_while_making_a_base_a_version_leaves_latest_whole(
             if p.name.startswith(".base.tmp-") or (p.name.startswith("v") and not p.name.startswith(
                 tuple(f"v{v:06d}." for v in after.versions())))]
     assert not left
+
+
+def test_deltas_published_while_the_base_is_being_written_leave_its_file_be(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The base's write goes through a temporary file of its own (``write_atomic``); every publish meanwhile
+    removes leftovers of killed publishers, and must not take that file for one."""
+    import os
+
+    import learner.snapshot_files
+
+    writing, gate = threading.Event(), threading.Event()
+    real = learner.snapshot_files.write_atomic
+
+    def slow(path: Path, payload) -> None:
+        if not path.name.startswith(".base.tmp-"):
+            return real(path, payload)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            for part in payload:  # the base goes as parts (learner.snapshots.safetensors_parts)
+                f.write(part)
+        writing.set()
+        assert gate.wait(60)
+        os.replace(tmp, path)
+    monkeypatch.setattr(learner.snapshot_files, "write_atomic", slow)
+    loop, store = _loop(tmp_path)
+    try:
+        for _ in range(4):
+            _step(loop)
+        assert writing.wait(60)
+        assert _step(loop) == 5 and _step(loop) == 6  # each publish clears leftovers
+        gate.set()
+        _written(loop)
+        assert _step(loop) == 8 and store.manifest(7).data["same_as"]["version"] == 4 and not loop.beside.failures
+    finally:
+        gate.set()
+        loop.close()
