@@ -294,18 +294,23 @@ class Learner:
         return self.model.state_dict()
 
     def capture(self) -> Callable[[], dict[str, torch.Tensor]]:
-        """:meth:`weights` in two halves, for a base written beside training (``learner.loop``): copies taken now
-        (every entry but the maps, and each ID map's live pairs unordered: memory copies, no sort), and the
-        function returned, which orders the maps and assembles the state dict from the copies alone, so it may run
-        on another thread while training goes on. What it returns equals what :meth:`weights` returns now."""
-        maps = field_maps(self.model)
-        skip = {*maps, *(rows_key(k) for k in maps)}
+        """:meth:`weights` in two halves, for a base written beside training (``learner.loop``): what is taken now
+        (copies of the small entries, each ID map's live pairs unordered, and a snapshot of each table's weights:
+        ``RowwiseTable.snapshot``), and the function returned, which copies the tables, orders the maps and
+        assembles the state dict on another thread while training goes on. What it returns equals what
+        :meth:`weights` returns now; the training thread pays for the small entries and the maps here, and for the
+        rows it writes while the tables are copied, not for the tables."""
+        maps, tables = field_maps(self.model), row_tables(self.model)
+        weights = {f"{prefix}weight": table.snapshot() for prefix, table in tables.items()}
+        skip = {*maps, *(rows_key(k) for k in maps), *weights}
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k not in skip}
         captured = {key: self.id_maps[name].capture() for key, (_, name) in maps.items()}
         device = self.device
 
         def assemble() -> dict[str, torch.Tensor]:
             out = dict(state)
+            for key, snapshot in weights.items():
+                out[key] = snapshot.copy()
             for key, (keys, rows) in captured.items():
                 published = sort_snapshot(keys, rows)
                 out[key] = torch.from_numpy(published["ids"]).to(device)
