@@ -38,7 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from learner.delta import Delta, DeltaError, fold_due, install_delta, install_fold, materialise, plan_fold, prepare_delta
+from learner.delta import (
+    Delta, DeltaError, fold_due, install_delta, install_fold, materialise, plan_fold, prepare_delta, without_held,
+)
 from learner.models import MultiTaskRanker
 from learner.snapshots import Manifest, SnapshotError, SnapshotStore, decode
 
@@ -307,6 +309,8 @@ class WeightFollower:
                     raise SnapshotError(f"v{entry.version}'s parent is v{entry.manifest.parent}, "
                                         f"the replica serves v{self.current.version}")
                 started = time.perf_counter()
+                if adopting is not None:  # a catch-up delta: most of its rows are the versions applied already
+                    delta = without_held(self.current.model, delta)
                 prepared = prepare_delta(self.current.model, delta)  # checks and map merges, beside the requests
                 self.prepare_s.append(time.perf_counter() - started)
                 with self.lock:
