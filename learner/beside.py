@@ -4,7 +4,7 @@ When a chain is due a new base (``SnapshotStore.base_due``), the training loop p
 then hands :meth:`BaseBeside.start` the learner's copies of that very version (``Learner.capture``: memory copies
 on the training thread, no sort, no serialisation). A thread of its own orders the maps, serialises, hashes and
 writes the payload under a temporary name (``SnapshotStore.write_pending``) while training and delta publishing go
-on along the old chain; each delta published meanwhile is kept (:meth:`BaseBeside.published`). Once the payload is
+on along the old chain (the thread runs at a lower priority: ``WRITER_NICE``); each delta published meanwhile is kept (:meth:`BaseBeside.published`). Once the payload is
 written, the next publish makes it a version together with :meth:`BaseBeside.catch_up`, the composition of those
 deltas and the change since the last of them (``learner.delta.compose``): base and delta go out as one publish
 (``SnapshotStore.publish_beside``), ``LATEST`` straight to the delta. A replica whose model went through the
@@ -16,6 +16,9 @@ Without it, a base of a model with 10^7 ids held the training thread for about 9
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +27,17 @@ import torch
 
 from learner.delta import Delta, compose
 from learner.snapshots import Manifest, PendingBase, SnapshotError, SnapshotStore
+
+
+WRITER_NICE = 10
+"""The writing thread's niceness: training, the consumers and serving come first, the base takes longer."""
+
+
+def _lower_priority() -> None:
+    """The calling thread yields the CPU to the others of its machine (Linux: a thread has a niceness of its own),
+    as databases run their compactions at low priority. Where that is not possible, the thread stays as it is."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
 
 
 class BaseBeside:
@@ -50,6 +64,7 @@ class BaseBeside:
         self._job = self._writer.submit(self._write, assemble, same_as)
 
     def _write(self, assemble: Callable[[], dict[str, torch.Tensor]], same_as: Manifest) -> PendingBase:
+        _lower_priority()
         started = time.perf_counter()
         pending = self.store.write_pending(assemble(), same_as)
         self.seconds = time.perf_counter() - started
