@@ -30,6 +30,13 @@ Payload = bytes | Sequence[memoryview]
 """A file's bytes, whole or as the parts it is written from one after another (no joined copy)."""
 
 
+SYNC_EVERY_BYTES = 16 * 2**20
+"""A file larger than this is synced every so many bytes while it is written. Written whole and synced at the end,
+a base of gigabytes leaves that much waiting for the disk, and on ext4 (data=ordered) every other fsync meanwhile
+waits behind it: a delta's write beside a 1.8 GB base took up to 1.8 s; synced every 16 MiB, up to 61 ms, the base
+no slower (docs/telemetry.md)."""
+
+
 def _parts(payload: Payload) -> Sequence[bytes | memoryview]:
     return [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
 
@@ -39,8 +46,17 @@ def write_atomic(path: Path, payload: Payload) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
+            unsynced = 0
             for part in _parts(payload):
-                f.write(part)
+                view = memoryview(part).cast("B")
+                for start in range(0, len(view), SYNC_EVERY_BYTES):
+                    chunk = view[start:start + SYNC_EVERY_BYTES]
+                    f.write(chunk)
+                    unsynced += len(chunk)
+                    if unsynced >= SYNC_EVERY_BYTES:  # a large file goes to disk as it is written, not all at the end
+                        f.flush()
+                        os.fdatasync(f.fileno())
+                        unsynced = 0
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
