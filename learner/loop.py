@@ -38,7 +38,7 @@ from learner.distributed import Reducer
 from learner.feature_loop import FeatureLoop, FeatureReader
 from learner.intake import BufferedSource, ExamplesSource
 from learner.reporter import Reporter
-from learner.snapshots import Manifest, SnapshotStore
+from learner.snapshots import Manifest, PendingBase, SnapshotStore
 from learner.step import Learner, StepResult
 from learner.telemetry import Telemetry
 
@@ -218,14 +218,7 @@ class TrainingLoop:
         if beside.running and (final or not chained):
             beside.abandon()
         if beside.running and (pending := beside.ready()) is not None:
-            manifest = self.reporter.publish(beside.catch_up(self.learner.delta()), data, self.learner.step,
-                                             beside=pending)
-            beside.finish(pending, published=manifest is not None)
-            if manifest is not None:
-                self.learner.mark_published()
-                self.reporter.publish_times["base"].append((pending.bytes, beside.seconds or 0.0))
-                self.reporter.published_in(manifest, time.perf_counter() - started)
-            return manifest  # refused or not written: the next publish goes on along the old chain
+            return self._publish_beside(pending, data, started)
         base_beside = self.learner.config.publish.base_beside and store.max_deltas > 0
         base = not chained or (not base_beside and store.base_due())
         content = self.learner.weights() if base else self.learner.delta()
@@ -239,7 +232,19 @@ class TrainingLoop:
             if base_beside and not final and not beside.running and store.base_due():  # copies of this version
                 captured = time.perf_counter()
                 beside.start(self.learner.capture(), manifest)
-                self.reporter.publish_times["capture"].append((0, time.perf_counter() - captured))
+                self.reporter.timed("capture", 0, time.perf_counter() - captured)
+        return manifest
+
+    def _publish_beside(self, pending: PendingBase, data: dict, started: float) -> Manifest | None:
+        """The base written beside training and its catch-up delta, as one publish; refused or not written, the
+        base is given up and the next publish goes on along the old chain."""
+        beside = self.beside
+        manifest = self.reporter.publish(beside.catch_up(self.learner.delta()), data, self.learner.step, beside=pending)
+        beside.finish(pending, published=manifest is not None)
+        if manifest is not None:
+            self.learner.mark_published()
+            self.reporter.timed("base", pending.bytes, beside.seconds or 0.0)
+            self.reporter.published_in(manifest, time.perf_counter() - started)
         return manifest
 
     def resume(self, restored: Checkpoint) -> None:

@@ -157,7 +157,11 @@ class Reporter:
 
     def published_in(self, manifest: Manifest, seconds: float) -> None:
         """Record how long ``manifest``'s version took to publish, from reading the learner to its offer."""
-        self.publish_times[manifest.kind].append((manifest.bytes or 0, seconds))
+        self.timed(manifest.kind, manifest.bytes or 0, seconds)
+
+    def timed(self, kind: str, size: int, seconds: float) -> None:
+        """Record ``(size, seconds)`` under ``kind`` of :attr:`publish_times`."""
+        self.publish_times[kind].append((size, seconds))
 
     def _offer(self, manifest: Manifest) -> None:
         """Hand the version to the weight-store actor; if it no longer holds the version's chain (restarted),
