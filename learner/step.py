@@ -309,8 +309,12 @@ class Learner:
 
         def assemble() -> dict[str, torch.Tensor]:
             out = dict(state)
-            for key, snapshot in weights.items():
-                out[key] = snapshot.copy()
+            try:
+                for key, snapshot in weights.items():
+                    out[key] = snapshot.copy()
+            finally:  # a copy that failed or was never made must not keep the tables keeping rows
+                for snapshot in weights.values():
+                    snapshot.release()
             for key, (keys, rows) in captured.items():
                 published = sort_snapshot(keys, rows)
                 out[key] = torch.from_numpy(published["ids"]).to(device)

@@ -92,18 +92,28 @@ class WeightSnapshot:
     def copy(self) -> Tensor:
         """The weights as they were when the snapshot was taken: chunks copied, then the kept rows put back."""
         source = self.source
-        out = torch.empty_like(source)
-        for start in range(0, source.shape[0], SNAPSHOT_CHUNK_ROWS):
-            end = min(source.shape[0], start + SNAPSHOT_CHUNK_ROWS)
-            out[start:end].copy_(source[start:end])
-            with self._lock:
-                self.copied = end
+        try:
+            out = torch.empty_like(source)
+            for start in range(0, source.shape[0], SNAPSHOT_CHUNK_ROWS):
+                end = min(source.shape[0], start + SNAPSHOT_CHUNK_ROWS)
+                out[start:end].copy_(source[start:end])
+                with self._lock:
+                    self.copied = end
+        except BaseException:
+            self.release()
+            raise
         with self._lock:
             self.done = True
             undo, self._undo = self._undo, []
         for rows, values in undo:
             out.index_copy_(0, rows, values)
         return out
+
+    def release(self) -> None:
+        """No copy will be made (or it was): the table stops keeping rows for it."""
+        with self._lock:
+            self.done = True
+            self._undo = []
 
 
 class RowwiseTable(nn.Module):

@@ -51,3 +51,13 @@ def test_a_snapshot_copied_while_the_table_trains_is_the_table_of_its_moment(mon
     assert torch.equal(result["out"], expected)
     assert not torch.equal(table.weight[:121], expected)  # the table did move
     assert table.snapshot().copy().shape == table.weight.shape  # and a new snapshot is of the table now
+
+
+def test_a_snapshot_released_without_a_copy_stops_keeping_rows() -> None:
+    table = RowwiseTable(n_rows=50, dim=4, lr=0.5, seed=3)
+    snapshot = table.snapshot()
+    table.update(torch.tensor([1, 2]), torch.randn(2, 4))
+    assert snapshot._undo
+    snapshot.release()  # the base's write failed before it reached this table
+    table.update(torch.tensor([3]), torch.randn(1, 4))
+    assert not snapshot._undo and not table._snapshots
