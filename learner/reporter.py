@@ -119,14 +119,13 @@ class Reporter:
         returned."""
         self.last_publish_attempt = time.monotonic()
         data = {**data, "experts": self.health.record()}
-        base = None
+        base, parent = None, self.published[-1] if self.published else None  # a delta is the change from it
         try:
             if beside is not None:
                 base, manifest = self.snapshots.publish_beside(beside, content, data, guard=self.config.guard,
-                                                               parent=self.published[-1] if self.published else None)
-            elif isinstance(content, Delta):  # the change from the version this trainer published last
-                manifest = self.snapshots.publish_delta(content, data, guard=self.config.guard,
-                                                        parent=self.published[-1] if self.published else None)
+                                                               parent=parent)
+            elif isinstance(content, Delta):
+                manifest = self.snapshots.publish_delta(content, data, guard=self.config.guard, parent=parent)
             else:
                 manifest = self.snapshots.publish(content, data, guard=self.config.guard)
         except SnapshotUnwritable as exc:

@@ -254,18 +254,8 @@ class SnapshotStore:
         what ``LATEST`` is now; publish a base). That the delta fits its parent is the publisher's promise,
         checked by every reader. :meth:`base_due` is advice: a delta published past it is written all the same.
         """
-        from learner.delta import to_tensors
-
-        tensors = to_tensors(delta)
-        if bad := _non_finite(tensors):
-            raise SnapshotRefused("non-finite", f"refusing to publish a delta with non-finite values: {bad[:5]}")
-        payload = _safetensors(tensors)
-        with self._exclusive():
-            head = self._head()
-            if parent is not None and head.version != parent:
-                raise SnapshotRefused("parent-moved", f"LATEST names v{head.version}, not v{parent} this delta is "
-                                                      "the change from (a rollback?): a base is due")
-            self._guard(data, guard)
+        payload = _delta_payload(delta)
+        with self._on_head(data, guard, parent) as head:
             return self._write(payload, data, parent=head)
 
     def write_pending(self, state_dict: dict[str, torch.Tensor], same_as: Manifest) -> PendingBase:
@@ -305,18 +295,8 @@ class SnapshotStore:
         versions newer than ``LATEST``, which the next publish removes. Refused like :meth:`publish_delta`
         (``parent-moved`` when ``LATEST`` is not ``parent``); a :class:`SnapshotError` when the pending payload
         is gone (another writer took it for a leftover): write another."""
-        from learner.delta import to_tensors
-
-        tensors = to_tensors(delta)
-        if bad := _non_finite(tensors):
-            raise SnapshotRefused("non-finite", f"refusing to publish a delta with non-finite values: {bad[:5]}")
-        payload = _safetensors(tensors)
-        with self._exclusive():
-            head = self._head()
-            if parent is not None and head.version != parent:
-                raise SnapshotRefused("parent-moved", f"LATEST names v{head.version}, not v{parent} this delta is "
-                                                      "the change from (a rollback?): a base is due")
-            self._guard(data, guard)
+        payload = _delta_payload(delta)
+        with self._on_head(data, guard, parent):
             if self.files.size(pending.name) != pending.bytes:
                 raise SnapshotError(f"the base written beside training ({pending.name}) is gone or cut")
             return self._write_beside(pending, payload, data)
@@ -352,6 +332,18 @@ class SnapshotStore:
         if size is None or (head.bytes is not None and size != head.bytes):
             raise SnapshotError(f"v{version}, which LATEST names, has {'no' if size is None else 'a cut'} payload")
         return head
+
+    @contextlib.contextmanager
+    def _on_head(self, data: dict, guard: PublishGuard | None, parent: int | None) -> Iterator[Manifest]:
+        """The writers' lock held and the manifest ``LATEST`` names, once it is ``parent`` (when given: else
+        ``SnapshotRefused("parent-moved")``) and ``data`` passes the guard: where a delta is written on top."""
+        with self._exclusive():
+            head = self._head()
+            if parent is not None and head.version != parent:
+                raise SnapshotRefused("parent-moved", f"LATEST names v{head.version}, not v{parent} this delta is "
+                                                      "the change from (a rollback?): a base is due")
+            self._guard(data, guard)
+            yield head
 
     def _guard(self, data: dict, guard: PublishGuard | None) -> None:
         if guard is not None and (latest := self.latest_manifest()) is not None:
@@ -604,6 +596,16 @@ def safetensors_parts(tensors: dict[str, torch.Tensor]) -> list[memoryview]:
     raw = orjson.dumps(header)
     raw += b" " * (-(8 + len(raw)) % 8)  # the data starts 8-byte aligned, as the library pads it
     return [memoryview(struct.pack("<Q", len(raw)) + raw), *views]
+
+
+def _delta_payload(delta: Delta) -> bytes:
+    """A delta's safetensors bytes, refused (nothing written) when a value is not finite."""
+    from learner.delta import to_tensors
+
+    tensors = to_tensors(delta)
+    if bad := _non_finite(tensors):
+        raise SnapshotRefused("non-finite", f"refusing to publish a delta with non-finite values: {bad[:5]}")
+    return _safetensors(tensors)
 
 
 def _digest(payload: bytes | list[memoryview]) -> tuple[str, int]:

@@ -54,6 +54,13 @@ def _step(loop: TrainingLoop) -> int:
     return loop.reporter.snapshots.latest_version()
 
 
+def _until_base_due(loop: TrainingLoop) -> None:
+    """The run's base (v1) and ``DELTAS`` deltas: the last one's publish starts a base beside training."""
+    for _ in range(DELTAS + 1):
+        _step(loop)
+    assert loop.beside.running
+
+
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert set(a) == set(b)
     for key, value in a.items():
@@ -142,8 +149,7 @@ def test_with_base_beside_off_a_base_due_is_written_on_the_training_thread(tmp_p
 def test_a_base_whose_file_another_writer_removed_is_given_up_and_the_chain_goes_on(tmp_path: Path) -> None:
     loop, store = _loop(tmp_path)
     try:
-        for _ in range(4):
-            _step(loop)
+        _until_base_due(loop)
         _written(loop)
         pending = loop.beside._job.result()
         (store.directory / pending.name).unlink()  # a rollback from another process took it for a leftover
@@ -162,9 +168,7 @@ def test_a_rollback_while_the_base_is_written_gives_it_up(tmp_path: Path, monkey
     loop, store = _loop(tmp_path)
     gate = _Gate(store, monkeypatch)
     try:
-        for _ in range(4):
-            _step(loop)
-        assert loop.beside.running
+        _until_base_due(loop)
         SnapshotStore(store.directory).rollback(2)  # v5: serving follows v2's state now
         gate.open.set()
         assert _step(loop) == 6 and store.manifest(6).kind == "base"  # no chain to continue: a whole base, here
@@ -179,8 +183,7 @@ def test_a_rollback_while_the_base_is_written_gives_it_up(tmp_path: Path, monkey
 def test_a_killed_publisher_s_base_file_is_a_leftover_for_the_next(tmp_path: Path) -> None:
     loop, store = _loop(tmp_path)
     try:
-        for _ in range(4):
-            _step(loop)
+        _until_base_due(loop)
         _written(loop)
         name = loop.beside._job.result().name
     finally:
@@ -215,9 +218,7 @@ def test_the_last_publish_of_a_run_gives_up_a_base_still_being_written(tmp_path:
     loop, store = _loop(tmp_path)
     gate = _Gate(store, monkeypatch)
     try:
-        for _ in range(4):
-            _step(loop)
-        assert loop.beside.running
+        _until_base_due(loop)
         manifest = loop.publish(final=True)  # one version on the way out, not a wait for the base
         assert manifest.version == 5 and manifest.kind == "delta" and not loop.beside.running
         gate.open.set()
@@ -237,8 +238,7 @@ def test_a_publisher_killed_while_making_a_base_a_version_leaves_latest_whole(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: int) -> None:
     loop, store = _loop(tmp_path)
     try:
-        for _ in range(4):
-            _step(loop)
+        _until_base_due(loop)
         _written(loop)
         calls = []
 
@@ -291,8 +291,7 @@ def test_deltas_published_while_the_base_is_being_written_leave_its_file_be(
     monkeypatch.setattr(learner.snapshot_files, "write_atomic", slow)
     loop, store = _loop(tmp_path)
     try:
-        for _ in range(4):
-            _step(loop)
+        _until_base_due(loop)
         assert writing.wait(60)
         assert _step(loop) == 5 and _step(loop) == 6  # each publish clears leftovers
         gate.set()
