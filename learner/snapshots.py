@@ -188,10 +188,12 @@ class SnapshotStore:
         except SnapshotError:
             return None
 
-    def chain(self, version: int) -> list[Manifest]:
-        """The manifests ``version`` is made of, base first, each link checked (not the payloads: :meth:`load`)."""
+    def chain(self, version: int, since: int | None = None) -> list[Manifest]:
+        """The manifests ``version`` is made of, base first, each link checked (not the payloads: :meth:`load`).
+        With ``since`` (a version the caller holds) on that chain, the walk stops there: the list starts at
+        ``since``, and what it reads follows the versions after ``since``, not the chain's depth."""
         chain = [self.manifest(version)]
-        while (child := chain[-1]).kind == "delta":
+        while (child := chain[-1]).kind == "delta" and child.version != since:
             try:
                 parent = self.manifest(child.parent)
             except SnapshotError as exc:

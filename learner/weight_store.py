@@ -90,14 +90,17 @@ class WeightStore:
     def latest(self) -> int | None:
         return max((v for v, o in self._versions.items() if o.target), default=None)
 
-    def chain_to(self, target: int) -> list[tuple[int, bytes, list]]:
+    def chain_to(self, target: int, since: int | None = None) -> list[tuple[int, bytes, list]]:
         """``target``'s chain, base first, as ``(version, manifest, [payload ref])`` (``[]`` for a payload in the
-        durable store only); empty when it is not held."""
+        durable store only); from ``since`` on when ``since`` is on it (what a replica serving ``since`` lacks);
+        empty when it is not held."""
         held = self._versions.get(target)
         if held is None:
             return []
+        on_chain = since is not None and since in self._versions and self._versions[since].base == held.base
+        first = since if on_chain else -1
         return [(v, o.manifest, o.payload) for v, o in sorted(self._versions.items())
-                if o.base == held.base and v <= target]
+                if o.base == held.base and first <= v <= target]
 
     def held(self) -> list[int]:
         return sorted(self._versions)

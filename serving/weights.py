@@ -42,7 +42,7 @@ from learner.delta import (
     Delta, DeltaError, fold_due, install_delta, install_fold, materialise, plan_fold, prepare_delta, without_held,
 )
 from learner.models import MultiTaskRanker
-from learner.snapshots import Manifest, SnapshotError, SnapshotStore, decode
+from learner.snapshots import Manifest, SnapshotError, SnapshotStore, decode, manifest_name
 
 log = logging.getLogger(__name__)
 APPLY_TIMES_KEPT = 1000
@@ -87,9 +87,10 @@ class VersionSource(Protocol):
     def latest(self) -> int | None:
         """The newest version published (None: nothing yet)."""
 
-    def chain(self, target: int) -> list[Entry]:
-        """``target``'s chain, base first: every version from its base to ``target``. Raises
-        :class:`SnapshotError` when a link is missing, :class:`Superseded` when ``target`` is gone."""
+    def chain(self, target: int, since: int | None = None) -> list[Entry]:
+        """``target``'s chain, base first: every version from its base to ``target``; or, when ``since`` is on it,
+        from ``since`` to ``target`` (a replica reads what follows the version it serves, not the whole chain).
+        Raises :class:`SnapshotError` when a link is missing, :class:`Superseded` when ``target`` is gone."""
 
     def below(self, version: int) -> int | None:
         """The newest version held below ``version`` (None: none)."""
@@ -104,11 +105,11 @@ class StoreSource:
     def latest(self) -> int | None:
         return self.store.latest_version()
 
-    def chain(self, target: int) -> list[Entry]:
+    def chain(self, target: int, since: int | None = None) -> list[Entry]:
         listed_at = self.store.latest_version()
-        if target not in self.store.versions():
+        if self.store.files.size(manifest_name(target)) is None:
             raise Superseded
-        return [Entry(m, self._reader(m, listed_at)) for m in self.store.chain(target)]
+        return [Entry(m, self._reader(m, listed_at)) for m in self.store.chain(target, since)]
 
     def reader(self, manifest: Manifest) -> Callable[[], dict | Delta]:
         """Reads ``manifest``'s version from the store (verified) when called."""
@@ -143,11 +144,11 @@ class RaySource:
 
         return ray.get(self.actor.latest.remote())
 
-    def chain(self, target: int) -> list[Entry]:
+    def chain(self, target: int, since: int | None = None) -> list[Entry]:
         import ray
 
         entries = []
-        for version, raw, payload in ray.get(self.actor.chain_to.remote(target)):
+        for version, raw, payload in ray.get(self.actor.chain_to.remote(target, since)):
             manifest = Manifest.from_json(raw)
             if not payload:
                 entries.append(Entry(manifest, self._from_store(manifest)))
@@ -195,13 +196,13 @@ class Sources:
     def latest(self) -> int | None:
         return max((v for s in self.sources if (v := s.latest()) is not None), default=None)
 
-    def chain(self, target: int) -> list[Entry]:
+    def chain(self, target: int, since: int | None = None) -> list[Entry]:
         for source in self.sources:
             latest = source.latest()
             if latest is None or latest < target:
                 continue
             try:
-                return source.chain(target)
+                return source.chain(target, since)
             except Superseded:
                 continue
         raise Superseded
@@ -258,16 +259,26 @@ class WeightFollower:
                 target = self.source.below(target)
                 continue
             try:
-                chain = self.source.chain(target)
+                chain = self._chain(target)
+                if self._advance(chain, serving):
+                    return
             except Superseded:
                 return  # the next poll takes the newer one
             except SnapshotError as exc:  # a link of its chain is missing
                 self._refuse(target, str(exc))
                 target = self.source.below(target)
                 continue
-            if self._advance(chain, serving):
-                return
             target = self.source.below(chain[0].version)  # nothing of this chain beyond serving verifies
+
+    def _chain(self, target: int) -> list[Entry]:
+        """``target``'s chain from the version served when it is on it, else from its base. A replica reads the
+        manifests of the versions it lacks, not the whole chain (up to ``learner.publish.max_deltas`` long)."""
+        if self.current is None:
+            return self.source.chain(target)
+        chain = self.source.chain(target, since=self.current.version)
+        if not chain[0].is_base and chain[0].manifest.sha256 != self.current.manifest.sha256:
+            return self.source.chain(target)  # the same number, another version: the store started over
+        return chain
 
     def _advance(self, chain: list[Entry], serving: int) -> bool:
         """Serve ``chain``'s last version (or the furthest of it that verifies, when newer than ``serving``).
@@ -276,6 +287,9 @@ class WeightFollower:
         incremental = self.current is not None and serving in versions and not chain[versions.index(serving) + 1].is_base
         if incremental and self._apply(chain[versions.index(serving) + 1:]) is None:
             return True  # every delta in; else rebuild from the base, as far as it verifies
+        if not chain[0].is_base:  # the chain from the version served: a rebuild reads it from its base
+            chain = self.source.chain(chain[-1].version)
+            versions = [e.version for e in chain]
         if not incremental and self._adoptable(chain) and self._apply(chain[1:], adopting=chain[0]) is None:
             self.adopted += 1
             return True

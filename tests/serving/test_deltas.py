@@ -59,6 +59,27 @@ def test_deltas_are_applied_in_place_and_equal_the_materialised_version(store: S
         assert follower.figures()["apply_ms_p99"] is not None
 
 
+def test_a_replica_reads_the_manifests_of_the_versions_it_lacks_not_the_whole_chain(
+        store: SnapshotStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain grows to ``learner.publish.max_deltas`` (1000 by default): a replica that walked it back to its base
+    for every delta would pay for the chain's depth on every apply."""
+    publisher = Publisher(store)
+    publisher.base()
+    with following(store.directory) as follower:
+        reads = []
+        real = SnapshotStore.manifest
+        monkeypatch.setattr(SnapshotStore, "manifest", lambda self, version: reads.append(version) or real(self, version))
+        for depth in range(1, 25):
+            served = follower.current.version
+            version = publisher.delta()
+            reads.clear()
+            follower.refresh()
+            assert follower.current.version == version
+            assert sorted(set(reads)) == [served, version], f"at depth {depth}"
+        assert follower.deltas_applied == 24 and follower.rebuilds == 0
+        assert_serves(follower, store, version)
+
+
 def test_a_tombstoned_id_is_scored_with_the_default_row_never_its_old_one(store: SnapshotStore) -> None:
     publisher = Publisher(store)
     publisher.base()
@@ -168,6 +189,7 @@ def test_a_replica_without_the_store_follows_every_version_through_the_weight_st
                 follower.refresh()
                 assert_serves(follower, store, version)
             assert follower.deltas_applied == 3
+            assert [v for v, _, _ in ray.get(actor.chain_to.remote(version, version - 1))] == [version - 1, version]
             ray.kill(actor, no_restart=False)  # restarts empty (max_restarts=-1)
 
             def restarted_empty() -> bool:
