@@ -11,7 +11,10 @@ share: what is measured is the cost of *applying* deltas on the replicas (each u
 under, ``serving.weights``), plus the publisher's own writing, whose CPU is reported.
 
 Anchor: the same load on the same replicas with no publisher, in the same run, alternating in rounds (no deltas,
-then deltas) so a busy neighbour hits both alike. "Unchanged" is read as: the p99 with deltas within
+then deltas) so a busy neighbour hits both alike. Between the two, each round also runs the load while a second
+publisher process publishes the same deltas into a copy of the store that no replica follows ("publisher only"):
+on this machine the publisher shares the two cores with the replicas, where a deployment's trainer would not,
+and that condition tells its share of the difference from the replicas' own. "Unchanged" is read as: the p99 with deltas within
 ``max(10% of the anchor's p99, 2 ms)`` above it. The replicas report the deltas they applied and the wall time of
 each apply under the lock (``/healthz`` ``weights``); the manifests give each delta's bytes, the issue's goal is a
 delta of at most 5% of the base.
@@ -32,6 +35,7 @@ import math
 import multiprocessing
 import os
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -74,7 +78,7 @@ class Plan:
         return self.rounds * math.ceil((self.seconds + self.warmup_s) / self.interval_s) + 4
 
 
-FULL = Plan(10**7, rounds=3, seconds=5.0, warmup_s=1.0)
+FULL = Plan(10**7, rounds=6, seconds=5.0, warmup_s=1.0)
 QUICK = Plan(10**5, rounds=1, seconds=2.0, warmup_s=0.5)
 
 
@@ -82,13 +86,15 @@ QUICK = Plan(10**5, rounds=1, seconds=2.0, warmup_s=0.5)
 class Outcome:
     anchor: list[Sample]
     deltas: list[Sample]
-    published: int
+    publisher_only: list[Sample] = field(default_factory=list)
+    """The load while the deltas are published into a copy of the store that no replica follows."""
+    published: int = 0
     """Deltas the publisher published during the delta rounds."""
-    applied: dict[str, int]
+    applied: dict[str, int] = field(default_factory=dict)
     """Per replica (as ``/healthz`` names it): deltas applied during the delta rounds."""
-    weights: dict[str, dict]
+    weights: dict[str, dict] = field(default_factory=dict)
     """Per replica: ``/healthz`` ``weights`` at the end."""
-    publisher_cpu_s: float
+    publisher_cpu_s: float = 0.0
     rss: dict[str, int] = field(default_factory=dict)
     """Per replica: resident bytes at the end."""
     load: tuple[str, str] = ("?", "?")
@@ -110,12 +116,11 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
     os.environ.update(env)
     owns_ray = not ray.is_initialized()
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: not a fork of this one's Ray client
-    go, stop, ready = spawn.Event(), spawn.Event(), spawn.Event()
-    published, cpu_s = spawn.Value("i", 0), spawn.Value("d", 0.0)
-    publisher = spawn.Process(target=publish_staged, name="delta-publisher", daemon=True,
-                              args=(str(chain.store), [str(p) for p in chain.staged], plan.interval_s, go, stop,
-                                    ready, published, cpu_s))
-    publisher.start()
+    stop = spawn.Event()
+    shadow = chain.store.with_name(f"{chain.store.name}-unfollowed")
+    shutil.copytree(chain.store, shadow, copy_function=os.link)  # the base, linked: no replica reads this copy
+    publishers = {store: _Publisher(spawn, store, chain, plan, stop) for store in (chain.store, shadow)}
+    main, unfollowed = publishers[chain.store], publishers[shadow]
     try:
         init_ray(num_cpus=plan.replicas + 1, quiet=True)
         if not owns_ray:
@@ -124,30 +129,37 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
         serve.run(build_app(chain.store, features, ServingConfig(num_replicas=plan.replicas)), name="ranker-deltas",
                   route_prefix="/")
-        if not ready.wait(120):
-            raise RuntimeError("the delta publisher did not start within 120 s")
+        for publisher in publishers.values():
+            if not publisher.ready.wait(120):
+                raise RuntimeError("the delta publisher did not start within 120 s")
         base = f"http://127.0.0.1:{port}"
         n, c = GOAL_AT
         payloads = bodies(n, 256, seed=n)
-        outcome = Outcome([], [], 0, {}, {}, 0.0, load=(load_average(), "?"))
-        task = progress.add_task("serving while deltas arrive", total=2 * plan.rounds) if progress else None
-        for _ in range(plan.rounds):
-            outcome.anchor.append(asyncio.run(closed_loop(f"{base}/v1/rank", payloads, c, plan.seconds, plan.warmup_s)))
-            before, count = replica_health(base, plan.replicas, asks=64), published.value
-            go.set()
+        outcome = Outcome([], [], load=(load_average(), "?"))
+
+        def load(publisher: _Publisher | None = None) -> Sample:
+            if publisher is not None:
+                publisher.go.set()
             try:
-                outcome.deltas.append(asyncio.run(closed_loop(f"{base}/v1/rank", payloads, c, plan.seconds,
-                                                              plan.warmup_s)))
+                return asyncio.run(closed_loop(f"{base}/v1/rank", payloads, c, plan.seconds, plan.warmup_s))
             finally:
-                go.clear()
+                if publisher is not None:
+                    publisher.go.clear()
+
+        task = progress.add_task("serving while deltas arrive", total=3 * plan.rounds) if progress else None
+        for _ in range(plan.rounds):
+            outcome.anchor.append(load())
+            outcome.publisher_only.append(load(unfollowed))
+            before, count = replica_health(base, plan.replicas, asks=64), main.published.value
+            outcome.deltas.append(load(main))
             time.sleep(SETTLE_S)  # the last delta published reaches the replicas before they are asked
             after = replica_health(base, plan.replicas, asks=64)
-            outcome.published += published.value - count
+            outcome.published += main.published.value - count
             for replica in before.keys() & after.keys():
                 done = after[replica]["weights"]["deltas_applied"] - before[replica]["weights"]["deltas_applied"]
                 outcome.applied[replica] = outcome.applied.get(replica, 0) + done
             if progress is not None:
-                progress.advance(task, 2)
+                progress.advance(task, 3)
         final = replica_health(base, plan.replicas, asks=64)
         outcome.weights = {replica: health["weights"] for replica, health in final.items()}
         for replica, health in final.items():
@@ -155,14 +167,14 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
                 outcome.rss[replica] = psutil.Process(health["pid"]).memory_info().rss
             except psutil.Error:
                 pass
-        outcome.publisher_cpu_s = cpu_s.value
+        outcome.publisher_cpu_s = main.cpu_s.value
         outcome.load = (outcome.load[0], load_average())
         return outcome
     finally:
         stop.set()
-        publisher.join(timeout=10)
-        if publisher.is_alive():
-            publisher.terminate()
+        for publisher in publishers.values():
+            publisher.close()
+        shutil.rmtree(shadow, ignore_errors=True)
         if ray.is_initialized():
             _stop_serve()
             if owns_ray:
@@ -172,6 +184,23 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class _Publisher:
+    """A publisher process (``benchmarks.delta_chain.publish_staged``) for ``store``, publishing while ``go`` is set."""
+
+    def __init__(self, spawn, store: Path, chain: Chain, plan: Plan, stop) -> None:
+        self.go, self.ready = spawn.Event(), spawn.Event()
+        self.published, self.cpu_s = spawn.Value("i", 0), spawn.Value("d", 0.0)
+        self.process = spawn.Process(target=publish_staged, name=f"delta-publisher-{store.name}", daemon=True,
+                                     args=(str(store), [str(p) for p in chain.staged], plan.interval_s, self.go, stop,
+                                           self.ready, self.published, self.cpu_s))
+        self.process.start()
+
+    def close(self) -> None:
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.terminate()
 
 
 def delta_bytes(store: Path) -> list[int]:
@@ -198,6 +227,12 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
                    met=bool(p99 <= anchor_p99 + allowed)))
     report.add(Row(f"{label}: throughput", statistics.median(s.rate for s in outcome.deltas), "req/s", anchor=anchor,
                    anchor_value=statistics.median(s.rate for s in outcome.anchor)))
+    if outcome.publisher_only:
+        alone = _pct(outcome.publisher_only, 99)
+        report.add(Row(f"{label}: p99, the publisher alone (its store followed by no replica)", alone, "ms",
+                       anchor=anchor, anchor_value=anchor_p99))
+        report.add(Row(f"{label}: p99, the replicas' share (with deltas against the publisher alone)", p99, "ms",
+                       anchor="the publisher alone", anchor_value=alone))
     applied = min(outcome.applied.values(), default=0)
     report.add(Row(f"{scenario}: deltas applied per replica", applied, "deltas", anchor="deltas published",
                    anchor_value=outcome.published))
@@ -205,6 +240,9 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
         worst = [w[f"apply_ms_p{q}"] for w in outcome.weights.values() if w.get(f"apply_ms_p{q}") is not None]
         report.add(Row(f"{scenario}: apply time on a replica (lock held): p{q}", max(worst) if worst else float("nan"),
                        "ms"))
+        worst = [w[f"apply_cpu_ms_p{q}"] for w in outcome.weights.values() if w.get(f"apply_cpu_ms_p{q}") is not None]
+        report.add(Row(f"{scenario}: apply CPU on a replica (the follower thread's, lock held): p{q}",
+                       max(worst) if worst else float("nan"), "ms"))
         worst = [w[f"prepare_ms_p{q}"] for w in outcome.weights.values() if w.get(f"prepare_ms_p{q}") is not None]
         report.add(Row(f"{scenario}: prepare time on a replica (checks, map merges; no lock): p{q}",
                        max(worst) if worst else float("nan"), "ms"))
@@ -219,7 +257,8 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
     report.add(Row(f"{scenario}: publisher CPU per delta", per_delta, "ms"))
     replicas = "; ".join(
         f"{r}: {outcome.applied.get(r, '?')} applied, apply p50/p99/max {w['apply_ms_p50']}/{w['apply_ms_p99']}/"
-        f"{w['apply_ms_max']} ms, prepare p50/p99 {w.get('prepare_ms_p50')}/{w.get('prepare_ms_p99')} ms, "
+        f"{w['apply_ms_max']} ms (CPU p50 {w.get('apply_cpu_ms_p50')} ms; {w.get('installed_by_scorer')} installed by "
+        f"the scoring thread), prepare p50/p99 {w.get('prepare_ms_p50')}/{w.get('prepare_ms_p99')} ms, "
         f"{w['folds']} folds, {w['rebuilds']} rebuilds"
         + (f", RSS {outcome.rss[r] / 2**30:.2f} GiB" if r in outcome.rss else "")
         for r, w in outcome.weights.items())
@@ -227,7 +266,7 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
     window = plan.rounds * (plan.seconds + plan.warmup_s)
     report.notes.append(
         f"{scenario}: {plan.rounds} round(s) of {plan.seconds:g} s (after {plan.warmup_s:g} s of warm-up) without, "
-        f"then with deltas; {outcome.published} deltas published one every {plan.interval_s:g} s by a process at nice "
+        f"with the publisher alone, then with deltas; {outcome.published} deltas published one every {plan.interval_s:g} s by a process at nice "
         f"{PUBLISHER_NICE} ({outcome.publisher_cpu_s:.2f} CPU-s in all, {outcome.publisher_cpu_s / window:.1%} of "
         f"a core over the delta rounds); {len(sizes)} delta manifests, sizes {min(sizes, default=0):,}-"
         f"{max(sizes, default=0):,} B; each delta {plan.steps_per_delta} steps of batch {BATCH}, IDs Zipf-like over "

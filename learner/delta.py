@@ -370,9 +370,9 @@ def install_delta(model: nn.Module, prepared: PreparedDelta) -> None:
     if stale:
         raise DeltaError(f"maps {stale} changed since the delta was prepared: prepare it again")
     delta, entries, tables = prepared.delta, _entries(model), row_tables(model)
-    with torch.no_grad():
-        for key, value in delta.dense.items():
-            entries[key].copy_(value)
+    if delta.dense:
+        with torch.no_grad():  # one call: each call out of Python may wait for the GIL under serving's lock
+            torch._foreach_copy_([entries[key] for key in delta.dense], list(delta.dense.values()))
     for prefix, change in delta.tables.items():
         tables[prefix].load_rows(change.rows, change.weight, change.sum_sq, change.size)
     for encoder, name, _, merged in prepared.overlays.values():

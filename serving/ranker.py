@@ -97,7 +97,8 @@ class RankingService:
         """Item rows read within ``serving.item_cache_ttl_ms``, kept in this replica (``features.cache``)."""
         self.batches = 0
         self._batch_seq = itertools.count(1)  # next() is atomic: batches scored on any thread get distinct numbers
-        self.weights = WeightFollower(version_source(snapshots, weight_store), config.poll_s, on_swap=self._swapped)
+        self.weights = WeightFollower(version_source(snapshots, weight_store), config.poll_s, on_swap=self._swapped,
+                                      handoff=True)
 
     def _swapped(self, loaded: LoadedModel) -> None:
         self.metrics.swapped(loaded.version)
@@ -115,6 +116,7 @@ class RankingService:
         users = np.repeat(np.fromiter((q.user_id for q in queries), np.int64, len(queries)), lengths)  # (N,)
         features = self.features.lookup_batch(users, items, item_cache=self.item_cache)
         with self.weights.lock:  # no delta is applied while the batch is scored: it sees one version, whole
+            self.weights.install_handed()  # a delta the follower prepared goes in here, between two batches
             current = self.weights.current
             ids = {name: torch.from_numpy(features.ids[name]) for name in current.model.encoder.id_fields}
             tasks = current.model.tasks

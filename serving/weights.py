@@ -7,7 +7,9 @@ its parent (``learner.delta``). A background thread polls the source for a versi
   applied to the live model in place: checked and their map changes merged beside the requests
   (``learner.delta.prepare_delta``), then written under :attr:`WeightFollower.lock`, which the ranker holds while
   it scores a batch (``install_delta``): no batch ever sees a half-applied version, and an apply costs what the
-  delta changed;
+  delta changed. In a replica the follower hands the prepared delta to the scoring thread, which installs it
+  before its next batch (:meth:`WeightFollower.install_handed`), so the requests never wait for the follower's
+  thread to be scheduled;
 - **a base written beside training** (compaction: its manifest's ``same_as`` names the version whose state it
   holds) is not read at all by a replica whose model went through that version: the delta published with it
   brings any later version of the old chain up to date (``learner.delta.compose``), so it is applied in place
@@ -39,13 +41,17 @@ from pathlib import Path
 from typing import Protocol
 
 from learner.delta import (
-    Delta, DeltaError, fold_due, install_delta, install_fold, materialise, plan_fold, prepare_delta, without_held,
+    Delta, DeltaError, PreparedDelta, fold_due, install_delta, install_fold, materialise, plan_fold, prepare_delta,
+    without_held,
 )
 from learner.models import MultiTaskRanker
 from learner.snapshots import Manifest, SnapshotError, SnapshotStore, decode, manifest_name
 
 log = logging.getLogger(__name__)
 APPLY_TIMES_KEPT = 1000
+HANDOFF_S = 0.05
+"""How long a delta handed to the scorer waits for a batch before the follower installs it itself (an idle
+replica)."""
 
 
 @dataclass(frozen=True)
@@ -216,8 +222,14 @@ class WeightFollower:
     thread, with each version installed (a new base or an applied delta)."""
 
     def __init__(self, source: VersionSource | Path | str, poll_s: float = 0.25,
-                 on_swap: Callable[[LoadedModel], None] | None = None) -> None:
+                 on_swap: Callable[[LoadedModel], None] | None = None, handoff: bool = False) -> None:
         self.source = source if hasattr(source, "chain") else StoreSource(SnapshotStore(source))
+        self.handoff = handoff
+        """Whether a scorer installs the deltas this follower prepares (:meth:`install_handed`)."""
+        self._handed: tuple[Entry, PreparedDelta] | None = None
+        self._handed_error: Exception | None = None
+        self._taken = threading.Event()
+        self.installed_by_scorer = 0
         self.poll_s = poll_s
         self.on_swap = on_swap
         self.current: LoadedModel | None = None
@@ -233,6 +245,8 @@ class WeightFollower:
         """The versions the served model went through since it was last loaded whole, with their sha256."""
         self.apply_s: deque[float] = deque(maxlen=APPLY_TIMES_KEPT)
         """Wall time of the latest delta applies, lock held (what a batch may wait)."""
+        self.apply_cpu_s: deque[float] = deque(maxlen=APPLY_TIMES_KEPT)
+        """The follower thread's CPU time in each of them: below the wall time when the thread was preempted."""
         self.prepare_s: deque[float] = deque(maxlen=APPLY_TIMES_KEPT)
         """Wall time of the latest deltas' checks and map merges, beside the requests (after the read)."""
         self.rejected: dict[int, str] = {}
@@ -327,11 +341,7 @@ class WeightFollower:
                     delta = without_held(self.current.model, delta)
                 prepared = prepare_delta(self.current.model, delta)  # checks and map merges, beside the requests
                 self.prepare_s.append(time.perf_counter() - started)
-                with self.lock:
-                    started = time.perf_counter()
-                    install_delta(self.current.model, prepared)
-                    self.current = LoadedModel(entry.manifest, self.current.model)
-                    self.apply_s.append(time.perf_counter() - started)
+                self._install(entry, prepared)
             except Superseded:
                 return entry.version
             except (SnapshotError, DeltaError, KeyError, RuntimeError, ValueError, TypeError) as exc:
@@ -345,6 +355,50 @@ class WeightFollower:
             self._swapped()
         self._fold()
         return None
+
+    def _install(self, entry: Entry, prepared: PreparedDelta) -> None:
+        """Install a prepared delta under the lock: handed to the scoring thread when there is one
+        (:meth:`install_handed`), else, or when no batch takes it within :data:`HANDOFF_S`, on this thread. Raises
+        what the install raised."""
+        if self.handoff:
+            with self.lock:
+                self._handed, self._handed_error = (entry, prepared), None
+                self._taken.clear()
+            self._taken.wait(HANDOFF_S)
+            with self.lock:
+                if self._handed is not None:  # no batch came: installed here
+                    self._handed = None
+                    self._install_now(entry, prepared)
+                elif self._handed_error is not None:
+                    raise self._handed_error
+            return
+        with self.lock:
+            self._install_now(entry, prepared)
+
+    def install_handed(self) -> None:
+        """Install the delta the follower handed over, if any. The scorer calls this with the lock held before it
+        scores a batch: the install then runs on the thread that is about to score anyway, between two batches,
+        rather than on the follower's thread, which the requests would wait for until the OS schedules it (on a
+        busy machine the lock was held about twice the install's CPU time). Never raises: an install that
+        fails, changing nothing, is the follower's to report."""
+        handed, self._handed = self._handed, None
+        if handed is None:
+            return
+        try:
+            self._install_now(*handed)
+            self.installed_by_scorer += 1
+        except Exception as exc:  # noqa: BLE001 - the batch is scored by the version served; the follower reports it
+            self._handed_error = exc
+        finally:
+            self._taken.set()
+
+    def _install_now(self, entry: Entry, prepared: PreparedDelta) -> None:
+        """With the lock held: write ``prepared`` into the live model and serve ``entry``'s version."""
+        started, cpu = time.perf_counter(), time.thread_time()
+        install_delta(self.current.model, prepared)
+        self.current = LoadedModel(entry.manifest, self.current.model)
+        self.apply_s.append(time.perf_counter() - started)
+        self.apply_cpu_s.append(time.thread_time() - cpu)
 
     def _fold(self) -> None:
         """Fold the maps' overlays of applied deltas into the maps once they have grown: planned beside the
@@ -410,10 +464,11 @@ class WeightFollower:
             times = sorted(seconds)
             return round(times[min(len(times) - 1, int(q * len(times)))] * 1000, 3) if times else None
         return {"swaps": self.swaps, "deltas_applied": self.deltas_applied, "rebuilds": self.rebuilds,
-                "bases_adopted": self.adopted,
+                "bases_adopted": self.adopted, "installed_by_scorer": self.installed_by_scorer,
                 "folds": self.folds, "apply_ms_p50": at(self.apply_s, 0.5), "apply_ms_p99": at(self.apply_s, 0.99),
                 "apply_ms_max": at(self.apply_s, 1.0), "prepare_ms_p50": at(self.prepare_s, 0.5),
-                "prepare_ms_p99": at(self.prepare_s, 0.99)}
+                "prepare_ms_p99": at(self.prepare_s, 0.99), "apply_cpu_ms_p50": at(self.apply_cpu_s, 0.5),
+                "apply_cpu_ms_p99": at(self.apply_cpu_s, 0.99)}
 
     def _follow(self) -> None:
         while not self._stop.wait(self.poll_s):

@@ -55,6 +55,12 @@ def test_the_scenario_reports_latency_with_and_without_deltas_apply_times_and_si
     assert 0 < p50.value <= p99.value and 0 < p50.anchor_value <= p99.anchor_value
     assert p99.goal.startswith("unchanged") and p99.met in (True, False)
     assert rows[f"{cell}: throughput"].value > 0
+    alone = rows[f"{cell}: p99, the publisher alone (its store followed by no replica)"]
+    assert alone.value > 0 and alone.anchor_value == p99.anchor_value
+    share = rows[f"{cell}: p99, the replicas' share (with deltas against the publisher alone)"]
+    assert (share.value, share.anchor_value) == (p99.value, alone.value)
+    assert len(outcome.publisher_only) == plan.rounds
+    assert not (chain.store.parent / f"{chain.store.name}-unfollowed").exists(), "the unfollowed copy is removed"
     published = rows["deltas applied per replica"].anchor_value
     assert 1 <= rows["deltas applied per replica"].value <= published <= plan.deltas
     for what in ("apply time on a replica (lock held)", "prepare time on a replica (checks, map merges; no lock)"):

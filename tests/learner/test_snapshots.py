@@ -53,6 +53,26 @@ def test_non_finite_weights_are_refused_and_nothing_is_written(tmp_path: Path) -
     assert store.versions() == [] and store.latest_version() is None
 
 
+@pytest.mark.parametrize("values", [[float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")],
+                                    [3e38, 3e38, float("nan")]])
+def test_every_kind_of_non_finite_value_is_refused(tmp_path: Path, values: list[float]) -> None:
+    bad = _weights()
+    bad["w"].view(-1)[: len(values)] = torch.tensor(values)
+    with pytest.raises(SnapshotError, match="non-finite"):
+        SnapshotStore(tmp_path).publish(bad, {})
+
+
+def test_finite_weights_whose_sum_overflows_are_published_and_read_back(tmp_path: Path) -> None:
+    """The finiteness check sums first (a NaN or an infinity makes the sum non-finite); a sum that overflows
+    on its own is checked element by element, so large finite weights are not taken for non-finite ones."""
+    store = SnapshotStore(tmp_path)
+    large = _weights()
+    large["w"].view(-1)[:4] = torch.tensor([3e38, 3e38, -3e38, 3e38])
+    assert not torch.isfinite(large["w"].sum())
+    store.publish(large, {})
+    assert torch.equal(store.load()[1]["w"], large["w"])
+
+
 def test_a_corrupted_weights_file_fails_the_sha256_check(tmp_path: Path) -> None:
     store = SnapshotStore(tmp_path)
     store.publish(_weights(), {})

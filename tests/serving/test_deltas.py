@@ -5,6 +5,7 @@ and the same through Ray's weight-store actor for a replica whose filesystem has
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from learner.delta import map_keys, rows_key
+from learner.delta import DeltaError, map_keys, rows_key
 from infra.pipeline import wait_for
 from learner.snapshots import SnapshotStore
 from serving.weights import RaySource, WeightFollower
@@ -78,6 +79,69 @@ def test_a_replica_reads_the_manifests_of_the_versions_it_lacks_not_the_whole_ch
             assert sorted(set(reads)) == [served, version], f"at depth {depth}"
         assert follower.deltas_applied == 24 and follower.rebuilds == 0
         assert_serves(follower, store, version)
+
+
+@contextmanager
+def scoring(follower: WeightFollower) -> Iterator[list[int]]:
+    """A thread scoring batches as the ranker does: the lock held, a handed delta installed first; yields the
+    versions its batches saw."""
+    stop, seen = threading.Event(), []
+
+    def batches() -> None:
+        while not stop.wait(0.001):
+            with follower.lock:
+                follower.install_handed()
+                seen.append(follower.current.version)
+
+    thread = threading.Thread(target=batches, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_a_replica_installs_each_delta_on_its_scoring_thread_between_two_batches(store: SnapshotStore) -> None:
+    publisher = Publisher(store)
+    publisher.base()
+    follower = WeightFollower(store.directory, poll_s=NEVER, handoff=True)
+    try:
+        with scoring(follower) as seen:
+            for _ in range(4):
+                version = publisher.delta()
+                follower.refresh()
+                assert_serves(follower, store, version)
+        assert follower.installed_by_scorer == 4 and follower.deltas_applied == 4
+        assert seen == sorted(seen) and seen[-1] == version, "batches see versions in order, each whole"
+        version = publisher.delta()
+        follower.refresh()  # no batch comes: the follower installs it itself
+        assert_serves(follower, store, version)
+        assert follower.installed_by_scorer == 4 and follower.deltas_applied == 5
+    finally:
+        follower.close()
+
+
+def test_an_install_that_fails_on_the_scoring_thread_refuses_the_version_not_the_batch(
+        store: SnapshotStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import serving.weights
+
+    publisher = Publisher(store)
+    publisher.base()
+    follower = WeightFollower(store.directory, poll_s=NEVER, handoff=True)
+    try:
+        served = follower.current.version
+
+        def fails(model, prepared) -> None:
+            raise DeltaError("maps changed since the delta was prepared")
+        monkeypatch.setattr(serving.weights, "install_delta", fails)
+        with scoring(follower) as seen:
+            bad = publisher.delta()
+            follower.refresh()
+        assert follower.current.version == served and "maps changed" in follower.rejected[bad]
+        assert seen and set(seen) == {served}
+    finally:
+        follower.close()
 
 
 def test_a_tombstoned_id_is_scored_with_the_default_row_never_its_old_one(store: SnapshotStore) -> None:
