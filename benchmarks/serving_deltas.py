@@ -10,11 +10,14 @@ store every ``interval_s``. Replaying them keeps the trainer's CPU off the two c
 share: what is measured is the cost of *applying* deltas on the replicas (each under the lock a batch is scored
 under, ``serving.weights``), plus the publisher's own writing, whose CPU is reported.
 
-Anchor: the same load on the same replicas with no publisher, in the same run, alternating in rounds (no deltas,
-then deltas) so a busy neighbour hits both alike. Between the two, each round also runs the load while a second
-publisher process publishes the same deltas into a copy of the store that no replica follows ("publisher only"):
-on this machine the publisher shares the two cores with the replicas, where a deployment's trainer would not,
-and that condition tells its share of the difference from the replicas' own. "Unchanged" is read as: the p99 with deltas within
+Anchor: the same load on the same replicas with no publisher, in the same run, alternating in rounds so a busy
+neighbour hits every condition alike. Each round also runs the load while a second publisher process publishes the
+same deltas into a copy of the store that no replica follows ("the publisher alone"): on this machine the
+publisher shares the two cores with the replicas, where a deployment's trainer would not, and that condition tells
+its share of the difference from the replicas' own. The order of the three conditions turns by one each round, so
+that each comes first, second and third equally often: with a publisher that only spent its CPU and wrote
+nothing, p99 in whichever condition came second in every round was 6-10 ms above the first's (runs of
+2026-12-06), a difference of place, not of what ran. "Unchanged" is read as: the p99 with deltas within
 ``max(10% of the anchor's p99, 2 ms)`` above it. The replicas report the deltas they applied and the wall time of
 each apply under the lock (``/healthz`` ``weights``); the manifests give each delta's bytes, the issue's goal is a
 delta of at most 5% of the base.
@@ -146,10 +149,7 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
                 if publisher is not None:
                     publisher.go.clear()
 
-        task = progress.add_task("serving while deltas arrive", total=3 * plan.rounds) if progress else None
-        for _ in range(plan.rounds):
-            outcome.anchor.append(load())
-            outcome.publisher_only.append(load(unfollowed))
+        def with_deltas() -> None:
             before, count = replica_health(base, plan.replicas, asks=64), main.published.value
             outcome.deltas.append(load(main))
             time.sleep(SETTLE_S)  # the last delta published reaches the replicas before they are asked
@@ -158,6 +158,13 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
             for replica in before.keys() & after.keys():
                 done = after[replica]["weights"]["deltas_applied"] - before[replica]["weights"]["deltas_applied"]
                 outcome.applied[replica] = outcome.applied.get(replica, 0) + done
+
+        conditions = [lambda: outcome.anchor.append(load()), lambda: outcome.publisher_only.append(load(unfollowed)),
+                      with_deltas]
+        task = progress.add_task("serving while deltas arrive", total=3 * plan.rounds) if progress else None
+        for r in range(plan.rounds):
+            for condition in conditions[r % 3:] + conditions[: r % 3]:  # each condition in each place alike
+                condition()
             if progress is not None:
                 progress.advance(task, 3)
         final = replica_health(base, plan.replicas, asks=64)
