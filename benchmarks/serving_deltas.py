@@ -248,7 +248,7 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
         report.add(Row(f"{scenario}: apply time on a replica (lock held): p{q}", max(worst) if worst else float("nan"),
                        "ms"))
         worst = [w[f"apply_cpu_ms_p{q}"] for w in outcome.weights.values() if w.get(f"apply_cpu_ms_p{q}") is not None]
-        report.add(Row(f"{scenario}: apply CPU on a replica (the follower thread's, lock held): p{q}",
+        report.add(Row(f"{scenario}: apply CPU on a replica (the installing thread's, lock held): p{q}",
                        max(worst) if worst else float("nan"), "ms"))
         worst = [w[f"prepare_ms_p{q}"] for w in outcome.weights.values() if w.get(f"prepare_ms_p{q}") is not None]
         report.add(Row(f"{scenario}: prepare time on a replica (checks, map merges; no lock): p{q}",

@@ -246,7 +246,8 @@ class WeightFollower:
         self.apply_s: deque[float] = deque(maxlen=APPLY_TIMES_KEPT)
         """Wall time of the latest delta applies, lock held (what a batch may wait)."""
         self.apply_cpu_s: deque[float] = deque(maxlen=APPLY_TIMES_KEPT)
-        """The follower thread's CPU time in each of them: below the wall time when the thread was preempted."""
+        """The installing thread's CPU time in each of them (the scorer's or the follower's): below the wall time
+        when that thread was preempted while it held the lock."""
         self.prepare_s: deque[float] = deque(maxlen=APPLY_TIMES_KEPT)
         """Wall time of the latest deltas' checks and map merges, beside the requests (after the read)."""
         self.rejected: dict[int, str] = {}
@@ -287,19 +288,17 @@ class WeightFollower:
     def _chain(self, target: int) -> list[Entry]:
         """``target``'s chain from the version served when it is on it, else from its base. A replica reads the
         manifests of the versions it lacks, not the whole chain (up to ``learner.publish.max_deltas`` long)."""
-        if self.current is None:
-            return self.source.chain(target)
-        chain = self.source.chain(target, since=self.current.version)
-        if not chain[0].is_base and chain[0].manifest.sha256 != self.current.manifest.sha256:
-            return self.source.chain(target)  # the same number, another version: the store started over
-        return chain
+        return self.source.chain(target, since=self.current.version if self.current is not None else None)
 
     def _advance(self, chain: list[Entry], serving: int) -> bool:
         """Serve ``chain``'s last version (or the furthest of it that verifies, when newer than ``serving``).
         False when nothing newer could be installed."""
         versions = [e.version for e in chain]
-        incremental = self.current is not None and serving in versions and not chain[versions.index(serving) + 1].is_base
-        if incremental and self._apply(chain[versions.index(serving) + 1:]) is None:
+        at = versions.index(serving) if self.current is not None and serving in versions else None
+        # the version served itself, not another of its number (a store that started over), and a delta after it
+        incremental = (at is not None and chain[at].manifest.sha256 == self.current.manifest.sha256
+                       and not chain[at + 1].is_base)
+        if incremental and self._apply(chain[at + 1:]) is None:
             return True  # every delta in; else rebuild from the base, as far as it verifies
         if not chain[0].is_base:  # the chain from the version served: a rebuild reads it from its base
             chain = self.source.chain(chain[-1].version)

@@ -81,6 +81,30 @@ def test_a_replica_reads_the_manifests_of_the_versions_it_lacks_not_the_whole_ch
         assert_serves(follower, store, version)
 
 
+def test_a_store_that_started_over_past_the_version_served_is_loaded_from_its_base_not_applied_on_top(
+        store: SnapshotStore) -> None:
+    """The store is emptied and published into again up to beyond the version the replica serves: its v3 is another
+    v3 (another sha256), so v4 is not the change from the model served and the replica loads the new chain."""
+    publisher = Publisher(store)
+    publisher.base()
+    publisher.delta()
+    with following(store.directory) as follower:
+        served = publisher.delta()
+        follower.refresh()
+        assert follower.current.version == served == 3
+        for path in store.directory.iterdir():
+            path.unlink()
+        again = Publisher(store)
+        again.step()  # other weights from the start: every version below differs from the old one of its number
+        again.base()
+        again.delta()
+        assert again.delta() == served and store.manifest(served).sha256 != follower.current.manifest.sha256
+        newest = again.delta()
+        follower.refresh()
+        assert_serves(follower, store, newest)
+        assert follower.deltas_applied == 1, "nothing of the new store was applied on the old model"
+
+
 @contextmanager
 def scoring(follower: WeightFollower) -> Iterator[list[int]]:
     """A thread scoring batches as the ranker does: the lock held, a handed delta installed first; yields the
