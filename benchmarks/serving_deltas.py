@@ -16,8 +16,8 @@ same deltas into a copy of the store that no replica follows ("the publisher alo
 publisher shares the two cores with the replicas, where a deployment's trainer would not, and that condition tells
 its share of the difference from the replicas' own. The order of the three conditions turns by one each round, so
 that each comes first, second and third equally often: with a publisher that only spent its CPU and wrote
-nothing, p99 in whichever condition came second in every round was 6-10 ms above the first's (runs of
-2026-12-06), a difference of place, not of what ran. "Unchanged" is read as: the p99 with deltas within
+nothing, whichever condition came second in every round read a p99 well above the first's, a difference of place,
+not of what ran (docs/serving.md has the figures). "Unchanged" is read as: the p99 with deltas within
 ``max(10% of the anchor's p99, 2 ms)`` above it. The replicas report the deltas they applied and the wall time of
 each apply under the lock (``/healthz`` ``weights``); the manifests give each delta's bytes, the issue's goal is a
 delta of at most 5% of the base.
