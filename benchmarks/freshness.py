@@ -333,8 +333,8 @@ where the shipped 1000 deltas (or half a base's bytes) put one every several min
 
 def sized_config(layout, bootstrap: str, topic: str, live_ids: int, mode: str):
     """The pipeline's configuration for a run at ``live_ids``: per-field tables of ``EMB_DIM`` with room for them,
-    a version at most every ``PUBLISH_EVERY_S``, and no checkpoint while measuring (a checkpoint still writes the
-    whole model: at 10^7 ids it would stall the trainer every few seconds, which is not what this measures).
+    a version at most every ``PUBLISH_EVERY_S``, and checkpoints at the shipped cadence, written beside training
+    (``learner.cadence.checkpoint_beside``: at 10^7 ids one takes seconds to write, and the next follows it).
     ``mode`` "deltas": the shipped ``learner.publish`` (a base, then deltas through the weight-store actor until the
     chain's deltas weigh half the base; a base over ``ray_max_bytes`` read from the store); "compaction": the same
     with a base due after ``COMPACTION_DELTAS`` deltas, each written beside training; "full": every version is a
@@ -343,7 +343,7 @@ def sized_config(layout, bootstrap: str, topic: str, live_ids: int, mode: str):
     from learner.config import PublishConfig
 
     config = worker_config(layout, bootstrap=bootstrap, topic=topic, window_ms=WINDOW_MS, snapshot_every_steps=10**9,
-                           checkpoint_every_steps=10**9, batch_size=BATCH, wandb_mode="disabled")
+                           batch_size=BATCH, wandb_mode="disabled")
     capacity = max(1 << 16, int(live_ids // 2 * 1.25))
     tables = {field: {"capacity": capacity, "dim": EMB_DIM} for field in ("user_id", "item_id")}
     cadence = replace(config.learner.cadence, snapshot_every_s=PUBLISH_EVERY_S)
@@ -394,6 +394,12 @@ def sized_rows(report: Report, live_ids: int, mode: str, m: Measured, full: Meas
         report.add(Row(f"base copies on the training thread, max ({label})", capture["seconds_max"] * 1000, "ms",
                        anchor="the base's whole write, p50", anchor_value=published["base"]["seconds_p50"] * 1000
                        if published.get("base") else None))
+    held = m.stats.get("checkpoint_seconds", {})
+    if capture := held.get("capture"):  # what each checkpoint took of the training thread
+        written = held.get("write")
+        report.add(Row(f"checkpoint on the training thread, max ({label})", capture["max"] * 1000, "ms",
+                       anchor="the checkpoint's write beside training, p50" if written else None,
+                       anchor_value=written["p50"] * 1000 if written else None))
     base, delta = published.get("base"), published.get("delta")
     if base and delta:
         share = delta["bytes_p50"] / base["bytes_p50"]
@@ -420,7 +426,9 @@ def sized_rows(report: Report, live_ids: int, mode: str, m: Measured, full: Meas
         f"{weights.get('bases_adopted', 0)} bases taken through their delta alone, {weights.get('rebuilds', 0)} rebuilds, {weights.get('folds', 0)} map folds, {m.health.get('swaps')} "
         f"swaps, rejected {m.health.get('rejected_versions')}; client: {m.responses:,} responses, {m.versions_seen} "
         f"versions seen, {m.failed} failed; consumer lag while measuring max {max(m.lags, default=0):,} messages; "
-        f"{int(np.isinf(m.ages).sum())} of {len(m.ages)} events never seen covered" + "".join(f"; {n}" for n in m.notes))
+        f"{int(np.isinf(m.ages).sum())} of {len(m.ages)} events never seen covered; checkpoints: "
+        f"{held.get('capture', {}).get('n', 0)} taken, {held.get('write', {}).get('n', 0)} written beside training, "
+        f"{m.stats.get('checkpoint_failures', 0)} failed" + "".join(f"; {n}" for n in m.notes))
 
 
 def run(quick: bool = False, sizes: tuple[int, ...] | None = None, modes: tuple[str, ...] = MODES) -> Report:
@@ -500,7 +508,8 @@ def run(quick: bool = False, sizes: tuple[int, ...] | None = None, modes: tuple[
             "weight-store actor (a base over ray_max_bytes, 256 MiB, read from the durable store); 'compaction' the same "
             f"with a base due every {COMPACTION_DELTAS} deltas, so that bases written beside training fall inside the "
             "measured window; "
-            "no checkpoint while measuring (it still writes the whole model)")
+            "checkpoints at the shipped cadence (every 10 steps), written beside training "
+            "(learner.cadence.checkpoint_beside; at 10^7 ids the next follows as soon as one is durable)")
     for live_ids in sizes:
         for mode in modes:
             sized_rows(report, live_ids, mode, sized[(live_ids, mode)],

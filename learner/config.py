@@ -126,6 +126,7 @@ class CadenceConfig:
     checkpoint_every_steps: int = 10        # offsets are committed only after a durable checkpoint
     health_every_steps: int = 10            # progressive metrics summary and expert-health report
     stats_every_steps: int = 10             # intake figures (lag, consumed, joiner pending) and ID-table figures to telemetry
+    checkpoint_beside: bool = True          # a worker alone writes its checkpoints on a thread of its own (learner.beside)
 
     def __post_init__(self) -> None:
         for name in ("snapshot_every_steps", "checkpoint_every_steps", "health_every_steps", "stats_every_steps"):

@@ -564,6 +564,16 @@ class IdMap:
         live = self._rows.live()
         return self._rows.index.key_of(live), live
 
+    def state_and_capture(self) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """:meth:`state` and :meth:`capture` of one moment, the live IDs read once (a checkpoint written beside
+        training takes both: reading each live row's key is most of either's time)."""
+        arrays = self.state()
+        if self.config.mode == "hash":
+            return arrays, (_NONE, _NONE)
+        keys = arrays["rows.keys"]
+        live = np.flatnonzero(keys != EMPTY)  # ascending, as ``_Pool.live`` gives them; the default row is never live
+        return arrays, (keys[live], live)
+
     @staticmethod
     def for_serving(config: IdMapConfig, arrays: dict[str, np.ndarray]) -> ServingIdMap:
         return ServingIdMap(config, arrays)

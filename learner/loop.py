@@ -27,9 +27,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
-from learner.beside import BaseBeside
+from learner.beside import BaseBeside, CheckpointBeside
 from learner.checkpoint import Checkpoint, CheckpointError, CheckpointStore, write_group_step
 from learner.collisions import IdCollisions
 from features.definitions import FEATURE_COLUMNS, ID_FIELDS
@@ -41,6 +42,9 @@ from learner.reporter import Reporter
 from learner.snapshots import Manifest, PendingBase, SnapshotStore
 from learner.step import Learner, StepResult
 from learner.telemetry import Telemetry
+
+
+CHECKPOINT_TIMES_KEPT = 100
 
 
 class TrainingLoop:
@@ -85,6 +89,14 @@ class TrainingLoop:
         self._closing = False  # the group is training on what it holds before it stops (see run)
         self.beside = BaseBeside(reporter.snapshots)
         """The base being written beside training, if any (``learner.beside``)."""
+        self.checkpoint_beside = (CheckpointBeside(checkpoints) if checkpoints is not None and group_dir is None
+                                  and cadence.checkpoint_beside else None)
+        """Where a worker alone writes the checkpoints its cadence makes due, beside training
+        (``learner.cadence.checkpoint_beside``); a group writes them on the training thread, in lockstep."""
+        self._checkpoint_owed = False  # one came due while the one before was still being written
+        self.checkpoint_seconds: dict[str, list[float]] = {"capture": [], "write": [], "inline": []}
+        """The latest checkpoints' times: of one written beside training, what it took of the training thread
+        (``capture``) and of its own (``write``); of one written on the training thread, the whole (``inline``)."""
 
     @classmethod
     def local(cls, config: LearnerConfig, store: FeatureReader, snapshots: SnapshotStore, *,
@@ -157,8 +169,10 @@ class TrainingLoop:
         self.reporter.observe(step, result, time.perf_counter() - started)
         if step % cadence.health_every_steps == 0:
             self.reporter.report(step, self._summarise(), self.learner.positive_rates())
-        if step % cadence.checkpoint_every_steps == 0 and not self._closing:
-            self.checkpoint()
+        if self.checkpoint_beside is not None:
+            self._collect_checkpoint()
+        if (step % cadence.checkpoint_every_steps == 0 or self._checkpoint_owed) and not self._closing:
+            self._checkpoint_on_cadence()
         if self.snapshot_due(step) and not self._closing:
             self.publish()
         if step % cadence.stats_every_steps == 0:
@@ -257,14 +271,20 @@ class TrainingLoop:
         self.reporter.published = list(counters.get("published", []))
 
     def checkpoint(self) -> bool:
-        """Write a checkpoint; only when it is durable, commit the offsets it covers. False if it failed.
+        """Write a checkpoint now, on this thread; only when it is durable, commit the offsets it covers. False if
+        it failed. One being written beside training is waited for (and its offsets committed) first.
 
         In a group every worker checkpoints at the same step, and none commits until all of them have: the
         workers agree that every checkpoint is durable, rank 0 records the step in ``GROUP``, they agree that
         this record is durable, and only then commit."""
         if self.checkpoints is None:
             return False
+        if self.checkpoint_beside is not None:
+            self._collect_checkpoint(wait=True)
+            self._checkpoint_owed = False
+        started = time.perf_counter()
         covered = self._write_checkpoint()
+        self._checkpoint_time("inline", time.perf_counter() - started)
         if self.group_dir is None:
             if covered is not None:
                 self.source.commit(covered)
@@ -283,6 +303,49 @@ class TrainingLoop:
         self.checkpoints.pinned = self.learner.step
         self.source.commit(covered)
         return True
+
+    def _checkpoint_on_cadence(self) -> None:
+        """The checkpoint the cadence made due: beside training when this worker trains alone (started now, its
+        offsets committed by a later step once it is durable: :meth:`_collect_checkpoint`), else now. One due while
+        the one before is still being written is taken at the first step after that one is durable."""
+        beside = self.checkpoint_beside
+        if beside is None:
+            self.checkpoint()
+            return
+        if beside.running:
+            self._checkpoint_owed = True
+            return
+        self._checkpoint_owed = False
+        started = time.perf_counter()
+        assemble, optimizer, arrays, counters = self.learner.capture_state()
+        arrays = {**arrays, **self.features.state()}
+        counters = {**counters, "published": list(self.reporter.published), "nonfinite_features": self.features.nonfinite}
+        buffer, joiner, offsets = self.source.capture()
+        step, meta = self.learner.step, {"counters": counters, "offsets": {str(p): o for p, o in offsets.items()}}
+
+        def whole(model: dict) -> Checkpoint:
+            return Checkpoint(step, model, optimizer, arrays, joiner, buffer, meta)
+        beside.start(assemble, whole, offsets)
+        self._checkpoint_time("capture", time.perf_counter() - started)
+
+    def _collect_checkpoint(self, wait: bool = False) -> bool:
+        """Commit the offsets of the checkpoint written beside training once it is durable (``wait``: wait for it);
+        True when one was committed. A write that failed is counted, and its offsets are not committed."""
+        beside = self.checkpoint_beside
+        try:
+            covered = beside.done(wait=wait)
+        except CheckpointError as exc:
+            return self._checkpoint_failed(str(exc))
+        if covered is None:
+            return False
+        self._checkpoint_time("write", beside.seconds or 0.0)
+        self.source.commit(covered)
+        return True
+
+    def _checkpoint_time(self, kind: str, seconds: float) -> None:
+        kept = self.checkpoint_seconds[kind]
+        kept.append(seconds)
+        del kept[:-CHECKPOINT_TIMES_KEPT]
 
     def _write_checkpoint(self) -> dict[int, int] | None:
         """Write a checkpoint; the offsets it covers once it is durable, None if it failed."""
@@ -338,6 +401,8 @@ class TrainingLoop:
             **self.reporter.publish_figures(),
             **self.features.outage_figures(),
             "checkpoint_failures": self.checkpoint_failures,
+            "checkpoint_seconds": {kind: {"n": len(t), "p50": float(np.median(t)), "max": max(t)}
+                                   for kind, t in self.checkpoint_seconds.items() if t},
             "last_checkpoint_error": self.last_checkpoint_error,
             "rank": self.rank,
             "id_buckets": self.collisions.n_buckets,
@@ -351,6 +416,8 @@ class TrainingLoop:
         """The last push lands and the last heatmap is logged before the W&B run ends."""
         self.features.close()
         self.beside.close()
+        if self.checkpoint_beside is not None:  # a checkpoint being written is finished: whole, as every one
+            self.checkpoint_beside.close()
         self.reporter.close(self.learner.step)
         if self.telemetry is not None:
             self.telemetry.finish()

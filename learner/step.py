@@ -53,6 +53,17 @@ def column(table: pa.Table, name: str, dtype: type) -> np.ndarray:
     return np.array(table.column(name).to_numpy(), dtype=dtype)
 
 
+def _copied(optimizer_state: dict) -> dict:
+    """An ``optimizer.state_dict()`` that the next step cannot change: its tensors cloned (the state dict holds
+    the optimizer's own), its groups copied."""
+    state = {index: {name: value.detach().clone() if isinstance(value, torch.Tensor) else value
+                     for name, value in slots.items()}
+             for index, slots in optimizer_state["state"].items()}
+    groups = [{k: list(v) if isinstance(v, list) else v for k, v in group.items()}
+              for group in optimizer_state["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What one step did: the loss this worker contributed, its per-task losses, and the forward pass
@@ -293,18 +304,20 @@ class Learner:
         self.publish_maps()
         return self.model.state_dict()
 
-    def capture(self) -> Callable[[], dict[str, torch.Tensor]]:
+    def capture(self, pairs: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Callable[[], dict[str, torch.Tensor]]:
         """:meth:`weights` in two halves, for a base written beside training (``learner.loop``): what is taken now
         (copies of the small entries, each ID map's live pairs unordered, and a snapshot of each table's weights:
         ``RowwiseTable.snapshot``), and the function returned, which copies the tables, orders the maps and
         assembles the state dict on another thread while training goes on. What it returns equals what
         :meth:`weights` returns now; the training thread pays for the small entries and the maps here, and for the
-        rows it writes while the tables are copied, not for the tables."""
+        rows it writes while the tables are copied, not for the tables. ``pairs``: each map's live pairs, taken
+        already (``IdMap.state_and_capture``)."""
         maps, tables = field_maps(self.model), row_tables(self.model)
         weights = {f"{prefix}weight": table.snapshot() for prefix, table in tables.items()}
         skip = {*maps, *(rows_key(k) for k in maps), *weights}
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k not in skip}
-        captured = {key: self.id_maps[name].capture() for key, (_, name) in maps.items()}
+        captured = {key: pairs[name] if pairs is not None else self.id_maps[name].capture()
+                    for key, (_, name) in maps.items()}
         device = self.device
 
         def assemble() -> dict[str, torch.Tensor]:
@@ -393,6 +406,20 @@ class Learner:
                     "skipped_steps": self.skipped_steps}
         maps = {f"idmap.{name}.{k}": v for name, id_map in self.id_maps.items() for k, v in id_map.state().items()}
         return self.weights(), self.optimizer.state_dict(), {**self.metrics.state(), **maps}, counters
+
+    def capture_state(self) -> tuple[Callable[[], dict[str, torch.Tensor]], dict, dict[str, np.ndarray], dict]:
+        """:meth:`state` for a checkpoint written beside training (``learner.beside.CheckpointBeside``): the weights
+        as :meth:`capture` takes them (the tables copied, the maps ordered later, on the writing thread), and
+        copies of the optimizer's state, the metric windows and the ID maps' state now, since training goes on
+        writing into them. The training thread pays for those copies (O(live IDs) for the maps), not for
+        serialising and writing the whole state."""
+        counters = {"step": self.step, "examples": self.examples, "event_time_hwm_ms": self.event_time_hwm_ms,
+                    "skipped_steps": self.skipped_steps}
+        taken = {name: id_map.state_and_capture() for name, id_map in self.id_maps.items()}
+        maps = {f"idmap.{name}.{k}": v for name, (state, _) in taken.items() for k, v in state.items()}
+        metrics = {k: np.array(v, copy=True) for k, v in self.metrics.state().items()}
+        assemble = self.capture({name: pairs for name, (_, pairs) in taken.items()})
+        return assemble, _copied(self.optimizer.state_dict()), {**metrics, **maps}, counters
 
     def restore(self, model: dict[str, torch.Tensor], optimizer: dict, arrays: dict[str, np.ndarray],
                 counters: dict) -> None:

@@ -111,7 +111,8 @@ class TrainerWorker:
         if config.group is not None:  # each rank reads its own partitions: no rebalance to wait on mid-step
             kafka = replace(kafka, assign=rank_partitions(kafka.partitions, config.group.world_size, self.rank))
         joiner = LabelJoiner.from_state(config.joiner, restored.joiner) if restored is not None else None
-        self.stream = JoinedStream(kafka, config.joiner, restored=joiner)
+        resume_from = {int(p): int(o) for p, o in restored.meta.get("offsets", {}).items()} if restored is not None else None
+        self.stream = JoinedStream(kafka, config.joiner, restored=joiner, resume_from=resume_from)
         self.stream.auto_commit = False  # commits follow checkpoints
         intake = Intake(self.stream, max_buffered=config.read_ahead_batches * config.batch_size,
                         stall_timeout_s=config.stall_timeout_s)

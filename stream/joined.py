@@ -20,6 +20,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from kafka import ConsumerRebalanceListener
@@ -39,6 +40,8 @@ class StreamStats:
     dropped_on_revoke: int = 0
     rebalances: int = 0
     commit_retries: int = 0
+    below_checkpoint: int = 0
+    """Events read again below the offsets of the checkpoint resumed from, and skipped (what it holds already)."""
     assigned: list[int] = field(default_factory=list)
 
 
@@ -97,8 +100,15 @@ class _Revocations(ConsumerRebalanceListener):
 
 class JoinedStream:
     def __init__(
-        self, kafka: KafkaConfig, joiner: JoinerConfig = JoinerConfig(), restored: LabelJoiner | None = None
+        self, kafka: KafkaConfig, joiner: JoinerConfig = JoinerConfig(), restored: LabelJoiner | None = None,
+        resume_from: dict[int, int] | None = None,
     ) -> None:
+        """``restored``: the joiner of the checkpoint resumed from; ``resume_from``: its offsets (partition -> next
+        offset). Kafka's committed offsets may be behind them: a crash can come between a checkpoint made durable
+        and the commit of its offsets (a checkpoint written beside training is committed by a later step). The
+        events below them, read again, are skipped: the checkpoint holds them already (trained, in its buffer or
+        in its joiner), and joining them again would train them twice."""
+        self._floor = dict(resume_from or {})
         self._listener = _Revocations()
         source = ProcessEventSource if kafka.consumer == "process" else EventSource
         self.source: EventSource | ProcessEventSource = source(kafka, listener=self._listener)
@@ -126,6 +136,9 @@ class JoinedStream:
         if not set(next_offsets) <= owned:  # records fetched before a revocation in the same batch
             decoded = _only(decoded, owned)
             next_offsets = {p: o for p, o in next_offsets.items() if p in owned}
+        if self._floor:
+            decoded, skipped = _from(decoded, self._floor)
+            self.stats.below_checkpoint += skipped
         self.joiner.add(decoded)
         self._consumed.update(next_offsets)
         self.stats.consumed += batch.n_messages
@@ -215,6 +228,22 @@ class JoinedStream:
             self._consumed.pop(part, None)
             self._committed.pop(part, None)
         return assigned
+
+
+def _from(decoded: DecodedBatch, floor: dict[int, int]) -> tuple[DecodedBatch, int]:
+    """The events at or past each partition's ``floor`` offset (partitions it does not name: all), and how many
+    were left out."""
+    def keep(table: pa.Table) -> pa.Table:
+        if not table.num_rows:
+            return table
+        parts, offsets = table["partition"].to_numpy(), table["offset"].to_numpy()
+        lows = np.zeros(int(parts.max()) + 1, np.int64)
+        for part, low in floor.items():
+            if part < len(lows):
+                lows[part] = low
+        return table.filter(pa.array(offsets >= lows[parts]))
+    kept = DecodedBatch(impressions=keep(decoded.impressions), feedback=keep(decoded.feedback), rejects=decoded.rejects)
+    return kept, decoded.n_valid - kept.n_valid
 
 
 def _only(decoded: DecodedBatch, partitions: set[int]) -> DecodedBatch:

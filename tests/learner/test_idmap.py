@@ -402,6 +402,19 @@ def test_restore_resumes_exactly(config: IdMapConfig) -> None:
         assert _stats(idmap) == _stats(restored)
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.mode}-cap{c.capacity}-min{c.min_count}-ttl{c.ttl_ms}")
+def test_state_and_capture_are_state_and_capture_of_one_moment(config: IdMapConfig) -> None:
+    rng = np.random.default_rng(4)
+    idmap = IdMap(config)
+    for t in range(200):
+        idmap.rows(rng.zipf(1.2, 10) % (3 * config.capacity), t * 3)
+    arrays, (keys, live) = idmap.state_and_capture()
+    expected = idmap.state()
+    assert set(arrays) == set(expected) and all(np.array_equal(arrays[k], expected[k]) for k in expected)
+    expected_keys, expected_live = idmap.capture()
+    assert np.array_equal(keys, expected_keys) and np.array_equal(live, expected_live)
+
+
 def test_restore_refuses_state_of_another_size() -> None:
     idmap = IdMap(IdMapConfig(capacity=4))
     with pytest.raises(ValueError, match="rows.keys"):

@@ -45,5 +45,7 @@ def test_killed_actor_is_restarted_by_ray_and_resumes_from_its_checkpoint(
     print(f"\nray restart: {len(impressions)} impressions, trained before kill {before}, restored step "
           f"{stats['restored_step']}, lost {len(lost)}, duplicates {duplicates}")
     assert not lost
-    assert duplicates <= EVERY * BATCH
+    # at most what was trained after the checkpoint restored: with checkpoints written beside training, the last
+    # one durable at the kill may be a write's worth of steps behind the last one taken
+    assert duplicates <= before - stats["restored_step"] * BATCH
     ray.kill(actor)

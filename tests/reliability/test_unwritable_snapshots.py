@@ -64,8 +64,12 @@ def test_a_full_then_read_only_snapshot_dir_is_waited_out_and_publishing_resumes
     filler = None
     try:
         _until(lambda: (snapshots / "LATEST").exists(), 120, "a first snapshot", thread)
+        failures_before = stats()["publish_failures"]
         filler = fill(snapshot_fs)
-        full_at, trained_at_full, latest_at_full = time.monotonic(), trained(), (snapshots / "LATEST").read_text()
+        full_at, trained_at_full = time.monotonic(), trained()
+        # a publish under way when the disk filled may still land: LATEST is read once one has failed on it
+        _until(lambda: stats()["publish_failures"] > failures_before, 120, "a failed publish on a full disk", thread)
+        latest_at_full = (snapshots / "LATEST").read_text()
         _until(lambda: stats()["publish_failures"] >= 3 and trained() > trained_at_full + 3 * BATCH, 120,
                "failed publishes on a full disk while training goes on", thread)
         full_error, full_failures = stats()["last_publish_error"], stats()["publish_failures"]
