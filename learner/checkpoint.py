@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +27,10 @@ import pyarrow as pa
 import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_numpy
-from safetensors.numpy import save_file as save_numpy
+from safetensors.numpy import save as numpy_bytes
 from safetensors.torch import load_file, save_file
 
-from learner.snapshots import write_atomic
+from learner.snapshots import safetensors_parts, write_atomic
 
 
 class CheckpointError(RuntimeError):
@@ -66,6 +67,18 @@ def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def _numpy_parts(arrays: dict[str, np.ndarray]) -> list[memoryview]:
+    """``arrays`` as a safetensors file, streamed from their memory (``safetensors_parts``); with a dtype torch does
+    not hold, the library's bytes."""
+    try:
+        with warnings.catch_warnings():  # read only: a read-only array is as good as any
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    except TypeError:
+        return [memoryview(numpy_bytes({k: np.ascontiguousarray(v) for k, v in arrays.items()}))]
+    return safetensors_parts(tensors)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -95,9 +108,13 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             opt_tensors, opt_meta = optimizer_tensors(ckpt.optimizer)
-            save_file({k: v.detach().cpu().contiguous() for k, v in ckpt.model.items()}, str(tmp / "model.safetensors"))
+            # The large files are streamed from the tensors' memory and synced as they are written
+            # (``learner.snapshot_files``): the library's writer builds each in one buffer holding the GIL, and a
+            # file of gigabytes synced at the end makes every other fsync of the machine wait behind it.
+            model = {k: v.detach().cpu().contiguous() for k, v in ckpt.model.items()}
+            write_atomic(tmp / "model.safetensors", safetensors_parts(model))
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            save_numpy({k: np.ascontiguousarray(v) for k, v in ckpt.arrays.items()}, str(tmp / "arrays.safetensors"))
+            write_atomic(tmp / "arrays.safetensors", _numpy_parts(ckpt.arrays))
             (tmp / "joiner.arrow").write_bytes(ckpt.joiner)
             _write_arrow(tmp / "buffer.arrow", ckpt.buffer)
             (tmp / "meta.json").write_bytes(orjson.dumps({**ckpt.meta, "step": ckpt.step, "optimizer": opt_meta}))

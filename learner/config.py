@@ -127,10 +127,14 @@ class CadenceConfig:
     health_every_steps: int = 10            # progressive metrics summary and expert-health report
     stats_every_steps: int = 10             # intake figures (lag, consumed, joiner pending) and ID-table figures to telemetry
     checkpoint_beside: bool = True          # a worker alone writes its checkpoints on a thread of its own (learner.beside)
+    checkpoint_max_share: float = 0.1       # ... and spends at most this share of the time writing them
 
     def __post_init__(self) -> None:
         for name in ("snapshot_every_steps", "checkpoint_every_steps", "health_every_steps", "stats_every_steps"):
             at_least(f"learner.cadence.{name}", getattr(self, name), 1)
+        share = self.checkpoint_max_share
+        if not _is_number(share) or not 0 < share <= 1:
+            raise ValueError(f"learner.cadence.checkpoint_max_share must be in (0, 1], got {share!r}")
         every_s = self.snapshot_every_s
         if every_s is not None and (not _is_number(every_s) or every_s < 0):
             raise ValueError(f"learner.cadence.snapshot_every_s must be a number of seconds >= 0 or null, got {every_s!r}")

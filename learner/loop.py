@@ -93,7 +93,9 @@ class TrainingLoop:
                                   and cadence.checkpoint_beside else None)
         """Where a worker alone writes the checkpoints its cadence makes due, beside training
         (``learner.cadence.checkpoint_beside``); a group writes them on the training thread, in lockstep."""
-        self._checkpoint_owed = False  # one came due while the one before was still being written
+        self._checkpoint_owed = False  # one came due while the one before was still being written, or too soon after
+        self._checkpoint_ready_at = 0.0
+        """When the next checkpoint written beside training may start: ``learner.cadence.checkpoint_max_share``."""
         self.checkpoint_seconds: dict[str, list[float]] = {"capture": [], "write": [], "inline": []}
         """The latest checkpoints' times: of one written beside training, what it took of the training thread
         (``capture``) and of its own (``write``); of one written on the training thread, the whole (``inline``)."""
@@ -307,12 +309,14 @@ class TrainingLoop:
     def _checkpoint_on_cadence(self) -> None:
         """The checkpoint the cadence made due: beside training when this worker trains alone (started now, its
         offsets committed by a later step once it is durable: :meth:`_collect_checkpoint`), else now. One due while
-        the one before is still being written is taken at the first step after that one is durable."""
+        the one before is still being written is taken at the first step after that one is durable, or later, so
+        that writing them takes at most ``learner.cadence.checkpoint_max_share`` of the time: a model whose
+        checkpoint takes seconds is checkpointed every minute or so, a small one every ``checkpoint_every_steps``."""
         beside = self.checkpoint_beside
         if beside is None:
             self.checkpoint()
             return
-        if beside.running:
+        if beside.running or time.monotonic() < self._checkpoint_ready_at:
             self._checkpoint_owed = True
             return
         self._checkpoint_owed = False
@@ -338,7 +342,9 @@ class TrainingLoop:
             return self._checkpoint_failed(str(exc))
         if covered is None:
             return False
-        self._checkpoint_time("write", beside.seconds or 0.0)
+        written = beside.seconds or 0.0
+        self._checkpoint_time("write", written)
+        self._checkpoint_ready_at = time.monotonic() + written * (1 / self.cadence.checkpoint_max_share - 1)
         self.source.commit(covered)
         return True
 

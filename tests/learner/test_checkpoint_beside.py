@@ -41,9 +41,10 @@ class _Commits(ExamplesSource):
 
 
 def _loop(tmp_path: Path, beside: bool, checkpoints: Path | None = None,
-          features: InMemoryFeatures | None = None) -> TrainingLoop:
+          features: InMemoryFeatures | None = None, share: float = 1.0) -> TrainingLoop:
+    """``share``: ``learner.cadence.checkpoint_max_share``; 1 (no bound) unless a test is about it."""
     config = replace(CONFIG, cadence=replace(CONFIG.cadence, checkpoint_every_steps=EVERY, snapshot_every_steps=10**6,
-                                             checkpoint_beside=beside))
+                                             checkpoint_beside=beside, checkpoint_max_share=share))
     local = TrainingLoop.local(config, features or InMemoryFeatures(), SnapshotStore(tmp_path / "snapshots"),
                                batch_size=BATCH)
     return TrainingLoop(local.learner, local.features, local.reporter, _Commits(),
@@ -158,3 +159,21 @@ def test_a_group_writes_its_checkpoints_on_the_training_thread(tmp_path: Path) -
     group = TrainingLoop(local.learner, local.features, local.reporter, _Commits(), local.checkpoints, local.cadence,
                          BATCH, group_dir=tmp_path / "checkpoints")
     assert local.checkpoint_beside is not None and group.checkpoint_beside is None
+
+
+def test_checkpoints_written_beside_training_take_at_most_their_share_of_the_time(tmp_path: Path) -> None:
+    loop = _loop(tmp_path, beside=True, share=0.25)
+    for _ in range(EVERY):
+        _step(loop)
+    loop.checkpoint_beside._job.result(timeout=60)
+    loop.checkpoint_beside.seconds = 3600.0  # as if that one had taken an hour to write
+    _step(loop)  # collected: the next may start three hours after it (a quarter of the time writing)
+    assert loop.source.committed == [{0: EVERY * BATCH}]
+    for _ in range(3 * EVERY):
+        _step(loop)
+    assert not loop.checkpoint_beside.running and loop._checkpoint_owed  # due, and waiting for its time
+    loop._checkpoint_ready_at = 0.0  # three hours later
+    _step(loop)
+    assert loop.checkpoint_beside.running and not loop._checkpoint_owed
+    assert loop.checkpoint()
+    assert loop.source.committed[-1] == {0: loop.learner.step * BATCH}

@@ -70,3 +70,16 @@ def test_a_directory_replaced_by_a_file_mid_write_is_a_checkpoint_error(tmp_path
     monkeypatch.setattr(checkpoint, "save_file", directory_gone)
     with pytest.raises(CheckpointError, match="it is not a directory"):
         store.write(_checkpoint(2))
+
+
+def test_a_checkpoint_s_arrays_file_is_the_one_safetensors_writes_for_any_dtype() -> None:
+    """Streamed from the arrays' memory (``_numpy_parts``), byte for byte the library's file, a dtype torch does not
+    hold (uint64) included."""
+    from safetensors.numpy import save
+
+    from learner.checkpoint import _numpy_parts
+
+    arrays = {"ids": np.arange(10, dtype=np.int64), "sums": np.ones(3, np.float64), "hist": np.zeros(4, np.float32)}
+    for extra in ({}, {"unsigned": np.arange(3, dtype=np.uint64)}):
+        both = {**arrays, **extra}
+        assert b"".join(bytes(p) for p in _numpy_parts(both)) == save(both)
