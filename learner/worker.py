@@ -9,8 +9,10 @@ source (``learner.intake``); direct replay (``learner.replay_source``) adds a lo
 (threaded, so ``stats`` and ``stop`` answer while ``run`` loops). Joined examples are acknowledged as they
 enter the training buffer, and offsets are committed only after a checkpoint holding the model, the joiner
 state and that buffer is durable: impressions still pending in the joiner hold their partition back, so a
-crash re-delivers them (the joiner drops the duplicates) instead of losing them, and at most one checkpoint
-interval is trained twice.
+crash re-delivers them (the joiner drops the duplicates) instead of losing them, and what is trained twice is at
+most what was trained after the last durable checkpoint (a worker alone writes its checkpoints beside training:
+``learner.beside.CheckpointBeside``). A resumed worker skips what Kafka delivers again below its checkpoint's
+offsets, in case the crash came between the checkpoint and the commit of its offsets.
 
 Several workers (``WorkerConfig.group``) train one model data-parallel in lockstep (``learner.loop``): each
 reads its own partitions, a static share (rank, rank + N, ...), so that no consumer-group rebalance can wait
