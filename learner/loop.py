@@ -45,6 +45,8 @@ from learner.telemetry import Telemetry
 
 
 CHECKPOINT_TIMES_KEPT = 100
+CHECKPOINT_RETRY_S = 1.0
+"""After a checkpoint written beside training failed, the next is tried this much later (or at the next due step)."""
 
 
 class TrainingLoop:
@@ -131,6 +133,7 @@ class TrainingLoop:
                 if agree([asked() or self.source.ended])[0]:  # any worker stopping stops the group at the same step
                     break
                 self.source.wait(n, self.wait_s)
+                self._between_steps()
                 while True:  # a trainer behind its input still stops within a step of being asked
                     full, stop = agree([self.source.buffered() >= n, asked()])
                     if not full or stop:
@@ -306,6 +309,16 @@ class TrainingLoop:
         self.source.commit(covered)
         return True
 
+    def _between_steps(self) -> None:
+        """What a worker alone does while it waits for a batch: commit the offsets of a checkpoint written beside
+        training that became durable, and take one that is owed, so that what it trained before its input paused
+        is checkpointed and committed without waiting for the next step."""
+        if self.checkpoint_beside is None or self._closing:
+            return
+        self._collect_checkpoint()
+        if self._checkpoint_owed:
+            self._checkpoint_on_cadence()
+
     def _checkpoint_on_cadence(self) -> None:
         """The checkpoint the cadence made due: beside training when this worker trains alone (started now, its
         offsets committed by a later step once it is durable: :meth:`_collect_checkpoint`), else now. One due while
@@ -338,7 +351,9 @@ class TrainingLoop:
         beside = self.checkpoint_beside
         try:
             covered = beside.done(wait=wait)
-        except CheckpointError as exc:
+        except CheckpointError as exc:  # tried again after a pause, at a step or while waiting for one
+            self._checkpoint_owed = True
+            self._checkpoint_ready_at = time.monotonic() + CHECKPOINT_RETRY_S
             return self._checkpoint_failed(str(exc))
         if covered is None:
             return False

@@ -177,3 +177,38 @@ def test_checkpoints_written_beside_training_take_at_most_their_share_of_the_tim
     assert loop.checkpoint_beside.running and not loop._checkpoint_owed
     assert loop.checkpoint()
     assert loop.source.committed[-1] == {0: loop.learner.step * BATCH}
+
+
+def test_a_worker_waiting_for_input_commits_a_durable_checkpoint_and_takes_the_one_owed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = _loop(tmp_path, beside=True)
+    gate = _Gate(loop.checkpoints, monkeypatch)
+    for _ in range(2 * EVERY):  # the step-2 checkpoint held in its write; the step-4 one owed
+        _step(loop)
+    assert gate.waiting.wait(60) and loop._checkpoint_owed
+    gate.open.set()
+    loop.checkpoint_beside._job.result(timeout=60)
+    loop._between_steps()  # the input paused: no step comes, the durable checkpoint is committed all the same
+    assert loop.source.committed == [{0: EVERY * BATCH}]
+    assert loop.checkpoint_beside.running and not loop._checkpoint_owed  # and the owed one is under way
+    loop.checkpoint_beside._job.result(timeout=60)
+    loop._between_steps()
+    assert loop.source.committed == [{0: EVERY * BATCH}, {0: 2 * EVERY * BATCH}]
+
+
+def test_a_failed_checkpoint_is_tried_again_while_the_worker_waits(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    loop = _loop(tmp_path, beside=True, checkpoints=blocked)
+    for _ in range(EVERY):
+        _step(loop)
+    loop.checkpoint_beside._job.exception(timeout=60)
+    loop._between_steps()
+    assert loop.checkpoint_failures == 1 and loop._checkpoint_owed  # owed, after a pause
+    blocked.unlink()  # the directory can be made again
+    loop._checkpoint_ready_at = 0.0  # the pause over
+    loop._between_steps()
+    loop.checkpoint_beside._job.result(timeout=60)
+    loop._between_steps()
+    assert loop.source.committed == [{0: EVERY * BATCH}] and loop.checkpoint_failures == 1

@@ -91,9 +91,13 @@ def test_a_stalled_consumer_rejoins_its_group_and_every_event_is_trained(
     thread.start()
     try:
         # Every event fetched: the count alone is not enough, since a consumer that re-joins reads again from the
-        # last commit and its repeats count too; no partition may have anything left to fetch.
-        _until(lambda: worker.stream.stats.consumed >= n_events and not any(worker.stats()["lag"].values()), 180,
-               "the trainer to fetch every event", thread)
+        # last commit and its repeats count too; no partition may have anything left to fetch, and every partition
+        # must be assigned when that is read (a member between leaving and re-joining has none, and no lag).
+        def fetched() -> bool:
+            lag = worker.stats()["lag"]
+            return (worker.stream.stats.consumed >= n_events and len(lag) == config.kafka.partitions
+                    and not any(lag.values()))
+        _until(fetched, 180, "the trainer to fetch every event", thread)
     finally:
         worker.stop()
         thread.join(120)

@@ -67,7 +67,10 @@ def test_unwritable_checkpoint_dir_holds_commits_back_until_writable_again(
         ckpts.rmdir()  # empty: nothing has run yet
     _point(ckpts, store)
     blocker.write_text("not a directory: checkpoints cannot be written under this path\n")
-    worker = TrainerWorker(replace(config, read_ahead_batches=2))
+    # A checkpoint at every cadence step (no share bound: learner.cadence.checkpoint_max_share), so that the failures
+    # come while the backlog lasts; the bound only spaces the attempts out.
+    cadence = replace(config.learner.cadence, checkpoint_max_share=1.0)
+    worker = TrainerWorker(replace(config, read_ahead_batches=2, learner=replace(config.learner, cadence=cadence)))
     thread = threading.Thread(target=worker.run, name="trainer", daemon=True)
     thread.start()
     group = config.kafka.group_id
