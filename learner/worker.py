@@ -143,6 +143,7 @@ class TrainerWorker:
             "joiner": asdict(self.stream.joiner.stats),
             "pending": self.stream.joiner.n_pending,
             "rebalances": s.rebalances,
+            "below_checkpoint": s.below_checkpoint,  # read again below the resumed checkpoint's offsets, skipped
             "broker_retries": self.stream.source.poll_errors,
             "intake_stalls": self.loop.source.stalls,
             "intake_stall_recoveries": self.loop.source.recoveries,

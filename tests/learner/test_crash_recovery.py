@@ -119,11 +119,13 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_stay_within_a_checkpoin
 
     lost, duplicates = _delivery(tmp_path, impressions)
     restored = int(re.search(r"restored_step=(\d+)", output).group(1))
+    skipped = int(re.search(r"below_checkpoint=(\d+)", output).group(1))  # 0 when the commit beat the kill
     # Checkpoints are written beside training (learner.cadence.checkpoint_beside): the one restored is the last that
     # was durable at the kill, whose step may be a write's worth of steps behind the last one taken.
     after = sum(before.values()) - restored * BATCH
     print(f"\ncrash recovery: {len(impressions)} impressions, trained before kill {sum(before.values())}, "
-          f"restored step {restored}, lost {len(lost)}, duplicates {duplicates} (bound {after})")
+          f"restored step {restored}, lost {len(lost)}, duplicates {duplicates} (bound {after}); events read again "
+          f"below the checkpoint's offsets and skipped: {skipped}")
     assert not lost
     assert restored >= EVERY
     assert duplicates <= after  # at most what was trained after the checkpoint restored

@@ -23,8 +23,8 @@ def main(root: str, bootstrap: str, topic: str, every: str, batch: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     print(f"started restored_step={worker.restored_step}", flush=True)
     worker.run()
-    print(f"stopped poll_errors={worker.stream.source.poll_errors} commit_retries={worker.stream.stats.commit_retries}",
-          flush=True)
+    print(f"stopped poll_errors={worker.stream.source.poll_errors} commit_retries={worker.stream.stats.commit_retries} "
+          f"below_checkpoint={worker.stream.stats.below_checkpoint}", flush=True)
     worker.close()
 
 
