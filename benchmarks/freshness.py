@@ -334,7 +334,8 @@ where the shipped 1000 deltas (or half a base's bytes) put one every several min
 def sized_config(layout, bootstrap: str, topic: str, live_ids: int, mode: str):
     """The pipeline's configuration for a run at ``live_ids``: per-field tables of ``EMB_DIM`` with room for them,
     a version at most every ``PUBLISH_EVERY_S``, and checkpoints at the shipped cadence, written beside training
-    (``learner.cadence.checkpoint_beside``: at 10^7 ids one takes seconds to write, and the next follows it).
+    (``learner.cadence.checkpoint_beside``: at 10^7 ids one takes seconds to write, and ``checkpoint_max_share``
+    spaces them out to about one a minute, longer than the measured window).
     ``mode`` "deltas": the shipped ``learner.publish`` (a base, then deltas through the weight-store actor until the
     chain's deltas weigh half the base; a base over ``ray_max_bytes`` read from the store); "compaction": the same
     with a base due after ``COMPACTION_DELTAS`` deltas, each written beside training; "full": every version is a
@@ -509,7 +510,8 @@ def run(quick: bool = False, sizes: tuple[int, ...] | None = None, modes: tuple[
             f"with a base due every {COMPACTION_DELTAS} deltas, so that bases written beside training fall inside the "
             "measured window; "
             "checkpoints at the shipped cadence (every 10 steps), written beside training "
-            "(learner.cadence.checkpoint_beside; at 10^7 ids the next follows as soon as one is durable)")
+            "(learner.cadence.checkpoint_beside), at most learner.cadence.checkpoint_max_share of the time: at 10^7 "
+            "ids about one a minute, so a 40 s window may hold none")
     for live_ids in sizes:
         for mode in modes:
             sized_rows(report, live_ids, mode, sized[(live_ids, mode)],

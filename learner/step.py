@@ -24,6 +24,7 @@ the version read just before it is durable; nothing may learn in between.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
@@ -51,17 +52,6 @@ def build_optimizer(parameters, lr: float) -> torch.optim.Adam:
 def column(table: pa.Table, name: str, dtype: type) -> np.ndarray:
     """One column as a writable numpy array of ``dtype`` (nulls in a float column become NaN)."""
     return np.array(table.column(name).to_numpy(), dtype=dtype)
-
-
-def _copied(optimizer_state: dict) -> dict:
-    """An ``optimizer.state_dict()`` that the next step cannot change: its tensors cloned (the state dict holds
-    the optimizer's own), its groups copied."""
-    state = {index: {name: value.detach().clone() if isinstance(value, torch.Tensor) else value
-                     for name, value in slots.items()}
-             for index, slots in optimizer_state["state"].items()}
-    groups = [{k: list(v) if isinstance(v, list) else v for k, v in group.items()}
-              for group in optimizer_state["param_groups"]]
-    return {"state": state, "param_groups": groups}
 
 
 @dataclass(frozen=True)
@@ -419,7 +409,8 @@ class Learner:
         maps = {f"idmap.{name}.{k}": v for name, (state, _) in taken.items() for k, v in state.items()}
         metrics = {k: np.array(v, copy=True) for k, v in self.metrics.state().items()}
         assemble = self.capture({name: pairs for name, (_, pairs) in taken.items()})
-        return assemble, _copied(self.optimizer.state_dict()), {**metrics, **maps}, counters
+        optimizer = copy.deepcopy(self.optimizer.state_dict())  # it holds the optimizer's own tensors
+        return assemble, optimizer, {**metrics, **maps}, counters
 
     def restore(self, model: dict[str, torch.Tensor], optimizer: dict, arrays: dict[str, np.ndarray],
                 counters: dict) -> None:

@@ -140,13 +140,19 @@ def test_restored_from_a_checkpoint_written_beside_training_a_worker_resumes_exa
         assert torch.equal(value, got[key]), key
 
 
-def test_a_checkpoint_that_fails_beside_training_commits_nothing_and_training_goes_on(tmp_path: Path) -> None:
+def _failed_once(tmp_path: Path) -> tuple[TrainingLoop, Path]:
+    """A loop whose checkpoint directory is a file: its first checkpoint, written beside training, has failed."""
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("")
     loop = _loop(tmp_path, beside=True, checkpoints=blocked)
     for _ in range(EVERY):
         _step(loop)
-    loop.checkpoint_beside._job.exception(timeout=60)
+    assert loop.checkpoint_beside._job.exception(timeout=60) is not None
+    return loop, blocked
+
+
+def test_a_checkpoint_that_fails_beside_training_commits_nothing_and_training_goes_on(tmp_path: Path) -> None:
+    loop, _ = _failed_once(tmp_path)
     for _ in range(EVERY):
         _step(loop)
     assert loop.checkpoint_failures >= 1 and "not a directory" in loop.last_checkpoint_error
@@ -198,12 +204,7 @@ def test_a_worker_waiting_for_input_commits_a_durable_checkpoint_and_takes_the_o
 
 
 def test_a_failed_checkpoint_is_tried_again_while_the_worker_waits(tmp_path: Path) -> None:
-    blocked = tmp_path / "not-a-directory"
-    blocked.write_text("")
-    loop = _loop(tmp_path, beside=True, checkpoints=blocked)
-    for _ in range(EVERY):
-        _step(loop)
-    loop.checkpoint_beside._job.exception(timeout=60)
+    loop, blocked = _failed_once(tmp_path)
     loop._between_steps()
     assert loop.checkpoint_failures == 1 and loop._checkpoint_owed  # owed, after a pause
     blocked.unlink()  # the directory can be made again

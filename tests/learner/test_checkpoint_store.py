@@ -72,14 +72,18 @@ def test_a_directory_replaced_by_a_file_mid_write_is_a_checkpoint_error(tmp_path
         store.write(_checkpoint(2))
 
 
-def test_a_checkpoint_s_arrays_file_is_the_one_safetensors_writes_for_any_dtype() -> None:
-    """Streamed from the arrays' memory (``_numpy_parts``), byte for byte the library's file, a dtype torch does not
-    hold (uint64) included."""
+def test_a_checkpoint_s_arrays_file_is_the_one_safetensors_writes_for_any_dtype_and_shape() -> None:
+    """Streamed from the arrays' memory (``_numpy_parts``), byte for byte the file the library wrote before
+    (``np.ascontiguousarray`` of each array): a dtype torch does not hold (uint64), empty, 0-d, strided, boolean and
+    two-dimensional arrays included."""
     from safetensors.numpy import save
 
     from learner.checkpoint import _numpy_parts
 
-    arrays = {"ids": np.arange(10, dtype=np.int64), "sums": np.ones(3, np.float64), "hist": np.zeros(4, np.float32)}
+    arrays = {"ids": np.arange(10, dtype=np.int64), "sums": np.ones(3, np.float64), "hist": np.zeros(4, np.float32),
+              "empty": np.zeros(0, np.int64), "scalar": np.array(3.5), "strided": np.arange(10)[::2],
+              "mask": np.array([True, False]), "grid": np.arange(6, dtype=np.int32).reshape(2, 3)}
     for extra in ({}, {"unsigned": np.arange(3, dtype=np.uint64)}):
         both = {**arrays, **extra}
-        assert b"".join(bytes(p) for p in _numpy_parts(both)) == save(both)
+        expected = save({k: np.ascontiguousarray(v) for k, v in both.items()})
+        assert b"".join(bytes(p) for p in _numpy_parts(both)) == expected
