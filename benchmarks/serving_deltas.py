@@ -102,6 +102,9 @@ class Outcome:
     """Per replica: resident bytes at the end."""
     load: tuple[str, str] = ("?", "?")
     """Load average before the first round (the replicas have just loaded the base) and after the last."""
+    cpu: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    """Per condition (anchor, publisher, deltas): each round's CPU seconds of the replicas' processes over the
+    load (its warm-up included) and the requests answered in it."""
 
 
 def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=None) -> Outcome:
@@ -140,14 +143,26 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
         payloads = bodies(n, 256, seed=n)
         outcome = Outcome([], [], load=(load_average(), "?"))
 
+        replicas = [psutil.Process(h["pid"]) for h in replica_health(base, plan.replicas, asks=64).values()]
+
+        def replica_cpu() -> float:
+            try:
+                return sum(sum(p.cpu_times()[:2]) for p in replicas)
+            except psutil.Error:
+                return float("nan")
+
         def load(publisher: _Publisher | None = None) -> Sample:
             if publisher is not None:
                 publisher.go.set()
+            cpu = replica_cpu()
             try:
-                return asyncio.run(closed_loop(f"{base}/v1/rank", payloads, c, plan.seconds, plan.warmup_s))
+                sample = asyncio.run(closed_loop(f"{base}/v1/rank", payloads, c, plan.seconds, plan.warmup_s))
             finally:
                 if publisher is not None:
                     publisher.go.clear()
+            condition = "anchor" if publisher is None else "publisher" if publisher is unfollowed else "deltas"
+            outcome.cpu.setdefault(condition, []).append((replica_cpu() - cpu, len(sample.latencies_s)))
+            return sample
 
         def with_deltas() -> None:
             before, count = replica_health(base, plan.replicas, asks=64), main.published.value
@@ -240,6 +255,11 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
                        anchor=anchor, anchor_value=anchor_p99))
         report.add(Row(f"{label}: p99, the replicas' share (with deltas against the publisher alone)", p99, "ms",
                        anchor="the publisher alone", anchor_value=alone))
+    per_request = {condition: 1000 * sum(c for c, _ in rounds) / max(1, sum(n for _, n in rounds))
+                   for condition, rounds in outcome.cpu.items()}
+    if "deltas" in per_request and "anchor" in per_request:
+        report.add(Row(f"{label}: the replicas' CPU per request answered (warm-up included)", per_request["deltas"],
+                       "ms", anchor=anchor, anchor_value=per_request["anchor"]))
     applied = min(outcome.applied.values(), default=0)
     report.add(Row(f"{scenario}: deltas applied per replica", applied, "deltas", anchor="deltas published",
                    anchor_value=outcome.published))
@@ -252,6 +272,9 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
                        max(worst) if worst else float("nan"), "ms"))
         worst = [w[f"prepare_ms_p{q}"] for w in outcome.weights.values() if w.get(f"prepare_ms_p{q}") is not None]
         report.add(Row(f"{scenario}: prepare time on a replica (checks, map merges; no lock): p{q}",
+                       max(worst) if worst else float("nan"), "ms"))
+        worst = [w[f"settle_ms_p{q}"] for w in outcome.weights.values() if w.get(f"settle_ms_p{q}") is not None]
+        report.add(Row(f"{scenario}: settle time on a replica (rows written into the tables; no lock): p{q}",
                        max(worst) if worst else float("nan"), "ms"))
     sizes = delta_bytes(chain.store)
     median = statistics.median(sizes) if sizes else float("nan")
@@ -266,10 +289,15 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
         f"{r}: {outcome.applied.get(r, '?')} applied, apply p50/p99/max {w['apply_ms_p50']}/{w['apply_ms_p99']}/"
         f"{w['apply_ms_max']} ms (CPU p50 {w.get('apply_cpu_ms_p50')} ms; {w.get('installed_by_scorer')} installed by "
         f"the scoring thread), prepare p50/p99 {w.get('prepare_ms_p50')}/{w.get('prepare_ms_p99')} ms, "
+        f"settle p50/p99 {w.get('settle_ms_p50')}/{w.get('settle_ms_p99')} ms, "
+        f"the follower's CPU per delta p50/p99 {w.get('follow_cpu_ms_p50')}/{w.get('follow_cpu_ms_p99')} ms, "
         f"{w['folds']} folds, {w['rebuilds']} rebuilds"
         + (f", RSS {outcome.rss[r] / 2**30:.2f} GiB" if r in outcome.rss else "")
         for r, w in outcome.weights.items())
     report.notes.append(f"{scenario}: per replica over the run: {replicas or 'no replica answered /healthz'}")
+    if outcome.cpu:
+        report.notes.append(f"{scenario}: the replicas' CPU seconds and requests answered per round, by condition: " + "; ".join(
+            f"{condition} " + ", ".join(f"{c:.2f} s / {n}" for c, n in rounds) for condition, rounds in outcome.cpu.items()))
     window = plan.rounds * (plan.seconds + plan.warmup_s)
     report.notes.append(
         f"{scenario}: {plan.rounds} round(s) of {plan.seconds:g} s (after {plan.warmup_s:g} s of warm-up) without, "

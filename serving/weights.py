@@ -5,11 +5,13 @@ its parent (``learner.delta``). A background thread polls the source for a versi
 
 - **the next deltas** of the chain the replica serves are verified (sha256, finiteness, parent, shapes) and
   applied to the live model in place: checked and their map changes merged beside the requests
-  (``learner.delta.prepare_delta``), then written under :attr:`WeightFollower.lock`, which the ranker holds while
-  it scores a batch (``install_delta``): no batch ever sees a half-applied version, and an apply costs what the
-  delta changed. In a replica the follower hands the prepared delta to the scoring thread, which installs it
-  before its next batch (:meth:`WeightFollower.install_handed`), so the requests never wait for the follower's
-  thread to be scheduled;
+  (``learner.delta.prepare_delta``), then installed under :attr:`WeightFollower.lock`, which the ranker holds
+  while it scores a batch (``install_delta``: the dense part copied, the changed rows staged, the merged overlays
+  put in place, at a cost that does not grow with the rows), then the rows written into the tables beside the
+  requests, which read them from the delta meanwhile (``settle_delta``): no batch ever sees a half-applied
+  version, and a batch waits for the dense part at most. In a replica the follower hands the prepared delta to
+  the scoring thread, which installs it before its next batch (:meth:`WeightFollower.install_handed`), so the
+  requests never wait for the follower's thread to be scheduled;
 - **a base written beside training** (compaction: its manifest's ``same_as`` names the version whose state it
   holds) is not read at all by a replica whose model went through that version: the delta published with it
   brings any later version of the old chain up to date (``learner.delta.compose``), so it is applied in place
@@ -42,7 +44,7 @@ from typing import Protocol
 
 from learner.delta import (
     Delta, DeltaError, PreparedDelta, fold_due, install_delta, install_fold, materialise, plan_fold, prepare_delta,
-    without_held,
+    settle_delta, without_held,
 )
 from learner.models import MultiTaskRanker
 from learner.snapshots import Manifest, SnapshotError, SnapshotStore, decode, manifest_name
@@ -52,6 +54,10 @@ APPLY_TIMES_KEPT = 1000
 HANDOFF_S = 0.05
 """How long a delta handed to the scorer waits for a batch before the follower installs it itself (an idle
 replica)."""
+FOLD_PAUSE_S = 0.002
+"""The follower's pause between two chunks of a map fold (``learner.delta.plan_fold``): at 10^7 ids a fold is
+about 180 ms of CPU, which on a busy replica would take a core from the requests in one burst; in chunks of about
+a millisecond, each followed by this pause, it does not."""
 
 
 @dataclass(frozen=True)
@@ -250,6 +256,10 @@ class WeightFollower:
         when that thread was preempted while it held the lock."""
         self.prepare_s: deque[float] = deque(maxlen=APPLY_TIMES_KEPT)
         """Wall time of the latest deltas' checks and map merges, beside the requests (after the read)."""
+        self.settle_s: deque[float] = deque(maxlen=APPLY_TIMES_KEPT)
+        """Wall time of the latest deltas' rows written into the tables after the install, beside the requests."""
+        self.follow_cpu_s: deque[float] = deque(maxlen=APPLY_TIMES_KEPT)
+        """The follower thread's CPU time for each of the latest deltas: its read, preparation and settling."""
         self.rejected: dict[int, str] = {}
         self._stop = threading.Event()
         self.refresh()
@@ -330,6 +340,7 @@ class WeightFollower:
         for entry in deltas:
             if entry.version in self.rejected:
                 return entry.version
+            cpu = time.thread_time()
             try:
                 delta = entry.read()
                 if entry.manifest.parent != expected:
@@ -341,6 +352,10 @@ class WeightFollower:
                 prepared = prepare_delta(self.current.model, delta)  # checks and map merges, beside the requests
                 self.prepare_s.append(time.perf_counter() - started)
                 self._install(entry, prepared)
+                started = time.perf_counter()
+                settle_delta(prepared)  # the rows written beside the requests, which read them staged meanwhile
+                self.settle_s.append(time.perf_counter() - started)
+                self.follow_cpu_s.append(time.thread_time() - cpu)
             except Superseded:
                 return entry.version
             except (SnapshotError, DeltaError, KeyError, RuntimeError, ValueError, TypeError) as exc:
@@ -374,6 +389,10 @@ class WeightFollower:
         with self.lock:
             self._install_now(entry, prepared)
 
+    def _pause(self) -> None:
+        """Let the requests have the core between two chunks of a fold (:data:`FOLD_PAUSE_S`)."""
+        self._stop.wait(FOLD_PAUSE_S)
+
     def install_handed(self) -> None:
         """Install the delta the follower handed over, if any. The scorer calls this with the lock held before it
         scores a batch: the install then runs on the thread that is about to score anyway, between two batches,
@@ -404,7 +423,7 @@ class WeightFollower:
         requests (O(map)), installed under the lock (O(overlay))."""
         model = self.current.model
         if fold_due(model):
-            planned = plan_fold(model)
+            planned = plan_fold(model, pause=self._pause)
             with self.lock:
                 install_fold(model, planned)
             self.folds += 1
@@ -458,7 +477,8 @@ class WeightFollower:
 
     def figures(self) -> dict:
         """What ``/healthz`` reports of the follower: swaps, deltas applied, rebuilds, folds, apply times (the lock
-        held: what a batch may wait) and prepare times (checks and map merges, beside the requests)."""
+        held: what a batch may wait), prepare times (checks and map merges) and settle times (the rows written),
+        both beside the requests."""
         def at(seconds: deque[float], q: float) -> float | None:
             times = sorted(seconds)
             return round(times[min(len(times) - 1, int(q * len(times)))] * 1000, 3) if times else None
@@ -466,7 +486,9 @@ class WeightFollower:
                 "bases_adopted": self.adopted, "installed_by_scorer": self.installed_by_scorer,
                 "folds": self.folds, "apply_ms_p50": at(self.apply_s, 0.5), "apply_ms_p99": at(self.apply_s, 0.99),
                 "apply_ms_max": at(self.apply_s, 1.0), "prepare_ms_p50": at(self.prepare_s, 0.5),
-                "prepare_ms_p99": at(self.prepare_s, 0.99), "apply_cpu_ms_p50": at(self.apply_cpu_s, 0.5),
+                "prepare_ms_p99": at(self.prepare_s, 0.99), "settle_ms_p50": at(self.settle_s, 0.5),
+                "settle_ms_p99": at(self.settle_s, 0.99), "follow_cpu_ms_p50": at(self.follow_cpu_s, 0.5),
+                "follow_cpu_ms_p99": at(self.follow_cpu_s, 0.99), "apply_cpu_ms_p50": at(self.apply_cpu_s, 0.5),
                 "apply_cpu_ms_p99": at(self.apply_cpu_s, 0.99)}
 
     def _follow(self) -> None:

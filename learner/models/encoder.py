@@ -42,7 +42,7 @@ within a row, erase each row's overall magnitude, and is degenerate for a single
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -193,17 +193,21 @@ class FeatureEncoder(nn.Module):
         return any(n > slack * max(OVERLAY_MIN, getattr(self, f"map_ids_{f}").numel() // OVERLAY_DIVISOR)
                    for f, n in self.overlay_entries().items())
 
-    def plan_fold(self) -> MapFold:
+    def plan_fold(self, fold: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+                  ) -> MapFold:
         """The maps with their overlays folded in, computed without changing anything: O(map), and safe beside
         requests and :meth:`update_map` (it reads tensors that are only ever replaced, never written in place).
-        One folder at a time: install it with :meth:`install_fold`."""
+        One folder at a time: install it with :meth:`install_fold`. ``fold(map ids, map rows, overlay ids, overlay
+        rows)``, when given, computes each folded map in place of this module's merge (a serving replica's, in
+        slices beside its requests: ``learner.delta.plan_fold``)."""
         fields = {}
         for f in self._mapped_fields():
             # the map first, then its overlay: a map replaced in between (a load) fails install_fold's check
             ids, rows = getattr(self, f"map_ids_{f}"), getattr(self, f"map_rows_{f}")
             overlay = getattr(self, f"map_overlay_{f}")
             if overlay.shape[1]:
-                folded = _merge(ids, rows, overlay[0], overlay[1], keep_removed=False, stacked=False)
+                folded = (fold(ids, rows, overlay[0], overlay[1]) if fold is not None
+                          else _merge(ids, rows, overlay[0], overlay[1], keep_removed=False, stacked=False))
                 fields[f] = _FieldFold(ids, rows, overlay, *folded)
         return MapFold(fields)
 

@@ -34,7 +34,11 @@ Delta publishing: the table keeps the set of rows that changed since the publish
 a reset's, the rows a growth added; a ``load_state_dict`` changes them all), so a version can ship only those rows
 (``learner.delta``): :meth:`RowwiseTable.changed_rows` reads the set, :meth:`RowwiseTable.mark_published` empties
 it. Keeping it costs O(rows changed) per step (a bit per row and the list of rows set since the mark), not
-O(table). A serving replica writes a version's rows with :meth:`RowwiseTable.load_rows`.
+O(table). A serving replica writes a version's rows with :meth:`RowwiseTable.load_rows`, or in two halves:
+:meth:`RowwiseTable.stage_rows` (O(1), under serving's lock: from then on lookups read those rows' new values from
+the staged copy) and :meth:`RowwiseTable.settle_rows` (O(rows), beside the requests: the values written into the
+table, then the staged copy dropped). A lookup reads the staged copy before the table, so a row being written is
+never read half-written; ``state_dict`` reads the table with the staged rows in it.
 
 A copy beside training: :meth:`RowwiseTable.snapshot` returns a :class:`WeightSnapshot`, whose ``copy()`` (on
 another thread, while training goes on) gives the weights exactly as they were when it was taken. The copy runs in
@@ -174,6 +178,9 @@ class RowwiseTable(nn.Module):
         self._room: tuple[Tensor, Tensor] | None
         self._snapshots: list[WeightSnapshot] = []
         """Copies under way (:meth:`snapshot`): each keeps the rows a write is about to change."""
+        self._staged: tuple[Tensor, Tensor, Tensor] | None = None
+        """Rows (ascending) a version changed, with their weights and accumulators, served from here until
+        :meth:`settle_rows` has written them into the table (:meth:`stage_rows`)."""
         self._forget_published()  # nothing is published yet: every row counts as changed
 
     def extra_repr(self) -> str:
@@ -222,8 +229,18 @@ class RowwiseTable(nn.Module):
         if weight is not None and weight.shape != self.weight.shape and weight.dim() == 2 and weight.shape[1] == self.dim:
             self.weight = self.weight.new_empty(weight.shape)
             self.sum_sq = self.sum_sq.new_empty((weight.shape[0], *self._group_shape))
+        self._staged = None  # the loaded rows replace anything staged
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._forget_published()  # every row may differ from what was published
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """The table as served: rows staged and not settled yet are saved with their staged values."""
+        staged = self._staged  # read before the table: a settle that ends meanwhile wrote these same values
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if staged is not None:
+            rows, weight, sum_sq = staged
+            for name, values in (("weight", weight), ("sum_sq", sum_sq)):
+                destination[prefix + name] = destination[prefix + name].detach().index_copy(0, rows, values)
 
     def snapshot(self) -> WeightSnapshot:
         """The weights as they are now, to be copied beside training (:meth:`WeightSnapshot.copy`)."""
@@ -302,14 +319,40 @@ class RowwiseTable(nn.Module):
         one (:meth:`ensure_rows` grows by half: the table is a view of a larger storage), so a replica copies its
         whole table on every other growth, not on every version that adds rows;
         the rows a growth adds are zeros until written (a delta carries those the trainer drew). The caller
-        checks shapes and ranges (``learner.delta.apply_delta``)."""
+        checks shapes and ranges (``learner.delta.apply_delta``). :meth:`stage_rows` then :meth:`settle_rows`."""
+        self.stage_rows(*self.staging(rows, weight, sum_sq), size)
+        self.settle_rows()
+
+    def staging(self, rows: Tensor, weight: Tensor, sum_sq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``rows`` (ascending, distinct) and their values on the table's device and dtype, for :meth:`stage_rows`
+        (the conversion costs the rows: done before the lock is taken)."""
+        device = self.weight.device
+        return (rows.to(device=device, dtype=torch.int64), weight.to(device=device, dtype=self.weight.dtype),
+                sum_sq.to(device=device, dtype=self.sum_sq.dtype))
+
+    def stage_rows(self, rows: Tensor, weight: Tensor, sum_sq: Tensor, size: int) -> None:
+        """Serve ``rows`` (ascending, distinct, as :meth:`staging` gives them) with ``weight`` from now on, without
+        writing them: the table holds ``size`` rows (a resize, rare, copies it), and the rows' values are kept
+        beside it until :meth:`settle_rows`. O(1) otherwise: what serving's lock covers. Rows staged earlier and
+        not settled are settled first."""
+        if self._staged is not None:
+            self.settle_rows()
         if size != self.weight.shape[0]:
             self._resize(size)
+        self._staged = (rows, weight, sum_sq)
+
+    def settle_rows(self) -> None:
+        """Write the staged rows into the table, then serve them from it: O(rows), beside the requests. A lookup
+        meanwhile reads them from the staged copy, so never half-written."""
+        staged = self._staged
+        if staged is None:
+            return
+        rows, weight, sum_sq = staged
         with torch.no_grad():
-            rows = rows.to(self.weight.device)
-            self.weight.index_copy_(0, rows, weight.to(device=self.weight.device, dtype=self.weight.dtype))
-            self.sum_sq.index_copy_(0, rows, sum_sq.to(device=self.sum_sq.device, dtype=self.sum_sq.dtype))
+            self.weight.index_copy_(0, rows, weight)
+            self.sum_sq.index_copy_(0, rows, sum_sq)
         self._mark_changed(rows)
+        self._staged = None
 
     def _resize(self, size: int) -> None:
         """``size`` rows (1..n_rows + 1), the first ones kept; growth into room kept by an earlier growth."""
@@ -357,9 +400,11 @@ class RowwiseTable(nn.Module):
         """
         rows = self._rows(rows)
         if not (torch.is_grad_enabled() and self.training):  # eval mode records nothing either: no leak
+            staged = self._staged  # before the table: a settle under way writes only rows staged here
             if rows.numel():
                 self._check_range(torch.stack([rows.min(), rows.max()]))
-            return F.embedding(rows, self.weight)
+            emb = F.embedding(rows, self.weight)
+            return emb if staged is None else _with_staged(emb, rows, staged)
         unique, inverse = torch.unique(rows.reshape(-1), sorted=True, return_inverse=True)  # (U,), (N,)
         self._check_range(unique)
         leaf = self.weight.index_select(0, unique).requires_grad_(True)  # (U, dim): all the graph holds of the table
@@ -422,6 +467,16 @@ class RowwiseTable(nn.Module):
             self.sum_sq.index_fill_(0, unique, self.initial_accumulator)
             self.resets.add_(1)
         self._mark_changed(unique)
+
+
+def _with_staged(emb: Tensor, rows: Tensor, staged: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """``emb`` (the table's rows ``rows``) with the staged rows' values in place of the table's."""
+    staged_rows, staged_weight, _ = staged
+    if staged_rows.numel() == 0:
+        return emb
+    at = torch.searchsorted(staged_rows, rows).clamp_(max=staged_rows.numel() - 1)
+    hit = (staged_rows[at] == rows).unsqueeze(-1)
+    return torch.where(hit, F.embedding(at, staged_weight), emb)
 
 
 def _coalesce(rows: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:

@@ -341,6 +341,82 @@ def test_a_prepared_delta_writes_nothing_until_installed_and_a_stale_one_is_refu
     _equal(replica.state_dict(), reference.state_dict())
 
 
+
+def test_an_installed_delta_is_served_whole_before_its_rows_are_written() -> None:
+    """Under serving's lock a replica installs a delta without writing its rows: the tables keep the parent's
+    values, yet every score and the state are the new version's; ``settle_delta`` then writes the rows beside the
+    requests, changing no score."""
+    trainer, base, deltas = _deltas(2)
+    replica, reference = _replica(base, trainer.model.config), _replica(base, trainer.model.config)
+    for delta in deltas:
+        apply_delta(reference, delta)
+        prepared = learner.delta.prepare_delta(replica, delta)
+        tables = {prefix: table.weight.clone() for prefix, table in row_tables(replica).items()}
+        learner.delta.install_delta(replica, prepared)
+        assert delta.tables and all(torch.equal(row_tables(replica)[p].weight[: len(w)], w)  # a growth adds zeros
+                                    for p, w in tables.items())
+        _equal(replica.state_dict(), reference.state_dict())
+        users, items = torch.arange(0, 52).repeat(2), torch.arange(0, 104) % 82  # held, tombstoned and unknown ids
+        for task, logits in _scores(reference, users, items).items():
+            assert torch.equal(_scores(replica, users, items)[task], logits), task
+        learner.delta.settle_delta(prepared)
+        assert all(table._staged is None for table in row_tables(replica).values())
+        for task, logits in _scores(reference, users, items).items():
+            assert torch.equal(_scores(replica, users, items)[task], logits), task
+        _equal(replica.state_dict(), reference.state_dict())
+        for prefix, table in row_tables(replica).items():
+            assert torch.equal(table.weight, row_tables(reference)[prefix].weight), prefix
+
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_replicas_overlay_merge_is_the_encoders(seed: int) -> None:
+    """``prepare_delta`` merges map changes through numpy on the CPU: the same overlay as the encoder's own torch
+    merge, entry for entry: ids replaced, ids new, tombstones of held and of unknown ids, an empty overlay."""
+    g = torch.Generator().manual_seed(seed)
+    encoder = learner.models.encoder.FeatureEncoder(["user_id"], 0, emb_dim=4, tables={"user_id": {"capacity": 10**6}})
+    for step in range(4):
+        held = encoder.overlay("user_id")[0]
+        reused = held[torch.randperm(held.numel(), generator=g)[: held.numel() // 3]]
+        pool = torch.unique(torch.cat([reused, torch.randint(0, 5_000, (300,), generator=g)]))
+        pool = pool[torch.randperm(pool.numel(), generator=g)]
+        cut = pool.numel() // (3 + seed % 3)
+        ids, tombstones = pool[cut:].sort().values, pool[:cut].sort().values
+        rows = torch.randint(1, 10**6, (ids.numel(),), generator=g)
+        change = MapChanges(ids, rows, tombstones)
+        ours = learner.delta.merged_overlay(encoder, "user_id", encoder.overlay("user_id"), change)
+        theirs = encoder.merged_overlay("user_id", ids, rows, tombstones)
+        assert torch.equal(ours, theirs), step
+        encoder.set_overlay("user_id", ours)
+
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64, 1 << 18])
+def test_a_replicas_fold_in_chunks_is_the_encoders(chunk: int, monkeypatch) -> None:
+    """``learner.delta.plan_fold`` folds a map through numpy in chunks, pausing between them: the same maps as the
+    encoder's own fold, entry for entry (ids replaced, inserted before, between and after the map's, removed,
+    removals of ids the map lacks), and a pause between every two chunks."""
+    monkeypatch.setattr(learner.delta, "FOLD_CHUNK", chunk)
+    g = torch.Generator().manual_seed(chunk)
+    encoder = learner.models.encoder.FeatureEncoder(["user_id"], 0, emb_dim=4, tables={"user_id": {"capacity": 10**6}})
+    held = torch.unique(torch.randint(100, 5_000, (300,), generator=g))
+    encoder.set_map("user_id", held, torch.randperm(held.numel(), generator=g) + 1)
+    changed = torch.unique(torch.cat([held[torch.randperm(held.numel(), generator=g)[:120]],
+                                      torch.randint(0, 6_000, (150,), generator=g)]))
+    rows = torch.randint(1, 10**6, (changed.numel(),), generator=g)
+    rows[torch.rand(changed.numel(), generator=g) < 0.4] = 0  # removals, of held ids and of unknown ones
+    encoder.set_overlay("user_id", torch.stack([changed, rows]))
+    pauses = []
+    ours = learner.delta.plan_fold(torch.nn.ModuleDict({"encoder": encoder}), pause=lambda: pauses.append(1))
+    theirs = encoder.plan_fold()
+    mine = ours["encoder"].fields["user_id"]
+    assert torch.equal(mine.folded_ids, theirs.fields["user_id"].folded_ids)
+    assert torch.equal(mine.folded_rows, theirs.fields["user_id"].folded_rows)
+    chunks = -(-held.numel() // chunk)
+    assert len(pauses) == chunks - 1 + chunks // 4  # between two merges, and every four chunks copied
+    assert learner.delta.install_fold(torch.nn.ModuleDict({"encoder": encoder}), ours)
+
+
 # ---- a base written beside training ---------------------------------------------------------------------------
 
 def test_a_composed_delta_brings_every_version_of_its_stretch_to_the_last() -> None:

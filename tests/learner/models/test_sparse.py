@@ -348,3 +348,34 @@ def test_load_rows_writes_a_versions_rows_and_grows_into_room_it_keeps():
     assert replica.weight.shape == (source.allocated + 1, DIM) and replica.weight.is_contiguous()
     with torch.no_grad():
         assert torch.equal(replica.lookup(torch.arange(source.allocated + 1)), source.weight)
+
+
+def test_staged_rows_are_served_before_they_are_written_and_never_half_written():
+    """A replica stages a version's rows under its lock (O(1)) and writes them beside its requests: from the stage
+    on, lookups and ``state_dict`` give the new values while the table still holds the old ones, and a row the
+    settle has half written is read from the staged copy; after the settle the table holds them."""
+    source = RowwiseTable(N, DIM, lr=LR, seed=1)
+    replica = RowwiseTable(N, DIM, lr=LR, seed=2)
+    replica.load_state_dict(source.state_dict())
+    replica.eval()
+    source.mark_published()
+    step(source, torch.tensor([9, 2, 5, 2]), torch.randn(4, DIM))
+    rows = source.changed_rows()
+    assert rows.tolist() == [2, 5, 9]
+    old = replica.weight.clone()
+    replica.stage_rows(*replica.staging(rows, source.weight[rows], source.sum_sq[rows]), source.weight.shape[0])
+    assert torch.equal(replica.weight, old), "staging writes nothing into the table"
+    everything = torch.arange(N + 1)
+    with torch.no_grad():
+        assert torch.equal(replica.lookup(everything), source.weight)
+        assert torch.equal(replica.lookup(torch.tensor([[5, 0], [9, 9]])), source.weight[torch.tensor([[5, 0], [9, 9]])])
+        for key, value in source.state_dict().items():
+            assert torch.equal(replica.state_dict()[key], value), key
+        replica.weight[5, : DIM // 2] = float("nan")  # a row the settle has half written
+        assert torch.equal(replica.lookup(everything), source.weight)
+    replica.settle_rows()
+    assert replica._staged is None and torch.equal(replica.weight, source.weight)
+    assert torch.equal(replica.sum_sq, source.sum_sq)
+    with torch.no_grad():
+        assert torch.equal(replica.lookup(everything), source.weight)
+
