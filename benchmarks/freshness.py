@@ -432,8 +432,11 @@ def sized_rows(report: Report, live_ids: int, mode: str, m: Measured, full: Meas
         f"{m.stats.get('checkpoint_failures', 0)} failed" + "".join(f"; {n}" for n in m.notes))
 
 
-def run(quick: bool = False, sizes: tuple[int, ...] | None = None, modes: tuple[str, ...] = MODES) -> Report:
-    """``sizes`` and ``modes``: the sized runs (default: ``SIZES``, or its first with ``quick``; every mode)."""
+def run(quick: bool = False, sizes: tuple[int, ...] | None = None, modes: tuple[str, ...] = MODES,
+        sized_measure_s: float | None = None) -> Report:
+    """``sizes`` and ``modes``: the sized runs (default: ``SIZES``, or its first with ``quick``; every mode).
+    ``sized_measure_s``: their measured window (default: the default run's, 40 s; at 10^7 ids checkpoints come about
+    once a minute, so a window of several minutes holds them in their steady share)."""
     from infra.pipeline import RunLayout, shutdown, worker_config
     from infra.runtime import init_ray
     from stream.simulator import SimulatorConfig
@@ -464,7 +467,7 @@ def run(quick: bool = False, sizes: tuple[int, ...] | None = None, modes: tuple[
                 ensure_topics(sized_cfg.kafka)
                 seed_population(sized_cfg, live_ids)
                 sized[(live_ids, mode)] = measure(sized_cfg, run_layout, bootstrap, sized_simulator(live_ids),
-                                                  measure_s, tail_s)
+                                                  sized_measure_s or measure_s, tail_s)
                 shutil.rmtree(run_layout.root, ignore_errors=True)  # gigabytes at 10^7
         shutdown()
 
@@ -511,7 +514,8 @@ def run(quick: bool = False, sizes: tuple[int, ...] | None = None, modes: tuple[
             "measured window; "
             "checkpoints at the shipped cadence (every 10 steps), written beside training "
             "(learner.cadence.checkpoint_beside), at most learner.cadence.checkpoint_max_share of the time: at 10^7 "
-            "ids about one a minute, so a 40 s window may hold none")
+            "ids about one a minute, so a 40 s window may hold none; "
+            f"measured window {sized_measure_s or measure_s:g} s")
     for live_ids in sizes:
         for mode in modes:
             sized_rows(report, live_ids, mode, sized[(live_ids, mode)],
