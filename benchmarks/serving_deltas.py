@@ -296,8 +296,10 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
         for r, w in outcome.weights.items())
     report.notes.append(f"{scenario}: per replica over the run: {replicas or 'no replica answered /healthz'}")
     if outcome.cpu:
-        report.notes.append(f"{scenario}: the replicas' CPU seconds and requests answered per round, by condition: " + "; ".join(
-            f"{condition} " + ", ".join(f"{c:.2f} s / {n}" for c, n in rounds) for condition, rounds in outcome.cpu.items()))
+        rounds_text = "; ".join(f"{condition} " + ", ".join(f"{c:.2f} s / {n}" for c, n in rounds)
+                                for condition, rounds in outcome.cpu.items())
+        report.notes.append(f"{scenario}: the replicas' CPU seconds and requests answered per round, by condition: "
+                            f"{rounds_text}")
     window = plan.rounds * (plan.seconds + plan.warmup_s)
     report.notes.append(
         f"{scenario}: {plan.rounds} round(s) of {plan.seconds:g} s (after {plan.warmup_s:g} s of warm-up) without, "

@@ -32,8 +32,9 @@ conversion beside the requests (:func:`prepare_delta`); under the serving lock o
 costs nothing per row (:func:`install_delta`: the dense entries copied, each table's changed rows staged
 (``RowwiseTable.stage_rows``: lookups read them from the delta from then on), the merged overlays put in place);
 then the rows written into the tables beside the requests (:func:`settle_delta`). The result is bit for bit the
-model that ``materialise`` loaded into a fresh one would be. The overlay folds into the map beside the requests (:func:`plan_fold` off the serving lock,
-:func:`install_fold` under it); past ``FOLD_SLACK`` times its bound, ``apply_delta`` folds it itself.
+model that ``materialise`` loaded into a fresh one would be. The overlay folds into the map beside the requests
+(:func:`plan_fold` off the serving lock, :func:`install_fold` under it); past ``FOLD_SLACK`` times its bound,
+``apply_delta`` folds it itself.
 """
 
 from __future__ import annotations
@@ -540,7 +541,8 @@ def from_tensors(tensors: dict[str, Tensor]) -> Delta:
     return Delta(dense, tables, maps)
 
 
-__all__ = ["FOLD_SLACK", "Delta", "DeltaError", "MapChanges", "PreparedDelta", "StateParts", "TableRows", "apply_delta",
-           "apply_map", "compose", "without_held", "install_delta", "prepare_delta", "settle_delta",
-           "check_fits", "diff", "FOLD_CHUNK", "field_maps", "fold_due", "from_tensors", "install_fold", "map_changes", "map_keys",
-           "materialise", "merged_overlay", "plan_fold", "row_tables", "rows_key", "split_state", "table_prefixes", "to_tensors"]
+__all__ = ["FOLD_CHUNK", "FOLD_SLACK", "Delta", "DeltaError", "MapChanges", "PreparedDelta", "StateParts", "TableRows",
+           "apply_delta", "apply_map", "check_fits", "compose", "diff", "field_maps", "fold_due", "from_tensors",
+           "install_delta", "install_fold", "map_changes", "map_keys", "materialise", "merged_overlay", "plan_fold",
+           "prepare_delta", "row_tables", "rows_key", "settle_delta", "split_state", "table_prefixes", "to_tensors",
+           "without_held"]
