@@ -13,7 +13,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from infra.pipeline import wait_for
@@ -336,7 +336,14 @@ def _acceptable(request: pb.RankRequest) -> bool:
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 IDS = st.one_of(st.integers(0, 300), st.integers(MAX_ID - 2, MAX_ID + 2), INT64)
-REQUESTS = st.builds(
+VALID = st.builds(  # requests the rules accept: without them the mix below may draw none in 60 examples
+    pb.RankRequest,
+    user_id=st.integers(0, 300),
+    candidates=st.lists(st.integers(0, 10_000), min_size=1, max_size=8, unique=True),
+    task_weights=st.dictionaries(st.sampled_from(TASKS), st.floats(0.1, 10), max_size=3),
+    compact=st.booleans(),
+)
+REQUESTS = st.one_of(VALID, st.builds(
     pb.RankRequest,
     user_id=IDS,
     candidates=st.one_of(st.lists(st.integers(0, 10_000), max_size=8), st.lists(IDS, max_size=12),
@@ -347,13 +354,15 @@ REQUESTS = st.builds(
                                  st.one_of(st.floats(-10, 10), st.floats(allow_nan=True), st.sampled_from([1e6, -1e6])),
                                  max_size=4),
     compact=st.booleans(),
-)
+))
 
 
 def test_any_rank_request_is_ranked_or_refused_as_http_would(served: Served) -> None:
     outcomes = set()
 
     @given(request=REQUESTS)
+    @example(request=pb.RankRequest(user_id=1, candidates=[10, 11]))  # both outcomes in every run, whatever is drawn
+    @example(request=pb.RankRequest(user_id=-1, candidates=[10, 11]))
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     def check(request: pb.RankRequest) -> None:
         try:
@@ -381,6 +390,8 @@ def test_any_bytes_are_ranked_or_refused_never_a_server_error(served: Served) ->
 
     @given(raw=st.one_of(st.binary(max_size=64), st.binary(max_size=8).map(lambda b: valid + b),
                          st.integers(0, len(valid)).map(lambda n: valid[:n])))
+    @example(raw=valid)  # both outcomes in every run, whatever is drawn
+    @example(raw=b"\xff")
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     def check(raw: bytes) -> None:
         try:
