@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +115,49 @@ def gemm_peak(dtype: torch.dtype, max_n: int = 2048, repeats: int = 5, budget_s:
         n *= 2
     best = min(_mm_seconds(n, dtype) for _ in range(repeats))
     return 2 * n**3 / best / 1e9, n
+
+
+def expert_gemm_seconds(n_experts: int, d_in: int, dims: Sequence[int], batch: int, repeats: int = 15) -> float:
+    """Seconds of the GEMMs an MLP expert bank cannot avoid in one training step, by any implementation:
+    per layer and expert the forward ``(B, d_in) x (d_in, d_out)``, the weight gradient ``(d_in, B) x (B,
+    d_out)``, and from the second layer on the input gradient ``(B, d_out) x (d_out, d_in)`` (the first
+    layer reads data, which needs none). Timed both as batched GEMMs over the experts (our layout) and as
+    one GEMM per expert (``nn.Linear``'s, the peers' layout); the faster one's median over ``repeats``. No
+    bias, activation, gate, tower or optimiser: a step that runs these GEMMs can take no less."""
+    g = torch.Generator().manual_seed(batch)
+    sizes = [d_in, *dims]
+    layers = []
+    for depth, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        x = torch.randn(batch, a, generator=g) if depth == 0 else torch.randn(n_experts, batch, a, generator=g)
+        layers.append((x, torch.randn(n_experts, a, b, generator=g), torch.randn(n_experts, batch, b, generator=g)))
+
+    def batched() -> None:
+        for depth, (x, w, grad) in enumerate(layers):
+            xs = x.expand(n_experts, *x.shape) if depth == 0 else x
+            torch.bmm(xs, w)
+            torch.bmm(xs.transpose(1, 2), grad)
+            if depth:
+                torch.bmm(grad, w.transpose(1, 2))
+
+    def per_expert() -> None:
+        for depth, (x, w, grad) in enumerate(layers):
+            for e in range(n_experts):
+                xe = x if depth == 0 else x[e]
+                torch.mm(xe, w[e])
+                torch.mm(xe.t(), grad[e])
+                if depth:
+                    torch.mm(grad[e], w[e].t())
+
+    def median_seconds(run: Callable[[], None]) -> float:
+        run()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return min(median_seconds(batched), median_seconds(per_expert))
 
 
 def _mm_seconds(n: int, dtype: torch.dtype) -> float:

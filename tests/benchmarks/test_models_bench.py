@@ -35,7 +35,7 @@ from benchmarks.synthetic import (
     summarise,
     train_and_test,
 )
-from benchmarks.timing import TrainingRun, bf16_support, gemm_peak, interleave, random_batches
+from benchmarks.timing import TrainingRun, bf16_support, expert_gemm_seconds, gemm_peak, interleave, random_batches
 from learner.models import FAMILIES
 
 TINY = MMoESize(n_inputs=8, n_experts=3, expert_dims=(6, 4), tower_dims=(3,))
@@ -254,7 +254,10 @@ def test_grid_rows_and_minimum_per_peer() -> None:
               GridPoint(MMoESize(n_inputs=5, n_experts=2, expert_dims=(4, 2), tower_dims=(3,), n_tasks=3), 6, "probe")]
     report = Report(benchmark="models")
     minima = grid(report, points, GridRepeats(warmup=1, rounds=2, block_s=0.0))
-    per_point, summary = report.rows[:4], report.rows[4:]
+    per_point = report.rows[:4]
+    summary = [r for r in report.rows[4:] if r.name.startswith("grid minimum")]
+    floors = [r for r in report.rows[4:] if r.name.startswith("grid: the expert GEMMs")]
+    assert len(summary) + len(floors) == len(report.rows) - 4
     assert [r.anchor for r in per_point] == ["torch-rechub MMOE", "DeepCTR-Torch MMOE"] * 2
     assert all(r.goal is None and r.met is None and r.ratio and r.ratio > 0 for r in per_point)
     assert per_point[0].name.startswith("grid corner:") and per_point[2].name.startswith("grid probe:")
@@ -266,6 +269,15 @@ def test_grid_rows_and_minimum_per_peer() -> None:
         worst = next(r for r in per_point if r.anchor == peer and r.ratio == lowest)
         assert row.name.endswith(worst.name.split("(", 1)[1]) and row.value == worst.value
     assert "minimum ratio" in report.notes[-1]
+    # a peer the goal is missed against gets the GEMM floor row, against the step the goal allows at a missed point
+    missed = {peer for peer, lowest in minima.items() if lowest < GRID_GOAL}
+    assert {r.anchor.split(": ", 1)[1].rsplit("'s step", 1)[0] for r in floors} == missed
+    for row in floors:
+        peer = row.anchor.split(": ", 1)[1].rsplit("'s step", 1)[0]
+        at = next(r for r in per_point if r.anchor == peer and r.name.split("(", 1)[1] == row.name.split("(", 1)[1])
+        batch = int(at.name.split("B=", 1)[1].split(",", 1)[0])
+        assert at.ratio < GRID_GOAL and row.value > 0 and row.unit == "ms/step"
+        assert row.anchor_value == pytest.approx(batch / at.anchor_value / GRID_GOAL * 1e3)
 
 
 def test_run_takes_only_the_sections_named() -> None:
@@ -274,3 +286,24 @@ def test_run_takes_only_the_sections_named() -> None:
     assert SECTIONS == ("streaming", "grid", "large", "sparse")
     nothing = run(quick=True, sections=[])
     assert nothing.rows == [] and "sections none;" in nothing.notes[0]
+
+
+def test_expert_gemm_floor_runs_each_layers_forward_and_gradients_in_both_layouts(monkeypatch) -> None:
+    """Forward and weight gradient per layer, the input gradient from the second layer on: the same FLOPs in
+    the batched and the per-expert layout, warm-up and repeats included."""
+    flops = []
+    real_mm, real_bmm = torch.mm, torch.bmm
+
+    def counted(real):
+        def gemm(a, b):
+            flops.append(2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1))
+            return real(a, b)
+        return gemm
+
+    monkeypatch.setattr(torch, "mm", counted(real_mm))
+    monkeypatch.setattr(torch, "bmm", counted(real_bmm))
+    n, d_in, dims, batch, repeats = 3, 5, (4, 2), 7, 2
+    seconds = expert_gemm_seconds(n, d_in, dims, batch, repeats=repeats)
+    per_step = 2 * batch * n * (2 * d_in * 4 + 3 * 4 * 2)
+    assert sum(flops) == 2 * (repeats + 1) * per_step
+    assert math.isfinite(seconds) and seconds > 0
