@@ -276,12 +276,14 @@ class HealthConfig:
 class WideConfig:
     """``learner.wide``: the wide part beside the experts (``learner.models.wide``), per binary task a factorisation
     machine over the embedded ID fields (with user and item alone, ``b_u + b_i + p_u · q_i``) added to the task's
-    logit, as Wide & Deep adds its wide part. Off by default (``dim`` 0). The defaults are
+    logit, as Wide & Deep adds its wide part. On by default, with shared factors of width 16: the best measured
+    configuration (docs/quality.md, "Shared factors"). ``lr``, ``initial_accumulator`` and ``tasks`` default as
     ``learner.models.wide.WIDE_DEFAULTS``, named here because loading a configuration must not import torch (a test
-    holds the two equal)."""
+    holds them equal); ``dim`` and ``shared`` there keep what a model config from before these keys meant (off;
+    per-task factors)."""
 
-    dim: int = 0
-    """Factor width per field and task; 0: no wide term."""
+    dim: int = 16
+    """Factor width per field (and task, unless ``shared``); 0: no wide term."""
     lr: float = 0.3
     """Row-wise Adagrad's learning rate for its rows (the quality floor's tuning chose 0.3 on click and long_view)."""
     initial_accumulator: float = 4e-6
@@ -289,9 +291,14 @@ class WideConfig:
     4e-6 is about the floor's tuned 1.0 (a sum over the batch) at batch 512, ``1 / 512²``."""
     tasks: list[str] = field(default_factory=list)
     """The binary tasks that get a term; empty: every one."""
+    shared: bool = True
+    """One factor per row for every task, each task weighting its coordinates (a multi-task factorisation), instead
+    of a factor per task: ``dim`` floats a row instead of ``tasks · dim``."""
 
     def __post_init__(self) -> None:
         at_least("learner.wide.dim", self.dim, 0)
+        if not isinstance(self.shared, bool):
+            raise ValueError(f"learner.wide.shared must be true or false, got {self.shared!r}")
         if isinstance(self.tasks, str) or not all(isinstance(t, str) for t in self.tasks):
             raise ValueError(f"learner.wide.tasks must be a list of task names, got {self.tasks!r}")
         object.__setattr__(self, "tasks", list(self.tasks))

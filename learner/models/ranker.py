@@ -104,7 +104,8 @@ class MultiTaskRanker(nn.Module):
             fields = dict.fromkeys(encoder.id_fields, "hashed")
             capacities, allocated = {"hashed": encoder.n_buckets}, None
         return WideTerm(fields, capacities, binary, int(wide["dim"]), lr=wide["lr"],
-                        initial_accumulator=wide["initial_accumulator"], allocated=allocated)
+                        initial_accumulator=wide["initial_accumulator"], allocated=allocated,
+                        shared=bool(wide.get("shared", False)))
 
     def init_output_bias(self, base_rates: Mapping[str, float]) -> None:
         """See :meth:`MultiTaskModel.init_output_bias`."""

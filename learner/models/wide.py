@@ -24,6 +24,12 @@ an accumulator would slow the factors down), and one lookup and one update serve
 batch, is ``batch²`` times larger (its 1.0 at batch 512 is about 4e-6 here). Factors start at N(0, 0.01 / dim),
 the floor's; biases at 0, so a fresh term adds nothing but a product of two small vectors.
 
+Shared factors (``shared=True``). One factor per row serves every task, each task weighting its coordinates:
+``Σ_{f<g} (v_f ⊙ v_g) · w_t``, ``w_t`` a dense parameter (``scale``, ``(T, dim)``, starting at 1, trained by Adam
+with the experts). Every task's labels then teach the same vectors, as a multi-task matrix factorisation shares its
+user and item factors, and a row holds ``dim`` factors instead of ``T · dim`` (with one accumulator for them, where
+per-task factors keep one per task). The biases stay per task.
+
 The pairwise sum uses FM's identity ``Σ_{f<g} v_f · v_g = ½ (|Σ_f v_f|² - Σ_f |v_f|²)``: O(F · dim) per row, no
 loop over pairs. Regression tasks get no term (a logit term; their output is a value); ``tasks`` may name fewer binary
 tasks.
@@ -38,10 +44,12 @@ from torch import Tensor, nn
 
 from .sparse import RowwiseTable
 
-WIDE_DEFAULTS = {"dim": 0, "lr": 0.3, "initial_accumulator": 4e-6, "tasks": []}
-"""A config's keys and the values of those it leaves out (``learner.config.WideConfig``'s, which a test holds equal):
-dim 0 is off; lr and the accumulator are the quality floor's tuning on click (see the module doc for the units);
-``tasks``, the binary tasks that get a term, none named: every one."""
+WIDE_DEFAULTS = {"dim": 0, "lr": 0.3, "initial_accumulator": 4e-6, "tasks": [], "shared": False}
+"""A model config's keys and the values of those it leaves out: dim 0 is off; lr and the accumulator are the quality
+floor's tuning on click (see the module doc for the units); ``tasks``, the binary tasks that get a term, none named:
+every one; ``shared``, one factor per row for every task (see below) instead of one per task. ``dim`` and ``shared``
+keep what they meant before they were keys, so that an older snapshot rebuilds as it was trained; the learner's
+shipped defaults (``learner.config.WideConfig``: shared factors of width 16) name both."""
 INIT_STD = 0.1
 """Factor entries start at N(0, INIT_STD² / dim), the floor's: small, but not zero (zero is a saddle of p · q)."""
 
@@ -56,7 +64,8 @@ class WideTerm(nn.Module):
     """
 
     def __init__(self, field_tables: Mapping[str, str], capacities: Mapping[str, int], tasks: Sequence[str],
-                 dim: int, lr: float, initial_accumulator: float = 0.0, allocated: int | None = None) -> None:
+                 dim: int, lr: float, initial_accumulator: float = 0.0, allocated: int | None = None,
+                 shared: bool = False) -> None:
         super().__init__()
         if not field_tables or not tasks:
             raise ValueError("the wide term needs at least one id field and one task")
@@ -65,18 +74,20 @@ class WideTerm(nn.Module):
         missing = sorted(set(field_tables.values()) - set(capacities))
         if missing:
             raise ValueError(f"the wide term's fields read tables {missing} without a capacity")
-        self.fields, self.tasks, self.dim = tuple(field_tables), tuple(tasks), dim
+        self.fields, self.tasks, self.dim, self.shared = tuple(field_tables), tuple(tasks), dim, bool(shared)
         self.field_tables = dict(field_tables)
         # the fields grouped by the table they read, in field order: one lookup per table
         self.groups = {name: [f for f in self.fields if self.field_tables[f] == name]
                        for name in dict.fromkeys(self.field_tables.values())}
         seed = int(torch.randint(0, 2**62, (), device="cpu").item())  # the learner's seed decides it
         n_tasks = len(self.tasks)
+        per_row = 1 if self.shared else n_tasks  # factors per row
         self.factors = nn.ModuleDict({
-            name: RowwiseTable(int(capacities[name]), n_tasks * dim, lr=lr, init_std=INIT_STD * dim**-0.5,
+            name: RowwiseTable(int(capacities[name]), per_row * dim, lr=lr, init_std=INIT_STD * dim**-0.5,
                                seed=seed + 2 * i, allocated=allocated, initial_accumulator=initial_accumulator,
-                               groups=n_tasks)
-            for i, name in enumerate(self.groups)})  # (rows, T · dim): task t's factor in columns t·dim..
+                               groups=per_row)
+            for i, name in enumerate(self.groups)})  # (rows, T · dim): task t's factor in columns t·dim.. (shared: dim)
+        self.scale = nn.Parameter(torch.ones(n_tasks, dim)) if self.shared else None  # w_t, per task
         self.biases = nn.ModuleDict({
             name: RowwiseTable(int(capacities[name]), n_tasks, lr=lr, init_std=0.0, seed=seed + 2 * i + 1,
                                allocated=allocated, initial_accumulator=initial_accumulator, groups=n_tasks)
@@ -88,17 +99,26 @@ class WideTerm(nn.Module):
             raise ValueError(f"the wide term is missing the rows of field(s) {missing}")
         grouped = {name: torch.stack([rows[f] for f in fields], dim=1)  # (B, F_g)
                    for name, fields in self.groups.items()}
-        v = torch.cat([self.factors[name].lookup(r) for name, r in grouped.items()], dim=1)  # (B, F, T · k)
-        v = v.unflatten(-1, (len(self.tasks), self.dim))  # (B, F, T, k)
+        v = torch.cat([self.factors[name].lookup(r) for name, r in grouped.items()], dim=1)  # (B, F, T · k) or (B, F, k)
         b = torch.cat([self.biases[name].lookup(r) for name, r in grouped.items()], dim=1)  # (B, F, T)
-        pairs = 0.5 * (v.sum(dim=1).square().sum(dim=-1) - v.square().sum(dim=(1, 3)))  # (B, T): Σ_{f<g} v_f · v_g
+        if self.scale is not None:
+            products = 0.5 * (v.sum(dim=1).square() - v.square().sum(dim=1))  # (B, k): Σ_{f<g} v_f ⊙ v_g
+            pairs = products @ self.scale.t()  # (B, T)
+        else:
+            v = v.unflatten(-1, (len(self.tasks), self.dim))  # (B, F, T, k)
+            pairs = 0.5 * (v.sum(dim=1).square().sum(dim=-1) - v.square().sum(dim=(1, 3)))  # (B, T): Σ_{f<g} v_f · v_g
         z = b.sum(dim=1) + pairs  # (B, T)
         return {t: z[:, j] for j, t in enumerate(self.tasks)}
 
     def factor(self, field_name: str, task: str) -> Tensor:
-        """Every row's factor of ``field_name`` for ``task``, ``(rows + 1, dim)`` (a view)."""
+        """Every row's factor of ``field_name`` for ``task``, ``(rows + 1, dim)``: a view of the table, or with shared
+        factors the shared ones weighted by the square root of the task's ``scale`` (so that the dot product of two
+        fields' factors is the task's term; a negative weight is not a square, so this is only for ``scale >= 0``)."""
         j = self.tasks.index(task)
-        return self.factors[self.field_tables[field_name]].weight[:, j * self.dim:(j + 1) * self.dim]
+        weight = self.factors[self.field_tables[field_name]].weight
+        if self.scale is not None:
+            return weight * self.scale[j].detach().clamp_min(0).sqrt()
+        return weight[:, j * self.dim:(j + 1) * self.dim]
 
     def bias(self, field_name: str, task: str) -> Tensor:
         """Every row's bias of ``field_name`` for ``task``, ``(rows + 1,)`` (a view)."""
@@ -115,7 +135,7 @@ class WideTerm(nn.Module):
         return [self.factors[name], self.biases[name]]
 
     def extra_repr(self) -> str:
-        return f"fields={list(self.fields)}, tasks={list(self.tasks)}, dim={self.dim}"
+        return f"fields={list(self.fields)}, tasks={list(self.tasks)}, dim={self.dim}, shared={self.shared}"
 
 
 def check_wide(wide: Mapping[str, object] | None) -> dict[str, float] | None:
@@ -128,7 +148,8 @@ def check_wide(wide: Mapping[str, object] | None) -> dict[str, float] | None:
         raise ValueError(f"wide: unknown keys {unknown}; keys are {list(WIDE_DEFAULTS)}")
     merged = {**WIDE_DEFAULTS, **wide}
     return {"dim": int(merged["dim"]), "lr": float(merged["lr"]),
-            "initial_accumulator": float(merged["initial_accumulator"]), "tasks": list(merged["tasks"] or [])}
+            "initial_accumulator": float(merged["initial_accumulator"]), "tasks": list(merged["tasks"] or []),
+            "shared": bool(merged["shared"])}
 
 
 __all__ = ["INIT_STD", "WIDE_DEFAULTS", "WideTerm", "check_wide"]

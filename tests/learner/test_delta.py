@@ -45,7 +45,8 @@ def _versions(steps: int) -> list[dict[str, torch.Tensor]]:
 def test_a_chain_of_reference_deltas_materialises_every_version_exactly() -> None:
     states = _versions(6)
     parts = split_state(states[0])
-    assert set(parts.tables) == {"encoder.tables.user_id.", "encoder.tables.item_id."}
+    assert set(parts.tables) == {"encoder.tables.user_id.", "encoder.tables.item_id."} | {
+        f"wide.{part}.{f}." for part in ("factors", "biases") for f in ("user_id", "item_id")}  # the wide term's rows
     assert set(parts.maps) == {"encoder.map_ids_user_id", "encoder.map_ids_item_id"}
     state = states[0]
     for new in states[1:]:

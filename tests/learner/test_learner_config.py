@@ -22,7 +22,8 @@ def test_a_bad_model_key_is_refused_naming_it(key: str, value: object, message: 
 
 
 def test_the_defaults_are_the_measured_ones_and_the_shipped_file_agrees() -> None:
-    """docs/quality.md, "Learning better (item 4)": products and a starting accumulator off, Adam at 3e-3."""
+    """docs/quality.md, "Learning better (item 4)": products and a starting accumulator off, Adam at 3e-3, the wide
+    term on with shared factors of width 16."""
     from dataclasses import asdict
     from pathlib import Path
 
@@ -33,7 +34,7 @@ def test_the_defaults_are_the_measured_ones_and_the_shipped_file_agrees() -> Non
     shipped = yaml.safe_load((Path(__file__).resolve().parents[2] / "moestream.yaml").read_text())["learner"]
     for key in ("lr", "embedding_lr", "embedding_accumulator", "field_products", "cross_layers"):
         assert shipped[key] == getattr(config, key), key
-    assert config.wide.dim == 0 and shipped["wide"] == asdict(config.wide)  # the wide term: off
+    assert (config.wide.dim, config.wide.shared) == (16, True) and shipped["wide"] == asdict(config.wide)  # shared
 
 
 def test_the_learner_builds_its_model_with_them_and_a_snapshot_rebuilds_it() -> None:

@@ -62,9 +62,11 @@ def test_poisoned_features_and_an_exploding_step_leave_the_weights_alone(tmp_pat
     assert learner.skipped_steps == 1
     for key, value in learner.model.state_dict().items():  # weights and BatchNorm statistics untouched
         parts = key.split(".")
-        if parts[:2] == ["encoder", "tables"] and parts[3] in ("weight", "sum_sq", "resets"):
-            # The batch's ids were still read: rows handed to ids first seen in it start fresh (the table grows
-            # and counts the reset); every row in use before is untouched.
+        if parts[0] in ("encoder", "wide") and parts[1] in ("tables", "factors", "biases") and \
+                parts[3] in ("weight", "sum_sq", "resets"):
+            # The batch's ids were still read: rows handed to ids first seen in it start fresh in the field's
+            # tables, its embedding's and the wide term's (each grows and counts the reset); every row in use
+            # before is untouched.
             if parts[3] != "resets":
                 rows = in_use[parts[2]] + 1
                 assert torch.equal(value[:rows], before[key][:rows]), key

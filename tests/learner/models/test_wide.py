@@ -112,7 +112,7 @@ def test_the_config_and_the_state_round_trip_and_older_configs_build_without_the
     ranker({}, torch.randn(3, 2), rows).logits["forward"].sum().backward()
     for table in ranker.row_tables().values():
         table.apply_gradients()
-    assert ranker.config["wide"] == {**WIDE, "tasks": []}
+    assert ranker.config["wide"] == {**WIDE, "tasks": [], "shared": False}
     rebuilt = MultiTaskRanker.from_config(json.loads(json.dumps(ranker.config)))  # what a manifest holds
     rebuilt.load_state_dict(ranker.state_dict())
     state, again = ranker.state_dict(), rebuilt.state_dict()
@@ -132,10 +132,78 @@ def test_the_config_leaves_out_keys_at_the_same_defaults_as_the_model() -> None:
 
     from learner.config import WideConfig
 
-    assert asdict(WideConfig()) == WIDE_DEFAULTS
+    shipped = asdict(WideConfig())
+    assert {k: v for k, v in shipped.items() if k not in ("dim", "shared")} == {
+        k: v for k, v in WIDE_DEFAULTS.items() if k not in ("dim", "shared")}
+    assert (shipped["dim"], shipped["shared"]) == (16, True)  # on by default, shared factors
+    assert (WIDE_DEFAULTS["dim"], WIDE_DEFAULTS["shared"]) == (0, False)  # what a config without the keys meant
     assert _ranker({"dim": 2}).config["wide"] == {**WIDE_DEFAULTS, "dim": 2}
     with pytest.raises(ValueError, match="wide: unknown keys \\['width'\\]"):
         _ranker({"width": 2})
+
+
+def test_shared_factors_weight_one_factor_per_row_by_each_tasks_scale() -> None:
+    """Σ_{f<g} (v_f ⊙ v_g) · w_t over three fields, pair by pair; a row holds dim factors and one accumulator for
+    them; the scales are a dense parameter (Adam's, beside the experts) that every task's gradient reaches."""
+    torch.manual_seed(0)
+    wide = WideTerm({"a": "a", "b": "b", "c": "c"}, {"a": 8, "b": 8, "c": 8}, ["click", "like"], dim=4, lr=0.1,
+                    shared=True)
+    for table in wide.row_tables().values():
+        table.weight.normal_()
+    assert all(wide.factors[f].dim == 4 and wide.factors[f].sum_sq.shape[1:] == () for f in "abc")  # one per row
+    assert [name for name, _ in wide.named_parameters()] == ["scale"]
+    with torch.no_grad():
+        wide.scale.copy_(torch.randn(2, 4))  # negative weights too
+    rows = {f: torch.tensor([1, 2, 0, 8]) for f in "abc"}
+    v = {f: wide.factors[f].weight[rows[f]] for f in "abc"}
+    out = wide(rows)
+    for j, task in enumerate(("click", "like")):
+        w = wide.scale[j].detach()
+        pairs = ((v["a"] * v["b"] + v["a"] * v["c"] + v["b"] * v["c"]) * w).sum(-1)
+        bias = sum(wide.bias(f, task)[rows[f]] for f in "abc")
+        torch.testing.assert_close(out[task].detach(), bias + pairs)
+    (out["click"].sum() + out["like"].sum()).backward()
+    assert wide.scale.grad is not None and (wide.scale.grad != 0).all()
+    with torch.no_grad():
+        wide.scale.abs_()  # factor(): the shared factors weighted by sqrt(scale), whose dot product is the term
+        p, q = wide.factor("a", "like")[rows["a"]], wide.factor("b", "like")[rows["b"]]
+        torch.testing.assert_close((p * q).sum(-1), (v["a"] * v["b"] * wide.scale[1]).sum(-1))
+
+
+def test_shared_factors_round_trip_train_and_are_configured_by_name() -> None:
+    with pytest.raises(ValueError, match="learner.wide.shared must be true or false"):
+        LearnerConfig(wide={"dim": 4, "shared": "yes"})
+    shared = {**WIDE, "shared": True}
+    ranker = _ranker(shared)
+    assert ranker.config["wide"] == {**shared, "tasks": []}
+    assert ranker.wide.factors["user_id"].dim == WIDE["dim"]  # one factor a row, not one per task
+    assert any(p is ranker.wide.scale for p in ranker.parameters())  # the dense optimizer's
+    rows = _rows(ranker, [1, 2, 3], [3, 1, 1])
+    adam = torch.optim.Adam(ranker.parameters(), lr=0.1)
+    logits = ranker({}, torch.randn(3, 2), rows).logits
+    (logits["click"].sum() - logits["like"].sum()).backward()
+    adam.step()
+    for table in ranker.row_tables().values():
+        table.apply_gradients()
+    assert not torch.equal(ranker.wide.scale[0], ranker.wide.scale[1])  # each task weights the factors its own way
+    rebuilt = MultiTaskRanker.from_config(json.loads(json.dumps(ranker.config)))
+    rebuilt.load_state_dict(ranker.state_dict())
+    ranker.eval(), rebuilt.eval()
+    with torch.no_grad():
+        dense = torch.randn(3, 2)
+        for task, value in ranker({}, dense, rows).logits.items():
+            torch.testing.assert_close(rebuilt({}, dense, rows).logits[task], value, rtol=0, atol=0)
+    config = LearnerConfig(family="mmoe", hparams=dict(HPARAMS), emb_dim=4,
+                           tables={"user_id": {"capacity": 6}, "item_id": {"capacity": 64}},
+                           wide={"dim": 2, "shared": True})
+    learner = Learner(config, list(ID_FIELDS), len(FEATURE_COLUMNS))
+    assert learner.model.wide.shared and learner.model.wide.factors["item_id"].dim == 2
+    rng = np.random.default_rng(0)
+    for step in range(4):
+        learner.learn(_batch(rng, step, 32), np.zeros((32, len(FEATURE_COLUMNS)), np.float32))
+    served = MultiTaskRanker.from_config(learner.manifest()["model_config"])
+    served.load_state_dict(learner.weights())
+    assert served.wide is not None and served.wide.shared
 
 
 def test_regression_tasks_get_no_term_and_tasks_may_name_fewer() -> None:
@@ -217,6 +285,8 @@ def test_the_wide_term_learns_a_user_item_factorisation_the_experts_alone_learn_
 
     without, with_wide = log_loss(None), log_loss({"dim": 4, "lr": 0.3, "initial_accumulator": 0.0})
     assert with_wide < without - 0.05, (with_wide, without)
+    shared = log_loss({"dim": 4, "lr": 0.3, "initial_accumulator": 0.0, "shared": True})
+    assert shared < without - 0.05, (shared, without)
 
 
 def _batch(rng: np.random.Generator, step: int, n: int) -> pa.Table:
