@@ -105,7 +105,7 @@ class MultiTaskRanker(nn.Module):
             capacities, allocated = {"hashed": encoder.n_buckets}, None
         return WideTerm(fields, capacities, binary, int(wide["dim"]), lr=wide["lr"],
                         initial_accumulator=wide["initial_accumulator"], allocated=allocated,
-                        shared=bool(wide.get("shared", False)))
+                        shared=wide["shared"])
 
     def init_output_bias(self, base_rates: Mapping[str, float]) -> None:
         """See :meth:`MultiTaskModel.init_output_bias`."""

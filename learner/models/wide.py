@@ -112,13 +112,17 @@ class WideTerm(nn.Module):
 
     def factor(self, field_name: str, task: str) -> Tensor:
         """Every row's factor of ``field_name`` for ``task``, ``(rows + 1, dim)``: a view of the table, or with shared
-        factors the shared ones weighted by the square root of the task's ``scale`` (so that the dot product of two
-        fields' factors is the task's term; a negative weight is not a square, so this is only for ``scale >= 0``)."""
+        factors the shared ones weighted by the square root of the task's ``scale``, so that the dot product of two
+        fields' factors is the task's term. A task weight below zero has no such square root: an error."""
         j = self.tasks.index(task)
         weight = self.factors[self.field_tables[field_name]].weight
-        if self.scale is not None:
-            return weight * self.scale[j].detach().clamp_min(0).sqrt()
-        return weight[:, j * self.dim:(j + 1) * self.dim]
+        if self.scale is None:
+            return weight[:, j * self.dim:(j + 1) * self.dim]
+        scale = self.scale[j].detach()
+        if (scale < 0).any():
+            raise ValueError(f"task {task!r} weights some shared coordinates below zero: its term is not a dot "
+                             "product of per-field factors")
+        return weight * scale.sqrt()
 
     def bias(self, field_name: str, task: str) -> Tensor:
         """Every row's bias of ``field_name`` for ``task``, ``(rows + 1,)`` (a view)."""
@@ -147,9 +151,11 @@ def check_wide(wide: Mapping[str, object] | None) -> dict[str, float] | None:
     if unknown:
         raise ValueError(f"wide: unknown keys {unknown}; keys are {list(WIDE_DEFAULTS)}")
     merged = {**WIDE_DEFAULTS, **wide}
+    if not isinstance(merged["shared"], bool):
+        raise ValueError(f"wide.shared must be true or false, got {merged['shared']!r}")
     return {"dim": int(merged["dim"]), "lr": float(merged["lr"]),
             "initial_accumulator": float(merged["initial_accumulator"]), "tasks": list(merged["tasks"] or []),
-            "shared": bool(merged["shared"])}
+            "shared": merged["shared"]}
 
 
 __all__ = ["INIT_STD", "WIDE_DEFAULTS", "WideTerm", "check_wide"]

@@ -34,11 +34,13 @@ def _rows(ranker: MultiTaskRanker, users: list[int], items: list[int]) -> dict[s
     return {"user_id": torch.tensor(users), "item_id": torch.tensor(items)}
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["per-task", "shared"])
 @pytest.mark.parametrize("tables", [TABLES, None], ids=["per-field", "hashed"])
-def test_off_the_ranker_is_the_one_without_the_key_and_on_it_adds_the_floors_form(tables) -> None:
+def test_off_the_ranker_is_the_one_without_the_key_and_on_it_adds_the_floors_form(tables, shared) -> None:
     ids = {"user_id": torch.tensor([5, 6, 7]), "item_id": torch.tensor([1, 1, 9])}
     dense = torch.randn(3, 2)
-    plain, off, on = _ranker(tables=tables), _ranker({"dim": 0}, tables=tables), _ranker(WIDE, tables=tables)
+    plain, off = _ranker(tables=tables), _ranker({"dim": 0}, tables=tables)
+    on = _ranker({**WIDE, "shared": shared}, tables=tables)
     assert off.wide is None and not any(k.startswith("wide.") for k in off.state_dict())
     assert plain.state_dict().keys() == off.state_dict().keys()
     rows = [_rows(model, [1, 2, 3], [4, 4, 5]) if tables else None for model in (plain, off, on)][0]
@@ -164,6 +166,8 @@ def test_shared_factors_weight_one_factor_per_row_by_each_tasks_scale() -> None:
         torch.testing.assert_close(out[task].detach(), bias + pairs)
     (out["click"].sum() + out["like"].sum()).backward()
     assert wide.scale.grad is not None and (wide.scale.grad != 0).all()
+    with pytest.raises(ValueError, match="below zero"):
+        wide.factor("a", "like")
     with torch.no_grad():
         wide.scale.abs_()  # factor(): the shared factors weighted by sqrt(scale), whose dot product is the term
         p, q = wide.factor("a", "like")[rows["a"]], wide.factor("b", "like")[rows["b"]]
@@ -173,6 +177,8 @@ def test_shared_factors_weight_one_factor_per_row_by_each_tasks_scale() -> None:
 def test_shared_factors_round_trip_train_and_are_configured_by_name() -> None:
     with pytest.raises(ValueError, match="learner.wide.shared must be true or false"):
         LearnerConfig(wide={"dim": 4, "shared": "yes"})
+    with pytest.raises(ValueError, match="wide.shared must be true or false"):  # a model config (a manifest's)
+        _ranker({**WIDE, "shared": "false"})
     shared = {**WIDE, "shared": True}
     ranker = _ranker(shared)
     assert ranker.config["wide"] == {**shared, "tasks": []}
