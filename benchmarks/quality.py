@@ -39,6 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from benchmarks import quality_plots
 from benchmarks.harness import Report
+from benchmarks.quality_checkpoints import Checkpoints, Provenance, run_key
 from benchmarks.quality_floor import GRID, Tuning, floor_scores, tune
 from benchmarks.quality_rows import FLOOR, LAST, ORACLE, add_rows, markdown_tables
 from benchmarks.quality_stream import QualityStream, simulate
@@ -49,6 +50,8 @@ from learner.models import FAMILIES
 from stream.events import TASKS
 
 RESULTS = Path(__file__).parent / "results"
+CHECKPOINTS = "checkpoints"
+"""Under the results directory: finished seeds and the floor's tuning, for a later run to resume from."""
 STALENESS_S: tuple[int, ...] = (1, 10, 60, 600)
 
 
@@ -111,6 +114,11 @@ class SeedFigures:
     staleness: dict[int, dict] = field(default_factory=dict)
     """Lag (s) -> events scored, mean age (s), per task the lagged version's AUC and the live model's."""
     train_seconds: dict[str, float] = field(default_factory=dict)
+    sections: dict[str, float] = field(default_factory=dict)
+    """Seconds this seed took to simulate, train, score the floor and compute the figures."""
+
+
+SECTIONS = ("simulate", "train", "floor", "figures")
 
 
 @dataclass
@@ -120,10 +128,24 @@ class QualityResult:
     seeds: list[SeedFigures] = field(default_factory=list)
     tuning: Tuning | None = None
     batch: int = 512
-    seconds: float = 0.0
-    sections: dict[str, float] = field(default_factory=dict)
-    """Seconds spent simulating, training, on the floor and on the figures."""
+    tuning_sections: dict[str, float] = field(default_factory=dict)
+    """Seconds the floor's tuning took: simulating its stream, running the grid."""
+    resumed: dict[int, Provenance] = field(default_factory=dict)
+    """Seeds taken from checkpoints, with the commit and time they were computed at."""
+    elapsed: float = 0.0
+    """Wall seconds of this run (resumed seeds cost it nothing)."""
     files: list[Path] = field(default_factory=list)
+
+    @property
+    def sections(self) -> dict[str, float]:
+        """Seconds spent simulating, training, on the floor and on the figures, over every seed and the tuning,
+        whichever run computed them."""
+        parts = [self.tuning_sections, *(s.sections for s in self.seeds)]
+        return {k: sum(p.get(k, 0.0) for p in parts) for k in SECTIONS}
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.sections.values())
 
 
 def study_figures(run: FamilyRun, stream: QualityStream, plan: QualityPlan) -> tuple[dict, dict]:
@@ -155,8 +177,11 @@ def study_figures(run: FamilyRun, stream: QualityStream, plan: QualityPlan) -> t
     return frozen, stale
 
 
-def measure(plan: QualityPlan, progress: Progress | None = None, config_file: Path = CONFIG_FILE) -> QualityResult:
-    """Every scorer on every seed of ``plan``; the floor tuned first on its own seed."""
+def measure(plan: QualityPlan, progress: Progress | None = None, config_file: Path = CONFIG_FILE,
+            checkpoints: Checkpoints | None = None) -> QualityResult:
+    """Every scorer on every seed of ``plan``; the floor tuned first on its own seed. With ``checkpoints``, a seed
+    (or the tuning) they hold for this run's key is taken from them, and each one computed is saved there as soon
+    as it is done."""
     started = time.perf_counter()
     configured = load_config(config_file).learner
     study = plan.study_family or configured.family
@@ -164,14 +189,14 @@ def measure(plan: QualityPlan, progress: Progress | None = None, config_file: Pa
         raise ValueError(f"the study family {study!r} is not among the plan's families {plan.families}")
     base_rates = np.array([configured.base_rates[t] for t in TASKS])
     progress = progress or Progress(transient=True)
-    sections = dict.fromkeys(("simulate", "train", "floor", "figures"), 0.0)
+    kept = {seed: got for seed in plan.seeds if checkpoints and (got := checkpoints.seed(seed))}
     with TemporaryDirectory(prefix="moestream-quality-") as tmp:
         root = Path(tmp)
         trainer = worker_config(root, study, 0, config_file)
         joiner, batch = trainer.joiner, trainer.batch_size
         result = QualityResult(plan, study, batch=batch)
 
-        def stream_of(seed: int) -> QualityStream:
+        def stream_of(seed: int, sections: dict[str, float]) -> QualityStream:
             t0 = time.perf_counter()
             task = progress.add_task(f"quality: simulating seed {seed}", total=plan.n_requests * 4)
             stream = simulate(seed, plan.n_requests, root, joiner, on_impressions=lambda n: progress.advance(task, n))
@@ -179,18 +204,31 @@ def measure(plan: QualityPlan, progress: Progress | None = None, config_file: Pa
             sections["simulate"] += time.perf_counter() - t0
             return stream
 
-        tuning_stream = stream_of(plan.tuning_seed)
-        t0 = time.perf_counter()
-        task = progress.add_task(f"quality: tuning the floor on seed {plan.tuning_seed}", total=len(GRID))
-        result.tuning = tune(tuning_stream.users, tuning_stream.items, tuning_stream.labels, batch, base_rates,
-                             on_point=lambda: progress.advance(task))
-        progress.remove_task(task)
-        sections["floor"] += time.perf_counter() - t0
-        tuning_stream.log.unlink()
-        del tuning_stream
+        cached = checkpoints.tuning() if checkpoints else None
+        if cached:
+            result.tuning, tuning_sections = cached
+        else:
+            tuning_sections = dict.fromkeys(SECTIONS, 0.0)
+            tuning_stream = stream_of(plan.tuning_seed, tuning_sections)
+            t0 = time.perf_counter()
+            task = progress.add_task(f"quality: tuning the floor on seed {plan.tuning_seed}", total=len(GRID))
+            result.tuning = tune(tuning_stream.users, tuning_stream.items, tuning_stream.labels, batch, base_rates,
+                                 on_point=lambda: progress.advance(task))
+            progress.remove_task(task)
+            tuning_sections["floor"] += time.perf_counter() - t0
+            tuning_stream.log.unlink()
+            del tuning_stream
+            if checkpoints:
+                checkpoints.save_tuning(result.tuning, tuning_sections)
+        result.tuning_sections = tuning_sections
         for seed in plan.seeds:
-            stream = stream_of(seed)
-            seed_figures = SeedFigures(seed, len(stream))
+            if seed in kept:
+                figures, result.resumed[seed] = kept[seed]
+                result.seeds.append(SeedFigures(**figures))
+                continue
+            sections = dict.fromkeys(SECTIONS, 0.0)
+            stream = stream_of(seed, sections)
+            seed_figures = SeedFigures(seed, len(stream), sections=sections)
             t0 = time.perf_counter()
             floor = floor_scores(stream.users, stream.items, stream.labels, batch, result.tuning.chosen, base_rates,
                                  seed)
@@ -216,9 +254,10 @@ def measure(plan: QualityPlan, progress: Progress | None = None, config_file: Pa
                 del run
                 gc.collect()
             result.seeds.append(seed_figures)
+            if checkpoints:
+                checkpoints.save_seed(seed, asdict(seed_figures))
             stream.log.unlink()
-    result.seconds = time.perf_counter() - started
-    result.sections = sections
+    result.elapsed = time.perf_counter() - started
     return result
 
 
@@ -258,7 +297,8 @@ def write_files(result: QualityResult, out_dir: Path, quick: bool) -> list[Path]
         files.append(quality_plots.staleness(out_dir / "staleness.png", lags, lost,
                                              f"{result.study_family}: AUC lost to serving staleness ({mode})"))
     body = {"plan": asdict(plan), "study_family": result.study_family, "batch": result.batch,
-            "seconds": result.seconds, "sections": result.sections,
+            "seconds": result.seconds, "sections": result.sections, "elapsed": result.elapsed,
+            "resumed": {seed: asdict(p) for seed, p in result.resumed.items()},
             "floor_tuning": {"chosen": {t: asdict(c) for t, c in zip(TASKS, result.tuning.chosen)},
                              "grid_auc": {f"lr={lr},dim={dim},initial_accumulator={a}": v
                                           for (lr, dim, a), v in result.tuning.auc.items()}},
@@ -272,13 +312,17 @@ def write_files(result: QualityResult, out_dir: Path, quick: bool) -> list[Path]
 
 
 def run(quick: bool = False, out_dir: Path | None = None, plan: QualityPlan | None = None,
-        config_file: Path = CONFIG_FILE) -> Report:
+        config_file: Path = CONFIG_FILE, resume: bool = True) -> Report:
+    """The benchmark. With ``resume`` (the default) each finished seed and the floor's tuning are kept under
+    ``out_dir/checkpoints`` and a later run of the same plan, configuration and code takes them from there
+    (``benchmarks.quality_checkpoints``): a full run can be spread over several sittings."""
     plan = plan or (QUICK if quick else FULL)
     out_dir = out_dir or RESULTS / ("quality-quick" if quick else "quality")
     report = Report("quality")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    checkpoints = Checkpoints(out_dir / CHECKPOINTS, run_key(asdict(plan), config_file)) if resume else None
     with Progress(*columns, transient=True) as progress:
-        result = measure(plan, progress, config_file)
+        result = measure(plan, progress, config_file, checkpoints)
     result.files = write_files(result, out_dir, quick)
     add_rows(report, result, quick, (QUICK, FULL))
     return report

@@ -151,7 +151,13 @@ def _notes(report: Report, result: QualityResult, quick: bool, plans: tuple[Qual
                             f"on the full run")
     other = full_plan if quick else quick_plan
     sections = ", ".join(f"{k} {v:.0f} s" for k, v in result.sections.items())
-    report.notes.append(f"{result.seconds / 60:.1f} min ({sections}); {'full' if quick else 'quick'} mode "
+    if result.resumed:
+        sources = "; ".join(f"seed {seed} on {p.written_at} at commit {(p.commit or 'unknown')[:12]}"
+                            for seed, p in sorted(result.resumed.items()))
+        report.notes.append(f"resumed from checkpoints (same plan, configuration and code): {sources}; this run took "
+                            f"{result.elapsed / 60:.1f} min")
+    report.notes.append(f"{result.seconds / 60:.1f} min of computing, every seed and the tuning "
+                        f"({sections}); {'full' if quick else 'quick'} mode "
                         f"({other.n_requests * 4:,} examples x {len(other.seeds)} seed(s)) estimated at "
                         f"{estimate_seconds(result, other) / 60:.0f} min on this machine")
     report.notes.append(f"learning curves, frozen.png, staleness.png, figures.json and tables.md in "

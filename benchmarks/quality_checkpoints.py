@@ -1,0 +1,123 @@
+"""``bench quality``'s checkpoints: a full run takes hours, so each finished seed (and the floor's tuning) is
+kept on disk and a later run with the same inputs picks it up instead of computing it again.
+
+A checkpoint is valid for one **key**: the sha256 of everything its figures depend on, namely the plan (all
+but its list of seeds), the configuration file's bytes, the ``MOESTREAM_*`` environment, the versions of torch
+and numpy, and the source of ``stream/``, ``features/``, ``learner/`` and ``benchmarks/quality*.py``. A change
+to any of them (a learner default, a model's code, the simulator) makes the older checkpoints stale: they are
+ignored and overwritten, never mixed with new figures. Changes elsewhere (docs, serving, infra) keep them.
+
+Files are JSON written whole and then renamed (a run killed mid-write leaves the previous file or none), with
+NaN kept as NaN (a learning-curve window without both classes). Each records the commit it was computed on and
+when, which the report names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.quality_floor import FloorConfig, Tuning
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("stream", "features", "learner")
+"""Packages whose code the figures depend on (with ``benchmarks/quality*.py``)."""
+FORMAT = 1
+
+
+def source_files(root: Path = ROOT) -> list[Path]:
+    files = [p for package in SOURCES for p in (root / package).rglob("*.py")]
+    files += (root / "benchmarks").glob("quality*.py")
+    return sorted(files)
+
+
+def run_key(plan: dict, config_file: Path, root: Path = ROOT) -> str:
+    """The sha256 of what a seed's figures depend on (``plan``: the plan as a dict; its seeds are left out)."""
+    h = hashlib.sha256()
+    inputs = {"format": FORMAT, "plan": {k: v for k, v in plan.items() if k != "seeds"},
+              "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MOESTREAM_")},
+              "versions": [torch.__version__, np.__version__]}
+    h.update(json.dumps(inputs, sort_keys=True, default=str).encode())
+    h.update(b"\0config\0" + Path(config_file).read_bytes())
+    for path in source_files(root):
+        h.update(b"\0" + str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def commit(root: Path = ROOT) -> str | None:
+    """The checked-out commit, with ``+modified`` when tracked files differ from it; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+modified" if dirty else "")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    commit: str | None
+    written_at: str
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Seeds and the floor's tuning of runs with one key, under ``directory``."""
+
+    directory: Path
+    key: str
+
+    def _read(self, name: str) -> dict | None:
+        path = self.directory / name
+        try:
+            body = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # none yet, or unreadable: computed again and overwritten
+        return body if isinstance(body, dict) and body.get("key") == self.key else None
+
+    def _write(self, name: str, payload: dict) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        body = {"key": self.key, "commit": commit(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **payload}
+        tmp = self.directory / f".{name}.tmp"
+        tmp.write_text(json.dumps(body, indent=1))
+        os.replace(tmp, self.directory / name)
+
+    def seed(self, seed: int) -> tuple[dict, Provenance] | None:
+        """A finished seed's figures (``SeedFigures`` fields) and where they come from, if this key has them."""
+        body = self._read(f"seed-{seed}.json")
+        if body is None:
+            return None
+        figures = body["figures"]
+        figures["staleness"] = {int(lag): v for lag, v in figures["staleness"].items()}  # JSON keys are strings
+        return figures, Provenance(body["commit"], body["written_at"])
+
+    def save_seed(self, seed: int, figures: dict) -> None:
+        self._write(f"seed-{seed}.json", {"figures": figures})
+
+    def tuning(self) -> tuple[Tuning, dict[str, float]] | None:
+        """The floor's tuning and the seconds it took by section (its stream's simulation, the grid), if this key
+        has it."""
+        body = self._read("tuning.json")
+        if body is None:
+            return None
+        chosen = [FloorConfig(**c) for c in body["chosen"]]
+        auc = {(float(lr), int(dim), float(acc)): v for (lr, dim, acc), v in body["auc"]}
+        return Tuning(chosen, auc), body["sections"]
+
+    def save_tuning(self, tuning: Tuning, sections: dict[str, float]) -> None:
+        self._write("tuning.json", {"chosen": [asdict(c) for c in tuning.chosen],
+                                    "auc": [[list(point), v] for point, v in tuning.auc.items()],
+                                    "sections": sections})
+
+
+__all__ = ["Checkpoints", "Provenance", "commit", "run_key", "source_files"]

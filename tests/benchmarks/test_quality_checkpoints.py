@@ -1,0 +1,96 @@
+"""``bench quality``'s checkpoints: a finished seed is taken from disk by a later run with the same inputs, and
+only then; the report says which seeds were resumed."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import orjson
+import pytest
+
+from benchmarks import quality
+from benchmarks.quality import CHECKPOINTS, QualityPlan, run
+from benchmarks.quality_checkpoints import Checkpoints, run_key
+from benchmarks.quality_floor import FloorConfig, Tuning
+from benchmarks.quality_train import CONFIG_FILE
+
+PLAN = QualityPlan(200, seeds=(0, 1), families=("mmoe",), staleness_s=(1,), windows=4)
+
+
+def _seeds(out_dir: Path) -> list[dict]:
+    return orjson.loads((out_dir / "figures.json").read_bytes())["seeds"]
+
+
+def test_a_second_run_takes_every_finished_seed_from_its_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    first = run(quick=True, out_dir=tmp_path, plan=PLAN)
+    assert sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir()) == ["seed-0.json", "seed-1.json", "tuning.json"]
+    assert not any(n.startswith("resumed") for n in first.notes)
+    before = _seeds(tmp_path)
+
+    def no(*args, **kwargs):
+        raise AssertionError("a checkpointed seed was computed again")
+
+    monkeypatch.setattr(quality, "simulate", no)
+    monkeypatch.setattr(quality, "train_family", no)
+    monkeypatch.setattr(quality, "tune", no)
+    again = run(quick=True, out_dir=tmp_path, plan=PLAN)
+    assert _seeds(tmp_path) == before  # the same figures, curves (NaN windows included) and timings
+    assert [r.value for r in again.rows] == pytest.approx([r.value for r in first.rows], nan_ok=True)
+    resumed = [n for n in again.notes if n.startswith("resumed")]
+    assert len(resumed) == 1 and "seed 0 on " in resumed[0] and "seed 1 on " in resumed[0]
+
+
+def test_only_the_missing_seed_is_computed_and_a_damaged_checkpoint_is_computed_again(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    run(quick=True, out_dir=tmp_path, plan=PLAN)
+    (tmp_path / CHECKPOINTS / "seed-1.json").write_text('{"key": "trunc')
+    trained: list[int] = []
+    real = quality.train_family
+
+    def counted(stream, family, seed, *args, **kwargs):
+        trained.append(seed)
+        return real(stream, family, seed, *args, **kwargs)
+
+    monkeypatch.setattr(quality, "train_family", counted)
+    report = run(quick=True, out_dir=tmp_path, plan=PLAN)
+    assert trained == [1]
+    assert any(n.startswith("resumed") and "seed 0 on " in n and "seed 1" not in n for n in report.notes)
+    assert [s["seed"] for s in _seeds(tmp_path)] == [0, 1]
+
+
+def test_the_key_follows_the_plan_the_configuration_and_the_code_not_the_seeds(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "repo"
+    for package in ("stream", "features", "learner", "benchmarks"):
+        (root / package).mkdir(parents=True)
+    (root / "learner" / "model.py").write_text("x = 1\n")
+    (root / "benchmarks" / "quality_x.py").write_text("y = 1\n")
+    (root / "benchmarks" / "serving.py").write_text("z = 1\n")
+    config = tmp_path / "moestream.yaml"
+    shutil.copy(CONFIG_FILE, config)
+    plan = asdict(PLAN)
+    key = run_key(plan, config, root)
+    assert run_key({**plan, "seeds": (5,)}, config, root) == key
+    assert run_key({**plan, "windows": 5}, config, root) != key
+    (root / "benchmarks" / "serving.py").write_text("z = 2\n")  # not what the figures depend on
+    assert run_key(plan, config, root) == key
+    (root / "learner" / "model.py").write_text("x = 2\n")
+    changed = run_key(plan, config, root)
+    assert changed != key
+    (root / "benchmarks" / "quality_x.py").write_text("y = 2\n")
+    assert run_key(plan, config, root) not in (key, changed)
+    now = run_key(plan, config, root)
+    config.write_text(config.read_text().replace("family: mmoe", "family: home"))
+    edited = run_key(plan, config, root)
+    assert edited != now
+    monkeypatch.setenv("MOESTREAM_LEARNER__LR", "0.01")  # the environment overrides the file
+    assert run_key(plan, config, root) != edited
+
+
+def test_a_checkpoint_of_another_key_is_not_read(tmp_path: Path) -> None:
+    tuning = Tuning([FloorConfig(0.3, 16, 1.0)], {(0.3, 16, 1.0): [0.7]})
+    Checkpoints(tmp_path, "a").save_tuning(tuning, {"simulate": 1.0, "floor": 2.0})
+    assert Checkpoints(tmp_path, "b").tuning() is None
+    got, sections = Checkpoints(tmp_path, "a").tuning()
+    assert got == tuning and sections == {"simulate": 1.0, "floor": 2.0}
