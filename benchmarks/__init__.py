@@ -22,7 +22,14 @@ BENCHMARKS: dict[str, str] = {
 }
 
 
-def run(name: str, quick: bool = False):
+RESUMABLE = ("quality",)
+"""Benchmarks that keep finished parts of a run and resume from them unless asked for a fresh run."""
+
+
+def run(name: str, quick: bool = False, fresh: bool = False):
     if name not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
-    return importlib.import_module(BENCHMARKS[name]).run(quick=quick)
+    if fresh and name not in RESUMABLE:
+        raise KeyError(f"--fresh applies to {', '.join(RESUMABLE)} only: {name!r} keeps nothing between runs")
+    module = importlib.import_module(BENCHMARKS[name])
+    return module.run(quick=quick, resume=not fresh) if name in RESUMABLE else module.run(quick=quick)

@@ -28,6 +28,7 @@ only, every family. PNGs, every figure per seed (``figures.json``) and markdown 
 from __future__ import annotations
 
 import gc
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from benchmarks import quality_plots
 from benchmarks.harness import Report
-from benchmarks.quality_checkpoints import Checkpoints, Provenance, run_key
+from benchmarks.quality_checkpoints import Checkpoints, Provenance, commit, run_key
 from benchmarks.quality_floor import GRID, Tuning, floor_scores, tune
 from benchmarks.quality_rows import FLOOR, LAST, ORACLE, add_rows, markdown_tables
 from benchmarks.quality_stream import QualityStream, simulate
@@ -189,7 +190,6 @@ def measure(plan: QualityPlan, progress: Progress | None = None, config_file: Pa
         raise ValueError(f"the study family {study!r} is not among the plan's families {plan.families}")
     base_rates = np.array([configured.base_rates[t] for t in TASKS])
     progress = progress or Progress(transient=True)
-    kept = {seed: got for seed in plan.seeds if checkpoints and (got := checkpoints.seed(seed))}
     with TemporaryDirectory(prefix="moestream-quality-") as tmp:
         root = Path(tmp)
         trainer = worker_config(root, study, 0, config_file)
@@ -221,6 +221,7 @@ def measure(plan: QualityPlan, progress: Progress | None = None, config_file: Pa
             if checkpoints:
                 checkpoints.save_tuning(result.tuning, tuning_sections)
         result.tuning_sections = tuning_sections
+        kept = {seed: got for seed in plan.seeds if checkpoints and (got := checkpoints.seed(seed, result.tuning))}
         for seed in plan.seeds:
             if seed in kept:
                 figures, result.resumed[seed] = kept[seed]
@@ -255,7 +256,7 @@ def measure(plan: QualityPlan, progress: Progress | None = None, config_file: Pa
                 gc.collect()
             result.seeds.append(seed_figures)
             if checkpoints:
-                checkpoints.save_seed(seed, asdict(seed_figures))
+                checkpoints.save_seed(seed, asdict(seed_figures), result.tuning)
             stream.log.unlink()
     result.elapsed = time.perf_counter() - started
     return result
@@ -313,14 +314,17 @@ def write_files(result: QualityResult, out_dir: Path, quick: bool) -> list[Path]
 
 def run(quick: bool = False, out_dir: Path | None = None, plan: QualityPlan | None = None,
         config_file: Path = CONFIG_FILE, resume: bool = True) -> Report:
-    """The benchmark. With ``resume`` (the default) each finished seed and the floor's tuning are kept under
-    ``out_dir/checkpoints`` and a later run of the same plan, configuration and code takes them from there
-    (``benchmarks.quality_checkpoints``): a full run can be spread over several sittings."""
+    """The benchmark. Each finished seed and the floor's tuning are kept under ``out_dir/checkpoints``; with
+    ``resume`` (the default; ``bench quality --fresh`` turns it off) a later run of the same plan, configuration
+    and code takes them from there (``benchmarks.quality_checkpoints``), so a full run can be spread over several
+    sittings."""
     plan = plan or (QUICK if quick else FULL)
     out_dir = out_dir or RESULTS / ("quality-quick" if quick else "quality")
     report = Report("quality")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    checkpoints = Checkpoints(out_dir / CHECKPOINTS, run_key(asdict(plan), config_file)) if resume else None
+    checkpoints = Checkpoints(out_dir / CHECKPOINTS, run_key(asdict(plan), config_file), commit())
+    if not resume:
+        shutil.rmtree(checkpoints.directory, ignore_errors=True)  # computed again, and checkpointed again
     with Progress(*columns, transient=True) as progress:
         result = measure(plan, progress, config_file, checkpoints)
     result.files = write_files(result, out_dir, quick)

@@ -102,6 +102,8 @@ def _rate_rows(report: Report, result: QualityResult) -> None:
         seconds = sum(s.train_seconds[family] for s in result.seeds)
         examples = sum(s.examples for s in result.seeds)
         extra = ", scoring the frozen and stale versions too" if family == result.study_family else ""
+        if result.resumed:
+            extra += f"; seeds {', '.join(map(str, sorted(result.resumed)))} timed in an earlier run"
         report.add(Row(f"replay --direct training: {family}{extra}", examples / seconds, "examples/s"))
 
 
@@ -109,9 +111,17 @@ def _lag(seconds: int) -> str:
     return f"{seconds // 60} min" if seconds > 60 and seconds % 60 == 0 else f"{seconds} s"
 
 
+def _short(commit: str | None) -> str:
+    if not commit:
+        return "unknown"
+    head, _, dirty = commit.partition("+")
+    return head[:12] + (f"+{dirty}" if dirty else "")
+
+
 def estimate_seconds(result: QualityResult, plan: QualityPlan) -> float:
-    """``plan``'s run time on this machine, extrapolated linearly from this run's: training per example trained,
-    the rest per impression simulated (the floor's tuning stream included)."""
+    """``plan``'s run time, extrapolated linearly from the time this result's parts took (every seed and the
+    tuning, whichever run computed them: resumed seeds bring their own times): training per example trained, the
+    rest per impression simulated (the floor's tuning stream included)."""
     done = result.plan
     trained = sum(s.examples for s in result.seeds)
     train = result.sections.get("train", 0.0)
@@ -152,8 +162,8 @@ def _notes(report: Report, result: QualityResult, quick: bool, plans: tuple[Qual
     other = full_plan if quick else quick_plan
     sections = ", ".join(f"{k} {v:.0f} s" for k, v in result.sections.items())
     if result.resumed:
-        sources = "; ".join(f"seed {seed} on {p.written_at} at commit {(p.commit or 'unknown')[:12]}"
-                            for seed, p in sorted(result.resumed.items()))
+        sources = "; ".join(f"seed {seed} on {p.written_at} at commit {_short(p.commit)}"
+                            + (f" ({p.machine})" if p.machine else "") for seed, p in sorted(result.resumed.items()))
         report.notes.append(f"resumed from checkpoints (same plan, configuration and code): {sources}; this run took "
                             f"{result.elapsed / 60:.1f} min")
     report.notes.append(f"{result.seconds / 60:.1f} min of computing, every seed and the tuning "

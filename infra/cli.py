@@ -590,6 +590,9 @@ def bench(
              "quality; or all.")],
     quick: Annotated[bool, typer.Option("--quick", help="Smaller sizes and fewer repeats.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help="quality: compute every seed again instead of resuming the ones a run with the same plan, "
+                        "configuration and code finished before.")] = False,
 ) -> None:
     """Run a benchmark: a table on the terminal and, with --json, the figures as JSON.
 
@@ -600,10 +603,13 @@ def bench(
     import benchmarks
 
     if name == "all":
+        if fresh:
+            console.print("[red]--fresh applies to bench quality only[/]")
+            raise typer.Exit(2)
         _bench_all(quick, json_path)
         return
     try:
-        report = benchmarks.run(name, quick=quick)
+        report = benchmarks.run(name, quick=quick, fresh=fresh)
     except KeyError as exc:
         console.print(f"[red]{exc.args[0]}[/]")
         raise typer.Exit(2) from None

@@ -395,10 +395,12 @@ class LearnerConfig:
         if isinstance(self.wide, Mapping):  # built from a plain mapping (the YAML loader builds the dataclass)
             unknown = sorted(set(self.wide) - {f.name for f in fields(WideConfig)}, key=str)
             if unknown:
-                raise ValueError(f"learner.wide: unknown keys {unknown}; keys are dim, lr, initial_accumulator, tasks")
+                raise ValueError(f"learner.wide: unknown keys {unknown}; keys are "
+                                 f"{', '.join(f.name for f in fields(WideConfig))}")
             object.__setattr__(self, "wide", WideConfig(**self.wide))
         if not isinstance(self.wide, WideConfig):
-            raise ValueError(f"learner.wide must map dim, lr and initial_accumulator to values, got {self.wide!r}")
+            raise ValueError(f"learner.wide must map {', '.join(f.name for f in fields(WideConfig))} to values, got "
+                             f"{self.wide!r}")
         stray = sorted(set(self.wide.tasks) - set(self.tasks))
         if stray:
             raise ValueError(f"learner.wide.tasks names task(s) {stray} not in learner.tasks {list(self.tasks)}")

@@ -270,7 +270,8 @@ class TrainingLoop:
         """Load a checkpoint's state into the step, the feature loop and the reporter (its joiner state and
         buffer went to the source when it was built)."""
         counters = restored.meta["counters"]
-        self.learner.restore(restored.model, restored.optimizer, restored.arrays, counters)
+        self.learner.restore(restored.model, restored.optimizer, restored.arrays, counters,
+                             restored.meta.get("model_config"))  # absent from checkpoints of older versions
         self.features.restore(restored.arrays)
         self.features.nonfinite = counters.get("nonfinite_features", 0)
         self.reporter.published = list(counters.get("published", []))
@@ -338,7 +339,8 @@ class TrainingLoop:
         arrays = {**arrays, **self.features.state()}
         counters = {**counters, "published": list(self.reporter.published), "nonfinite_features": self.features.nonfinite}
         buffer, joiner, offsets = self.source.capture()
-        step, meta = self.learner.step, {"counters": counters, "offsets": {str(p): o for p, o in offsets.items()}}
+        step, meta = self.learner.step, {"counters": counters, "offsets": {str(p): o for p, o in offsets.items()},
+                                         "model_config": self.learner.model.config}
 
         def whole(model: dict) -> Checkpoint:
             return Checkpoint(step, model, optimizer, arrays, joiner, buffer, meta)
@@ -376,7 +378,8 @@ class TrainingLoop:
         buffer, joiner, offsets = self.source.capture()
         try:
             self.checkpoints.write(Checkpoint(self.learner.step, model, optimizer, arrays, joiner, buffer,
-                                              {"counters": counters, "offsets": {str(p): o for p, o in offsets.items()}}))
+                                              {"counters": counters, "offsets": {str(p): o for p, o in offsets.items()},
+                                               "model_config": self.learner.model.config}))
         except CheckpointError as exc:
             self._checkpoint_failed(str(exc))
             return None

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -63,6 +64,32 @@ class StepResult:
     task_losses: dict[str, float]
     output: ModelOutput | None
     skipped: bool = False
+
+
+class ModelMismatch(ValueError):
+    """A checkpoint was written by another model than the one the configuration builds now."""
+
+
+def check_restorable(model: MultiTaskRanker, state: Mapping[str, torch.Tensor], saved: dict | None) -> None:
+    """Raise :class:`ModelMismatch`, naming what differs, when ``state`` (with ``saved``, its model's config) was not
+    written by a model of ``model``'s configuration: the configuration changed since (an edited key, or a default
+    that changed, as ``learner.wide`` did), and torch's own error would list tensor names instead."""
+    advice = ("restore the configuration the run was trained with, or train a new run (paths.run, --run)")
+    if saved is not None:
+        current = orjson.loads(orjson.dumps(model.config))  # as the checkpoint's JSON holds it: lists, string keys
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if changed:
+            described = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in changed)
+            raise ModelMismatch(f"the checkpoint was written by another model ({described}): {advice}")
+        return
+    mine, theirs = set(model.state_dict()), set(state)
+    missing = sorted({k.split(".")[0] for k in mine - theirs})
+    unexpected = sorted({k.split(".")[0] for k in theirs - mine})
+    if missing or unexpected:
+        parts = ([f"this model has {', '.join(missing)}, the checkpoint not"] if missing else []) + (
+            [f"the checkpoint has {', '.join(unexpected)}, this model not"] if unexpected else [])
+        hint = " (learner.wide: on by default since 2026-12-06)" if "wide" in missing + unexpected else ""
+        raise ModelMismatch(f"the checkpoint was written by another model: {'; '.join(parts)}{hint}: {advice}")
 
 
 class Learner:
@@ -413,7 +440,10 @@ class Learner:
         return assemble, optimizer, {**metrics, **maps}, counters
 
     def restore(self, model: dict[str, torch.Tensor], optimizer: dict, arrays: dict[str, np.ndarray],
-                counters: dict) -> None:
+                counters: dict, model_config: dict | None = None) -> None:
+        """Load a checkpoint's state. ``model_config``: the config of the model it was written by (checkpoints
+        carry it since 2026-12-06); a checkpoint restores only into that model."""
+        check_restorable(self.model, model, model_config)
         self.model.load_state_dict(model)
         for name in self.id_maps:
             prefix = f"idmap.{name}."

@@ -34,8 +34,9 @@ def _jsonable(value: Any, path: str) -> Any:
 class MultiTaskRanker(nn.Module):
     """``FeatureEncoder``, then the products of its field embeddings appended (``field_products``: "none", "dot"
     or "product"), then ``cross_layers`` DCN-v2 cross layers (both ``learner.models.interaction``; 0: none), then
-    ``build(family, ...)``; beside them, ``wide`` (``{dim, lr, initial_accumulator, tasks}``, ``learner.models.wide``;
-    None or dim 0: none), a factorisation machine per binary task over the embedded fields' rows, added to its logit.
+    ``build(family, ...)``; beside them, ``wide`` (``{dim, lr, initial_accumulator, tasks, shared}``,
+    ``learner.models.wide``; None or dim 0: none), a factorisation machine per binary task over the embedded fields'
+    rows, added to its logit.
 
     ``config`` is a plain JSON-serialisable dict (hparams with defaults filled in, so a snapshot
     does not change meaning if a default changes later); ``from_config(config)`` rebuilds the

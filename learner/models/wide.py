@@ -7,7 +7,8 @@ IJCAI'17):
 ``r_f`` is field ``f``'s row. With the user and item ids alone it is ``b_{u,t} + b_{i,t} + p_{u,t} · q_{i,t}``, the
 quality floor's logistic matrix factorisation (``benchmarks/quality_floor.py``): the form that keeps learning the
 user × item affinity on the stream after the experts' plateau (docs/quality.md, "Learning better"). Nothing is
-shared between tasks, nor with the experts' embeddings: each task's term has rows of its own.
+shared with the experts' embeddings. Between tasks, two forms: per-task factors (``shared=False``), each task's term
+with rows of its own, and shared factors (``shared=True``, the default in ``moestream.yaml``; below).
 
 Rows. Each field's term is indexed by the row of the field's embedding: the ID map's row with per-field tables, the
 hashed bucket's row with the one shared table. So admission, expiry, eviction, the default row 0 (an unknown ID's
@@ -17,7 +18,8 @@ resets a field's wide rows with its embedding rows (``MultiTaskRanker.field_tabl
 Optimizer. Every table is a :class:`~learner.models.sparse.RowwiseTable`, trained by row-wise Adagrad after backward
 like the embeddings (``MultiTaskRanker.row_tables``), with the term's own ``lr`` and ``initial_accumulator``. Per
 table of rows (a field's, or the hashed one), two tables hold every task side by side: the factors, ``T · dim``
-wide, and the biases, ``T`` wide, each with one accumulator per task (``groups``): the floor keeps one per row, task
+wide with per-task factors (``dim`` wide, one accumulator, when shared), and the biases, ``T`` wide, each with one
+accumulator per task (``groups``): the floor keeps one per row, task
 and part (a bias's gradient is larger than a factor coordinate's by the size of the other field's factor; sharing
 an accumulator would slow the factors down), and one lookup and one update serve all tasks.
 ``initial_accumulator`` is in the units of the learner's loss, a mean over the batch: the floor's, a sum over the
@@ -103,7 +105,8 @@ class WideTerm(nn.Module):
         b = torch.cat([self.biases[name].lookup(r) for name, r in grouped.items()], dim=1)  # (B, F, T)
         if self.scale is not None:
             products = 0.5 * (v.sum(dim=1).square() - v.square().sum(dim=1))  # (B, k): Σ_{f<g} v_f ⊙ v_g
-            pairs = products @ self.scale.t()  # (B, T)
+            # Elementwise, not a matmul: under CUDA autocast a matmul would run in bf16, the per-task form's sums in fp32.
+            pairs = (products.unsqueeze(1) * self.scale).sum(dim=-1)  # (B, T)
         else:
             v = v.unflatten(-1, (len(self.tasks), self.dim))  # (B, F, T, k)
             pairs = 0.5 * (v.sum(dim=1).square().sum(dim=-1) - v.square().sum(dim=(1, 3)))  # (B, T): Σ_{f<g} v_f · v_g

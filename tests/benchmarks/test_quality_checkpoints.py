@@ -3,6 +3,7 @@ only then; the report says which seeds were resumed."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -11,7 +12,7 @@ import orjson
 import pytest
 
 from benchmarks import quality
-from benchmarks.quality import CHECKPOINTS, QualityPlan, run
+from benchmarks.quality import CHECKPOINTS, QualityPlan, SeedFigures, run
 from benchmarks.quality_checkpoints import Checkpoints, run_key
 from benchmarks.quality_floor import FloorConfig, Tuning
 from benchmarks.quality_train import CONFIG_FILE
@@ -62,35 +63,76 @@ def test_only_the_missing_seed_is_computed_and_a_damaged_checkpoint_is_computed_
 
 def test_the_key_follows_the_plan_the_configuration_and_the_code_not_the_seeds(tmp_path: Path, monkeypatch) -> None:
     root = tmp_path / "repo"
-    for package in ("stream", "features", "learner", "benchmarks"):
+    for package in ("stream", "features", "learner", "benchmarks", "infra"):
         (root / package).mkdir(parents=True)
     (root / "learner" / "model.py").write_text("x = 1\n")
-    (root / "benchmarks" / "quality_x.py").write_text("y = 1\n")
+    (root / "infra" / "config.py").write_text("c = 1\n")
+    (root / "benchmarks" / "quality_train.py").write_text("y = 1\n")
+    (root / "benchmarks" / "quality_rows.py").write_text("w = 1\n")
     (root / "benchmarks" / "serving.py").write_text("z = 1\n")
     config = tmp_path / "moestream.yaml"
     shutil.copy(CONFIG_FILE, config)
     plan = asdict(PLAN)
-    key = run_key(plan, config, root)
-    assert run_key({**plan, "seeds": (5,)}, config, root) == key
-    assert run_key({**plan, "windows": 5}, config, root) != key
-    (root / "benchmarks" / "serving.py").write_text("z = 2\n")  # not what the figures depend on
-    assert run_key(plan, config, root) == key
-    (root / "learner" / "model.py").write_text("x = 2\n")
-    changed = run_key(plan, config, root)
-    assert changed != key
-    (root / "benchmarks" / "quality_x.py").write_text("y = 2\n")
-    assert run_key(plan, config, root) not in (key, changed)
-    now = run_key(plan, config, root)
+    keys = [run_key(plan, config, root)]
+    assert run_key({**plan, "seeds": (5,)}, config, root) == keys[0]
+    assert run_key({**plan, "windows": 5}, config, root) != keys[0]
+    for unrelated in ("serving.py", "quality_rows.py"):  # not what the figures depend on
+        (root / "benchmarks" / unrelated).write_text("changed = True\n")
+        assert run_key(plan, config, root) == keys[0]
+    for changed in ("learner/model.py", "infra/config.py", "benchmarks/quality_train.py"):
+        (root / changed).write_text("changed = True\n")
+        keys.append(run_key(plan, config, root))
     config.write_text(config.read_text().replace("family: mmoe", "family: home"))
-    edited = run_key(plan, config, root)
-    assert edited != now
+    keys.append(run_key(plan, config, root))
     monkeypatch.setenv("MOESTREAM_LEARNER__LR", "0.01")  # the environment overrides the file
-    assert run_key(plan, config, root) != edited
+    keys.append(run_key(plan, config, root))
+    assert len(set(keys)) == len(keys)
 
 
-def test_a_checkpoint_of_another_key_is_not_read(tmp_path: Path) -> None:
+def test_a_checkpoint_of_another_key_or_another_tuning_is_not_read(tmp_path: Path) -> None:
     tuning = Tuning([FloorConfig(0.3, 16, 1.0)], {(0.3, 16, 1.0): [0.7]})
     Checkpoints(tmp_path, "a").save_tuning(tuning, {"simulate": 1.0, "floor": 2.0})
     assert Checkpoints(tmp_path, "b").tuning() is None
     got, sections = Checkpoints(tmp_path, "a").tuning()
     assert got == tuning and sections == {"simulate": 1.0, "floor": 2.0}
+    Checkpoints(tmp_path, "a").save_seed(3, asdict(SeedFigures(3, 10)), tuning)
+    assert Checkpoints(tmp_path, "a").seed(3, tuning) is not None
+    other = Tuning([FloorConfig(1.0, 16, 1.0)], {(1.0, 16, 1.0): [0.7]})
+    assert Checkpoints(tmp_path, "a").seed(3, other) is None  # its floor was scored with another tuning
+    assert Checkpoints(tmp_path, "b").seed(3, tuning) is None
+
+
+def test_a_seed_round_trips_with_nan_windows_integer_lags_and_where_it_came_from(tmp_path: Path) -> None:
+    tuning = Tuning([FloorConfig(0.3, 16, 1.0)], {(0.3, 16, 1.0): [0.7]})
+    figures = SeedFigures(0, 8, figures={"mmoe": {"click": {"auc": 0.7, "gauc": float("nan")}}},
+                          curves={"mmoe": {"click": [0.6, float("nan")]}}, window_ends=[4, 8],
+                          frozen={"freeze_at": 2}, staleness={1: {"events": 6}, 600: {"events": 2}},
+                          train_seconds={"mmoe": 1.5}, sections={"train": 1.5})
+    store = Checkpoints(tmp_path, "k", commit="0123456789abcdef+modified")
+    store.save_seed(0, asdict(figures), tuning)
+    got, provenance = store.seed(0, tuning)
+    back = SeedFigures(**got)
+    assert back.staleness.keys() == {1, 600} and back.window_ends == [4, 8] and back.train_seconds == {"mmoe": 1.5}
+    assert back.curves["mmoe"]["click"][0] == 0.6 and math.isnan(back.curves["mmoe"]["click"][1])
+    assert math.isnan(back.figures["mmoe"]["click"]["gauc"])
+    assert provenance.commit == "0123456789abcdef+modified" and provenance.machine
+    assert not list(tmp_path.glob(".*.tmp"))  # written whole, then renamed
+
+
+def test_fresh_computes_every_seed_again(tmp_path: Path, monkeypatch) -> None:
+    plan = QualityPlan(200, seeds=(0,), families=("mmoe",), staleness_s=(1,), windows=4)
+    run(quick=True, out_dir=tmp_path, plan=plan)
+    trained: list[int] = []
+    real = quality.train_family
+    monkeypatch.setattr(quality, "train_family", lambda stream, family, seed, *a, **k: (
+        trained.append(seed), real(stream, family, seed, *a, **k))[1])
+    report = run(quick=True, out_dir=tmp_path, plan=plan, resume=False)
+    assert trained == [0] and not any(n.startswith("resumed") for n in report.notes)
+    assert (tmp_path / CHECKPOINTS / "seed-0.json").exists()  # and kept again for the next run
+
+
+def test_fresh_is_refused_for_a_benchmark_that_keeps_nothing() -> None:
+    import benchmarks
+
+    with pytest.raises(KeyError, match="--fresh applies to quality only"):
+        benchmarks.run("serving", quick=True, fresh=True)

@@ -88,3 +88,20 @@ def test_the_command_prints_the_table_writes_the_files_and_exits_1_on_a_failure(
     assert outcome.exit_code == 0, outcome.output
     n = len(suite.ALL + suite.FULL_ONLY)  # full mode runs the full-only benchmarks too
     assert f"{n} of {n} benchmarks ran" in outcome.output and "900 events/s" in outcome.output
+
+
+def test_fresh_reaches_bench_quality_and_is_refused_elsewhere(monkeypatch) -> None:
+    from infra import cli
+
+    calls: list[tuple[str, bool, bool]] = []
+
+    def record(name: str, quick: bool = False, fresh: bool = False) -> Report:
+        calls.append((name, quick, fresh))
+        return Report(name)
+
+    monkeypatch.setattr(benchmarks, "run", record)
+    outcome = CliRunner().invoke(cli.app, ["bench", "quality", "--quick", "--fresh"])
+    assert outcome.exit_code == 0, outcome.output
+    assert calls == [("quality", True, True)]
+    outcome = CliRunner().invoke(cli.app, ["bench", "all", "--fresh"])
+    assert outcome.exit_code == 2 and "--fresh applies to bench quality only" in outcome.output

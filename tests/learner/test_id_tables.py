@@ -73,6 +73,25 @@ def test_tables_hold_their_own_rows_and_a_restored_learner_continues_exactly() -
     assert learner.id_tables() == restored.id_tables()
 
 
+@pytest.mark.parametrize("carries_config", [True, False], ids=["checkpoint with its model config", "older checkpoint"])
+def test_a_checkpoint_of_another_model_is_refused_naming_what_changed(carries_config: bool) -> None:
+    """A default that flipped (the wide part, on since 2026-12-06) must not surface as torch's list of tensor names
+    when a run restarts from a checkpoint of the model it built before."""
+    from learner.step import ModelMismatch
+    from learner.config import WideConfig
+
+    before = Learner(replace(CONFIG, wide=WideConfig(dim=0)), list(ID_FIELDS), len(FEATURE_COLUMNS))
+    model, optimizer, arrays, counters = copy.deepcopy(before.state())
+    saved = before.model.config if carries_config else None
+    now = _learner()  # CONFIG leaves learner.wide out: today's default, shared factors of dim 16
+    assert now.model.wide is not None
+    with pytest.raises(ModelMismatch, match="wide") as refused:
+        now.restore(model, optimizer, arrays, counters, saved)
+    assert "checkpoint" in str(refused.value) and "train a new run" in str(refused.value)
+    same = Learner(replace(CONFIG, wide=WideConfig(dim=0)), list(ID_FIELDS), len(FEATURE_COLUMNS))
+    same.restore(model, optimizer, arrays, counters, saved)  # the model it was written by restores
+
+
 def test_serving_maps_raw_ids_to_the_rows_training_used() -> None:
     torch.manual_seed(0)
     learner = _learner()

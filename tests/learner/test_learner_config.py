@@ -14,7 +14,9 @@ from learner.config import LearnerConfig
     ("embedding_accumulator", "small", "learner.embedding_accumulator must be a finite number >= 0"),
     ("wide", {"dim": 1.5}, "learner.wide.dim must be an integer >= 0"),
     ("wide", {"dim": 8, "initial_accumulator": -1}, "learner.wide.initial_accumulator must be a finite number >= 0"),
-    ("wide", 8, "learner.wide must map dim, lr and initial_accumulator"),
+    ("wide", 8, "learner.wide must map dim, lr, initial_accumulator, tasks, shared to values"),
+    ("wide", {"dim": 8, "share": True}, r"learner.wide: unknown keys \['share'\]; keys are dim, lr, initial_accumulator, "
+                                        "tasks, shared"),
 ])
 def test_a_bad_model_key_is_refused_naming_it(key: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
