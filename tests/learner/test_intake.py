@@ -45,7 +45,7 @@ def test_read_ahead_is_bounded_and_commits_follow_the_captured_cut(kafka_bootstr
     intake = Intake(stream, max_buffered=150)
     intake.start()
     try:
-        wait_for(lambda: intake.buffered() >= 150, 60, "the buffer to fill")
+        wait_for(lambda: intake.buffered() >= 150, 180, "the buffer to fill")  # a safety net: 60 s ran out at load 9
         # Bounded: the thread stops fetching once the buffer holds max_buffered rows (one joined batch over).
         time.sleep(0.5)  # give an unbounded reader the time to overshoot: a bound is checked, not awaited
         assert intake.buffered() < 150 + 2 * config.max_batch
