@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,21 @@ class Row:
     def __post_init__(self) -> None:
         if self.ratio is None and self.anchor_value:
             self.ratio = self.value / self.anchor_value
+
+
+def source() -> dict:
+    """The commit the run measures and the tracked files that differ from it; {} outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "modified": sorted(line[3:] for line in status.splitlines())}
 
 
 def machine() -> dict:

@@ -20,15 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
-import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.harness import machine, source
 from benchmarks.quality_floor import FloorConfig, Tuning
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,16 +59,11 @@ def run_key(plan: dict, config_file: Path, root: Path = ROOT) -> str:
     return h.hexdigest()
 
 
-def commit(root: Path = ROOT) -> str | None:
-    """The checked-out commit, with ``+modified`` when tracked files differ from it; None outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+modified" if dirty else "")
+def commit() -> str | None:
+    """The checked-out commit (``benchmarks.harness.source``), with ``+modified`` when tracked files differ from
+    it; None outside git."""
+    got = source()
+    return got["commit"] + ("+modified" if got["modified"] else "") if got else None
 
 
 def tuning_digest(tuning: Tuning) -> str:
@@ -93,6 +87,7 @@ class Checkpoints:
     directory: Path
     key: str
     commit: str | None = None
+    host: dict = field(default_factory=machine)
 
     def _read(self, name: str) -> dict | None:
         path = self.directory / name
@@ -105,7 +100,7 @@ class Checkpoints:
     def _write(self, name: str, payload: dict) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         body = {"key": self.key, "commit": self.commit, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "machine": f"{platform.node()}, {os.cpu_count()} CPUs", **payload}
+                "machine": f"{self.host['hostname']}, {self.host['cpus']} CPUs", **payload}
         tmp = self.directory / f".{name}.tmp"
         tmp.write_text(json.dumps(body, indent=1))
         os.replace(tmp, self.directory / name)

@@ -19,7 +19,6 @@ import contextlib
 import os
 import re
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from benchmarks.harness import Report, machine, markdown_cells
+from benchmarks.harness import Report, machine, markdown_cells, source
 
 ALL = ("models", "stream", "features", "learner", "replay", "embeddings", "serving", "freshness")
 """What ``bench all`` runs, in this order (``synthetic`` reproduces a paper's accuracy finding, not a speed,
@@ -149,21 +148,6 @@ class SuiteResult:
         json_path.write_bytes(self.to_json())
         md_path.write_text(self.markdown())
         return json_path, md_path
-
-
-def source() -> dict:
-    """The commit the run measures and the tracked files that differ from it; {} outside a git checkout."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True).stdout
-
-    try:
-        commit = git("rev-parse", "HEAD").strip()
-        status = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"commit": commit, "modified": sorted(line[3:] for line in status.splitlines())}
 
 
 def _one_line(text: str | None) -> str:

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pytest
 import torch
@@ -82,7 +83,7 @@ def test_a_checkpoint_of_another_model_is_refused_naming_what_changed(carries_co
 
     before = Learner(replace(CONFIG, wide=WideConfig(dim=0)), list(ID_FIELDS), len(FEATURE_COLUMNS))
     model, optimizer, arrays, counters = copy.deepcopy(before.state())
-    saved = before.model.config if carries_config else None
+    saved = orjson.loads(orjson.dumps(before.model.config)) if carries_config else None  # as meta.json holds it
     now = _learner()  # CONFIG leaves learner.wide out: today's default, shared factors of dim 16
     assert now.model.wide is not None
     with pytest.raises(ModelMismatch, match="wide") as refused:
