@@ -111,9 +111,12 @@ class Checkpoints:
         body = self._read(f"seed-{seed}.json")
         if body is None or body.get("tuning") != tuning_digest(tuning):
             return None
-        figures = body["figures"]
-        figures["staleness"] = {int(lag): v for lag, v in figures["staleness"].items()}  # JSON keys are strings
-        return figures, Provenance(body["commit"], body["written_at"], body.get("machine", ""))
+        try:
+            figures = body["figures"]
+            figures["staleness"] = {int(lag): v for lag, v in figures["staleness"].items()}  # JSON keys are strings
+            return figures, Provenance(body["commit"], body["written_at"], body.get("machine", ""))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None  # edited or truncated by hand: computed again and overwritten
 
     def save_seed(self, seed: int, figures: dict, tuning: Tuning) -> None:
         self._write(f"seed-{seed}.json", {"tuning": tuning_digest(tuning), "figures": figures})
@@ -124,9 +127,12 @@ class Checkpoints:
         body = self._read("tuning.json")
         if body is None:
             return None
-        chosen = [FloorConfig(**c) for c in body["chosen"]]
-        auc = {(float(lr), int(dim), float(acc)): v for (lr, dim, acc), v in body["auc"]}
-        return Tuning(chosen, auc), body["sections"]
+        try:
+            chosen = [FloorConfig(**c) for c in body["chosen"]]
+            auc = {(float(lr), int(dim), float(acc)): v for (lr, dim, acc), v in body["auc"]}
+            return Tuning(chosen, auc), dict(body["sections"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None  # edited or truncated by hand: computed again and overwritten
 
     def save_tuning(self, tuning: Tuning, sections: dict[str, float]) -> None:
         self._write("tuning.json", {"chosen": [asdict(c) for c in tuning.chosen],

@@ -136,3 +136,14 @@ def test_fresh_is_refused_for_a_benchmark_that_keeps_nothing() -> None:
 
     with pytest.raises(KeyError, match="--fresh applies to quality only"):
         benchmarks.run("serving", quick=True, fresh=True)
+
+
+@pytest.mark.parametrize("body", ['{"key": "k", "figures": 3}', '{"key": "k"}', '[1, 2]', '{"key": "k", "chosen": [{"x": 1}]}'])
+def test_a_checkpoint_of_the_right_key_but_the_wrong_shape_is_computed_again(tmp_path: Path, body: str) -> None:
+    tuning = Tuning([FloorConfig(0.3, 16, 1.0)], {(0.3, 16, 1.0): [0.7]})
+    store = Checkpoints(tmp_path, "k")
+    store.save_seed(0, asdict(SeedFigures(0, 8)), tuning)
+    digest = orjson.loads((tmp_path / "seed-0.json").read_bytes())["tuning"]
+    (tmp_path / "seed-0.json").write_text(body.replace('"key": "k"', f'"key": "k", "tuning": "{digest}"'))
+    (tmp_path / "tuning.json").write_text(body)
+    assert store.seed(0, tuning) is None and store.tuning() is None
