@@ -117,14 +117,16 @@ def _rate(samples: list[Sample]) -> float:
 
 
 def prepare(root: Path, n_events: int = 40_000):
-    """A Feast store with aggregates of simulator traffic stamped now, and a snapshot of the default model."""
+    """A Feast store with aggregates of simulator traffic stamped now, and a snapshot of the model the learner's
+    defaults train (``learner.step.Learner``: collisionless per-field tables, the wide part), every user and item of
+    the requests admitted."""
     from benchmarks.features import _traffic
     from features.aggregates import StreamAggregator
     from features.definitions import FEATURE_COLUMNS, ID_FIELDS
     from features.store import FeatureStoreConfig, OnlineFeatures
-    from learner.models import MultiTaskRanker
     from learner.config import LearnerConfig
     from learner.snapshots import SnapshotStore
+    from learner.step import Learner
 
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -139,12 +141,11 @@ def prepare(root: Path, n_events: int = 40_000):
     aggregator = StreamAggregator()
     for start in range(0, traffic.num_rows, 4096):
         store.push(*aggregator.update(traffic.slice(start, 4096)))
-    learner = LearnerConfig()
-    model = MultiTaskRanker(learner.family, tasks=list(learner.tasks), id_fields=list(ID_FIELDS),
-                            n_dense=len(FEATURE_COLUMNS), n_buckets=learner.n_buckets, emb_dim=learner.emb_dim)
-    model.init_output_bias(learner.base_rates)
-    SnapshotStore(root / "snapshots").publish(model.state_dict(), {"family": learner.family,
-                                                                   "model_config": model.config})
+    learner = Learner(LearnerConfig(), list(ID_FIELDS), len(FEATURE_COLUMNS))  # the model the trainer ships
+    # Every user and item of the requests is a live ID: each maps to a row of its own, as in a trained model.
+    items = np.arange(N_ITEMS, dtype=np.int64)
+    learner.admit({"user_id": items % N_USERS, "item_id": items}, int(time.time() * 1000))
+    SnapshotStore(root / "snapshots").publish(learner.weights(), learner.manifest())
     return features, root / "snapshots"
 
 

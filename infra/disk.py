@@ -23,8 +23,8 @@ import torch
 from features.definitions import FEATURE_COLUMNS
 from infra.config import MoestreamConfig
 from learner.checkpoint import CheckpointStore
-from learner.models import MultiTaskRanker
 from learner.snapshots import SNAPSHOTS_KEPT
+from learner.step import build_model
 
 MANIFEST_BYTES = 16 * 1024
 """A snapshot's JSON manifest and safetensors header (2 KiB measured, with room for long metric lists)."""
@@ -42,21 +42,22 @@ class DiskNeed:
 
 
 def model_bytes(config: MoestreamConfig) -> tuple[int, int]:
-    """Bytes of the model's state (parameters and buffers: the embedding table with its row-wise optimizer
-    state), as a snapshot stores them, and of its dense parameters alone (what Adam keeps two moments of)."""
+    """Bytes of the model's state (parameters and buffers: the embedding tables and the wide part's rows with their
+    row-wise optimizer state), as a snapshot stores them, and of its dense parameters alone (what Adam keeps two
+    moments of). The model is :func:`learner.step.build_model`'s, the one the trainer trains."""
     learner = config.learner
-    tables = learner.tables or {}
     with torch.device("meta"):
-        model = MultiTaskRanker(learner.family, tasks=list(learner.tasks), id_fields=learner.embedded_fields(),
-                                n_dense=len(FEATURE_COLUMNS), n_buckets=learner.n_buckets, emb_dim=learner.emb_dim,
-                                tables={f: {"capacity": t["capacity"], "dim": t["dim"]} for f, t in tables.items()} or None,
-                                field_products=learner.field_products, cross_layers=learner.cross_layers,
-                                cross_rank=learner.cross_rank,
-                                **dict(learner.hparams))
+        model = build_model(learner, learner.embedded_fields(), len(FEATURE_COLUMNS))
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    # Per-field tables grow with the live ids: at most every row (weights and row-wise state) and the id map
-    # that serving reads (an id and a row, 8 bytes each, per live id).
-    state += sum((t["capacity"] + 1) * (t["dim"] + 1) * 4 + 16 * t["capacity"] for t in tables.values())
+    # Per-field tables grow with the live ids: at most every row of each table indexed by the field's rows (its
+    # embedding and its wide rows, each with its row-wise state), and the id map that serving reads (an id and a
+    # row, 8 bytes each, per live id).
+    for field, table in (learner.tables or {}).items():
+        for rows in model.field_tables(field):
+            row_bytes = (rows.weight[0].numel() * rows.weight.element_size()
+                         + rows.sum_sq[0].numel() * rows.sum_sq.element_size())
+            state += (rows.n_rows - rows.allocated) * row_bytes
+        state += 16 * table["capacity"]
     return state, sum(p.numel() * p.element_size() for p in model.parameters())
 
 

@@ -92,6 +92,23 @@ def check_restorable(model: MultiTaskRanker, state: Mapping[str, torch.Tensor], 
         raise ModelMismatch(f"the checkpoint was written by another model: {'; '.join(parts)}{hint}: {advice}")
 
 
+def build_model(config: LearnerConfig, fields: list[str], n_dense: int) -> MultiTaskRanker:
+    """The model ``config`` trains (family, tables, wide part, every hparam), its output biases at the base rates:
+    the one place that reads a :class:`LearnerConfig` into a :class:`MultiTaskRanker`, so that the trainer, the disk
+    estimate and the benchmarks size and serve the same model. ``fields``: the embedded fields, id fields first."""
+    model = MultiTaskRanker(
+        config.family, tasks=list(config.tasks), id_fields=list(fields), n_dense=n_dense,
+        n_buckets=config.n_buckets, emb_dim=config.emb_dim, emb_lr=config.embedding_lr,
+        emb_accumulator=config.embedding_accumulator, field_products=config.field_products,
+        tables={name: {"capacity": t["capacity"], "dim": t["dim"]} for name, t in (config.tables or {}).items()} or None,
+        cross_layers=config.cross_layers, cross_rank=config.cross_rank,
+        wide=asdict(config.wide) if config.wide.dim else None,
+        **dict(config.hparams),
+    )
+    model.init_output_bias(config.base_rates)
+    return model
+
+
 class Learner:
     def __init__(self, config: LearnerConfig, id_fields: list[str], n_dense: int, device: str = "cpu",
                  reducer: Reducer | None = None) -> None:
@@ -104,16 +121,7 @@ class Learner:
         """Collisionless ID -> row maps per field (``learner.tables``); none: one hashed table for all fields."""
         self.id_fields = list(id_fields)
         fields = self.id_fields + [name for name in self.id_maps if name not in self.id_fields]  # + categorical
-        self.model = MultiTaskRanker(
-            config.family, tasks=list(config.tasks), id_fields=fields, n_dense=n_dense,
-            n_buckets=config.n_buckets, emb_dim=config.emb_dim, emb_lr=config.embedding_lr,
-            emb_accumulator=config.embedding_accumulator, field_products=config.field_products,
-            tables={name: {"capacity": t["capacity"], "dim": t["dim"]} for name, t in (config.tables or {}).items()} or None,
-            cross_layers=config.cross_layers, cross_rank=config.cross_rank,
-            wide=asdict(config.wide) if config.wide.dim else None,
-            **dict(config.hparams),
-        ).to(self.device)
-        self.model.init_output_bias(config.base_rates)
+        self.model = build_model(config, fields, n_dense).to(self.device)
         self.optimizer = build_optimizer(self.model.parameters(), config.lr)
         self.metrics = ProgressiveValidation(config.tasks, window=config.metric_window)
         self._loss_weights = torch.tensor([float(config.loss_weights.get(t, 1.0)) for t in config.tasks],

@@ -277,9 +277,9 @@ class FeatureEncoder(nn.Module):
         if self.n_dense:
             if dense.dim() != 2 or dense.shape[1] != self.n_dense:
                 raise ValueError(f"expected dense (B, {self.n_dense}), got {tuple(dense.shape)}")
-            dense = torch.nan_to_num(dense.to(self.dense_scale.dtype), nan=0.0)
-            symlog = torch.sign(dense) * torch.log1p(dense.abs())  # (B, n_dense)
-            parts.append(symlog * self.dense_scale + self.dense_shift)
+            dense = torch.nan_to_num(dense.to(self.dense_scale.dtype), nan=0.0)  # a copy: the caller's is not written
+            symlog = dense.abs().log1p_().copysign_(dense)  # (B, n_dense): sign(x) log(1 + |x|), one temporary
+            parts.append(torch.addcmul(self.dense_shift, symlog, self.dense_scale))
         return torch.cat(parts, dim=1)  # (B, n_outputs)
 
     def row_tables(self) -> dict[str, RowwiseTable]:

@@ -137,6 +137,8 @@ class MultiTaskRanker(nn.Module):
 
     def forward(self, ids: Mapping[str, Tensor], dense: Tensor, rows: Mapping[str, Tensor] | None = None) -> ModelOutput:
         """``rows``: per-field table rows from the learner's ID maps (training); serving passes raw ``ids``."""
+        if rows is None and self.wide is not None and self.encoder.tables is not None:
+            rows = self.encoder.field_rows(ids)  # the published maps read once for the embeddings and the wide part
         x = self.products(self.encoder(ids, dense, rows))  # (B, n_inputs): fields, dense, the fields' products
         output = self.model(self.cross(x))  # (B, n_inputs): the input and its explicit interactions
         if self.wide is None:

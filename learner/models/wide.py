@@ -105,8 +105,9 @@ class WideTerm(nn.Module):
         b = torch.cat([self.biases[name].lookup(r) for name, r in grouped.items()], dim=1)  # (B, F, T)
         if self.scale is not None:
             products = 0.5 * (v.sum(dim=1).square() - v.square().sum(dim=1))  # (B, k): Σ_{f<g} v_f ⊙ v_g
-            # Elementwise, not a matmul: under CUDA autocast a matmul would run in bf16, the per-task form's sums in fp32.
-            pairs = (products.unsqueeze(1) * self.scale).sum(dim=-1)  # (B, T)
+            # In fp32 under autocast too (there a matmul would run in bf16), as the per-task form's sums are.
+            with torch.autocast(products.device.type, enabled=False):
+                pairs = products.float() @ self.scale.float().T  # (B, T)
         else:
             v = v.unflatten(-1, (len(self.tasks), self.dim))  # (B, F, T, k)
             pairs = 0.5 * (v.sum(dim=1).square().sum(dim=-1) - v.square().sum(dim=(1, 3)))  # (B, T): Σ_{f<g} v_f · v_g

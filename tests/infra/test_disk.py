@@ -12,7 +12,9 @@ import torch
 
 from infra import disk
 from infra.config import MoestreamConfig, PathsConfig
-from learner.config import LearnerConfig, PublishConfig
+from features.definitions import FEATURE_COLUMNS, ID_FIELDS
+from learner.config import LearnerConfig, PublishConfig, WideConfig
+from learner.step import Learner
 from learner.snapshots import SnapshotStore
 
 Usage = namedtuple("Usage", "total used free")
@@ -43,6 +45,20 @@ def test_the_snapshot_need_is_the_models_bytes_times_the_chains_kept(tmp_path: P
     whole, _ = disk.disk_needs(_config(tmp_path, publish=PublishConfig(max_deltas=0)))  # every version a base, as before chains
     assert whole.bytes == 11 * (weights + disk.MANIFEST_BYTES)
     assert checkpoints.bytes == 3 * (weights + 2 * dense + disk.CHECKPOINT_ARRAYS_BYTES)  # Adam: dense only
+
+
+@pytest.mark.parametrize("wide", [WideConfig(dim=0), WideConfig(dim=4, shared=True), WideConfig(dim=4, shared=False)])
+def test_the_estimate_is_the_state_of_the_trained_model_with_every_row_held(tmp_path: Path, wide: WideConfig) -> None:
+    tables = {"user_id": {"capacity": 300, "dim": 8}, "item_id": {"capacity": 500, "dim": 4}}
+    config = _config(tmp_path, tables=tables, wide=wide)
+    learner = Learner(config.learner, list(ID_FIELDS), len(FEATURE_COLUMNS))  # what the trainer builds
+    for field, table in tables.items():
+        for rows in learner.model.field_tables(field):
+            rows.ensure_rows(table["capacity"])  # every live id a row
+    held = sum(t.numel() * t.element_size() for t in learner.model.state_dict().values())
+    weights, dense = disk.model_bytes(config)
+    assert weights == held + 16 * (300 + 500)  # and each id map's entries
+    assert dense == sum(p.numel() * p.element_size() for p in learner.model.parameters())
 
 
 def test_enough_space_warns_of_nothing_and_too_little_names_the_paths_and_bytes(tmp_path: Path, monkeypatch) -> None:

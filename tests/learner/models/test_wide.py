@@ -168,6 +168,11 @@ def test_shared_factors_weight_one_factor_per_row_by_each_tasks_scale() -> None:
     assert wide.scale.grad is not None and (wide.scale.grad != 0).all()
     with pytest.raises(ValueError, match="below zero"):
         wide.factor("a", "like")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the sum stays fp32 where autocast would run a matmul in bf16
+        cast = wide(rows)
+    for task in ("click", "like"):
+        assert cast[task].dtype == torch.float32
+        torch.testing.assert_close(cast[task], out[task])
     with torch.no_grad():
         wide.scale.abs_()  # factor(): the shared factors weighted by sqrt(scale), whose dot product is the term
         p, q = wide.factor("a", "like")[rows["a"]], wide.factor("b", "like")[rows["b"]]
