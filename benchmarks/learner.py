@@ -47,10 +47,10 @@ from benchmarks.harness import Report, Row
 from benchmarks.serving import free_port
 from benchmarks.stream import broker
 from features.definitions import FEATURE_COLUMNS, ID_FIELDS
-from learner.models import MultiTaskRanker, loss_terms
+from learner.models import loss_terms
 from learner.allocator import retain_freed_memory
 from learner.config import LearnerConfig
-from learner.step import build_optimizer
+from learner.step import build_model, build_optimizer
 from stream.events import TASKS, encode
 from stream.kafka_io import EventSink, ensure_topics
 from stream.simulator import Simulator, SimulatorConfig
@@ -61,6 +61,8 @@ TRAINER_THREADS = max(1, len(os.sched_getaffinity(0)) - 1)
 every core on a machine that other work shares, torch's threads wait on each other (the MMoE-8 step ran 5-7k
 examples/s with 2 threads beside other work on the 2-core machine, 57-65k with 1)."""
 GOAL_EVENTS_PER_S = 20_000
+BARE_ROWS = 100_000
+"""Live rows per field of the ceiling's per-field tables (its batches draw among them)."""
 FAMILIES = {
     "MMoE-8": ("mmoe", {"n_experts": 8}),
     "HoME": ("home", {}),
@@ -99,21 +101,26 @@ def bare_examples_per_s(family: str, hparams: dict, steps: int) -> float:
 
 def _bare_examples_per_s(family: str, hparams: dict, steps: int) -> float:
     config = LearnerConfig(family=family, hparams=hparams)
-    model = MultiTaskRanker(family, tasks=list(TASKS), id_fields=list(ID_FIELDS), n_dense=len(FEATURE_COLUMNS),
-                            n_buckets=config.n_buckets, emb_dim=config.emb_dim, **hparams)
+    model = build_model(config, config.embedded_fields(), len(FEATURE_COLUMNS))  # the trainer's: tables, wide part
     optimizer = build_optimizer(model.parameters(), config.lr)  # the trainer's own
     gen = torch.Generator().manual_seed(0)
     ids = {f: torch.randint(0, 10**6, (BATCH,), generator=gen) for f in ID_FIELDS}
+    rows = None  # per-field tables read the rows the ID maps hand out; BARE_ROWS live rows per field
+    if config.tables:
+        rows = {f: torch.randint(1, BARE_ROWS + 1, (BATCH,), generator=gen) for f in config.tables}
+        for f in config.tables:
+            for table in model.field_tables(f):
+                table.ensure_rows(BARE_ROWS)
     dense = torch.rand(BATCH, len(FEATURE_COLUMNS), generator=gen) * 10
     labels = {t: (torch.rand(BATCH, generator=gen) < 0.2).float() for t in TASKS}
 
     def step() -> None:
-        total, _ = loss_terms(model(ids, dense), labels)
+        total, _ = loss_terms(model(ids, dense, rows), labels)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()  # Adam: the dense network
-        for table in model.encoder.row_tables().values():
-            table.apply_gradients()  # row-wise Adagrad: the batch's rows
+        for table in model.row_tables().values():
+            table.apply_gradients()  # row-wise Adagrad: the batch's rows, the embeddings' and the wide part's
 
     for _ in range(3):
         step()

@@ -1,8 +1,9 @@
 """``moestream bench serving``: ranking latency and throughput over HTTP and gRPC, beside Ray Serve's own overhead.
 
-The ranking app (``serving.app``, one replica, default ``ServingConfig``) serves a snapshot of the
-learner's default model (MMoE, 2^18 hashed-ID buckets) with features from a real Feast SQLite store that
-holds streaming aggregates of simulator traffic, so candidates are a mix of known and unknown items. A
+The ranking app (``serving.app``, default ``ServingConfig``) serves a snapshot of the model the learner's defaults
+train (``learner.step.build_model``: MMoE, a collisionless table per ID field, the wide part), every user and item of
+the requests admitted into its ID maps, with features from a real Feast SQLite store that holds streaming aggregates
+of simulator traffic, so candidates are a mix of items with aggregates and items without. A
 closed-loop client (``benchmarks.http_load``, in this process) keeps ``concurrency`` requests in flight,
 each ranking ``candidates`` distinct items of a 20k-item catalog for a Zipf-drawn user, and records every
 latency. Beside that grid, the 1000-candidate cell at concurrency 8 (issue #24's goal: p99 <= 30 ms, >= 400k
@@ -328,7 +329,7 @@ def run(quick: bool = False) -> Report:
     report.notes.append(f"{REPLICAS} ranking replicas (num_cpus {defaults.num_cpus:g}, torch threads "
                         f"{defaults.torch_threads} each), otherwise the default ServingConfig (batches of up to "
                         f"{defaults.max_batch_candidates} candidates, batch wait {defaults.batch_wait_timeout_s * 1000:g} ms); "
-                        f"echo: {REPLICAS} replicas; MMoE of the learner's defaults; {N_USERS:,} users, "
+                        f"echo: {REPLICAS} replicas; the model of the learner's defaults (per-field tables, the wide part); {N_USERS:,} users, "
                         f"{N_ITEMS:,} items, aggregates of {TRAFFIC_QUICK if quick else TRAFFIC:,} impressions in the feature store; client in the same process (benchmarks.http_load, HTTP/1.1 keep-alive; "
                         f"benchmarks.grpc_load, one grpc.aio channel); load average at the end "
                         f"{load_average()}")

@@ -45,3 +45,26 @@ def test_the_cache_note_names_hit_rates_and_staleness() -> None:
                "b": {"hit_rate": 0.75, "max_staleness_served_ms": 499.0, "ttl_ms": 500.0}}
     note = cache_note("haproxy", figures)
     assert "80%, hit rate 75%" in note and "499 ms" in note and "TTL 500 ms" in note
+
+
+def test_the_served_snapshot_is_the_model_the_learner_trains_with_every_requested_id_mapped(tmp_path) -> None:
+    import numpy as np
+    import torch
+
+    from benchmarks.serving import N_ITEMS, N_USERS, prepare
+    from features.definitions import FEATURE_COLUMNS
+    from learner.config import LearnerConfig
+    from learner.models import MultiTaskRanker
+    from learner.snapshots import SnapshotStore
+    from learner.step import build_model
+
+    _, snapshots = prepare(tmp_path, n_events=2_000)
+    manifest, state = SnapshotStore(snapshots).load()
+    learner = LearnerConfig()
+    expected = build_model(learner, learner.embedded_fields(), len(FEATURE_COLUMNS)).config
+    assert manifest.data["model_config"] == expected and expected["wide"]["dim"] > 0 and expected["tables"]
+    model = MultiTaskRanker.from_config(manifest.data["model_config"])
+    model.load_state_dict(state)  # as a replica loads it
+    rows = {f: model.encoder.map_rows(f, torch.arange(n)) for f, n in (("user_id", N_USERS), ("item_id", N_ITEMS))}
+    for f, r in rows.items():  # each id a row of its own, none the default row
+        assert (r > 0).all() and len(np.unique(r.numpy())) == len(r), f
