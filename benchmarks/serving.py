@@ -117,6 +117,19 @@ def _rate(samples: list[Sample]) -> float:
     return statistics.median(s.rate for s in samples)
 
 
+def served_model() -> str:
+    """What :func:`prepare` publishes, in words: the learner's defaults' family, tables and wide part."""
+    from learner.config import LearnerConfig
+
+    learner = LearnerConfig()
+    tables = ", ".join(f"{f} {t['capacity']:,} x {t['dim']}" for f, t in (learner.tables or {}).items())
+    wide = (f"wide part dim {learner.wide.dim}{', shared' if learner.wide.shared else ''}" if learner.wide.dim
+            else "no wide part")
+    embedded = f"per-field tables ({tables})" if tables else f"one hashed table of {learner.n_buckets:,} rows"
+    hparams = f" {dict(learner.hparams)}" if learner.hparams else ""
+    return f"the learner's model: {learner.family}{hparams}, {embedded}, {wide}"
+
+
 def prepare(root: Path, n_events: int = 40_000):
     """A Feast store with aggregates of simulator traffic stamped now, and a snapshot of the model the learner's
     defaults train (``learner.step.Learner``: collisionless per-field tables, the wide part), every user and item of
@@ -329,7 +342,7 @@ def run(quick: bool = False) -> Report:
     report.notes.append(f"{REPLICAS} ranking replicas (num_cpus {defaults.num_cpus:g}, torch threads "
                         f"{defaults.torch_threads} each), otherwise the default ServingConfig (batches of up to "
                         f"{defaults.max_batch_candidates} candidates, batch wait {defaults.batch_wait_timeout_s * 1000:g} ms); "
-                        f"echo: {REPLICAS} replicas; the model of the learner's defaults (per-field tables, the wide part); {N_USERS:,} users, "
+                        f"echo: {REPLICAS} replicas; {served_model()}; {N_USERS:,} users, "
                         f"{N_ITEMS:,} items, aggregates of {TRAFFIC_QUICK if quick else TRAFFIC:,} impressions in the feature store; client in the same process (benchmarks.http_load, HTTP/1.1 keep-alive; "
                         f"benchmarks.grpc_load, one grpc.aio channel); load average at the end "
                         f"{load_average()}")

@@ -90,6 +90,7 @@ def profile(n_candidates: int = 1000, batch_requests: tuple[int, ...] = (1, 4), 
                     "encode: compact": ms["encode: compact"],
                 })
             service.close()
+            gc.unfreeze()  # this service's objects may go
     return results
 
 

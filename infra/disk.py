@@ -54,9 +54,7 @@ def model_bytes(config: MoestreamConfig) -> tuple[int, int]:
     # row, 8 bytes each, per live id).
     for field, table in (learner.tables or {}).items():
         for rows in model.field_tables(field):
-            row_bytes = (rows.weight[0].numel() * rows.weight.element_size()
-                         + rows.sum_sq[0].numel() * rows.sum_sq.element_size())
-            state += (rows.n_rows - rows.allocated) * row_bytes
+            state += (rows.n_rows - rows.allocated) * rows.row_bytes
         state += 16 * table["capacity"]
     return state, sum(p.numel() * p.element_size() for p in model.parameters())
 

@@ -194,6 +194,11 @@ class RowwiseTable(nn.Module):
         return (self.groups,) if self.groups > 1 else ()
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes one row holds: its weights and its row-wise accumulator(s)."""
+        return self.weight[0].numel() * self.weight.element_size() + self.sum_sq[0].numel() * self.sum_sq.element_size()
+
+    @property
     def allocated(self) -> int:
         """ID rows held in memory (rows ``1..allocated``): the table grows on demand up to ``n_rows``, so its
         memory, checkpoints and snapshots follow the rows in use, not the capacity."""

@@ -1,9 +1,10 @@
 """``bench serving``'s rows: the 1000-candidate goal on the default cell, the variants beside it, and compact
-request bodies (no Ray here: the cells are made up)."""
+request bodies (no Ray here: the cells are made up); and the snapshot it serves (a real Feast store and learner)."""
 
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from benchmarks.harness import Report
 from benchmarks.http_load import Sample
@@ -47,11 +48,12 @@ def test_the_cache_note_names_hit_rates_and_staleness() -> None:
     assert "80%, hit rate 75%" in note and "499 ms" in note and "TTL 500 ms" in note
 
 
+@pytest.mark.integration
 def test_the_served_snapshot_is_the_model_the_learner_trains_with_every_requested_id_mapped(tmp_path) -> None:
     import numpy as np
     import torch
 
-    from benchmarks.serving import N_ITEMS, N_USERS, prepare
+    from benchmarks.serving import N_ITEMS, N_USERS, prepare, served_model
     from features.definitions import FEATURE_COLUMNS
     from learner.config import LearnerConfig
     from learner.models import MultiTaskRanker
@@ -68,3 +70,6 @@ def test_the_served_snapshot_is_the_model_the_learner_trains_with_every_requeste
     rows = {f: model.encoder.map_rows(f, torch.arange(n)) for f, n in (("user_id", N_USERS), ("item_id", N_ITEMS))}
     for f, r in rows.items():  # each id a row of its own, none the default row
         assert (r > 0).all() and len(np.unique(r.numpy())) == len(r), f
+    user = learner.tables["user_id"]
+    assert f"user_id {user['capacity']:,} x {user['dim']}" in served_model()
+    assert f"wide part dim {learner.wide.dim}" in served_model()

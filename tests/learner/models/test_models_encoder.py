@@ -73,6 +73,28 @@ def test_output_layout_and_dense_normalisation():
     assert_close(enc({k: v[1:] for k, v in ids.items()}, dense[1:])[0], out[1])
 
 
+def test_the_dense_transform_is_the_signed_log_scaled_and_shifted_with_its_gradients_and_the_input_untouched():
+    """The in-place form (abs, log1p_, copysign_, addcmul) against the formula it computes, values and gradients."""
+    torch.manual_seed(0)
+    enc = FeatureEncoder(["user"], n_dense=5, n_buckets=8, emb_dim=2)
+    with torch.no_grad():
+        enc.dense_scale.normal_()
+        enc.dense_shift.normal_()
+    dense = torch.tensor([[0.0, -0.0, 2.5, -7.0, 1e30], [float("nan"), float("-inf"), -1e-3, 3.0, 0.5]],
+                         requires_grad=True)
+    before = dense.detach().clone()
+    out = enc({"user": torch.tensor([1, 2])}, dense)[:, 2:]
+    x = torch.nan_to_num(dense, nan=0.0)
+    expected = torch.sign(x) * torch.log1p(x.abs()) * enc.dense_scale + enc.dense_shift
+    assert_close(out, expected)
+    weights = torch.randn_like(out)
+    got = torch.autograd.grad((out * weights).sum(), (dense, enc.dense_scale, enc.dense_shift))
+    want = torch.autograd.grad((expected * weights).sum(), (dense, enc.dense_scale, enc.dense_shift))
+    for g, w in zip(got, want):
+        assert_close(g, w)
+    assert torch.equal(dense.detach().nan_to_num(nan=7.0), before.nan_to_num(nan=7.0))  # the caller's is not written
+
+
 def test_missing_field_is_an_error():
     enc = FeatureEncoder(["user", "item"], n_dense=1, n_buckets=8)
     with pytest.raises(ValueError, match="item"):
