@@ -273,13 +273,15 @@ def remount(mount: Path, mode: str) -> None:
 
 
 def fill(directory: Path) -> Path:
-    """Take every free byte of ``directory``'s file system; the filler, to remove when done."""
+    """Take every free byte of ``directory``'s file system (again, if called again); the filler, to remove when done.
+
+    Unbuffered: a buffered file kept the part of its last write the disk did not take and raised ENOSPC again when
+    closed, whenever the free space was not a multiple of the write's size."""
     filler = directory / "filler"
-    with open(filler, "wb") as f:
+    with open(filler, "ab", buffering=0) as f:
         try:
             while True:
-                f.write(b"\0" * 65536)
-                f.flush()
+                f.write(b"\0" * 65536)  # a short write takes what is left; the next one raises
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
     return filler
