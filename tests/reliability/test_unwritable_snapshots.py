@@ -41,6 +41,15 @@ def snapshot_fs(tmp_path: Path) -> Path:
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
+def _remounted(mount: Path, mode: str) -> bool:
+    """Whether ``mount`` was remounted ``mode``; False while it is busy (a file open for writing blocks ``ro``)."""
+    import subprocess
+
+    done = subprocess.run(["mount", "-o", f"remount,{mode}", str(mount)], capture_output=True, text=True)
+    assert done.returncode == 0 or "busy" in done.stderr, done.stderr
+    return done.returncode == 0
+
+
 def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if ".tmp" in p.name)
 
@@ -78,7 +87,10 @@ def test_a_full_then_read_only_snapshot_dir_is_waited_out_and_publishing_resumes
         # A publish that fails takes its partial files with it, and the bytes they held may take a smaller one: LATEST
         # may move while the disk is full, but only ever to a whole version, which reads back and verifies.
         whole_while_full, _ = SnapshotStore(snapshots).load(int(latest_while_full))
-        remount(snapshot_fs, "ro")  # still full, but a read-only file system refuses even the lock's open
+        fill(snapshot_fs)  # again: the bytes failed publishes freed
+        # Still full, but a read-only file system refuses even the lock's open. A publish writing a file at that
+        # moment makes the mount busy: the remount is tried again until none is.
+        _until(lambda: _remounted(snapshot_fs, "ro"), 60, "the snapshot directory remounted read-only", thread)
         trained_at_ro = trained()
         _until(lambda: "Errno 30" in (stats()["last_publish_error"] or "") and trained() > trained_at_ro + 3 * BATCH,
                120, "failed publishes on a read-only directory while training goes on", thread)
