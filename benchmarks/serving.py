@@ -37,6 +37,8 @@ import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,13 +166,12 @@ def prepare(root: Path, n_events: int = 40_000):
 
 
 def measure_mode(env: dict[str, str], features, snapshots: Path, quick: bool, progress: Progress) -> dict:
-    """Start Ray (with ``env``), deploy the ranker and the echo anchor, run every cell; shut everything down."""
-    import ray
+    """Start Ray (with ``env``), deploy the ranker and the echo anchor, run every cell; shut everything down
+    (:func:`serve_on_free_port`)."""
     from ray import serve
     from starlette.requests import Request
     from starlette.responses import Response
 
-    from infra.runtime import init_ray
     from serving.app import build_app
     from serving.config import ServingConfig
     from serving.grpc_service import SERVICER_FUNCTION
@@ -181,13 +182,10 @@ def measure_mode(env: dict[str, str], features, snapshots: Path, quick: bool, pr
         async def __call__(self, request: Request) -> Response:
             return Response(await request.body(), media_type="application/json")
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    port, grpc_port = free_port(), free_port()
-    try:
-        init_ray(num_cpus=3 * REPLICAS, quiet=True)  # logical CPUs: the two rankers' and the echo's replicas
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"},
-                    grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]})
+    grpc_port = free_port()
+    grpc_options = {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
+    # logical CPUs: the two rankers' and the echo's replicas
+    with serve_on_free_port(env, 3 * REPLICAS, grpc_options) as port:
         no_cache = ServingConfig(num_replicas=REPLICAS, item_cache_ttl_ms=0)
         serve.run_many([  # all at once: their replicas start side by side
             serve.RunTarget(build_app(snapshots, features, ServingConfig(num_replicas=REPLICAS)), name="ranker",
@@ -215,15 +213,6 @@ def measure_mode(env: dict[str, str], features, snapshots: Path, quick: bool, pr
                     cell.grpc.append(asyncio.run(closed_loop_grpc(target, protos, c, seconds, warmup, metadata)))
                 progress.advance(task)
         return {"cells": cells, "rounds": rounds, "seconds": seconds, "item_cache": _cache_figures(base)}
-    finally:
-        if ray.is_initialized():
-            _stop_serve()
-            ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def replica_health(base: str, replicas: int | None = None, asks: int = 16) -> dict[str, dict]:
@@ -260,6 +249,39 @@ def _stop_serve(timeout_s: float = 5.0) -> None:
         _get_global_client().shutdown(timeout_s=timeout_s)
     except Exception:  # noqa: BLE001 - a private helper that may change; the public call still works
         serve.shutdown()
+
+
+@contextmanager
+def serve_on_free_port(env: dict[str, str], num_cpus: int, grpc_options: dict | None = None) -> Iterator[int]:
+    """Ray with ``env`` in the environment (started here, or the instance already running, used as it is) and Serve
+    on a free loopback port, which is yielded; on exit Serve is stopped, Ray shut down if it was started here, and
+    the environment restored."""
+    import ray
+    from ray import serve
+
+    from infra.runtime import init_ray
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    owns_ray = not ray.is_initialized()
+    port = free_port()
+    try:
+        init_ray(num_cpus=num_cpus, quiet=True)
+        if not owns_ray:
+            serve.shutdown()  # Serve binds its HTTP port once per instance
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"},
+                    **({"grpc_options": grpc_options} if grpc_options else {}))
+        yield port
+    finally:
+        if ray.is_initialized():
+            _stop_serve()
+            if owns_ray:
+                ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def add_rows(report: Report, mode: str, cells: dict) -> None:

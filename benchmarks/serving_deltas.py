@@ -50,8 +50,8 @@ from benchmarks.delta_chain import (BATCH, DIM, NEW_ID_SHARE, PUBLISHER_NICE, ST
 from benchmarks.embedding_paths import size_name
 from benchmarks.harness import Report, Row
 from benchmarks.http_load import Sample, closed_loop
-from benchmarks.serving import (GOAL_AT, MODES, REPLICAS, TRAFFIC, TRAFFIC_QUICK, _pct, _stop_serve, bodies,
-                                free_port, prepare, replica_health)
+from benchmarks.serving import (GOAL_AT, MODES, REPLICAS, TRAFFIC, TRAFFIC_QUICK, _pct, bodies, prepare,
+                                replica_health, serve_on_free_port)
 from benchmarks.timing import load_average
 
 INTERVAL_S = 0.5
@@ -111,16 +111,11 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
     """Deploy ``plan.replicas`` rankers on ``chain``'s store (Ray started with ``env``, or the instance already
     running, which is left running), then per round the goal's cell without deltas and with the publisher on."""
     import psutil
-    import ray
     from ray import serve
 
-    from infra.runtime import init_ray
     from serving.app import build_app
     from serving.config import ServingConfig
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    owns_ray = not ray.is_initialized()
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: not a fork of this one's Ray client
     stop = spawn.Event()
     shadow = chain.store.with_name(f"{chain.store.name}-unfollowed")
@@ -128,84 +123,71 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
     publishers = {store: _Publisher(spawn, store, chain, plan, stop) for store in (chain.store, shadow)}
     main, unfollowed = publishers[chain.store], publishers[shadow]
     try:
-        init_ray(num_cpus=plan.replicas + 1, quiet=True)
-        if not owns_ray:
-            serve.shutdown()  # Serve binds its HTTP port once per instance
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-        serve.run(build_app(chain.store, features, ServingConfig(num_replicas=plan.replicas)), name="ranker-deltas",
-                  route_prefix="/")
-        for publisher in publishers.values():
-            if not publisher.ready.wait(120):
-                raise RuntimeError("the delta publisher did not start within 120 s")
-        base = f"http://127.0.0.1:{port}"
-        n, c = GOAL_AT
-        payloads = bodies(n, 256, seed=n)
-        outcome = Outcome([], [], load=(load_average(), "?"))
+        with serve_on_free_port(env, plan.replicas + 1) as port:
+            serve.run(build_app(chain.store, features, ServingConfig(num_replicas=plan.replicas)), name="ranker-deltas",
+                      route_prefix="/")
+            for publisher in publishers.values():
+                if not publisher.ready.wait(120):
+                    raise RuntimeError("the delta publisher did not start within 120 s")
+            base = f"http://127.0.0.1:{port}"
+            n, c = GOAL_AT
+            payloads = bodies(n, 256, seed=n)
+            outcome = Outcome([], [], load=(load_average(), "?"))
 
-        replicas = [psutil.Process(h["pid"]) for h in replica_health(base, plan.replicas, asks=64).values()]
+            replicas = [psutil.Process(h["pid"]) for h in replica_health(base, plan.replicas, asks=64).values()]
 
-        def replica_cpu() -> float:
-            try:
-                return sum(sum(p.cpu_times()[:2]) for p in replicas)
-            except psutil.Error:
-                return float("nan")
+            def replica_cpu() -> float:
+                try:
+                    return sum(sum(p.cpu_times()[:2]) for p in replicas)
+                except psutil.Error:
+                    return float("nan")
 
-        def load(publisher: _Publisher | None = None) -> Sample:
-            if publisher is not None:
-                publisher.go.set()
-            cpu = replica_cpu()
-            try:
-                sample = asyncio.run(closed_loop(f"{base}/v1/rank", payloads, c, plan.seconds, plan.warmup_s))
-            finally:
+            def load(publisher: _Publisher | None = None) -> Sample:
                 if publisher is not None:
-                    publisher.go.clear()
-            condition = "anchor" if publisher is None else "publisher" if publisher is unfollowed else "deltas"
-            outcome.cpu.setdefault(condition, []).append((replica_cpu() - cpu, len(sample.latencies_s)))
-            return sample
+                    publisher.go.set()
+                cpu = replica_cpu()
+                try:
+                    sample = asyncio.run(closed_loop(f"{base}/v1/rank", payloads, c, plan.seconds, plan.warmup_s))
+                finally:
+                    if publisher is not None:
+                        publisher.go.clear()
+                condition = "anchor" if publisher is None else "publisher" if publisher is unfollowed else "deltas"
+                outcome.cpu.setdefault(condition, []).append((replica_cpu() - cpu, len(sample.latencies_s)))
+                return sample
 
-        def with_deltas() -> None:
-            before, count = replica_health(base, plan.replicas, asks=64), main.published.value
-            outcome.deltas.append(load(main))
-            time.sleep(SETTLE_S)  # the last delta published reaches the replicas before they are asked
-            after = replica_health(base, plan.replicas, asks=64)
-            outcome.published += main.published.value - count
-            for replica in before.keys() & after.keys():
-                done = after[replica]["weights"]["deltas_applied"] - before[replica]["weights"]["deltas_applied"]
-                outcome.applied[replica] = outcome.applied.get(replica, 0) + done
+            def with_deltas() -> None:
+                before, count = replica_health(base, plan.replicas, asks=64), main.published.value
+                outcome.deltas.append(load(main))
+                time.sleep(SETTLE_S)  # the last delta published reaches the replicas before they are asked
+                after = replica_health(base, plan.replicas, asks=64)
+                outcome.published += main.published.value - count
+                for replica in before.keys() & after.keys():
+                    done = after[replica]["weights"]["deltas_applied"] - before[replica]["weights"]["deltas_applied"]
+                    outcome.applied[replica] = outcome.applied.get(replica, 0) + done
 
-        conditions = [lambda: outcome.anchor.append(load()), lambda: outcome.publisher_only.append(load(unfollowed)),
-                      with_deltas]
-        task = progress.add_task("serving while deltas arrive", total=3 * plan.rounds) if progress else None
-        for r in range(plan.rounds):
-            for condition in conditions[r % 3:] + conditions[: r % 3]:  # each condition in each place alike
-                condition()
-            if progress is not None:
-                progress.advance(task, 3)
-        final = replica_health(base, plan.replicas, asks=64)
-        outcome.weights = {replica: health["weights"] for replica, health in final.items()}
-        for replica, health in final.items():
-            try:
-                outcome.rss[replica] = psutil.Process(health["pid"]).memory_info().rss
-            except psutil.Error:
-                pass
-        outcome.publisher_cpu_s = main.cpu_s.value
-        outcome.load = (outcome.load[0], load_average())
-        return outcome
+            conditions = [lambda: outcome.anchor.append(load()),
+                          lambda: outcome.publisher_only.append(load(unfollowed)), with_deltas]
+            task = progress.add_task("serving while deltas arrive", total=3 * plan.rounds) if progress else None
+            for r in range(plan.rounds):
+                for condition in conditions[r % 3:] + conditions[: r % 3]:  # each condition in each place alike
+                    condition()
+                if progress is not None:
+                    progress.advance(task, 3)
+            final = replica_health(base, plan.replicas, asks=64)
+            outcome.weights = {replica: health["weights"] for replica, health in final.items()}
+            for replica, health in final.items():
+                try:
+                    outcome.rss[replica] = psutil.Process(health["pid"]).memory_info().rss
+                except psutil.Error:
+                    pass
+            outcome.publisher_cpu_s = main.cpu_s.value
+            outcome.load = (outcome.load[0], load_average())
+            return outcome
     finally:
         stop.set()
         for publisher in publishers.values():
             publisher.close()
         shutil.rmtree(shadow, ignore_errors=True)
-        if ray.is_initialized():
-            _stop_serve()
-            if owns_ray:
-                ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class _Publisher:

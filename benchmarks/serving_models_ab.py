@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import tempfile
 from pathlib import Path
 
 from benchmarks.harness import Report, Row
 from benchmarks.http_load import Sample, closed_loop
-from benchmarks.serving import MODES, REPLICAS, TRAFFIC, _pct, _stop_serve, bodies, free_port, prepare
+from benchmarks.serving import MODES, REPLICAS, TRAFFIC, _pct, bodies, prepare, serve_on_free_port
 
 CELLS = ((1000, 8), (100, 8))
 HASHED = "one hashed table, no wide part"
@@ -46,24 +45,14 @@ def measure(root: Path, rounds: int, seconds: float, warmup_s: float, n_events: 
             cells: tuple[tuple[int, int], ...] = CELLS) -> dict[tuple[int, int], dict[str, list[Sample]]]:
     """Each cell's samples per model (``hashed``, ``learner``), ``rounds`` each. Ray is started (with HAProxy) unless
     an instance is running already, which is then used as it is and left running."""
-    import ray
     from ray import serve
 
-    from infra.runtime import init_ray
     from serving.app import build_app
     from serving.config import ServingConfig
 
     features, learner_store = prepare(root, n_events=n_events)
     stores = {"hashed": publish_hashed(root / "hashed"), "learner": learner_store}
-    saved = {k: os.environ.get(k) for k in MODES["haproxy"]}
-    os.environ.update(MODES["haproxy"])
-    owns_ray = not ray.is_initialized()
-    port = free_port()
-    try:
-        init_ray(num_cpus=2 * REPLICAS, quiet=True)
-        if not owns_ray:
-            serve.shutdown()  # Serve binds its HTTP port once per instance
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    with serve_on_free_port(MODES["haproxy"], 2 * REPLICAS) as port:
         serve.run_many([serve.RunTarget(build_app(store, features, ServingConfig(num_replicas=REPLICAS)), name=name,
                                         route_prefix=f"/{name}") for name, store in stores.items()])
         out = {}
@@ -76,16 +65,6 @@ def measure(root: Path, rounds: int, seconds: float, warmup_s: float, n_events: 
                     samples[name].append(asyncio.run(closed_loop(url, payloads, c, seconds, warmup_s)))
             out[(n, c)] = samples
         return out
-    finally:
-        if ray.is_initialized():
-            _stop_serve()
-            if owns_ray:
-                ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def add_rows(report: Report, cells: dict[tuple[int, int], dict[str, list[Sample]]]) -> None:
