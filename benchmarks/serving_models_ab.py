@@ -89,12 +89,14 @@ def run(rounds: int = 4, seconds: float = 5.0) -> Report:
     return report
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or not args.seconds > 0:
+        parser.error(f"--rounds must be at least 1 and --seconds above 0, got {args.rounds} and {args.seconds}")
     report = run(args.rounds, args.seconds)
     report.print()
     if args.json:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.harness import Report
-from benchmarks.serving_models_ab import HASHED, add_rows, measure
+from benchmarks.serving_models_ab import HASHED, add_rows, main, measure
 
 
 @pytest.mark.integration
@@ -25,3 +25,10 @@ def test_both_models_answer_every_request_and_the_rows_anchor_the_learners_on_th
     assert p99.anchor == HASHED and p99.value > 0 and p99.anchor_value > 0
     assert rows["20 candidates, concurrency 2, the learner's model: throughput"].value > 0
     assert not report.notes
+
+
+@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--seconds", "0"], ["--seconds", "nan"], ["--rounds", "x"]])
+def test_rounds_and_seconds_that_measure_nothing_are_refused_with_a_message(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and ("--rounds" in capsys.readouterr().err)
