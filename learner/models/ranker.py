@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .encoder import FeatureEncoder
 from .interaction import CrossNetwork, FieldProducts
+from .layers import without_diagnostics
 from .output import ModelOutput
 from .registry import build, default_hparams
 from .sparse import RowwiseTable
@@ -160,7 +161,9 @@ class MultiTaskRanker(nn.Module):
     @torch.no_grad()
     def predict_proba(self, ids: Mapping[str, Tensor], dense: Tensor) -> dict[str, Tensor]:
         """Per task ``(B,)``: a probability for binary tasks, the predicted value for regression.
-        Runs without autograd; the caller picks train/eval mode (serving uses eval)."""
-        logits = self(ids, dense).logits
+        Runs without autograd and without the telemetry's diagnostics (``layers.without_diagnostics``); the caller
+        picks train/eval mode (serving uses eval)."""
+        with without_diagnostics():
+            logits = self(ids, dense).logits
         types = self.model.task_types
         return {t: torch.sigmoid(v) if types[t] == "binary" else v for t, v in logits.items()}

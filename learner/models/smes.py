@@ -44,13 +44,14 @@ measured over the rows each expert processed (0 for an expert that got none).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .layers import BatchedMLP, Blocks, StackedLinear, TaskTowers, near_zero
+from .layers import BatchedMLP, Blocks, StackedLinear, TaskTowers, diagnostics_on, near_zero
 from .output import ModelOutput
 from .registry import MultiTaskModel, check_dims, check_positive, register
 
@@ -175,6 +176,8 @@ class SMES(MultiTaskModel):
         slots = table.index_select(0, slot_source)  # (B·K, H)
         mixed = torch.bmm(weights.to(table.dtype), slots.view(n_rows, n_slots, -1))  # (B, T, H)
 
+        if not diagnostics_on():  # scoring: NaN, "not computed" (layers.without_diagnostics)
+            return mixed, x.new_full((n_experts,), math.nan), rows_per_expert
         zeros_per_row = near_zero(table).sum(dim=1, dtype=torch.float32)  # (N,)
         zero_frac = x.new_zeros(n_experts).index_add(0, experts, zeros_per_row[at].to(x.dtype))
         zero_frac = zero_frac / (rows_per_expert.clamp_min(1) * table.shape[1])  # (E,) over the rows each expert ran on

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from learner.models import FAMILIES, MultiTaskRanker
+from learner.models.layers import without_diagnostics
 
 from .zoo_testkit import TINY
 
@@ -89,3 +91,35 @@ def test_unknown_hparam_in_config_is_rejected():
     config["hparams"]["n_levels"] = 2
     with pytest.raises(TypeError, match="n_levels"):
         MultiTaskRanker.from_config(config)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scoring_without_diagnostics_leaves_the_logits_and_reports_zero_fractions_as_not_computed(family):
+    ranker = make_ranker(family)
+    ids, dense = make_inputs(16)
+    ranker(ids, dense)  # train-mode pass: BatchNorm statistics
+    ranker.eval()
+    with torch.inference_mode():
+        full = ranker(ids, dense)
+        with without_diagnostics():
+            lean = ranker(ids, dense)
+        after = ranker(ids, dense)
+        proba = ranker.predict_proba(ids, dense)
+    for t in TASKS:
+        assert torch.equal(lean.logits[t], full.logits[t])
+    assert torch.equal(proba["click"], torch.sigmoid(full.logits["click"]))
+    assert torch.isnan(lean.expert_zero_frac).all() and lean.expert_zero_frac.shape == full.expert_zero_frac.shape
+    assert torch.isfinite(full.expert_zero_frac).all() and torch.equal(after.expert_zero_frac, full.expert_zero_frac)
+    for key, value in lean.extras.items():  # HoME's meta level: not computed either
+        if key.endswith("zero_frac"):
+            assert torch.isnan(value).all() and torch.isfinite(full.extras[key]).all()
+
+
+def test_diagnostics_stay_on_for_a_forward_pass_on_another_thread():
+    """A trainer's forward on its own thread keeps its telemetry while a scorer in the same process runs without."""
+    ranker = make_ranker("mmoe").eval()
+    ids, dense = make_inputs()
+    with without_diagnostics(), ThreadPoolExecutor(1) as pool:
+        elsewhere = pool.submit(lambda: ranker(ids, dense).expert_zero_frac).result()
+        here = ranker(ids, dense).expert_zero_frac
+    assert torch.isfinite(elsewhere).all() and torch.isnan(here).all()
