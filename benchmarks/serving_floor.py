@@ -5,12 +5,15 @@ Issue #24 asks for 1000 candidates at concurrency 8 with p99 <= 30 ms and >= 400
 machine, through the same proxy. This measures the floor under that goal: the same app (``serving.app``, default
 ``ServingConfig``: FastAPI, the body's parsing and validation, ``@serve.batch``, the batch split into rankings, the
 response encoded, Serve's replica plumbing, HAProxy, the client) deployed beside the ranker in one Ray instance, its
-scoring replaced by fixed probabilities: no feature lookup, no forward pass (``FloorDeployment``). Whatever the floor
+scoring replaced by fixed probabilities: no feature lookup, no forward pass (``FloorDeployment``), at the batches
+its own speed makes. Whatever the floor
 cannot reach, no model and no lookup can.
 
 Both are sent the same request bodies in alternating rounds, the order turned every round, so that a busy neighbour
-hits both alike. Each round also takes every process's CPU time (``psutil``), so the rows split one request's CPU over
-the client, HAProxy, the replicas and Ray's other processes. docs/serving.md has the figures.
+hits both alike. Each round also takes the CPU time of this process and of every process it started (``psutil``; the
+Ray instance, its replicas and HAProxy), so the rows split one request's CPU over the client, HAProxy, each app's
+replicas and Ray's other processes. A process that exits during a round takes its CPU of that round with it (none
+does in a run: the replicas, HAProxy and Ray's processes live as long as the instance). docs/serving.md has the figures.
 """
 
 from __future__ import annotations
@@ -25,13 +28,16 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from ray.serve import Application
 
 from benchmarks.harness import Report, Row
 from benchmarks.http_load import Sample, closed_loop
 from benchmarks.serving import (GOAL_1000_AT, GOAL_1000_CANDIDATES_S, GOAL_1000_P99_MS, GOAL_AT, GOAL_P99_MS, MODES,
                                 REPLICAS, TRAFFIC, _pct, bodies, prepare, serve_on_free_port)
+from features.store import FeatureStoreConfig
 from serving.app import RankerDeployment
-from serving.ranker import Ranking, RankingService, RankQuery
+from serving.config import ServingConfig
+from serving.ranker import NoModelYet, Ranking, RankingService, RankQuery, batch_of
 
 CELLS = ((1000, 8, False), (1000, 8, True), (100, 8, False))
 """(candidates, concurrency, compact): issue #24's cell with full and compact responses, and the 100-candidate goal."""
@@ -42,24 +48,21 @@ PROBABILITIES = np.random.default_rng(0).random((4096, 16), dtype=np.float32)
 
 
 def floor_score(service: RankingService, queries: Sequence[RankQuery]) -> list[Ranking]:
-    """:meth:`RankingService.score` less the feature lookup and the forward pass: the batch numbered, the scores fused
-    with the task weights, the metrics observed and the batch split into rankings as the ranker does."""
+    """:meth:`RankingService.score` less the feature lookup and the forward pass (and the weights' lock they are run
+    under): the batch numbered, fixed probabilities fused with the task weights, then the service's own
+    :meth:`RankingService.rankings` (metrics, the split into one ranking per request)."""
     current = service.weights.current
     if current is None:
-        return service.score(queries)  # raises NoModelYet, as the ranker would
-    batch = service.batches = next(service._batch_seq)
-    lengths = np.fromiter((len(q.candidates) for q in queries), np.int64, len(queries))
-    items = np.concatenate([q.candidates for q in queries])
+        raise NoModelYet(service.not_ready())
+    batch = service.next_batch()
+    lengths, items = batch_of(queries)
     tasks = current.model.tasks
-    probs = np.resize(PROBABILITIES[:, : len(tasks)], (len(items), len(tasks)))
-    scores = probs @ service.task_weights(tasks).numpy()
-    service.metrics.observe_batch(len(queries), len(items), len(service.weights.rejected))
-    bounds = np.cumsum(lengths)[:-1]
-    return [Ranking(current.version, current.family, batch, tasks, i, s, p)
-            for i, s, p in zip(np.split(items, bounds), np.split(scores, bounds), np.split(probs, bounds))]
+    probs = np.resize(PROBABILITIES[:, : len(tasks)], (len(items), len(tasks)))  # (N, T) float32
+    scores = probs @ service.task_weights(tasks).numpy()  # (N,) float32, as the ranker's
+    return service.rankings(current, batch, tasks, lengths, items, scores, probs)
 
 
-class FloorRanker(RankerDeployment.func_or_class):  # the ranker's class: its app, batching, gRPC and health
+class FloorDeployment(RankerDeployment.func_or_class):  # the ranker's class: its app, batching, gRPC and health
     """The ranking deployment with :func:`floor_score` in place of the lookup and the model."""
 
     async def __init__(self, *args, **kwargs) -> None:  # the ingress class's __init__ is a coroutine (Serve's rule)
@@ -68,10 +71,11 @@ class FloorRanker(RankerDeployment.func_or_class):  # the ranker's class: its ap
         service.score = lambda queries: floor_score(service, queries)
 
 
-def floor_app(snapshots: Path, features, config):
+def floor_app(snapshots: Path, features: FeatureStoreConfig, config: ServingConfig) -> Application:
+    """The floor as a Serve application, deployed as ``serving.app.build_app`` deploys the ranker."""
     from ray import serve
 
-    return serve.deployment(FloorRanker).options(**config.deployment_options()).bind(
+    return serve.deployment(FloorDeployment).options(**config.deployment_options()).bind(
         str(Path(snapshots).absolute()), features, config)
 
 
@@ -83,28 +87,26 @@ class Side:
     requests: int = 0
 
 
-def _group(name: str, cmdline: str, me: int, pid: int) -> str | None:
-    if pid == me:
+def _group(process: psutil.Process, me: int) -> str:
+    if process.pid == me:
         return "client (this process)"
+    name, cmdline = process.name(), " ".join(process.cmdline())
     for app in APPS:
         if f"ServeReplica:{app}:" in name or f"ServeReplica:{app}:" in cmdline:
             return f"replicas: {app}"
-    if name == "haproxy":
-        return "HAProxy"
-    if "ray" in cmdline or name.startswith("ray::") or name in ("raylet", "gcs_server"):
-        return "Ray's other processes"
-    return None  # the machine's own daemons: not the service's
+    return "HAProxy" if name == "haproxy" else "Ray's other processes"
 
 
-def cpu_times() -> dict[int, tuple[str, float]]:
-    """Every process's group and CPU seconds (user + system)."""
-    me, out = psutil.Process().pid, {}
-    for p in psutil.process_iter(["name", "cmdline"]):
+def cpu_times() -> dict[tuple[int, float], tuple[str, float]]:
+    """This process and every process it started (the Ray instance it started, with its replicas and HAProxy: not
+    another Ray instance on the machine), keyed by pid and start time: group and CPU seconds (user + system)."""
+    me = psutil.Process()
+    out = {}
+    for process in (me, *me.children(recursive=True)):
         try:
-            group = _group(p.info["name"] or "", " ".join(p.info["cmdline"] or []), me, p.pid)
-            if group is not None:
-                t = p.cpu_times()
-                out[p.pid] = (group, t.user + t.system)
+            with process.oneshot():
+                t = process.cpu_times()
+                out[(process.pid, process.create_time())] = (_group(process, me.pid), t.user + t.system)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return out
@@ -117,7 +119,6 @@ def measure(root: Path, rounds: int, seconds: float, warmup_s: float, n_events: 
     from ray import serve
 
     from serving.app import build_app
-    from serving.config import ServingConfig
 
     features, snapshots = prepare(root, n_events=n_events)
     config = ServingConfig(num_replicas=REPLICAS)
@@ -137,9 +138,8 @@ def measure(root: Path, rounds: int, seconds: float, warmup_s: float, n_events: 
                     side = sides[app]
                     side.samples.append(sample)
                     side.requests += len(sample.latencies_s) + sample.errors
-                    for pid, (group, cpu) in cpu_times().items():
-                        if pid in before:
-                            side.cpu_s[group] = side.cpu_s.get(group, 0.0) + cpu - before[pid][1]
+                    for key, (group, cpu) in cpu_times().items():  # one started in the round: all its CPU
+                        side.cpu_s[group] = side.cpu_s.get(group, 0.0) + cpu - before.get(key, (group, 0.0))[1]
             out[(n, c, compact)] = sides
         return out
 
@@ -205,4 +205,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["FLOOR", "FloorRanker", "floor_app", "floor_score", "measure", "run"]
+__all__ = ["FLOOR", "FloorDeployment", "floor_app", "floor_score", "measure", "run"]

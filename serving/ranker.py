@@ -61,6 +61,12 @@ class Ranking:
         return np.argsort(-self.scores, kind="stable")
 
 
+def batch_of(queries: Sequence[RankQuery]) -> tuple[np.ndarray, np.ndarray]:
+    """Each request's candidate count ``(R,)`` and all their candidates one request after the other ``(N,)``."""
+    lengths = np.fromiter((len(q.candidates) for q in queries), np.int64, len(queries))
+    return lengths, np.concatenate([q.candidates for q in queries])
+
+
 def candidates_of(queries: Sequence[RankQuery]) -> int:
     """Batch size for ``@serve.batch``: batches are bounded by candidates, not by requests."""
     return sum(len(q.candidates) for q in queries)
@@ -110,9 +116,8 @@ class RankingService:
         """Score a batch of requests with one snapshot. Raises :class:`NoModelYet` before the first one."""
         if self.weights.current is None:
             raise NoModelYet(self.not_ready())
-        batch = self.batches = next(self._batch_seq)
-        lengths = np.fromiter((len(q.candidates) for q in queries), np.int64, len(queries))
-        items = np.concatenate([q.candidates for q in queries])  # (N,)
+        batch = self.next_batch()
+        lengths, items = batch_of(queries)
         users = np.repeat(np.fromiter((q.user_id for q in queries), np.int64, len(queries)), lengths)  # (N,)
         features = self.features.lookup_batch(users, items, item_cache=self.item_cache)
         with self.weights.lock:  # no delta is applied while the batch is scored: it sees one version, whole
@@ -124,14 +129,24 @@ class RankingService:
                 per_task = current.model.predict_proba(ids, torch.from_numpy(features.dense))
                 probs = torch.stack([per_task[t].float() for t in tasks], dim=1)  # (N, T)
                 scores = probs @ self.task_weights(tasks)  # (N,)
-        probs_np, scores_np = probs.numpy(), scores.numpy()
-        self.metrics.observe_batch(len(queries), len(items), len(self.weights.rejected))
         if self.item_cache is not None:
             self.metrics.observe_cache(*self.item_cache.report(), entries=self.item_cache.occupied)
+        return self.rankings(current, batch, tasks, lengths, items, scores.numpy(), probs.numpy())
+
+    def next_batch(self) -> int:
+        """The next batch's sequence number on this replica (:attr:`Ranking.batch`)."""
+        self.batches = next(self._batch_seq)
+        return self.batches
+
+    def rankings(self, current: LoadedModel, batch: int, tasks: tuple[str, ...], lengths: np.ndarray,
+                 items: np.ndarray, scores: np.ndarray, probs: np.ndarray) -> list[Ranking]:
+        """A scored batch (``items`` ``(N,)``, ``scores`` ``(N,)``, ``probs`` ``(N, T)``, requests of ``lengths``
+        candidates one after the other) observed in the metrics and split back into one ranking per request."""
+        self.metrics.observe_batch(len(lengths), len(items), len(self.weights.rejected))
         bounds = np.cumsum(lengths)[:-1]
         return [
             Ranking(current.version, current.family, batch, tasks, i, s, p)
-            for i, s, p in zip(np.split(items, bounds), np.split(scores_np, bounds), np.split(probs_np, bounds))
+            for i, s, p in zip(np.split(items, bounds), np.split(scores, bounds), np.split(probs, bounds))
         ]
 
     def model_info(self) -> dict:
@@ -178,4 +193,4 @@ class RankingService:
         self.weights.close()
 
 
-__all__ = ["NoModelYet", "RankQuery", "Ranking", "RankingService", "candidates_of"]
+__all__ = ["NoModelYet", "RankQuery", "Ranking", "RankingService", "batch_of", "candidates_of"]

@@ -9,15 +9,15 @@ its own subset of rows, which is what the sparse (SMES) dispatch needs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .diagnostics import diagnostics_on
 
 # Activations of a group of members run together stay under this many bytes (see BatchedMLP.chunk_size).
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -29,26 +29,6 @@ WIDE_OUTPUTS = 1024
 # exact zeros; Swish never does, so a small tolerance is what makes the two comparable.
 ZERO_EPS = 1e-6
 
-_DIAGNOSTICS: ContextVar[bool] = ContextVar("moestream_model_diagnostics", default=True)
-
-
-@contextmanager
-def without_diagnostics() -> Iterator[None]:
-    """Forward passes run inside skip the diagnostics that only telemetry reads: ``expert_zero_frac`` (and HoME's
-    ``meta_expert_zero_frac``) come back NaN, "not computed". Scoring needs the logits alone, and counting each
-    expert's zero activations over the batch is a pass over every expert's output: a quarter of the served MMoE's
-    forward pass (docs/serving.md). Per thread and per asyncio task, so a trainer's forward on another thread of the
-    same process keeps its diagnostics."""
-    token = _DIAGNOSTICS.set(False)
-    try:
-        yield
-    finally:
-        _DIAGNOSTICS.reset(token)
-
-
-def diagnostics_on() -> bool:
-    """False inside :func:`without_diagnostics`."""
-    return _DIAGNOSTICS.get()
 
 def _identity(x: Tensor) -> Tensor:
     return x
@@ -476,7 +456,7 @@ def zero_frac(h: Tensor) -> Tensor:
 
     Reduced member-major, ``(E, B·H)``: expert banks compute in that layout and hand out ``(B, E, H)``
     as a transposed view, so this reads memory in order (a reduction over dims 0 and 2 of the view
-    strides across it and ran several times slower). NaN inside :func:`without_diagnostics`."""
+    strides across it and ran several times slower). NaN inside ``diagnostics.without_diagnostics``."""
     if not diagnostics_on():
         return torch.full((h.shape[1],), math.nan, dtype=torch.float32, device=h.device)
     per_expert = h.transpose(0, 1).flatten(1)  # (E, B·H), a view when h is member-major

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .diagnostics import without_diagnostics
 from .encoder import FeatureEncoder
 from .interaction import CrossNetwork, FieldProducts
-from .layers import without_diagnostics
 from .output import ModelOutput
 from .registry import build, default_hparams
 from .sparse import RowwiseTable
@@ -161,7 +161,7 @@ class MultiTaskRanker(nn.Module):
     @torch.no_grad()
     def predict_proba(self, ids: Mapping[str, Tensor], dense: Tensor) -> dict[str, Tensor]:
         """Per task ``(B,)``: a probability for binary tasks, the predicted value for regression.
-        Runs without autograd and without the telemetry's diagnostics (``layers.without_diagnostics``); the caller
+        Runs without autograd and without the telemetry's diagnostics (``diagnostics.without_diagnostics``); the caller
         picks train/eval mode (serving uses eval)."""
         with without_diagnostics():
             logits = self(ids, dense).logits

@@ -51,7 +51,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .layers import BatchedMLP, Blocks, StackedLinear, TaskTowers, diagnostics_on, near_zero
+from .diagnostics import diagnostics_on
+from .layers import BatchedMLP, Blocks, StackedLinear, TaskTowers, near_zero
 from .output import ModelOutput
 from .registry import MultiTaskModel, check_dims, check_positive, register
 
@@ -176,7 +177,7 @@ class SMES(MultiTaskModel):
         slots = table.index_select(0, slot_source)  # (B·K, H)
         mixed = torch.bmm(weights.to(table.dtype), slots.view(n_rows, n_slots, -1))  # (B, T, H)
 
-        if not diagnostics_on():  # scoring: NaN, "not computed" (layers.without_diagnostics)
+        if not diagnostics_on():  # scoring: NaN, "not computed" (diagnostics.without_diagnostics)
             return mixed, x.new_full((n_experts,), math.nan), rows_per_expert
         zeros_per_row = near_zero(table).sum(dim=1, dtype=torch.float32)  # (N,)
         zero_frac = x.new_zeros(n_experts).index_add(0, experts, zeros_per_row[at].to(x.dtype))

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from benchmarks.harness import Report
 from benchmarks.serving_floor import FLOOR, add_rows, floor_score, main, measure
-from serving.ranker import RankQuery
+from serving.config import ServingConfig
+from serving.ranker import NoModelYet, RankingService, RankQuery
 
 
 @pytest.mark.integration
@@ -37,21 +37,34 @@ def test_the_floor_and_the_ranker_answer_every_request_and_the_rows_anchor_the_r
     assert not report.notes
 
 
+class _Service(RankingService):
+    """A ranking service's bookkeeping without its store and follower: what the floor reads of one."""
+
+    def __init__(self, current) -> None:  # noqa: D107 - no store, no follower
+        self.config = ServingConfig(task_weights={"click": 1.0, "like": 0.5})
+        self.weights = SimpleNamespace(current=current, rejected=set())
+        self.observed: list[tuple] = []
+        self.metrics = SimpleNamespace(observe_batch=lambda *counts: self.observed.append(counts))
+        self.batches, self._batch_seq = 0, itertools.count(1)
+
+
 def test_the_floor_answers_every_candidate_once_in_the_order_asked_with_the_served_version() -> None:
-    observed = []
-    current = SimpleNamespace(version=7, family="mmoe", model=SimpleNamespace(tasks=("click", "like")))
-    service = SimpleNamespace(  # what the floor reads of a RankingService
-        weights=SimpleNamespace(current=current, rejected=set()), batches=0, _batch_seq=itertools.count(1),
-        task_weights=lambda tasks: torch.tensor([1.0, 0.5]),
-        metrics=SimpleNamespace(observe_batch=lambda *counts: observed.append(counts)))
+    service = _Service(SimpleNamespace(version=7, family="mmoe", model=SimpleNamespace(tasks=("click", "like"))))
     queries = [RankQuery(1, np.array([5, 3, 9])), RankQuery(2, np.arange(5000, dtype=np.int64))]
     first, second = floor_score(service, queries)
     np.testing.assert_array_equal(first.items, [5, 3, 9])
     np.testing.assert_array_equal(second.items, np.arange(5000))
     assert second.probabilities.shape == (5000, 2) and second.scores.shape == (5000,)
+    assert first.scores.dtype == first.probabilities.dtype == np.float32  # as the ranker's: the same encoding
     assert first.version == 7 and first.batch == second.batch == service.batches == 1
-    assert first.tasks == ("click", "like") and observed == [(2, 5003, 0)]
+    assert first.tasks == ("click", "like") and service.observed == [(2, 5003, 0)]
     np.testing.assert_allclose(first.scores, first.probabilities @ np.array([1.0, 0.5], dtype=np.float32), rtol=1e-6)
+    assert floor_score(service, queries[:1])[0].batch == 2
+
+
+def test_the_floor_answers_no_model_yet_as_the_ranker_does() -> None:
+    with pytest.raises(NoModelYet, match="no model published yet"):
+        floor_score(_Service(None), [RankQuery(1, np.array([5]))])
 
 
 @pytest.mark.parametrize("argv", [["--rounds", "0"], ["--seconds", "0"], ["--seconds", "nan"]])

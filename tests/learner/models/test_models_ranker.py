@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from learner.models import FAMILIES, MultiTaskRanker
-from learner.models.layers import without_diagnostics
+from learner.models.diagnostics import diagnostics_on, without_diagnostics
 
 from .zoo_testkit import TINY
 
@@ -113,6 +113,15 @@ def test_scoring_without_diagnostics_leaves_the_logits_and_reports_zero_fraction
     for key, value in lean.extras.items():  # HoME's meta level: not computed either
         if key.endswith("zero_frac"):
             assert torch.isnan(value).all() and torch.isfinite(full.extras[key]).all()
+
+
+def test_predict_proba_runs_the_model_without_diagnostics_and_leaves_them_on_after():
+    ranker = make_ranker("mmoe").eval()
+    seen = []
+    ranker.model.register_forward_hook(lambda module, args, output: seen.append(diagnostics_on()))
+    ranker.predict_proba(*make_inputs())
+    ranker(*make_inputs())
+    assert seen == [False, True]
 
 
 def test_diagnostics_stay_on_for_a_forward_pass_on_another_thread():
