@@ -31,13 +31,14 @@ see ``benchmarks.http_load``).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +285,23 @@ def serve_on_free_port(env: dict[str, str], num_cpus: int, grpc_options: dict | 
                 os.environ[k] = v
 
 
+def rounds_main(description: str, run: Callable[[int, float], Report], argv: list[str] | None = None) -> None:
+    """The command line of a side-by-side serving benchmark (``benchmarks.serving_models_ab``,
+    ``benchmarks.serving_floor``): ``--rounds``, ``--seconds`` (refused with a message when they would measure
+    nothing), ``--json``; the report printed, and written as JSON if asked."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or not args.seconds > 0:
+        parser.error(f"--rounds must be at least 1 and --seconds above 0, got {args.rounds} and {args.seconds}")
+    report = run(args.rounds, args.seconds)
+    report.print()
+    if args.json:
+        report.write_json(args.json)
+
+
 def add_rows(report: Report, mode: str, cells: dict) -> None:
     variants = {(route, compact): name for name, (route, compact) in VARIANTS.items()}
     for (n, c, route, compact), cell in cells.items():
@@ -375,4 +393,4 @@ if __name__ == "__main__":
     run(quick=True).print()
 
 
-__all__ = ["bodies", "closed_loop", "run"]
+__all__ = ["bodies", "closed_loop", "rounds_main", "run"]

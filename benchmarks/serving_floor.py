@@ -18,7 +18,6 @@ does in a run: the replicas, HAProxy and Ray's processes live as long as the ins
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import tempfile
@@ -33,7 +32,7 @@ from ray.serve import Application
 from benchmarks.harness import Report, Row
 from benchmarks.http_load import Sample, closed_loop
 from benchmarks.serving import (GOAL_1000_AT, GOAL_1000_CANDIDATES_S, GOAL_1000_P99_MS, GOAL_AT, GOAL_P99_MS, MODES,
-                                REPLICAS, TRAFFIC, _pct, bodies, prepare, serve_on_free_port)
+                                REPLICAS, TRAFFIC, _pct, bodies, prepare, rounds_main, serve_on_free_port)
 from features.store import FeatureStoreConfig
 from serving.app import RankerDeployment
 from serving.config import ServingConfig
@@ -188,17 +187,7 @@ def run(rounds: int = 4, seconds: float = 5.0) -> Report:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or not args.seconds > 0:
-        parser.error(f"--rounds must be at least 1 and --seconds above 0, got {args.rounds} and {args.seconds}")
-    report = run(args.rounds, args.seconds)
-    report.print()
-    if args.json:
-        report.write_json(args.json)
+    rounds_main(__doc__.split("\n\n")[0], run, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ turned every round, so that a busy neighbour hits both alike. Rows: the learner'
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from benchmarks.harness import Report, Row
 from benchmarks.http_load import Sample, closed_loop
-from benchmarks.serving import MODES, REPLICAS, TRAFFIC, _pct, bodies, prepare, serve_on_free_port
+from benchmarks.serving import MODES, REPLICAS, TRAFFIC, _pct, bodies, prepare, rounds_main, serve_on_free_port
 
 CELLS = ((1000, 8), (100, 8))
 HASHED = "one hashed table, no wide part"
@@ -90,17 +89,7 @@ def run(rounds: int = 4, seconds: float = 5.0) -> Report:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or not args.seconds > 0:
-        parser.error(f"--rounds must be at least 1 and --seconds above 0, got {args.rounds} and {args.seconds}")
-    report = run(args.rounds, args.seconds)
-    report.print()
-    if args.json:
-        report.write_json(args.json)
+    rounds_main(__doc__.split("\n\n")[0], run, argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ class ModelOutput:
       final level (see each family's docstring).
     - ``expert_zero_frac``: ``(E,)``, fraction of (near-)zero activations of each expert in the
       batch (HoME's "expert collapse" symptom); NaN, "not computed", for a forward pass run inside
-      ``diagnostics.without_diagnostics`` (as ``MultiTaskRanker.predict_proba`` runs them: scoring reads the logits only).
+      ``diagnostics.without_diagnostics`` (as ``MultiTaskRanker.predict_proba`` runs them: scoring reads the
+      logits only).
     - ``task_types``: task -> "binary" | "regression"; the loss needs it.
     - ``lb_stats``: sparse families only, ``(counts (N,), prob_sums (N,), n_slots ())``: the
       sufficient statistics of the load-balancing regulariser, summable across workers. The model
