@@ -10,7 +10,7 @@ with 1% brand-new IDs, which evict the least recently seen (the first eviction f
 ``learner.idmap``), then ``Learner.delta()`` and ``mark_published()``. The invariant: published in staging order onto
 the base, each delta's parent is the version before it, as the trainer's would be; the learner is gone by then.
 
-:func:`publish_staged` is that publisher, at nice 10: while told to, a delta every ``interval_s``
+:func:`publish_staged` is that publisher, at ``PUBLISHER_NICE``: while told to, a delta every ``interval_s``
 (``SnapshotStore.publish_delta``), counting what it published and the CPU it took.
 """
 
@@ -33,7 +33,9 @@ STEPS_PER_DELTA = 20
 """Steps per delta: the learner's default ``learner.cadence.snapshot_every_steps``."""
 NEW_ID_SHARE = 0.01
 ZIPF_SEED = 7
-PUBLISHER_NICE = 10
+PUBLISHER_NICE = 15
+"""The publisher's niceness: Ray's worker niceness (``RAY_worker_niceness``, 15 by default), at which the trainer's
+actor publishes in a deployment and the replicas serve. Until 2026-12-07 it was 10, above the replicas' priority."""
 
 
 @dataclass

@@ -5,7 +5,7 @@ IDs. The replicas (two, as in the grid, HAProxy ingress, default ``ServingConfig
 by ``benchmarks.delta_chain``: the learner's default family and hparams with a collisionless table of dim 32 per
 ID field, 10^7 live IDs split evenly over ``user_id`` and ``item_id`` (10^5 with ``--quick``), the tables full. Its
 deltas are made beforehand, each as the trainer makes one (20 steps of batch 512, IDs Zipf-like over the
-population, 1% new), and a publisher process at nice 10 publishes them one after the other into the replicas'
+population, 1% new), and a publisher process at Ray's worker niceness (15) publishes them one after the other into the replicas'
 store every ``interval_s``. Replaying them keeps the trainer's CPU off the two cores the replicas and the client
 share: what is measured is the cost of *applying* deltas on the replicas (each under the lock a batch is scored
 under, ``serving.weights``), plus the publisher's own writing, whose CPU is reported.
@@ -18,7 +18,10 @@ its share of the difference from the replicas' own. The order of the three condi
 that each comes first, second and third equally often: with a publisher that only spent its CPU and wrote
 nothing, whichever condition came second in every round read a p99 well above the first's, a difference of place,
 not of what ran (docs/serving.md has the figures). "Unchanged" is read as: the p99 with deltas within
-``max(10% of the anchor's p99, 2 ms)`` above it. The replicas report the deltas they applied and the wall time of
+``max(10%, 2 ms)`` of the p99 with the publisher alone, the same CPU spent on publishing, none on following: the
+replicas' own cost of following deltas. Until 2026-12-07 it was read against the anchor without a publisher; the
+publisher alone moved p99 by 3.0-6.7 ms in the runs of that day, as much as the bound or more, which no change to
+serving can touch (the row ``p99 against no publisher`` keeps that reading). The replicas report the deltas they applied and the wall time of
 each apply under the lock (``/healthz`` ``weights``); the manifests give each delta's bytes, the issue's goal is a
 delta of at most 5% of the base.
 
@@ -74,6 +77,8 @@ class Plan:
     replicas: int = REPLICAS
     """As many as ``bench serving``'s grid: one per core of the 2-core machine."""
     steps_per_delta: int = STEPS_PER_DELTA
+    follower_nice: int | None = None
+    """The replicas' ``serving.follower_nice``; None: the default."""
 
     @property
     def deltas(self) -> int:
@@ -116,6 +121,7 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
     from serving.app import build_app
     from serving.config import ServingConfig
 
+    nice = {} if plan.follower_nice is None else {"follower_nice": plan.follower_nice}
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: not a fork of this one's Ray client
     stop = spawn.Event()
     shadow = chain.store.with_name(f"{chain.store.name}-unfollowed")
@@ -124,8 +130,8 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
     main, unfollowed = publishers[chain.store], publishers[shadow]
     try:
         with serve_on_free_port(env, plan.replicas + 1) as port:
-            serve.run(build_app(chain.store, features, ServingConfig(num_replicas=plan.replicas)), name="ranker-deltas",
-                      route_prefix="/")
+            serving = ServingConfig(num_replicas=plan.replicas, **nice)
+            serve.run(build_app(chain.store, features, serving), name="ranker-deltas", route_prefix="/")
             for publisher in publishers.values():
                 if not publisher.ready.wait(120):
                     raise RuntimeError("the delta publisher did not start within 120 s")
@@ -225,18 +231,21 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
     report.add(Row(f"{label}: p50", _pct(outcome.deltas, 50), "ms", anchor=anchor,
                    anchor_value=_pct(outcome.anchor, 50)))
     p99, anchor_p99 = _pct(outcome.deltas, 99), _pct(outcome.anchor, 99)
-    allowed = max(UNCHANGED_SHARE * anchor_p99, UNCHANGED_MS)
-    report.add(Row(f"{label}: p99", p99, "ms", anchor=anchor, anchor_value=anchor_p99,
+    alone = _pct(outcome.publisher_only, 99) if outcome.publisher_only else None
+    # The goal is read against the publisher alone: the publisher stands in for a trainer, which a deployment does
+    # not run on its replicas' cores, and on this machine it shares them (docs/serving.md, "While deltas arrive").
+    base, base_p99 = (("the publisher alone (its store followed by no replica)", alone) if alone is not None
+                      else (anchor, anchor_p99))
+    allowed = max(UNCHANGED_SHARE * base_p99, UNCHANGED_MS)
+    report.add(Row(f"{label}: p99", p99, "ms", anchor=base, anchor_value=base_p99,
                    goal=f"unchanged: <= anchor + max({UNCHANGED_SHARE:.0%}, {UNCHANGED_MS:g} ms)",
-                   met=bool(p99 <= anchor_p99 + allowed)))
+                   met=bool(p99 <= base_p99 + allowed)))
     report.add(Row(f"{label}: throughput", statistics.median(s.rate for s in outcome.deltas), "req/s", anchor=anchor,
                    anchor_value=statistics.median(s.rate for s in outcome.anchor)))
-    if outcome.publisher_only:
-        alone = _pct(outcome.publisher_only, 99)
+    if alone is not None:
+        report.add(Row(f"{label}: p99 against no publisher", p99, "ms", anchor=anchor, anchor_value=anchor_p99))
         report.add(Row(f"{label}: p99, the publisher alone (its store followed by no replica)", alone, "ms",
                        anchor=anchor, anchor_value=anchor_p99))
-        report.add(Row(f"{label}: p99, the replicas' share (with deltas against the publisher alone)", p99, "ms",
-                       anchor="the publisher alone", anchor_value=alone))
     per_request = {condition: 1000 * sum(c for c, _ in rounds) / max(1, sum(n for _, n in rounds))
                    for condition, rounds in outcome.cpu.items()}
     if "deltas" in per_request and "anchor" in per_request:
@@ -289,7 +298,8 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
         f"{PUBLISHER_NICE} ({outcome.publisher_cpu_s:.2f} CPU-s in all, {outcome.publisher_cpu_s / window:.1%} of "
         f"a core over the delta rounds); {len(sizes)} delta manifests, sizes {min(sizes, default=0):,}-"
         f"{max(sizes, default=0):,} B; each delta {plan.steps_per_delta} steps of batch {BATCH}, IDs Zipf-like over "
-        f"the population with {NEW_ID_SHARE:.0%} new; {plan.replicas} replicas (default ServingConfig); preparation "
+        f"the population with {NEW_ID_SHARE:.0%} new; {plan.replicas} replicas (default ServingConfig"
+        f"{'' if plan.follower_nice is None else f', follower_nice {plan.follower_nice}'}); preparation "
         + ", ".join(f"{k} {v:.1f} s" for k, v in chain.seconds.items())
         + f"; load average {chain.load} before the preparation, {outcome.load[0]} before the first round (after "
         f"the replicas loaded the base), {outcome.load[1]} after the last")
@@ -309,13 +319,15 @@ def measure_into(report: Report, features, root: Path, plan: Plan, mode: str, en
     add_rows(report, mode, plan, chain, outcome)
 
 
-def run(quick: bool = False, ids: int | None = None) -> Report:
+def run(quick: bool = False, ids: int | None = None, follower_nice: int | None = None) -> Report:
     """This scenario alone, with ``bench serving``'s feature store."""
     from rich.progress import Progress
 
     plan = QUICK if quick else FULL
     if ids is not None:
         plan = replace(plan, ids=ids)
+    if follower_nice is not None:
+        plan = replace(plan, follower_nice=follower_nice)
     report = Report("serving")
     with tempfile.TemporaryDirectory() as tmp, Progress(transient=True) as progress:
         features, _ = prepare(Path(tmp), n_events=TRAFFIC_QUICK if quick else TRAFFIC)
@@ -328,9 +340,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK.ids:,} IDs, one short round")
     parser.add_argument("--ids", type=int, default=None, help="live IDs in all, split over user_id and item_id")
+    parser.add_argument("--follower-nice", type=int, default=None,
+                        help="the replicas' serving.follower_nice (default: ServingConfig's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = parser.parse_args()
-    report = run(quick=args.quick, ids=args.ids)
+    report = run(quick=args.quick, ids=args.ids, follower_nice=args.follower_nice)
     report.print()
     if args.json:
         report.write_json(args.json)

@@ -16,9 +16,6 @@ Without it, a base of a model with 10^7 ids held the training thread for about 9
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,18 +24,18 @@ import torch
 
 from learner.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from learner.delta import Delta, compose
+from learner.priority import lower_thread_priority
 from learner.snapshots import Manifest, PendingBase, SnapshotError, SnapshotStore
 
 
 WRITER_NICE = 10
-"""The writing thread's niceness: training, the consumers and serving come first, the base takes longer."""
+"""Steps of niceness the writing thread adds to the trainer's own (``learner.priority``): training, the consumers and
+serving come first, the base takes longer. Inside a Ray worker, at niceness 15, the writer runs at 19."""
 
 
 def _lower_priority() -> None:
-    """The calling thread yields the CPU to the others of its machine (Linux: a thread has a niceness of its own),
-    as databases run their compactions at low priority. Where that is not possible, the thread stays as it is."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+    """The calling thread yields the CPU to the others of its machine (``learner.priority``)."""
+    lower_thread_priority(WRITER_NICE)
 
 
 class BaseBeside:

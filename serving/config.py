@@ -82,6 +82,12 @@ class ServingConfig:
     """Ray CPUs reserved per replica; torch's intra-op threads follow it (at least one)."""
     poll_s: float = 0.1
     """How often a replica looks for a new snapshot."""
+    follower_nice: int = 19
+    """Steps of niceness (Linux, 0-19) the replica's weight follower adds to the replica's own for its reading,
+    checking and writing of new versions, as databases run compactions below their queries: on a saturated node
+    the requests come first and a delta is applied in the CPU they leave (Linux weighs a thread at niceness 19 as 15
+    against 1024 at 0 and 36 at 15, a Ray worker's niceness; there any value from 4 up means 19). 0: the requests'
+    priority. What holds the lock a batch is scored under never runs at it (``serving.weights``)."""
     access_log: bool = False
     """Serve's per-request access log in the replica (costs time on every request; off by default)."""
     user_code_thread: bool = False
@@ -121,6 +127,9 @@ class ServingConfig:
         _number(self.max_body_bytes, "serving.max_body_bytes", low=1024, integer=True)
         _number(self.num_cpus, "serving.num_cpus", low=0)
         _number(self.poll_s, "serving.poll_s", low=1e-3)
+        _number(self.follower_nice, "serving.follower_nice", low=0, integer=True)
+        if self.follower_nice > 19:
+            raise ValueError(f"serving.follower_nice must be <= 19 (Linux's lowest priority), got {self.follower_nice!r}")
         _number(self.item_cache_ttl_ms, "serving.item_cache_ttl_ms", low=0)
         _number(self.item_cache_size, "serving.item_cache_size", low=1, integer=True)
         if self.api_tokens_file is not None and (not isinstance(self.api_tokens_file, str) or not self.api_tokens_file):

@@ -20,6 +20,13 @@ its parent (``learner.delta``). A background thread polls the source for a versi
   loaded with its chain into a new model while the old one keeps serving, then installed with one reference
   assignment.
 
+The reading, checking and writing of new versions (a delta's read, its preparation and its rows written, a fold's
+plan, a new base's load) run on a worker thread made ``serving.follower_nice`` steps nicer than the replica
+(``learner.priority``), so that on a saturated node a delta takes the CPU the requests leave rather than theirs. What
+holds the lock stays at the requests' priority: the follower's own thread waits for the worker and takes the lock
+itself, since a batch waiting on a lock held by a thread the OS keeps off the CPU would wait at the follower's
+priority.
+
 Versions only move forward. A version that fails verification is refused and remembered. A delta that cannot
 be applied (a gap, a wrong parent, a bad checksum) makes the replica rebuild from the newest base and its chain
 as far as it verifies, still serving what it has meanwhile; a replica whose newest version is refused serves
@@ -38,6 +45,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -47,6 +55,7 @@ from learner.delta import (
     settle_delta, without_held,
 )
 from learner.models import MultiTaskRanker
+from learner.priority import lower_thread_priority
 from learner.snapshots import Manifest, SnapshotError, SnapshotStore, decode, manifest_name
 
 log = logging.getLogger(__name__)
@@ -228,8 +237,17 @@ class WeightFollower:
     thread, with each version installed (a new base or an applied delta)."""
 
     def __init__(self, source: VersionSource | Path | str, poll_s: float = 0.25,
-                 on_swap: Callable[[LoadedModel], None] | None = None, handoff: bool = False) -> None:
+                 on_swap: Callable[[LoadedModel], None] | None = None, handoff: bool = False, nice: int = 0) -> None:
         self.source = source if hasattr(source, "chain") else StoreSource(SnapshotStore(source))
+        self.nice: int | None = None
+        """The niceness the follower's reading, checking and writing run at (``serving.follower_nice``); None: the
+        replica's own."""
+        self._worker_cpu = 0.0
+        self._worker = (ThreadPoolExecutor(1, thread_name_prefix="weight-follower-work", initializer=self._lower,
+                                           initargs=(nice,)) if nice > 0 else None)
+        """Where the follower's CPU-heavy work runs, at a lower priority than the requests. Nothing that holds
+        :attr:`lock` runs there: a thread made nicer cannot be made less nice again, and a batch waiting for a lock
+        held by a thread the OS keeps off the CPU would wait for the follower's priority, not its own."""
         self.handoff = handoff
         """Whether a scorer installs the deltas this follower prepares (:meth:`install_handed`)."""
         self._handed: tuple[Entry, PreparedDelta] | None = None
@@ -265,6 +283,27 @@ class WeightFollower:
         self.refresh()
         self._thread = threading.Thread(target=self._follow, name="weight-follower", daemon=True)
         self._thread.start()
+
+    def _lower(self, steps: int) -> None:
+        self.nice = lower_thread_priority(steps)
+
+    def _work(self, fn: Callable, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the low-priority worker when there is one (it raises what ``fn`` raised)."""
+        if self._worker is None:
+            return fn(*args, **kwargs)
+        return self._worker.submit(self._timed, fn, args, kwargs).result()
+
+    def _timed(self, fn: Callable, args: tuple, kwargs: dict):
+        started = time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._worker_cpu += time.thread_time() - started
+
+    def _cpu(self) -> float:
+        """The CPU time of the calling thread and of the worker's work so far: read on the follower's thread, which
+        waits for each piece of work it hands over, the difference of two readings is what happened in between."""
+        return time.thread_time() + self._worker_cpu
 
     @property
     def store(self) -> SnapshotStore | None:
@@ -340,22 +379,23 @@ class WeightFollower:
         for entry in deltas:
             if entry.version in self.rejected:
                 return entry.version
-            cpu = time.thread_time()
+            cpu = self._cpu()
             try:
-                delta = entry.read()
+                delta = self._work(entry.read)
                 if entry.manifest.parent != expected:
                     raise SnapshotError(f"v{entry.version}'s parent is v{entry.manifest.parent}, "
                                         f"the replica serves v{self.current.version}")
                 started = time.perf_counter()
                 if adopting is not None:  # a catch-up delta: most of its rows are the versions applied already
-                    delta = without_held(self.current.model, delta)
-                prepared = prepare_delta(self.current.model, delta)  # checks and map merges, beside the requests
+                    delta = self._work(without_held, self.current.model, delta)
+                prepared = self._work(prepare_delta, self.current.model, delta)  # checks, map merges; no lock
                 self.prepare_s.append(time.perf_counter() - started)
                 self._install(entry, prepared)
                 started = time.perf_counter()
-                settle_delta(prepared)  # the rows written beside the requests, which read them staged meanwhile
+                # the rows written beside the requests, which read them staged meanwhile
+                self._work(settle_delta, prepared)
                 self.settle_s.append(time.perf_counter() - started)
-                self.follow_cpu_s.append(time.thread_time() - cpu)
+                self.follow_cpu_s.append(self._cpu() - cpu)
             except Superseded:
                 return entry.version
             except (SnapshotError, DeltaError, KeyError, RuntimeError, ValueError, TypeError) as exc:
@@ -423,7 +463,7 @@ class WeightFollower:
         requests (O(map)), installed under the lock (O(overlay))."""
         model = self.current.model
         if fold_due(model):
-            planned = plan_fold(model, pause=self._pause)
+            planned = self._work(plan_fold, model, pause=self._pause)
             with self.lock:
                 install_fold(model, planned)
             self.folds += 1
@@ -433,6 +473,17 @@ class WeightFollower:
         usable = chain[: next((i for i, e in enumerate(chain) if e.version in self.rejected), len(chain))]
         if not usable or usable[-1].version <= serving:
             return False  # already served, or refused: read nothing
+        built = self._work(self._build, usable, serving)
+        if isinstance(built, bool):
+            return built
+        self.current, self._lineage = built  # the atomic swap: one reference assignment
+        self._swapped()
+        return True
+
+    def _build(self, usable: list[Entry], serving: int) -> tuple[LoadedModel, dict[int, str]] | bool:
+        """The model of ``usable``'s last version that verifies, read from its base, with its lineage; True when a
+        version was superseded while read (the next poll starts over from the newer one), False when nothing newer
+        than ``serving`` verifies."""
         state, last, lineage = None, None, {}
         for entry in usable:
             try:
@@ -447,7 +498,7 @@ class WeightFollower:
                 last = entry.manifest
                 lineage[last.version] = last.sha256
             except Superseded:
-                return True  # the next poll starts over from the newer version
+                return True
             except (SnapshotError, DeltaError, KeyError, RuntimeError, ValueError, TypeError) as exc:
                 self._refuse(entry.version, str(exc))
                 break
@@ -460,10 +511,7 @@ class WeightFollower:
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             self._refuse(last.version, str(exc))
             return False
-        self.current = LoadedModel(last, model)  # the atomic swap: one reference assignment
-        self._lineage = lineage
-        self._swapped()
-        return True
+        return LoadedModel(last, model), lineage
 
     def _refuse(self, version: int, why: str) -> None:
         if version not in self.rejected:
@@ -489,7 +537,7 @@ class WeightFollower:
                 "prepare_ms_p99": at(self.prepare_s, 0.99), "settle_ms_p50": at(self.settle_s, 0.5),
                 "settle_ms_p99": at(self.settle_s, 0.99), "follow_cpu_ms_p50": at(self.follow_cpu_s, 0.5),
                 "follow_cpu_ms_p99": at(self.follow_cpu_s, 0.99), "apply_cpu_ms_p50": at(self.apply_cpu_s, 0.5),
-                "apply_cpu_ms_p99": at(self.apply_cpu_s, 0.99)}
+                "apply_cpu_ms_p99": at(self.apply_cpu_s, 0.99), "nice": self.nice}
 
     def _follow(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -501,6 +549,8 @@ class WeightFollower:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
 
 
 __all__ = ["Entry", "LoadedModel", "RaySource", "Sources", "StoreSource", "Superseded", "VersionSource", "WeightFollower"]

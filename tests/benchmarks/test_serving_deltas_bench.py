@@ -52,13 +52,13 @@ def test_the_scenario_reports_latency_with_and_without_deltas_apply_times_and_si
     rows = {r.name.removeprefix("serve proxy: while deltas arrive (2,000 IDs, emb 32): "): r for r in report.rows}
     cell = "100 candidates, concurrency 8"
     p50, p99 = rows[f"{cell}: p50"], rows[f"{cell}: p99"]
-    assert 0 < p50.value <= p99.value and 0 < p50.anchor_value <= p99.anchor_value
-    assert p99.goal.startswith("unchanged") and p99.met in (True, False)
+    unpublished = rows[f"{cell}: p99 against no publisher"]
+    assert 0 < p50.value <= p99.value and 0 < p50.anchor_value <= unpublished.anchor_value
     assert rows[f"{cell}: throughput"].value > 0
     alone = rows[f"{cell}: p99, the publisher alone (its store followed by no replica)"]
-    assert alone.value > 0 and alone.anchor_value == p99.anchor_value
-    share = rows[f"{cell}: p99, the replicas' share (with deltas against the publisher alone)"]
-    assert (share.value, share.anchor_value) == (p99.value, alone.value)
+    assert alone.value > 0 and alone.anchor_value == unpublished.anchor_value and unpublished.value == p99.value
+    assert p99.goal.startswith("unchanged") and p99.anchor_value == alone.value, "read against the publisher alone"
+    assert p99.met == (p99.value <= alone.value + max(0.1 * alone.value, 2.0))
     assert len(outcome.publisher_only) == plan.rounds
     assert not (chain.store.parent / f"{chain.store.name}-unfollowed").exists(), "the unfollowed copy is removed"
     published = rows["deltas applied per replica"].anchor_value

@@ -48,6 +48,9 @@ def test_autoscaling_replaces_the_fixed_count() -> None:
         ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "must be >= min_replicas"),
         ({"max_body_bytes": 10}, "serving.max_body_bytes must be >= 1024"),
         ({"access_log": "yes"}, "serving.access_log must be true or false"),
+        ({"follower_nice": -1}, "serving.follower_nice must be >= 0"),
+        ({"follower_nice": 20}, "serving.follower_nice must be <= 19"),
+        ({"follower_nice": 2.5}, "serving.follower_nice must be an integer"),
     ],
 )
 def test_bad_config_is_refused_with_its_path(data: dict, message: str) -> None:

@@ -5,6 +5,7 @@ and the same through Ray's weight-store actor for a replica whose filesystem has
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,6 +104,49 @@ def test_a_store_that_started_over_past_the_version_served_is_loaded_from_its_ba
         follower.refresh()
         assert_serves(follower, store, newest)
         assert follower.deltas_applied == 1, "nothing of the new store was applied on the old model"
+
+
+def test_a_replica_reads_checks_and_writes_versions_below_the_requests_priority_and_installs_at_theirs(
+        store: SnapshotStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serving.follower_nice``: the follower's work runs on a thread of its own made nicer by that many steps; what
+    holds the lock a batch is scored under (the install, a fold's) runs on a thread at the requests' priority."""
+    import serving.weights
+
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    if own > 16:
+        pytest.skip(f"this test runs at niceness {own}: no room for 3 steps below it")
+    seen: dict[str, set[int]] = {}
+
+    def recorded(stage: str, fn):
+        def run(*args, **kwargs):
+            seen.setdefault(stage, set()).add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            return fn(*args, **kwargs)
+        monkeypatch.setattr(serving.weights, fn.__name__, run)
+
+    for stage, fn in (("prepare", serving.weights.prepare_delta), ("settle", serving.weights.settle_delta),
+                      ("install", serving.weights.install_delta), ("read a base", serving.weights.materialise)):
+        recorded(stage, fn)
+    publisher = Publisher(store)
+    publisher.base()
+    follower = WeightFollower(store.directory, poll_s=NEVER, handoff=True, nice=3)
+    try:
+        with scoring(follower):
+            for _ in range(3):
+                version = publisher.delta()
+                follower.refresh()
+                assert_serves(follower, store, version)
+        version = publisher.delta()
+        follower.refresh()  # no batch comes: the follower's own thread installs it, at the requests' priority
+        assert_serves(follower, store, version)
+        publisher.base()
+        newest = publisher.delta()
+        follower.refresh()  # a new model from the new base and its delta
+        assert_serves(follower, store, newest)
+        assert seen == {"prepare": {own + 3}, "settle": {own + 3}, "install": {own}, "read a base": {own + 3}}
+        assert follower.figures()["nice"] == own + 3 and follower.deltas_applied == 4
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
+    finally:
+        follower.close()
 
 
 @contextmanager
