@@ -21,8 +21,9 @@ HTTP ranking of the same cell, so their ratio is gRPC's over HTTP's.
 
 While deltas arrive (issue #22, ``benchmarks.serving_deltas``): the goal's cell (100 candidates, concurrency 8) again,
 in a Ray instance of its own, on replicas of a model with 10^7 live IDs (10^5 quick) in tables of dim 32, with and
-without a publisher writing a delta every half second into their store; the replicas' apply times and the deltas'
-bytes beside it.
+without a publisher writing a delta every half second into their store, and with the publisher writing into a copy
+no replica follows (the goal is read against that: the replicas' cost of following deltas); the replicas' apply
+times and the deltas' bytes beside it.
 
 The client shares the machine's CPUs with the proxy and the replicas: on a 2-core box it is part of what
 is measured, which is why it is a lean HTTP/1.1 client rather than aiohttp (a third of the CPU per request;
