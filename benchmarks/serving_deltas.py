@@ -5,8 +5,8 @@ IDs. The replicas (two, as in the grid, HAProxy ingress, default ``ServingConfig
 by ``benchmarks.delta_chain``: the learner's default family and hparams with a collisionless table of dim 32 per
 ID field, 10^7 live IDs split evenly over ``user_id`` and ``item_id`` (10^5 with ``--quick``), the tables full. Its
 deltas are made beforehand, each as the trainer makes one (20 steps of batch 512, IDs Zipf-like over the
-population, 1% new), and a publisher process at Ray's worker niceness (15) publishes them one after the other into the replicas'
-store every ``interval_s``. Replaying them keeps the trainer's CPU off the two cores the replicas and the client
+population, 1% new), and a publisher process at Ray's worker niceness (15) publishes them one after the other into
+the replicas' store every ``interval_s``. Replaying them keeps the trainer's CPU off the two cores the replicas and the client
 share: what is measured is the cost of *applying* deltas on the replicas (each under the lock a batch is scored
 under, ``serving.weights``), plus the publisher's own writing, whose CPU is reported.
 
@@ -22,8 +22,8 @@ not of what ran (docs/serving.md has the figures). "Unchanged" is read as: the p
 replicas' own cost of following deltas. Until 2026-12-07 it was read against the anchor without a publisher; the
 publisher alone moved p99 by -0.6 to +6.7 ms in the runs of that day, often as much as the bound or more, which no
 change to serving can touch (the row ``p99 against no publisher`` keeps that reading). The replicas report the
-deltas they applied and the wall time of each apply under the lock (``/healthz`` ``weights``); the manifests give each delta's bytes, the issue's goal is a
-delta of at most 5% of the base.
+deltas they applied and the wall time of each apply under the lock (``/healthz`` ``weights``); the manifests give
+each delta's bytes, the issue's goal is a delta of at most 5% of the base.
 
 Memory at 10^7 IDs: the benchmark's process peaks at about 6 GB while it publishes the base (the learner's rows,
 accumulators and ID maps, and the base's bytes), and frees the learner before the replicas start; each replica then
@@ -344,6 +344,13 @@ def main() -> None:
                         help="the replicas' serving.follower_nice (default: ServingConfig's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = parser.parse_args()
+    if args.follower_nice is not None:
+        from serving.config import ServingConfig
+
+        try:  # refused now, with the config's own message, not after minutes of preparation
+            ServingConfig(follower_nice=args.follower_nice)
+        except ValueError as exc:
+            parser.error(str(exc))
     report = run(quick=args.quick, ids=args.ids, follower_nice=args.follower_nice)
     report.print()
     if args.json:

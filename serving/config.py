@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from learner.priority import LOWEST
 from stream.events import TASKS
 
 DEFAULT_TASK_WEIGHTS: dict[str, float] = {
@@ -128,8 +129,9 @@ class ServingConfig:
         _number(self.num_cpus, "serving.num_cpus", low=0)
         _number(self.poll_s, "serving.poll_s", low=1e-3)
         _number(self.follower_nice, "serving.follower_nice", low=0, integer=True)
-        if self.follower_nice > 19:
-            raise ValueError(f"serving.follower_nice must be <= 19 (Linux's lowest priority), got {self.follower_nice!r}")
+        if self.follower_nice > LOWEST:
+            raise ValueError(f"serving.follower_nice must be <= {LOWEST} (Linux's lowest priority), "
+                             f"got {self.follower_nice!r}")
         _number(self.item_cache_ttl_ms, "serving.item_cache_ttl_ms", low=0)
         _number(self.item_cache_size, "serving.item_cache_size", low=1, integer=True)
         if self.api_tokens_file is not None and (not isinstance(self.api_tokens_file, str) or not self.api_tokens_file):

@@ -245,6 +245,8 @@ class WeightFollower:
         self._worker_cpu = 0.0
         self._worker = (ThreadPoolExecutor(1, thread_name_prefix="weight-follower-work", initializer=self._lower,
                                            initargs=(nice,)) if nice > 0 else None)
+        if self._worker is not None:
+            self._worker.submit(lambda: None).result()  # the thread starts, and is made nicer, now: /healthz says so
         """Where the follower's CPU-heavy work runs, at a lower priority than the requests. Nothing that holds
         :attr:`lock` runs there: a thread made nicer cannot be made less nice again, and a batch waiting for a lock
         held by a thread the OS keeps off the CPU would wait for the follower's priority, not its own."""

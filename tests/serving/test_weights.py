@@ -131,3 +131,18 @@ def test_loaded_model_names_its_family(store: SnapshotStore) -> None:
     publish(store, seed=1)
     with following(store) as follower:
         assert isinstance(follower.current, LoadedModel) and follower.current.family == "mmoe"
+
+
+def test_a_follower_reports_its_workers_niceness_before_any_version_is_published(store: SnapshotStore) -> None:
+    import os
+    import threading
+
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    if own > 16:
+        pytest.skip(f"this test runs at niceness {own}: no room for 3 steps below it")
+    follower = WeightFollower(store.directory, poll_s=NEVER, nice=3)
+    try:
+        assert follower.current is None and follower.figures()["nice"] == own + 3
+    finally:
+        follower.close()
+    assert WeightFollower(store.directory, poll_s=NEVER).figures()["nice"] is None, "0 steps: no worker, none lowered"
