@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from serving.encode import compact_response, full_response
+
 CLOCK = time.thread_time
 """CPU time of this thread: the machine may be busy with other work, and a stage's CPU is what it costs the
 replica (one thread scores, and torch runs on one intra-op thread here)."""
@@ -127,19 +129,11 @@ def _time(fn) -> float:
 
 
 def _full(ranking) -> bytes:
-    order = ranking.order
-    probabilities = ranking.probabilities[order].tolist()
-    items = [{"item_id": i, "score": s, "probabilities": dict(zip(ranking.tasks, p))}
-             for i, s, p in zip(ranking.items[order].tolist(), ranking.scores[order].tolist(), probabilities)]
-    return orjson.dumps({"model_version": ranking.version, "family": ranking.family, "replica": "r", "pid": 1,
-                         "batch": ranking.batch, "items": items}, option=orjson.OPT_SERIALIZE_NUMPY)
+    return full_response(ranking, "r", 1)
 
 
 def _compact(ranking) -> bytes:
-    order = ranking.order
-    return orjson.dumps({"model_version": ranking.version, "family": ranking.family, "replica": "r", "pid": 1,
-                         "batch": ranking.batch, "item_ids": ranking.items[order], "scores": ranking.scores[order]},
-                        option=orjson.OPT_SERIALIZE_NUMPY)
+    return compact_response(ranking, "r", 1)
 
 
 def main() -> None:

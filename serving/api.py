@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from features.backends import FeatureStoreUnavailable
 from serving.auth import BearerAuth, load_tokens
 from serving.body import TOO_DEEP, BodyLimit, JsonRoute, describe_non_finite
+from serving.encode import compact_response, full_response
 from serving.ranker import NoModelYet, Ranking, RankingService, RankQuery
 
 
@@ -313,19 +314,8 @@ def build_api(service: RankingService, rank: Rank, replica: str) -> FastAPI:
     async def rank_candidates(request: RankRequest) -> Response:  # type: ignore[valid-type]
         started = time.perf_counter()
         ranking = await rank(RankQuery(request.user_id, np.asarray(request.candidates, dtype=np.int64)))
-        order = ranking.order
-        if request.compact:  # whole arrays: orjson writes numpy arrays without a Python object per item
-            response = _json({"model_version": ranking.version, "family": ranking.family, "replica": replica,
-                              "pid": pid, "batch": ranking.batch, "item_ids": ranking.items[order],
-                              "scores": ranking.scores[order]})
-            service.metrics.observe_request("/v1/rank", time.perf_counter() - started)
-            return response
-        probabilities = ranking.probabilities[order].tolist()
-        # Shaping JSON is per item by nature; everything numeric above it ran on whole arrays.
-        items = [{"item_id": i, "score": s, "probabilities": dict(zip(ranking.tasks, p))}
-                 for i, s, p in zip(ranking.items[order].tolist(), ranking.scores[order].tolist(), probabilities)]
-        response = _json({"model_version": ranking.version, "family": ranking.family, "replica": replica,
-                          "pid": pid, "batch": ranking.batch, "items": items})
+        encode = compact_response if request.compact else full_response
+        response = Response(encode(ranking, replica, pid), media_type="application/json")
         service.metrics.observe_request("/v1/rank", time.perf_counter() - started)
         return response
 
