@@ -79,6 +79,14 @@ class Plan:
     steps_per_delta: int = STEPS_PER_DELTA
     follower_nice: int | None = None
     """The replicas' ``serving.follower_nice``; None: the default."""
+    switch_interval_ms: float | None = None
+    """The replicas' ``serving.switch_interval_ms``; None: the default."""
+
+    @property
+    def serving(self) -> dict:
+        """The replicas' ``ServingConfig`` fields this plan sets (the rest at their defaults)."""
+        return {k: v for k, v in (("follower_nice", self.follower_nice),
+                                  ("switch_interval_ms", self.switch_interval_ms)) if v is not None}
 
     @property
     def deltas(self) -> int:
@@ -121,7 +129,6 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
     from serving.app import build_app
     from serving.config import ServingConfig
 
-    nice = {} if plan.follower_nice is None else {"follower_nice": plan.follower_nice}
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: not a fork of this one's Ray client
     stop = spawn.Event()
     shadow = chain.store.with_name(f"{chain.store.name}-unfollowed")
@@ -130,7 +137,7 @@ def measure(env: dict[str, str], features, chain: Chain, plan: Plan, progress=No
     main, unfollowed = publishers[chain.store], publishers[shadow]
     try:
         with serve_on_free_port(env, plan.replicas + 1) as port:
-            serving = ServingConfig(num_replicas=plan.replicas, **nice)
+            serving = ServingConfig(num_replicas=plan.replicas, **plan.serving)
             serve.run(build_app(chain.store, features, serving), name="ranker-deltas", route_prefix="/")
             for publisher in publishers.values():
                 if not publisher.ready.wait(120):
@@ -299,7 +306,7 @@ def add_rows(report: Report, mode: str, plan: Plan, chain: Chain, outcome: Outco
         f"a core over the delta rounds); {len(sizes)} delta manifests, sizes {min(sizes, default=0):,}-"
         f"{max(sizes, default=0):,} B; each delta {plan.steps_per_delta} steps of batch {BATCH}, IDs Zipf-like over "
         f"the population with {NEW_ID_SHARE:.0%} new; {plan.replicas} replicas (default ServingConfig"
-        f"{'' if plan.follower_nice is None else f', follower_nice {plan.follower_nice}'}); preparation "
+        f"{''.join(f', {k} {v}' for k, v in plan.serving.items())}); preparation "
         + ", ".join(f"{k} {v:.1f} s" for k, v in chain.seconds.items())
         + f"; load average {chain.load} before the preparation, {outcome.load[0]} before the first round (after "
         f"the replicas loaded the base), {outcome.load[1]} after the last")
@@ -319,15 +326,14 @@ def measure_into(report: Report, features, root: Path, plan: Plan, mode: str, en
     add_rows(report, mode, plan, chain, outcome)
 
 
-def run(quick: bool = False, ids: int | None = None, follower_nice: int | None = None) -> Report:
+def run(quick: bool = False, ids: int | None = None, follower_nice: int | None = None,
+        switch_interval_ms: float | None = None) -> Report:
     """This scenario alone, with ``bench serving``'s feature store."""
     from rich.progress import Progress
 
-    plan = QUICK if quick else FULL
+    plan = replace(QUICK if quick else FULL, follower_nice=follower_nice, switch_interval_ms=switch_interval_ms)
     if ids is not None:
         plan = replace(plan, ids=ids)
-    if follower_nice is not None:
-        plan = replace(plan, follower_nice=follower_nice)
     report = Report("serving")
     with tempfile.TemporaryDirectory() as tmp, Progress(transient=True) as progress:
         features, _ = prepare(Path(tmp), n_events=TRAFFIC_QUICK if quick else TRAFFIC)
@@ -342,16 +348,21 @@ def main() -> None:
     parser.add_argument("--ids", type=int, default=None, help="live IDs in all, split over user_id and item_id")
     parser.add_argument("--follower-nice", type=int, default=None,
                         help="the replicas' serving.follower_nice (default: ServingConfig's)")
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="the replicas' serving.switch_interval_ms (default: ServingConfig's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = parser.parse_args()
-    if args.follower_nice is not None:
+    overrides = {k: v for k, v in (("follower_nice", args.follower_nice),
+                                   ("switch_interval_ms", args.switch_interval_ms)) if v is not None}
+    if overrides:
         from serving.config import ServingConfig
 
         try:  # refused now, with the config's own message, not after minutes of preparation
-            ServingConfig(follower_nice=args.follower_nice)
+            ServingConfig(**overrides)
         except ValueError as exc:
             parser.error(str(exc))
-    report = run(quick=args.quick, ids=args.ids, follower_nice=args.follower_nice)
+    report = run(quick=args.quick, ids=args.ids, follower_nice=args.follower_nice,
+                 switch_interval_ms=args.switch_interval_ms)
     report.print()
     if args.json:
         report.write_json(args.json)

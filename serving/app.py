@@ -15,6 +15,7 @@ restart replicas). Serve's gRPC proxy calls ``Rank`` and ``Health`` (``moestream
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ class RankerDeployment:
     def __init__(self, snapshots: str, features: FeatureStoreConfig, config: ServingConfig,
                  weight_store: str | None = None) -> None:
         set_threads(config.torch_threads)
+        sys.setswitchinterval(config.switch_interval_ms / 1000)  # the follower's Python beside the requests'
         retain_freed_memory()  # every batch re-allocates the same activations: keep them instead of page-faulting
         logging.getLogger("ray.serve").addFilter(_CandidatesAreNotRequests())
         self.service = RankingService(snapshots, features, config, weight_store=weight_store)

@@ -33,6 +33,11 @@ def _number(value: Any, path: str, *, low: float | None = None, integer: bool = 
         raise ValueError(f"{path} must be >= {low}, got {value!r}")
 
 
+MIN_SWITCH_INTERVAL_MS = 0.01
+"""The shortest ``serving.switch_interval_ms``: below it the threads hand the interpreter's lock over more often than
+they run."""
+
+
 @dataclass(frozen=True)
 class AutoscalingConfig:
     """Ray Serve's request-based autoscaling, in its own names (``autoscaling_config``)."""
@@ -89,6 +94,13 @@ class ServingConfig:
     the requests come first and a delta is applied in the CPU they leave (Linux weighs a thread at niceness 19 as 15
     against 1024 at 0 and 36 at 15, a Ray worker's niceness; there any value from 4 up means 19). 0: the requests'
     priority. What holds the lock a batch is scored under never runs at it (``serving.weights``)."""
+    switch_interval_ms: float = 0.5
+    """How long a replica's Python thread may hold the interpreter's lock while another waits for it
+    (``sys.setswitchinterval``; Python's default is 5 ms). A replica runs its weight follower beside its requests in
+    one interpreter: when the scoring thread wakes (a request arrives, a torch op returns) while the follower runs
+    Python, it waits up to this long for the lock. A probe thread in a process applying deltas woke with p99
+    3.0-4.8 ms late at 5 ms and 1.2-2.6 ms at 0.5 ms, against 0.3 ms with no follower (``benchmarks.gil_probe``,
+    ``docs/serving.md``)."""
     access_log: bool = False
     """Serve's per-request access log in the replica (costs time on every request; off by default)."""
     user_code_thread: bool = False
@@ -132,6 +144,7 @@ class ServingConfig:
         if self.follower_nice > LOWEST:
             raise ValueError(f"serving.follower_nice must be <= {LOWEST} (Linux's lowest priority), "
                              f"got {self.follower_nice!r}")
+        _number(self.switch_interval_ms, "serving.switch_interval_ms", low=MIN_SWITCH_INTERVAL_MS)
         _number(self.item_cache_ttl_ms, "serving.item_cache_ttl_ms", low=0)
         _number(self.item_cache_size, "serving.item_cache_size", low=1, integer=True)
         if self.api_tokens_file is not None and (not isinstance(self.api_tokens_file, str) or not self.api_tokens_file):

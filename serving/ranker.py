@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -186,6 +187,7 @@ class RankingService:
             "rejected_versions": sorted(self.weights.rejected),
             "batches": self.batches,
             "pid": os.getpid(),
+            "switch_interval_ms": sys.getswitchinterval() * 1000,
             "item_cache": self.item_cache.figures() if self.item_cache is not None else None,
         }
 

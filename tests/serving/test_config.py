@@ -51,6 +51,9 @@ def test_autoscaling_replaces_the_fixed_count() -> None:
         ({"follower_nice": -1}, "serving.follower_nice must be >= 0"),
         ({"follower_nice": 20}, "serving.follower_nice must be <= 19"),
         ({"follower_nice": 2.5}, "serving.follower_nice must be an integer"),
+        ({"switch_interval_ms": 0}, "serving.switch_interval_ms must be >= 0.01"),
+        ({"switch_interval_ms": "fast"}, "serving.switch_interval_ms must be a finite number"),
+        ({"switch_interval_ms": float("inf")}, "serving.switch_interval_ms must be a finite number"),
     ],
 )
 def test_bad_config_is_refused_with_its_path(data: dict, message: str) -> None:

@@ -24,6 +24,8 @@ from tests.serving.conftest import (Publisher, assert_no_replica_went_back, chai
 pytestmark = pytest.mark.integration
 
 REPLICAS = 2
+SWITCH_INTERVAL_MS = 0.7
+"""The fixture's ``serving.switch_interval_ms``: neither Python's 5 ms nor ServingConfig's default."""
 SNAPSHOTS = 50
 CLIENTS = 4
 DELTA_VERSIONS = 22
@@ -45,7 +47,8 @@ def served(ray_session, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     serve.shutdown()  # an instance an earlier test left running would keep its own port
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-    config = ServingConfig(num_replicas=REPLICAS, num_cpus=0.5, poll_s=0.05, max_candidates=200)
+    config = ServingConfig(num_replicas=REPLICAS, num_cpus=0.5, poll_s=0.05, max_candidates=200,
+                           switch_interval_ms=SWITCH_INTERVAL_MS)
     serve.run(build_app(store.directory, features, config), name="ranking-test", route_prefix="/")
     yield f"http://127.0.0.1:{port}", store
     serve.shutdown()
@@ -292,6 +295,19 @@ def test_replicas_run_user_code_on_their_main_loop(served) -> None:
         assert b"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0" in environ, pid
 
 
+def test_replicas_hand_the_interpreter_lock_over_at_the_configured_interval(served) -> None:
+    """``serving.switch_interval_ms`` reaches every replica's interpreter (neither Python's 5 ms nor our default)."""
+    url, _ = served
+    seen: dict[int, float] = {}
+
+    def both_seen() -> bool:
+        seen.update((a["pid"], a["switch_interval_ms"]) for a in (httpx.get(f"{url}/healthz").json() for _ in range(4)))
+        return len(seen) >= REPLICAS
+
+    wait_for(both_seen, 30, "both replicas answering /healthz")
+    assert seen == pytest.approx(dict.fromkeys(seen, SWITCH_INTERVAL_MS))
+
+
 def test_ray_metrics_report_version_and_swaps(served) -> None:
     """Ray's metrics agent exports the replicas' metrics in Prometheus format (it flushes every few seconds)."""
     import ray
@@ -306,6 +322,8 @@ def test_ray_metrics_report_version_and_swaps(served) -> None:
         return all(a["model_version"] == latest for a in answers) and len(ours) >= REPLICAS
 
     wait_for(all_at_latest, 60, f"both replicas answering at v{latest}")
+    for _ in range(8):  # requests of its own: the test does not rely on those of the tests before it
+        assert httpx.post(f"{url}/v1/rank", json={"user_id": 1, "candidates": [1, 2, 3]}, timeout=30).status_code == 200
     port = ray._private.worker.global_worker.node.metrics_export_port
 
     def sample(name: str) -> dict[str, float]:
@@ -323,5 +341,6 @@ def test_ray_metrics_report_version_and_swaps(served) -> None:
              and set(sample("ray_moestream_model_version").values()) == {float(latest)}, 60, "exported versions")
     swaps = sample("ray_moestream_model_swaps_total")
     assert len(swaps) == REPLICAS and all(v >= 2 for v in swaps.values()), swaps
-    assert sample("ray_moestream_rank_latency_ms_count") and sample("ray_moestream_rank_batch_candidates_count")
+    wait_for(lambda: sample("ray_moestream_rank_latency_ms_count") and sample("ray_moestream_rank_batch_candidates_count"),
+             60, "the requests' metrics exported")
     wait_for(lambda: sample("ray_moestream_item_cache_misses_total"), 60, "the item cache's counters exported")

@@ -1,0 +1,17 @@
+"""``benchmarks.gil_probe`` at a tiny size: every condition runs in a process of its own and reports its rows."""
+
+from __future__ import annotations
+
+from benchmarks.gil_probe import NO_FOLLOWER, condition_name, run
+
+
+def test_the_probe_reports_lateness_beside_the_anchor_and_applies_what_was_published() -> None:
+    report = run(ids=2_000, rounds=1, seconds=1.0, switch_ms=(0.5,))
+    rows = {r.name: r for r in report.rows}
+    follower = condition_name(0.5)
+    for name in (NO_FOLLOWER, follower):
+        assert 0 <= rows[f"{name}: wake-up lateness p50"].value <= rows[f"{name}: wake-up lateness max"].value
+        assert rows[f"{name}: deltas published"].value >= 1  # the first delta goes out as the probe starts
+    p99 = rows[f"{follower}: wake-up lateness p99"]
+    assert p99.anchor == NO_FOLLOWER and p99.anchor_value == rows[f"{NO_FOLLOWER}: wake-up lateness p99"].value
+    assert rows[f"{follower}: deltas applied"].value == rows[f"{follower}: deltas published"].value
