@@ -45,6 +45,7 @@ from pydantic import BaseModel, Field, StrictBool, StrictFloat, ValidationError,
 from features.backends import FeatureStoreUnavailable
 from serving.api import Rank, _summary, request_models
 from serving.auth import token_matches
+from serving.encode import rank_message
 from serving.proto import ranking_pb2 as pb
 from serving.ranker import NoModelYet, Ranking, RankingService, RankQuery
 from stream.events import TASKS
@@ -111,7 +112,7 @@ class RankingGrpc:
             return Refusal(grpc.StatusCode.UNAVAILABLE, str(exc)).answer(context, pb.RankResponse())
         if request.task_weights:
             ranking = reweighted(ranking, {**self.config.task_weights, **request.task_weights})
-        response = self._response(ranking, request.compact)
+        response = rank_message(ranking, self.replica, request.compact)
         self.service.metrics.observe_request(RANK_ROUTE, time.perf_counter() - started)
         return response
 
@@ -145,20 +146,6 @@ class RankingGrpc:
         except ValidationError as exc:
             errors = [{"type": e["type"], "loc": ["request", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, _summary(errors)) from None
-
-    def _response(self, ranking: Ranking, compact: bool) -> pb.RankResponse:
-        order = ranking.order
-        response = pb.RankResponse(model_version=ranking.version, family=ranking.family, replica=self.replica,
-                                   batch=ranking.batch, tasks=ranking.tasks)
-        add = response.items.add
-        ids, scores = ranking.items[order].tolist(), ranking.scores[order].tolist()
-        if compact:
-            for item, score in zip(ids, scores):
-                add(item_id=item, score=score)
-        else:  # one message per item by nature, as JSON is one object per item
-            for item, score, probabilities in zip(ids, scores, ranking.probabilities[order].tolist()):
-                add(item_id=item, score=score, probabilities=probabilities)
-        return response
 
     async def health(self, raw: bytes, context) -> pb.HealthResponse:
         """``Health``: always open, as ``/healthz`` is; UNAVAILABLE with the reason before the first model."""

@@ -7,7 +7,8 @@ import orjson
 import pytest
 
 from serving.api import RankResponse
-from serving.encode import compact_response, full_response, reference_full_response
+from serving.encode import (compact_response, full_response, rank_message, reference_full_response,
+                            reference_rank_message)
 from serving.ranker import Ranking
 
 
@@ -70,3 +71,29 @@ def test_compact_response_lists_ids_and_scores_best_first() -> None:
     assert body["item_ids"] == ranking.items[order].tolist()
     assert [np.float32(s) for s in body["scores"]] == ranking.scores[order].tolist()
     assert (body["model_version"], body["family"], body["batch"]) == (7, "mmoe", 3)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("n", [0, 1, 2, 1000])
+@pytest.mark.parametrize("tasks", [("click", "long_view", "like", "comment", "follow", "forward"), ("watch_time",), ()])
+def test_rank_message_is_the_reference_message(n: int, tasks: tuple[str, ...], compact: bool) -> None:
+    ranking = _ranking(n, tasks or ("x",), seed=n)
+    if not tasks:
+        ranking = Ranking(7, "mmoe", 3, (), ranking.items, ranking.scores, ranking.probabilities[:, :0])
+    fast, reference = rank_message(ranking, "replica", compact), reference_rank_message(ranking, "replica", compact)
+    assert fast.SerializeToString(deterministic=True) == reference.SerializeToString(deterministic=True)
+    assert [i.item_id for i in fast.items] == ranking.items[ranking.order].tolist()
+
+
+def test_rank_message_writes_any_int64_id_and_non_finite_scores() -> None:
+    """Ids of every varint length (1 to 10 bytes: negative ones take 10), zero, and scores NaN, infinite, -0.0."""
+    items = np.array([0, 1, 127, 128, 16_383, 16_384, 2**31, 2**53 + 1, 2**63 - 1, -1, -(2**63), -300], np.int64)
+    n = len(items)
+    probabilities = np.random.default_rng(4).random((n, 2)).astype(np.float32)
+    scores = np.linspace(1, 0, n).astype(np.float32)
+    scores[[0, 1, 2]] = [np.nan, np.inf, -0.0]
+    ranking = Ranking(1, "mmoe", 1, ("click", "like"), items, scores, probabilities)
+    for compact in (False, True):
+        fast, reference = rank_message(ranking, "r", compact), reference_rank_message(ranking, "r", compact)
+        assert fast.SerializeToString(deterministic=True) == reference.SerializeToString(deterministic=True)
+    assert sorted(i.item_id for i in rank_message(ranking, "r", False).items) == sorted(items.tolist())
