@@ -186,8 +186,12 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(probe(Path(spec["base"]), spec["staged"], spec["switch_ms"], spec["seconds"],
                                Path(spec["out"]))))
         return
-    if args.ids < 2 or args.rounds < 1 or not args.seconds > 0 or not all(s > 0 for s in args.switch_ms):
-        parser.error("--ids must be at least 2, --rounds at least 1, --seconds and every --switch-ms above 0")
+    for bad, why in ((args.ids < 2, f"--ids must be at least 2, got {args.ids}"),
+                     (args.rounds < 1, f"--rounds must be at least 1, got {args.rounds}"),
+                     (not args.seconds > 0, f"--seconds must be above 0, got {args.seconds:g}"),
+                     (not all(s > 0 for s in args.switch_ms), f"every --switch-ms must be above 0, got {args.switch_ms}")):
+        if bad:
+            parser.error(why)
     report = run(args.ids, args.rounds, args.seconds, tuple(args.switch_ms))
     report.print()
     if args.json:

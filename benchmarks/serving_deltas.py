@@ -342,7 +342,7 @@ def run(quick: bool = False, ids: int | None = None, follower_nice: int | None =
     return report
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK.ids:,} IDs, one short round")
     parser.add_argument("--ids", type=int, default=None, help="live IDs in all, split over user_id and item_id")
@@ -351,7 +351,7 @@ def main() -> None:
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="the replicas' serving.switch_interval_ms (default: ServingConfig's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("follower_nice", args.follower_nice),
                                    ("switch_interval_ms", args.switch_interval_ms)) if v is not None}
     if overrides:

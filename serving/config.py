@@ -34,8 +34,8 @@ def _number(value: Any, path: str, *, low: float | None = None, integer: bool = 
 
 
 MIN_SWITCH_INTERVAL_MS = 0.01
-"""The shortest ``serving.switch_interval_ms``: below it the threads hand the interpreter's lock over more often than
-they run."""
+"""The shortest ``serving.switch_interval_ms`` accepted: a guard against a value (or a unit mistake, seconds for
+milliseconds the other way round) that would have the threads spend their time handing the lock over."""
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,8 @@ class ServingConfig:
     """How long a replica's Python thread may hold the interpreter's lock while another waits for it
     (``sys.setswitchinterval``; Python's default is 5 ms). A replica runs its weight follower beside its requests in
     one interpreter: when the scoring thread wakes (a request arrives, a torch op returns) while the follower runs
-    Python, it waits up to this long for the lock. A probe thread in a process applying deltas woke with p99
-    3.0-4.8 ms late at 5 ms and 1.2-2.6 ms at 0.5 ms, against 0.3 ms with no follower (``benchmarks.gil_probe``,
-    ``docs/serving.md``)."""
+    Python, it waits up to this long for the lock (``benchmarks.gil_probe`` measures that wait; ``docs/serving.md``
+    has the figures)."""
     access_log: bool = False
     """Serve's per-request access log in the replica (costs time on every request; off by default)."""
     user_code_thread: bool = False

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from benchmarks.gil_probe import NO_FOLLOWER, condition_name, run
+import pytest
+
+from benchmarks.gil_probe import NO_FOLLOWER, condition_name, main, run
 
 
 def test_the_probe_reports_lateness_beside_the_anchor_and_applies_what_was_published() -> None:
@@ -15,3 +17,16 @@ def test_the_probe_reports_lateness_beside_the_anchor_and_applies_what_was_publi
     p99 = rows[f"{follower}: wake-up lateness p99"]
     assert p99.anchor == NO_FOLLOWER and p99.anchor_value == rows[f"{NO_FOLLOWER}: wake-up lateness p99"].value
     assert rows[f"{follower}: deltas applied"].value == rows[f"{follower}: deltas published"].value
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--rounds", "0"], "--rounds must be at least 1, got 0"),
+    (["--seconds", "0"], "--seconds must be above 0, got 0"),
+    (["--ids", "1"], "--ids must be at least 2, got 1"),
+    (["--switch-ms", "5", "-1"], "every --switch-ms must be above 0, got [5.0, -1.0]"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(argv: list[str], message: str,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err

@@ -69,3 +69,16 @@ def test_the_scenario_reports_latency_with_and_without_deltas_apply_times_and_si
     assert 0 < rows["delta / base (median)"].value < 100
     assert rows["publisher CPU per delta"].value > 0
     assert not any("failed requests" in note for note in report.notes)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--switch-interval-ms", "0"], "serving.switch_interval_ms must be >= 0.01"),
+    (["--follower-nice", "25"], "serving.follower_nice must be <= 19"),
+])
+def test_bad_serving_settings_are_refused_with_the_config_s_message(argv: list[str], message: str,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    from benchmarks.serving_deltas import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)  # refused before minutes of preparation
+    assert info.value.code == 2 and message in capsys.readouterr().err

@@ -97,3 +97,15 @@ def test_rank_message_writes_any_int64_id_and_non_finite_scores() -> None:
         fast, reference = rank_message(ranking, "r", compact), reference_rank_message(ranking, "r", compact)
         assert fast.SerializeToString(deterministic=True) == reference.SerializeToString(deterministic=True)
     assert sorted(i.item_id for i in rank_message(ranking, "r", False).items) == sorted(items.tolist())
+
+
+def test_rank_message_with_items_over_127_bytes_and_ten_thousand_candidates() -> None:
+    """Forty tasks make each item's size and its probabilities' length two-byte varints; 10,000 candidates, a size
+    past the default cap (``serving.max_candidates`` may be raised)."""
+    tasks = tuple(f"task{k}" for k in range(40))
+    ranking = _ranking(10_000, tasks, seed=5)
+    for compact in (False, True):
+        fast, reference = rank_message(ranking, "r", compact), reference_rank_message(ranking, "r", compact)
+        assert fast.SerializeToString(deterministic=True) == reference.SerializeToString(deterministic=True)
+    body = orjson.loads(full_response(ranking, "r", 1))
+    assert _as_float32(body) == _as_float32(orjson.loads(reference_full_response(ranking, "r", 1)))
