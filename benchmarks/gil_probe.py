@@ -12,8 +12,9 @@ same niceness (a second replica, the proxy): a publisher (``benchmarks.delta_cha
 staged deltas of a chain at ``ids`` live IDs every 0.5 s into a copy of the chain's store, which the process's
 ``WeightFollower`` follows (``serving.follower_nice``, the default), while a probe thread sleeps 1 ms at a time and
 records how late it woke, with a little numpy work in between, as a scoring thread does. Conditions: no follower (the
-anchor: what the busy node costs alone), and a follower at each switch interval asked for. Runs alternate, the order
-turned every round. docs/serving.md has the figures.
+anchor: what the busy node costs alone), and a follower at each switch interval and each scope of its niceness
+(``serving.follower_nice_scope``: its bulk work only, or all of it) asked for. Runs alternate, the order turned every
+round. docs/serving.md has the figures.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import Report, Row
+from serving.config import FOLLOWER_NICE_SCOPES
 
 HOGS = 2
 """Busy processes beside the probe's: on the 2-core machine, every core has something else to run."""
@@ -40,8 +42,15 @@ INTERVAL_S = 0.5
 NO_FOLLOWER = "no follower"
 
 
-def condition_name(switch_ms: float | None) -> str:
-    return NO_FOLLOWER if switch_ms is None else f"follower, switch interval {switch_ms:g} ms"
+Condition = tuple[float, str] | None
+"""A follower's switch interval (ms) and ``serving.follower_nice_scope``; None: no follower."""
+
+
+def condition_name(condition: Condition) -> str:
+    if condition is None:
+        return NO_FOLLOWER
+    switch_ms, scope = condition
+    return f"follower, nice scope {scope}, switch interval {switch_ms:g} ms"
 
 
 def _hog(stop) -> None:
@@ -52,7 +61,8 @@ def _hog(stop) -> None:
             x += 1
 
 
-def probe(base: Path, staged: list[str], switch_ms: float | None, seconds: float, out: Path) -> dict:
+def probe(base: Path, staged: list[str], switch_ms: float | None, seconds: float, out: Path,
+          scope: str = "bulk") -> dict:
     """One run, in this process (``--child``): the wake-up lateness of every sleep (ms) saved to ``out``; what the
     follower applied."""
     import multiprocessing as mp
@@ -83,7 +93,7 @@ def probe(base: Path, staged: list[str], switch_ms: float | None, seconds: float
                 raise RuntimeError("the publisher did not start within 120 s")
             if switch_ms is not None:
                 follower = WeightFollower(StoreSource(SnapshotStore(store)), poll_s=ServingConfig().poll_s,
-                                          nice=ServingConfig().follower_nice)
+                                          nice=ServingConfig().follower_nice, nice_scope=scope)
                 deadline = time.monotonic() + 120
                 while follower.current is None and time.monotonic() < deadline:
                     time.sleep(0.05)
@@ -121,24 +131,26 @@ def probe(base: Path, staged: list[str], switch_ms: float | None, seconds: float
     return {"published": published.value, "applied": applied}
 
 
-def run(ids: int = 10**6, rounds: int = 3, seconds: float = 10.0, switch_ms: tuple[float, ...] = (5.0, 0.5)) -> Report:
+def run(ids: int = 10**6, rounds: int = 3, seconds: float = 10.0, switch_ms: tuple[float, ...] = (0.5,),
+        scopes: tuple[str, ...] = ("all", "bulk")) -> Report:
     from benchmarks.delta_chain import DIM, prepare_chain
 
-    conditions: list[float | None] = [None, *switch_ms]
+    conditions: list[Condition] = [None, *((s, scope) for s in switch_ms for scope in scopes)]
     report = Report("gil_probe")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         chain = prepare_chain(root / "chain", ids, n_deltas=int(seconds / INTERVAL_S) + 4)
         staged = [str(p) for p in chain.staged]
-        late: dict[float | None, list[np.ndarray]] = {c: [] for c in conditions}
-        applied: dict[float | None, list[int]] = {c: [] for c in conditions}
-        published: dict[float | None, list[int]] = {c: [] for c in conditions}
+        late: dict[Condition, list[np.ndarray]] = {c: [] for c in conditions}
+        applied: dict[Condition, list[int]] = {c: [] for c in conditions}
+        published: dict[Condition, list[int]] = {c: [] for c in conditions}
         for r in range(rounds):
             for k in range(len(conditions)):
                 condition = conditions[(k + r) % len(conditions)]  # the order turned every round
                 out = root / f"late-{r}-{k}.npy"
-                args = {"base": str(chain.store), "staged": staged, "switch_ms": condition, "seconds": seconds,
-                        "out": str(out)}
+                args = {"base": str(chain.store), "staged": staged, "seconds": seconds, "out": str(out),
+                        "switch_ms": None if condition is None else condition[0],
+                        "scope": None if condition is None else condition[1]}
                 done = subprocess.run([sys.executable, "-m", "benchmarks.gil_probe", "--child", json.dumps(args)],
                                       capture_output=True, text=True, check=False)
                 if done.returncode != 0:
@@ -164,7 +176,7 @@ def run(ids: int = 10**6, rounds: int = 3, seconds: float = 10.0, switch_ms: tup
     report.notes += [
         f"{ids:,} live IDs (dim {DIM} per ID field), a delta every {INTERVAL_S} s; {rounds} rounds of {seconds:g} s per "
         f"condition, the order turned every round; {HOGS} busy processes and the publisher at niceness 15, the probe's "
-        "process at 15, its follower at serving.follower_nice's default",
+        "process at 15, its follower at serving.follower_nice's default over the scope named",
         f"the chain's preparation: {', '.join(f'{k} {v:.0f} s' for k, v in chain.seconds.items())}; load average "
         f"before it {chain.load}",
     ]
@@ -176,23 +188,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ids", type=int, default=10**6)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--switch-ms", type=float, nargs="+", default=[5.0, 0.5],
+    parser.add_argument("--switch-ms", type=float, nargs="+", default=[0.5],
                         help="the switch intervals to run the follower at (ms)")
+    parser.add_argument("--scopes", nargs="+", default=["all", "bulk"],
+                        help="the scopes of the follower's niceness to run it at (serving.follower_nice_scope)")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         spec = json.loads(args.child)
         print(json.dumps(probe(Path(spec["base"]), spec["staged"], spec["switch_ms"], spec["seconds"],
-                               Path(spec["out"]))))
+                               Path(spec["out"]), spec["scope"] or "bulk")))
         return
     for bad, why in ((args.ids < 2, f"--ids must be at least 2, got {args.ids}"),
                      (args.rounds < 1, f"--rounds must be at least 1, got {args.rounds}"),
                      (not args.seconds > 0, f"--seconds must be above 0, got {args.seconds:g}"),
-                     (not all(s > 0 for s in args.switch_ms), f"every --switch-ms must be above 0, got {args.switch_ms}")):
+                     (not all(s > 0 for s in args.switch_ms), f"every --switch-ms must be above 0, got {args.switch_ms}"),
+                     (not set(args.scopes) <= set(FOLLOWER_NICE_SCOPES),
+                      f"every --scopes must be one of {list(FOLLOWER_NICE_SCOPES)}, got {args.scopes}")):
         if bad:
             parser.error(why)
-    report = run(args.ids, args.rounds, args.seconds, tuple(args.switch_ms))
+    report = run(args.ids, args.rounds, args.seconds, tuple(args.switch_ms), tuple(dict.fromkeys(args.scopes)))
     report.print()
     if args.json:
         report.write_json(args.json)

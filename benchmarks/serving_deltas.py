@@ -81,12 +81,15 @@ class Plan:
     """The replicas' ``serving.follower_nice``; None: the default."""
     switch_interval_ms: float | None = None
     """The replicas' ``serving.switch_interval_ms``; None: the default."""
+    follower_nice_scope: str | None = None
+    """The replicas' ``serving.follower_nice_scope``; None: the default."""
 
     @property
     def serving(self) -> dict:
         """The replicas' ``ServingConfig`` fields this plan sets (the rest at their defaults)."""
         return {k: v for k, v in (("follower_nice", self.follower_nice),
-                                  ("switch_interval_ms", self.switch_interval_ms)) if v is not None}
+                                  ("switch_interval_ms", self.switch_interval_ms),
+                                  ("follower_nice_scope", self.follower_nice_scope)) if v is not None}
 
     @property
     def deltas(self) -> int:
@@ -327,11 +330,12 @@ def measure_into(report: Report, features, root: Path, plan: Plan, mode: str, en
 
 
 def run(quick: bool = False, ids: int | None = None, follower_nice: int | None = None,
-        switch_interval_ms: float | None = None) -> Report:
+        switch_interval_ms: float | None = None, follower_nice_scope: str | None = None) -> Report:
     """This scenario alone, with ``bench serving``'s feature store."""
     from rich.progress import Progress
 
-    plan = replace(QUICK if quick else FULL, follower_nice=follower_nice, switch_interval_ms=switch_interval_ms)
+    plan = replace(QUICK if quick else FULL, follower_nice=follower_nice, switch_interval_ms=switch_interval_ms,
+                   follower_nice_scope=follower_nice_scope)
     if ids is not None:
         plan = replace(plan, ids=ids)
     report = Report("serving")
@@ -350,10 +354,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="the replicas' serving.follower_nice (default: ServingConfig's)")
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="the replicas' serving.switch_interval_ms (default: ServingConfig's)")
+    parser.add_argument("--follower-nice-scope", default=None,
+                        help="the replicas' serving.follower_nice_scope (default: ServingConfig's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("follower_nice", args.follower_nice),
-                                   ("switch_interval_ms", args.switch_interval_ms)) if v is not None}
+                                   ("switch_interval_ms", args.switch_interval_ms),
+                                   ("follower_nice_scope", args.follower_nice_scope)) if v is not None}
     if overrides:
         from serving.config import ServingConfig
 
@@ -362,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as exc:
             parser.error(str(exc))
     report = run(quick=args.quick, ids=args.ids, follower_nice=args.follower_nice,
-                 switch_interval_ms=args.switch_interval_ms)
+                 switch_interval_ms=args.switch_interval_ms, follower_nice_scope=args.follower_nice_scope)
     report.print()
     if args.json:
         report.write_json(args.json)

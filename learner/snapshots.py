@@ -568,7 +568,19 @@ def _as_delta(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> Delta:
 def decode(manifest: Manifest, payload: bytes) -> dict[str, torch.Tensor] | Delta:
     """A version's payload, verified as a file of the store is (sha256, safetensors, finite values): a base's
     whole state, or a delta. For payloads that did not come from the store's files (the weight-store actor)."""
+    return parse(manifest, verified(manifest, payload))
+
+
+def verified(manifest: Manifest, payload: bytes) -> bytes:
+    """``payload``, once its sha256 matches the manifest's (:class:`SnapshotError` otherwise): the part of
+    :func:`decode` that holds no interpreter lock (hashlib lets it go), which a replica runs apart (``serving.weights``)."""
     _verify(manifest, payload)
+    return payload
+
+
+def parse(manifest: Manifest, payload: bytes) -> dict[str, torch.Tensor] | Delta:
+    """The contents of a payload :func:`verified` against ``manifest``: a base's whole state, or a delta, checked as
+    :func:`decode` checks them (safetensors, finite values, a delta's entries)."""
     tensors = _tensors(manifest, payload)
     return tensors if manifest.kind == "base" else _as_delta(manifest, tensors)
 
@@ -629,4 +641,5 @@ def _safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 __all__ = ["DELTA_BYTES_FRACTION", "MAX_DELTAS", "SNAPSHOTS_KEPT", "ChainStatus", "Manifest", "PendingBase", "PublishGuard",
-           "SnapshotError", "SnapshotRefused", "SnapshotStore", "SnapshotUnwritable", "decode", "write_atomic"]
+           "SnapshotError", "SnapshotRefused", "SnapshotStore", "SnapshotUnwritable", "decode", "parse", "verified",
+           "write_atomic"]

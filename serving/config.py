@@ -33,6 +33,8 @@ def _number(value: Any, path: str, *, low: float | None = None, integer: bool = 
         raise ValueError(f"{path} must be >= {low}, got {value!r}")
 
 
+FOLLOWER_NICE_SCOPES = ("bulk", "all")
+"""The values of ``serving.follower_nice_scope``."""
 MIN_SWITCH_INTERVAL_MS = 0.01
 """The shortest ``serving.switch_interval_ms`` accepted: a guard against a value (or a unit mistake, seconds for
 milliseconds the other way round) that would have the threads spend their time handing the lock over."""
@@ -89,11 +91,18 @@ class ServingConfig:
     poll_s: float = 0.1
     """How often a replica looks for a new snapshot."""
     follower_nice: int = 19
-    """Steps of niceness (Linux, 0-19) the replica's weight follower adds to the replica's own for its reading,
-    checking and writing of new versions, as databases run compactions below their queries: on a saturated node
-    the requests come first and a delta is applied in the CPU they leave (Linux weighs a thread at niceness 19 as 15
+    """Steps of niceness (Linux, 0-19) the replica's weight follower adds to the replica's own for its bulk work
+    (see ``follower_nice_scope``), as databases run compactions below their queries: on a saturated node the
+    requests come first and a delta is applied in the CPU they leave (Linux weighs a thread at niceness 19 as 15
     against 1024 at 0 and 36 at 15, a Ray worker's niceness; there any value from 4 up means 19). 0: the requests'
     priority. What holds the lock a batch is scored under never runs at it (``serving.weights``)."""
+    follower_nice_scope: str = "bulk"
+    """What of the follower's work runs at ``follower_nice``. ``"bulk"``: what lets the interpreter's lock go
+    while it works (reading a version's bytes and hashing them, writing a delta's rows into the tables, a fold's
+    plan, a new base's load); a delta's decoding, checks and map merges, Python that holds the lock, run at the
+    requests' priority. ``"all"``: all of it. A thread the OS keeps off the CPU while it holds the interpreter's
+    lock stalls the replica's scoring thread until it runs again, which at niceness 19 on a saturated node is
+    long (``benchmarks.gil_probe`` measures that wait; ``docs/serving.md`` has the figures)."""
     switch_interval_ms: float = 0.5
     """How long a replica's Python thread may hold the interpreter's lock while another waits for it
     (``sys.setswitchinterval``; Python's default is 5 ms). A replica runs its weight follower beside its requests in
@@ -143,6 +152,9 @@ class ServingConfig:
         if self.follower_nice > LOWEST:
             raise ValueError(f"serving.follower_nice must be <= {LOWEST} (Linux's lowest priority), "
                              f"got {self.follower_nice!r}")
+        if self.follower_nice_scope not in FOLLOWER_NICE_SCOPES:
+            raise ValueError(f"serving.follower_nice_scope must be one of {list(FOLLOWER_NICE_SCOPES)}, "
+                             f"got {self.follower_nice_scope!r}")
         _number(self.switch_interval_ms, "serving.switch_interval_ms", low=MIN_SWITCH_INTERVAL_MS)
         _number(self.item_cache_ttl_ms, "serving.item_cache_ttl_ms", low=0)
         _number(self.item_cache_size, "serving.item_cache_size", low=1, integer=True)
@@ -203,4 +215,4 @@ def _known(data: Any, cls: type, path: str) -> None:
         raise ValueError(f"unknown key(s) {', '.join(f'{path}.{k}' for k in unknown)}; known: {sorted(names)}")
 
 
-__all__ = ["DEFAULT_TASK_WEIGHTS", "AutoscalingConfig", "ServingConfig"]
+__all__ = ["DEFAULT_TASK_WEIGHTS", "FOLLOWER_NICE_SCOPES", "AutoscalingConfig", "ServingConfig"]

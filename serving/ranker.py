@@ -105,7 +105,8 @@ class RankingService:
         self.batches = 0
         self._batch_seq = itertools.count(1)  # next() is atomic: batches scored on any thread get distinct numbers
         self.weights = WeightFollower(version_source(snapshots, weight_store), config.poll_s, on_swap=self._swapped,
-                                      handoff=True, nice=config.follower_nice)
+                                      handoff=True, nice=config.follower_nice,
+                                      nice_scope=config.follower_nice_scope)
 
     def _swapped(self, loaded: LoadedModel) -> None:
         self.metrics.swapped(loaded.version)

@@ -20,12 +20,14 @@ its parent (``learner.delta``). A background thread polls the source for a versi
   loaded with its chain into a new model while the old one keeps serving, then installed with one reference
   assignment.
 
-The reading, checking and writing of new versions (a delta's read, its preparation and its rows written, a fold's
-plan, a new base's load) run on a worker thread made ``serving.follower_nice`` steps nicer than the replica
-(``learner.priority``), so that on a saturated node a delta takes the CPU the requests leave rather than theirs. What
-holds the lock stays at the requests' priority: the follower's own thread waits for the worker and takes the lock
-itself, since a batch waiting on a lock held by a thread the OS keeps off the CPU would wait at the follower's
-priority.
+The follower's bulk work, which lets the interpreter's lock go while it runs (a version's bytes read and hashed, a
+delta's rows written, a fold's plan, a new base's load), runs on a worker thread made ``serving.follower_nice`` steps
+nicer than the replica (``learner.priority``), so that on a saturated node it takes the CPU the requests leave rather
+than theirs. A delta's decoding, checks and map merges, Python that holds the interpreter's lock, run at the
+requests' priority (``serving.follower_nice_scope`` "bulk", the default; "all" runs them on the worker too): a thread
+the OS keeps off the CPU while it holds the interpreter's lock stalls the scoring thread, whatever its own
+priority, until the OS runs it again. What holds the lock a batch is scored under stays at the requests' priority
+for the same reason.
 
 Versions only move forward. A version that fails verification is refused and remembered. A delta that cannot
 be applied (a gap, a wrong parent, a bad checksum) makes the replica rebuild from the newest base and its chain
@@ -56,7 +58,7 @@ from learner.delta import (
 )
 from learner.models import MultiTaskRanker
 from learner.priority import lower_thread_priority
-from learner.snapshots import Manifest, SnapshotError, SnapshotStore, decode, manifest_name
+from learner.snapshots import Manifest, SnapshotError, SnapshotStore, manifest_name, parse, verified
 
 log = logging.getLogger(__name__)
 APPLY_TIMES_KEPT = 1000
@@ -85,15 +87,23 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class Entry:
-    """One version a source offers: its manifest, and how to read its verified contents (a base's whole
-    state, or a delta)."""
+    """One version a source offers: its manifest, and how to fetch its payload, verified against the manifest's
+    sha256; :meth:`parse` makes the contents of those bytes (a base's whole state, or a delta)."""
 
     manifest: Manifest
-    read: Callable[[], dict | Delta]
+    fetch: Callable[[], bytes]
 
     @property
     def version(self) -> int:
         return self.manifest.version
+
+    def parse(self, payload: bytes) -> dict | Delta:
+        """The contents of the payload :attr:`fetch` returned, checked (``learner.snapshots.parse``)."""
+        return parse(self.manifest, payload)
+
+    def read(self) -> dict | Delta:
+        """The version's verified contents: fetched, then parsed."""
+        return self.parse(self.fetch())
 
     @property
     def is_base(self) -> bool:
@@ -132,21 +142,22 @@ class StoreSource:
             raise Superseded
         return [Entry(m, self._reader(m, listed_at)) for m in self.store.chain(target, since)]
 
-    def reader(self, manifest: Manifest) -> Callable[[], dict | Delta]:
-        """Reads ``manifest``'s version from the store (verified) when called."""
+    def reader(self, manifest: Manifest) -> Callable[[], bytes]:
+        """Fetches ``manifest``'s payload from the store (verified) when called."""
         return self._reader(manifest, self.store.latest_version())
 
-    def _reader(self, manifest: Manifest, listed_at: int | None) -> Callable[[], dict | Delta]:
-        def read() -> dict | Delta:
+    def _reader(self, manifest: Manifest, listed_at: int | None) -> Callable[[], bytes]:
+        def fetch() -> bytes:
             try:
-                if manifest.kind == "base":
-                    return self.store.load(manifest.version)[1]
-                return self.store.read_delta(manifest.version)[1]
+                stored, payload = self.store.payload(manifest.version)
+                if stored.sha256 != manifest.sha256:  # republished under its number since it was listed
+                    raise Superseded
+                return payload
             except SnapshotError:  # pruned or replaced by a newer publish while read: nothing against it
                 if self.store.latest_version() != listed_at or manifest.version not in self.store.versions():
                     raise Superseded from None
                 raise
-        return read
+        return fetch
 
     def below(self, version: int) -> int | None:
         return max((v for v in self.store.versions() if v < version), default=None)
@@ -175,26 +186,26 @@ class RaySource:
                 entries.append(Entry(manifest, self._from_store(manifest)))
                 continue
 
-            def read(manifest=manifest, ref=payload[0]) -> dict | Delta:
-                return decode(manifest, ray.get(ref).tobytes())  # a uint8 array in the object store
-            entries.append(Entry(manifest, read))
+            def fetch(manifest=manifest, ref=payload[0]) -> bytes:
+                return verified(manifest, ray.get(ref).tobytes())  # a uint8 array in the object store
+            entries.append(Entry(manifest, fetch))
         if not entries or entries[-1].version != target:
             raise Superseded
         return entries
 
-    def _from_store(self, manifest: Manifest) -> Callable[[], dict | Delta]:
+    def _from_store(self, manifest: Manifest) -> Callable[[], bytes]:
         """A reader of a version whose payload is in the durable store only; its error says so."""
         why = (f"v{manifest.version} ({manifest.bytes or 0:,} bytes, over learner.publish.ray_max_bytes) is in the "
                "durable store only")
         if self.store is None:
-            def unreachable() -> dict | Delta:
+            def unreachable() -> bytes:
                 raise SnapshotError(f"{why}, and this replica has none")
             return unreachable
-        read, where = self.store.reader(manifest), self.store.store.uri
+        fetch, where = self.store.reader(manifest), self.store.store.uri
 
-        def from_store() -> dict | Delta:
+        def from_store() -> bytes:
             try:
-                return read()
+                return fetch()
             except SnapshotError as exc:
                 raise SnapshotError(f"{why}, which this replica cannot read at {where} (a store every node "
                                     f"reaches, e.g. s3://, is needed): {exc}") from exc
@@ -237,17 +248,21 @@ class WeightFollower:
     thread, with each version installed (a new base or an applied delta)."""
 
     def __init__(self, source: VersionSource | Path | str, poll_s: float = 0.25,
-                 on_swap: Callable[[LoadedModel], None] | None = None, handoff: bool = False, nice: int = 0) -> None:
+                 on_swap: Callable[[LoadedModel], None] | None = None, handoff: bool = False, nice: int = 0,
+                 nice_scope: str = "bulk") -> None:
+        if nice_scope not in ("bulk", "all"):
+            raise ValueError(f"nice_scope must be 'bulk' or 'all', got {nice_scope!r}")
         self.source = source if hasattr(source, "chain") else StoreSource(SnapshotStore(source))
         self.nice: int | None = None
-        """The niceness the follower's reading, checking and writing run at (``serving.follower_nice``); None: the
-        replica's own."""
+        """The niceness the follower's bulk work runs at (``serving.follower_nice``); None: the replica's own."""
+        self.nice_scope = nice_scope
+        """What runs at :attr:`nice` (``serving.follower_nice_scope``): the bulk work only, or all the follower's."""
         self._worker_cpu = 0.0
         self._worker = (ThreadPoolExecutor(1, thread_name_prefix="weight-follower-work", initializer=self._lower,
                                            initargs=(nice,)) if nice > 0 else None)
         if self._worker is not None:
             self._worker.submit(lambda: None).result()  # the thread starts, and is made nicer, now: /healthz says so
-        """Where the follower's CPU-heavy work runs, at a lower priority than the requests. Nothing that holds
+        """Where the follower's bulk work runs, at a lower priority than the requests. Nothing that holds
         :attr:`lock` runs there: a thread made nicer cannot be made less nice again, and a batch waiting for a lock
         held by a thread the OS keeps off the CPU would wait for the follower's priority, not its own."""
         self.handoff = handoff
@@ -290,10 +305,16 @@ class WeightFollower:
         self.nice = lower_thread_priority(steps)
 
     def _work(self, fn: Callable, *args, **kwargs):
-        """``fn(*args, **kwargs)`` on the low-priority worker when there is one (it raises what ``fn`` raised)."""
+        """Bulk work, which lets the interpreter's lock go while it runs: ``fn(*args, **kwargs)`` on the low-priority
+        worker when there is one (it raises what ``fn`` raised)."""
         if self._worker is None:
             return fn(*args, **kwargs)
         return self._worker.submit(self._timed, fn, args, kwargs).result()
+
+    def _python(self, fn: Callable, *args, **kwargs):
+        """Work that holds the interpreter's lock: on this thread, at the requests' priority, unless the scope of
+        ``serving.follower_nice`` is all the follower's work."""
+        return self._work(fn, *args, **kwargs) if self.nice_scope == "all" else fn(*args, **kwargs)
 
     def _timed(self, fn: Callable, args: tuple, kwargs: dict):
         started = time.thread_time()
@@ -383,14 +404,14 @@ class WeightFollower:
                 return entry.version
             cpu = self._cpu()
             try:
-                delta = self._work(entry.read)
+                delta = self._python(entry.parse, self._work(entry.fetch))
                 if entry.manifest.parent != expected:
                     raise SnapshotError(f"v{entry.version}'s parent is v{entry.manifest.parent}, "
                                         f"the replica serves v{self.current.version}")
                 started = time.perf_counter()
                 if adopting is not None:  # a catch-up delta: most of its rows are the versions applied already
                     delta = self._work(without_held, self.current.model, delta)
-                prepared = self._work(prepare_delta, self.current.model, delta)  # checks, map merges; no lock
+                prepared = self._python(prepare_delta, self.current.model, delta)  # checks, map merges; no lock
                 self.prepare_s.append(time.perf_counter() - started)
                 self._install(entry, prepared)
                 started = time.perf_counter()
@@ -539,7 +560,7 @@ class WeightFollower:
                 "prepare_ms_p99": at(self.prepare_s, 0.99), "settle_ms_p50": at(self.settle_s, 0.5),
                 "settle_ms_p99": at(self.settle_s, 0.99), "follow_cpu_ms_p50": at(self.follow_cpu_s, 0.5),
                 "follow_cpu_ms_p99": at(self.follow_cpu_s, 0.99), "apply_cpu_ms_p50": at(self.apply_cpu_s, 0.5),
-                "apply_cpu_ms_p99": at(self.apply_cpu_s, 0.99), "nice": self.nice}
+                "apply_cpu_ms_p99": at(self.apply_cpu_s, 0.99), "nice": self.nice, "nice_scope": self.nice_scope}
 
     def _follow(self) -> None:
         while not self._stop.wait(self.poll_s):

@@ -74,6 +74,7 @@ def test_the_scenario_reports_latency_with_and_without_deltas_apply_times_and_si
 @pytest.mark.parametrize(("argv", "message"), [
     (["--switch-interval-ms", "0"], "serving.switch_interval_ms must be >= 0.01"),
     (["--follower-nice", "25"], "serving.follower_nice must be <= 19"),
+    (["--follower-nice-scope", "some"], "serving.follower_nice_scope must be one of ['bulk', 'all'], got 'some'"),
 ])
 def test_bad_serving_settings_are_refused_with_the_config_s_message(argv: list[str], message: str,
                                                                      capsys: pytest.CaptureFixture) -> None:

@@ -51,6 +51,8 @@ def test_autoscaling_replaces_the_fixed_count() -> None:
         ({"follower_nice": -1}, "serving.follower_nice must be >= 0"),
         ({"follower_nice": 20}, "serving.follower_nice must be <= 19"),
         ({"follower_nice": 2.5}, "serving.follower_nice must be an integer"),
+        ({"follower_nice_scope": "python"}, "serving.follower_nice_scope must be one of ['bulk', 'all'], got 'python'"),
+        ({"follower_nice_scope": None}, "serving.follower_nice_scope must be one of ['bulk', 'all'], got None"),
         ({"switch_interval_ms": 0}, "serving.switch_interval_ms must be >= 0.01"),
         ({"switch_interval_ms": "fast"}, "serving.switch_interval_ms must be a finite number"),
         ({"switch_interval_ms": float("inf")}, "serving.switch_interval_ms must be a finite number"),

@@ -106,10 +106,13 @@ def test_a_store_that_started_over_past_the_version_served_is_loaded_from_its_ba
         assert follower.deltas_applied == 1, "nothing of the new store was applied on the old model"
 
 
-def test_a_replica_reads_checks_and_writes_versions_below_the_requests_priority_and_installs_at_theirs(
-        store: SnapshotStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``serving.follower_nice``: the follower's work runs on a thread of its own made nicer by that many steps; what
-    holds the lock a batch is scored under (the install, a fold's) runs on a thread at the requests' priority."""
+@pytest.mark.parametrize("scope", ["bulk", "all"])
+def test_a_replica_reads_and_writes_versions_below_the_requests_priority_and_installs_at_theirs(
+        store: SnapshotStore, monkeypatch: pytest.MonkeyPatch, scope: str) -> None:
+    """``serving.follower_nice``: the follower's bulk work (a version's bytes read and hashed, a delta's rows written,
+    a base's load) runs on a thread of its own made nicer by that many steps; with ``serving.follower_nice_scope``
+    "all" a delta's decoding and preparation run there too, with "bulk" at the requests' priority; what holds the
+    lock a batch is scored under (the install, a fold's) runs at the requests' priority either way."""
     import serving.weights
 
     own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
@@ -117,18 +120,23 @@ def test_a_replica_reads_checks_and_writes_versions_below_the_requests_priority_
         pytest.skip(f"this test runs at niceness {own}: no room for 3 steps below it")
     seen: dict[str, set[int]] = {}
 
-    def recorded(stage: str, fn):
+    def recorded(stage: str, owner, name: str):
+        fn = getattr(owner, name)
+
         def run(*args, **kwargs):
             seen.setdefault(stage, set()).add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
             return fn(*args, **kwargs)
-        monkeypatch.setattr(serving.weights, fn.__name__, run)
+        monkeypatch.setattr(owner, name, run)
 
-    for stage, fn in (("prepare", serving.weights.prepare_delta), ("settle", serving.weights.settle_delta),
-                      ("install", serving.weights.install_delta), ("read a base", serving.weights.materialise)):
-        recorded(stage, fn)
+    for stage, owner, name in (("fetch", SnapshotStore, "payload"), ("parse", serving.weights, "parse"),
+                               ("prepare", serving.weights, "prepare_delta"),
+                               ("settle", serving.weights, "settle_delta"),
+                               ("install", serving.weights, "install_delta"),
+                               ("read a base", serving.weights, "materialise")):
+        recorded(stage, owner, name)
     publisher = Publisher(store)
     publisher.base()
-    follower = WeightFollower(store.directory, poll_s=NEVER, handoff=True, nice=3)
+    follower = WeightFollower(store.directory, poll_s=NEVER, handoff=True, nice=3, nice_scope=scope)
     try:
         with scoring(follower):
             for _ in range(3):
@@ -142,11 +150,20 @@ def test_a_replica_reads_checks_and_writes_versions_below_the_requests_priority_
         newest = publisher.delta()
         follower.refresh()  # a new model from the new base and its delta
         assert_serves(follower, store, newest)
-        assert seen == {"prepare": {own + 3}, "settle": {own + 3}, "install": {own}, "read a base": {own + 3}}
-        assert follower.figures()["nice"] == own + 3 and follower.deltas_applied == 4
+        python = own + 3 if scope == "all" else own
+        # a base's (and its chain's) parsing is part of its load: bulk work, on the worker either way
+        assert seen == {"fetch": {own + 3}, "parse": {python, own + 3}, "prepare": {python}, "settle": {own + 3},
+                        "install": {own}, "read a base": {own + 3}}
+        assert follower.figures()["nice"] == own + 3 and follower.figures()["nice_scope"] == scope
+        assert follower.deltas_applied == 4
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
     finally:
         follower.close()
+
+
+def test_a_follower_refuses_an_unknown_scope_of_its_niceness(store: SnapshotStore) -> None:
+    with pytest.raises(ValueError, match="nice_scope must be 'bulk' or 'all', got 'some'"):
+        WeightFollower(store.directory, poll_s=NEVER, nice=3, nice_scope="some")
 
 
 @contextmanager

@@ -112,19 +112,37 @@ def test_a_snapshot_superseded_while_loading_is_skipped_not_refused(store: Snaps
     publish(store, seed=1)
     with following(store) as follower:
         publish(store, seed=2)
-        real_load = store.load
+        real_payload = store.payload
 
-        def load_while_a_newer_lands(version=None):
+        def read_while_a_newer_lands(version):
             publish(store, seed=3)  # lands after we read LATEST, before we read the weights ...
             (store.directory / f"v{version:06d}.safetensors").unlink()  # ... and prunes the ones we wanted
-            return real_load(version)
+            return real_payload(version)
 
-        monkeypatch.setattr(follower.store, "load", load_while_a_newer_lands)
+        monkeypatch.setattr(follower.store, "payload", read_while_a_newer_lands)
         follower.refresh()
         assert follower.current.version == 1 and not follower.rejected
-        monkeypatch.setattr(follower.store, "load", real_load)
+        monkeypatch.setattr(follower.store, "payload", real_payload)
         follower.refresh()
         assert follower.current.version == 3
+
+
+def test_a_version_republished_under_its_number_after_it_was_listed_is_superseded_not_refused(
+        store: SnapshotStore, tmp_path: Path) -> None:
+    """A store that started over may hold another v1 by the time the listed one is fetched: its bytes verify against
+    their own manifest, not the one listed, and are neither served under the listed one nor held against it."""
+    from serving.weights import StoreSource, Superseded
+
+    publish(store, seed=1)
+    source = StoreSource(store)
+    [listed] = source.chain(1)
+    assert listed.parse(listed.fetch()).keys() == store.load(1)[1].keys()
+    restarted = SnapshotStore(store.directory.parent / "restarted")
+    publish(restarted, seed=2)
+    for name in ("v000001.safetensors", "v000001.json", "LATEST"):  # the store, started over, holds another v1
+        (store.directory / name).write_bytes((restarted.directory / name).read_bytes())
+    with pytest.raises(Superseded):
+        listed.fetch()
 
 
 def test_loaded_model_names_its_family(store: SnapshotStore) -> None:
