@@ -304,7 +304,7 @@ class WeightFollower:
     def _lower(self, steps: int) -> None:
         self.nice = lower_thread_priority(steps)
 
-    def _work(self, fn: Callable, *args, **kwargs):
+    def _bulk(self, fn: Callable, *args, **kwargs):
         """Bulk work, which lets the interpreter's lock go while it runs: ``fn(*args, **kwargs)`` on the low-priority
         worker when there is one (it raises what ``fn`` raised)."""
         if self._worker is None:
@@ -314,7 +314,7 @@ class WeightFollower:
     def _python(self, fn: Callable, *args, **kwargs):
         """Work that holds the interpreter's lock: on this thread, at the requests' priority, unless the scope of
         ``serving.follower_nice`` is all the follower's work."""
-        return self._work(fn, *args, **kwargs) if self.nice_scope == "all" else fn(*args, **kwargs)
+        return self._bulk(fn, *args, **kwargs) if self.nice_scope == "all" else fn(*args, **kwargs)
 
     def _timed(self, fn: Callable, args: tuple, kwargs: dict):
         started = time.thread_time()
@@ -404,19 +404,19 @@ class WeightFollower:
                 return entry.version
             cpu = self._cpu()
             try:
-                delta = self._python(entry.parse, self._work(entry.fetch))
+                delta = self._python(entry.parse, self._bulk(entry.fetch))
                 if entry.manifest.parent != expected:
                     raise SnapshotError(f"v{entry.version}'s parent is v{entry.manifest.parent}, "
                                         f"the replica serves v{self.current.version}")
                 started = time.perf_counter()
                 if adopting is not None:  # a catch-up delta: most of its rows are the versions applied already
-                    delta = self._work(without_held, self.current.model, delta)
+                    delta = self._bulk(without_held, self.current.model, delta)
                 prepared = self._python(prepare_delta, self.current.model, delta)  # checks, map merges; no lock
                 self.prepare_s.append(time.perf_counter() - started)
                 self._install(entry, prepared)
                 started = time.perf_counter()
                 # the rows written beside the requests, which read them staged meanwhile
-                self._work(settle_delta, prepared)
+                self._bulk(settle_delta, prepared)
                 self.settle_s.append(time.perf_counter() - started)
                 self.follow_cpu_s.append(self._cpu() - cpu)
             except Superseded:
@@ -486,7 +486,7 @@ class WeightFollower:
         requests (O(map)), installed under the lock (O(overlay))."""
         model = self.current.model
         if fold_due(model):
-            planned = self._work(plan_fold, model, pause=self._pause)
+            planned = self._bulk(plan_fold, model, pause=self._pause)
             with self.lock:
                 install_fold(model, planned)
             self.folds += 1
@@ -496,7 +496,7 @@ class WeightFollower:
         usable = chain[: next((i for i, e in enumerate(chain) if e.version in self.rejected), len(chain))]
         if not usable or usable[-1].version <= serving:
             return False  # already served, or refused: read nothing
-        built = self._work(self._build, usable, serving)
+        built = self._bulk(self._build, usable, serving)
         if isinstance(built, bool):
             return built
         self.current, self._lineage = built  # the atomic swap: one reference assignment
