@@ -59,6 +59,7 @@ from learner.delta import (
 from learner.models import MultiTaskRanker
 from learner.priority import lower_thread_priority
 from learner.snapshots import Manifest, SnapshotError, SnapshotStore, manifest_name, parse, verified
+from serving.config import FOLLOWER_NICE_SCOPES
 
 log = logging.getLogger(__name__)
 APPLY_TIMES_KEPT = 1000
@@ -250,8 +251,8 @@ class WeightFollower:
     def __init__(self, source: VersionSource | Path | str, poll_s: float = 0.25,
                  on_swap: Callable[[LoadedModel], None] | None = None, handoff: bool = False, nice: int = 0,
                  nice_scope: str = "bulk") -> None:
-        if nice_scope not in ("bulk", "all"):
-            raise ValueError(f"nice_scope must be 'bulk' or 'all', got {nice_scope!r}")
+        if nice_scope not in FOLLOWER_NICE_SCOPES:
+            raise ValueError(f"nice_scope must be one of {list(FOLLOWER_NICE_SCOPES)}, got {nice_scope!r}")
         self.source = source if hasattr(source, "chain") else StoreSource(SnapshotStore(source))
         self.nice: int | None = None
         """The niceness the follower's bulk work runs at (``serving.follower_nice``); None: the replica's own."""

@@ -162,7 +162,7 @@ def test_a_replica_reads_and_writes_versions_below_the_requests_priority_and_ins
 
 
 def test_a_follower_refuses_an_unknown_scope_of_its_niceness(store: SnapshotStore) -> None:
-    with pytest.raises(ValueError, match="nice_scope must be 'bulk' or 'all', got 'some'"):
+    with pytest.raises(ValueError, match=r"nice_scope must be one of \['bulk', 'all'\], got 'some'"):
         WeightFollower(store.directory, poll_s=NEVER, nice=3, nice_scope="some")
 
 
