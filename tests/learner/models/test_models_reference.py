@@ -165,11 +165,13 @@ def test_blocks_under_bf16_autocast_compute_in_bf16_and_keep_fp32_gradients():
     assert_close(out.float(), mlp.forward_blocks(x.detach(), blocks), atol=0.05, rtol=0.05)
 
 
-@pytest.mark.parametrize("classes", [2, 4, 8, SMALL_SOFTMAX - 1, SMALL_SOFTMAX, 40])
+@pytest.mark.parametrize("classes", sorted({2, 4, 8, SMALL_SOFTMAX - 1, SMALL_SOFTMAX, 40}))
 def test_softmax_lastdim_equals_torch_softmax_with_gradients(classes):
     torch.manual_seed(classes)
     x = (torch.randn(64, 6, classes, dtype=torch.float64) * 4).requires_grad_()
-    assert torch.autograd.gradcheck(softmax_lastdim, (x,))
+    # gradcheck builds the full (n, n) Jacobian numerically: on all 64 * 6 rows that is 15360^2 entries at 40
+    # classes. Rows are independent, so a few rows of the same tensor check the same backward.
+    assert torch.autograd.gradcheck(softmax_lastdim, (x[:4, :3].detach().requires_grad_(),))
     y = x.detach().float().requires_grad_()
     ref = y.detach().clone().requires_grad_()
     grad = torch.randn(y.shape)
