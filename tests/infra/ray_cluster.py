@@ -126,7 +126,11 @@ class LocalCluster:
             f"--metrics-export-port={metrics}", "--disable-usage-stats",
         ]
         with log.open("wb") as out:
-            process = subprocess.Popen(command, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+            # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM a node would otherwise mark itself draining and
+            # wait up to 30 s for traffic to move elsewhere before stopping its processes; this cluster is only
+            # ever stopped after the test is over, when there is no traffic left to move.
+            process = subprocess.Popen(command, env=self.env(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"), stdout=out,
+                                       stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
         self.nodes.append(Node(name, process, temp_dir, log))
 

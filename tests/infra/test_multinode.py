@@ -76,8 +76,10 @@ def _serve(cluster: LocalCluster, path: Path, log: Path) -> subprocess.Popen:
                                 env=cluster.env(RAY_ADDRESS=cluster.address), start_new_session=True)
 
 
-def _token_errors(cluster: LocalCluster, tmp_path: Path) -> tuple[str, str]:
-    """What joining says without a token, and with a wrong one (each in a fresh process: Ray caches tokens)."""
+def _join_without_token(cluster: LocalCluster, tmp_path: Path) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """Try joining without a token, and with a wrong one (each in a fresh process: Ray caches tokens); what each
+    says comes out of its stdout. The one with a wrong token retries for about 20 s before giving up, so both run
+    while the test goes on."""
     probe = "from infra.runtime import init_ray\ntry:\n    init_ray(address=%r)\nexcept RuntimeError as e:\n    print(e)\n"
     home = tmp_path / "home"
     home.mkdir()
@@ -85,9 +87,17 @@ def _token_errors(cluster: LocalCluster, tmp_path: Path) -> tuple[str, str]:
     wrong_token = home / "wrong-token"
     wrong_token.write_text("0" * 64)
     wrong = cluster.env(HOME=str(home), RAY_AUTH_TOKEN_PATH=str(wrong_token))
-    results = [subprocess.run([sys.executable, "-c", probe % cluster.address], env=env, capture_output=True,
-                              text=True, timeout=180) for env in (missing, wrong)]
-    return results[0].stdout, results[1].stdout
+    return tuple(subprocess.Popen([sys.executable, "-c", probe % cluster.address], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True) for env in (missing, wrong))
+
+
+def _said(probe: subprocess.Popen) -> str:
+    try:
+        return probe.communicate(timeout=180)[0]
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+            probe.wait()
 
 
 @pytest.mark.timeout(1500)
@@ -108,12 +118,13 @@ def test_trainer_job_and_serve_replica_run_on_different_nodes(kafka_bootstrap, u
         head_id = next(i for i, n in nodes.items() if n["is_head_node"])
         worker_id = next(i for i, n in nodes.items() if not n["is_head_node"])
 
-        no_token, wrong_token = _token_errors(cluster, tmp_path)
-        assert "uses token authentication and no token was found" in no_token
-        assert "refused our token" in wrong_token
-
+        probes = _join_without_token(cluster, tmp_path)
         server = _serve(cluster, replica_path, serve_log)
         try:
+            no_token, wrong_token = map(_said, probes)
+            assert "uses token authentication and no token was found" in no_token
+            assert "refused our token" in wrong_token
+
             url = f"http://127.0.0.1:{port}"
             wait_for(lambda: server.poll() is not None or "/v1/rank, API docs at" in serve_log.read_text(), 300,
                      "`moestream serve` to deploy the ranking app")
