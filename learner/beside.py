@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
@@ -27,6 +28,8 @@ from learner.delta import Delta, compose
 from learner.priority import lower_thread_priority
 from learner.snapshots import Manifest, PendingBase, SnapshotError, SnapshotStore
 
+
+T = TypeVar("T")
 
 WRITER_NICE = 10
 """Steps of niceness the writing thread adds to the trainer's own (``learner.priority``): training, the consumers and
@@ -135,8 +138,7 @@ class CheckpointBeside:
         """A checkpoint is being written, or written and not yet collected by :meth:`done`."""
         return self._job is not None
 
-    def start(self, assemble: Callable[[], dict[str, torch.Tensor]], rest: Callable[[dict[str, torch.Tensor]], Checkpoint],
-              offsets: dict[int, int]) -> None:
+    def start(self, assemble: Callable[[], T], rest: Callable[[T], Checkpoint], offsets: dict[int, int]) -> None:
         """Write ``rest(assemble())`` on the writing thread; ``offsets``: what it covers, once durable."""
         if self._job is not None:
             raise RuntimeError("a checkpoint is already being written beside training")

@@ -47,6 +47,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import ArrayLike
 
+from learner.models.row_snapshot import RowSnapshot
+
 MODES = ("collisionless", "hash")
 EMPTY, TOMB = -1, -2
 """Slot markers; valid IDs are >= 0."""
@@ -214,9 +216,6 @@ class _KeyIndex:
         self.n_live -= len(entries)
         self.n_tombs += len(entries)
 
-    def key_of(self, entries: np.ndarray) -> np.ndarray:
-        return self.keys[self.slot[entries]]
-
     def _place(self, keys: np.ndarray, entries: np.ndarray) -> np.ndarray:
         """Writes each key in the first free slot of its run, in rounds; returns those that found none."""
         pos, todo, last, failed = self._home(keys), np.arange(len(keys)), len(self.windows) - 1, []
@@ -286,34 +285,54 @@ class _Journal:
 
 
 class _Pool:
-    """Keys held in entries ``1..n``: the index, a free stack, and when each entry was last seen; with a
-    ``journal``, every key whose entry changes is recorded there."""
+    """Keys held in entries ``1..n``: the index, each entry's key, a free stack, when each entry was last seen and,
+    for the pending table (``counted``), each entry's count; with a ``journal``, every key whose entry changes is
+    recorded there. Every write to the per-entry arrays and the free stack goes through :meth:`_before_write`
+    first, so that :meth:`snapshot` can be copied while the pool changes."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, counted: bool = False) -> None:
         self.n = n
         self.index = _KeyIndex(n + 1)
+        self.keys = np.full(n + 1, EMPTY, np.int64)
+        """Each entry's key, EMPTY while the entry is free (the index finds entries by key, this keys by entry)."""
         self.seen_ms = np.zeros(n + 1, np.int64)
         self.seen_tick = np.zeros(n + 1, np.int64)
+        self.count: np.ndarray | None = np.zeros(n + 1, np.int64) if counted else None
         self.free: np.ndarray = np.arange(n, 0, -1, dtype=_index_dtype(n + 1))  # popped from the end: 1, 2, 3, ...
         self.n_free = n
         self.journal: _Journal | None = None
+        self._snapshots: list[_PoolSnapshot] = []
 
     @property
     def nbytes(self) -> int:
-        return self.index.nbytes + self.seen_ms.nbytes + self.seen_tick.nbytes + self.free.nbytes
+        counted = 0 if self.count is None else self.count.nbytes
+        return self.index.nbytes + self.keys.nbytes + self.seen_ms.nbytes + self.seen_tick.nbytes + self.free.nbytes + counted
+
+    @property
+    def columns(self) -> tuple[np.ndarray, ...]:
+        """The per-entry arrays: keys, seen_ms, seen_tick and, when counted, count."""
+        return (self.keys, self.seen_ms, self.seen_tick) + (() if self.count is None else (self.count,))
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         return self.index.find(keys)
 
     def touch(self, entries: np.ndarray, now: int, tick: int) -> None:
+        self._before_write(entries)
         self.seen_ms[entries] = np.maximum(self.seen_ms[entries], now)  # event time may step back; staleness not
         self.seen_tick[entries] = tick
+
+    def set_count(self, entries: np.ndarray, counts: np.ndarray) -> None:
+        assert self.count is not None
+        self._before_write(entries)
+        self.count[entries] = counts
 
     def take(self, keys: np.ndarray, now: int, tick: int) -> np.ndarray:
         """Entries for new keys (no more than are free), popped in order."""
         got = self.free[self.n_free - len(keys):self.n_free][::-1].astype(np.int64)
         self.n_free -= len(keys)
+        self._before_write(got)
         self.index.insert(keys, got)
+        self.keys[got] = keys
         self.seen_ms[got] = now
         self.seen_tick[got] = tick
         if self.journal is not None:
@@ -322,49 +341,98 @@ class _Pool:
 
     def release(self, entries: np.ndarray) -> None:
         entries = np.sort(entries)
-        journal = self.journal
-        keys = None if journal is None else self.index.key_of(entries)
+        self._before_write(entries, pushed=len(entries))
+        keys = self.keys[entries]
         self.index.remove(entries)
-        if journal is not None:
-            journal.record(keys, entries)
+        self.keys[entries] = EMPTY
+        if self.journal is not None:
+            self.journal.record(keys, entries)
         self.free[self.n_free:self.n_free + len(entries)] = entries[::-1]
         self.n_free += len(entries)
 
     def live(self) -> np.ndarray:
-        return np.flatnonzero(self.index.slot[1:] >= 0) + 1
+        return np.flatnonzero(self.keys[1:] >= 0) + 1
 
     def seen_before(self, cutoff_ms: int) -> np.ndarray:
-        return np.flatnonzero((self.index.slot[1:] >= 0) & (self.seen_ms[1:] < cutoff_ms)) + 1
+        return np.flatnonzero((self.keys[1:] >= 0) & (self.seen_ms[1:] < cutoff_ms)) + 1
 
     def least_recent(self, k: int, tick: int) -> np.ndarray:
         """The ``k`` live entries seen longest ago (by call, then entry), none seen in call ``tick``."""
-        cand = np.flatnonzero((self.index.slot[1:] >= 0) & (self.seen_tick[1:] < tick)) + 1
+        cand = np.flatnonzero((self.keys[1:] >= 0) & (self.seen_tick[1:] < tick)) + 1
         if k >= cand.size:
             return cand
         order = self.seen_tick[cand] * (self.n + 1) + cand
         return cand[np.argpartition(order, k - 1)[:k]]
 
+    def snapshot(self) -> _PoolSnapshot:
+        """The pool as it is now, to be copied later (:meth:`_PoolSnapshot.arrays`) while it keeps changing."""
+        self._snapshots = [s for s in self._snapshots if not s.done]
+        snapshot = _PoolSnapshot(self)
+        self._snapshots.append(snapshot)
+        return snapshot
+
+    def _before_write(self, entries: np.ndarray, pushed: int = 0) -> None:
+        """``entries`` are about to be written, and ``pushed`` entries onto the free stack."""
+        if self._snapshots:
+            self._snapshots = [s for s in self._snapshots if not s.done]
+            for snapshot in self._snapshots:
+                snapshot.before_write(self, entries, pushed)
+
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        keys = np.full(self.n + 1, EMPTY, np.int64)
-        live = self.live()
-        keys[live] = self.index.key_of(live)
-        return {f"{prefix}keys": keys, f"{prefix}seen_ms": self.seen_ms.copy(),
-                f"{prefix}seen_tick": self.seen_tick.copy(), f"{prefix}free": self.free[:self.n_free].astype(np.int64)}
+        return self.snapshot().arrays(prefix)
 
     @classmethod
-    def from_arrays(cls, n: int, arrays: dict[str, np.ndarray], prefix: str) -> _Pool:
-        pool = cls(n)
+    def from_arrays(cls, n: int, arrays: dict[str, np.ndarray], prefix: str, counted: bool = False) -> _Pool:
+        pool = cls(n, counted)
         keys = _array(arrays, f"{prefix}keys", n + 1)
         pool.seen_ms[:] = _array(arrays, f"{prefix}seen_ms", n + 1)
         pool.seen_tick[:] = _array(arrays, f"{prefix}seen_tick", n + 1)
+        if pool.count is not None:
+            pool.count[:] = _array(arrays, f"{prefix}count", n + 1)
         free = _array(arrays, f"{prefix}free", None)
         live = np.flatnonzero(keys >= 0)
         if len(live) + len(free) != n or (live == 0).any():
             raise ValueError(f"{prefix}keys and {prefix}free do not add up to {n} entries")
         pool.index.insert(keys[live], live)
+        pool.keys[live] = keys[live]
         pool.free[:len(free)] = free
         pool.n_free = len(free)
         return pool
+
+
+class _PoolSnapshot:
+    """A pool's arrays as they were when :meth:`_Pool.snapshot` was called, copied by :meth:`arrays` (once, on any
+    thread) while the pool changes: the per-entry arrays and the free stack are each a
+    :class:`~learner.models.row_snapshot.RowSnapshot`; the stack's entries below its height then are all it holds."""
+
+    def __init__(self, pool: _Pool) -> None:
+        self.entries = RowSnapshot(pool.columns, np.zeros(pool.n + 1, bool), np.empty_like)
+        self.stack = RowSnapshot((pool.free,), np.zeros(len(pool.free), bool), np.empty_like)
+        self.height = pool.n_free
+
+    @property
+    def done(self) -> bool:
+        return self.entries.done
+
+    def before_write(self, pool: _Pool, entries: np.ndarray, pushed: int) -> None:
+        self.entries.before_write(pool.keys, entries)
+        if pushed:
+            self.stack.before_write(pool.free, np.arange(pool.n_free, pool.n_free + pushed))
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        """``_Pool.arrays`` of the snapshot's moment."""
+        try:
+            columns = self.entries.copy()
+            free, = self.stack.copy()
+        finally:
+            self.release()
+        names = ("keys", "seen_ms", "seen_tick", "count")
+        return {**{f"{prefix}{name}": column for name, column in zip(names, columns)},
+                f"{prefix}free": free[:self.height].astype(np.int64)}
+
+    def release(self) -> None:
+        self.entries.release()
+        self.stack.release()
 
 
 def _array(arrays: dict[str, np.ndarray], name: str, length: int | None) -> np.ndarray:
@@ -382,8 +450,7 @@ class IdMap:
     def __init__(self, config: IdMapConfig) -> None:
         self.config = config
         self._rows = _Pool(config.capacity)
-        self._pending = _Pool(config.pending_entries) if config.pending_entries else None
-        self._count = np.zeros(config.pending_entries + 1, np.int64)
+        self._pending = _Pool(config.pending_entries, counted=True) if config.pending_entries else None
         self._tick = 0
         self._next_sweep = np.iinfo(np.int64).min
         self._counters = dict.fromkeys(_COUNTERS, 0)
@@ -397,7 +464,7 @@ class IdMap:
         pool = self._rows
         pool.journal = _Journal(pool)
         live = pool.live()
-        pool.journal.record(pool.index.key_of(live), np.zeros(len(live), np.int64))
+        pool.journal.record(pool.keys[live], np.zeros(len(live), np.int64))
 
     def changes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What turns the map at the last :meth:`mark_published` (or an empty one, before the first) into
@@ -466,8 +533,8 @@ class IdMap:
                 self._drop_pending(pending[stale])
                 pending[stale] = 0
             known = pending > 0
-            total = counts + self._count[pending] * known
-            self._count[pending[known]] = total[known]
+            total = counts + self._pending.count[pending] * known
+            self._pending.set_count(pending[known], total[known])
             self._pending.touch(pending[known], now, self._tick)
         key_rows = np.zeros(len(keys), np.int64)
         qualify = np.flatnonzero(total >= self.config.min_count)
@@ -497,7 +564,7 @@ class IdMap:
         if need > 0:
             self._drop_pending(self._pending.least_recent(max(need, self._pending.n // EVICT_DIVISOR, 1), self._tick))
         n = min(len(keys), self._pending.n_free)
-        self._count[self._pending.take(keys[:n], now, self._tick)] = counts[:n]
+        self._pending.set_count(self._pending.take(keys[:n], now, self._tick), counts[:n])
         self._counters["pending_dropped"] += len(keys) - n
 
     def _drop_pending(self, entries: np.ndarray) -> None:
@@ -518,7 +585,7 @@ class IdMap:
     def stats(self) -> dict[str, int]:
         """Live IDs, lifetime counters, and collisions: live IDs that share their row with another live ID."""
         live = self._rows.live()
-        rows = live if self.config.mode == "collisionless" else hashed_rows(self._rows.index.key_of(live),
+        rows = live if self.config.mode == "collisionless" else hashed_rows(self._rows.keys[live],
                                                                              self.config.capacity)
         _, shared = np.unique(rows, return_counts=True)
         return {"capacity": self.config.capacity, "live": len(live), **self._counters,
@@ -527,17 +594,18 @@ class IdMap:
 
     @property
     def nbytes(self) -> int:
-        pending = 0 if self._pending is None else self._pending.nbytes + self._count.nbytes
+        pending = 0 if self._pending is None else self._pending.nbytes
         return self._rows.nbytes + pending
 
     def state(self) -> dict[str, np.ndarray]:
         """Everything a restore needs, as flat int64 arrays (safetensors-compatible)."""
-        clock = np.array([self._tick, self._next_sweep], np.int64)
-        arrays = {"clock": clock, "counters": np.array([self._counters[k] for k in _COUNTERS], np.int64),
-                  **self._rows.arrays("rows.")}
-        if self._pending is not None:
-            arrays |= self._pending.arrays("pending.") | {"pending.count": self._count.copy()}
-        return arrays
+        return self.snapshot_state().copy()
+
+    def snapshot_state(self) -> StateSnapshot:
+        """:meth:`state` (and :meth:`capture`) of this moment, copied later, on any thread, while the map goes on
+        learning (a checkpoint or a base written beside training): taking it reads no array, and until it is copied
+        the map's writes keep the old values of the entries they change (``learner.models.row_snapshot``)."""
+        return StateSnapshot(self)
 
     @classmethod
     def from_state(cls, config: IdMapConfig, arrays: dict[str, np.ndarray]) -> IdMap:
@@ -547,8 +615,7 @@ class IdMap:
         idmap._counters = dict(zip(_COUNTERS, (int(v) for v in _array(arrays, "counters", len(_COUNTERS)))))
         idmap._rows = _Pool.from_arrays(config.capacity, arrays, "rows.")
         if idmap._pending is not None:
-            idmap._pending = _Pool.from_arrays(config.pending_entries, arrays, "pending.")
-            idmap._count[:] = _array(arrays, "pending.count", config.pending_entries + 1)
+            idmap._pending = _Pool.from_arrays(config.pending_entries, arrays, "pending.", counted=True)
         idmap._track_changes()  # nothing of a restored map is known to be published
         return idmap
 
@@ -562,21 +629,46 @@ class IdMap:
         if self.config.mode == "hash":
             return _NONE, _NONE
         live = self._rows.live()
-        return self._rows.index.key_of(live), live
-
-    def state_and_capture(self) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-        """:meth:`state` and :meth:`capture` of one moment, the live IDs read once (a checkpoint written beside
-        training takes both: reading each live row's key is most of either's time)."""
-        arrays = self.state()
-        if self.config.mode == "hash":
-            return arrays, (_NONE, _NONE)
-        keys = arrays["rows.keys"]
-        live = np.flatnonzero(keys != EMPTY)  # ascending, as ``_Pool.live`` gives them; the default row is never live
-        return arrays, (keys[live], live)
+        return self._rows.keys[live], live
 
     @staticmethod
     def for_serving(config: IdMapConfig, arrays: dict[str, np.ndarray]) -> ServingIdMap:
         return ServingIdMap(config, arrays)
+
+
+class StateSnapshot:
+    """An ID map's :meth:`IdMap.state` of one moment (:meth:`IdMap.snapshot_state`), copied by :meth:`copy` once."""
+
+    def __init__(self, idmap: IdMap) -> None:
+        self.hashed = idmap.config.mode == "hash"
+        self.clock = np.array([idmap._tick, idmap._next_sweep], np.int64)
+        self.counters = np.array([idmap._counters[k] for k in _COUNTERS], np.int64)
+        self.rows = idmap._rows.snapshot()
+        self.pending = None if idmap._pending is None else idmap._pending.snapshot()
+
+    def copy(self) -> dict[str, np.ndarray]:
+        """The state of the snapshot's moment (then the map stops keeping anything for it)."""
+        try:
+            arrays = {"clock": self.clock, "counters": self.counters, **self.rows.arrays("rows.")}
+            if self.pending is not None:
+                arrays |= self.pending.arrays("pending.")
+        finally:
+            self.release()
+        return arrays
+
+    def live(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`IdMap.capture` of the snapshot's moment, from the arrays :meth:`copy` gave."""
+        if self.hashed:
+            return _NONE, _NONE
+        keys = arrays["rows.keys"]
+        live = np.flatnonzero(keys != EMPTY)  # ascending, as ``_Pool.live`` gives them; the default row is never live
+        return keys[live], live
+
+    def release(self) -> None:
+        """No copy will be made (or it was)."""
+        self.rows.release()
+        if self.pending is not None:
+            self.pending.release()
 
 
 def sort_snapshot(keys: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:

@@ -342,8 +342,9 @@ class TrainingLoop:
         step, meta = self.learner.step, {"counters": counters, "offsets": {str(p): o for p, o in offsets.items()},
                                          "model_config": self.learner.model.config}
 
-        def whole(model: dict) -> Checkpoint:
-            return Checkpoint(step, model, optimizer, arrays, joiner, buffer, meta)
+        def whole(taken: tuple[dict, dict]) -> Checkpoint:
+            model, maps = taken
+            return Checkpoint(step, model, optimizer, {**arrays, **maps}, joiner, buffer, meta)
         beside.start(assemble, whole, offsets)
         self._checkpoint_time("capture", time.perf_counter() - started)
 

@@ -329,35 +329,40 @@ class Learner:
         self.publish_maps()
         return self.model.state_dict()
 
-    def capture(self, pairs: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Callable[[], dict[str, torch.Tensor]]:
+    def capture(self) -> Callable[[], dict[str, torch.Tensor]]:
         """:meth:`weights` in two halves, for a base written beside training (``learner.loop``): what is taken now
-        (copies of the small entries, each ID map's live pairs unordered, and a snapshot of each table's weights:
-        ``RowwiseTable.snapshot``), and the function returned, which copies the tables, orders the maps and
-        assembles the state dict on another thread while training goes on. What it returns equals what
-        :meth:`weights` returns now; the training thread pays for the small entries and the maps here, and for the
-        rows it writes while the tables are copied, not for the tables. ``pairs``: each map's live pairs, taken
-        already (``IdMap.state_and_capture``)."""
+        (copies of the small entries, and snapshots of each table's rows and each ID map: ``RowwiseTable.snapshot``,
+        ``IdMap.snapshot_state``), and the function returned, which copies the tables and the maps, orders the maps
+        and assembles the state dict on another thread while training goes on. What it returns equals what
+        :meth:`weights` returns now; the training thread pays for the small entries here, and for the rows and
+        entries it writes while they are copied, not for the tables or the maps."""
+        taken = self._snapshot()
+        return lambda: taken()[0]
+
+    def _snapshot(self) -> Callable[[], tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]]:
+        """:meth:`capture`'s halves, the function returning the ID maps' state of the moment too (for checkpoints:
+        :meth:`capture_state`)."""
         maps, tables = field_maps(self.model), row_tables(self.model)
-        weights = {f"{prefix}weight": table.snapshot() for prefix, table in tables.items()}
-        skip = {*maps, *(rows_key(k) for k in maps), *weights}
+        rows = {prefix: table.snapshot() for prefix, table in tables.items()}
+        id_maps = {name: id_map.snapshot_state() for name, id_map in self.id_maps.items()}
+        skip = {*maps, *(rows_key(k) for k in maps), *(f"{prefix}{k}" for prefix in rows for k in ("weight", "sum_sq"))}
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k not in skip}
-        captured = {key: pairs[name] if pairs is not None else self.id_maps[name].capture()
-                    for key, (_, name) in maps.items()}
         device = self.device
 
-        def assemble() -> dict[str, torch.Tensor]:
+        def assemble() -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
             out = dict(state)
-            try:
-                for key, snapshot in weights.items():
-                    out[key] = snapshot.copy()
-            finally:  # a copy that failed or was never made must not keep the tables keeping rows
-                for snapshot in weights.values():
-                    snapshot.release()
-            for key, (keys, rows) in captured.items():
-                published = sort_snapshot(keys, rows)
+            try:  # the maps first: they are quicker to copy, and keep entries for it until they are
+                arrays = {name: taken.copy() for name, taken in id_maps.items()}
+                for prefix, table in rows.items():
+                    out[f"{prefix}weight"], out[f"{prefix}sum_sq"] = table.copy()
+            finally:  # a copy that failed or was never made must not keep the tables and maps keeping rows
+                for held in (*id_maps.values(), *rows.values()):
+                    held.release()
+            for key, (_, name) in maps.items():
+                published = sort_snapshot(*id_maps[name].live(arrays[name]))
                 out[key] = torch.from_numpy(published["ids"]).to(device)
                 out[rows_key(key)] = torch.from_numpy(published["rows"]).to(device)
-            return out
+            return out, {f"idmap.{name}.{k}": v for name, state in arrays.items() for k, v in state.items()}
         return assemble
 
     def delta(self) -> Delta:
@@ -432,20 +437,18 @@ class Learner:
         maps = {f"idmap.{name}.{k}": v for name, id_map in self.id_maps.items() for k, v in id_map.state().items()}
         return self.weights(), self.optimizer.state_dict(), {**self.metrics.state(), **maps}, counters
 
-    def capture_state(self) -> tuple[Callable[[], dict[str, torch.Tensor]], dict, dict[str, np.ndarray], dict]:
-        """:meth:`state` for a checkpoint written beside training (``learner.beside.CheckpointBeside``): the weights
-        as :meth:`capture` takes them (the tables copied, the maps ordered later, on the writing thread), and
-        copies of the optimizer's state, the metric windows and the ID maps' state now, since training goes on
-        writing into them. The training thread pays for those copies (O(live IDs) for the maps), not for
-        serialising and writing the whole state."""
+    def capture_state(self) -> tuple[Callable[[], tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]], dict,
+                                     dict[str, np.ndarray], dict]:
+        """:meth:`state` for a checkpoint written beside training (``learner.beside.CheckpointBeside``): a function
+        that copies the weights and the ID maps' state of this moment on the writing thread (as :meth:`capture`
+        does), and copies of the optimizer's state, the metric windows and the counters now. The training thread
+        pays for those copies and for the rows and entries it writes while the tables and maps are copied, not for
+        the tables or the maps."""
         counters = {"step": self.step, "examples": self.examples, "event_time_hwm_ms": self.event_time_hwm_ms,
                     "skipped_steps": self.skipped_steps}
-        taken = {name: id_map.state_and_capture() for name, id_map in self.id_maps.items()}
-        maps = {f"idmap.{name}.{k}": v for name, (state, _) in taken.items() for k, v in state.items()}
         metrics = {k: np.array(v, copy=True) for k, v in self.metrics.state().items()}
-        assemble = self.capture({name: pairs for name, (_, pairs) in taken.items()})
         optimizer = copy.deepcopy(self.optimizer.state_dict())  # it holds the optimizer's own tensors
-        return assemble, optimizer, {**metrics, **maps}, counters
+        return self._snapshot(), optimizer, metrics, counters
 
     def restore(self, model: dict[str, torch.Tensor], optimizer: dict, arrays: dict[str, np.ndarray],
                 counters: dict, model_config: dict | None = None) -> None:

@@ -40,11 +40,11 @@ the staged copy) and :meth:`RowwiseTable.settle_rows` (O(rows), beside the reque
 table, then the staged copy dropped). A lookup reads the staged copy before the table, so a row being written is
 never read half-written; ``state_dict`` reads the table with the staged rows in it.
 
-A copy beside training: :meth:`RowwiseTable.snapshot` returns a :class:`WeightSnapshot`, whose ``copy()`` (on
-another thread, while training goes on) gives the weights exactly as they were when it was taken. The copy runs in
-chunks; before an update or a reset writes a row the copy has not reached yet, the table keeps that row's value
-(once), and the copy puts those values back at the end: the training thread pays for the rows it writes meanwhile,
-not for the table (a whole clone of a 10^7-row table held it for 0.3 to 2 s).
+A copy beside training: :meth:`RowwiseTable.snapshot` returns a :class:`~learner.models.row_snapshot.RowSnapshot`,
+whose ``copy()`` (on another thread, while training goes on) gives the weights and their accumulators exactly as
+they were when it was taken. The copy runs in chunks; before an update or a reset writes a row the copy has not
+reached yet, the table keeps that row's values (once), and the copy puts them back at the end: the training thread
+pays for the rows it writes meanwhile, not for the table (a whole clone of a 10^7-row table held it for 0.3 to 2 s).
 
 Data parallel (replicated tables): each worker takes its local ``gradients()``, the caller all-gathers the
 ``(rows, grads)`` pairs (padding to the longest, or ``all_gather_object``), concatenates them in rank order
@@ -54,72 +54,13 @@ update from the same input and every replica holds identical rows. Design and me
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from learner.models.row_snapshot import RowSnapshot
+
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads (seed, resets) over the 64-bit seed space
-SNAPSHOT_CHUNK_ROWS = 1 << 18
-"""Rows a :class:`WeightSnapshot` copies at a time (32 MB at dim 32)."""
-
-
-class WeightSnapshot:
-    """A table's weights as they were when :meth:`RowwiseTable.snapshot` was called, copied by :meth:`copy` on any
-    thread while the table keeps training (see the module doc). One copy per snapshot."""
-
-    def __init__(self, weight: Tensor) -> None:
-        self.source = weight
-        """The weight tensor of that moment (a growth replaces the table's: this one then no longer changes)."""
-        self.copied = 0
-        """Rows copied so far: a write below needs nothing kept."""
-        self._kept = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
-        self._undo: list[tuple[Tensor, Tensor]] = []
-        self._lock = threading.Lock()
-        self.done = False
-
-    def before_write(self, weight: Tensor, rows: Tensor) -> None:
-        """``rows`` (distinct) of ``weight`` are about to be written: keep the values of those the copy has not
-        reached and that were not kept already."""
-        if weight is not self.source:
-            return
-        with self._lock:
-            if self.done:
-                return
-            rows = rows[(rows >= self.copied) & (rows < self._kept.shape[0])]
-            rows = rows[~self._kept[rows]]
-            if rows.numel():
-                self._kept[rows] = True
-                self._undo.append((rows, weight.index_select(0, rows)))
-
-    def copy(self) -> Tensor:
-        """The weights as they were when the snapshot was taken: chunks copied, then the kept rows put back."""
-        source = self.source
-        try:
-            out = torch.empty_like(source)
-            for start in range(0, source.shape[0], SNAPSHOT_CHUNK_ROWS):
-                end = min(source.shape[0], start + SNAPSHOT_CHUNK_ROWS)
-                out[start:end].copy_(source[start:end])
-                with self._lock:
-                    self.copied = end
-        except BaseException:
-            self.release()
-            raise
-        with self._lock:
-            self.done = True
-            undo, self._undo = self._undo, []
-        for rows, values in undo:
-            out.index_copy_(0, rows, values)
-        return out
-
-    def release(self) -> None:
-        """No copy will be made (or it was): the table stops keeping rows for it."""
-        with self._lock:
-            self.done = True
-            self._undo = []
-
-
 class RowwiseTable(nn.Module):
     """``n_rows`` ID rows plus the default row 0, trained by sparse row-wise Adagrad (see the module doc).
 
@@ -176,7 +117,7 @@ class RowwiseTable(nn.Module):
         self._changed_count: int
         # (weight, sum_sq) storage with room to grow into, when load_rows grew the table (weight is a view of it)
         self._room: tuple[Tensor, Tensor] | None
-        self._snapshots: list[WeightSnapshot] = []
+        self._snapshots: list[RowSnapshot] = []
         """Copies under way (:meth:`snapshot`): each keeps the rows a write is about to change."""
         self._staged: tuple[Tensor, Tensor, Tensor] | None = None
         """Rows (ascending) a version changed, with their weights and accumulators, served from here until
@@ -247,10 +188,12 @@ class RowwiseTable(nn.Module):
             for name, values in (("weight", weight), ("sum_sq", sum_sq)):
                 destination[prefix + name] = destination[prefix + name].detach().index_copy(0, rows, values)
 
-    def snapshot(self) -> WeightSnapshot:
-        """The weights as they are now, to be copied beside training (:meth:`WeightSnapshot.copy`)."""
+    def snapshot(self) -> RowSnapshot:
+        """The weights and their accumulators as they are now, to be copied beside training: ``copy()`` gives
+        ``(weight, sum_sq)`` of this moment (``learner.models.row_snapshot``)."""
         self._snapshots = [s for s in self._snapshots if not s.done]
-        snap = WeightSnapshot(self.weight)
+        snap = RowSnapshot((self.weight, self.sum_sq), torch.zeros(self.weight.shape[0], dtype=torch.bool,
+                                                                   device=self.weight.device), torch.empty_like)
         self._snapshots.append(snap)
         return snap
 

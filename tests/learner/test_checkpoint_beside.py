@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from features.memory import InMemoryFeatures
+from learner.beside import CheckpointBeside
 from learner.checkpoint import CheckpointStore
 from learner.intake import ExamplesSource
 from learner.loop import TrainingLoop
@@ -57,17 +58,18 @@ def _step(loop: TrainingLoop) -> None:
 
 
 class _Gate:
-    """Holds the checkpoint's writing thread until opened: training goes on while it is being written."""
+    """Holds the checkpoint's writing thread until opened, before it copies anything: training goes on writing the
+    rows, the optimizer's moments and the maps while the checkpoint of an earlier step is still to be copied."""
 
-    def __init__(self, store: CheckpointStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, beside: CheckpointBeside, monkeypatch: pytest.MonkeyPatch) -> None:
         self.open, self.waiting = threading.Event(), threading.Event()
-        write = store.write
+        write = beside._write
 
-        def held(checkpoint):
+        def held(*args):
             self.waiting.set()
             assert self.open.wait(60), "the gate was never opened"
-            return write(checkpoint)
-        monkeypatch.setattr(store, "write", held)
+            return write(*args)
+        monkeypatch.setattr(beside, "_write", held)
 
 
 def _same(a, b) -> None:
@@ -91,7 +93,7 @@ def test_a_checkpoint_written_beside_training_holds_its_step_s_state_and_commits
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loop = _loop(tmp_path / "beside", beside=True)
-    gate = _Gate(loop.checkpoints, monkeypatch)
+    gate = _Gate(loop.checkpoint_beside, monkeypatch)
     for _ in range(EVERY):
         _step(loop)
     assert gate.waiting.wait(60)  # the step-2 checkpoint is being written: the loop went on without waiting
@@ -189,7 +191,7 @@ def test_a_worker_waiting_for_input_commits_a_durable_checkpoint_and_takes_the_o
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loop = _loop(tmp_path, beside=True)
-    gate = _Gate(loop.checkpoints, monkeypatch)
+    gate = _Gate(loop.checkpoint_beside, monkeypatch)
     for _ in range(2 * EVERY):  # the step-2 checkpoint held in its write; the step-4 one owed
         _step(loop)
     assert gate.waiting.wait(60) and loop._checkpoint_owed

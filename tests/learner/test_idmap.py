@@ -5,6 +5,7 @@ bad input refused by name."""
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
 
 import numpy as np
@@ -12,7 +13,9 @@ import pytest
 from safetensors.numpy import load, save
 
 import learner.idmap
+import learner.models.row_snapshot
 from learner.idmap import EVICT_DIVISOR, SWEEP_DIVISOR, IdMap, IdMapConfig, _KeyIndex, as_ids, hashed_rows, mix64
+from learner.models.row_snapshot import RowSnapshot
 
 M64 = (1 << 64) - 1
 
@@ -402,17 +405,66 @@ def test_restore_resumes_exactly(config: IdMapConfig) -> None:
         assert _stats(idmap) == _stats(restored)
 
 
+def _learn_calls(idmap: IdMap, rng: np.random.Generator, calls: range) -> None:
+    """Calls that admit, expire, evict, count pending ids and drop them: every kind of write a map makes."""
+    n_ids = 3 * idmap.config.capacity
+    for t in calls:
+        idmap.rows(rng.zipf(1.2, 10) % n_ids, t * 3)
+
+
+def _same_state(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert set(got) == set(expected)
+    for key in expected:
+        assert np.array_equal(got[key], expected[key]), key
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.mode}-cap{c.capacity}-min{c.min_count}-ttl{c.ttl_ms}")
-def test_state_and_capture_are_state_and_capture_of_one_moment(config: IdMapConfig) -> None:
+def test_a_state_snapshot_copied_after_the_map_learned_on_is_the_state_of_its_moment(config: IdMapConfig) -> None:
     rng = np.random.default_rng(4)
     idmap = IdMap(config)
-    for t in range(200):
-        idmap.rows(rng.zipf(1.2, 10) % (3 * config.capacity), t * 3)
-    arrays, (keys, live) = idmap.state_and_capture()
-    expected = idmap.state()
-    assert set(arrays) == set(expected) and all(np.array_equal(arrays[k], expected[k]) for k in expected)
-    expected_keys, expected_live = idmap.capture()
+    _learn_calls(idmap, rng, range(200))
+    expected, (expected_keys, expected_live) = idmap.state(), idmap.capture()
+    snapshot = idmap.snapshot_state()
+    _learn_calls(idmap, rng, range(200, 400))  # twice past the ttls: rows and pending ids expire, evict, come back
+    assert not all(np.array_equal(idmap.state()[k], expected[k]) for k in expected)  # the map did change
+    arrays = snapshot.copy()
+    _same_state(arrays, expected)
+    keys, live = snapshot.live(arrays)
     assert np.array_equal(keys, expected_keys) and np.array_equal(live, expected_live)
+    assert all(s.done for s in idmap._rows._snapshots)  # and the map keeps nothing for it any more
+
+
+@pytest.mark.parametrize("config", CONFIGS[1:5], ids=lambda c: f"cap{c.capacity}-min{c.min_count}-ttl{c.ttl_ms}")
+def test_a_state_snapshot_copied_while_the_map_learns_is_the_state_of_its_moment(config: IdMapConfig,
+                                                                                 monkeypatch) -> None:
+    """Copied on another thread two entries at a time, the map learning a few calls after every chunk: its writes
+    land behind the copy, ahead of it and across it."""
+    monkeypatch.setattr(learner.models.row_snapshot, "CHUNK_ROWS", 2)
+    copy, learn_now, copy_now = RowSnapshot.copy, threading.Semaphore(0), threading.Semaphore(0)
+
+    def taking_turns(self, progress=None):
+        def turn(_rows: int) -> None:
+            learn_now.release()
+            assert copy_now.acquire(timeout=30)
+        return copy(self, turn)
+    rng = np.random.default_rng(5)
+    idmap = IdMap(config)
+    _learn_calls(idmap, rng, range(100))
+    expected = idmap.state()
+    snapshot = idmap.snapshot_state()
+    monkeypatch.setattr(RowSnapshot, "copy", taking_turns)
+    copied: dict = {}
+    thread = threading.Thread(target=lambda: copied.update(arrays=snapshot.copy()))
+    thread.start()
+    t, chunks = 100, 0
+    while thread.is_alive():
+        if learn_now.acquire(timeout=0.05):  # the copy waits for this thread's turn after each chunk
+            _learn_calls(idmap, rng, range(t, t + 3))
+            t, chunks = t + 3, chunks + 1
+            copy_now.release()
+    thread.join(30)
+    assert chunks > config.capacity // 2  # the map learned between the copy's chunks
+    _same_state(copied["arrays"], expected)
 
 
 def test_restore_refuses_state_of_another_size() -> None:

@@ -7,50 +7,39 @@ import threading
 
 import torch
 
-import learner.models.sparse
+import learner.models.row_snapshot
 from learner.models.sparse import RowwiseTable
 
 
 def test_a_snapshot_copied_while_the_table_trains_is_the_table_of_its_moment(monkeypatch) -> None:
-    monkeypatch.setattr(learner.models.sparse, "SNAPSHOT_CHUNK_ROWS", 16)  # many chunks, so writes land between them
+    monkeypatch.setattr(learner.models.row_snapshot, "CHUNK_ROWS", 16)  # many chunks, so writes land between them
     torch.manual_seed(0)
     table = RowwiseTable(n_rows=200, dim=4, lr=0.5, seed=3, allocated=120)
-    expected = table.weight.clone()
+    expected = table.weight.clone(), table.sum_sq.clone()
     snapshot = table.snapshot()
     reached, go = threading.Event(), threading.Event()
-    copy = snapshot.copy
 
-    def paused_copy():
-        # copy the first chunks, then let the table train, then copy the rest
-        real_copy = torch.Tensor.copy_
-        calls = []
-
-        def slow(dst, src, *args, **kwargs):
-            calls.append(1)
-            if len(calls) == 3:
-                reached.set()
-                assert go.wait(30)
-            return real_copy(dst, src, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, "copy_", slow)
-        try:
-            return copy()
-        finally:
-            monkeypatch.setattr(torch.Tensor, "copy_", real_copy)
+    def pause(rows: int) -> None:  # copy the first chunks, then let the table train, then copy the rest
+        if rows == 48:
+            reached.set()
+            assert go.wait(30)
     result = {}
-    thread = threading.Thread(target=lambda: result.update(out=paused_copy()))
+    thread = threading.Thread(target=lambda: result.update(out=snapshot.copy(pause)))
     thread.start()
     assert reached.wait(30)
     for step in range(5):  # rows behind the copy, ahead of it and across it; twice for some
         rows = torch.tensor([1, 5, 40, 41, 100, 119, 7 * step + 60])
         table.update(rows, torch.randn(len(rows), 4))
     table.reset_rows(torch.tensor([3, 90, 110]))
-    table.ensure_rows(180)  # a growth: the table's tensor is a new one from here
+    table.ensure_rows(180)  # a growth: the table's tensors are new ones from here
     table.update(torch.tensor([100, 150]), torch.randn(2, 4))
     go.set()
     thread.join(30)
-    assert torch.equal(result["out"], expected)
-    assert not torch.equal(table.weight[:121], expected)  # the table did move
-    assert table.snapshot().copy().shape == table.weight.shape  # and a new snapshot is of the table now
+    weight, sum_sq = result["out"]
+    assert torch.equal(weight, expected[0]) and torch.equal(sum_sq, expected[1])
+    assert not torch.equal(table.weight[:121], expected[0])  # the table did move
+    assert not torch.equal(table.sum_sq[:121], expected[1])
+    assert table.snapshot().copy()[0].shape == table.weight.shape  # and a new snapshot is of the table now
 
 
 def test_a_snapshot_released_without_a_copy_stops_keeping_rows() -> None:
