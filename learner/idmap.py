@@ -583,14 +583,18 @@ class IdMap:
             self._drop_pending(self._pending.seen_before(now - ttl))
 
     def stats(self) -> dict[str, int]:
-        """Live IDs, lifetime counters, and collisions: live IDs that share their row with another live ID."""
-        live = self._rows.live()
-        rows = live if self.config.mode == "collisionless" else hashed_rows(self._rows.keys[live],
-                                                                             self.config.capacity)
-        _, shared = np.unique(rows, return_counts=True)
-        return {"capacity": self.config.capacity, "live": len(live), **self._counters,
+        """Live IDs, lifetime counters, and collisions: live IDs that share their row with another live ID. O(1) for a
+        collisionless map, whose live IDs each hold an entry of their own, which is their row (no collisions, by
+        construction); mode "hash" counts its live IDs' hashed rows, O(live IDs). A trainer reads these every
+        ``learner.cadence.stats_every_steps`` steps: counting 5 M live rows took 0.15-0.24 s a map (2026-12-07)."""
+        collisions = 0
+        if self.config.mode == "hash":
+            rows = hashed_rows(self._rows.keys[self._rows.live()], self.config.capacity)
+            _, shared = np.unique(rows, return_counts=True)
+            collisions = int(shared[shared > 1].sum())
+        return {"capacity": self.config.capacity, "live": self._rows.index.n_live, **self._counters,
                 "pending": 0 if self._pending is None else self._pending.index.n_live,
-                "collisions": int(shared[shared > 1].sum()), "bytes": self.nbytes}
+                "collisions": collisions, "bytes": self.nbytes}
 
     @property
     def nbytes(self) -> int:

