@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import orjson
 import pytest
 from kafka import KafkaConsumer
 
@@ -110,7 +111,8 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_stay_within_a_checkpoin
     before = _trained(tmp_path)
 
     second = _start(tmp_path, kafka_bootstrap, unique_topic)
-    progress = _Progress(tmp_path, after=sum(before.values()), most=int(0.9 * len(impressions)))
+    progress = _Progress(tmp_path, after=sum(before.values()), most=int(0.9 * len(impressions)),
+                         again=read_again(ckpts, impressions), slack=held_to_the_end(events, 1_500) + BATCH)
     _wait(progress.settled, 300, "the restarted worker to train past the crash and go idle", second)
     second.send_signal(signal.SIGTERM)  # graceful: flushes the last window
     output, _ = second.communicate(timeout=120)
@@ -135,10 +137,16 @@ class _Progress:
     """Settled: the restarted worker has trained at least ``most`` distinct impressions, beyond the
     crash point, and nothing new for 5 s (what is left is the last attribution window, which only the
     graceful stop flushes). Counting distinct impressions, not lines, keeps a slow group rejoin after the
-    kill (the dead member's session must expire first) from passing for the end of the stream."""
+    kill (the dead member's session must expire first) from passing for the end of the stream.
 
-    def __init__(self, root: Path, after: int, most: int) -> None:
+    ``again``: the impressions the restarted worker must train itself (``read_again``), all but ``slack`` of them
+    (those the graceful stop flushes): without it, a first worker that trained most impressions before the kill
+    lets a restarted one that paused for 5 s early on pass for one that went through the stream."""
+
+    def __init__(self, root: Path, after: int, most: int, again: set[tuple[int, int]] | None = None,
+                 slack: int = 0) -> None:
         self.root, self.after, self.most = root, after, most
+        self.again, self.slack = again, slack
         self.count, self.since = -1, time.monotonic()
 
     def settled(self) -> bool:
@@ -146,4 +154,27 @@ class _Progress:
         count = sum(trained.values())
         if count != self.count:
             self.count, self.since = count, time.monotonic()
+        if self.again is not None and len(self.again & _trained_after(self.root, self.after)) < len(self.again) - self.slack:
+            return False
         return count > self.after and len(trained) >= self.most and time.monotonic() - self.since > 5
+
+
+def _trained_after(root: Path, lines: int) -> set[tuple[int, int]]:
+    """The impressions trained after the first ``lines`` lines of the audit (by a restarted worker)."""
+    text = (root / "trained.csv").read_text().splitlines()[lines:]
+    return {tuple(map(int, line.split(","))) for line in text if line}
+
+
+def read_again(checkpoints: Path, impressions: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """The impressions a worker restored from the latest checkpoint in ``checkpoints`` reads from the log again: those
+    at or past the checkpoint's offsets (the checkpoint holds the rest, trained, buffered or in its joiner)."""
+    latest = (checkpoints / "LATEST").read_text().strip()
+    offsets = {int(p): o for p, o in orjson.loads((checkpoints / latest / "meta.json").read_bytes())["offsets"].items()}
+    return {(p, o) for p, o in impressions if o >= offsets.get(p, 0)}
+
+
+def held_to_the_end(events: list[dict], window_ms: int) -> int:
+    """At most this many impressions wait for the graceful stop: those of the last two attribution windows
+    (the joiner holds an impression until its partition's event time passes it by one window)."""
+    end = max(e["ts_ms"] for e in events)
+    return sum(e["type"] == "impression" and e["ts_ms"] > end - 2 * window_ms for e in events)

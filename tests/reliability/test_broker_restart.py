@@ -20,7 +20,8 @@ from infra.kafka import broker
 from stream.kafka_io import EventSink, KafkaConfig, ensure_topics
 from stream.simulator import Simulator, SimulatorConfig
 from tests.conftest import free_ports
-from tests.learner.test_crash_recovery import BATCH, EVERY, _delivery, _impression_offsets, _Progress, _start, _trained, _wait
+from tests.learner.test_crash_recovery import (BATCH, EVERY, _delivery, _impression_offsets, _Progress, _start, _trained,
+                                              _wait, held_to_the_end)
 from tests.reliability.test_unwritable_checkpoints import _group_offsets
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
@@ -39,13 +40,6 @@ def own_broker(tmp_path: Path):
         yield config
     finally:
         broker.down(config)
-
-
-def _tail(events: list[dict]) -> int:
-    """At most this many impressions wait for the graceful stop: those of the last two attribution windows
-    (the joiner holds an impression until its partition's event time passes it by one window)."""
-    end = max(e["ts_ms"] for e in events)
-    return sum(e["type"] == "impression" and e["ts_ms"] > end - 2 * WINDOW_MS for e in events)
 
 
 def _offsets_of(bootstrap: str, topic: str, request_ids: set[str]) -> set[tuple[int, int]]:
@@ -96,7 +90,8 @@ def test_broker_restart_mid_stream_loses_nothing(own_broker: broker.BrokerConfig
         _wait(lambda: not produced_during.isdisjoint(_trained(tmp_path)), 120,
               "the trainer to train an impression produced during the outage", worker)
         recovered_s = time.monotonic() - up_at
-        progress = _Progress(tmp_path, after=trained_at_stop, most=len(impressions) - _tail(events) - BATCH)
+        progress = _Progress(tmp_path, after=trained_at_stop,
+                             most=len(impressions) - held_to_the_end(events, WINDOW_MS) - BATCH)
         _wait(progress.settled, 180, "the trainer to catch up and go idle", worker)
         worker.send_signal(signal.SIGTERM)  # graceful: flushes the last window
         output, _ = worker.communicate(timeout=120)
