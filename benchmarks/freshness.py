@@ -142,19 +142,26 @@ class RankingClient(threading.Thread):
 
 class LagSampler(threading.Thread):
     """The trainer's consumer lag (messages behind, all partitions) once a second: a trainer that falls
-    behind the traffic makes freshness grow without bound, whatever the rest of the pipeline does."""
+    behind the traffic makes freshness grow without bound, whatever the rest of the pipeline does. Each sample
+    also notes whether a checkpoint was being written beside training (:attr:`samples`, for the timeline)."""
 
     def __init__(self, trainer) -> None:
         super().__init__(name="lag-sampler", daemon=True)
         self.trainer = trainer
         self.lags: list[int] = []
+        self.samples: list[tuple[float, int, bool]] = []
+        """(wall time, lag, a checkpoint being written)"""
         self._halt = threading.Event()
 
     def run(self) -> None:
         import ray
 
         while not self._halt.wait(1.0):
-            self.lags.append(sum(ray.get(self.trainer.stats.remote())["lag"].values()))
+            stats = ray.get(self.trainer.stats.remote())
+            self.lags.append(sum(stats["lag"].values()))
+            held = stats.get("checkpoint_seconds", {})
+            writing = held.get("capture", {}).get("n", 0) > held.get("write", {}).get("n", 0)
+            self.samples.append((time.time(), self.lags[-1], writing))
 
     def stop(self) -> None:
         self._halt.set()
@@ -209,6 +216,10 @@ class Measured:
     """One pipeline run: each measured event's freshness, and what the trainer, replica and store said."""
 
     ages: np.ndarray
+    sent: np.ndarray
+    """Each measured event's send time (wall clock), in the order of ``ages``."""
+    samples: list[tuple[float, int, bool]]
+    """The trainer once a second while measuring: (wall time, consumer lag, a checkpoint being written)."""
     unknown: int
     stats: dict
     health: dict
@@ -291,7 +302,8 @@ def measure(config, layout, bootstrap: str, simulator, measure_s: float, tail_s:
         last = watcher.offsets[max(watcher.offsets)] if watcher.offsets else {}
         notes.append(f"events never covered are in partitions {uncovered}; the last manifest's offsets: {last}; "
                      f"the trainer's lag at the end: {stats.get('lag')}")
-    return Measured(ages, unknown, stats, health, dict(watcher.kinds), dict(watcher.offsets), list(lags.lags),
+    return Measured(ages, np.asarray(produced.sent_at), list(lags.samples), unknown, stats, health, dict(watcher.kinds),
+                    dict(watcher.offsets), list(lags.lags),
                     len(client.seen), len({v for _, v in client.seen}), client.failed, produced.failed, notes)
 
 
@@ -432,11 +444,53 @@ def sized_rows(report: Report, live_ids: int, mode: str, m: Measured, full: Meas
         f"{m.stats.get('checkpoint_failures', 0)} failed" + "".join(f"; {n}" for n in m.notes))
 
 
+def timeline(path: Path, m: Measured, title: str, goal_s: float | None = None) -> Path:
+    """Each measured event's freshness against when it was sent, with each second's p99, the spans where a
+    checkpoint was being written beside training, and the trainer's consumer lag below (PNG)."""
+    from benchmarks.quality_plots import _pyplot
+
+    plt = _pyplot()
+    start = float(m.sent.min()) if len(m.sent) else 0.0
+    sent, ages = m.sent - start, m.ages
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, height_ratios=(3, 1))
+    covered = np.isfinite(m.ages)
+    top.scatter(sent[covered], ages[covered], s=2, alpha=0.25, color="tab:blue", label="an event")
+    seconds = np.floor(sent).astype(int)
+    per_second = [(t, min(age_at(m.ages[seconds == t], 99), 60.0)) for t in np.unique(seconds)]  # inf: off the top
+    if per_second:
+        top.plot(*zip(*per_second), color="black", linewidth=1.2, label="p99 of the events sent in each second")
+    if goal_s is not None:
+        top.axhline(goal_s, color="red", linestyle="--", linewidth=1, label=f"goal p99 {goal_s:g} s")
+    at = [t - start for t, _, _ in m.samples]
+    for axis in (top, bottom):
+        for t, (_, _, writing) in zip(at, m.samples):
+            if writing:
+                axis.axvspan(t - 0.5, t + 0.5, color="orange", alpha=0.15, linewidth=0)
+    bottom.plot(at, [lag for _, lag, _ in m.samples], color="tab:green")
+    top.set_ylabel("freshness (s)")
+    top.set_ylim(0, max([4.0, *(1.1 * p for _, p in per_second if p < 60.0)]))
+    top.set_title(title + " (orange: a checkpoint being written beside training)", fontsize=10)
+    top.legend(fontsize=8, loc="upper right")
+    top.grid(alpha=0.3)
+    bottom.set_ylabel("consumer lag\n(messages)")
+    bottom.set_xlabel("seconds since the first measured event was sent")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+RESULTS = Path(__file__).parent / "results"
+
+
 def run(quick: bool = False, sizes: tuple[int, ...] | None = None, modes: tuple[str, ...] = MODES,
-        sized_measure_s: float | None = None) -> Report:
+        sized_measure_s: float | None = None, out_dir: Path | None = None) -> Report:
     """``sizes`` and ``modes``: the sized runs (default: ``SIZES``, or its first with ``quick``; every mode).
-    ``sized_measure_s``: their measured window (default: the default run's, 40 s; at 10^7 ids checkpoints come about
-    once a minute, so a window of several minutes holds them in their steady share)."""
+    ``sized_measure_s``: their measured window (default: the default run's, 40 s; at 10^7 ids a checkpoint comes
+    every few minutes, so a window of several minutes holds one in its steady share). Each sized run's timeline
+    (:func:`timeline`) goes to ``out_dir`` (default ``benchmarks/results/freshness``, ``freshness-quick``)."""
     from infra.pipeline import RunLayout, shutdown, worker_config
     from infra.runtime import init_ray
     from stream.simulator import SimulatorConfig
@@ -516,10 +570,17 @@ def run(quick: bool = False, sizes: tuple[int, ...] | None = None, modes: tuple[
             "(learner.cadence.checkpoint_beside), at most learner.cadence.checkpoint_max_share of the time: at 10^7 "
             "ids about one a minute, so a 40 s window may hold none; "
             f"measured window {sized_measure_s or measure_s:g} s")
+    out_dir = out_dir or RESULTS / ("freshness-quick" if quick else "freshness")
     for live_ids in sizes:
         for mode in modes:
             sized_rows(report, live_ids, mode, sized[(live_ids, mode)],
                        sized.get((live_ids, "full")) if mode != "full" else None)
+            label = f"{live_ids:.0e}-{mode}".replace("e+0", "e")
+            at_goal = live_ids == SIZES[-1] and mode != "full"
+            path = timeline(out_dir / f"timeline-{label}.png", sized[(live_ids, mode)],
+                            f"freshness, {live_ids:.0e} live ids, {mode}".replace("e+0", "e"),
+                            GOAL_SIZED_P99_S if at_goal else None)
+            report.notes.append(f"timeline of {label}: {path}")
     report.notes.append(f"load average at the end {load_average()}")
     return report
 

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from benchmarks.freshness import GOAL_APPLY_P99_MS, SIZES, Measured, age_at, sized_rows
+from benchmarks.freshness import GOAL_APPLY_P99_MS, SIZES, Measured, age_at, sized_rows, timeline
 from benchmarks.harness import Report
 
 
@@ -16,9 +16,10 @@ def _measured(ages: list[float], prepare_ms: float, apply_ms: float) -> Measured
                  "delta": {"bytes_p50": 2e5, "seconds_p50": 0.02, "seconds_p99": 0.1}}
     weights = {"apply_ms_p50": apply_ms / 2, "apply_ms_p99": apply_ms, "prepare_ms_p50": prepare_ms / 2,
                "prepare_ms_p99": prepare_ms, "deltas_applied": 3}
-    return Measured(np.asarray(ages), 0, {"published_versions": published, "steps": 4, "snapshots": [1, 2, 3, 4]},
+    return Measured(np.asarray(ages), np.arange(len(ages)) / 10, [(0.5, 3, False), (1.5, 9, True)], 0,
+                    {"published_versions": published, "steps": 4, "snapshots": [1, 2, 3, 4]},
                     {"weights": weights, "swaps": 4, "rejected_versions": []}, {1: ("base", None), 2: ("delta", 1)},
-                    {}, [0], 10, 4, 0, 0)
+                    {}, [3, 9], 10, 4, 0, 0)
 
 
 def test_the_goals_are_read_on_the_largest_deltas_run_with_the_whole_apply() -> None:
@@ -53,3 +54,9 @@ def test_the_compaction_run_is_held_to_the_goals_and_reports_what_a_base_took_of
     assert copies.value == 400.0 and copies.anchor_value == 9000.0
     assert rows["freshness p99"].met is False and rows["freshness p50"].met is True
     assert "2 bases written beside training" in report.notes[-1]
+
+
+def test_the_timeline_draws_every_event_even_one_never_covered(tmp_path) -> None:
+    m = _measured([1.0] * 98 + [2.5, math.inf], 1.0, 1.0)
+    path = timeline(tmp_path / "timeline.png", m, "freshness, a test", goal_s=3.0)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
