@@ -159,9 +159,7 @@ class LagSampler(threading.Thread):
         while not self._halt.wait(1.0):
             stats = ray.get(self.trainer.stats.remote())
             self.lags.append(sum(stats["lag"].values()))
-            held = stats.get("checkpoint_seconds", {})
-            writing = held.get("capture", {}).get("n", 0) > held.get("write", {}).get("n", 0)
-            self.samples.append((time.time(), self.lags[-1], writing))
+            self.samples.append((time.time(), self.lags[-1], bool(stats.get("checkpoint_writing"))))
 
     def stop(self) -> None:
         self._halt.set()
@@ -447,9 +445,9 @@ def sized_rows(report: Report, live_ids: int, mode: str, m: Measured, full: Meas
 def timeline(path: Path, m: Measured, title: str, goal_s: float | None = None) -> Path:
     """Each measured event's freshness against when it was sent, with each second's p99, the spans where a
     checkpoint was being written beside training, and the trainer's consumer lag below (PNG)."""
-    from benchmarks.quality_plots import _pyplot
+    from benchmarks.quality_plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     start = float(m.sent.min()) if len(m.sent) else 0.0
     sent, ages = m.sent - start, m.ages
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, height_ratios=(3, 1))

@@ -13,7 +13,7 @@ Curves = Mapping[str, Mapping[str, Sequence[float]]]
 """Scorer -> task -> window AUC per window (mean over seeds)."""
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -26,7 +26,7 @@ def learning_curves(path: Path, task: str, ends: Sequence[int], curves: Curves, 
                     title: str) -> Path:
     """Window AUC against examples trained for every scorer, the ``reference`` ones (oracle, floor) as
     dashed lines."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     x = np.asarray(ends)
     for name, per_task in curves.items():
@@ -45,7 +45,7 @@ def learning_curves(path: Path, task: str, ends: Sequence[int], curves: Curves, 
 def frozen_curves(path: Path, ends: Sequence[int], continuous: Mapping[str, Sequence[float]],
                   frozen: Mapping[str, Sequence[float]], freeze_at: int, title: str) -> Path:
     """Per task, window AUC of the continuously trained model and of its copy frozen at ``freeze_at``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(12, 6), sharex=True)
     x = np.asarray(ends)
     for ax, task in zip(axes.flat, TASKS):
@@ -63,7 +63,7 @@ def frozen_curves(path: Path, ends: Sequence[int], continuous: Mapping[str, Sequ
 
 def staleness(path: Path, lags_s: Sequence[float], lost: Mapping[str, Sequence[float]], title: str) -> Path:
     """Per task, AUC of the version ``lag`` old minus the live model's on the same events, against the lag."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for task, values in lost.items():
         ax.plot(lags_s, values, marker="o", label=task)
@@ -81,7 +81,7 @@ def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import torch
 
@@ -30,6 +30,18 @@ from learner.snapshots import Manifest, PendingBase, SnapshotError, SnapshotStor
 
 
 T = TypeVar("T")
+
+
+class Captured(Generic[T]):
+    """State of one moment taken on the training thread as snapshots (``Learner.capture``): calling it copies the
+    state (once, on any thread); :meth:`release` when it will never be called, or the tables and maps would go on
+    keeping every row they write for it. Releasing after the copy does nothing."""
+
+    def __init__(self, copy: Callable[[], T], release: Callable[[], None]) -> None:
+        self._copy, self.release = copy, release
+
+    def __call__(self) -> T:
+        return self._copy()
 
 WRITER_NICE = 10
 """Steps of niceness the writing thread adds to the trainer's own (``learner.priority``): training, the consumers and
@@ -57,17 +69,25 @@ class BaseBeside:
         """A base is being written, or written and waiting for its catch-up delta."""
         return self._job is not None
 
-    def start(self, assemble: Callable[[], dict[str, torch.Tensor]], same_as: Manifest) -> None:
-        """Write ``assemble()`` (the state of published version ``same_as``) on the writing thread."""
-        if self._job is not None:
-            raise RuntimeError("a base is already being written beside training")
-        self._deltas = []
-        self._job = self._writer.submit(self._write, assemble, same_as)
+    def start(self, assemble: Captured[dict[str, torch.Tensor]], same_as: Manifest) -> None:
+        """Write ``assemble()`` (the state of published version ``same_as``) on the writing thread; ``assemble`` is
+        released if it cannot be."""
+        try:
+            if self._job is not None:
+                raise RuntimeError("a base is already being written beside training")
+            self._deltas = []
+            self._job = self._writer.submit(self._write, assemble, same_as)
+        except BaseException:
+            assemble.release()
+            raise
 
-    def _write(self, assemble: Callable[[], dict[str, torch.Tensor]], same_as: Manifest) -> PendingBase:
-        _lower_priority()
-        started = time.perf_counter()
-        pending = self.store.write_pending(assemble(), same_as)
+    def _write(self, assemble: Captured[dict[str, torch.Tensor]], same_as: Manifest) -> PendingBase:
+        try:
+            _lower_priority()
+            started = time.perf_counter()
+            pending = self.store.write_pending(assemble(), same_as)
+        finally:
+            assemble.release()
         self.seconds = time.perf_counter() - started
         return pending
 
@@ -138,16 +158,25 @@ class CheckpointBeside:
         """A checkpoint is being written, or written and not yet collected by :meth:`done`."""
         return self._job is not None
 
-    def start(self, assemble: Callable[[], T], rest: Callable[[T], Checkpoint], offsets: dict[int, int]) -> None:
-        """Write ``rest(assemble())`` on the writing thread; ``offsets``: what it covers, once durable."""
-        if self._job is not None:
-            raise RuntimeError("a checkpoint is already being written beside training")
-        self._job = self._writer.submit(self._write, assemble, rest, offsets)
+    def start(self, assemble: Captured[T], rest: Callable[[T], Checkpoint], offsets: dict[int, int]) -> None:
+        """Write ``rest(assemble())`` on the writing thread; ``offsets``: what it covers, once durable. ``assemble``
+        is released if it cannot be."""
+        try:
+            if self._job is not None:
+                raise RuntimeError("a checkpoint is already being written beside training")
+            self._job = self._writer.submit(self._write, assemble, rest, offsets)
+        except BaseException:
+            assemble.release()
+            raise
 
-    def _write(self, assemble, rest, offsets: dict[int, int]) -> dict[int, int]:
-        _lower_priority()
-        started = time.perf_counter()
-        self.store.write(rest(assemble()))
+    def _write(self, assemble: Captured[T], rest: Callable[[T], Checkpoint],
+               offsets: dict[int, int]) -> dict[int, int]:
+        try:
+            _lower_priority()
+            started = time.perf_counter()
+            self.store.write(rest(assemble()))
+        finally:
+            assemble.release()
         self.seconds = time.perf_counter() - started
         return offsets
 
@@ -171,4 +200,4 @@ class CheckpointBeside:
         self._writer.shutdown(wait=True)
 
 
-__all__ = ["BaseBeside", "CheckpointBeside"]
+__all__ = ["BaseBeside", "Captured", "CheckpointBeside"]

@@ -305,8 +305,7 @@ class _Pool:
 
     @property
     def nbytes(self) -> int:
-        counted = 0 if self.count is None else self.count.nbytes
-        return self.index.nbytes + self.keys.nbytes + self.seen_ms.nbytes + self.seen_tick.nbytes + self.free.nbytes + counted
+        return sum(a.nbytes for a in self.columns) + self.index.nbytes + self.free.nbytes
 
     @property
     def columns(self) -> tuple[np.ndarray, ...]:
@@ -378,9 +377,6 @@ class _Pool:
             for snapshot in self._snapshots:
                 snapshot.before_write(self, entries, pushed)
 
-    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return self.snapshot().arrays(prefix)
-
     @classmethod
     def from_arrays(cls, n: int, arrays: dict[str, np.ndarray], prefix: str, counted: bool = False) -> _Pool:
         pool = cls(n, counted)
@@ -412,7 +408,8 @@ class _PoolSnapshot:
 
     @property
     def done(self) -> bool:
-        return self.entries.done
+        """Both copied (or released): until then the pool's writes keep values for whichever is not."""
+        return self.entries.done and self.stack.done
 
     def before_write(self, pool: _Pool, entries: np.ndarray, pushed: int) -> None:
         self.entries.before_write(pool.keys, entries)

@@ -336,9 +336,14 @@ class TrainingLoop:
         self._checkpoint_owed = False
         started = time.perf_counter()
         assemble, optimizer, arrays, counters = self.learner.capture_state()
-        arrays = {**arrays, **self.features.state()}
-        counters = {**counters, "published": list(self.reporter.published), "nonfinite_features": self.features.nonfinite}
-        buffer, joiner, offsets = self.source.capture()
+        try:
+            arrays = {**arrays, **self.features.state()}
+            counters = {**counters, "published": list(self.reporter.published),
+                        "nonfinite_features": self.features.nonfinite}
+            buffer, joiner, offsets = self.source.capture()
+        except BaseException:
+            assemble.release()  # or the tables and maps would keep every row they write for a copy never made
+            raise
         step, meta = self.learner.step, {"counters": counters, "offsets": {str(p): o for p, o in offsets.items()},
                                          "model_config": self.learner.model.config}
 
@@ -426,6 +431,7 @@ class TrainingLoop:
             **self.reporter.publish_figures(),
             **self.features.outage_figures(),
             "checkpoint_failures": self.checkpoint_failures,
+            "checkpoint_writing": self.checkpoint_beside is not None and self.checkpoint_beside.running,
             "checkpoint_seconds": {kind: {"n": len(t), "p50": float(np.median(t)), "max": max(t)}
                                    for kind, t in self.checkpoint_seconds.items() if t},
             "last_checkpoint_error": self.last_checkpoint_error,

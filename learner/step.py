@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from learner.beside import Captured
 from learner.collisions import IdCollisions, id_collisions
 from learner.config import LearnerConfig
 from learner.delta import Delta, DeltaError, MapChanges, TableRows, field_maps, row_tables, rows_key, split_state
@@ -329,18 +330,18 @@ class Learner:
         self.publish_maps()
         return self.model.state_dict()
 
-    def capture(self) -> Callable[[], dict[str, torch.Tensor]]:
+    def capture(self) -> Captured[dict[str, torch.Tensor]]:
         """:meth:`weights` in two halves, for a base written beside training (``learner.loop``): what is taken now
         (copies of the small entries, and snapshots of each table's rows and each ID map: ``RowwiseTable.snapshot``,
         ``IdMap.snapshot_state``), and the function returned, which copies the tables and the maps, orders the maps
         and assembles the state dict on another thread while training goes on. What it returns equals what
         :meth:`weights` returns now; the training thread pays for the small entries here, and for the rows and
         entries it writes while they are copied, not for the tables or the maps."""
-        taken = self._snapshot()
-        return lambda: taken()[0]
+        taken = self._capture_all()
+        return Captured(lambda: taken()[0], taken.release)
 
-    def _snapshot(self) -> Callable[[], tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]]:
-        """:meth:`capture`'s halves, the function returning the ID maps' state of the moment too (for checkpoints:
+    def _capture_all(self) -> Captured[tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]]:
+        """:meth:`capture`'s halves, the copy returning the ID maps' state of the moment too (for checkpoints:
         :meth:`capture_state`)."""
         maps, tables = field_maps(self.model), row_tables(self.model)
         rows = {prefix: table.snapshot() for prefix, table in tables.items()}
@@ -355,15 +356,18 @@ class Learner:
                 arrays = {name: taken.copy() for name, taken in id_maps.items()}
                 for prefix, table in rows.items():
                     out[f"{prefix}weight"], out[f"{prefix}sum_sq"] = table.copy()
-            finally:  # a copy that failed or was never made must not keep the tables and maps keeping rows
-                for held in (*id_maps.values(), *rows.values()):
-                    held.release()
+            finally:  # a copy that failed must not keep the tables and maps keeping rows
+                release()
             for key, (_, name) in maps.items():
                 published = sort_snapshot(*id_maps[name].live(arrays[name]))
                 out[key] = torch.from_numpy(published["ids"]).to(device)
                 out[rows_key(key)] = torch.from_numpy(published["rows"]).to(device)
             return out, {f"idmap.{name}.{k}": v for name, state in arrays.items() for k, v in state.items()}
-        return assemble
+
+        def release() -> None:
+            for held in (*id_maps.values(), *rows.values()):
+                held.release()
+        return Captured(assemble, release)
 
     def delta(self) -> Delta:
         """The change since the last :meth:`mark_published`: every dense entry, each table's changed rows and each
@@ -437,7 +441,7 @@ class Learner:
         maps = {f"idmap.{name}.{k}": v for name, id_map in self.id_maps.items() for k, v in id_map.state().items()}
         return self.weights(), self.optimizer.state_dict(), {**self.metrics.state(), **maps}, counters
 
-    def capture_state(self) -> tuple[Callable[[], tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]], dict,
+    def capture_state(self) -> tuple[Captured[tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]], dict,
                                      dict[str, np.ndarray], dict]:
         """:meth:`state` for a checkpoint written beside training (``learner.beside.CheckpointBeside``): a function
         that copies the weights and the ID maps' state of this moment on the writing thread (as :meth:`capture`
@@ -448,7 +452,7 @@ class Learner:
                     "skipped_steps": self.skipped_steps}
         metrics = {k: np.array(v, copy=True) for k, v in self.metrics.state().items()}
         optimizer = copy.deepcopy(self.optimizer.state_dict())  # it holds the optimizer's own tensors
-        return self._snapshot(), optimizer, metrics, counters
+        return self._capture_all(), optimizer, metrics, counters  # the snapshots last: nothing can fail after them
 
     def restore(self, model: dict[str, torch.Tensor], optimizer: dict, arrays: dict[str, np.ndarray],
                 counters: dict, model_config: dict | None = None) -> None:

@@ -61,6 +61,8 @@ from torch.nn import functional as F
 from learner.models.row_snapshot import RowSnapshot
 
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads (seed, resets) over the 64-bit seed space
+
+
 class RowwiseTable(nn.Module):
     """``n_rows`` ID rows plus the default row 0, trained by sparse row-wise Adagrad (see the module doc).
 

@@ -22,6 +22,8 @@ from stream.simulator import Simulator, SimulatorConfig
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 EVERY, BATCH = 3, 128
+WINDOW_MS = 1_500
+"""The joiner's attribution window in these runs (``worker_process``, ``audited_backlog``)."""
 
 
 def _impression_offsets(bootstrap: str, topic: str, n: int) -> set[tuple[int, int]]:
@@ -47,7 +49,7 @@ def audited_backlog(tmp_path: Path, bootstrap: str, topic: str, *, seed: int, n_
 
     from infra.pipeline import RunLayout, worker_config
 
-    config = worker_config(RunLayout(tmp_path), bootstrap=bootstrap, topic=topic, window_ms=1_500,
+    config = worker_config(RunLayout(tmp_path), bootstrap=bootstrap, topic=topic, window_ms=WINDOW_MS,
                            snapshot_every_steps=1_000, checkpoint_every_steps=every, batch_size=batch,
                            wandb_mode="disabled")
     config = replace(config, audit_path=tmp_path / "trained.csv")
@@ -110,9 +112,10 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_stay_within_a_checkpoin
     first.wait(30)
     before = _trained(tmp_path)
 
+    again = read_again(ckpts, impressions)  # before the restarted worker writes checkpoints of its own
     second = _start(tmp_path, kafka_bootstrap, unique_topic)
     progress = _Progress(tmp_path, after=sum(before.values()), most=int(0.9 * len(impressions)),
-                         again=read_again(ckpts, impressions), slack=held_to_the_end(events, 1_500) + BATCH)
+                         again=again, slack=held_to_the_end(events, WINDOW_MS) + BATCH)
     _wait(progress.settled, 300, "the restarted worker to train past the crash and go idle", second)
     second.send_signal(signal.SIGTERM)  # graceful: flushes the last window
     output, _ = second.communicate(timeout=120)
@@ -154,8 +157,10 @@ class _Progress:
         count = sum(trained.values())
         if count != self.count:
             self.count, self.since = count, time.monotonic()
-        if self.again is not None and len(self.again & _trained_after(self.root, self.after)) < len(self.again) - self.slack:
-            return False
+        if self.again is not None:
+            trained_again = len(self.again & _trained_after(self.root, self.after))
+            if trained_again < len(self.again) - self.slack:
+                return False
         return count > self.after and len(trained) >= self.most and time.monotonic() - self.since > 5
 
 
