@@ -47,8 +47,6 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import ArrayLike
 
-from learner.models.row_snapshot import RowSnapshot
-
 MODES = ("collisionless", "hash")
 EMPTY, TOMB = -1, -2
 """Slot markers; valid IDs are >= 0."""
@@ -402,6 +400,9 @@ class _PoolSnapshot:
     :class:`~learner.models.row_snapshot.RowSnapshot`; the stack's entries below its height then are all it holds."""
 
     def __init__(self, pool: _Pool) -> None:
+        # imported here: learner.models imports torch, which the everyday commands reading configs never load
+        from learner.models.row_snapshot import RowSnapshot
+
         self.entries = RowSnapshot(pool.columns, np.zeros(pool.n + 1, bool), np.empty_like)
         self.stack = RowSnapshot((pool.free,), np.zeros(len(pool.free), bool), np.empty_like)
         self.height = pool.n_free

@@ -178,6 +178,20 @@ def read_again(checkpoints: Path, impressions: set[tuple[int, int]]) -> set[tupl
     return {(p, o) for p, o in impressions if o >= offsets.get(p, 0)}
 
 
+def held_to_the_end_of(bootstrap: str, topic: str, n: int, window_ms: int = WINDOW_MS) -> int:
+    """:func:`held_to_the_end` of the ``n`` events in ``topic`` (a backlog produced already)."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    events, deadline = [], time.monotonic() + 60
+    try:
+        while len(events) < n and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                events += [orjson.loads(r.value) for r in records]
+    finally:
+        consumer.close()
+    assert len(events) == n
+    return held_to_the_end(events, window_ms)
+
+
 def held_to_the_end(events: list[dict], window_ms: int) -> int:
     """At most this many impressions wait for the graceful stop: those of the last two attribution windows
     (the joiner holds an impression until its partition's event time passes it by one window)."""
