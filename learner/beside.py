@@ -43,6 +43,7 @@ class Captured(Generic[T]):
     def __call__(self) -> T:
         return self._copy()
 
+
 WRITER_NICE = 10
 """Steps of niceness the writing thread adds to the trainer's own (``learner.priority``): training, the consumers and
 serving come first, the base takes longer. Inside a Ray worker, at niceness 15, the writer runs at 19."""
