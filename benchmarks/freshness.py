@@ -87,6 +87,9 @@ class ManifestWatcher(threading.Thread):
         self.offsets: dict[int, dict[int, int]] = {}
         self.kinds: dict[int, tuple[str, int | None]] = {}
         """Each version's kind (base or delta) and payload bytes."""
+        self.times: dict[int, tuple[float, float]] = {}
+        """Each version's manifest time (the trainer's clock as it began writing the version) and when this watcher
+        first read it (written and listed in the store)."""
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -99,6 +102,7 @@ class ManifestWatcher(threading.Thread):
                         continue
                     self.offsets[version] = {int(p): int(o) for p, o in manifest.data.get("offsets", {}).items()}
                     self.kinds[version] = (manifest.kind, manifest.bytes)
+                    self.times[version] = (manifest.created_at, time.time())
 
     def stop(self) -> None:
         self._halt.set()
@@ -166,9 +170,9 @@ class LagSampler(threading.Thread):
         self.join(timeout=30)
 
 
-def freshness(produced: Produced, responses: list[tuple[float, int]], offsets: dict[int, dict[int, int]]) -> tuple[np.ndarray, int]:
-    """Seconds from send to the first response covering each event (inf: never covered), and how many
-    responses named a version whose manifest was never read."""
+def covered_at(produced: Produced, moments: list[tuple[float, dict[int, int]]]) -> np.ndarray:
+    """Seconds from send to the first of ``moments`` (time, a manifest's offsets; in time order) that covers each
+    event (inf: none does)."""
     partitions, offs, sent = (np.asarray(a) for a in (produced.partitions, produced.offsets, produced.sent_at))
     result = np.full(len(offs), np.inf)
     by_partition = {}
@@ -177,19 +181,32 @@ def freshness(produced: Produced, responses: list[tuple[float, int]], offsets: d
         index = index[np.argsort(offs[index])]
         by_partition[int(p)] = (index, offs[index])
     covered = dict.fromkeys(by_partition, 0)
-    unknown = 0
-    for t, version in sorted(responses):
-        manifest = offsets.get(version)
-        if manifest is None:
-            unknown += 1
-            continue
+    for t, manifest in moments:
         for p, (index, sorted_offsets) in by_partition.items():
             upto = int(np.searchsorted(sorted_offsets, manifest.get(p, 0)))  # offsets below the manifest's
             if upto > covered[p]:
                 newly = index[covered[p]:upto]
                 result[newly] = t - sent[newly]
                 covered[p] = upto
-    return result, unknown
+    return result
+
+
+def freshness(produced: Produced, responses: list[tuple[float, int]], offsets: dict[int, dict[int, int]]) -> tuple[np.ndarray, int]:
+    """Seconds from send to the first response covering each event (inf: never covered), and how many
+    responses named a version whose manifest was never read."""
+    moments = [(t, offsets[version]) for t, version in sorted(responses) if version in offsets]
+    return covered_at(produced, moments), sum(version not in offsets for _, version in responses)
+
+
+def stages(produced: Produced, offsets: dict[int, dict[int, int]],
+           times: dict[int, tuple[float, float]]) -> dict[str, np.ndarray]:
+    """Where each event's freshness went: seconds from send to the manifest time of the first version covering it
+    (joined, trained, the version built: the trainer's part) and to that version being read from the store
+    (written: the store's part); the rest, to the first response, is delivery, the replica's apply and the client's
+    next request."""
+    ordered = sorted(v for v in offsets if v in times)
+    return {"trained": covered_at(produced, [(times[v][0], offsets[v]) for v in ordered]),
+            "written": covered_at(produced, [(times[v][1], offsets[v]) for v in ordered])}
 
 
 def produce(producer, topic: str, events, until: float, produced: Produced | None) -> int:
@@ -229,6 +246,9 @@ class Measured:
     failed: int
     produce_failed: int
     notes: list[str] = field(default_factory=list)
+    stages: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per event, in the order of ``ages``: seconds from send to its version's manifest time and to its version read
+    from the store (:func:`stages`)."""
 
 
 def measure(config, layout, bootstrap: str, simulator, measure_s: float, tail_s: float,
@@ -302,7 +322,8 @@ def measure(config, layout, bootstrap: str, simulator, measure_s: float, tail_s:
                      f"the trainer's lag at the end: {stats.get('lag')}")
     return Measured(ages, np.asarray(produced.sent_at), list(lags.samples), unknown, stats, health, dict(watcher.kinds),
                     dict(watcher.offsets), list(lags.lags),
-                    len(client.seen), len({v for _, v in client.seen}), client.failed, produced.failed, notes)
+                    len(client.seen), len({v for _, v in client.seen}), client.failed, produced.failed, notes,
+                    stages(produced, watcher.offsets, watcher.times))
 
 
 def seed_population(config, live_ids: int) -> None:
@@ -394,6 +415,11 @@ def sized_rows(report: Report, live_ids: int, mode: str, m: Measured, full: Meas
     report.add(Row(f"freshness p99 ({label})", p99, "s", anchor="full-snapshot publishing, same size, this run"
                    if anchor else None, anchor_value=full_p99,
                    goal=f"<= {GOAL_SIZED_P99_S:g} s" if at_goal else None, met=p99 <= GOAL_SIZED_P99_S if at_goal else None))
+    for stage, until in (("trained", "its version's manifest time"), ("written", "its version read from the store")):
+        if (ages := m.stages.get(stage)) is not None and len(ages):
+            for q in (50, 99):
+                report.add(Row(f"freshness p{q} until {until} ({label})", age_at(ages, q), "s",
+                               anchor="the whole freshness", anchor_value=age_at(m.ages, q)))
     for kind in ("base", "delta"):
         figures = published.get(kind)
         if not figures:
@@ -457,6 +483,10 @@ def timeline(path: Path, m: Measured, title: str, goal_s: float | None = None) -
     per_second = [(t, min(age_at(m.ages[seconds == t], 99), 60.0)) for t in np.unique(seconds)]  # inf: off the top
     if per_second:
         top.plot(*zip(*per_second), color="black", linewidth=1.2, label="p99 of the events sent in each second")
+    if (trained := m.stages.get("trained")) is not None and len(trained) == len(ages):
+        until = [(t, min(age_at(trained[seconds == t], 99), 60.0)) for t in np.unique(seconds)]
+        top.plot(*zip(*until), color="tab:purple", linewidth=0.8,
+                 label="p99 until its version's manifest time (the trainer's part)")
     if goal_s is not None:
         top.axhline(goal_s, color="red", linestyle="--", linewidth=1, label=f"goal p99 {goal_s:g} s")
     at = [t - start for t, _, _ in m.samples]

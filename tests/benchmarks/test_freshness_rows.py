@@ -7,7 +7,8 @@ import math
 
 import numpy as np
 
-from benchmarks.freshness import GOAL_APPLY_P99_MS, SIZES, Measured, age_at, sized_rows, timeline
+from benchmarks.freshness import (GOAL_APPLY_P99_MS, SIZES, Measured, Produced, age_at, freshness, sized_rows, stages,
+                                  timeline)
 from benchmarks.harness import Report
 
 
@@ -60,3 +61,25 @@ def test_the_timeline_draws_every_event_even_one_never_covered(tmp_path) -> None
     m = _measured([1.0] * 98 + [2.5, math.inf], 1.0, 1.0)
     path = timeline(tmp_path / "timeline.png", m, "freshness, a test", goal_s=3.0)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_each_event_is_split_at_the_first_version_covering_it_its_write_and_its_first_response() -> None:
+    produced = Produced(partitions=[0, 0, 1, 1], offsets=[0, 1, 0, 1], sent_at=[10.0, 10.5, 10.2, 11.0])
+    offsets = {1: {0: 1, 1: 0}, 2: {0: 2, 1: 2}, 3: {0: 2, 1: 2}}  # v1 covers p0's first event, v2 every event
+    times = {1: (11.0, 11.1), 2: (12.0, 12.4), 3: (13.0, 13.1)}
+    parts = stages(produced, offsets, times)
+    np.testing.assert_allclose(parts["trained"], [1.0, 1.5, 1.8, 1.0])
+    np.testing.assert_allclose(parts["written"], [1.1, 1.9, 2.2, 1.4])
+    # v1 is never served: its events are first served by v2's first response; v9's manifest was never read
+    ages, unknown = freshness(produced, [(12.6, 2), (12.3, 9), (13.5, 3)], offsets)
+    np.testing.assert_allclose(ages, [2.6, 2.1, 2.4, 1.6])
+    assert unknown == 1
+
+    report = Report("freshness")
+    m = _measured(list(ages), 1.0, 1.0)
+    m.stages = parts
+    sized_rows(report, SIZES[0], "deltas", m, None)
+    rows = {r.name.split(" (")[0]: r for r in report.rows}
+    trained = rows["freshness p99 until its version's manifest time"]
+    assert math.isclose(trained.value, 1.8) and math.isclose(trained.anchor_value, 2.6)
+    assert math.isclose(rows["freshness p50 until its version read from the store"].value, 1.9)  # "higher": of 1.1, 1.4, 1.9, 2.2
