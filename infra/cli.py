@@ -46,6 +46,10 @@ DataRoot = Annotated[Optional[Path], typer.Option(help="Where runs keep Feast st
                                                        "(paths.data_root).")]
 Topic = Annotated[Optional[str], typer.Option(help="Kafka topic of the event stream (kafka.topic).")]
 Model = Annotated[Optional[str], typer.Option(help="Model family, one of learner.models.FAMILIES (learner.family).")]
+TRAIN_POLL_S = 0.5
+"""How often `train` looks at its workers: a bounded run stops, and a dead worker is reported, this soon after."""
+STATUS_EVERY_S = 5.0
+"""`train` prints a worker's status line at most this often (and only when something moved)."""
 
 
 def _print_version(value: bool) -> None:
@@ -326,20 +330,23 @@ def train(
     _say(f"Prometheus metrics at {' '.join(metrics_endpoints(cfg))} (docs/telemetry.md)")
     deadline = time.monotonic() + seconds if seconds else None
     shown: dict[int, tuple] = {}
+    next_status = time.monotonic() + STATUS_EVERY_S
     try:
         while True:
-            ready, _ = ray.wait(group.runs, num_returns=len(group.runs), timeout=5)
+            ready, _ = ray.wait(group.runs, num_returns=len(group.runs), timeout=TRAIN_POLL_S)
             if len(ready) == len(group.runs):
                 break
             try:
                 stats = group.stats()
             except ray.exceptions.RayError:  # a worker died for good: stop() below says which and why
                 break
-            for s in stats:
-                progress = (s["consumed"], s["steps"], s["snapshots"][-1:], _outages(s))
-                if shown.get(s["rank"]) != progress:  # a line when something moved, not every few seconds
-                    shown[s["rank"]] = progress
-                    _say(_status(s))
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + STATUS_EVERY_S
+                for s in stats:
+                    progress = (s["consumed"], s["steps"], s["snapshots"][-1:], _outages(s))
+                    if shown.get(s["rank"]) != progress:  # a line when something moved, not every few seconds
+                        shown[s["rank"]] = progress
+                        _say(_status(s))
             if max_events is not None and sum(s["consumed"] for s in stats) >= max_events:
                 break
             if deadline is not None and time.monotonic() >= deadline:
