@@ -41,8 +41,8 @@ def test_events_flow_from_kafka_to_a_served_prediction(kafka_bootstrap, ray_sess
                            snapshot_every_steps=3, batch_size=256, wandb_mode="offline")
     ensure_topics(config.kafka)
     OnlineFeatures(config.features).apply()
+    trainer, run_ref = start_trainer(config)  # first: the actor starts while start_serving waits on Serve
     url = start_serving(config, free_port())
-    trainer, run_ref = start_trainer(config)
 
     sink = EventSink(config.kafka)
     events = list(Simulator(SimulatorConfig(seed=11, max_delay_s=1.5)).events(int(time.time() * 1000), 1500))
