@@ -307,10 +307,6 @@ def train(
     """
     cfg = load(config, uses_run=True, learner__family=model, trainer__workers=workers, kafka__topic=topic,
                paths__data_root=data_root, paths__run=run)
-    import ray
-
-    from infra.deploy import connect, metrics_endpoints, start_training
-
     from stream.kafka_io import BrokerUnavailable, require_broker
 
     try:
@@ -318,6 +314,9 @@ def train(
     except BrokerUnavailable as exc:
         _say(str(exc), style="red")
         raise typer.Exit(1) from None
+    import ray
+
+    from infra.deploy import connect, metrics_endpoints, start_training  # after the broker check: it takes seconds
     from infra.disk import free_space_warnings
 
     for warning in free_space_warnings(cfg):
