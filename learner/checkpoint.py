@@ -30,7 +30,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save as numpy_bytes
 from safetensors.torch import load_file, save_file
 
-from learner.snapshots import safetensors_parts, write_atomic
+from learner.snapshots import Streamed, safetensors_parts, write_atomic
 
 
 class CheckpointError(RuntimeError):
@@ -40,7 +40,8 @@ class CheckpointError(RuntimeError):
 @dataclass
 class Checkpoint:
     step: int
-    model: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor | Streamed]
+    """The weights; a table written beside training is streamed from its snapshot as the file is written."""
     optimizer: dict
     arrays: dict[str, np.ndarray]
     joiner: bytes
@@ -108,13 +109,15 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             opt_tensors, opt_meta = optimizer_tensors(ckpt.optimizer)
-            # The large files are streamed from the tensors' memory and synced as they are written
-            # (``learner.snapshot_files``): the library's writer builds each in one buffer holding the GIL, and a
-            # file of gigabytes synced at the end makes every other fsync of the machine wait behind it.
-            model = {k: v.detach().cpu().contiguous() for k, v in ckpt.model.items()}
-            write_atomic(tmp / "model.safetensors", safetensors_parts(model))
+            # The large files are streamed from the tensors' memory (or the tables' snapshots) and synced as they are
+            # written, around the page cache (``learner.snapshot_files``): the library's writer builds each in one
+            # buffer holding the GIL, a file of gigabytes synced at the end makes every other fsync of the machine
+            # wait behind it, and a buffered write costs the writing thread and the kernel's writeback CPU that
+            # training needs; nothing reads a checkpoint soon.
+            model = {k: v if isinstance(v, Streamed) else v.detach().cpu().contiguous() for k, v in ckpt.model.items()}
+            write_atomic(tmp / "model.safetensors", safetensors_parts(model), direct=True)
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            write_atomic(tmp / "arrays.safetensors", _numpy_parts(ckpt.arrays))
+            write_atomic(tmp / "arrays.safetensors", _numpy_parts(ckpt.arrays), direct=True)
             (tmp / "joiner.arrow").write_bytes(ckpt.joiner)
             _write_arrow(tmp / "buffer.arrow", ckpt.buffer)
             (tmp / "meta.json").write_bytes(orjson.dumps({**ckpt.meta, "step": ckpt.step, "optimizer": opt_meta}))

@@ -52,11 +52,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import math
 import os
 import struct
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -590,30 +591,77 @@ _DTYPES = {"int64": "I64", "float64": "F64", "float32": "F32", "int32": "I32", "
 """safetensors' names of torch's dtypes, in the order its writer lays tensors out (then by name)."""
 
 
-def safetensors_parts(tensors: dict[str, torch.Tensor]) -> list[memoryview]:
+@dataclass(frozen=True)
+class Streamed:
+    """A tensor written to a file chunk by chunk as it is read, never whole in memory (a table's rows streamed from a
+    snapshot into a checkpoint: ``RowSnapshot.stream``): its dtype and shape, and its chunks, tensors of consecutive
+    rows in order (on any device) that hold ``shape[0]`` rows together. The chunks can be read once."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: Iterable[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def whole(self) -> torch.Tensor:
+        import torch
+
+        return torch.cat([chunk.cpu() for chunk in self.chunks]).reshape(self.shape)
+
+
+def safetensors_parts(tensors: dict[str, torch.Tensor | Streamed]) -> list[memoryview] | Iterator[memoryview]:
     """The file ``safetensors.torch.save(tensors)`` makes, byte for byte, as its header and a view of each tensor's
     memory (contiguous CPU tensors; no copy). The library builds the file in one buffer while holding the GIL,
     about 2 s for a base of 10^7 ids, which a writer beside training would take from the training thread;
-    hashing and writing these views let the GIL go. A dtype outside ``_DTYPES``: the library's bytes, whole."""
+    hashing and writing these views let the GIL go. A :class:`Streamed` tensor's chunks are read as the parts are
+    (the parts are then an iterator, to be read once). A dtype outside ``_DTYPES``: the library's bytes, whole."""
     import torch
 
     order = list(_DTYPES.values())
     kinds = {k: _DTYPES.get(str(t.dtype).removeprefix("torch.")) for k, t in tensors.items()}
     if None in kinds.values():
-        return [memoryview(_safetensors(tensors))]
-    header, views, offset = {}, [], 0
+        whole = {k: t.whole() if isinstance(t, Streamed) else t for k, t in tensors.items()}
+        return [memoryview(_safetensors(whole))]
+    header, sources, offset = {}, [], 0
     for name in sorted(tensors, key=lambda k: (order.index(kinds[k]), k)):
         tensor = tensors[name]
-        size = tensor.numel() * tensor.element_size()
+        size = tensor.nbytes if isinstance(tensor, Streamed) else tensor.numel() * tensor.element_size()
         header[name] = {"dtype": kinds[name], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        flat = tensor.reshape(-1)
-        if flat.numel() < 2:  # a scalar or a single element may carry a stride of 0: a fresh one has 1
-            flat = flat.new_empty(flat.shape).copy_(flat)
-        views.append(memoryview(flat.view(torch.uint8).numpy()))
+        sources.append(tensor if isinstance(tensor, Streamed) else _bytes_of(tensor))
         offset += size
     raw = orjson.dumps(header)
     raw += b" " * (-(8 + len(raw)) % 8)  # the data starts 8-byte aligned, as the library pads it
-    return [memoryview(struct.pack("<Q", len(raw)) + raw), *views]
+    head = memoryview(struct.pack("<Q", len(raw)) + raw)
+    if not any(isinstance(source, Streamed) for source in sources):
+        return [head, *sources]
+    return _streamed_parts(head, sources)
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's memory as bytes (no copy)."""
+    import torch
+
+    flat = tensor.reshape(-1)
+    if flat.numel() < 2:  # a scalar or a single element may carry a stride of 0: a fresh one has 1
+        flat = flat.new_empty(flat.shape).copy_(flat)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _streamed_parts(head: memoryview, sources: list[memoryview | Streamed]) -> Iterator[memoryview]:
+    yield head
+    for source in sources:
+        if not isinstance(source, Streamed):
+            yield source
+            continue
+        written = 0
+        for chunk in source.chunks:
+            view = _bytes_of(chunk.detach().cpu().contiguous())
+            written += view.nbytes
+            yield view
+        if written != source.nbytes:  # the header promised what the file would then not hold
+            raise ValueError(f"a streamed tensor of shape {list(source.shape)} gave {written} bytes, not {source.nbytes}")
 
 
 def _delta_payload(delta: Delta) -> bytes:
@@ -641,5 +689,5 @@ def _safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 __all__ = ["DELTA_BYTES_FRACTION", "MAX_DELTAS", "SNAPSHOTS_KEPT", "ChainStatus", "Manifest", "PendingBase", "PublishGuard",
-           "SnapshotError", "SnapshotRefused", "SnapshotStore", "SnapshotUnwritable", "decode", "parse", "verified",
+           "SnapshotError", "SnapshotRefused", "SnapshotStore", "SnapshotUnwritable", "Streamed", "decode", "parse", "verified",
            "write_atomic"]

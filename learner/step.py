@@ -42,6 +42,7 @@ from learner.distributed import LocalReducer, Reducer
 from learner.idmap import IdMap, IdMapConfig, sort_snapshot
 from learner.metrics import ProgressiveValidation
 from learner.models import ModelOutput, MultiTaskModel, MultiTaskRanker, load_balance_loss, loss_terms
+from learner.snapshots import Streamed
 
 
 def build_optimizer(parameters, lr: float) -> torch.optim.Adam:
@@ -340,23 +341,37 @@ class Learner:
         taken = self._capture_all()
         return Captured(lambda: taken()[0], taken.release)
 
-    def _capture_all(self) -> Captured[tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]]:
+    def _capture_all(self, stream: bool = False) -> Captured[tuple[dict, dict[str, np.ndarray]]]:
         """:meth:`capture`'s halves, the copy returning the ID maps' state of the moment too (for checkpoints:
-        :meth:`capture_state`)."""
+        :meth:`capture_state`). ``stream``: the tables come back as :class:`~learner.snapshots.Streamed` tensors
+        whose rows are copied as a file is written from them, a chunk at a time (``RowSnapshot.stream``), so that
+        no copy of the whole tables is ever held; they keep rows for it until streamed or released."""
         maps, tables = field_maps(self.model), row_tables(self.model)
-        rows = {prefix: table.snapshot() for prefix, table in tables.items()}
+        if stream:
+            rows = {prefix: table.column_snapshots() for prefix, table in tables.items()}
+        else:
+            rows = {prefix: (table.snapshot(),) for prefix, table in tables.items()}
         id_maps = {name: id_map.snapshot_state() for name, id_map in self.id_maps.items()}
         skip = {*maps, *(rows_key(k) for k in maps), *(f"{prefix}{k}" for prefix in rows for k in ("weight", "sum_sq"))}
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k not in skip}
         device = self.device
 
-        def assemble() -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+        def assemble() -> tuple[dict, dict[str, np.ndarray]]:
             out = dict(state)
             try:  # the maps first: they are quicker to copy, and keep entries for it until they are
                 arrays = {name: taken.copy() for name, taken in id_maps.items()}
-                for prefix, table in rows.items():
-                    out[f"{prefix}weight"], out[f"{prefix}sum_sq"] = table.copy()
-            finally:  # a copy that failed must not keep the tables and maps keeping rows
+                for prefix, snaps in rows.items():
+                    if stream:
+                        for name, snap in zip(("weight", "sum_sq"), snaps):
+                            source = snap.sources[0]
+                            out[f"{prefix}{name}"] = Streamed(source.dtype, tuple(source.shape),
+                                                              (chunk for _, (chunk,) in snap.stream()))
+                    else:
+                        out[f"{prefix}weight"], out[f"{prefix}sum_sq"] = snaps[0].copy()
+            except BaseException:  # a copy that failed must not keep the tables and maps keeping rows
+                release()
+                raise
+            if not stream:
                 release()
             for key, (_, name) in maps.items():
                 published = sort_snapshot(*id_maps[name].live(arrays[name]))
@@ -365,7 +380,7 @@ class Learner:
             return out, {f"idmap.{name}.{k}": v for name, state in arrays.items() for k, v in state.items()}
 
         def release() -> None:
-            for held in (*id_maps.values(), *rows.values()):
+            for held in (*id_maps.values(), *(snap for snaps in rows.values() for snap in snaps)):
                 held.release()
         return Captured(assemble, release)
 
@@ -444,15 +459,15 @@ class Learner:
     def capture_state(self) -> tuple[Captured[tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]], dict,
                                      dict[str, np.ndarray], dict]:
         """:meth:`state` for a checkpoint written beside training (``learner.beside.CheckpointBeside``): a function
-        that copies the weights and the ID maps' state of this moment on the writing thread (as :meth:`capture`
-        does), and copies of the optimizer's state, the metric windows and the counters now. The training thread
-        pays for those copies and for the rows and entries it writes while the tables and maps are copied, not for
-        the tables or the maps."""
+        that gives the weights and the ID maps' state of this moment on the writing thread (the maps copied, the
+        tables as streams the checkpoint's file is written from: no copy of them is held), and copies of the
+        optimizer's state, the metric windows and the counters now. The training thread pays for those copies and
+        for the rows and entries it writes while the tables and maps are read, not for the tables or the maps."""
         counters = {"step": self.step, "examples": self.examples, "event_time_hwm_ms": self.event_time_hwm_ms,
                     "skipped_steps": self.skipped_steps}
         metrics = {k: np.array(v, copy=True) for k, v in self.metrics.state().items()}
         optimizer = copy.deepcopy(self.optimizer.state_dict())  # it holds the optimizer's own tensors
-        return self._capture_all(), optimizer, metrics, counters  # the snapshots last: nothing can fail after them
+        return self._capture_all(stream=True), optimizer, metrics, counters  # the snapshots last: nothing fails after them
 
     def restore(self, model: dict[str, torch.Tensor], optimizer: dict, arrays: dict[str, np.ndarray],
                 counters: dict, model_config: dict | None = None) -> None:

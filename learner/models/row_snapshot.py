@@ -3,10 +3,12 @@
     snapshot = RowSnapshot((weight, sum_sq), kept=torch.zeros(n, dtype=torch.bool), empty_like=torch.empty_like)
     ...                                        # the owner, before it writes rows: snapshot.before_write(weight, rows)
     weight_then, sum_sq_then = snapshot.copy()  # on another thread, while the owner goes on writing
+    for start, (weight_rows, sum_sq_rows) in snapshot.stream():  # or chunk by chunk, without a copy of the whole
+        ...
 
 The arrays share their first dimension (rows). The copy runs in chunks of ``chunk_rows``; before the owner writes
 rows the copy has not reached yet, it calls :meth:`RowSnapshot.before_write`, which keeps those rows' values (once
-each), and the copy puts them back at the end. Taking a snapshot costs the mask of kept rows; the owner pays for
+each), and the copy puts them back as it passes them. Taking a snapshot costs the mask of kept rows; the owner pays for
 the rows it writes while the copy runs, not for the arrays. The owner must call ``before_write`` before every write
 to the arrays, from the moment the snapshot is taken until it is ``done``; an owner that replaces its arrays (a
 table that grows) leaves the snapshot's arrays unchanged and need not call it for the new ones.
@@ -22,7 +24,7 @@ maps) and torch tensors on any device (the embedding tables) use it alike.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 CHUNK_ROWS = 1 << 18
@@ -36,9 +38,12 @@ class RowSnapshot:
     ``empty_like``: allocates the copy of one array (``numpy.empty_like`` or ``torch.empty_like``)."""
 
     def __init__(self, arrays: Sequence[Any], kept: Any, empty_like: Callable[[Any], Any],
-                 chunk_rows: int | None = None) -> None:
+                 chunk_rows: int | None = None, owner: Any = None) -> None:
         self.sources = tuple(arrays)
-        """The arrays of that moment; the first is the one ``before_write`` is told about."""
+        """The arrays of that moment."""
+        self._owner = self.sources[0] if owner is None else owner
+        """The array ``before_write`` is told about: the first, or another of the owner's (snapshots of each of a
+        table's arrays apart, each streamed whole in turn)."""
         self.copied = 0
         """Rows copied so far: a write below needs nothing kept."""
         self.done = False
@@ -51,9 +56,9 @@ class RowSnapshot:
 
     def before_write(self, array: Any, rows: Any) -> None:
         """``rows`` (distinct) of ``array`` are about to be written: keep the values of those the copy has not
-        reached and that were not kept already. An ``array`` other than the snapshot's first is another moment's
-        (the owner replaced its arrays): nothing to keep."""
-        if array is not self.sources[0]:
+        reached and that were not kept already. An ``array`` other than the snapshot's owner array of that moment
+        is another moment's (the owner replaced its arrays): nothing to keep."""
+        if array is not self._owner:
             return
         with self._lock:
             if self.done:
@@ -65,28 +70,44 @@ class RowSnapshot:
                 self._undo.append((rows, [source[rows] for source in self.sources]))
 
     def copy(self, progress: Callable[[int], None] | None = None) -> tuple[Any, ...]:
-        """The arrays as they were when the snapshot was taken: chunks copied, then the kept rows put back.
-        ``progress``: called with the rows copied so far after each chunk."""
+        """The arrays as they were when the snapshot was taken. ``progress``: called with the rows copied so far after
+        each chunk."""
+        out = tuple(self._empty_like(source) for source in self.sources)
+        for _ in self.stream(progress, into=out):
+            pass
+        return out
+
+    def stream(self, progress: Callable[[int], None] | None = None,
+               into: tuple[Any, ...] | None = None) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        """The arrays as they were when the snapshot was taken, a chunk of rows at a time: ``(start, chunks)``, each
+        chunk a copy of rows ``start:start + len(chunk)`` of one array, in order; a consumer that writes each chunk
+        out and drops it never holds a copy of the whole (``learner.checkpoint``). ``into``: arrays shaped like the
+        sources that the chunks are copied into (and are views of). ``progress``: called with the rows copied so far
+        after each chunk. A stream left before its end releases the snapshot."""
         try:
-            out = tuple(self._empty_like(source) for source in self.sources)
             for start in range(0, self._rows, self._chunk_rows):
                 end = min(self._rows, start + self._chunk_rows)
-                for target, source in zip(out, self.sources):
-                    target[start:end] = source[start:end]
-                with self._lock:
+                if into is None:
+                    chunks = tuple(self._empty_like(source[start:end]) for source in self.sources)
+                else:
+                    chunks = tuple(target[start:end] for target in into)
+                for chunk, source in zip(chunks, self.sources):
+                    chunk[:] = source[start:end]
+                with self._lock:  # from here on the owner keeps no row below ``end``: every one it kept is listed
                     self.copied = end
+                    kept = list(self._undo)
+                    if end == self._rows:
+                        self.done, self._undo = True, []
+                for rows, values in kept:  # rows written since the snapshot: their old values
+                    inside = (rows >= start) & (rows < end)
+                    if inside.any():
+                        for chunk, value in zip(chunks, values):
+                            chunk[rows[inside] - start] = value[inside]
                 if progress is not None:
                     progress(end)
-        except BaseException:
+                yield start, chunks
+        finally:
             self.release()
-            raise
-        with self._lock:
-            self.done = True
-            undo, self._undo = self._undo, []
-        for rows, values in undo:
-            for target, kept in zip(out, values):
-                target[rows] = kept
-        return out
 
     def release(self) -> None:
         """No copy will be made (or it was): the owner's writes stop keeping rows for it."""

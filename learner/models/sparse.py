@@ -199,6 +199,15 @@ class RowwiseTable(nn.Module):
         self._snapshots.append(snap)
         return snap
 
+    def column_snapshots(self) -> tuple[RowSnapshot, RowSnapshot]:
+        """:meth:`snapshot` as one snapshot of the weights and one of the accumulators, so that each can be streamed
+        whole in turn (``RowSnapshot.stream``: a checkpoint file lays each tensor out in one piece)."""
+        self._snapshots = [s for s in self._snapshots if not s.done]
+        snaps = tuple(RowSnapshot((array,), torch.zeros(self.weight.shape[0], dtype=torch.bool, device=self.weight.device),
+                                  torch.empty_like, owner=self.weight) for array in (self.weight, self.sum_sq))
+        self._snapshots.extend(snaps)
+        return snaps
+
     def _before_write(self, rows: Tensor) -> None:
         if self._snapshots:
             self._snapshots = [s for s in self._snapshots if not s.done]

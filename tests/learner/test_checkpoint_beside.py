@@ -121,6 +121,29 @@ def test_a_checkpoint_written_beside_training_holds_its_step_s_state_and_commits
     _same(loop.checkpoints.load(4 * EVERY + 1), reference.checkpoints.load(4 * EVERY + 1))
 
 
+def test_a_checkpoint_beside_training_streams_the_tables_into_its_file(tmp_path: Path, monkeypatch) -> None:
+    """No copy of the whole tables is held while one is written: its file is written from their snapshots a chunk at
+    a time (``Learner.capture_state``, ``RowSnapshot.stream``); the rest of the weights are copies."""
+    from learner.delta import row_tables
+    from learner.snapshots import Streamed
+
+    loop = _loop(tmp_path, beside=True)
+    streamed: dict[str, bool] = {}
+    write = loop.checkpoints.write
+
+    def recording(ckpt):
+        streamed.update({k: isinstance(v, Streamed) for k, v in ckpt.model.items()})
+        return write(ckpt)
+    monkeypatch.setattr(loop.checkpoints, "write", recording)
+    for _ in range(EVERY):
+        _step(loop)
+    loop.checkpoint_beside._job.result(timeout=60)
+    tables = {f"{prefix}{name}" for prefix in row_tables(loop.learner.model) for name in ("weight", "sum_sq")}
+    assert tables and {k for k, v in streamed.items() if v} == tables
+    restored = loop.checkpoints.load(EVERY)
+    assert all(restored.model[k].shape == loop.learner.model.state_dict()[k].shape for k in tables)
+
+
 def test_restored_from_a_checkpoint_written_beside_training_a_worker_resumes_exactly(tmp_path: Path) -> None:
     store = InMemoryFeatures()  # the online store outlives the worker, as Feast's does
     loop = _loop(tmp_path / "first", beside=True, features=store)

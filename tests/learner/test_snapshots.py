@@ -720,3 +720,28 @@ def test_a_base_streamed_in_parts_is_the_file_safetensors_makes_byte_for_byte() 
     assert b"".join(bytes(p) for p in safetensors_parts(tensors)) == save(tensors)
     odd = {"c": torch.randn(2, dtype=torch.complex64), "a": torch.ones(2)}  # not laid out here: the library's bytes
     assert b"".join(bytes(p) for p in safetensors_parts(odd)) == save(odd)
+
+
+def test_a_tensor_streamed_in_chunks_makes_the_same_file_and_a_short_stream_is_an_error() -> None:
+    """A checkpoint beside training writes each table from its snapshot a chunk at a time (``Streamed``): the file
+    is the one the whole tensors make, and a stream that ends early fails the write rather than leave a file whose
+    header promises bytes it does not hold."""
+    from safetensors.torch import save
+
+    from learner.snapshots import Streamed, safetensors_parts
+
+    torch.manual_seed(0)
+    weight, other = torch.randn(10, 3), torch.randn(7, 2, dtype=torch.float64)
+    tensors = {"t.weight": weight, "a": torch.arange(5), "other": other, "empty": torch.zeros(0, 4)}
+
+    def streamed(tensor: torch.Tensor, rows: int) -> Streamed:
+        return Streamed(tensor.dtype, tuple(tensor.shape), (tensor[i:i + rows].clone() for i in range(0, len(tensor), rows)))
+    parts = safetensors_parts({**tensors, "t.weight": streamed(weight, 4), "other": streamed(other, 3),
+                               "empty": streamed(tensors["empty"], 2)})
+    assert not isinstance(parts, list)  # read as it is written
+    assert b"".join(bytes(p) for p in parts) == save(tensors)
+    short = Streamed(weight.dtype, tuple(weight.shape), iter([weight[:4].clone()]))
+    with pytest.raises(ValueError, match="gave 48 bytes, not 120"):
+        b"".join(bytes(p) for p in safetensors_parts({"t.weight": short}))
+    odd = {"c": torch.randn(4, dtype=torch.complex64), "a": torch.ones(2)}  # the library's bytes: the chunks joined
+    assert b"".join(bytes(p) for p in safetensors_parts({**odd, "c": streamed(odd["c"], 3)})) == save(odd)

@@ -50,3 +50,43 @@ def test_a_snapshot_released_without_a_copy_stops_keeping_rows() -> None:
     snapshot.release()  # the base's write failed before it reached this table
     table.update(torch.tensor([3]), torch.randn(1, 4))
     assert not snapshot._undo and not table._snapshots
+
+
+def test_column_snapshots_streamed_one_after_the_other_are_the_table_of_their_moment(monkeypatch) -> None:
+    """A checkpoint lays each tensor out whole: the weights are streamed to the end, then the accumulators, while
+    the table trains between every chunk of either; each chunk is dropped once read."""
+    monkeypatch.setattr(learner.models.row_snapshot, "CHUNK_ROWS", 16)
+    torch.manual_seed(1)
+    table = RowwiseTable(n_rows=200, dim=4, lr=0.5, seed=3, allocated=120)
+    expected = table.weight.clone(), table.sum_sq.clone()
+    weight_snap, sum_sq_snap = table.column_snapshots()
+    streamed = []
+    for step, snap in enumerate((weight_snap, sum_sq_snap)):
+        chunks = []
+        for n, (start, (chunk,)) in enumerate(snap.stream()):
+            assert start == sum(len(c) for c in chunks) and chunk.data_ptr() != snap.sources[0].data_ptr()
+            chunks.append(chunk.clone())
+            rows = torch.tensor([1, 5, 40, 41, 100, 119, (7 * n + 13 * step) % 120])  # behind, ahead and across
+            table.update(rows, torch.randn(len(rows), 4))
+            if n == 3:
+                table.reset_rows(torch.tensor([3, 90, 110]))
+        assert snap.done and not snap._undo
+        streamed.append(torch.cat(chunks))
+    assert torch.equal(streamed[0], expected[0]) and torch.equal(streamed[1], expected[1])
+    assert not torch.equal(table.weight, expected[0]) and not torch.equal(table.sum_sq, expected[1])
+    table.update(torch.tensor([2]), torch.randn(1, 4))
+    assert not weight_snap._undo and not sum_sq_snap._undo  # streamed: nothing kept for them any more
+
+
+def test_a_stream_left_before_its_end_stops_keeping_rows(monkeypatch) -> None:
+    monkeypatch.setattr(learner.models.row_snapshot, "CHUNK_ROWS", 16)
+    table = RowwiseTable(n_rows=100, dim=4, lr=0.5, seed=3)
+    snap, _ = table.column_snapshots()
+    stream = snap.stream()
+    next(stream)
+    table.update(torch.tensor([60, 70]), torch.randn(2, 4))
+    assert snap._undo
+    stream.close()  # the checkpoint's write failed halfway
+    assert snap.done and not snap._undo
+    table.update(torch.tensor([80]), torch.randn(1, 4))
+    assert not snap._undo
