@@ -15,6 +15,7 @@ a reader sees a whole checkpoint or the previous one. Only after that may the of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
@@ -93,6 +94,13 @@ def _write_arrow(path: Path, table: pa.Table) -> None:
         writer.write_table(table)
 
 
+SPARE = ".spare"
+"""Where a checkpoint directory keeps the large files of the last pruned checkpoint, which the next one is written
+over (:meth:`CheckpointStore._retire`): between two checkpoints the directory holds one checkpoint's worth of them
+more than ``keep``."""
+RECYCLED = ("model.safetensors", "arrays.safetensors")
+
+
 class CheckpointStore:
     def __init__(self, directory: Path, keep: int = 2) -> None:
         self.directory = Path(directory)
@@ -115,9 +123,11 @@ class CheckpointStore:
             # wait behind it, and a buffered write costs the writing thread and the kernel's writeback CPU that
             # training needs; nothing reads a checkpoint soon.
             model = {k: v if isinstance(v, Streamed) else v.detach().cpu().contiguous() for k, v in ckpt.model.items()}
-            write_atomic(tmp / "model.safetensors", safetensors_parts(model), direct=True)
+            spare = self.directory / SPARE
+            write_atomic(tmp / "model.safetensors", safetensors_parts(model), direct=True, over=spare / "model.safetensors")
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            write_atomic(tmp / "arrays.safetensors", _numpy_parts(ckpt.arrays), direct=True)
+            write_atomic(tmp / "arrays.safetensors", _numpy_parts(ckpt.arrays), direct=True,
+                         over=spare / "arrays.safetensors")
             (tmp / "joiner.arrow").write_bytes(ckpt.joiner)
             _write_arrow(tmp / "buffer.arrow", ckpt.buffer)
             (tmp / "meta.json").write_bytes(orjson.dumps({**ckpt.meta, "step": ckpt.step, "optimizer": opt_meta}))
@@ -176,7 +186,20 @@ class CheckpointStore:
         pinned = None if self.pinned is None else f"ckpt-{self.pinned:09d}"
         for path in done[: -self.keep]:
             if path.name not in (newest, pinned):
-                shutil.rmtree(path, ignore_errors=True)
+                self._retire(path)
+
+    def _retire(self, path: Path) -> None:
+        """Remove a pruned checkpoint but its large files, kept in ``SPARE`` for the next checkpoint to be written
+        over. Deleting gigabytes at once stalls every other fsync of the machine on a filesystem that discards freed
+        blocks (ext4 mounted ``discard``, usual on cloud disks: a 3.3 GB file took 2.4-3.1 s to unlink and small
+        fsyncs meanwhile up to 0.35-0.5 s); written over in place, its blocks are neither freed nor allocated."""
+        spare = self.directory / SPARE
+        with contextlib.suppress(OSError):
+            spare.mkdir(exist_ok=True)
+            for name in RECYCLED:
+                if (path / name).exists():
+                    os.replace(path / name, spare / name)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 GROUP_FILE = "GROUP"

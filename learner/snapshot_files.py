@@ -49,15 +49,19 @@ DIRECT_ALIGN = 4096
 """What a write around the page cache (``O_DIRECT``) must be aligned to: memory, length and file offset."""
 
 
-def write_atomic(path: Path, payload: Payload, direct: bool = False) -> None:
+def write_atomic(path: Path, payload: Payload, direct: bool = False, over: Path | None = None) -> None:
     """Write to a temporary name, fsync, rename, fsync the directory: readers see all of it or none.
 
     ``direct``: around the page cache (``O_DIRECT``) where the filesystem takes it, else as usual; for files of
     gigabytes that nothing reads soon (checkpoints). A buffered write costs the writing thread the copy into the page
     cache and the machine the dirty pages' writeback besides: 2 GB cost the writing thread 3.1-4.3 s of CPU buffered,
-    0.57 s direct, at the same disk speed (docs/learner.md)."""
+    0.57 s direct, at the same disk speed (docs/learner.md). ``over``: a file no longer needed (an older
+    checkpoint's), written over in place rather than a new one allocated, where it exists and the write is direct
+    (as databases recycle their log files): its blocks are neither freed nor allocated again."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        if direct and over is not None and over.exists():
+            os.replace(over, tmp)
         if not (direct and _write_direct(tmp, payload)):
             _write_buffered(tmp, payload)
         os.replace(tmp, path)
@@ -86,11 +90,12 @@ def _write_buffered(path: Path, payload: Payload) -> None:
 
 
 def _write_direct(path: Path, payload: Payload) -> bool:
-    """Write ``payload`` to ``path`` with ``O_DIRECT`` through an aligned buffer of ``SYNC_EVERY_BYTES`` (the last
-    block padded, then the file cut to its size), synced as it goes; False, having written nothing, where the
-    filesystem or the OS has no ``O_DIRECT`` (tmpfs, macOS)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
-    if flags == os.O_WRONLY | os.O_CREAT | os.O_TRUNC:
+    """Write ``payload`` to ``path`` (over what a file there holds) with ``O_DIRECT`` through an aligned buffer of
+    ``SYNC_EVERY_BYTES`` (the last block padded, then the file cut to its size), synced as it goes; False, having
+    written nothing, where the filesystem or the OS has no ``O_DIRECT`` (tmpfs, macOS): the caller writes it
+    buffered, which truncates what is there."""
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0)  # not truncated: a file there is written over
+    if flags == os.O_WRONLY | os.O_CREAT:
         return False
     try:
         fd = os.open(path, flags, 0o644)
@@ -117,7 +122,7 @@ def _write_direct(path: Path, payload: Payload) -> bool:
             staged[filled:padded] = 0
             _write_all(fd, staged[:padded])
             size += filled
-            os.ftruncate(fd, size)
+        os.ftruncate(fd, size)  # the padding, and what a longer file written over held past the end
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -87,3 +87,33 @@ def test_a_checkpoint_s_arrays_file_is_the_one_safetensors_writes_for_any_dtype_
         both = {**arrays, **extra}
         expected = save({k: np.ascontiguousarray(v) for k, v in both.items()})
         assert b"".join(bytes(p) for p in _numpy_parts(both)) == expected
+
+
+def test_a_pruned_checkpoint_s_large_files_are_written_over_by_the_next(tmp_path: Path) -> None:
+    """Deleting gigabytes stalls the machine's fsyncs on a disk that discards freed blocks: a pruned checkpoint's
+    model and arrays files are kept aside and the next checkpoint is written over them, in place (same inode), each
+    checkpoint whole whatever the sizes (the weights grow and shrink here)."""
+    from learner.checkpoint import RECYCLED, SPARE
+
+    store = CheckpointStore(tmp_path, keep=2)
+
+    def sized(step: int, rows: int) -> Checkpoint:
+        ckpt = _checkpoint(step)
+        ckpt.model = {"w": torch.arange(rows * 1000, dtype=torch.float32) + step}
+        ckpt.arrays = {"a": np.arange(rows * 700) * step}
+        return ckpt
+    rows = {10: 50, 20: 80, 30: 20, 40: 90, 50: 5}
+    store.write(sized(10, rows[10]))
+    store.write(sized(20, rows[20]))
+    assert not (tmp_path / SPARE).exists()
+    spare_inodes = {name: (tmp_path / "ckpt-000000010" / name).stat().st_ino for name in RECYCLED}
+    store.write(sized(30, rows[30]))  # prunes 10: its large files become the spares
+    assert {name: (tmp_path / SPARE / name).stat().st_ino for name in RECYCLED} == spare_inodes
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000000020", "ckpt-000000030"]
+    for step in (40, 50):
+        store.write(sized(step, rows[step]))
+        for kept in (step - 10, step):
+            restored = store.load(kept)
+            assert torch.equal(restored.model["w"], sized(kept, rows[kept]).model["w"])
+            np.testing.assert_array_equal(restored.arrays["a"], sized(kept, rows[kept]).arrays["a"])
+    assert {name: (tmp_path / "ckpt-000000040" / name).stat().st_ino for name in RECYCLED} == spare_inodes
