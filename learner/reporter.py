@@ -11,7 +11,8 @@
 - :meth:`Reporter.observe` takes every step's forward pass (the health monitor accumulates its gates) and
   logs its losses; :meth:`Reporter.report`, at the health cadence, logs the progressive metrics and writes
   the expert-health report (``<run>/health/experts.json``, read by ``moestream experts``) with a
-  task x expert utilisation heatmap drawn on a thread of its own, so a drawing never holds up a step.
+  task x expert utilisation heatmap drawn in a process of its own (``learner.plot_process``), so a drawing never
+  holds up a step, not even for the interpreter's lock.
 
 A published version is then offered to the run's weight-store actor (``learner.weight_store``), through which
 replicas on any node follow it (a version over ``learner.publish.ray_max_bytes`` as its manifest only: replicas read
@@ -43,7 +44,8 @@ from learner.snapshots import (
     Manifest, PendingBase, SnapshotError, SnapshotRefused, SnapshotStore, SnapshotUnwritable, write_atomic,
 )
 from learner.step import StepResult
-from learner.telemetry import Telemetry, load_plotting, plot_utilisation
+from learner.plot_process import draw_apart
+from learner.telemetry import Telemetry
 
 PUBLISH_BACKOFF_S = 1.0
 """Wait after the first failed write before publishing is tried again; doubled after every further failure."""
@@ -87,8 +89,7 @@ class Reporter:
         self._health_unwritable = False
         self._plotter = ThreadPoolExecutor(1, thread_name_prefix="moestream-plot")
         self._plot: Future | None = None
-        """The heatmap being drawn."""
-        load_plotting()  # at start-up, not while the first steps train
+        """The heatmap being drawn (in a process of its own: ``learner.plot_process``)."""
 
     def observe(self, step: int, result: StepResult, seconds: float | None = None) -> None:
         """One step's forward pass and losses; ``seconds``: the step's wall time."""
@@ -285,7 +286,7 @@ class Reporter:
         """The first report, then every N: one drawing at a time, on the plot thread."""
         steps = [s for s, _ in self.health.history]
         shares = np.stack([share for _, share in self.health.history])  # (R, T, E), a copy
-        self._plot = self._plotter.submit(plot_utilisation, steps, shares, report["tasks"], report["experts"], path)
+        self._plot = self._plotter.submit(draw_apart, steps, shares, report["tasks"], report["experts"], path)
 
     def _log_heatmap(self, step: int) -> None:
         """Log a heatmap drawn since the last report to W&B (from the training thread, at the current step)."""

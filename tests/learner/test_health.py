@@ -279,3 +279,21 @@ def test_a_real_model_through_the_learner_writes_health_to_wandb_json_and_png(tm
     assert "snapshot v2 " in shown.output  # the run's newest, published after the report was written
     missing = CliRunner().invoke(app, ["experts", str(tmp_path / "nowhere")])
     assert missing.exit_code == 1 and "no expert-health report" in missing.output
+
+
+def test_the_heatmap_is_drawn_in_a_process_of_its_own_and_its_failure_is_an_error_naming_the_cause(
+    tmp_path: Path
+) -> None:
+    """matplotlib holds the interpreter's lock while it draws: on a thread of the trainer it stalled every step
+    meanwhile (``learner.plot_process``). The drawing process writes the PNG; what goes wrong in it is raised here."""
+    import os
+
+    from learner.plot_process import draw_apart
+
+    path = tmp_path / "health" / "utilisation.png"
+    shares = np.random.default_rng(0).random((4, 2, 3))
+    assert draw_apart([2, 4, 6, 8], shares, ["click", "like"], ["e0", "e1", "shared/0"], path) == path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(path.parent)) == ["utilisation.png"]  # its inputs removed
+    with pytest.raises(RuntimeError, match="heatmap's process exited 1: IndexError: index 2 is out of bounds"):
+        draw_apart([2, 4, 6, 8], shares, ["click", "like", "follow"], ["e0", "e1", "shared/0"], path)  # a task short
