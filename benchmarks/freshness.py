@@ -249,6 +249,8 @@ class Measured:
     stages: dict[str, np.ndarray] = field(default_factory=dict)
     """Per event, in the order of ``ages``: seconds from send to its version's manifest time and to its version read
     from the store (:func:`stages`)."""
+    steps: dict[str, list[float]] = field(default_factory=dict)
+    """The trainer's steps from the measured window's start on, phase by phase (``learner.step_log``)."""
 
 
 def measure(config, layout, bootstrap: str, simulator, measure_s: float, tail_s: float,
@@ -278,6 +280,7 @@ def measure(config, layout, bootstrap: str, simulator, measure_s: float, tail_s:
     events = Simulator(simulator).events(int(time.time() * 1000), 10**9, rate=RATE)
     produced, notes, health = Produced(), [], {}
     lags = LagSampler(trainer)
+    start: float | None = None
     try:
         # Warm-up traffic until a model is served and the trainer has worked off the backlog that built up
         # while its actor started: measuring before that would time the backlog, not the pipeline.
@@ -307,6 +310,7 @@ def measure(config, layout, bootstrap: str, simulator, measure_s: float, tail_s:
         producer.close()
         trainer.stop.remote()
         stats = ray.get(run_ref)
+        steps = ray.get(trainer.steps.remote(start)) if start is not None else {}
         ray.get(trainer.close.remote())
         ray.kill(trainer)
         serve.shutdown()  # the next run starts its own app, on its own port
@@ -323,7 +327,7 @@ def measure(config, layout, bootstrap: str, simulator, measure_s: float, tail_s:
     return Measured(ages, np.asarray(produced.sent_at), list(lags.samples), unknown, stats, health, dict(watcher.kinds),
                     dict(watcher.offsets), list(lags.lags),
                     len(client.seen), len({v for _, v in client.seen}), client.failed, produced.failed, notes,
-                    stages(produced, watcher.offsets, watcher.times))
+                    stages(produced, watcher.offsets, watcher.times), steps)
 
 
 def seed_population(config, live_ids: int) -> None:
@@ -455,6 +459,10 @@ def sized_rows(report: Report, live_ids: int, mode: str, m: Measured, full: Meas
                            goal=f"<= {GOAL_APPLY_P99_MS:g} ms" if goal else None,
                            met=whole <= GOAL_APPLY_P99_MS if goal else None))
             report.add(Row(f"replica delta install {q}, lock held ({label})", value, "ms"))
+    if m.steps.get("total"):
+        report.add(Row(f"longest training step ({label})", max(m.steps["total"]), "s",
+                       anchor="the median step", anchor_value=float(np.median(m.steps["total"]))))
+        report.notes.append(f"{label}: the longest steps: {longest_steps(m)}")
     kinds = [k for k, _ in m.kinds.values()]
     report.notes.append(
         f"{label}: {m.stats['steps']} steps, {len(m.stats['snapshots'])} versions published ({kinds.count('base')} "
@@ -468,15 +476,34 @@ def sized_rows(report: Report, live_ids: int, mode: str, m: Measured, full: Meas
         f"{m.stats.get('checkpoint_failures', 0)} failed" + "".join(f"; {n}" for n in m.notes))
 
 
+def longest_steps(m: Measured, n: int = 5) -> str:
+    """The ``n`` longest steps of the measured window: when each began (seconds after the first measured event was
+    sent), its wall time, and its phases over a tenth of it, largest first; then the longest wait for a batch."""
+    from learner.step_log import PHASES
+
+    steps, start = m.steps, float(m.sent.min()) if len(m.sent) else 0.0
+    total = np.asarray(steps["total"])
+    described = []
+    for i in np.argsort(-total)[:n]:
+        phases = sorted(((steps[p][i], p) for p in PHASES if steps[p][i] >= total[i] / 10), reverse=True)
+        described.append(f"at {steps['at'][i] - start:.1f} s, {total[i]:.2f} s ("
+                         + ", ".join(f"{p} {t:.2f} s" for t, p in phases) + ")")
+    waited = np.asarray(steps["waited"])
+    at = int(np.argmax(waited))
+    return "; ".join(described) + f"; the longest wait for a batch {waited[at]:.2f} s, before the step at " \
+        f"{steps['at'][at] - start:.1f} s"
+
+
 def timeline(path: Path, m: Measured, title: str, goal_s: float | None = None) -> Path:
     """Each measured event's freshness against when it was sent, with each second's p99, the spans where a
-    checkpoint was being written beside training, and the trainer's consumer lag below (PNG)."""
+    checkpoint was being written beside training, the trainer's consumer lag and its steps' wall times below
+    (PNG)."""
     from benchmarks.quality_plots import pyplot
 
     plt = pyplot()
     start = float(m.sent.min()) if len(m.sent) else 0.0
     sent, ages = m.sent - start, m.ages
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, height_ratios=(3, 1))
+    fig, (top, bottom, steps) = plt.subplots(3, 1, figsize=(9, 7), sharex=True, height_ratios=(3, 1, 1))
     covered = np.isfinite(m.ages)
     top.scatter(sent[covered], ages[covered], s=2, alpha=0.25, color="tab:blue", label="an event")
     seconds = np.floor(sent).astype(int)
@@ -490,7 +517,7 @@ def timeline(path: Path, m: Measured, title: str, goal_s: float | None = None) -
     if goal_s is not None:
         top.axhline(goal_s, color="red", linestyle="--", linewidth=1, label=f"goal p99 {goal_s:g} s")
     at = [t - start for t, _, _ in m.samples]
-    for axis in (top, bottom):
+    for axis in (top, bottom, steps):
         for t, (_, _, writing) in zip(at, m.samples):
             if writing:
                 axis.axvspan(t - 0.5, t + 0.5, color="orange", alpha=0.15, linewidth=0)
@@ -501,8 +528,15 @@ def timeline(path: Path, m: Measured, title: str, goal_s: float | None = None) -
     top.legend(fontsize=8, loc="upper right")
     top.grid(alpha=0.3)
     bottom.set_ylabel("consumer lag\n(messages)")
-    bottom.set_xlabel("seconds since the first measured event was sent")
     bottom.grid(alpha=0.3)
+    if m.steps.get("total"):
+        began = np.asarray(m.steps["at"]) - start
+        steps.vlines(began, 0, m.steps["total"], color="tab:gray", linewidth=0.6, label="a step's wall time")
+        steps.vlines(began, 0, m.steps["publish"], color="tab:purple", linewidth=0.6, label="its publish")
+        steps.legend(fontsize=7, loc="upper right")
+    steps.set_ylabel("training step\n(s)")
+    steps.set_xlabel("seconds since the first measured event was sent")
+    steps.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -609,6 +643,8 @@ def run(quick: bool = False, sizes: tuple[int, ...] | None = None, modes: tuple[
                             f"freshness, {live_ids:.0e} live ids, {mode}".replace("e+0", "e"),
                             GOAL_SIZED_P99_S if at_goal else None)
             report.notes.append(f"timeline of {label}: {path}")
+            if steps := sized[(live_ids, mode)].steps:  # every step of the window, phase by phase, for a closer look
+                np.savez_compressed(out_dir / f"steps-{label}.npz", **{k: np.asarray(v) for k, v in steps.items()})
     report.notes.append(f"load average at the end {load_average()}")
     return report
 

@@ -41,6 +41,7 @@ from learner.intake import BufferedSource, ExamplesSource
 from learner.reporter import Reporter
 from learner.snapshots import Manifest, PendingBase, SnapshotStore
 from learner.step import Learner, StepResult
+from learner.step_log import StepLog
 from learner.telemetry import Telemetry
 
 
@@ -98,6 +99,8 @@ class TrainingLoop:
         self._checkpoint_owed = False  # one came due while the one before was still being written, or too soon after
         self._checkpoint_ready_at = 0.0
         """When the next checkpoint written beside training may start: ``learner.cadence.checkpoint_max_share``."""
+        self.step_log = StepLog()
+        """The latest steps' times, phase by phase (``learner.step_log``): :meth:`steps`."""
         self.checkpoint_seconds: dict[str, list[float]] = {"capture": [], "write": [], "inline": []}
         """The latest checkpoints' times: of one written beside training, what it took of the training thread
         (``capture``) and of its own (``write``); of one written on the training thread, the whole (``inline``)."""
@@ -161,27 +164,37 @@ class TrainingLoop:
         """One (group) step on ``batch`` (taken from the source; empty for a worker with nothing to train),
         then whatever the cadences say is due. ``upcoming``: what the next step will most likely get, whose
         features are read ahead while this step's model runs."""
-        cadence = self.cadence
+        cadence, log = self.cadence, self.step_log
         started = time.perf_counter()
+        log.start()
         batch = batch.combine_chunks()  # a batch spans many fetches: one chunk makes every column read cheap
         features = self.features.read(batch)  # dense (B, F) and codes: before this batch's labels are folded in
         if (self.learner.step + 1) % cadence.stats_every_steps == 0:
             self.collisions = self._collisions()  # now: no push is folding into the aggregates
+        log.phase("read")
         self.features.fold(batch, upcoming)
+        log.phase("fold")
         result = self.learner.learn(batch, features.dense, features.codes)
         self._audit(batch)
+        log.phase("learn")
         step = self.learner.step
         self.reporter.observe(step, result, time.perf_counter() - started)
+        log.phase("observe")
         if step % cadence.health_every_steps == 0:
             self.reporter.report(step, self._summarise(), self.learner.positive_rates())
+        log.phase("report")
         if self.checkpoint_beside is not None:
             self._collect_checkpoint()
         if (step % cadence.checkpoint_every_steps == 0 or self._checkpoint_owed) and not self._closing:
             self._checkpoint_on_cadence()
+        log.phase("checkpoint")
         if self.snapshot_due(step) and not self._closing:
             self.publish()
+        log.phase("publish")
         if step % cadence.stats_every_steps == 0:
             self._log_figures(step)
+        log.phase("figures")
+        log.end(batch.num_rows)
         return result
 
     def stop(self) -> None:
@@ -442,6 +455,10 @@ class TrainingLoop:
             "id_tables": self.learner.id_tables(),
             "wandb_dir": self.telemetry.run_dir if self.telemetry else None,
         }
+
+    def steps(self, since: float = 0.0) -> dict[str, list[float]]:
+        """The latest steps that started at or after wall time ``since``, phase by phase (``learner.step_log``)."""
+        return self.step_log.since(since)
 
     def close(self) -> None:
         """The last push lands and the last heatmap is logged before the W&B run ends."""

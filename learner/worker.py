@@ -154,6 +154,10 @@ class TrainerWorker:
             "uptime_s": time.time() - self.started_at,
         }
 
+    def steps(self, since: float = 0.0) -> dict[str, list[float]]:
+        """See :meth:`TrainingLoop.steps`."""
+        return self.loop.steps(since)
+
     def close(self) -> None:
         self.loop.close()
         self.stream.close()

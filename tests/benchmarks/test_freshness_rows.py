@@ -83,3 +83,26 @@ def test_each_event_is_split_at_the_first_version_covering_it_its_write_and_its_
     trained = rows["freshness p99 until its version's manifest time"]
     assert math.isclose(trained.value, 1.8) and math.isclose(trained.anchor_value, 2.6)
     assert math.isclose(rows["freshness p50 until its version read from the store"].value, 1.9)  # "higher": of 1.1, 1.4, 1.9, 2.2
+
+
+def test_the_longest_steps_are_named_with_their_phases_and_drawn(tmp_path) -> None:
+    from learner.step_log import COLUMNS
+
+    m = _measured([1.0] * 100, 1.0, 1.0)  # the first event was sent at 0.0
+    n = 6
+    m.steps = {c: [0.0] * n for c in COLUMNS}
+    m.steps["at"] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    m.steps["total"] = [0.05, 2.0, 0.06, 0.9, 0.05, 0.05]
+    m.steps["publish"] = [0.0, 1.6, 0.0, 0.0, 0.0, 0.0]
+    m.steps["learn"] = [0.04, 0.3, 0.05, 0.85, 0.04, 0.04]
+    m.steps["waited"] = [0.0, 0.01, 0.02, 0.01, 1.5, 0.01]
+    report = Report("freshness")
+    sized_rows(report, SIZES[0], "deltas", m, None)
+    rows = {r.name.split(" (")[0]: r for r in report.rows}
+    assert rows["longest training step"].value == 2.0 and rows["longest training step"].anchor_value == 0.055
+    named = next(n for n in report.notes if "the longest steps" in n)
+    assert "at 2.0 s, 2.00 s (publish 1.60 s, learn 0.30 s)" in named
+    assert named.index("at 2.0 s") < named.index("at 4.0 s, 0.90 s (learn 0.85 s)")
+    assert "the longest wait for a batch 1.50 s, before the step at 5.0 s" in named
+    path = timeline(tmp_path / "t.png", m, "steps")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
