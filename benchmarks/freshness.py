@@ -170,6 +170,73 @@ class LagSampler(threading.Thread):
         self.join(timeout=30)
 
 
+def process_label(name: str, cmdline: list[str]) -> str:
+    """What a process is, for :class:`CpuSampler`: a Ray worker by its title (``ray::TrainerActor``, without the
+    method it runs), a kernel thread by its kind (``kworker/u4:2`` -> ``kernel: kworker``), anything else by name."""
+    title = cmdline[0] if cmdline else ""
+    if title.startswith("ray::"):
+        return title.split(".")[0].split(" ")[0]
+    if not cmdline:  # kernel threads have no command line
+        return "kernel: " + name.split("/")[0].rstrip("0123456789:-.")
+    return name
+
+
+class CpuSampler(threading.Thread):
+    """Every process's CPU on the machine once a second (``psutil``, user + system), grouped by
+    :func:`process_label`: what else ran when freshness rose (:attr:`samples`, for the timeline and the notes)."""
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        super().__init__(name="cpu-sampler", daemon=True)
+        self.every_s = every_s
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        """(wall time, CPU seconds per label since the sample before)"""
+        self._halt = threading.Event()
+
+    @staticmethod
+    def _read() -> dict[tuple[int, float], tuple[str, float]]:
+        import psutil
+
+        out = {}
+        for process in psutil.process_iter(["name", "cmdline", "cpu_times", "create_time"]):
+            info = process.info
+            if info["cpu_times"] is None:  # gone, or not ours to read
+                continue
+            out[(process.pid, info["create_time"])] = (process_label(info["name"] or "?", info["cmdline"] or []),
+                                                       info["cpu_times"].user + info["cpu_times"].system)
+        return out
+
+    def run(self) -> None:
+        before = self._read()
+        while not self._halt.wait(self.every_s):
+            now = self._read()
+            spent: dict[str, float] = {}
+            for key, (label, cpu) in now.items():  # a process that started meanwhile counts from 0
+                used = cpu - before[key][1] if key in before else cpu
+                if used > 0:
+                    spent[label] = spent.get(label, 0.0) + used
+            self.samples.append((time.time(), spent))
+            before = now
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=30)
+
+
+def busiest(samples: list[tuple[float, dict[str, float]]], start: float, end: float, n: int = 6) -> str:
+    """The ``n`` labels with the most CPU between wall times ``start`` and ``end``, in cores, beside their average over
+    every sample: ``ray::TrainerActor 0.95 (0.71)``."""
+    def cores(chosen: list[dict[str, float]]) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for spent in chosen:
+            for label, used in spent.items():
+                total[label] = total.get(label, 0.0) + used / len(chosen)
+        return total
+    inside = cores([spent for t, spent in samples if start <= t <= end] or [{}])
+    overall = cores([spent for _, spent in samples] or [{}])
+    top = sorted(inside.items(), key=lambda kv: -kv[1])[:n]
+    return ", ".join(f"{label} {used:.2f} ({overall.get(label, 0.0):.2f})" for label, used in top)
+
+
 def covered_at(produced: Produced, moments: list[tuple[float, dict[int, int]]]) -> np.ndarray:
     """Seconds from send to the first of ``moments`` (time, a manifest's offsets; in time order) that covers each
     event (inf: none does)."""
@@ -251,6 +318,8 @@ class Measured:
     from the store (:func:`stages`)."""
     steps: dict[str, list[float]] = field(default_factory=dict)
     """The trainer's steps from the measured window's start on, phase by phase (``learner.step_log``)."""
+    cpu: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+    """Every process's CPU once a second while measuring (:class:`CpuSampler`)."""
 
 
 def measure(config, layout, bootstrap: str, simulator, measure_s: float, tail_s: float,
@@ -279,7 +348,7 @@ def measure(config, layout, bootstrap: str, simulator, measure_s: float, tail_s:
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=10)
     events = Simulator(simulator).events(int(time.time() * 1000), 10**9, rate=RATE)
     produced, notes, health = Produced(), [], {}
-    lags = LagSampler(trainer)
+    lags, cpu = LagSampler(trainer), CpuSampler()
     start: float | None = None
     try:
         # Warm-up traffic until a model is served and the trainer has worked off the backlog that built up
@@ -294,11 +363,13 @@ def measure(config, layout, bootstrap: str, simulator, measure_s: float, tail_s:
                          f"3 s) after {warmup_limit_s:g} s; measured anyway")
         start = time.time()
         lags.start()
+        cpu.start()
         n_measured = produce(producer, config.kafka.topic, events, start + measure_s, produced)
         producer.flush()
         produce(producer, config.kafka.topic, events, time.time() + tail_s, None)  # the last windows close
         producer.flush()
         lags.stop()
+        cpu.stop()
         wait_for(lambda: len(produced.offsets) + produced.failed >= n_measured, 30, "the broker's acknowledgements")
         try:
             health = httpx.get(f"{url}/healthz", timeout=30).json()
@@ -327,7 +398,7 @@ def measure(config, layout, bootstrap: str, simulator, measure_s: float, tail_s:
     return Measured(ages, np.asarray(produced.sent_at), list(lags.samples), unknown, stats, health, dict(watcher.kinds),
                     dict(watcher.offsets), list(lags.lags),
                     len(client.seen), len({v for _, v in client.seen}), client.failed, produced.failed, notes,
-                    stages(produced, watcher.offsets, watcher.times), steps)
+                    stages(produced, watcher.offsets, watcher.times), steps, list(cpu.samples))
 
 
 def seed_population(config, live_ids: int) -> None:
@@ -463,6 +534,11 @@ def sized_rows(report: Report, live_ids: int, mode: str, m: Measured, full: Meas
         report.add(Row(f"longest training step ({label})", max(m.steps["total"]), "s",
                        anchor="the median step", anchor_value=float(np.median(m.steps["total"]))))
         report.notes.append(f"{label}: the longest steps: {longest_steps(m)}")
+    if m.cpu and len(m.sent):
+        worst = worst_window(m)
+        report.notes.append(f"{label}: the busiest processes in cores while the events sent at {worst[0] - m.sent.min():.0f}-"
+                            f"{worst[1] - m.sent.min():.0f} s were the stalest (their average over the run): "
+                            f"{busiest(m.cpu, *worst)}")
     kinds = [k for k, _ in m.kinds.values()]
     report.notes.append(
         f"{label}: {m.stats['steps']} steps, {len(m.stats['snapshots'])} versions published ({kinds.count('base')} "
@@ -474,6 +550,15 @@ def sized_rows(report: Report, live_ids: int, mode: str, m: Measured, full: Meas
         f"{int(np.isinf(m.ages).sum())} of {len(m.ages)} events never seen covered; checkpoints: "
         f"{held.get('capture', {}).get('n', 0)} taken, {held.get('write', {}).get('n', 0)} written beside training, "
         f"{m.stats.get('checkpoint_failures', 0)} failed" + "".join(f"; {n}" for n in m.notes))
+
+
+def worst_window(m: Measured, width_s: float = 30.0) -> tuple[float, float]:
+    """The ``width_s`` seconds (wall time) whose events had the highest p99 freshness."""
+    seconds = np.floor(m.sent).astype(np.int64)
+    firsts = np.unique(seconds)
+    p99 = [age_at(m.ages[(seconds >= t) & (seconds < t + width_s)], 99) for t in firsts]
+    at = float(firsts[int(np.argmax(p99))])
+    return at, at + width_s
 
 
 def longest_steps(m: Measured, n: int = 5) -> str:
@@ -503,7 +588,7 @@ def timeline(path: Path, m: Measured, title: str, goal_s: float | None = None) -
     plt = pyplot()
     start = float(m.sent.min()) if len(m.sent) else 0.0
     sent, ages = m.sent - start, m.ages
-    fig, (top, bottom, steps) = plt.subplots(3, 1, figsize=(9, 7), sharex=True, height_ratios=(3, 1, 1))
+    fig, (top, bottom, steps, cpu) = plt.subplots(4, 1, figsize=(9, 8.5), sharex=True, height_ratios=(3, 1, 1, 1.3))
     covered = np.isfinite(m.ages)
     top.scatter(sent[covered], ages[covered], s=2, alpha=0.25, color="tab:blue", label="an event")
     seconds = np.floor(sent).astype(int)
@@ -517,10 +602,12 @@ def timeline(path: Path, m: Measured, title: str, goal_s: float | None = None) -
     if goal_s is not None:
         top.axhline(goal_s, color="red", linestyle="--", linewidth=1, label=f"goal p99 {goal_s:g} s")
     at = [t - start for t, _, _ in m.samples]
-    for axis in (top, bottom, steps):
-        for t, (_, _, writing) in zip(at, m.samples):
-            if writing:
-                axis.axvspan(t - 0.5, t + 0.5, color="orange", alpha=0.15, linewidth=0)
+    spans = [(began - start, ended - start) for began, ended in m.stats.get("checkpoint_spans", [])]
+    if not spans:  # a trainer that does not report its writes' times: the seconds the lag sampler saw one
+        spans = [(t - 0.5, t + 0.5) for t, (_, _, writing) in zip(at, m.samples) if writing]
+    for axis in (top, bottom, steps, cpu):
+        for began, ended in spans:
+            axis.axvspan(began, ended, color="orange", alpha=0.15, linewidth=0)
     bottom.plot(at, [lag for _, lag, _ in m.samples], color="tab:green")
     top.set_ylabel("freshness (s)")
     top.set_ylim(0, max([4.0, *(1.1 * p for _, p in per_second if p < 60.0)]))
@@ -535,8 +622,21 @@ def timeline(path: Path, m: Measured, title: str, goal_s: float | None = None) -
         steps.vlines(began, 0, m.steps["publish"], color="tab:purple", linewidth=0.6, label="its publish")
         steps.legend(fontsize=7, loc="upper right")
     steps.set_ylabel("training step\n(s)")
-    steps.set_xlabel("seconds since the first measured event was sent")
     steps.grid(alpha=0.3)
+    if m.cpu:
+        totals: dict[str, float] = {}
+        for _, spent in m.cpu:
+            for name, used in spent.items():
+                totals[name] = totals.get(name, 0.0) + used
+        top_labels = sorted(totals, key=lambda k: -totals[k])[:5]
+        when = [t - start for t, _ in m.cpu]
+        layers = [[spent.get(name, 0.0) for _, spent in m.cpu] for name in top_labels]
+        layers.append([sum(spent.values()) - sum(spent.get(name, 0.0) for name in top_labels) for _, spent in m.cpu])
+        cpu.stackplot(when, layers, labels=[*top_labels, "the rest"], linewidth=0)
+        cpu.legend(fontsize=6, loc="upper left", ncol=3)
+    cpu.set_ylabel("CPU by process\n(cores)")
+    cpu.set_xlabel("seconds since the first measured event was sent")
+    cpu.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

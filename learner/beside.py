@@ -17,6 +17,7 @@ Without it, a base of a model with 10^7 ids held the training thread for about 9
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
@@ -44,6 +45,8 @@ class Captured(Generic[T]):
         return self._copy()
 
 
+SPANS_KEPT = 100
+"""Checkpoint writes whose start and end :attr:`CheckpointBeside.spans` keeps."""
 WRITER_NICE = 10
 """Steps of niceness the writing thread adds to the trainer's own (``learner.priority``): training, the consumers and
 serving come first, the base takes longer. Inside a Ray worker, at niceness 15, the writer runs at 19."""
@@ -153,6 +156,8 @@ class CheckpointBeside:
         self._job: Future[dict[int, int]] | None = None
         self.seconds: float | None = None
         """How long the last checkpoint took to write, on its own thread."""
+        self.spans: deque[tuple[float, float]] = deque(maxlen=SPANS_KEPT)
+        """When the latest checkpoints' writes began and ended (wall time), oldest first."""
 
     @property
     def running(self) -> bool:
@@ -174,11 +179,12 @@ class CheckpointBeside:
                offsets: dict[int, int]) -> dict[int, int]:
         try:
             _lower_priority()
-            started = time.perf_counter()
+            started, began = time.perf_counter(), time.time()
             self.store.write(rest(assemble()))
         finally:
             assemble.release()
         self.seconds = time.perf_counter() - started
+        self.spans.append((began, time.time()))
         return offsets
 
     def done(self, wait: bool = False) -> dict[int, int] | None:

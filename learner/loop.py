@@ -445,6 +445,7 @@ class TrainingLoop:
             **self.features.outage_figures(),
             "checkpoint_failures": self.checkpoint_failures,
             "checkpoint_writing": self.checkpoint_beside is not None and self.checkpoint_beside.running,
+            "checkpoint_spans": list(self.checkpoint_beside.spans) if self.checkpoint_beside is not None else [],
             "checkpoint_seconds": {kind: {"n": len(t), "p50": float(np.median(t)), "max": max(t)}
                                    for kind, t in self.checkpoint_seconds.items() if t},
             "last_checkpoint_error": self.last_checkpoint_error,

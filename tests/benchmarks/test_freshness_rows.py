@@ -106,3 +106,25 @@ def test_the_longest_steps_are_named_with_their_phases_and_drawn(tmp_path) -> No
     assert "the longest wait for a batch 1.50 s, before the step at 5.0 s" in named
     path = timeline(tmp_path / "t.png", m, "steps")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_processes_are_labelled_by_what_they_are_and_the_busiest_named_beside_their_average() -> None:
+    from benchmarks.freshness import busiest, process_label
+
+    assert process_label("ray::TrainerAct", ["ray::TrainerActor.run", ""]) == "ray::TrainerActor"
+    assert process_label("ray::ServeRepli", ["ray::ServeReplica:moestream:Ranker"]) == "ray::ServeReplica:moestream:Ranker"
+    assert process_label("kworker/u4:2-events_unbound", []) == "kernel: kworker"
+    assert process_label("java", ["/usr/bin/java", "-cp", "kafka.jar"]) == "java"
+    samples = [(10.0, {"a": 0.5, "b": 0.1}), (11.0, {"a": 0.5}), (12.0, {"b": 0.9, "a": 0.1})]
+    assert busiest(samples, 11.5, 12.5, n=2) == "b 0.90 (0.33), a 0.10 (0.37)"
+    assert busiest(samples, 100.0, 101.0) == ""
+
+
+def test_the_worst_window_is_the_one_whose_events_were_stalest() -> None:
+    from benchmarks.freshness import worst_window
+
+    ages = [1.0] * 100
+    ages[70:80] = [4.0] * 10  # sent at 7.0-7.9 s
+    m = _measured(ages, 1.0, 1.0)
+    assert worst_window(m, width_s=1.0) == (7.0, 8.0)
+

@@ -238,3 +238,20 @@ def test_a_failed_checkpoint_is_tried_again_while_the_worker_waits(tmp_path: Pat
     loop.checkpoint_beside._job.result(timeout=60)
     loop._between_steps()
     assert loop.source.committed == [{0: EVERY * BATCH}] and loop.checkpoint_failures == 1
+
+
+def test_a_checkpoint_written_beside_training_records_when_its_write_began_and_ended(tmp_path: Path) -> None:
+    import time
+
+    from learner.beside import Captured, CheckpointBeside
+    from learner.checkpoint import CheckpointStore
+    from tests.learner.test_checkpoint_store import _checkpoint
+
+    beside = CheckpointBeside(CheckpointStore(tmp_path / "checkpoints"))
+    before = time.time()
+    for step in (1, 2):
+        beside.start(Captured(lambda: step, lambda: None), _checkpoint, {0: step})
+        assert beside.done(wait=True) == {0: step}
+    (began, ended), (began2, ended2) = beside.spans
+    assert before <= began <= ended <= began2 <= ended2 <= time.time()
+    beside.close()
