@@ -30,6 +30,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import numpy as np
+import orjson
 
 from benchmarks.harness import Report, Row
 from benchmarks.serving import free_port
@@ -178,6 +179,11 @@ def process_label(name: str, cmdline: list[str]) -> str:
         return title.split(".")[0].split(" ")[0]
     if not cmdline:  # kernel threads have no command line
         return "kernel: " + name.split("/")[0].rstrip("0123456789:-.")
+    if name.startswith("python"):  # which program: a module run with -m, else the script
+        args = cmdline[1:]
+        program = args[args.index("-m") + 1] if "-m" in args[:-1] else next(
+            (Path(a).name for a in args if not a.startswith("-")), "")
+        return f"python {program}".strip()
     return name
 
 
@@ -745,6 +751,8 @@ def run(quick: bool = False, sizes: tuple[int, ...] | None = None, modes: tuple[
             report.notes.append(f"timeline of {label}: {path}")
             if steps := sized[(live_ids, mode)].steps:  # every step of the window, phase by phase, for a closer look
                 np.savez_compressed(out_dir / f"steps-{label}.npz", **{k: np.asarray(v) for k, v in steps.items()})
+            if cpu := sized[(live_ids, mode)].cpu:
+                (out_dir / f"cpu-{label}.json").write_bytes(orjson.dumps(cpu))
     report.notes.append(f"load average at the end {load_average()}")
     return report
 

@@ -115,6 +115,8 @@ def test_processes_are_labelled_by_what_they_are_and_the_busiest_named_beside_th
     assert process_label("ray::ServeRepli", ["ray::ServeReplica:moestream:Ranker"]) == "ray::ServeReplica:moestream:Ranker"
     assert process_label("kworker/u4:2-events_unbound", []) == "kernel: kworker"
     assert process_label("java", ["/usr/bin/java", "-cp", "kafka.jar"]) == "java"
+    assert process_label("python3.11", ["/v/bin/python", "-m", "learner.plot_process", "x.npz"]) == "python learner.plot_process"
+    assert process_label("python", ["python", "-u", "/tmp/s/fresh.py", "tag"]) == "python fresh.py"
     samples = [(10.0, {"a": 0.5, "b": 0.1}), (11.0, {"a": 0.5}), (12.0, {"b": 0.9, "a": 0.1})]
     assert busiest(samples, 11.5, 12.5, n=2) == "b 0.90 (0.33), a 0.10 (0.37)"
     assert busiest(samples, 100.0, 101.0) == ""
