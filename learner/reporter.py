@@ -44,7 +44,7 @@ from learner.snapshots import (
     Manifest, PendingBase, SnapshotError, SnapshotRefused, SnapshotStore, SnapshotUnwritable, write_atomic,
 )
 from learner.step import StepResult
-from learner.plot_process import draw_apart
+from learner.plot_process import Plotter
 from learner.telemetry import Telemetry
 
 PUBLISH_BACKOFF_S = 1.0
@@ -88,8 +88,10 @@ class Reporter:
         self._retry_at = 0.0
         self._health_unwritable = False
         self._plotter = ThreadPoolExecutor(1, thread_name_prefix="moestream-plot")
+        self._drawing = Plotter()
+        """The heatmap's process, one for the run (``learner.plot_process``)."""
         self._plot: Future | None = None
-        """The heatmap being drawn (in a process of its own: ``learner.plot_process``)."""
+        """The heatmap being drawn."""
 
     def observe(self, step: int, result: StepResult, seconds: float | None = None) -> None:
         """One step's forward pass and losses; ``seconds``: the step's wall time."""
@@ -230,6 +232,7 @@ class Reporter:
             wait([self._plot])
             self._log_heatmap(step)
         self._plotter.shutdown()
+        self._drawing.close()
 
     def _log(self, record: dict, step: int) -> None:
         if self.telemetry is not None and record:
@@ -286,7 +289,7 @@ class Reporter:
         """The first report, then every N: one drawing at a time, on the plot thread."""
         steps = [s for s, _ in self.health.history]
         shares = np.stack([share for _, share in self.health.history])  # (R, T, E), a copy
-        self._plot = self._plotter.submit(draw_apart, steps, shares, report["tasks"], report["experts"], path)
+        self._plot = self._plotter.submit(self._drawing.draw, steps, shares, report["tasks"], report["experts"], path)
 
     def _log_heatmap(self, step: int) -> None:
         """Log a heatmap drawn since the last report to W&B (from the training thread, at the current step)."""

@@ -130,3 +130,15 @@ def test_the_worst_window_is_the_one_whose_events_were_stalest() -> None:
     m = _measured(ages, 1.0, 1.0)
     assert worst_window(m, width_s=1.0) == (7.0, 8.0)
 
+
+
+def test_the_replica_counts_as_caught_up_within_a_few_versions_of_the_newest() -> None:
+    from types import SimpleNamespace
+
+    from benchmarks.freshness import READY_VERSIONS, replica_caught_up
+
+    watcher = SimpleNamespace(kinds={1: ("base", None), 40: ("delta", 39)})
+    assert not replica_caught_up(SimpleNamespace(seen=[]), watcher)
+    assert not replica_caught_up(SimpleNamespace(seen=[(0.0, 40 - READY_VERSIONS - 1)]), watcher)
+    assert replica_caught_up(SimpleNamespace(seen=[(0.0, 40 - READY_VERSIONS)]), watcher)
+    assert not replica_caught_up(SimpleNamespace(seen=[(0.0, 3)]), SimpleNamespace(kinds={}))

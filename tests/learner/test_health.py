@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import time
+import os
 from pathlib import Path
 
 import numpy as np
@@ -295,5 +296,34 @@ def test_the_heatmap_is_drawn_in_a_process_of_its_own_and_its_failure_is_an_erro
     assert draw_apart([2, 4, 6, 8], shares, ["click", "like"], ["e0", "e1", "shared/0"], path) == path
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(os.listdir(path.parent)) == ["utilisation.png"]  # its inputs removed
-    with pytest.raises(RuntimeError, match="heatmap's process exited 1: IndexError: index 2 is out of bounds"):
+    with pytest.raises(RuntimeError, match="heatmap's process failed: IndexError: index 2 is out of bounds"):
         draw_apart([2, 4, 6, 8], shares, ["click", "like", "follow"], ["e0", "e1", "shared/0"], path)  # a task short
+
+
+def test_one_child_draws_every_heatmap_and_one_that_dies_or_hangs_is_replaced(tmp_path: Path) -> None:
+    """The interpreter, numpy and matplotlib are loaded once a run, not once a heatmap (``learner.plot_process``)."""
+    import signal
+
+    from learner.plot_process import Plotter
+
+    plotter, shares = Plotter(timeout_s=20), np.random.default_rng(0).random((3, 2, 2))
+    args = ([1, 2, 3], shares, ["click", "like"], ["e0", "e1"])
+    try:
+        for i in range(3):
+            assert plotter.draw(*args, tmp_path / f"{i}.png").read_bytes()[:4] == b"\x89PNG"
+        with pytest.raises(RuntimeError, match="IndexError"):  # an error in a drawing: the child answers it
+            plotter.draw([1, 2, 3], shares, ["click", "like", "follow"], ["e0", "e1"], tmp_path / "bad.png")
+        assert plotter.started == 1
+        plotter._child.kill()
+        plotter._child.wait()
+        assert plotter.draw(*args, tmp_path / "after-kill.png").exists() and plotter.started == 2
+        plotter.timeout_s = 1
+        os.kill(plotter._child.pid, signal.SIGSTOP)  # hung: no answer comes
+        with pytest.raises(RuntimeError, match="no answer within 1 s"):
+            plotter.draw(*args, tmp_path / "hung.png")
+        plotter.timeout_s = 20
+        assert plotter.draw(*args, tmp_path / "after-hang.png").exists() and plotter.started == 3
+        assert not list(tmp_path.glob(".*.npz"))  # every request's inputs removed
+    finally:
+        plotter.close()
+    assert plotter._child is None
